@@ -1,0 +1,74 @@
+"""Arrays in memory: the one data shape every source produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ArraySplit", "DataBundle", "DataError"]
+
+
+class DataError(ValueError):
+    """A data source that is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySplit:
+    """Features and labels of one split.
+
+    Attributes
+    ----------
+    x : np.ndarray
+        ``float32``, shape ``(N, *feature_shape)`` (channels first).
+    y : np.ndarray
+        ``int64`` class ids, shape ``(N,)``.
+    groups : np.ndarray | None
+        ``int64`` natural ids (e.g. the WISDM user of each window), shape
+        ``(N,)``, or ``None`` when the source has none.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != np.float32:
+            raise DataError(f"x must be float32, got {self.x.dtype}")
+        if self.y.dtype != np.int64 or self.y.ndim != 1:
+            raise DataError(f"y must be 1-D int64, got {self.y.dtype} {self.y.shape}")
+        if len(self.x) != len(self.y):
+            raise DataError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+        if self.groups is not None and self.groups.shape != self.y.shape:
+            raise DataError(
+                f"groups shape {self.groups.shape} != labels shape {self.y.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, indices: np.ndarray) -> ArraySplit:
+        """The rows at ``indices`` (a copy)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        groups = None if self.groups is None else self.groups[idx]
+        return ArraySplit(self.x[idx], self.y[idx], groups)
+
+
+@dataclass(frozen=True, eq=False)
+class DataBundle:
+    """A dataset: train split (to partition), test split (server-side eval)."""
+
+    name: str
+    train: ArraySplit
+    test: ArraySplit
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, channels first."""
+        return tuple(self.train.x.shape[1:])

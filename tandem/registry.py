@@ -1,0 +1,112 @@
+"""The method registry: run-config ``method`` name -> cloud side and edge side.
+
+A method is a strategy module (cloud side, run inside the ServerApp) and a
+client module (edge side, message handlers inside the ClientApp). Adding one is
+adding those modules and one :class:`MethodSpec` line to :data:`METHODS`.
+Unknown names are rejected with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from tandem.config import ConfigError, section_keys
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+    from tandem.config import RunConfig
+    from tandem.server_context import ServerRun
+
+__all__ = ["METHODS", "ClientHandler", "MethodSpec", "get_method"]
+
+#: Edge-side handler: (message, node context, run config) -> reply message.
+ClientHandler = Callable[["Message", "Context", "RunConfig"], "Message"]
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Where a method's two halves live.
+
+    Parameters
+    ----------
+    name : str
+        The run-config value of ``method``.
+    summary : str
+        One line for ``--help`` texts and the README.
+    server : str
+        ``"module:function"``; the function takes a :class:`ServerRun` and runs
+        the whole method on the ServerApp side.
+    client : str
+        ``"module:HANDLERS"``; a mapping from Flower message type (``"train"``,
+        ``"evaluate"``, ``"train.<action>"``) to a :data:`ClientHandler`.
+    options : str | None (default: None)
+        ``"module:Class"`` of a frozen dataclass of :func:`tandem.config.option`
+        fields holding the method's own run-config keys.
+    """
+
+    name: str
+    summary: str
+    server: str
+    client: str
+    options_ref: str | None = None
+
+    @property
+    def options(self) -> type | None:
+        """The method's option dataclass, if it has one."""
+        return None if self.options_ref is None else _load(self.options_ref)
+
+    def run_server(self, run: ServerRun) -> None:
+        """Run the method's cloud side."""
+        _load(self.server)(run)
+
+    def client_handlers(self) -> dict[str, ClientHandler]:
+        """The method's edge-side handlers by message type."""
+        return dict(_load(self.client))
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            name="fedavg",
+            summary="Flower's FedAvg (McMahan et al. 2017): the baseline.",
+            server="tandem.strategies.fedavg:run",
+            client="tandem.clients.fedavg:HANDLERS",
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name.
+
+    Raises
+    ------
+    ConfigError
+        If no method of that name is registered.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise ConfigError("method", name, f"must be one of {known}") from None
+
+
+@cache
+def method_option_keys() -> tuple[str, ...]:
+    """Run-config keys declared by every registered method's options."""
+    keys: list[str] = []
+    for spec in METHODS.values():
+        if spec.options is not None:
+            keys.extend(section_keys(spec.options))
+    return tuple(keys)
