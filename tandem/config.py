@@ -224,7 +224,7 @@ class TrainConfig:
     """Local optimisation, shared by every method."""
 
     model: str = option("model", "auto", choices=MODELS)
-    local_steps: int = option("local-steps", 25, "must be >= 1", lambda n: n >= 1)
+    local_steps: int = option("local-steps", 50, "must be >= 1", lambda n: n >= 1)
     batch_size: int = option("batch-size", 32, "must be >= 1", lambda n: n >= 1)
     lr: float = option("lr", 0.05, "must be > 0", _positive)
     momentum: float = option(

@@ -82,12 +82,13 @@ def _all_partitions(
     alpha: float,
     seed: int,
 ) -> tuple[np.ndarray, ...]:
-    from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         NaturalIdPartitioner,
     )
+
+    from datasets import Dataset
 
     labels = np.frombuffer(key[0], dtype=np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -100,7 +101,7 @@ def _all_partitions(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=alpha,
-            min_partition_size=0,
+            min_partition_size=1,
             seed=seed,
         )
     elif scheme == "natural":

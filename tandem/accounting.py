@@ -1,0 +1,168 @@
+"""Byte accounting: the real serialized size of every message, up and down.
+
+Flower 1.41 ships a message as a tree of content-addressed objects
+(``Message`` -> ``RecordDict`` -> records -> ``Array`` -> ``ArrayChunk``), each
+deflated to bytes and transferred separately. The payload size of a message is
+therefore the sum of ``len(obj.deflate())`` over the objects of its content
+(:func:`payload_bytes`): exactly the bytes of records Flower serializes for it,
+with identical objects (e.g. two all-zero chunks) counted once, as Flower sends
+them once. Message metadata (ids, TTL, type) is not payload and is not counted.
+
+:class:`MeteredGrid` wraps the ServerApp's Grid and records, for every message
+pushed (down, cloud -> edge) and every reply pulled (up, edge -> cloud), its
+payload size, node, message type and the round/step it belongs to, in a
+:class:`ByteLedger`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
+
+__all__ = ["ByteLedger", "MeteredGrid", "Transfer", "payload_bytes"]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Serialized size in bytes of a message's content, as Flower ships it."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message on the wire.
+
+    Attributes
+    ----------
+    round : int
+        The round (or step) the ledger was at when the message moved.
+    node_id : int
+        The edge node sending or receiving it.
+    direction : str
+        ``"down"`` (cloud -> edge) or ``"up"`` (edge -> cloud).
+    message_type : str
+        Flower message type, e.g. ``"train"`` or ``"train.forward"``.
+    nbytes : int
+        Payload bytes (:func:`payload_bytes`).
+    """
+
+    round: int
+    node_id: int
+    direction: str
+    message_type: str
+    nbytes: int
+
+
+@dataclass
+class ByteLedger:
+    """Every transfer of a run, with per-round and per-node totals."""
+
+    current_round: int = 0
+    transfers: list[Transfer] = field(default_factory=list)
+
+    def record(
+        self, node_id: int, direction: str, message_type: str, nbytes: int
+    ) -> None:
+        """Add one transfer at the current round."""
+        self.transfers.append(
+            Transfer(self.current_round, node_id, direction, message_type, nbytes)
+        )
+
+    def totals(self, round_: int | None = None) -> dict[str, int]:
+        """``bytes-up``, ``bytes-down``, ``messages-up``, ``messages-down``."""
+        out = {"bytes-up": 0, "bytes-down": 0, "messages-up": 0, "messages-down": 0}
+        for t in self.transfers:
+            if round_ is None or t.round == round_:
+                out[f"bytes-{t.direction}"] += t.nbytes
+                out[f"messages-{t.direction}"] += 1
+        return out
+
+    def per_node(self, round_: int) -> dict[int, dict[str, int]]:
+        """``{node_id: {"bytes-up": .., "bytes-down": ..}}`` for one round."""
+        out: dict[int, dict[str, int]] = defaultdict(
+            lambda: {"bytes-up": 0, "bytes-down": 0}
+        )
+        for t in self.transfers:
+            if t.round == round_:
+                out[t.node_id][f"bytes-{t.direction}"] += t.nbytes
+        return dict(out)
+
+
+class MeteredGrid(Grid):
+    """A Grid that records the payload size of every message through it.
+
+    Parameters
+    ----------
+    inner : Grid
+        The ServerApp's Grid (simulation or deployment engine).
+    ledger : ByteLedger
+        Where transfers are recorded; set ``ledger.current_round`` to attribute
+        them to a round or step.
+    """
+
+    def __init__(self, inner: Grid, ledger: ByteLedger) -> None:
+        self.inner = inner
+        self.ledger = ledger
+
+    def _down(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            self.ledger.record(
+                msg.metadata.dst_node_id,
+                "down",
+                msg.metadata.message_type,
+                payload_bytes(msg.content),
+            )
+        return messages
+
+    def _up(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for msg in replies:
+            nbytes = 0 if msg.has_error() else payload_bytes(msg.content)
+            self.ledger.record(
+                msg.metadata.src_node_id, "up", msg.metadata.message_type, nbytes
+            )
+        return replies
+
+    # --- Grid interface: delegate, metering what crosses ---------------------
+    def set_run(self, run: Run) -> None:
+        """Delegate to the inner Grid."""
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The inner Grid's run."""
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._down(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._up(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._up(
+            self.inner.send_and_receive(self._down(messages), timeout=timeout)
+        )

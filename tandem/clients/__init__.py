@@ -1,0 +1,1 @@
+"""Edge side of each method: ClientApp message handlers, one module per method."""

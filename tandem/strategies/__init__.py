@@ -1,0 +1,1 @@
+"""Cloud side of each method: what runs in the ServerApp, one module per method."""

@@ -1,0 +1,167 @@
+"""The one training loop and the one evaluation loop every method uses.
+
+Methods differ in what they do around a step (FedAvg runs K local steps and
+ships weights; SimulTrain runs the edge half and ships activations), never in
+how a batch is drawn, a loss computed or accuracy counted. Batches come from a
+:class:`BatchStream`, whose position (epoch, offset) is plain integers so a
+node can keep it in ``Context.state`` between messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tandem.datasets.base import ArraySplit
+
+__all__ = [
+    "BatchStream",
+    "EvalStats",
+    "TrainStats",
+    "evaluate",
+    "make_optimizer",
+    "train_steps",
+]
+
+
+class BatchStream:
+    """An endless, reproducible sequence of shuffled mini-batches.
+
+    Epoch ``e`` visits the rows in the order ``default_rng((seed, e))``
+    permutes them; ``position`` is ``(epoch, offset)`` into that order.
+
+    Parameters
+    ----------
+    split : ArraySplit
+        The rows to draw from.
+    batch_size : int
+        Rows per batch (the last batch of an epoch may be smaller).
+    seed : int
+        Seed of the per-epoch permutations (use a different one per node).
+    epoch, offset : int (default: 0)
+        Where to resume.
+    """
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        batch_size: int,
+        seed: int,
+        epoch: int = 0,
+        offset: int = 0,
+    ) -> None:
+        if len(split) == 0:
+            raise ValueError("cannot draw batches from an empty split")
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.offset = offset
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.split))
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, offset)`` of the next batch."""
+        return self.epoch, self.offset
+
+    def next_indices(self) -> np.ndarray:
+        """Row indices of the next batch."""
+        if self.offset >= len(self._order):
+            self.epoch += 1
+            self.offset = 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.offset : self.offset + self.batch_size]
+        self.offset += len(idx)
+        return idx
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x, y)`` batch as CPU tensors."""
+        idx = self.next_indices()
+        return torch.from_numpy(self.split.x[idx]), torch.from_numpy(self.split.y[idx])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a call to :func:`train_steps` did."""
+
+    steps: int
+    num_examples: int
+    mean_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Loss and accuracy over a split."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.0
+) -> torch.optim.Optimizer:
+    """Plain SGD (with optional heavy-ball momentum), the optimizer of every method."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    loss_fn: Callable[
+        [torch.Tensor, torch.Tensor], torch.Tensor
+    ] = nn.functional.cross_entropy,
+) -> TrainStats:
+    """Run ``steps`` SGD steps on batches drawn from ``batches``.
+
+    Returns the mean training loss over the steps and the wall time they took.
+    """
+    model.train()
+    total_loss = 0.0
+    seen = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(y)
+        seen += len(y)
+    seconds = time.perf_counter() - start
+    return TrainStats(steps, seen, total_loss / max(seen, 1), seconds)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: ArraySplit, device: torch.device, batch_size: int = 1024
+) -> EvalStats:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on ``split``."""
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        x = torch.from_numpy(split.x[start : start + batch_size]).to(device)
+        y = torch.from_numpy(split.y[start : start + batch_size]).to(device)
+        logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    n = len(split)
+    return EvalStats(total_loss / max(n, 1), correct / max(n, 1), n)

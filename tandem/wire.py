@@ -1,0 +1,81 @@
+"""The wire contract: record keys and checks on what arrives in a message.
+
+Everything that crosses the network is an ``ArrayRecord`` (numpy arrays),
+``ConfigRecord`` or ``MetricRecord``; nothing is ever unpickled or evaluated.
+Before a payload touches a model it is checked against the model it is meant
+for: the same keys, shapes and dtypes, and only finite values. A bad payload
+raises :class:`PayloadError`, which names the key and what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+__all__ = [
+    "KEY_ARRAYS",
+    "KEY_CONFIG",
+    "KEY_METRICS",
+    "PayloadError",
+    "arrays_to_state_dict",
+    "get_record",
+]
+
+KEY_ARRAYS = "arrays"
+KEY_CONFIG = "config"
+KEY_METRICS = "metrics"
+
+
+class PayloadError(ValueError):
+    """A message payload that does not match what the receiver expects."""
+
+
+def get_record(content: RecordDict, key: str, kind: type) -> object:
+    """``content[key]``, checked to be a record of type ``kind``."""
+    if key not in content:
+        raise PayloadError(f"missing record '{key}' (have: {sorted(content.keys())})")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise PayloadError(
+            f"record '{key}' is a {type(record).__name__}, expected {kind.__name__}"
+        )
+    return record
+
+
+def arrays_to_state_dict(
+    record: ArrayRecord, model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Turn an ArrayRecord into a state dict for ``model``, checking every entry.
+
+    Raises
+    ------
+    PayloadError
+        On missing or unknown keys, a shape or dtype mismatch, or NaN/Inf.
+    """
+    reference: Mapping[str, torch.Tensor] = model.state_dict()
+    missing = sorted(set(reference) - set(record))
+    unknown = sorted(set(record) - set(reference))
+    if missing or unknown:
+        raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
+    state: dict[str, torch.Tensor] = {}
+    for key, ref in reference.items():
+        array = record[key]
+        if tuple(array.shape) != tuple(ref.shape):
+            raise PayloadError(
+                f"array '{key}' has shape {tuple(array.shape)}, "
+                f"expected {tuple(ref.shape)}"
+            )
+        expected = str(ref.dtype).removeprefix("torch.")
+        if array.dtype != expected:
+            raise PayloadError(
+                f"array '{key}' has dtype {array.dtype}, expected {expected}"
+            )
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise PayloadError(f"array '{key}' holds NaN or Inf")
+        state[key] = torch.from_numpy(np.ascontiguousarray(values))
+    return state
