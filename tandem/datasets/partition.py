@@ -124,6 +124,7 @@ def _all_partitions(
 
     partitioner.dataset = Dataset.from_dict(columns)
     if scheme == "natural":
+        _ = partitioner.num_partitions  # builds the partition -> natural id map
         by_node = {v: k for k, v in partitioner.partition_id_to_natural_id.items()}
         ids_in_order = [by_node[i] for i in range(num_partitions)]
     else:
