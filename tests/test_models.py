@@ -35,7 +35,7 @@ def test_forward_shape_and_default_cut(name, shape):
 
 def test_cnn1d_is_the_10k_parameter_default():
     model = build_model("auto", (1, 40), 10)
-    assert [n for n, _ in model.named_children()][0] == "conv1"
+    assert next(n for n, _ in model.named_children()) == "conv1"
     assert sum(p.numel() for p in model.parameters()) == 9610
 
 
@@ -46,17 +46,9 @@ def test_seeded_init_is_reproducible_and_private():
     assert torch.equal(torch.random.get_rng_state(), before)
     b = build_model("cnn1d", (1, 40), 10, seed=3)
     c = build_model("cnn1d", (1, 40), 10, seed=4)
-    for (ka, va), (_, vb), (_, vc) in zip(
-        a.state_dict().items(),
-        b.state_dict().items(),
-        c.state_dict().items(),
-        strict=True,
-    ):
-        assert torch.equal(va, vb), ka
-    assert not all(
-        torch.equal(va, vc)
-        for va, vc in zip(a.state_dict().values(), c.state_dict().values(), strict=True)
-    )
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 def test_model_that_does_not_fit_the_input_is_a_config_error():
