@@ -1,0 +1,195 @@
+"""Drive ``flwr run`` from Python: a project-local Flower home and SuperLink.
+
+Used by the benchmark and the end-to-end tests, and handy in notebooks. It does
+what ``scripts/env.sh`` does for a shell: point ``FLWR_HOME`` at a folder whose
+``config.toml`` links to the project's ``flwr.toml``, pick the local
+SuperLink's ports, and switch off what needs the internet. Runs are submitted
+with ``flwr run --format json`` and followed with ``flwr list``, because
+``flwr run --stream`` exits 0 even when the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["FlowerHome", "RunStatus", "format_run_config"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def format_run_config(overrides: Mapping[str, object]) -> str:
+    """``{"lr": 0.1, "dataset": "mnist1d"}`` -> ``lr=0.1 dataset="mnist1d"`` (TOML)."""
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a TOML basic string
+        else:
+            raise TypeError(f"run-config value for '{key}' must be a scalar")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A finished (or timed-out) run as ``flwr list`` reports it."""
+
+    run_id: str
+    status: str
+    details: str
+    elapsed: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run completed successfully."""
+        return self.status == "finished:completed"
+
+
+@dataclass
+class FlowerHome:
+    """A Flower home using the project's ``flwr.toml``, with its own SuperLink.
+
+    Parameters
+    ----------
+    home : Path
+        Folder for ``config.toml`` (a link to ``flwr.toml``) and SuperLink state.
+    http_port, control_port : int (default: free ports)
+        Ports of the local SuperLink this home starts.
+    app_dir : Path (default: the project root)
+        The Flower App to run.
+    """
+
+    home: Path
+    http_port: int = field(default_factory=_free_port)
+    control_port: int = field(default_factory=_free_port)
+    app_dir: Path = PROJECT_ROOT
+
+    def __post_init__(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        link = self.home / "config.toml"
+        if not link.exists():
+            link.symlink_to(self.app_dir / "flwr.toml")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for the ``flwr`` CLI (and the SuperLink it starts)."""
+        return {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+        }
+
+    def flwr(self, *args: str, timeout: float = 120) -> str:
+        """Run a ``flwr`` CLI command; return its stdout."""
+        proc = subprocess.run(
+            ["flwr", *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"flwr {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
+        return proc.stdout
+
+    def submit(
+        self,
+        run_config: Mapping[str, object] | None = None,
+        federation_config: Mapping[str, object] | None = None,
+        connection: str = "local",
+    ) -> str:
+        """Submit a run; return its run id (the run goes on in the background)."""
+        args = ["run", str(self.app_dir), connection, "--format", "json"]
+        if run_config:
+            args += ["--run-config", format_run_config(run_config)]
+        if federation_config:
+            args += ["--federation-config", format_run_config(federation_config)]
+        out = self.flwr(*args, timeout=180)
+        reply = json.loads(out[out.index("{") :])
+        if not reply.get("success"):
+            raise RuntimeError(f"flwr run refused the run: {reply}")
+        return str(reply["run-id"])
+
+    def status(self, run_id: str, connection: str = "local") -> RunStatus:
+        """The run's current status from ``flwr list``."""
+        out = self.flwr("list", connection, "--run-id", run_id, "--format", "json")
+        reply = json.loads(out[out.index("{") :])
+        (run,) = [r for r in reply["runs"] if str(r["run-id"]) == run_id]
+        return RunStatus(
+            run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
+        )
+
+    def wait(self, run_id: str, timeout: float = 600, poll: float = 1.0) -> RunStatus:
+        """Poll until the run has finished (or ``timeout`` seconds pass)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(run_id)
+            if status.status.startswith("finished") or time.monotonic() > deadline:
+                return status
+            time.sleep(poll)
+
+    def run(
+        self,
+        run_config: Mapping[str, object] | None = None,
+        federation_config: Mapping[str, object] | None = None,
+        timeout: float = 600,
+    ) -> RunStatus:
+        """Submit a run and wait for it to finish."""
+        return self.wait(self.submit(run_config, federation_config), timeout=timeout)
+
+    def superlink_pids(self) -> list[int]:
+        """PIDs of the local SuperLink this home started (found by its port)."""
+        pids = []
+        needle = f"--port\0{self.http_port}\0".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flower-superlink" in cmdline and needle in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
+    def stop_superlink(self, grace: float = 10.0) -> None:
+        """Stop the SuperLink (and its process group), waiting up to ``grace`` s."""
+        for pid in self.superlink_pids():
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + grace
+        while self.superlink_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.superlink_pids():
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
