@@ -10,6 +10,7 @@ with ``flwr run --format json`` and followed with ``flwr list``, because
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -189,7 +190,5 @@ class FlowerHome:
         while self.superlink_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in self.superlink_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
