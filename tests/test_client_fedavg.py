@@ -72,7 +72,8 @@ def test_bad_arrays_are_rejected_with_the_key_named():
 
 
 def test_unknown_message_type_is_rejected():
-    with pytest.raises(ValueError, match=r"no handler for message type 'train\.forward'"):
+    expected = r"no handler for message type 'train\.forward'"
+    with pytest.raises(ValueError, match=expected):
         dispatch(_train_message(_global(), "train.forward"), _context())
 
 
