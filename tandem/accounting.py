@@ -16,6 +16,8 @@ payload size, node, message type and the round/step it belongs to, in a
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +27,16 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
-__all__ = ["ByteLedger", "MeteredGrid", "Transfer", "payload_bytes"]
+__all__ = [
+    "KEY_COMPUTE_SECONDS",
+    "ByteLedger",
+    "MeteredGrid",
+    "Transfer",
+    "payload_bytes",
+]
+
+#: Metric a reply uses to report the edge compute time behind it (seconds).
+KEY_COMPUTE_SECONDS = "train-seconds"
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -49,6 +60,12 @@ class Transfer:
         Flower message type, e.g. ``"train"`` or ``"train.forward"``.
     nbytes : int
         Payload bytes (:func:`payload_bytes`).
+    at : float
+        ``time.perf_counter()`` on the ServerApp when the message was pushed
+        or its reply pulled.
+    compute_seconds : float | None
+        For replies: the edge compute time the reply reports as the metric
+        ``train-seconds`` (measured on the node), else ``None``.
     """
 
     round: int
@@ -56,6 +73,8 @@ class Transfer:
     direction: str
     message_type: str
     nbytes: int
+    at: float = 0.0
+    compute_seconds: float | None = None
 
 
 @dataclass
@@ -66,12 +85,31 @@ class ByteLedger:
     transfers: list[Transfer] = field(default_factory=list)
 
     def record(
-        self, node_id: int, direction: str, message_type: str, nbytes: int
+        self,
+        node_id: int,
+        direction: str,
+        message_type: str,
+        nbytes: int,
+        compute_seconds: float | None = None,
     ) -> None:
         """Add one transfer at the current round."""
         self.transfers.append(
-            Transfer(self.current_round, node_id, direction, message_type, nbytes)
+            Transfer(
+                self.current_round,
+                node_id,
+                direction,
+                message_type,
+                nbytes,
+                time.perf_counter(),
+                compute_seconds,
+            )
         )
+
+    @property
+    def last_up_at(self) -> float | None:
+        """When the latest reply was pulled (``perf_counter``), if any."""
+        ups = [t.at for t in self.transfers if t.direction == "up"]
+        return max(ups) if ups else None
 
     def totals(self, round_: int | None = None) -> dict[str, int]:
         """``bytes-up``, ``bytes-down``, ``messages-up``, ``messages-down``."""
@@ -82,15 +120,28 @@ class ByteLedger:
                 out[f"messages-{t.direction}"] += 1
         return out
 
-    def per_node(self, round_: int) -> dict[int, dict[str, int]]:
-        """``{node_id: {"bytes-up": .., "bytes-down": ..}}`` for one round."""
-        out: dict[int, dict[str, int]] = defaultdict(
-            lambda: {"bytes-up": 0, "bytes-down": 0}
+    def per_node(self, round_: int) -> dict[int, dict[str, float]]:
+        """``{node: {"bytes-up", "bytes-down", "edge-seconds"}}`` for one round.
+
+        ``edge-seconds`` sums the compute time the node's replies reported.
+        """
+        out: dict[int, dict[str, float]] = defaultdict(
+            lambda: {"bytes-up": 0, "bytes-down": 0, "edge-seconds": 0.0}
         )
         for t in self.transfers:
             if t.round == round_:
                 out[t.node_id][f"bytes-{t.direction}"] += t.nbytes
+                out[t.node_id]["edge-seconds"] += t.compute_seconds or 0.0
         return dict(out)
+
+
+def _reported_compute_seconds(content: RecordDict) -> float | None:
+    """The ``train-seconds`` a reply reports in any MetricRecord, if valid."""
+    for record in content.metric_records.values():
+        value = record.get(KEY_COMPUTE_SECONDS)
+        if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+            return float(value)
+    return None
 
 
 class MeteredGrid(Grid):
@@ -123,9 +174,16 @@ class MeteredGrid(Grid):
     def _up(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         for msg in replies:
-            nbytes = 0 if msg.has_error() else payload_bytes(msg.content)
+            nbytes, seconds = 0, None
+            if not msg.has_error():
+                nbytes = payload_bytes(msg.content)
+                seconds = _reported_compute_seconds(msg.content)
             self.ledger.record(
-                msg.metadata.src_node_id, "up", msg.metadata.message_type, nbytes
+                msg.metadata.src_node_id,
+                "up",
+                msg.metadata.message_type,
+                nbytes,
+                seconds,
             )
         return replies
 

@@ -14,6 +14,7 @@ adds nothing to the maths; it only plugs into FedAvg's seams:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,10 @@ def run(srv: ServerRun) -> None:
     history: list[float] = []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # FedAvg calls this right after aggregating: the time since the last
+        # reply arrived is the cloud's aggregation time for the round.
+        last_reply = srv.ledger.last_up_at
+        cloud_seconds = 0.0 if last_reply is None else time.perf_counter() - last_reply
         model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(model, test, device)
         history.append(stats.accuracy)
@@ -74,6 +79,7 @@ def run(srv: ServerRun) -> None:
             "eval-accuracy": stats.accuracy,
         }
         if server_round > 0:
+            metrics["cloud-seconds"] = cloud_seconds
             metrics.update(train_metrics)
             metrics.update({f"client-{k}": v for k, v in client_eval.items()})
         srv.report_round(server_round, metrics)

@@ -1,0 +1,633 @@
+"""Links, devices and the virtual clock: time under emulated networks.
+
+Pure Python and NumPy; no Flower imports. Three pieces:
+
+1. **Links.** A :class:`Trace` is a piecewise-constant function of time
+   (Mbit/s, or seconds of RTT). A :class:`LinkProfile` has an uplink and a
+   downlink bandwidth trace, an RTT trace and optional jitter. A message of
+   ``n`` bytes leaving at ``t`` arrives after ``RTT(t)/2 + T`` seconds, where
+   ``T`` solves ``∫_t^{t+T} bw(s) ds = 8·n`` (bandwidth in bit/s), i.e.
+   ``bytes·8/bandwidth`` while the bandwidth is constant, integrated exactly
+   across the trace's steps.
+2. **Devices.** A :class:`DeviceProfile` is a sustained FP32 throughput; a
+   compute step measured on this machine is scaled by
+   ``local_gflops / device_gflops`` (:func:`speed_factor`).
+3. **The clock.** :class:`VirtualClock` is a small event simulation of
+   resources (one per edge, per link direction, one cloud). Each task runs on
+   one resource, after the tasks it depends on and after the resource's
+   previous task (FIFO), so overlap is credited only where the schedule
+   really overlaps. Sequential and pipelined schedules differ only in their
+   dependencies, never in a formula.
+
+The presets follow the seeds: 4G = 50 Mbit/s with 30 ms RTT, 5G = 300 Mbit/s
+with 10 ms RTT, variable links 5-200 Mbit/s and 10-300 ms.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "PRESETS",
+    "BandwidthEstimator",
+    "DeviceProfile",
+    "LinkProfile",
+    "Task",
+    "Trace",
+    "TraceError",
+    "VirtualClock",
+    "assign_links",
+    "load_fedscale_capacity",
+    "load_trace_csv",
+    "measure_local_gflops",
+    "preset",
+    "speed_factor",
+    "variable_link",
+]
+
+BITS_PER_BYTE = 8
+MEGA = 1e6
+
+
+class TraceError(ValueError):
+    """A malformed trace file; names the file and line."""
+
+
+# --------------------------------------------------------------------------- traces
+@dataclass(frozen=True)
+class Trace:
+    """A piecewise-constant function of time, repeating after its last step.
+
+    Attributes
+    ----------
+    times : tuple of float
+        Start of each step in seconds; ``times[0] == 0``, strictly increasing.
+    values : tuple of float
+        Value of each step (Mbit/s for bandwidth, seconds for RTT), >= 0.
+    period : float
+        Length of one pass; time ``t`` reads the trace at ``t mod period``.
+        A constant trace has ``period = inf``.
+    """
+
+    times: tuple[float, ...]
+    values: tuple[float, ...]
+    period: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.times or len(self.times) != len(self.values):
+            raise ValueError("a trace needs as many times as values, at least one")
+        if self.times[0] != 0:
+            raise ValueError(f"a trace starts at time 0, not {self.times[0]}")
+        if any(b <= a for a, b in zip(self.times, self.times[1:], strict=False)):
+            raise ValueError("trace times must increase strictly")
+        if any(v < 0 or not math.isfinite(v) for v in self.values):
+            raise ValueError("trace values must be finite and >= 0")
+        if self.period <= self.times[-1]:
+            raise ValueError("the period must exceed the last step's start")
+
+    @classmethod
+    def constant(cls, value: float) -> Trace:
+        """A trace that never changes."""
+        return cls((0.0,), (float(value),))
+
+    def at(self, t: float) -> float:
+        """Value at time ``t`` (seconds)."""
+        if math.isfinite(self.period):
+            t = t % self.period
+        return self.values[bisect.bisect_right(self.times, t) - 1]
+
+    def _next_change(self, t: float) -> float:
+        """The first step boundary strictly after ``t``."""
+        if len(self.times) == 1 and not math.isfinite(self.period):
+            return math.inf
+        base = (
+            math.floor(t / self.period) * self.period
+            if math.isfinite(self.period)
+            else 0.0
+        )
+        local = t - base
+        i = bisect.bisect_right(self.times, local)
+        nxt = self.times[i] if i < len(self.times) else self.period
+        return base + nxt
+
+    def integrate_until(self, start: float, amount: float) -> float:
+        """Seconds ``T`` with ``∫_start^{start+T} value(s) ds = amount``.
+
+        Used with bandwidth in Mbit/s and ``amount`` in Mbit: the exact
+        transfer time across the trace's steps. Raises if the trace is zero
+        forever after ``start``.
+        """
+        if amount <= 0:
+            return 0.0
+        t, left = start, amount
+        for _ in range(1_000_000):
+            rate = self.at(t)
+            boundary = self._next_change(t)
+            span = boundary - t
+            if rate > 0 and rate * span >= left:
+                return t + left / rate - start
+            if rate > 0:
+                left -= rate * span
+            if not math.isfinite(boundary):
+                raise ValueError("a zero-bandwidth link never delivers the message")
+            t = boundary
+        raise ValueError("transfer did not finish within a million trace steps")
+
+
+def load_trace_csv(path: str | Path) -> Trace:
+    """Read a bandwidth trace from a CSV of ``time_s,mbps`` rows.
+
+    An optional header row (non-numeric first cell) and ``#`` comment lines
+    are skipped. Times start at 0 and increase; values are >= 0. The trace
+    repeats after its last row plus that row's step (the mean step length).
+
+    Raises
+    ------
+    TraceError
+        Naming the file and line of the first malformed row.
+    """
+    path = Path(path)
+    times: list[float] = []
+    values: list[float] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if lineno == 1 and not _is_number(row[0]):
+                continue  # header
+            if len(row) != 2:
+                raise TraceError(
+                    f"{path}:{lineno}: expected 'time_s,mbps', got {row!r}"
+                )
+            try:
+                t, v = float(row[0]), float(row[1])
+            except ValueError:
+                raise TraceError(f"{path}:{lineno}: not numbers: {row!r}") from None
+            if not (math.isfinite(t) and math.isfinite(v)) or v < 0:
+                raise TraceError(f"{path}:{lineno}: need finite time and mbps >= 0")
+            if not times and t != 0:
+                raise TraceError(f"{path}:{lineno}: the first time must be 0, got {t}")
+            if times and t <= times[-1]:
+                raise TraceError(f"{path}:{lineno}: time {t} does not increase")
+            times.append(t)
+            values.append(v)
+    if not times:
+        raise TraceError(f"{path}: no rows")
+    step = times[-1] / (len(times) - 1) if len(times) > 1 else math.inf
+    return Trace(tuple(times), tuple(values), times[-1] + step)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_fedscale_capacity(path: str | Path) -> dict[str, Trace]:
+    """Per-client bandwidth from FedScale's device-capacity layout.
+
+    FedScale's ``client_device_capacity`` maps a client id to
+    ``{"computation": float, "communication": float}``, communication in
+    kbit/s. FedScale ships it as a pickle, which tandem never loads; export it
+    to JSON (same layout) or CSV (``client_id,computation,communication``)
+    once on a machine you trust. Returns constant bandwidth traces in Mbit/s.
+
+    Raises
+    ------
+    TraceError
+        On a malformed entry, naming the client (JSON) or line (CSV).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    out: dict[str, Trace] = {}
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TraceError(f"{path}: expected an object of client id -> capacity")
+        for cid, entry in data.items():
+            kbps = entry.get("communication") if isinstance(entry, dict) else None
+            if (
+                not isinstance(kbps, int | float)
+                or not math.isfinite(kbps)
+                or kbps <= 0
+            ):
+                raise TraceError(f"{path}: client {cid}: bad 'communication' {kbps!r}")
+            out[str(cid)] = Trace.constant(kbps / 1000.0)
+        return out
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or (lineno == 1 and not _is_number(row[-1])):
+            continue
+        if len(row) != 3:
+            raise TraceError(
+                f"{path}:{lineno}: expected 'client_id,computation,communication'"
+            )
+        try:
+            kbps = float(row[2])
+        except ValueError:
+            raise TraceError(
+                f"{path}:{lineno}: communication is not a number"
+            ) from None
+        if not math.isfinite(kbps) or kbps <= 0:
+            raise TraceError(f"{path}:{lineno}: communication must be > 0 kbit/s")
+        out[row[0].strip()] = Trace.constant(kbps / 1000.0)
+    if not out:
+        raise TraceError(f"{path}: no clients")
+    return out
+
+
+# --------------------------------------------------------------------------- links
+@dataclass(frozen=True)
+class LinkProfile:
+    """One edge's link to the cloud.
+
+    Attributes
+    ----------
+    name : str
+        Preset name or a label.
+    up, down : Trace
+        Uplink (edge -> cloud) and downlink bandwidth in Mbit/s.
+    rtt : Trace
+        Round-trip time in seconds.
+    jitter : float
+        Standard deviation (s) of a normal delay added to each one-way trip,
+        clipped at 0; drawn from the clock's seeded generator.
+    """
+
+    name: str
+    up: Trace
+    down: Trace
+    rtt: Trace
+    jitter: float = 0.0
+
+    @classmethod
+    def fixed(
+        cls,
+        name: str,
+        up_mbps: float,
+        down_mbps: float,
+        rtt_ms: float,
+        jitter_ms: float = 0.0,
+    ) -> LinkProfile:
+        """A link with constant bandwidth and RTT."""
+        return cls(
+            name,
+            Trace.constant(up_mbps),
+            Trace.constant(down_mbps),
+            Trace.constant(rtt_ms / 1000.0),
+            jitter_ms / 1000.0,
+        )
+
+    def one_way_seconds(
+        self,
+        direction: str,
+        nbytes: int,
+        start: float,
+        rng: np.random.Generator | None = None,
+    ) -> float:
+        """Seconds for ``nbytes`` to cross ``direction`` (up/down) from ``start``.
+
+        ``RTT(start)/2 + transfer``, the transfer integrated over the bandwidth
+        trace (bandwidth in Mbit/s -> bit/s).
+        """
+        trace = self.up if direction == "up" else self.down
+        megabits = nbytes * BITS_PER_BYTE / MEGA
+        seconds = self.rtt.at(start) / 2 + trace.integrate_until(start, megabits)
+        if self.jitter > 0 and rng is not None:
+            seconds += max(0.0, float(rng.normal(0.0, self.jitter)))
+        return seconds
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able summary (for results files)."""
+
+        def span(trace: Trace, scale: float = 1.0) -> object:
+            lo, hi = min(trace.values) * scale, max(trace.values) * scale
+            return lo if lo == hi else [lo, hi]
+
+        return {
+            "name": self.name,
+            "up_mbps": span(self.up),
+            "down_mbps": span(self.down),
+            "rtt_ms": span(self.rtt, 1000.0),
+            "jitter_ms": self.jitter * 1000.0,
+        }
+
+
+def variable_link(seed: int, duration: float = 600.0, step: float = 1.0) -> LinkProfile:
+    """A seeded variable link: 5-200 Mbit/s and 10-300 ms RTT (seed 004's range).
+
+    Bandwidth and RTT follow independent random walks in log space, one step
+    per ``step`` seconds, reflected into their ranges; the walk repeats after
+    ``duration`` seconds. Up and down share the bandwidth walk.
+    """
+    rng = np.random.default_rng(seed)
+    n = max(int(duration / step), 1)
+
+    def walk(lo: float, hi: float, sigma: float) -> tuple[float, ...]:
+        log_lo, log_hi = math.log(lo), math.log(hi)
+        x = rng.uniform(log_lo, log_hi)
+        out = []
+        for _ in range(n):
+            x += rng.normal(0.0, sigma)
+            while x < log_lo or x > log_hi:  # reflect
+                x = 2 * log_lo - x if x < log_lo else 2 * log_hi - x
+            out.append(math.exp(x))
+        return tuple(out)
+
+    times = tuple(i * step for i in range(n))
+    bw = Trace(times, walk(5.0, 200.0, 0.25), n * step)
+    rtt = Trace(times, tuple(v / 1000.0 for v in walk(10.0, 300.0, 0.25)), n * step)
+    return LinkProfile(f"variable-{seed}", bw, bw, rtt)
+
+
+#: Named link presets. ``variable`` is a family: see :func:`variable_link`.
+PRESETS: dict[str, LinkProfile] = {
+    # Seeds 000-003: "emulated 4G (50 Mbps, 30 ms RTT) and 5G (300 Mbps, 10 ms RTT)".
+    "4g": LinkProfile.fixed("4g", 50, 50, 30),
+    "5g": LinkProfile.fixed("5g", 300, 300, 10),
+    # Our assumptions (not from the seeds): wired gigabit Ethernet, and a
+    # typical home 802.11n/ac Wi-Fi link.
+    "lan": LinkProfile.fixed("lan", 1000, 1000, 0.5),
+    "wifi": LinkProfile.fixed("wifi", 100, 100, 5, jitter_ms=1),
+}
+
+
+def preset(name: str, seed: int = 0) -> LinkProfile:
+    """A preset by name (``variable`` draws a seeded trace).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the known ones.
+    """
+    if name == "variable":
+        return variable_link(seed)
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join([*PRESETS, "variable"])
+        raise ValueError(f"unknown link profile {name!r} (known: {known})") from None
+
+
+def assign_links(
+    node_ids: Sequence[int], spec: str | Mapping[int, str | LinkProfile], seed: int = 0
+) -> dict[int, LinkProfile]:
+    """One link per node.
+
+    ``spec`` is a preset name (every node alike; ``variable`` gives each node
+    its own seeded trace), ``"mix:4g,5g,variable"`` (a seeded random choice
+    per node), or a mapping ``{node: preset name or LinkProfile}``.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[int, LinkProfile] = {}
+    if isinstance(spec, Mapping):
+        for i, node in enumerate(node_ids):
+            value = spec[node]
+            out[node] = (
+                value if isinstance(value, LinkProfile) else preset(value, seed + i)
+            )
+        return out
+    if spec.startswith("mix:"):
+        names = [s.strip() for s in spec[4:].split(",") if s.strip()]
+        if not names:
+            raise ValueError(f"empty link mix {spec!r}")
+        picks = rng.integers(0, len(names), size=len(node_ids))
+        return {
+            node: preset(names[int(p)], seed + i)
+            for i, (node, p) in enumerate(zip(node_ids, picks, strict=True))
+        }
+    return {node: preset(spec, seed + i) for i, node in enumerate(node_ids)}
+
+
+# --------------------------------------------------------------------------- devices
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device's sustained FP32 compute throughput.
+
+    Attributes
+    ----------
+    name : str
+        Label.
+    gflops : float
+        Sustained GFLOP/s the device reaches on dense float math.
+    source : str
+        Where the figure comes from.
+    """
+
+    name: str
+    gflops: float
+    source: str
+
+
+#: Raspberry Pi 4 (seeds' edge): HPL (Linpack) measured about 8 GFLOP/s on all
+#: four Cortex-A72 cores under 64-bit Raspberry Pi OS (B. Feiereisen,
+#: "Benchmarking the Raspberry Pi 4 with Raspberry Pi OS64", 2022). HPL is
+#: FP64; FP32 NEON math is up to twice as fast, so this is conservative.
+EDGE_RPI4 = DeviceProfile(
+    "rpi4", 8.0, "HPL on Raspberry Pi 4, 4 cores, 64-bit OS (2022)"
+)
+#: NVIDIA T4 (seeds' cloud, AWS g4dn.xlarge): 8.1 TFLOP/s FP32 peak (NVIDIA T4
+#: datasheet). Small models reach a fraction of peak on a GPU; override with a
+#: measured figure when it matters.
+CLOUD_T4 = DeviceProfile("t4", 8100.0, "NVIDIA T4 datasheet, FP32 peak")
+
+
+def measure_local_gflops(size: int = 256, repeats: int = 20, threads: int = 1) -> float:
+    """This machine's FP32 matrix-multiply GFLOP/s on ``threads`` threads."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=gen)
+        b = torch.randn(size, size, generator=gen)
+        a @ b  # warm up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(old)
+    return 2 * size**3 * repeats / seconds / 1e9
+
+
+def speed_factor(device: DeviceProfile, local_gflops: float) -> float:
+    """Multiplier from time measured here to time on ``device``: ``local / device``."""
+    if local_gflops <= 0 or device.gflops <= 0:
+        raise ValueError("GFLOP/s figures must be > 0")
+    return local_gflops / device.gflops
+
+
+# --------------------------------------------------------------------------- clock
+@dataclass(frozen=True)
+class Task:
+    """One scheduled task: what ran where, from when to when."""
+
+    name: str
+    resource: str
+    start: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        """Duration."""
+        return self.end - self.start
+
+
+@dataclass
+class VirtualClock:
+    """An event simulation of edges, links and the cloud.
+
+    Resources are named strings: ``edge:<node>``, ``up:<node>``,
+    ``down:<node>``, ``cloud``. :meth:`compute` and :meth:`transfer` schedule
+    a task after ``after`` (the end times of what it depends on) and after the
+    resource's previous task, and return the task; its ``end`` is when the
+    result is available. The caller states the method's real order of events
+    through these dependencies, so overlap appears only where it exists.
+
+    Parameters
+    ----------
+    links : Mapping[int, LinkProfile]
+        Each node's link.
+    edge_factor, cloud_factor : float (default: 1.0)
+        Multipliers from measured seconds to device seconds.
+    seed : int (default: 0)
+        Seed of the jitter generator.
+    """
+
+    links: Mapping[int, LinkProfile]
+    edge_factor: float = 1.0
+    cloud_factor: float = 1.0
+    seed: int = 0
+    tasks: list[Task] = field(default_factory=list)
+    _free: dict[str, float] = field(default_factory=dict)
+    _rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def _schedule(
+        self,
+        name: str,
+        resource: str,
+        after: Iterable[float],
+        seconds_at: Callable[[float], float],
+    ) -> Task:
+        ready = max([0.0, *after])
+        start = max(ready, self._free.get(resource, 0.0))
+        end = start + seconds_at(start)
+        self._free[resource] = end
+        task = Task(name, resource, start, end)
+        self.tasks.append(task)
+        return task
+
+    def compute(
+        self,
+        resource: str,
+        measured_seconds: float,
+        after: Iterable[float] = (),
+        name: str = "compute",
+    ) -> Task:
+        """Run ``measured_seconds`` of local compute on an edge or the cloud."""
+        factor = self.cloud_factor if resource == "cloud" else self.edge_factor
+        return self._schedule(
+            name, resource, after, lambda _t: measured_seconds * factor
+        )
+
+    def transfer(
+        self,
+        node: int,
+        direction: str,
+        nbytes: int,
+        after: Iterable[float] = (),
+        name: str = "transfer",
+    ) -> Task:
+        """Send ``nbytes`` over ``node``'s link, ``up`` or ``down``."""
+        if direction not in ("up", "down"):
+            raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
+        link = self.links[node]
+        return self._schedule(
+            name,
+            f"{direction}:{node}",
+            after,
+            lambda t: link.one_way_seconds(direction, nbytes, t, self._rng),
+        )
+
+    @property
+    def now(self) -> float:
+        """End of the last task scheduled (the makespan so far)."""
+        return max((t.end for t in self.tasks), default=0.0)
+
+    def utilization(self, until: float | None = None) -> dict[str, float]:
+        """Busy share of ``[0, until]`` per resource kind (edge, up, down, cloud).
+
+        Per-node resources are averaged over nodes.
+        """
+        horizon = self.now if until is None else until
+        if horizon <= 0:
+            return {}
+        busy: dict[str, float] = {}
+        for task in self.tasks:
+            busy[task.resource] = (
+                busy.get(task.resource, 0.0)
+                + min(task.end, horizon)
+                - min(task.start, horizon)
+            )
+        kinds: dict[str, list[float]] = {}
+        for resource, seconds in busy.items():
+            kinds.setdefault(resource.split(":")[0], []).append(seconds / horizon)
+        return {kind: float(np.mean(shares)) for kind, shares in kinds.items()}
+
+
+# --------------------------------------------------------------------------- estimator
+@dataclass
+class BandwidthEstimator:
+    """Smoothed observed throughput of an edge's link.
+
+    ``estimate ← (1 − β)·estimate + β·observed`` (an exponentially weighted
+    moving average), fed with ``bytes`` and the seconds their transfer took:
+    from the virtual clock in simulation, from measured transfer times in
+    deployment. The RTT share of the time is removed when ``rtt`` is known.
+
+    Parameters
+    ----------
+    smoothing : float (default: 0.3)
+        β in (0, 1]; larger follows changes faster.
+    initial_mbps : float | None (default: None)
+        Starting estimate; ``None`` takes the first observation.
+    """
+
+    smoothing: float = 0.3
+    initial_mbps: float | None = None
+    estimate_mbps: float | None = field(init=False, default=None)
+    observations: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must lie in (0, 1], got {self.smoothing}")
+        self.estimate_mbps = self.initial_mbps
+
+    def observe(self, nbytes: int, seconds: float, rtt: float = 0.0) -> float:
+        """Add one transfer; return the new estimate in Mbit/s."""
+        payload_seconds = seconds - rtt / 2
+        if nbytes <= 0 or payload_seconds <= 0:
+            return self.estimate_mbps or 0.0
+        observed = nbytes * BITS_PER_BYTE / payload_seconds / MEGA
+        if self.estimate_mbps is None:
+            self.estimate_mbps = observed
+        else:
+            self.estimate_mbps += self.smoothing * (observed - self.estimate_mbps)
+        self.observations += 1
+        return self.estimate_mbps

@@ -1,0 +1,211 @@
+"""Links, traces, the virtual clock and the estimator: hand-computable cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tandem.network import (
+    PRESETS,
+    BandwidthEstimator,
+    DeviceProfile,
+    LinkProfile,
+    Trace,
+    TraceError,
+    VirtualClock,
+    assign_links,
+    load_fedscale_capacity,
+    load_trace_csv,
+    preset,
+    speed_factor,
+    variable_link,
+)
+from tandem.schedules import (
+    NodeRound,
+    SyncRound,
+    VirtualArrivals,
+    replay_sync_rounds,
+    sync_rounds_from_records,
+)
+
+MB = 1_000_000
+
+
+def test_one_message_on_4g_takes_exactly_rtt_half_plus_bytes_over_bandwidth():
+    # 1 MB = 8 Mbit at 50 Mbit/s = 0.16 s, plus 30 ms / 2
+    link = PRESETS["4g"]
+    assert link.one_way_seconds("up", MB, 0.0) == pytest.approx(0.175, abs=1e-12)
+    assert PRESETS["5g"].one_way_seconds("down", MB, 3.0) == pytest.approx(
+        8 / 300 + 0.005, abs=1e-12
+    )
+
+
+def test_trace_changes_transfer_time_at_the_right_moment():
+    link = LinkProfile(
+        "step", Trace((0.0, 1.0), (8.0, 16.0)), Trace.constant(8), Trace.constant(0)
+    )
+    # 16 Mbit from t=0.5: 4 Mbit by t=1 at 8 Mbit/s, then 12 Mbit at 16 Mbit/s
+    assert link.one_way_seconds("up", 2 * MB, 0.5) == pytest.approx(1.25)
+    assert link.one_way_seconds("up", 2 * MB, 1.0) == pytest.approx(1.0)
+    assert link.one_way_seconds("up", 2 * MB, 0.0) == pytest.approx(1.5)
+    assert link.one_way_seconds("down", 2 * MB, 0.5) == pytest.approx(2.0)
+
+
+def test_periodic_trace_repeats_and_zero_bandwidth_waits():
+    trace = Trace((0.0, 1.0), (0.0, 10.0), period=2.0)
+    assert trace.at(2.5) == 0.0 and trace.at(3.5) == 10.0
+    # 10 Mbit starting at 0: wait 1 s of zero bandwidth, then 1 s at 10 Mbit/s
+    assert trace.integrate_until(0.0, 10.0) == pytest.approx(2.0)
+    # 15 Mbit from 0: 10 Mbit by t=2, then zero until t=3, then 0.5 s more
+    assert trace.integrate_until(0.0, 15.0) == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="never delivers"):
+        Trace.constant(0).integrate_until(0.0, 1.0)
+
+
+def _unit_link() -> LinkProfile:
+    return LinkProfile.fixed("unit", 8, 8, 0)  # 1 MB takes exactly 1 s
+
+
+def test_two_stage_pipeline_overlaps_exactly():
+    # 3 batches: 1 s edge compute each, 1 s upload each.
+    sequential = VirtualClock({0: _unit_link()})
+    done = 0.0
+    for _ in range(3):
+        c = sequential.compute("edge:0", 1.0, [done])
+        done = sequential.transfer(0, "up", MB, [c.end]).end
+    assert sequential.now == pytest.approx(6.0)
+
+    pipelined = VirtualClock({0: _unit_link()})
+    for _ in range(3):
+        c = pipelined.compute("edge:0", 1.0)  # next batch right after the last
+        pipelined.transfer(0, "up", MB, [c.end])
+    assert pipelined.now == pytest.approx(4.0)
+    util = pipelined.utilization()
+    assert util["edge"] == pytest.approx(0.75) and util["up"] == pytest.approx(0.75)
+    assert sequential.utilization()["edge"] == pytest.approx(0.5)
+
+
+def test_device_factors_scale_compute():
+    clock = VirtualClock({0: _unit_link()}, edge_factor=4.0, cloud_factor=0.5)
+    assert clock.compute("edge:0", 1.0).seconds == pytest.approx(4.0)
+    assert clock.compute("cloud", 1.0).seconds == pytest.approx(0.5)
+    edge = DeviceProfile("edge", 10.0, "test")
+    assert speed_factor(edge, 40.0) == pytest.approx(4.0)
+
+
+def test_fedavg_rounds_retime_by_hand():
+    links = {1: _unit_link(), 2: LinkProfile.fixed("half", 4, 4, 0)}  # 1 MB = 2 s
+    rounds = [
+        SyncRound(r, {1: NodeRound(MB, 1.0, MB), 2: NodeRound(MB, 0.5, MB)}, 0.25)
+        for r in (1, 2)
+    ]
+    report = replay_sync_rounds(rounds, links)
+    # node 1: 1 + 1 + 1 = 3 s; node 2: 2 + 0.5 + 2 = 4.5 s; +0.25 aggregate
+    assert report.mode == "retimed"
+    assert report.round_end == pytest.approx((4.75, 9.5))
+    assert report.total_seconds == pytest.approx(9.5)
+
+
+def test_sync_rounds_from_metrics_records():
+    records = [
+        {"event": "round", "round": 0},
+        {
+            "event": "bytes",
+            "round": 1,
+            "node-id": 5,
+            "bytes-down": 10,
+            "bytes-up": 20,
+            "edge-seconds": 0.5,
+        },
+        {"event": "round", "round": 1, "cloud-seconds": 0.1},
+    ]
+    (rnd,) = sync_rounds_from_records(records)
+    assert rnd.round == 1 and rnd.cloud_seconds == 0.1
+    assert rnd.nodes[5] == NodeRound(10, 0.5, 20)
+
+
+def test_virtual_arrivals_release_in_virtual_order():
+    arrivals: VirtualArrivals[str] = VirtualArrivals()
+    arrivals.add("slow", 3.0)
+    arrivals.add("fast", 1.0)
+    arrivals.add("tie", 3.0)
+    assert [arrivals.pop()[1] for _ in range(3)] == ["fast", "slow", "tie"]
+
+
+def test_estimator_converges_on_a_constant_link():
+    link = PRESETS["4g"]
+    clock = VirtualClock({0: link})
+    est = BandwidthEstimator(smoothing=0.3, initial_mbps=5.0)
+    for size in (100_000, 400_000, 50_000) * 10:
+        task = clock.transfer(0, "up", size)
+        est.observe(size, task.seconds, rtt=0.030)
+    assert est.estimate_mbps == pytest.approx(50.0, rel=1e-3)
+    with pytest.raises(ValueError, match="smoothing"):
+        BandwidthEstimator(smoothing=0.0)
+
+
+def test_csv_trace_parsing(tmp_path):
+    good = tmp_path / "trace.csv"
+    good.write_text("time_s,mbps\n0,10\n# a comment\n1,20\n2,5\n")
+    trace = load_trace_csv(good)
+    assert trace.values == (10.0, 20.0, 5.0) and trace.period == 3.0
+    assert trace.at(1.5) == 20.0 and trace.at(3.2) == 10.0
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "why"),
+    [
+        ("time_s,mbps\n0,10\n1,abc\n", 3, "not numbers"),
+        ("0,10\n1,20,30\n", 2, "expected 'time_s,mbps'"),
+        ("0,10\n2,5\n1,7\n", 3, "does not increase"),
+        ("0,10\n1,-5\n", 2, "mbps >= 0"),
+        ("1,10\n", 1, "first time must be 0"),
+        ("0,10\n1,inf\n", 2, "finite"),
+    ],
+)
+def test_malformed_csv_rows_are_rejected_with_line_number(tmp_path, body, line, why):
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(TraceError) as info:
+        load_trace_csv(path)
+    assert f"bad.csv:{line}:" in str(info.value)
+    assert why in str(info.value)
+
+
+def test_fedscale_capacity_json_and_csv(tmp_path):
+    js = tmp_path / "cap.json"
+    js.write_text(
+        json.dumps({"432802": {"computation": 162.0, "communication": 5648.0}})
+    )
+    assert load_fedscale_capacity(js)["432802"].at(0) == pytest.approx(5.648)
+    cs = tmp_path / "cap.csv"
+    cs.write_text("client_id,computation,communication\n7,10,2000\n8,12,x\n")
+    with pytest.raises(TraceError, match=r"cap\.csv:3"):
+        load_fedscale_capacity(cs)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"communication": -1}}))
+    with pytest.raises(TraceError, match="client 1"):
+        load_fedscale_capacity(bad)
+
+
+def test_variable_links_stay_in_the_seed_ranges_and_are_seeded():
+    link = variable_link(3)
+    assert min(link.up.values) >= 5.0 and max(link.up.values) <= 200.0
+    assert min(link.rtt.values) >= 0.010 and max(link.rtt.values) <= 0.300
+    assert variable_link(3) == link and variable_link(4) != link
+
+
+def test_assign_links_by_name_mix_and_mapping():
+    nodes = [11, 22, 33, 44]
+    same = assign_links(nodes, "4g")
+    assert {link.name for link in same.values()} == {"4g"}
+    mix1 = assign_links(nodes, "mix:4g,5g", seed=1)
+    assert mix1 == assign_links(nodes, "mix:4g,5g", seed=1)
+    assert {link.name for link in mix1.values()} <= {"4g", "5g"}
+    mapped = assign_links(nodes, {11: "lan", 22: "wifi", 33: "5g", 44: PRESETS["4g"]})
+    assert mapped[11].name == "lan" and mapped[44] is PRESETS["4g"]
+    with pytest.raises(ValueError, match="unknown link profile"):
+        preset("3g")
+    assert not math.isnan(PRESETS["wifi"].jitter)
