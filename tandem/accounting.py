@@ -35,8 +35,9 @@ __all__ = [
     "payload_bytes",
 ]
 
-#: Metric a reply uses to report the edge compute time behind it (seconds).
-KEY_COMPUTE_SECONDS = "train-seconds"
+#: Metric a reply uses to report the edge compute time behind it (seconds):
+#: steps x median step time, see :class:`tandem.training.TrainStats`.
+KEY_COMPUTE_SECONDS = "compute-seconds"
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -65,7 +66,7 @@ class Transfer:
         or its reply pulled.
     compute_seconds : float | None
         For replies: the edge compute time the reply reports as the metric
-        ``train-seconds`` (measured on the node), else ``None``.
+        ``compute-seconds`` (measured on the node), else ``None``.
     """
 
     round: int
@@ -136,7 +137,7 @@ class ByteLedger:
 
 
 def _reported_compute_seconds(content: RecordDict) -> float | None:
-    """The ``train-seconds`` a reply reports in any MetricRecord, if valid."""
+    """The ``compute-seconds`` a reply reports in any MetricRecord, if valid."""
     for record in content.metric_records.values():
         value = record.get(KEY_COMPUTE_SECONDS)
         if isinstance(value, int | float) and math.isfinite(value) and value >= 0:

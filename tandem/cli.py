@@ -1,6 +1,7 @@
 """The ``tandem`` command: helpers around ``flwr run``.
 
 - ``tandem plot RUN [RUN ...] --out FILE.png``: accuracy vs round and vs bytes.
+- ``tandem bench SUITE ...``: methods side by side (:mod:`tandem.bench`).
 - ``tandem stop-superlink``: stop the project's local SuperLink (it outlives
   ``flwr run`` and keeps serving the code it first loaded).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from tandem.launch import PROJECT_ROOT, FlowerHome
@@ -19,6 +21,11 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tandem`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from tandem.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -28,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--title", default="")
 
     sub.add_parser("stop-superlink", help="stop the project's local SuperLink")
+    sub.add_parser("bench", help="run a benchmark suite (tandem bench --help)")
 
     args = parser.parse_args(argv)
     if args.command == "plot":

@@ -9,6 +9,7 @@ node can keep it in ``Context.state`` between messages.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,12 +95,26 @@ class BatchStream:
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What a call to :func:`train_steps` did."""
+    """What a call to :func:`train_steps` did.
+
+    ``seconds`` is the wall time of all steps. ``compute_seconds`` is
+    ``steps × median step time``: the same measurement without the outliers a
+    shared host adds (first-call warm-up, another process on the core), which
+    the virtual clock scales to the emulated device.
+    """
 
     steps: int
     num_examples: int
     mean_loss: float
     seconds: float
+    step_seconds: tuple[float, ...] = ()
+
+    @property
+    def compute_seconds(self) -> float:
+        """``steps × median step time`` (seconds)."""
+        if not self.step_seconds:
+            return self.seconds
+        return len(self.step_seconds) * statistics.median(self.step_seconds)
 
 
 @dataclass(frozen=True)
@@ -135,18 +150,23 @@ def train_steps(
     model.train()
     total_loss = 0.0
     seen = 0
+    step_seconds = []
     start = time.perf_counter()
     for _ in range(steps):
+        tick = time.perf_counter()
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(y)
+        total_loss += float(loss.detach()) * len(y)  # syncs the device
         seen += len(y)
+        step_seconds.append(time.perf_counter() - tick)
     seconds = time.perf_counter() - start
-    return TrainStats(steps, seen, total_loss / max(seen, 1), seconds)
+    return TrainStats(
+        steps, seen, total_loss / max(seen, 1), seconds, tuple(step_seconds)
+    )
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients.node import (
     NodeConfig,
     load_node_split,
@@ -55,6 +56,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
                     "train-loss": stats.mean_loss,
                     "num-examples": len(split),
                     "train-seconds": stats.seconds,
+                    KEY_COMPUTE_SECONDS: stats.compute_seconds,
                     "steps": stats.steps,
                 }
             ),

@@ -1,0 +1,201 @@
+"""``tandem bench SUITE``: run a suite and print, save and plot the comparison.
+
+Examples::
+
+    tandem bench fedavg --quick                       # CI-sized, under a minute
+    tandem bench fedavg --profile 4g 5g --seeds 0 1 2 --out bench-out/fedavg
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from tandem.bench.report import format_table, write_plots
+from tandem.bench.runner import BenchOptions, run_suite, summarize
+from tandem.bench.suites import SUITES
+from tandem.config import DataConfig
+from tandem.datasets import load_dataset
+from tandem.network import (
+    CLOUD_T4,
+    EDGE_RPI4,
+    DeviceProfile,
+    measure_local_gflops,
+    preset,
+)
+
+__all__ = ["main"]
+
+QUICK = {"nodes": 3, "rounds": 2, "mnist1d-samples": 1000}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tandem bench`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="tandem bench",
+        description="Run methods side by side as real Flower simulation runs.",
+    )
+    p.add_argument("suite", choices=sorted(SUITES), help="what to compare")
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        default=["4g", "5g"],
+        help="link profiles: 4g 5g lan wifi variable, or mix:4g,5g,...",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed values")
+    p.add_argument("--nodes", type=int, default=10, help="simulated SuperNodes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rounds", type=int, help="rounds per run (default 20)")
+    group.add_argument(
+        "--steps", type=int, help="SGD steps per node; rounds = steps / local steps"
+    )
+    p.add_argument(
+        "--dataset", default="mnist1d", help="mnist1d, wisdm, mnist, cifar10"
+    )
+    p.add_argument("--data-path", default="", help="WISDM raw file or torchvision root")
+    p.add_argument("--samples", type=int, help="MNIST-1D size (train + test)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI-sized: 3 nodes, 2 rounds, 1,000 samples",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    p.add_argument(
+        "--edge-gflops",
+        type=float,
+        default=EDGE_RPI4.gflops,
+        help=f"edge device GFLOP/s (default {EDGE_RPI4.gflops}: {EDGE_RPI4.source})",
+    )
+    p.add_argument(
+        "--cloud-gflops",
+        type=float,
+        default=CLOUD_T4.gflops,
+        help=f"cloud GFLOP/s (default {CLOUD_T4.gflops}: {CLOUD_T4.source})",
+    )
+    p.add_argument(
+        "--local-gflops",
+        type=float,
+        help="this machine's GFLOP/s per ClientApp core (default: measured)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
+    args = build_parser().parse_args(argv)
+    for name in args.profile:
+        if not name.startswith("mix:"):
+            preset(name)  # unknown names fail here, before any run
+    suite = SUITES[args.suite]
+    extra: dict[str, object] = {}
+    nodes, rounds = args.nodes, args.rounds
+    if args.quick:
+        nodes, rounds = QUICK["nodes"], rounds or QUICK["rounds"]
+        extra["mnist1d-samples"] = QUICK["mnist1d-samples"]
+    if args.samples:
+        extra["mnist1d-samples"] = args.samples
+    if rounds is None and args.steps is None:
+        rounds = 20
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    local_edge = args.local_gflops or measure_local_gflops(threads=1)
+    local_cloud = args.local_gflops or measure_local_gflops(
+        threads=torch.get_num_threads()
+    )
+    opts = BenchOptions(
+        out=args.out,
+        profiles=tuple(args.profile),
+        seeds=tuple(args.seeds),
+        nodes=nodes,
+        rounds=rounds,
+        steps=args.steps,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        extra=extra,
+        edge=DeviceProfile(EDGE_RPI4.name, args.edge_gflops, EDGE_RPI4.source),
+        cloud=DeviceProfile(CLOUD_T4.name, args.cloud_gflops, CLOUD_T4.source),
+        local_gflops_edge=local_edge,
+        local_gflops_cloud=local_cloud,
+    )
+
+    total_rounds = len(opts.seeds) * sum(opts.rounds_for(v) for v in suite.variants)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_rounds, desc=f"bench {suite.name}", unit="round")
+    runs = run_suite(suite, opts, progress=bar.update if bar else None)
+    if bar is not None:
+        bar.close()
+
+    results = summarize(suite, opts, runs)
+    data_cfg = DataConfig(
+        dataset=opts.dataset,
+        path=opts.data_path,
+        mnist1d_samples=int(extra.get("mnist1d-samples", 10000)),  # type: ignore[call-overload]
+    )
+    bundle = load_dataset(data_cfg)
+    results["assumptions"] = {
+        "profile_names": list(opts.profiles),
+        "profiles": {
+            p: preset(p, 0).describe() if not p.startswith("mix:") else p
+            for p in opts.profiles
+        },
+        "devices": {
+            "edge": {
+                "name": opts.edge.name,
+                "gflops": opts.edge.gflops,
+                "source": opts.edge.source,
+                "time_factor": opts.edge_factor,
+            },
+            "cloud": {
+                "name": opts.cloud.name,
+                "gflops": opts.cloud.gflops,
+                "source": opts.cloud.source,
+                "time_factor": opts.cloud_factor,
+            },
+            "local_gflops_per_clientapp_core": local_edge,
+            "local_gflops_serverapp": local_cloud,
+        },
+        "dataset": {
+            "name": opts.dataset,
+            "train": len(bundle.train),
+            "test": len(bundle.test),
+        },
+        "nodes": opts.nodes,
+        "seeds": list(opts.seeds),
+        "rounds": {v.label: opts.rounds_for(v) for v in suite.variants},
+        "clock": (
+            "retimed: synchronous rounds re-timed after the run (their order of "
+            "events does not depend on timing); messages take RTT/2 + bytes*8/"
+            "bandwidth along the trace; compute = measured seconds x device factor"
+        ),
+        "bytes_per_step": "total bytes / (nodes x rounds x local steps)",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "tandem bench " + " ".join(sys.argv[2:] if argv is None else argv),
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
+    plots = write_plots(results, args.out)
+    print(format_table(results))
+    print(f"\nresults: {args.out / 'results.json'}")
+    for path in plots:
+        print(f"plot:    {path}")
+    failed = [k for k, m in results["methods"].items() if m.get("failed")]
+    return 1 if failed else 0
+
+
+def _json(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

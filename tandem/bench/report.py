@@ -1,0 +1,105 @@
+"""The benchmark's outputs: a side-by-side table and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_table", "write_plots"]
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1000:,.1f} KB" if n < 1e6 else f"{n / 1e6:,.2f} MB"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A Markdown table: one row per method, one emulated-time column per profile."""
+    profiles = results["assumptions"]["profile_names"]
+    head = [
+        "method",
+        "final accuracy",
+        "bytes up",
+        "bytes down",
+        "up / step",
+        "down / step",
+        *[f"emulated s ({p})" for p in profiles],
+        "wall s",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, m in results["methods"].items():
+        if m.get("failed"):
+            rows.append(f"| {label} | failed: {m['runs'][0]['details']} |")
+            continue
+        n = len(m["final_accuracy_per_seed"])
+        acc = f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})"
+        cells = [
+            label,
+            acc,
+            _kb(m["bytes_up"]),
+            _kb(m["bytes_down"]),
+            _kb(m["bytes_up_per_step"]),
+            _kb(m["bytes_down_per_step"]),
+            *[f"{m['emulated_seconds'][p]:.2f}" for p in profiles],
+            f"{m['wall_seconds']:.1f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``accuracy_vs_time.png`` and ``accuracy_vs_bytes.png`` into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = results["assumptions"]["profile_names"]
+    methods = {k: v for k, v in results["methods"].items() if not v.get("failed")}
+    paths = []
+
+    fig, axes = plt.subplots(
+        1, len(profiles), figsize=(5 * len(profiles), 3.8), squeeze=False
+    )
+    for ax, profile in zip(axes[0], profiles, strict=True):
+        for label, m in methods.items():
+            for i, curve in enumerate(m["curves"]):
+                ax.plot(
+                    curve["emulated_seconds"][profile],
+                    curve["accuracy"],
+                    color=f"C{list(methods).index(label)}",
+                    alpha=0.9 if i == 0 else 0.35,
+                    label=label if i == 0 else None,
+                )
+        ax.set(
+            title=profile,
+            xlabel="emulated seconds",
+            ylabel="test accuracy",
+            ylim=(0, 1),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['suite']}: accuracy vs emulated time (each seed a line)")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, m in methods.items():
+        for i, curve in enumerate(m["curves"]):
+            ax.plot(
+                [b / 1e6 for b in curve["bytes"]],
+                curve["accuracy"],
+                color=f"C{list(methods).index(label)}",
+                alpha=0.9 if i == 0 else 0.35,
+                label=label if i == 0 else None,
+            )
+    ax.set(xlabel="bytes up + down (MB)", ylabel="test accuracy", ylim=(0, 1))
+    ax.set_title(f"{results['suite']}: accuracy vs bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

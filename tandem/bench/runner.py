@@ -1,0 +1,252 @@
+"""Run a suite's variants as real Flower runs and turn them into results.
+
+Each (seed, variant) is one ``flwr run`` on the simulation engine through the
+project's ``flwr.toml`` (a private Flower home and SuperLink on free ports,
+stopped at the end). Accuracy, bytes and measured compute times come from the
+run's own ``metrics.jsonl``; emulated time comes from re-timing the recorded
+events on the virtual clock under each link profile.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.bench.suites import Suite, Variant
+from tandem.launch import FlowerHome, RunStatus
+from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
+from tandem.schedules import replay_sync_rounds, sync_rounds_from_records
+from tandem.tracking import read_jsonl
+
+__all__ = ["BenchOptions", "RunRecord", "run_suite", "summarize"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the benchmark runs and under which assumptions."""
+
+    out: Path
+    profiles: tuple[str, ...] = ("4g", "5g")
+    seeds: tuple[int, ...] = (0,)
+    nodes: int = 10
+    rounds: int | None = 20
+    steps: int | None = None
+    dataset: str = "mnist1d"
+    data_path: str = ""
+    extra: Mapping[str, object] = field(default_factory=dict)
+    edge: DeviceProfile = EDGE_RPI4
+    cloud: DeviceProfile = CLOUD_T4
+    local_gflops_edge: float = 0.0
+    local_gflops_cloud: float = 0.0
+    timeout: float = 900.0
+
+    def rounds_for(self, variant: Variant) -> int:
+        """Rounds of a variant: ``--rounds``, or ``--steps`` / its local steps."""
+        if self.steps is not None:
+            return max(1, math.ceil(self.steps / variant.local_steps))
+        return int(self.rounds or 1)
+
+    @property
+    def edge_factor(self) -> float:
+        """Measured-here seconds -> edge-device seconds."""
+        return self.local_gflops_edge / self.edge.gflops
+
+    @property
+    def cloud_factor(self) -> float:
+        """Measured-here seconds -> cloud-device seconds."""
+        return self.local_gflops_cloud / self.cloud.gflops
+
+
+@dataclass
+class RunRecord:
+    """One finished (or failed) run."""
+
+    variant: Variant
+    seed: int
+    status: RunStatus
+    records: list[dict[str, Any]]
+    rounds: int
+
+    @property
+    def ok(self) -> bool:
+        """Completed with a summary."""
+        return self.status.ok and any(r["event"] == "summary" for r in self.records)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's final summary record."""
+        return next(r for r in self.records if r["event"] == "summary")
+
+    @property
+    def round_records(self) -> list[dict[str, Any]]:
+        """``round`` records in order."""
+        return [r for r in self.records if r["event"] == "round"]
+
+
+def _overrides(opts: BenchOptions, suite: Suite, variant: Variant, seed: int) -> dict:
+    workload: dict[str, object] = {"dataset": opts.dataset}
+    if opts.data_path:
+        workload["data-path"] = opts.data_path
+    return {
+        **suite.defaults,
+        **workload,
+        **opts.extra,
+        **variant.overrides,
+        "seed": seed,
+        "num-server-rounds": opts.rounds_for(variant),
+        "output-dir": str((opts.out / "runs").resolve()),
+    }
+
+
+def run_suite(
+    suite: Suite,
+    opts: BenchOptions,
+    progress: Callable[[int], None] | None = None,
+) -> list[RunRecord]:
+    """Run every (seed, variant) of ``suite``; ``progress(n)`` gets rounds done."""
+    home = FlowerHome(opts.out / ".flwr-home")
+    results = []
+    try:
+        for seed in opts.seeds:
+            for variant in suite.variants:
+                overrides = _overrides(opts, suite, variant, seed)
+                run_id = home.submit(overrides, {"num-supernodes": opts.nodes})
+                metrics = opts.out / "runs" / f"{variant.overrides['method']}-{run_id}"
+                status = _wait(home, run_id, metrics / "metrics.jsonl", opts, progress)
+                path = metrics / "metrics.jsonl"
+                records = read_jsonl(path) if path.exists() else []
+                results.append(
+                    RunRecord(variant, seed, status, records, opts.rounds_for(variant))
+                )
+    finally:
+        home.stop_superlink()
+    return results
+
+
+def _wait(
+    home: FlowerHome,
+    run_id: str,
+    metrics: Path,
+    opts: BenchOptions,
+    progress: Callable[[int], None] | None,
+) -> RunStatus:
+    deadline = time.monotonic() + opts.timeout
+    reported = 0
+    while True:
+        status = home.status(run_id)
+        if progress is not None and metrics.exists():
+            done = sum(
+                1
+                for r in read_jsonl(metrics)
+                if r["event"] == "round" and r["round"] > 0
+            )
+            if done > reported:
+                progress(done - reported)
+                reported = done
+        if status.status.startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(statistics.fmean(values)) if values else float("nan")
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(statistics.stdev(values)) if len(values) > 1 else 0.0
+
+
+def _emulate(run: RunRecord, profile: str, opts: BenchOptions) -> dict[str, Any]:
+    rounds = sync_rounds_from_records(run.records)
+    nodes = sorted({n for rnd in rounds for n in rnd.nodes})
+    links = assign_links(nodes, profile, seed=run.seed)
+    report = replay_sync_rounds(
+        rounds, links, opts.edge_factor, opts.cloud_factor, seed=run.seed
+    )
+    return {
+        "mode": report.mode,
+        "total": report.total_seconds,
+        "round_end": list(report.round_end),
+        "utilization": report.utilization,
+    }
+
+
+def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
+    """Aggregate runs over seeds into the ``results.json`` structure."""
+    methods: dict[str, Any] = {}
+    for variant in suite.variants:
+        mine = [r for r in runs if r.variant.label == variant.label]
+        good = [r for r in mine if r.ok]
+        entry: dict[str, Any] = {
+            "method": variant.overrides["method"],
+            "overrides": dict(variant.overrides),
+            "rounds": opts.rounds_for(variant),
+            "local_steps": variant.local_steps,
+            "runs": [
+                {
+                    "seed": r.seed,
+                    "run_id": r.status.run_id,
+                    "status": r.status.status,
+                    "details": r.status.details,
+                }
+                for r in mine
+            ],
+        }
+        if not good:
+            entry["failed"] = True
+            methods[variant.label] = entry
+            continue
+        acc = [r.summary["final-accuracy"] for r in good]
+        up = [r.summary["bytes-up"] for r in good]
+        down = [r.summary["bytes-down"] for r in good]
+        steps = opts.nodes * opts.rounds_for(variant) * variant.local_steps
+        emulated = {p: [_emulate(r, p, opts) for r in good] for p in opts.profiles}
+        entry.update(
+            {
+                "final_accuracy": _mean(acc),
+                "final_accuracy_sd": _sd(acc),
+                "final_accuracy_per_seed": acc,
+                "bytes_up": _mean(up),
+                "bytes_down": _mean(down),
+                "bytes_up_per_step": _mean(up) / steps,
+                "bytes_down_per_step": _mean(down) / steps,
+                "emulated_seconds": {
+                    p: _mean([e["total"] for e in v]) for p, v in emulated.items()
+                },
+                "emulated_seconds_per_seed": {
+                    p: [e["total"] for e in v] for p, v in emulated.items()
+                },
+                "utilization": {
+                    p: {
+                        k: _mean([e["utilization"].get(k, 0.0) for e in v])
+                        for k in ("edge", "up", "down", "cloud")
+                    }
+                    for p, v in emulated.items()
+                },
+                "clock_mode": "retimed",
+                "wall_seconds": _mean([r.summary["wall-seconds"] for r in good]),
+                "wall_seconds_per_seed": [r.summary["wall-seconds"] for r in good],
+                "curves": [
+                    {
+                        "seed": r.seed,
+                        "accuracy": [x["eval-accuracy"] for x in r.round_records],
+                        "bytes": [
+                            x["cum-bytes-up"] + x["cum-bytes-down"]
+                            for x in r.round_records
+                        ],
+                        "emulated_seconds": {
+                            p: [0.0, *emulated[p][i]["round_end"]]
+                            for p in opts.profiles
+                        },
+                    }
+                    for i, r in enumerate(good)
+                ],
+            }
+        )
+        methods[variant.label] = entry
+    return {"suite": suite.name, "description": suite.description, "methods": methods}
