@@ -25,15 +25,18 @@ case "${1:-}" in
     stop
     mkdir -p "$state"
     export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0
-    (cd "$root" && flower-superlink --insecure --host 127.0.0.1 --port "$port" \
-        --database "$state/state.db" >"$state/superlink.log" 2>&1 & echo $! >"$state/superlink.pid")
+    cd "$root"
+    flower-superlink --insecure --host 127.0.0.1 --port "$port" \
+        --database "$state/state.db" >"$state/superlink.log" 2>&1 &
+    echo $! >"$state/superlink.pid"
     sleep 3
     for i in $(seq 0 $((n - 1))); do
       mkdir -p "$state/node$i"
-      (cd "$root" && FLWR_HOME="$state/node$i" flower-supernode --insecure \
+      FLWR_HOME="$state/node$i" flower-supernode --insecure \
           --superlink "127.0.0.1:$port" --host 127.0.0.1 --port $((node_port0 + i)) \
           --node-config "partition-id=$i num-partitions=$n" \
-          >"$state/node$i.log" 2>&1 & echo $! >"$state/node$i.pid")
+          >"$state/node$i.log" 2>&1 &
+      echo $! >"$state/node$i.pid"
     done
     echo "SuperLink on 127.0.0.1:$port with $n SuperNodes; logs in $state"
     ;;

@@ -97,10 +97,12 @@ class BatchStream:
 class TrainStats:
     """What a call to :func:`train_steps` did.
 
-    ``seconds`` is the wall time of all steps. ``compute_seconds`` is
-    ``steps × median step time``: the same measurement without the outliers a
-    shared host adds (first-call warm-up, another process on the core), which
-    the virtual clock scales to the emulated device.
+    ``seconds`` is the wall time of all steps. ``step_seconds`` holds each
+    step's CPU time (``time.process_time``), and ``compute_seconds`` is
+    ``steps × median step CPU time``: the work itself, without what a shared
+    host adds (waiting for a core another process holds, first-call warm-up).
+    The virtual clock scales it to the emulated device. (On a GPU, or with
+    several intra-op threads, use ``seconds`` instead.)
     """
 
     steps: int
@@ -111,7 +113,7 @@ class TrainStats:
 
     @property
     def compute_seconds(self) -> float:
-        """``steps × median step time`` (seconds)."""
+        """``steps × median step CPU time`` (seconds)."""
         if not self.step_seconds:
             return self.seconds
         return len(self.step_seconds) * statistics.median(self.step_seconds)
@@ -153,7 +155,7 @@ def train_steps(
     step_seconds = []
     start = time.perf_counter()
     for _ in range(steps):
-        tick = time.perf_counter()
+        tick = time.process_time()
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +164,7 @@ def train_steps(
         optimizer.step()
         total_loss += float(loss.detach()) * len(y)  # syncs the device
         seen += len(y)
-        step_seconds.append(time.perf_counter() - tick)
+        step_seconds.append(time.process_time() - tick)
     seconds = time.perf_counter() - start
     return TrainStats(
         steps, seen, total_loss / max(seen, 1), seconds, tuple(step_seconds)

@@ -26,6 +26,7 @@ from tandem.network import (
     CLOUD_T4,
     EDGE_RPI4,
     DeviceProfile,
+    assign_links,
     measure_local_gflops,
     preset,
 )
@@ -89,10 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in args.profile:
-        if not name.startswith("mix:"):
-            preset(name)  # unknown names fail here, before any run
+        try:  # unknown names fail here, before any run
+            if name.startswith("mix:"):
+                assign_links([0], name)
+            else:
+                preset(name)
+        except ValueError as err:
+            parser.error(str(err))
     suite = SUITES[args.suite]
     extra: dict[str, object] = {}
     nodes, rounds = args.nodes, args.rounds

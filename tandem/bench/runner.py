@@ -10,7 +10,9 @@ events on the virtual clock under each link profile.
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +111,9 @@ def run_suite(
     progress: Callable[[int], None] | None = None,
 ) -> list[RunRecord]:
     """Run every (seed, variant) of ``suite``; ``progress(n)`` gets rounds done."""
-    home = FlowerHome(opts.out / ".flwr-home")
+    # The Flower home (SuperLink state, installed app copies) lives outside the
+    # project: inside it, Flower would package those copies into the next app.
+    home = FlowerHome(Path(tempfile.mkdtemp(prefix="tandem-bench-flwr-")))
     results = []
     try:
         for seed in opts.seeds:
@@ -125,6 +129,7 @@ def run_suite(
                 )
     finally:
         home.stop_superlink()
+        shutil.rmtree(home.home, ignore_errors=True)
     return results
 
 

@@ -1,0 +1,82 @@
+"""`tandem bench fedavg --quick` end to end: real Flower runs, valid JSON, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_fedavg_quick(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem.bench",
+            "fedavg",
+            "--quick",
+            "--no-progress",
+            "--profile",
+            "4g",
+            "5g",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| fedavg-k10 |" in proc.stdout and "| fedavg-k50 |" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"fedavg-k10", "fedavg-k50"}
+    for label, m in results["methods"].items():
+        assert 0.0 <= m["final_accuracy"] <= 1.0, label
+        assert m["final_accuracy_per_seed"] == [m["final_accuracy"]]
+        assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+        assert set(m["emulated_seconds"]) == {"4g", "5g"}
+        # the same bytes take longer on the slower link
+        assert m["emulated_seconds"]["4g"] > m["emulated_seconds"]["5g"] > 0
+        assert m["wall_seconds"] > 0
+        assert m["clock_mode"] == "retimed"
+    k10, k50 = results["methods"]["fedavg-k10"], results["methods"]["fedavg-k50"]
+    # same rounds, same model: same bytes; five times the steps: a fifth per step
+    assert k10["bytes_up"] == k50["bytes_up"]
+    assert k10["bytes_up_per_step"] == pytest.approx(5 * k50["bytes_up_per_step"])
+    assumptions = results["assumptions"]
+    assert assumptions["seeds"] == [0] and assumptions["nodes"] == 3
+    assert assumptions["dataset"] == {"name": "mnist1d", "train": 800, "test": 200}
+    assert assumptions["profiles"]["4g"]["up_mbps"] == 50
+    assert assumptions["devices"]["edge"]["time_factor"] > 0
+    for name in ("accuracy_vs_time.png", "accuracy_vs_bytes.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_rejects_an_unknown_profile(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem.bench",
+            "fedavg",
+            "--profile",
+            "3g",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "unknown link profile '3g'" in proc.stderr
