@@ -98,11 +98,13 @@ class TrainStats:
     """What a call to :func:`train_steps` did.
 
     ``seconds`` is the wall time of all steps. ``step_seconds`` holds each
-    step's CPU time (``time.process_time``), and ``compute_seconds`` is
-    ``steps × median step CPU time``: the work itself, without what a shared
-    host adds (waiting for a core another process holds, first-call warm-up).
-    The virtual clock scales it to the emulated device. (On a GPU, or with
-    several intra-op threads, use ``seconds`` instead.)
+    step's compute time: the CPU time of the training thread
+    (``time.thread_time``) when torch computes on that one thread (as in the
+    simulation, one CPU per ClientApp), else wall time. ``compute_seconds`` is
+    ``steps × median step time``: the work itself, without what a shared host
+    adds (waiting for a core another process holds, other threads of the
+    process, first-call warm-up). The virtual clock scales it to the emulated
+    device.
     """
 
     steps: int
@@ -113,7 +115,7 @@ class TrainStats:
 
     @property
     def compute_seconds(self) -> float:
-        """``steps × median step CPU time`` (seconds)."""
+        """``steps × median step time`` (seconds)."""
         if not self.step_seconds:
             return self.seconds
         return len(self.step_seconds) * statistics.median(self.step_seconds)
@@ -153,9 +155,10 @@ def train_steps(
     total_loss = 0.0
     seen = 0
     step_seconds = []
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     start = time.perf_counter()
     for _ in range(steps):
-        tick = time.process_time()
+        tick = clock()
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -164,7 +167,7 @@ def train_steps(
         optimizer.step()
         total_loss += float(loss.detach()) * len(y)  # syncs the device
         seen += len(y)
-        step_seconds.append(time.process_time() - tick)
+        step_seconds.append(clock() - tick)
     seconds = time.perf_counter() - start
     return TrainStats(
         steps, seen, total_loss / max(seen, 1), seconds, tuple(step_seconds)
