@@ -27,6 +27,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
+from tandem.wire import KEY_NODE
+
 __all__ = [
     "KEY_COMPUTE_SECONDS",
     "ByteLedger",
@@ -76,6 +78,7 @@ class Transfer:
     nbytes: int
     at: float = 0.0
     compute_seconds: float | None = None
+    link: str = ""
 
 
 @dataclass
@@ -92,6 +95,7 @@ class ByteLedger:
         message_type: str,
         nbytes: int,
         compute_seconds: float | None = None,
+        link: str = "",
     ) -> None:
         """Add one transfer at the current round."""
         self.transfers.append(
@@ -103,6 +107,7 @@ class ByteLedger:
                 nbytes,
                 time.perf_counter(),
                 compute_seconds,
+                link,
             )
         )
 
@@ -121,18 +126,23 @@ class ByteLedger:
                 out[f"messages-{t.direction}"] += 1
         return out
 
-    def per_node(self, round_: int) -> dict[int, dict[str, float]]:
+    def per_node(self, round_: int) -> dict[int, dict[str, float | str]]:
         """``{node: {"bytes-up", "bytes-down", "edge-seconds"}}`` for one round.
 
-        ``edge-seconds`` sums the compute time the node's replies reported.
+        ``edge-seconds`` sums the compute time the node's replies reported;
+        ``link`` is the link the node declared (``link-profile`` in its node
+        config), when it declared one.
         """
-        out: dict[int, dict[str, float]] = defaultdict(
+        out: dict[int, dict[str, float | str]] = defaultdict(
             lambda: {"bytes-up": 0, "bytes-down": 0, "edge-seconds": 0.0}
         )
         for t in self.transfers:
             if t.round == round_:
-                out[t.node_id][f"bytes-{t.direction}"] += t.nbytes
-                out[t.node_id]["edge-seconds"] += t.compute_seconds or 0.0
+                row = out[t.node_id]
+                row[f"bytes-{t.direction}"] += t.nbytes  # type: ignore[operator]
+                row["edge-seconds"] += t.compute_seconds or 0.0  # type: ignore[operator]
+                if t.link:
+                    row["link"] = t.link
         return dict(out)
 
 
@@ -143,6 +153,13 @@ def _reported_compute_seconds(content: RecordDict) -> float | None:
         if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
             return float(value)
     return None
+
+
+def _declared_link(content: RecordDict) -> str:
+    """The link a reply's ``node`` record declares (a short string), if any."""
+    record = content.config_records.get(KEY_NODE)
+    value = record.get("link", "") if record is not None else ""
+    return value[:200] if isinstance(value, str) else ""
 
 
 class MeteredGrid(Grid):
@@ -175,16 +192,18 @@ class MeteredGrid(Grid):
     def _up(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         for msg in replies:
-            nbytes, seconds = 0, None
+            nbytes, seconds, link = 0, None, ""
             if not msg.has_error():
                 nbytes = payload_bytes(msg.content)
                 seconds = _reported_compute_seconds(msg.content)
+                link = _declared_link(msg.content)
             self.ledger.record(
                 msg.metadata.src_node_id,
                 "up",
                 msg.metadata.message_type,
                 nbytes,
                 seconds,
+                link,
             )
         return replies
 

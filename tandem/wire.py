@@ -20,6 +20,7 @@ __all__ = [
     "KEY_ARRAYS",
     "KEY_CONFIG",
     "KEY_METRICS",
+    "KEY_NODE",
     "PayloadError",
     "arrays_to_state_dict",
     "get_record",
@@ -28,6 +29,8 @@ __all__ = [
 KEY_ARRAYS = "arrays"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
+#: A reply's ConfigRecord describing the node (partition id, declared link).
+KEY_NODE = "node"
 
 
 class PayloadError(ValueError):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -80,7 +87,10 @@ class EchoGrid(Grid):
         out = []
         for mid in message_ids:
             msg = self.pending.pop(mid)
-            reply = Message(_record(self.reply_size), reply_to=msg)
+            content = _record(self.reply_size)
+            content["metrics"] = MetricRecord({"compute-seconds": 0.5})
+            content["node"] = ConfigRecord({"link": "4g"})
+            reply = Message(content, reply_to=msg)
             out.append(reply)
         return out
 
@@ -105,8 +115,13 @@ def test_metered_grid_records_both_directions_per_node_and_round(task_identity):
     totals = ledger.totals(3)
     assert totals["messages-down"] == 2 and totals["messages-up"] == 2
     assert totals["bytes-down"] == 2 * payload_bytes(_record(1000))
-    assert totals["bytes-up"] == 2 * payload_bytes(_record(500))
+    reply = _record(500)
+    reply["metrics"] = MetricRecord({"compute-seconds": 0.5})
+    reply["node"] = ConfigRecord({"link": "4g"})
+    assert totals["bytes-up"] == 2 * payload_bytes(reply)
     per_node = ledger.per_node(3)
     assert set(per_node) == {1, 2}
     assert per_node[1]["bytes-down"] == payload_bytes(_record(1000))
+    assert per_node[1]["edge-seconds"] == 0.5  # the compute the reply reported
+    assert per_node[1]["link"] == "4g"  # the link the node declared
     assert ledger.totals(4)["bytes-up"] == 0

@@ -82,3 +82,30 @@ def test_node_config_is_checked():
         NodeConfig.from_node_config({"partition-id": 4, "num-partitions": 4})
     with pytest.raises(ConfigError, match="is required"):
         NodeConfig.from_node_config({})
+
+
+def test_declared_link_is_validated_and_reported(tmp_path):
+    node = NodeConfig.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "link-profile": "4g"}
+    )
+    assert node.link == "4g"
+    trace = tmp_path / "link.csv"
+    trace.write_text("time_s,mbps\n0,10\n1,20\n")
+    node = NodeConfig.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "link-trace": str(trace)}
+    )
+    assert node.link == f"trace:{trace}"
+    with pytest.raises(ConfigError, match="unknown link profile '3g'"):
+        NodeConfig.from_node_config(
+            {"partition-id": 0, "num-partitions": 4, "link-profile": "3g"}
+        )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("0,10\n1,x\n")
+    with pytest.raises(ConfigError, match=r"bad\.csv:2"):
+        NodeConfig.from_node_config(
+            {"partition-id": 0, "num-partitions": 4, "link-trace": str(bad)}
+        )
+    ctx = _context({"partition-id": 1, "num-partitions": 4, "link-profile": "5g"})
+    reply = dispatch(_train_message(_global()), ctx)
+    assert reply.content["node"]["link"] == "5g"
+    assert reply.content["node"]["partition-id"] == 1

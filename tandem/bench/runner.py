@@ -27,6 +27,9 @@ from tandem.tracking import read_jsonl
 
 __all__ = ["BenchOptions", "RunRecord", "run_suite", "summarize"]
 
+#: Seconds between ``flwr list`` calls while a run is going.
+LIST_EVERY = 15.0
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -140,22 +143,30 @@ def _wait(
     opts: BenchOptions,
     progress: Callable[[int], None] | None,
 ) -> RunStatus:
+    """Follow the run through its metrics file; ask ``flwr list`` rarely.
+
+    Each ``flwr`` CLI call is a Python process that competes with the
+    ClientApps for the cores, so the run's own file is the progress signal
+    and the CLI is asked only every ``LIST_EVERY`` seconds and at the end.
+    """
     deadline = time.monotonic() + opts.timeout
+    next_list = time.monotonic() + LIST_EVERY
     reported = 0
     while True:
-        status = home.status(run_id)
-        if progress is not None and metrics.exists():
-            done = sum(
-                1
-                for r in read_jsonl(metrics)
-                if r["event"] == "round" and r["round"] > 0
-            )
-            if done > reported:
-                progress(done - reported)
-                reported = done
-        if status.status.startswith("finished") or time.monotonic() > deadline:
-            return status
-        time.sleep(1.0)
+        records = read_jsonl(metrics) if metrics.exists() else []
+        done = sum(1 for r in records if r["event"] == "round" and r["round"] > 0)
+        if progress is not None and done > reported:
+            progress(done - reported)
+            reported = done
+        finished = any(r["event"] == "summary" for r in records)
+        if finished or time.monotonic() >= next_list:
+            status = home.status(run_id)
+            if status.status.startswith("finished"):
+                return status
+            next_list = time.monotonic() + LIST_EVERY
+        if time.monotonic() > deadline:
+            return home.status(run_id)
+        time.sleep(0.5)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -222,6 +233,15 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 "bytes_down_per_step": _mean(down) / steps,
                 "emulated_seconds": {
                     p: _mean([e["total"] for e in v]) for p, v in emulated.items()
+                },
+                "emulated_seconds_per_round": {
+                    p: _mean([e["total"] for e in v]) / opts.rounds_for(variant)
+                    for p, v in emulated.items()
+                },
+                "emulated_seconds_per_step": {
+                    p: _mean([e["total"] for e in v])
+                    / (opts.rounds_for(variant) * variant.local_steps)
+                    for p, v in emulated.items()
                 },
                 "emulated_seconds_per_seed": {
                     p: [e["total"] for e in v] for p, v in emulated.items()

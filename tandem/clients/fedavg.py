@@ -12,8 +12,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients.node import (
+    KEY_NODE,
     NodeConfig,
     load_node_split,
+    node_record,
     restore_stream,
     save_stream,
 )
@@ -60,6 +62,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
                     "steps": stats.steps,
                 }
             ),
+            KEY_NODE: node_record(node),
         }
     )
     return Message(content=reply, reply_to=msg)

@@ -10,8 +10,16 @@ from flwr.app import ConfigRecord, Context
 from tandem.config import ConfigError, RunConfig
 from tandem.datasets import ArraySplit, load_dataset, partition_indices
 from tandem.training import BatchStream
+from tandem.wire import KEY_NODE
 
-__all__ = ["NodeConfig", "load_node_split", "restore_stream", "save_stream"]
+__all__ = [
+    "KEY_NODE",
+    "NodeConfig",
+    "load_node_split",
+    "node_record",
+    "restore_stream",
+    "save_stream",
+]
 
 STREAM_STATE_KEY = "tandem.stream"
 
@@ -28,11 +36,16 @@ class NodeConfig:
         Into how many shares the data is cut.
     data_path : str
         Optional per-node data location, overriding the run's ``data-path``.
+    link : str
+        Optional declared link: a preset name (``link-profile``, e.g. ``4g``)
+        or ``trace:<file>`` (``link-trace``, a ``time_s,mbps`` CSV). Reported
+        to the cloud with every reply, so its clock and methods know the link.
     """
 
     partition_id: int
     num_partitions: int
     data_path: str = ""
+    link: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> NodeConfig:
@@ -52,11 +65,41 @@ class NodeConfig:
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < num:
             raise ConfigError("partition-id", pid, f"must be an integer in [0, {num})")
         path = node_config.get("data-path", "")
-        return cls(pid, num, str(path))
+        return cls(pid, num, str(path), _declared_link(node_config))
 
     def stream_seed(self, run_seed: int) -> int:
         """Seed of this node's batch order: distinct per node, fixed per run."""
         return run_seed * 1_000_003 + self.partition_id
+
+
+def _declared_link(node_config: Mapping[str, object]) -> str:
+    """Validate ``link-profile`` / ``link-trace`` from a node config."""
+    from tandem.network import TraceError, load_trace_csv, preset
+
+    name = node_config.get("link-profile", "")
+    trace = node_config.get("link-trace", "")
+    if name and trace:
+        raise ConfigError(
+            "link-trace", trace, "give link-profile or link-trace, not both"
+        )
+    if name:
+        try:
+            preset(str(name))
+        except ValueError as err:
+            raise ConfigError("link-profile", name, str(err)) from None
+        return str(name)
+    if trace:
+        try:
+            load_trace_csv(str(trace))
+        except (OSError, TraceError) as err:
+            raise ConfigError("link-trace", trace, str(err)) from None
+        return f"trace:{trace}"
+    return ""
+
+
+def node_record(node: NodeConfig) -> ConfigRecord:
+    """What a reply tells the cloud about the node (wire key ``node``)."""
+    return ConfigRecord({"partition-id": node.partition_id, "link": node.link})
 
 
 def _node_data_config(cfg: RunConfig, node: NodeConfig) -> RunConfig:
