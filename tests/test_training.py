@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -59,3 +60,13 @@ def test_evaluate_counts_exactly():
     stats = evaluate(model, split, torch.device("cpu"), batch_size=3)
     assert stats.num_examples == 4
     assert stats.accuracy == 0.75
+
+
+def test_compute_seconds_ignores_a_slow_burst():
+    from tandem.training import TrainStats
+
+    quiet = (0.010,) * 10
+    burst = (0.010,) * 4 + (0.5,) * 6  # most steps slowed by the host
+    assert TrainStats(10, 320, 0.0, 0.1, quiet).compute_seconds == pytest.approx(0.1)
+    assert TrainStats(10, 320, 0.0, 3.6, burst).compute_seconds == pytest.approx(0.1)
+    assert TrainStats(2, 64, 0.0, 0.5, (0.2, 0.3)).compute_seconds == pytest.approx(0.5)
