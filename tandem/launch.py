@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,8 +92,12 @@ class FlowerHome:
     @property
     def env(self) -> dict[str, str]:
         """Environment for the ``flwr`` CLI (and the SuperLink it starts)."""
+        # The flwr CLI and the SuperLink it starts are found on PATH: put this
+        # interpreter's scripts first, so an un-activated venv works too.
+        scripts = str(Path(sys.executable).parent)
         return {
             **os.environ,
+            "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
             "FLWR_HOME": str(self.home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
@@ -103,8 +108,9 @@ class FlowerHome:
 
     def flwr(self, *args: str, timeout: float = 120) -> str:
         """Run a ``flwr`` CLI command; return its stdout."""
+        flwr = Path(sys.executable).parent / "flwr"
         proc = subprocess.run(
-            ["flwr", *args],
+            [str(flwr) if flwr.exists() else "flwr", *args],
             env=self.env,
             cwd=self.home,
             capture_output=True,
