@@ -13,7 +13,9 @@ stop() {
   if [ -d "$state" ]; then
     for pidfile in "$state"/*.pid; do
       [ -e "$pidfile" ] || continue
-      kill "$(cat "$pidfile")" 2>/dev/null || true
+      pid="$(cat "$pidfile")"
+      kill "$pid" 2>/dev/null || true
+      pkill -f -- "--parent-pid $pid" 2>/dev/null || true   # its flower-superexec
       rm -f "$pidfile"
     done
   fi
