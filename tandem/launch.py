@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FlowerHome", "RunStatus", "format_run_config"]
+__all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,18 +76,24 @@ class FlowerHome:
         Ports of the local SuperLink this home starts.
     app_dir : Path (default: the project root)
         The Flower App to run.
+    connections : str | None (default: None)
+        TOML text for ``config.toml`` instead of a link to ``flwr.toml`` (e.g.
+        a deployment connection on a test's own ports).
     """
 
     home: Path
     http_port: int = field(default_factory=_free_port)
     control_port: int = field(default_factory=_free_port)
     app_dir: Path = PROJECT_ROOT
+    connections: str | None = None
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        link = self.home / "config.toml"
-        if not link.exists():
-            link.symlink_to(self.app_dir / "flwr.toml")
+        config = self.home / "config.toml"
+        if self.connections is not None:
+            config.write_text(self.connections, encoding="utf-8")
+        elif not config.exists():
+            config.symlink_to(self.app_dir / "flwr.toml")
 
     @property
     def env(self) -> dict[str, str]:
@@ -152,11 +158,17 @@ class FlowerHome:
             run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
         )
 
-    def wait(self, run_id: str, timeout: float = 600, poll: float = 1.0) -> RunStatus:
+    def wait(
+        self,
+        run_id: str,
+        timeout: float = 600,
+        poll: float = 1.0,
+        connection: str = "local",
+    ) -> RunStatus:
         """Poll until the run has finished (or ``timeout`` seconds pass)."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status(run_id)
+            status = self.status(run_id, connection)
             if status.status.startswith("finished") or time.monotonic() > deadline:
                 return status
             time.sleep(poll)
@@ -166,9 +178,11 @@ class FlowerHome:
         run_config: Mapping[str, object] | None = None,
         federation_config: Mapping[str, object] | None = None,
         timeout: float = 600,
+        connection: str = "local",
     ) -> RunStatus:
         """Submit a run and wait for it to finish."""
-        return self.wait(self.submit(run_config, federation_config), timeout=timeout)
+        run_id = self.submit(run_config, federation_config, connection)
+        return self.wait(run_id, timeout=timeout, connection=connection)
 
     def superlink_pids(self) -> list[int]:
         """PIDs of the local SuperLink this home started (found by its port)."""
@@ -198,3 +212,106 @@ class FlowerHome:
         for pid in self.superlink_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+@dataclass
+class LoopbackDeployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, for trying the deployment engine.
+
+    Insecure (no TLS, no node authentication): loopback only. Every process
+    gets its own session, so :meth:`stop` ends each with its children.
+
+    Parameters
+    ----------
+    root : Path
+        Folder for state, per-node Flower homes and logs.
+    num_nodes : int (default: 2)
+        SuperNodes to start; node ``i`` gets
+        ``--node-config "partition-id=i num-partitions=num_nodes"``.
+    """
+
+    root: Path
+    num_nodes: int = 2
+    port: int = field(default_factory=_free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def _spawn(self, args: list[str], home: Path, log: str) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**FlowerHome(home / "cli").env, "FLWR_HOME": str(home)}
+        with (self.root / log).open("w") as out:
+            self.processes.append(
+                subprocess.Popen(
+                    args,
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def start(self) -> None:
+        """Start the SuperLink, then the SuperNodes; wait until the link listens."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._spawn(
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.root / "state.db"),
+            ],
+            self.root / "superlink",
+            "superlink.log",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the SuperLink did not start within 60 s")
+            time.sleep(0.3)
+        for i in range(self.num_nodes):
+            self._spawn(
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(_free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={self.num_nodes}",
+                ],
+                self.root / f"node{i}",
+                f"node{i}.log",
+            )
+
+    @property
+    def connections(self) -> str:
+        """A ``config.toml`` with a ``deploy`` connection to this SuperLink."""
+        return (
+            '[superlink]\ndefault = "deploy"\n\n'
+            f'[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def stop(self, grace: float = 10.0) -> None:
+        """End every process (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        for proc in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
