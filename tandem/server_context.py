@@ -45,6 +45,7 @@ class ServerRun:
     options: Any
     tracker: Tracker
     context: Context
+    _rejected: dict[int, int] = field(default_factory=dict)
     _cum: dict[str, int] = field(
         default_factory=lambda: {"bytes-up": 0, "bytes-down": 0}
     )
@@ -79,10 +80,27 @@ class ServerRun:
             {
                 **metrics,
                 **totals,
+                "rejected-replies": self.rejected(round_),
                 "cum-bytes-up": self._cum["bytes-up"],
                 "cum-bytes-down": self._cum["bytes-down"],
             },
         )
+
+    def reject(self, round_: int, node_id: int, reason: str) -> None:
+        """Count and log a reply rejected as malformed; nothing else changes."""
+        self._rejected[round_] = self._rejected.get(round_, 0) + 1
+        self.tracker.log_event(
+            "rejected", {"round": round_, "node-id": node_id, "reason": reason}
+        )
+        self.tracker.warn(
+            f"round {round_}: rejected reply from node {node_id}: {reason}"
+        )
+
+    def rejected(self, round_: int | None = None) -> int:
+        """Replies rejected in ``round_`` (or in the whole run)."""
+        if round_ is None:
+            return sum(self._rejected.values())
+        return self._rejected.get(round_, 0)
 
     @property
     def cumulative_bytes(self) -> dict[str, int]:

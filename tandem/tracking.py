@@ -140,6 +140,10 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: _clean(v) for k, v in metrics.items()}, step=round_)
 
+    def warn(self, text: str) -> None:
+        """A console line that needs attention (also kept in the JSON lines)."""
+        self._print(f"WARNING {text}")
+
     def log_event(self, event: str, payload: Mapping[str, object]) -> None:
         """Record a non-round event (e.g. per-node bytes) in the JSON lines only."""
         self._write({"event": event, **payload})

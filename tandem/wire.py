@@ -23,7 +23,9 @@ __all__ = [
     "KEY_NODE",
     "PayloadError",
     "arrays_to_state_dict",
+    "check_arrays",
     "get_record",
+    "layout_of",
 ]
 
 KEY_ARRAYS = "arrays"
@@ -49,6 +51,43 @@ def get_record(content: RecordDict, key: str, kind: type) -> object:
     return record
 
 
+def check_arrays(
+    record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], str]]
+) -> dict[str, np.ndarray]:
+    """Check ``record`` against ``{key: (shape, dtype)}``; return its arrays.
+
+    Raises
+    ------
+    PayloadError
+        On missing or unknown keys, a shape or dtype mismatch, or NaN/Inf.
+    """
+    missing = sorted(set(expected) - set(record))
+    unknown = sorted(set(record) - set(expected))
+    if missing or unknown:
+        raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
+    out: dict[str, np.ndarray] = {}
+    for key, (shape, dtype) in expected.items():
+        array = record[key]
+        if tuple(array.shape) != tuple(shape):
+            raise PayloadError(
+                f"array '{key}' has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            )
+        if array.dtype != dtype:
+            raise PayloadError(
+                f"array '{key}' has dtype {array.dtype}, expected {dtype}"
+            )
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise PayloadError(f"array '{key}' holds NaN or Inf")
+        out[key] = values
+    return out
+
+
+def layout_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, dtype)}`` of a trusted record (e.g. the global model)."""
+    return {key: (tuple(a.shape), a.dtype) for key, a in record.items()}
+
+
 def arrays_to_state_dict(
     record: ArrayRecord, model: nn.Module
 ) -> dict[str, torch.Tensor]:
@@ -59,26 +98,11 @@ def arrays_to_state_dict(
     PayloadError
         On missing or unknown keys, a shape or dtype mismatch, or NaN/Inf.
     """
-    reference: Mapping[str, torch.Tensor] = model.state_dict()
-    missing = sorted(set(reference) - set(record))
-    unknown = sorted(set(record) - set(reference))
-    if missing or unknown:
-        raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
-    state: dict[str, torch.Tensor] = {}
-    for key, ref in reference.items():
-        array = record[key]
-        if tuple(array.shape) != tuple(ref.shape):
-            raise PayloadError(
-                f"array '{key}' has shape {tuple(array.shape)}, "
-                f"expected {tuple(ref.shape)}"
-            )
-        expected = str(ref.dtype).removeprefix("torch.")
-        if array.dtype != expected:
-            raise PayloadError(
-                f"array '{key}' has dtype {array.dtype}, expected {expected}"
-            )
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise PayloadError(f"array '{key}' holds NaN or Inf")
-        state[key] = torch.from_numpy(np.ascontiguousarray(values))
-    return state
+    expected = {
+        key: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for key, t in model.state_dict().items()
+    }
+    return {
+        key: torch.from_numpy(np.ascontiguousarray(values))
+        for key, values in check_arrays(record, expected).items()
+    }

@@ -9,23 +9,39 @@ adds nothing to the maths; it only plugs into FedAvg's seams:
   split after every round (and before the first), which also closes the
   round's report (accuracy, loss, bytes from the metered Grid);
 - ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``: Flower's default
-  weighted averages, whose results are kept for that report.
+  weighted averages, whose results are kept for that report;
+- :class:`CheckedFedAvg` overrides ``configure_train`` / ``aggregate_train``
+  only to drop malformed replies (counted, with reasons) and then calls
+  ``super()``: the averaging is FedAvg's own.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
 from tandem.server_context import ServerRun
 from tandem.training import evaluate
+from tandem.wire import (
+    KEY_ARRAYS,
+    KEY_METRICS,
+    KEY_NODE,
+    PayloadError,
+    check_arrays,
+    get_record,
+    layout_of,
+)
 
-__all__ = ["build_fedavg", "run"]
+__all__ = ["CheckedFedAvg", "build_fedavg", "check_reply", "run"]
 
 
 def _capturing(
@@ -42,10 +58,127 @@ def _capturing(
     return aggregate
 
 
+#: Metric keys a FedAvg reply carries (the edge handler's contract).
+REPLY_METRICS = frozenset(
+    {"train-loss", "num-examples", "train-seconds", KEY_COMPUTE_SECONDS, "steps"}
+)
+#: Records a FedAvg reply may carry.
+REPLY_RECORDS = frozenset({KEY_ARRAYS, KEY_METRICS, KEY_NODE})
+
+
+def check_reply(
+    content: RecordDict,
+    layout: Mapping[str, tuple[tuple[int, ...], str]],
+    max_examples: int,
+    max_bytes: int,
+) -> None:
+    """Check one FedAvg reply before it may touch the global model.
+
+    Raises
+    ------
+    PayloadError
+        Naming what is wrong: unknown or missing records, an oversized
+        payload, arrays that do not match the global model (keys, shapes,
+        dtypes, NaN/Inf), or metrics that are missing, unknown, non-finite,
+        or an example count outside ``[1, max_examples]``.
+    """
+    unknown = sorted(set(content.keys()) - REPLY_RECORDS)
+    if unknown:
+        raise PayloadError(f"unknown records {unknown}")
+    nbytes = payload_bytes(content)
+    if nbytes > max_bytes:
+        raise PayloadError(f"payload of {nbytes} bytes exceeds the {max_bytes} limit")
+    check_arrays(get_record(content, KEY_ARRAYS, ArrayRecord), layout)  # type: ignore[arg-type]
+    metrics = get_record(content, KEY_METRICS, MetricRecord)
+    keys = set(metrics.keys())  # type: ignore[attr-defined]
+    if keys != REPLY_METRICS:
+        raise PayloadError(
+            f"metric keys differ: missing {sorted(REPLY_METRICS - keys)}, "
+            f"unknown {sorted(keys - REPLY_METRICS)}"
+        )
+    for key in sorted(keys):
+        value = metrics[key]  # type: ignore[index]
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise PayloadError(f"metric '{key}' = {value!r} is not a finite number")
+    examples = metrics["num-examples"]  # type: ignore[index]
+    if not 1 <= examples <= max_examples:
+        raise PayloadError(
+            f"metric 'num-examples' = {examples} outside [1, {max_examples}]"
+        )
+
+
+class CheckedFedAvg(FedAvg):
+    """Flower's FedAvg that drops malformed replies before averaging them.
+
+    FedAvg would average a NaN, a wrong shape or an inflated example count
+    straight into the global model, and one reply with odd metric keys makes
+    it skip the whole round. This subclass checks each reply
+    (:func:`check_reply`) against the arrays it sent that round, reports each
+    rejection with its reason through ``on_reject``, and hands only the good
+    replies to ``FedAvg.aggregate_train``.
+
+    Parameters
+    ----------
+    on_reject : callable
+        ``(server_round, node_id, reason) -> None``.
+    max_examples : int
+        Largest credible ``num-examples`` (the training set's size).
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_reject: Callable[[int, int, str], None],
+        max_examples: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.on_reject = on_reject
+        self.max_examples = max_examples
+        self._layout: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._max_bytes = 0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember what was sent, to check the replies against it."""
+        self.expect(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def expect(self, arrays: ArrayRecord) -> None:
+        """Check this round's replies against ``arrays`` (the model sent)."""
+        self._layout = layout_of(arrays)
+        # a reply holds the model plus small records: allow 2x plus 64 KiB
+        self._max_bytes = 2 * payload_bytes(RecordDict({KEY_ARRAYS: arrays})) + 65536
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the replies that pass :func:`check_reply`."""
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                good.append(msg)  # FedAvg counts and logs failures itself
+                continue
+            try:
+                check_reply(
+                    msg.content, self._layout, self.max_examples, self._max_bytes
+                )
+            except PayloadError as err:
+                self.on_reject(server_round, msg.metadata.src_node_id, str(err))
+                continue
+            good.append(msg)
+        return super().aggregate_train(server_round, good)
+
+
 def build_fedavg(run: ServerRun, train_sink: dict, eval_sink: dict) -> FedAvg:
-    """Flower's FedAvg configured from the run config."""
+    """Flower's FedAvg (checked) configured from the run config."""
     cfg = run.cfg
-    return FedAvg(
+    return CheckedFedAvg(
+        on_reject=run.reject,
+        max_examples=len(run.data().train),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1,
@@ -105,5 +238,6 @@ def run(srv: ServerRun) -> None:
             "best-accuracy": max(history),
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
+            "rejected-replies": srv.rejected(),
         }
     )

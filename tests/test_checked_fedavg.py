@@ -1,0 +1,135 @@
+"""Malformed FedAvg replies are rejected, counted, and never reach the global model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from tandem.strategies.fedavg import CheckedFedAvg
+
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _metrics(**over) -> MetricRecord:
+    values = {
+        "train-loss": 0.5,
+        "num-examples": 10,
+        "train-seconds": 0.1,
+        "compute-seconds": 0.1,
+        "steps": 5,
+    }
+    values.update(over)
+    return MetricRecord({k: v for k, v in values.items() if v is not None})
+
+
+def _reply(node_id: int, arrays: dict, metrics: MetricRecord | None = None, **records):
+    sent = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+    sent.metadata.__dict__["_message_id"] = f"m{node_id}"
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": metrics or _metrics(),
+            **records,
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+def _strategy(rejected: list):
+    strategy = CheckedFedAvg(
+        on_reject=lambda r, n, why: rejected.append((r, n, why)),
+        max_examples=100,
+        min_available_nodes=1,
+    )
+    strategy.expect(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
+    return strategy
+
+
+def _ones(scale: float) -> dict:
+    return {k: np.full_like(v, scale) for k, v in GLOBAL.items()}
+
+
+BAD = [
+    (
+        "nan",
+        lambda: _reply(9, {**_ones(1), "b": np.array([1, np.nan, 1], np.float32)}),
+        "'b' holds NaN or Inf",
+    ),
+    (
+        "inf",
+        lambda: _reply(9, {**_ones(1), "w": np.full((2, 3), np.inf, np.float32)}),
+        "'w' holds NaN or Inf",
+    ),
+    (
+        "shape",
+        lambda: _reply(9, {**_ones(1), "b": np.ones(4, np.float32)}),
+        "'b' has shape (4,)",
+    ),
+    (
+        "dtype",
+        lambda: _reply(9, {**_ones(1), "b": np.ones(3, np.float64)}),
+        "'b' has dtype float64",
+    ),
+    (
+        "unknown array",
+        lambda: _reply(9, {**_ones(1), "x": np.ones(1, np.float32)}),
+        "unknown ['x']",
+    ),
+    (
+        "missing metric",
+        lambda: _reply(9, _ones(1), _metrics(steps=None)),
+        "missing ['steps']",
+    ),
+    (
+        "inflated examples",
+        lambda: _reply(9, _ones(1), _metrics(**{"num-examples": 10**9})),
+        "outside [1, 100]",
+    ),
+    (
+        "nan metric",
+        lambda: _reply(9, _ones(1), _metrics(**{"train-loss": float("nan")})),
+        "'train-loss' = nan",
+    ),
+    (
+        "unknown record",
+        lambda: _reply(9, _ones(1), extra=ConfigRecord({"a": 1})),
+        "unknown records ['extra']",
+    ),
+    (
+        "oversized",
+        lambda: _reply(9, _ones(1), node=ConfigRecord({"link": "x" * 200_000})),
+        "bytes exceeds the",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_a_bad_reply_is_rejected_and_the_rest_aggregated(name, make, reason):
+    rejected: list = []
+    strategy = _strategy(rejected)
+    good = [_reply(1, _ones(1.0)), _reply(2, _ones(3.0))]
+    arrays, _ = strategy.aggregate_train(4, [good[0], make(), good[1]])
+    # the mean of the two good replies, untouched by the bad one
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.0))
+    np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, 2.0))
+    assert len(rejected) == 1
+    round_, node, why = rejected[0]
+    assert (round_, node) == (4, 9)
+    assert reason in why
+
+
+def test_all_good_replies_pass():
+    rejected: list = []
+    arrays, _ = _strategy(rejected).aggregate_train(
+        1, [_reply(1, _ones(2.0), node=ConfigRecord({"link": "4g"}))]
+    )
+    assert rejected == []
+    np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, 2.0))
