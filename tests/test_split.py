@@ -1,0 +1,75 @@
+"""Split maths: equivalence to the whole model, forecast, reconciliation, staleness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.config import ConfigError
+from tandem.models import DEFAULT_CUTS, build_model
+from tandem.split import (
+    forecast_gradients,
+    merge_delta,
+    soft_reconcile,
+    split_model,
+    staleness_weight,
+)
+
+
+@pytest.mark.parametrize("cut", [DEFAULT_CUTS["cnn1d"], 0, 5])
+def test_split_gradients_equal_whole_model_gradients(cut):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 10, (8,))
+    whole = build_model("cnn1d", (1, 40), 10, seed=1)
+    loss = torch.nn.functional.cross_entropy(whole(x), y)
+    loss.backward()
+    expected = {k: p.grad.clone() for k, p in whole.named_parameters()}
+
+    model = build_model("cnn1d", (1, 40), 10, seed=1)
+    edge, cloud = split_model(model, cut)
+    acts = edge(x)
+    sent = acts.detach().requires_grad_(True)  # what crosses the network
+    torch.nn.functional.cross_entropy(cloud(sent), y).backward()
+    acts.backward(sent.grad)  # the cut-layer gradient sent back
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_split_by_name_and_errors():
+    model = build_model("cnn1d", (1, 40), 10)
+    edge, cloud = split_model(model, "act2")
+    assert [n for n, _ in edge.named_children()][-1] == "act2"
+    assert next(n for n, _ in cloud.named_children()) == "conv3"
+    for bad in ("nope", 7, -1, "fc"):
+        with pytest.raises(ConfigError) as info:
+            split_model(model, bad)
+        assert info.value.key == "simultrain-cut"
+
+
+def test_forecast_and_reconciliation_by_hand():
+    grad = {"w": torch.tensor([1.0, -2.0])}
+    theta = {"w": torch.tensor([0.5, 0.5])}
+    cloud = {"w": torch.tensor([1.5, -0.5])}
+    # ∇ + 0.5·(θ^c − θ) = [1 + 0.5, −2 − 0.5]
+    torch.testing.assert_close(
+        forecast_gradients(grad, theta, cloud, 0.5)["w"], torch.tensor([1.5, -2.5])
+    )
+    torch.testing.assert_close(
+        forecast_gradients(grad, theta, cloud, 0.0)["w"], grad["w"]
+    )
+    # (1 − 0.25)·θ + 0.25·θ^c
+    torch.testing.assert_close(
+        soft_reconcile(theta, cloud, 0.25)["w"], torch.tensor([0.75, 0.25])
+    )
+    torch.testing.assert_close(soft_reconcile(theta, cloud, 1.0)["w"], cloud["w"])
+
+
+def test_staleness_weight_and_merge():
+    assert staleness_weight(0, 4) == 1.0
+    assert staleness_weight(3, 4) == 0.25
+    assert staleness_weight(5, 4) == 0.0
+    with pytest.raises(ValueError):
+        staleness_weight(-1, 4)
+    base = {"w": torch.zeros(2)}
+    merged = merge_delta(base, {"w": torch.tensor([4.0, -8.0])}, 0.5, 2)
+    torch.testing.assert_close(merged["w"], torch.tensor([1.0, -2.0]))
