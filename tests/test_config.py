@@ -25,8 +25,11 @@ def test_pyproject_defaults_parse_and_match_dataclass_defaults():
     assert from_pyproject.train.local_steps == 50
 
 
-def test_every_core_key_has_a_pyproject_default():
-    assert set(section_keys(RunConfig)) == set(_defaults())
+def test_every_key_has_a_pyproject_default():
+    from tandem.registry import method_option_keys
+
+    keys = {*section_keys(RunConfig), *method_option_keys()}
+    assert keys == set(_defaults())
 
 
 def test_overrides_are_typed():

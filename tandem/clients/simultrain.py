@@ -1,0 +1,214 @@
+"""SimulTrain, edge side: stream cut-layer activations, apply returned gradients.
+
+One handler, message type ``train.simultrain``. Each message from the cloud
+may carry (1) the cut-layer gradients of a chunk this edge sent earlier,
+(2) the cloud's copy ``θ_e^c`` of the edge layers when reconciliation is due,
+and (3) how many micro-batches to forward next. The edge, in this order:
+
+1. recomputes the stashed chunk's forward pass at the *stashed* weights
+   (PipeDream-style weight stashing) and back-propagates the received
+   gradients, one micro-batch at a time, each step with the forecast
+   correction ``∇̃ = ∇ + α·(θ_e^c − θ_e)`` (seed 002);
+2. on reconciliation, reports its delta since the last one and applies
+   ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c``;
+3. forwards the next chunk and replies with its activations and labels,
+   stashing the inputs' row indices and the weights used.
+
+All state (θ_e, the last θ_e^c, the base of the next delta, stashes, version,
+data position) lives in ``Context.state`` and survives between messages on
+both engines.
+
+**Status: work in progress, not registered as a method yet** (``method =
+"simultrain"`` is rejected until it is). The protocol below runs end to end
+on Flower's simulation engine, but with chunks of several micro-batches the
+stale edge updates stall learning on MNIST-1D; see the SimulTrain issue's
+notes before registering it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from torch import nn
+
+from tandem.clients.node import (
+    NodeConfig,
+    load_node_split,
+    node_record,
+    restore_stream,
+    save_stream,
+)
+from tandem.config import RunConfig, parse_section
+from tandem.datasets import load_dataset
+from tandem.models import DEFAULT_CUTS, build_model, default_model_for
+from tandem.split import forecast_gradients, soft_reconcile, split_model
+from tandem.strategies.simultrain_options import SimulTrainOptions
+from tandem.wire import KEY_CONFIG, KEY_METRICS, KEY_NODE, PayloadError, get_record
+
+__all__ = ["HANDLERS", "MESSAGE_TYPE", "edge_model"]
+
+MESSAGE_TYPE = "train.simultrain"
+KEY_GRADS = "grads"
+KEY_EDGE_PARAMS = "edge-params"
+KEY_ACTS = "acts"
+KEY_DELTA = "delta"
+KEY_META = "meta"
+_S = "simultrain."
+
+
+def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.Module]:
+    """The run's model split into (edge, cloud) parts, freshly initialised."""
+    bundle = load_dataset(cfg.data)
+    name = cfg.train.model
+    if name == "auto":
+        name = default_model_for(bundle.input_shape)
+    model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
+    cut = DEFAULT_CUTS[name] if opts.cut == "default" else opts.cut
+    return split_model(model, cut)
+
+
+def _tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+    if record is None:
+        return {}
+    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
+
+
+def _record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Handle one ``train.simultrain`` message (see the module docstring)."""
+    compute = 0.0  # CPU seconds of the edge's own math (backward, forward)
+    opts = parse_section(SimulTrainOptions, context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    split = load_node_split(cfg, node, "train")
+    edge, _ = edge_model(cfg, opts)
+    state = context.state
+    conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
+
+    theta = _tensors(state.array_records.get(_S + "edge")) or _params(edge)
+    theta_cloud = _tensors(state.array_records.get(_S + "edge-cloud")) or dict(theta)
+    base = _tensors(state.array_records.get(_S + "base")) or dict(theta)
+    stash = state.array_records.get(_S + "stash") or ArrayRecord()
+    meta = state.config_records.get(_S + "meta") or ConfigRecord(
+        {"v-e": 0, "steps": 0, "base-v-c": 0}
+    )
+    stream = restore_stream(
+        context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
+    )
+    lr = cfg.train.lr
+
+    # 1. backward for the chunk whose gradients arrived, at its stashed weights
+    grad_for = int(conf["grad-for"])  # type: ignore[arg-type]
+    if grad_for >= 0:
+        grads = get_record(msg.content, KEY_GRADS, ArrayRecord)
+        prefix = f"c{grad_for}/"
+        if prefix + "idx" not in stash:
+            raise PayloadError(f"gradients for chunk {grad_for}, which is not stashed")
+        idx = stash[prefix + "idx"].numpy()
+        sizes = stash[prefix + "sizes"].numpy()
+        g = grads["g"].numpy()  # type: ignore[index]
+        if g.dtype != np.float32 or g.shape[0] != len(idx) or not np.isfinite(g).all():
+            raise PayloadError(
+                f"cut-layer gradients of shape {g.shape} {g.dtype}: expected "
+                f"({len(idx)}, ...) finite float32"
+            )
+        edge.load_state_dict(
+            {
+                k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
+                for k in stash
+                if k.startswith(prefix + "w.")
+            }
+        )
+        start = 0
+        tick = time.thread_time()
+        for size in sizes:
+            rows = idx[start : start + size]
+            edge.zero_grad(set_to_none=True)
+            out = edge(torch.from_numpy(split.x[rows]))
+            out.backward(torch.from_numpy(g[start : start + size]))
+            step = {k: p.grad for k, p in edge.named_parameters()}
+            step = forecast_gradients(step, theta, theta_cloud, opts.alpha)
+            for k in step:
+                theta[k] = theta[k] - lr * step[k]
+            start += size
+        compute += time.thread_time() - tick
+        for k in [k for k in stash if k.startswith(prefix)]:
+            del stash[k]
+
+    # 2. reconciliation: report the delta, pull toward the cloud's copy
+    reply = RecordDict()
+    if KEY_EDGE_PARAMS in msg.content:
+        received = _tensors(get_record(msg.content, KEY_EDGE_PARAMS, ArrayRecord))  # type: ignore[arg-type]
+        if set(received) != set(theta) or any(
+            received[k].shape != theta[k].shape or not torch.isfinite(received[k]).all()
+            for k in theta
+        ):
+            raise PayloadError("edge-params do not match the edge layers")
+        reply[KEY_DELTA] = _record({k: theta[k] - base[k] for k in theta})
+        theta_cloud = received
+        theta = soft_reconcile(theta, theta_cloud, opts.lam)
+        base = dict(theta)
+        meta["base-v-c"] = int(conf["v-c"])  # type: ignore[arg-type]
+
+    # 3. forward the next chunk at the current weights, stash inputs and weights
+    want = int(conf["want"])  # type: ignore[arg-type]
+    version = int(meta["v-e"])  # type: ignore[arg-type]
+    if want > 0:
+        edge.load_state_dict(theta)
+        batches = [stream.next_indices() for _ in range(want)]
+        idx = np.concatenate(batches)
+        tick = time.thread_time()
+        with torch.no_grad():
+            acts = edge(torch.from_numpy(split.x[idx]))
+        compute += time.thread_time() - tick
+        dtype = np.float16 if opts.precision == "float16" else np.float32
+        reply[KEY_ACTS] = ArrayRecord(
+            {
+                "a": Array(acts.numpy().astype(dtype)),
+                "y": Array(split.y[idx]),
+                "sizes": Array(np.array([len(b) for b in batches], dtype=np.int64)),
+            }
+        )
+        prefix = f"c{version}/"
+        stash[prefix + "idx"] = Array(idx.astype(np.int64))
+        stash[prefix + "sizes"] = Array(np.array([len(b) for b in batches], np.int64))
+        for k, v in theta.items():
+            stash[prefix + "w." + k] = Array(v.numpy())
+        meta["steps"] = int(meta["steps"]) + want  # type: ignore[arg-type]
+        meta["v-e"] = version + 1
+
+    state[_S + "edge"] = _record(theta)
+    state[_S + "edge-cloud"] = _record(theta_cloud)
+    state[_S + "base"] = _record(base)
+    state[_S + "stash"] = stash
+    state[_S + "meta"] = meta
+    save_stream(context, stream)
+
+    reply[KEY_META] = ConfigRecord(
+        {"v-e": version if want > 0 else -1, "base-v-c": int(meta["base-v-c"])}  # type: ignore[arg-type]
+    )
+    reply[KEY_METRICS] = MetricRecord(
+        {"compute-seconds": compute, "steps": int(meta["steps"])}  # type: ignore[arg-type]
+    )
+    reply[KEY_NODE] = node_record(node)
+    return Message(content=reply, reply_to=msg)
+
+
+HANDLERS = {MESSAGE_TYPE: handler}

@@ -1,0 +1,393 @@
+"""SimulTrain, cloud side: train ``θ_c`` on streamed activations, edges unbarriered.
+
+The cloud holds the upper layers ``θ_c`` and its copy ``θ_e^c`` of the edge
+layers (version ``v_c`` = cloud steps taken). Every edge has one message in
+flight (``train.simultrain``; safe on both engines, see FLOWER_NOTES). On a
+reply carrying the activations of chunk ``v`` from edge ``k``, the cloud:
+
+1. first sends edge ``k`` its next message, with the cut-layer gradients of
+   chunk ``v − 1`` (computed earlier), ``θ_e^c`` when reconciliation is due,
+   and the size of the next chunk, so the edge works while the cloud does;
+2. merges the edge's delta, if the reply carries one, into ``θ_e^c``
+   weighted by staleness ``s(τ) = 1/(1 + τ)`` (τ = merges since the edge last
+   reconciled; beyond the bound the delta is dropped and counted);
+3. runs ``f_c`` forward and backward on each micro-batch of chunk ``v``,
+   steps ``θ_c`` at once (one SGD step per micro-batch), and keeps the
+   gradients at the cut for edge ``k``'s next message.
+
+**Emulated time, live.** The order of events depends on timing, so the run
+consults the virtual clock as it goes: each reply's *virtual* arrival is the
+time its message reached the edge, plus the edge's measured compute (scaled),
+plus its upload over that edge's link. Replies are processed strictly in
+virtual-arrival order (the cloud waits until every edge's reply is in hand,
+then handles the earliest), so a slow emulated link really delays its edge.
+The clock reports ``mode="live"``.
+
+**Status: work in progress, not registered as a method yet** (``method =
+"simultrain"`` is rejected until it is). The protocol below runs end to end
+on Flower's simulation engine, but with chunks of several micro-batches the
+stale edge updates stall learning on MNIST-1D; see the SimulTrain issue's
+notes before registering it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from tandem.accounting import payload_bytes
+from tandem.clients.simultrain import (
+    KEY_ACTS,
+    KEY_DELTA,
+    KEY_EDGE_PARAMS,
+    KEY_GRADS,
+    KEY_META,
+    MESSAGE_TYPE,
+    edge_model,
+)
+from tandem.network import VirtualClock, assign_links
+from tandem.schedules import VirtualArrivals
+from tandem.server_context import ServerRun
+from tandem.split import merge_delta, staleness_weight
+from tandem.strategies.simultrain_options import SimulTrainOptions
+from tandem.training import evaluate
+from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, get_record
+
+__all__ = ["check_activations", "run"]
+
+#: Seconds to wait for one reply before the edge is considered gone.
+REPLY_TIMEOUT = 600.0
+
+
+@dataclass
+class EdgeTrack:
+    """The cloud's view of one edge."""
+
+    node_id: int
+    next_version: int = 0  # chunk version the next activations must carry
+    steps_requested: int = 0
+    steps_since_reconcile: int = 0
+    base_merges: int = 0  # merge count when the edge last reconciled
+    grads: dict[int, np.ndarray] = field(default_factory=dict)
+    grads_ready: dict[int, float] = field(default_factory=dict)  # virtual time
+    message_id: str | None = None
+    want_inflight: int = 0  # micro-batches the in-flight message asks for
+    arrives_at: float = 0.0  # virtual time the in-flight message reaches the edge
+    final_sent: bool = False
+    done: bool = False
+
+
+def check_activations(
+    content: RecordDict,
+    expected_version: int,
+    want: int,
+    cut_shape: tuple[int, ...],
+    dtype: str,
+    num_classes: int,
+    max_rows: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate an activations reply; return ``(acts float32, labels, sizes)``.
+
+    Raises
+    ------
+    PayloadError
+        On a missing record, a version that is not the expected one (replayed
+        or from the future), wrong shapes or dtypes, NaN/Inf, labels out of
+        range, or more rows than were asked for.
+    """
+    meta = get_record(content, KEY_META, ConfigRecord)
+    version = meta.get("v-e")  # type: ignore[attr-defined]
+    if version != expected_version:
+        raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
+    record = get_record(content, KEY_ACTS, ArrayRecord)
+    if set(record) != {"a", "y", "sizes"}:  # type: ignore[arg-type]
+        raise PayloadError(f"activation keys {sorted(record)}, expected a, y, sizes")  # type: ignore[arg-type]
+    a, y, sizes = (record[k] for k in ("a", "y", "sizes"))  # type: ignore[index]
+    if a.dtype != dtype or y.dtype != "int64" or sizes.dtype != "int64":
+        raise PayloadError(f"dtypes a={a.dtype} y={y.dtype} sizes={sizes.dtype}")
+    rows = a.shape[0] if a.shape else 0
+    if rows > max_rows or tuple(a.shape[1:]) != cut_shape:
+        raise PayloadError(
+            f"activations of shape {tuple(a.shape)}, expected (<= {max_rows}, "
+            f"{', '.join(map(str, cut_shape))})"
+        )
+    sizes_np = sizes.numpy()
+    if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
+        raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
+    if int(sizes_np.sum()) != rows or tuple(y.shape) != (rows,):
+        raise PayloadError("sizes, labels and activation rows disagree")
+    acts = a.numpy().astype(np.float32)
+    if not np.isfinite(acts).all():
+        raise PayloadError("activations hold NaN or Inf")
+    labels = y.numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PayloadError(f"labels outside [0, {num_classes})")
+    return acts, labels, sizes_np
+
+
+def _compute_seconds(content: RecordDict) -> float:
+    metrics = get_record(content, KEY_METRICS, MetricRecord)
+    value = metrics.get("compute-seconds")  # type: ignore[attr-defined]
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise PayloadError(f"metric 'compute-seconds' = {value!r}")
+    return float(value)
+
+
+def run(srv: ServerRun) -> None:
+    """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
+    cfg, opts = srv.cfg, srv.options
+    assert isinstance(opts, SimulTrainOptions)
+    data = srv.data()
+    device = srv.device
+    edge_c, cloud = edge_model(cfg, opts)  # θ_e^c on CPU, θ_c on the device
+    cloud.to(device)
+    cut_shape = tuple(edge_c(torch.zeros(1, *data.input_shape)).shape[1:])
+    optimizer = torch.optim.SGD(
+        cloud.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
+    )
+    theta_ec = {k: v.clone() for k, v in edge_c.state_dict().items()}
+    full = torch.nn.Sequential(edge_c, cloud)
+
+    nodes = _wait_for_nodes(srv, cfg.min_nodes)
+    tracks = {n: EdgeTrack(n) for n in nodes}
+    clock = VirtualClock(
+        assign_links(nodes, opts.link, cfg.seed),
+        edge_factor=opts.edge_factor,
+        cloud_factor=opts.cloud_factor,
+        seed=cfg.seed,
+    )
+    dtype = opts.precision
+    max_rows = opts.chunk * cfg.train.batch_size
+    merges = 0
+    cloud_steps = 0
+    losses: list[float] = []
+    period = 0
+    dropped_deltas = 0
+    staleness_seen: list[int] = []
+    srv.ledger.current_round = 1
+
+    def send(track: EdgeTrack, ready_at: float) -> None:
+        # 1. the next message: gradients of the chunk before the one just
+        # received (if computed), reconciliation when due, the next chunk size
+        want = min(opts.chunk, opts.steps - track.steps_requested)
+        content = RecordDict()
+        after = [ready_at]
+        grad_for = min(track.grads, default=-1)
+        if grad_for >= 0:
+            content[KEY_GRADS] = ArrayRecord({"g": Array(track.grads.pop(grad_for))})
+            after.append(track.grads_ready.pop(grad_for))
+        # the last message delivers the last chunk's gradients
+        final = want == 0 and grad_for == track.next_version - 1
+        due = opts.reconcile_every > 0 and (
+            track.steps_since_reconcile >= opts.reconcile_every
+        )
+        reconcile = due or final
+        if reconcile:
+            content[KEY_EDGE_PARAMS] = ArrayRecord(
+                {k: Array(v.numpy()) for k, v in theta_ec.items()}
+            )
+            track.steps_since_reconcile = 0
+            track.base_merges = merges
+        content[KEY_CONFIG] = ConfigRecord(
+            {"v-c": cloud_steps, "want": want, "grad-for": grad_for}
+        )
+        msg = Message(
+            content=content, dst_node_id=track.node_id, message_type=MESSAGE_TYPE
+        )
+        (track.message_id,) = list(srv.grid.push_messages([msg]))
+        down = clock.transfer(track.node_id, "down", payload_bytes(content), after)
+        track.arrives_at = down.end
+        track.steps_requested += want
+        track.steps_since_reconcile += want
+        track.want_inflight = want
+        track.final_sent = final
+
+    for track in tracks.values():
+        send(track, 0.0)
+
+    arrivals: VirtualArrivals[tuple[EdgeTrack, Message]] = VirtualArrivals()
+    waiting = {t.message_id: t for t in tracks.values()}
+    while waiting or arrivals:
+        # Wait until every edge's reply is in hand, so the earliest in virtual
+        # time is known; a reply that never comes drops its edge.
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while waiting:
+            for reply in srv.grid.pull_messages(list(waiting)):
+                track = waiting.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    srv.reject(
+                        period + 1, track.node_id, f"error: {reply.error.reason}"
+                    )
+                    track.done = True
+                    continue
+                try:
+                    seconds = _compute_seconds(reply.content)
+                except PayloadError as err:
+                    srv.reject(period + 1, track.node_id, str(err))
+                    track.done = True
+                    continue
+                work = clock.compute(
+                    f"edge:{track.node_id}", seconds, [track.arrives_at]
+                )
+                up = clock.transfer(
+                    track.node_id, "up", payload_bytes(reply.content), [work.end]
+                )
+                arrivals.add((track, reply), up.end)
+            if waiting and time.monotonic() > deadline:
+                for track in waiting.values():
+                    srv.reject(period + 1, track.node_id, "no reply: edge dropped")
+                    track.done = True
+                waiting.clear()
+            elif waiting:
+                time.sleep(0.02)
+        if not arrivals:
+            break
+        at, (track, reply) = arrivals.pop()
+
+        # merge the edge's delta, weighted by staleness
+        if KEY_DELTA in reply.content:
+            try:
+                delta_rec = get_record(reply.content, KEY_DELTA, ArrayRecord)
+                delta = {
+                    k: torch.from_numpy(np.array(delta_rec[k].numpy()))
+                    for k in theta_ec
+                }  # type: ignore[index]
+                if any(
+                    delta[k].shape != theta_ec[k].shape
+                    or not torch.isfinite(delta[k]).all()
+                    for k in theta_ec
+                ) or set(delta_rec) != set(theta_ec):  # type: ignore[arg-type]
+                    raise PayloadError("delta does not match the edge layers")
+            except (PayloadError, KeyError) as err:
+                srv.reject(period + 1, track.node_id, f"delta: {err}")
+            else:
+                gap = merges - track.base_merges
+                weight = staleness_weight(gap, opts.staleness_bound * len(tracks))
+                staleness_seen.append(gap)
+                if weight == 0.0:
+                    dropped_deltas += 1
+                else:
+                    theta_ec = merge_delta(theta_ec, delta, weight, len(tracks))
+                    merges += 1
+
+        if KEY_ACTS not in reply.content:  # a reply to gradients only
+            if track.final_sent:
+                track.done = True
+                continue
+            send(track, at)
+            waiting[track.message_id] = track
+            continue
+
+        try:
+            acts, labels, sizes = check_activations(
+                reply.content,
+                track.next_version,
+                track.want_inflight,
+                cut_shape,
+                dtype,
+                data.num_classes,
+                max_rows,
+            )
+        except PayloadError as err:
+            srv.reject(period + 1, track.node_id, str(err))
+            track.done = True  # its stash no longer matches ours: stop it
+            continue
+        version = track.next_version
+        track.next_version += 1
+        send(track, at)  # 1. the edge works while the cloud computes
+        waiting[track.message_id] = track
+
+        # 3. f_c forward/backward per micro-batch; θ_c steps at once
+        tick = time.perf_counter()
+        cloud.train()
+        grads = []
+        start = 0
+        for size in sizes:
+            a = (
+                torch.from_numpy(acts[start : start + size])
+                .to(device)
+                .requires_grad_(True)
+            )
+            y = torch.from_numpy(labels[start : start + size]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(cloud(a), y)
+            loss.backward()
+            optimizer.step()
+            grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
+            losses.append(float(loss.detach()))
+            cloud_steps += 1
+            start += size
+        work = clock.compute("cloud", time.perf_counter() - tick, [at])
+        track.grads[version] = np.concatenate(grads)
+        track.grads_ready[version] = work.end
+
+        # evaluate every eval_every steps per edge (on average)
+        if cloud_steps >= (period + 1) * opts.eval_every * len(tracks):
+            period += 1
+            _report(srv, full, theta_ec, data.test, device, period, losses, clock)
+            losses = []
+            srv.ledger.current_round = period + 1
+
+    period += 1
+    final = _report(srv, full, theta_ec, data.test, device, period, losses, clock)
+    total_steps = opts.steps * len(tracks)
+    srv.tracker.finish(
+        {
+            "method": cfg.method,
+            "rounds": period,
+            "final-accuracy": final,
+            "bytes-up": srv.cumulative_bytes["bytes-up"],
+            "bytes-down": srv.cumulative_bytes["bytes-down"],
+            "steps-per-edge": opts.steps,
+            "edges": len(tracks),
+            "emulated-seconds": clock.now,
+            "emulated-seconds-per-step": clock.now / opts.steps,
+            "bytes-up-per-step": srv.cumulative_bytes["bytes-up"] / total_steps,
+            "bytes-down-per-step": srv.cumulative_bytes["bytes-down"] / total_steps,
+            "clock-mode": "live",
+            "link": opts.link,
+            "max-staleness": max(staleness_seen, default=0),
+            "dropped-deltas": dropped_deltas,
+            "rejected-replies": srv.rejected(),
+            **{f"utilization-{k}": v for k, v in clock.utilization().items()},
+        }
+    )
+
+
+def _report(
+    srv: ServerRun,
+    full: torch.nn.Sequential,
+    theta_ec: dict[str, torch.Tensor],
+    test: object,
+    device: torch.device,
+    period: int,
+    losses: list[float],
+    clock: VirtualClock,
+) -> float:
+    """Evaluate ``θ_e^c ∘ θ_c`` on the test split and log the period."""
+    full[0].load_state_dict(theta_ec)
+    full[0].to(device)
+    stats = evaluate(full, test, device)  # type: ignore[arg-type]
+    full[0].cpu()
+    metrics = {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
+    if losses:
+        metrics["train-loss"] = float(np.mean(losses))
+    metrics["emulated-seconds"] = clock.now
+    srv.report_round(period, metrics)
+    return stats.accuracy
+
+
+def _wait_for_nodes(srv: ServerRun, minimum: int, timeout: float = 120.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(srv.grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            if len(nodes) < minimum:
+                raise RuntimeError(f"only {len(nodes)} nodes connected, need {minimum}")
+            return nodes
+        time.sleep(0.5)
