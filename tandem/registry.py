@@ -83,6 +83,13 @@ METHODS: dict[str, MethodSpec] = {
             server="tandem.strategies.fedavg:run",
             client="tandem.clients.fedavg:HANDLERS",
         ),
+        MethodSpec(
+            name="simultrain",
+            summary="Split training streaming cut-layer activations, pipelined.",
+            server="tandem.strategies.simultrain:run",
+            client="tandem.clients.simultrain:HANDLERS",
+            options_ref="tandem.strategies.simultrain_options:SimulTrainOptions",
+        ),
     )
 }
 

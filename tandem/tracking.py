@@ -108,6 +108,10 @@ class Tracker:
             reinit="create_new",
         )
 
+    def set_total_rounds(self, total: int) -> None:
+        """Change the ``N`` of the ``round x/N`` progress line."""
+        self._total = total
+
     @property
     def elapsed(self) -> float:
         """Seconds since the tracker started."""

@@ -18,11 +18,12 @@ All state (θ_e, the last θ_e^c, the base of the next delta, stashes, version,
 data position) lives in ``Context.state`` and survives between messages on
 both engines.
 
-**Status: work in progress, not registered as a method yet** (``method =
-"simultrain"`` is rejected until it is). The protocol below runs end to end
-on Flower's simulation engine, but with chunks of several micro-batches the
-stale edge updates stall learning on MNIST-1D; see the SimulTrain issue's
-notes before registering it.
+**Status: preliminary.** It runs and learns on Flower's simulation engine
+(``method="simultrain"``); its baselines, benchmark suite and the seeds'
+targets are not done yet. Keep ``simultrain-chunk`` at 1-2 micro-batches:
+within a chunk every edge gradient comes from the same weights, which acts
+like one step at C times the learning rate, and 8 per chunk stalled learning
+on MNIST-1D.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ virtual-arrival order (the cloud waits until every edge's reply is in hand,
 then handles the earliest), so a slow emulated link really delays its edge.
 The clock reports ``mode="live"``.
 
-**Status: work in progress, not registered as a method yet** (``method =
-"simultrain"`` is rejected until it is). The protocol below runs end to end
-on Flower's simulation engine, but with chunks of several micro-batches the
-stale edge updates stall learning on MNIST-1D; see the SimulTrain issue's
-notes before registering it.
+**Status: preliminary.** It runs and learns on Flower's simulation engine
+(``method="simultrain"``); its baselines, benchmark suite and the seeds'
+targets are not done yet. Keep ``simultrain-chunk`` at 1-2 micro-batches:
+within a chunk every edge gradient comes from the same weights, which acts
+like one step at C times the learning rate, and 8 per chunk stalled learning
+on MNIST-1D.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def run(srv: ServerRun) -> None:
     dropped_deltas = 0
     staleness_seen: list[int] = []
     srv.ledger.current_round = 1
+    # one report every eval_every steps per edge, and one after the final merges
+    srv.tracker.set_total_rounds(opts.steps // opts.eval_every + 1)
 
     def send(track: EdgeTrack, ready_at: float) -> None:
         # 1. the next message: gradients of the chunk before the one just

@@ -19,7 +19,7 @@ class SimulTrainOptions:
     )
     chunk: int = option(
         "simultrain-chunk",
-        8,
+        1,
         "must be >= 1 (micro-batches per message)",
         lambda n: n >= 1,
     )
