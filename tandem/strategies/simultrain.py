@@ -142,7 +142,10 @@ def _compute_seconds(content: RecordDict) -> float:
 def run(srv: ServerRun) -> None:
     """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
     cfg, opts = srv.cfg, srv.options
-    assert isinstance(opts, SimulTrainOptions)
+    if not isinstance(opts, SimulTrainOptions):
+        raise TypeError(
+            f"SimulTrain needs SimulTrainOptions, got {type(opts).__name__}"
+        )
     data = srv.data()
     device = srv.device
     edge_c, cloud = edge_model(cfg, opts)  # θ_e^c on CPU, θ_c on the device
