@@ -55,7 +55,15 @@ from tandem.datasets import load_dataset
 from tandem.models import DEFAULT_CUTS, build_model, default_model_for
 from tandem.split import forecast_gradients, soft_reconcile, split_model
 from tandem.strategies.simultrain_options import SimulTrainOptions
-from tandem.wire import KEY_CONFIG, KEY_METRICS, KEY_NODE, PayloadError, get_record
+from tandem.wire import (
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_NODE,
+    PayloadError,
+    check_arrays,
+    get_record,
+    layout_of,
+)
 
 __all__ = ["HANDLERS", "MESSAGE_TYPE", "edge_model"]
 
@@ -156,12 +164,9 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     # 2. reconciliation: report the delta, pull toward the cloud's copy
     reply = RecordDict()
     if KEY_EDGE_PARAMS in msg.content:
-        received = _tensors(get_record(msg.content, KEY_EDGE_PARAMS, ArrayRecord))  # type: ignore[arg-type]
-        if set(received) != set(theta) or any(
-            received[k].shape != theta[k].shape or not torch.isfinite(received[k]).all()
-            for k in theta
-        ):
-            raise PayloadError("edge-params do not match the edge layers")
+        record = get_record(msg.content, KEY_EDGE_PARAMS, ArrayRecord)
+        checked = check_arrays(record, layout_of(_record(theta)))  # type: ignore[arg-type]
+        received = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
         reply[KEY_DELTA] = _record({k: theta[k] - base[k] for k in theta})
         theta_cloud = received
         theta = soft_reconcile(theta, theta_cloud, opts.lam)

@@ -57,7 +57,7 @@ from tandem.server_context import ServerRun
 from tandem.split import merge_delta, staleness_weight
 from tandem.strategies.simultrain_options import SimulTrainOptions
 from tandem.training import evaluate
-from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, get_record
+from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
 
 __all__ = ["check_activations", "run"]
 
@@ -155,6 +155,10 @@ def run(srv: ServerRun) -> None:
         cloud.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
     )
     theta_ec = {k: v.clone() for k, v in edge_c.state_dict().items()}
+    edge_layout = {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in theta_ec.items()
+    }
     full = torch.nn.Sequential(edge_c, cloud)
 
     nodes = _wait_for_nodes(srv, cfg.min_nodes)
@@ -259,17 +263,9 @@ def run(srv: ServerRun) -> None:
         if KEY_DELTA in reply.content:
             try:
                 delta_rec = get_record(reply.content, KEY_DELTA, ArrayRecord)
-                delta = {
-                    k: torch.from_numpy(np.array(delta_rec[k].numpy()))
-                    for k in theta_ec
-                }  # type: ignore[index]
-                if any(
-                    delta[k].shape != theta_ec[k].shape
-                    or not torch.isfinite(delta[k]).all()
-                    for k in theta_ec
-                ) or set(delta_rec) != set(theta_ec):  # type: ignore[arg-type]
-                    raise PayloadError("delta does not match the edge layers")
-            except (PayloadError, KeyError) as err:
+                checked = check_arrays(delta_rec, edge_layout)  # type: ignore[arg-type]
+                delta = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
+            except PayloadError as err:
                 srv.reject(period + 1, track.node_id, f"delta: {err}")
             else:
                 gap = merges - track.base_merges
