@@ -1,0 +1,163 @@
+"""Coordination maths: weights, divergence and sync control by hand; filling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tandem.coordination import (
+    CachedUpdate,
+    SyncPolicy,
+    adjust_sync,
+    aggregation_weights,
+    divergence,
+    fill_from_history,
+    refresh_cache,
+)
+
+
+def test_aggregation_weights_by_hand():
+    # latencies 0, 2, 4 s: median 2 → discounts 1, 1/2, 1/3
+    w = aggregation_weights(
+        np.array([100, 200, 300]), np.array([1.0, 0.5, 1.0]), np.array([0.0, 2.0, 4.0])
+    )
+    raw = np.array([100 * 1.0 * 1.0, 200 * 0.5 * 0.5, 300 * 1.0 / 3])  # 100, 50, 100
+    np.testing.assert_allclose(w, raw / raw.sum())
+    np.testing.assert_allclose(w, [0.4, 0.2, 0.4])
+    assert w.sum() == pytest.approx(1.0)
+    # an explicit reference latency: discounts 1, 1/3, 1/5
+    w = aggregation_weights(
+        np.array([1, 1, 1]),
+        np.ones(3),
+        np.array([0.0, 2.0, 4.0]),
+        reference_latency_s=1,
+    )
+    np.testing.assert_allclose(w, np.array([1, 1 / 3, 1 / 5]) / (1 + 1 / 3 + 1 / 5))
+    # no latency at all: plain data-size weights, as in FedAvg
+    w = aggregation_weights(np.array([1, 3]), np.ones(2), np.zeros(2))
+    np.testing.assert_allclose(w, [0.25, 0.75])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (([1, 2], [1.0], [0.1, 0.1]), "one entry per device"),
+        (([1, -2], [1.0, 1.0], [0.1, 0.1]), "num_examples"),
+        (([1, 2], [1.0, 1.5], [0.1, 0.1]), "reliability"),
+        (([1, 2], [1.0, 1.0], [0.1, np.nan]), "latency_s"),
+        (([], [], []), "num_examples"),
+        (([0, 5], [1.0, 0.0], [0.1, 0.1]), "zero weight"),
+    ],
+)
+def test_aggregation_weights_reject_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        aggregation_weights(*(np.array(a, dtype=float) for a in args))
+
+
+def test_divergence_by_hand():
+    assert divergence(np.array([3.0, 0.0]), np.array([0.0, 4.0])) == 5.0
+    local = {"w": np.array([[1.0, 2.0]]), "b": np.array([2.0])}
+    glob = {"w": np.array([[1.0, 0.0]]), "b": np.array([1.0])}
+    assert divergence(local, glob) == pytest.approx(np.sqrt(4 + 1))
+    assert divergence(glob, glob) == 0.0
+    with pytest.raises(ValueError, match="keys"):
+        divergence(local, {"w": glob["w"]})
+    with pytest.raises(ValueError, match="'b'"):
+        divergence(local, {"w": glob["w"], "b": np.zeros(2)})
+    with pytest.raises(ValueError, match="both"):
+        divergence(local, np.zeros(3))
+
+
+def test_sync_control_triggers_past_relative_threshold():
+    policy = SyncPolicy(
+        threshold=1.5, default_steps=40, min_steps=4, default_budget=1.0, max_budget=3.0
+    )
+    # median divergence 2 → threshold 3: devices 4 and 5 are past it
+    decision = adjust_sync(
+        divergences=np.array([1.0, 2.0, 2.0, 3.0, 3.1, 10.0, 2.0]),
+        local_steps=np.array([40, 10, 80, 40, 40, 5, 40]),
+        budget_scale=np.array([1.0, 2.0, 0.25, 1.0, 2.0, 2.5, 1.0]),
+        policy=policy,
+    )
+    assert decision.threshold == pytest.approx(3.0)
+    np.testing.assert_array_equal(
+        decision.triggered, [False, False, False, False, True, True, False]
+    )
+    # below (exactly at τ counts as below): 40 stays at the default, 10 doubles
+    # and 80 halves toward it; past: 40 halves, 5 halves to 2 but the floor is 4
+    np.testing.assert_array_equal(decision.local_steps, [40, 20, 40, 40, 20, 4, 40])
+    # budgets relax one factor toward the default (from above or below) and
+    # tighten ×2 up to the cap
+    np.testing.assert_allclose(
+        decision.budget_scale, [1.0, 1.0, 0.5, 1.0, 3.0, 3.0, 1.0]
+    )
+    assert decision.local_steps.dtype == np.int64
+
+
+def test_sync_control_absolute_threshold_and_return_to_defaults():
+    policy = SyncPolicy(threshold=0.5, relative=False, default_steps=50, max_budget=4.0)
+    steps, budget = np.array([50, 50]), np.array([1.0, 1.0])
+    history = []
+    for d in ([0.9, 0.1], [0.8, 0.1], [0.7, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]):
+        decision = adjust_sync(np.array(d), steps, budget, policy)
+        steps, budget = decision.local_steps, decision.budget_scale
+        history.append((steps[0], budget[0], bool(decision.triggered[0])))
+    assert history == [
+        (25, 2.0, True),
+        (12, 4.0, True),
+        (6, 4.0, True),  # budget capped
+        (12, 2.0, False),
+        (24, 1.0, False),
+        (48, 1.0, False),
+    ]
+    # the absolute rule can flag every device at once; the calm one never moved
+    assert adjust_sync(np.array([1.0, 1.0]), steps, budget, policy).triggered.all()
+    assert (steps[1], budget[1]) == (50, 1.0)
+    # one more calm round reaches the default exactly, not past it
+    calm = adjust_sync(np.array([0.1, 0.1]), steps, budget, policy)
+    assert calm.local_steps[0] == 50
+
+
+def test_sync_control_rejects_bad_inputs():
+    policy = SyncPolicy()
+    with pytest.raises(ValueError, match="one entry per device"):
+        adjust_sync(np.ones(2), np.array([1]), np.ones(2), policy)
+    with pytest.raises(ValueError, match="local_steps"):
+        adjust_sync(np.ones(2), np.array([1.5, 2.0]), np.ones(2), policy)
+    with pytest.raises(ValueError, match="budget_scale"):
+        adjust_sync(np.ones(2), np.array([1, 2]), np.array([1.0, 0.0]), policy)
+    with pytest.raises(ValueError, match="min_steps"):
+        SyncPolicy(min_steps=60, default_steps=50)
+    with pytest.raises(ValueError, match="factor"):
+        SyncPolicy(factor=1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        SyncPolicy(threshold=0.0)
+
+
+def test_fill_from_history_decays_with_age():
+    cache = refresh_cache({}, {0: np.array([1.0, 2.0]), 1: np.array([4.0])}, 3)
+    cache = refresh_cache(cache, {2: np.array([-8.0])}, 5)
+    assert cache[0].round == 3 and cache[2].round == 5
+    received = {1: np.array([0.5])}
+    filled = fill_from_history(received, cache, num_groups=4, server_round=6, decay=0.5)
+    # group 0: age 3 → 0.5³; group 1 was sent; group 2: age 1; group 3 never seen
+    assert sorted(filled) == [0, 2]
+    np.testing.assert_allclose(filled[0], [0.125, 0.25])
+    np.testing.assert_allclose(filled[2], [-4.0])
+    same = fill_from_history({}, cache, num_groups=4, server_round=6, decay=1.0)
+    np.testing.assert_array_equal(same[1], [4.0])
+    # the cache holds copies: changing what was received does not change it
+    update = np.array([1.0])
+    cached = refresh_cache({}, {0: update}, 1)
+    update[0] = 9.0
+    assert cached[0].update[0] == 1.0
+
+
+def test_fill_from_history_rejects_bad_inputs():
+    cache = {0: CachedUpdate(np.zeros(2), round=4)}
+    with pytest.raises(ValueError, match="decay"):
+        fill_from_history({}, cache, 2, 5, decay=1.5)
+    with pytest.raises(ValueError, match="after the current round"):
+        fill_from_history({}, cache, 2, 3, decay=0.5)
+    with pytest.raises(ValueError, match="received"):
+        fill_from_history({7: np.zeros(1)}, cache, 2, 5, decay=0.5)
