@@ -84,6 +84,18 @@ METHODS: dict[str, MethodSpec] = {
             client="tandem.clients.fedavg:HANDLERS",
         ),
         MethodSpec(
+            name="syncsgd",
+            summary="Synchronous SGD: one step per exchange (Flower's FedAvgM).",
+            server="tandem.strategies.syncsgd:run",
+            client="tandem.clients.fedavg:HANDLERS",
+        ),
+        MethodSpec(
+            name="centralized",
+            summary="Raw data uploaded once, the cloud trains: the ceiling.",
+            server="tandem.strategies.centralized:run",
+            client="tandem.clients.centralized:HANDLERS",
+        ),
+        MethodSpec(
             name="simultrain",
             summary="Split training streaming cut-layer activations, pipelined.",
             server="tandem.strategies.simultrain:run",

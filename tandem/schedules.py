@@ -3,36 +3,43 @@
 A schedule turns what a run recorded (bytes per message, measured compute
 seconds) into tasks with dependencies; the clock decides when each runs.
 
-**Re-timing vs live.** A synchronous round (FedAvg and its relatives) has the
-same order of events whatever the timing: the cloud sends to every node, each
-trains, each replies, the cloud aggregates once all replies are in. Its
-recorded trace can therefore be re-timed under any link profile after the run
-(:func:`replay_sync_rounds`, mode ``"retimed"``). A method whose order depends
-on timing (asynchronous replies, staleness) must instead consult the clock
-while it runs, releasing replies in virtual arrival order
-(:class:`VirtualArrivals`); its report says ``"live"``.
+Two schedules, both re-timed after the run (mode ``"retimed"``), so one
+run is timed under any number of link profiles:
+
+- **Synchronous rounds** (FedAvg and its relatives, :func:`replay_sync_rounds`):
+  the cloud sends to every node, each trains, each replies, the cloud
+  aggregates once all replies are in.
+- **Pipelined exchanges** (SimulTrain, :func:`replay_pipeline`): each edge has
+  one message in flight; the cloud answers an edge as soon as its reply
+  arrives, sending the next message (with the gradients of an *earlier* chunk)
+  before it computes on the chunk just received. Replies are played in virtual
+  arrival order, so the shared cloud serves them first come, first served on
+  the emulated timeline.
+
+What is replayed is what the run recorded: the bytes of every message and the
+measured compute seconds of every step. The learning itself ran in real
+arrival order; only the timeline is emulated.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tandem.network import LinkProfile, VirtualClock
 
 __all__ = [
     "ClockReport",
+    "Exchange",
     "NodeRound",
     "SyncRound",
-    "VirtualArrivals",
+    "exchanges_from_records",
+    "replay_pipeline",
     "replay_sync_rounds",
     "sync_rounds_from_records",
 ]
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,7 @@ class ClockReport:
     Attributes
     ----------
     mode : str
-        ``"retimed"`` (a recorded, timing-independent schedule played after
-        the run) or ``"live"`` (the run consulted the clock as it went).
+        ``"retimed"``: the recorded schedule played after the run.
     round_end : tuple of float
         Emulated time (s) at which each round's result was available.
     total_seconds : float
@@ -125,30 +131,123 @@ def sync_rounds_from_records(
             )
         elif rec.get("event") == "round" and int(rec["round"]) > 0:  # type: ignore[arg-type]
             cloud[int(rec["round"])] = float(rec.get("cloud-seconds", 0.0))  # type: ignore[arg-type]
-    return [SyncRound(r, per_node[r], cloud.get(r, 0.0)) for r in sorted(per_node)]
+    rounds = sorted(set(per_node) | set(cloud))
+    return [SyncRound(r, per_node.get(r, {}), cloud.get(r, 0.0)) for r in rounds]
 
 
-@dataclass
-class VirtualArrivals(Generic[T]):
-    """Replies held back and released in virtual arrival order.
+@dataclass(frozen=True)
+class Exchange:
+    """One cloud -> edge message and the edge's reply, as a pipelined run saw it.
 
-    For methods whose order of events depends on timing: when a reply really
-    arrives, the ServerApp files it with its *virtual* arrival time (from the
-    clock); it then processes the earliest virtual arrival first, so a node on
-    a slow emulated link is really late, not just late on paper.
+    Attributes
+    ----------
+    node : int
+        The edge.
+    seq : int
+        The message's place in that edge's sequence (0, 1, ...).
+    bytes_down, bytes_up : int
+        Serialized sizes of the message and of the reply (bytes).
+    edge_seconds : float
+        Measured compute of the edge for this message (s, before scaling).
+    cloud_seconds : float
+        Measured compute of the cloud on the reply (s, before scaling).
+    grads_from : int
+        ``seq`` of this edge's earlier exchange whose cloud computation
+        produced the gradients this message carries (-1: none); the message
+        cannot leave before that computation ends.
     """
 
-    _heap: list[tuple[float, int, T]] = field(default_factory=list)
-    _counter: itertools.count = field(default_factory=itertools.count)
+    node: int
+    seq: int
+    bytes_down: int
+    edge_seconds: float
+    bytes_up: int
+    cloud_seconds: float
+    grads_from: int = -1
 
-    def add(self, item: T, at: float) -> None:
-        """File ``item`` as arriving at virtual time ``at``."""
-        heapq.heappush(self._heap, (at, next(self._counter), item))
 
-    def pop(self) -> tuple[float, T]:
-        """The earliest arrival (ties in filing order)."""
-        at, _, item = heapq.heappop(self._heap)
-        return at, item
+def replay_pipeline(
+    exchanges: Sequence[Exchange],
+    links: Mapping[int, LinkProfile],
+    edge_factor: float = 1.0,
+    cloud_factor: float = 1.0,
+    seed: int = 0,
+    marks: Sequence[int] = (),
+) -> ClockReport:
+    """Re-time a pipelined run (SimulTrain) on the virtual clock.
 
-    def __len__(self) -> int:
-        return len(self._heap)
+    Per edge ``k`` and message ``i``: the message leaves when reply ``i − 1``
+    has arrived (at once, ``i = 0``) and the gradients it carries are
+    computed; the edge computes once it has arrived; the reply follows. On
+    each reply, in virtual arrival order, the cloud first sends message
+    ``i + 1`` and then computes on reply ``i`` (FIFO on the one cloud).
+
+    Parameters
+    ----------
+    exchanges : sequence of Exchange
+        In the order the cloud processed them in the real run.
+    marks : sequence of int (default: ())
+        Exchange counts (prefixes of ``exchanges``) at which the run
+        reported; ``round_end[j]`` is the emulated time by which the cloud had
+        finished every exchange of the first ``marks[j]``.
+    """
+    clock = VirtualClock(links, edge_factor, cloud_factor, seed)
+    chains: dict[int, dict[int, Exchange]] = {}
+    for ex in exchanges:
+        chains.setdefault(ex.node, {})[ex.seq] = ex
+    cloud_end: dict[tuple[int, int], float] = {}
+    pending: list[tuple[float, int, int, int]] = []
+    order = itertools.count()
+
+    def launch(ex: Exchange, ready: float) -> None:
+        after = [ready]
+        if ex.grads_from >= 0:
+            after.append(cloud_end[(ex.node, ex.grads_from)])
+        down = clock.transfer(ex.node, "down", ex.bytes_down, after, "grads")
+        work = clock.compute(f"edge:{ex.node}", ex.edge_seconds, [down.end], "edge")
+        up = clock.transfer(ex.node, "up", ex.bytes_up, [work.end], "acts")
+        heapq.heappush(pending, (up.end, next(order), ex.node, ex.seq))
+
+    for node in sorted(chains):
+        if 0 in chains[node]:
+            launch(chains[node][0], 0.0)
+    while pending:
+        at, _, node, seq = heapq.heappop(pending)
+        following = chains[node].get(seq + 1)
+        if following is not None:
+            launch(following, at)
+        work = clock.compute("cloud", chains[node][seq].cloud_seconds, [at], "cloud")
+        cloud_end[(node, seq)] = work.end
+    ends = [cloud_end[(ex.node, ex.seq)] for ex in exchanges]
+    prefix = list(itertools.accumulate(ends, max))
+    round_end = tuple(prefix[m - 1] if m > 0 else 0.0 for m in marks)
+    return ClockReport("retimed", round_end, clock.now, clock.utilization())
+
+
+def exchanges_from_records(
+    records: Iterable[Mapping[str, object]],
+) -> tuple[list[Exchange], list[int]]:
+    """Rebuild a pipelined run's exchanges and report marks from its records.
+
+    Exchanges come from ``exchange`` events (in file order, which is the
+    cloud's processing order); marks from the ``exchanges`` field of
+    ``round`` events.
+    """
+    exchanges = []
+    marks = []
+    for rec in records:
+        if rec.get("event") == "exchange":
+            exchanges.append(
+                Exchange(
+                    node=int(rec["node-id"]),  # type: ignore[arg-type]
+                    seq=int(rec["seq"]),  # type: ignore[arg-type]
+                    bytes_down=int(rec["bytes-down"]),  # type: ignore[arg-type]
+                    edge_seconds=float(rec["edge-seconds"]),  # type: ignore[arg-type]
+                    bytes_up=int(rec["bytes-up"]),  # type: ignore[arg-type]
+                    cloud_seconds=float(rec["cloud-seconds"]),  # type: ignore[arg-type]
+                    grads_from=int(rec["grads-from"]),  # type: ignore[arg-type]
+                )
+            )
+        elif rec.get("event") == "round" and "exchanges" in rec:
+            marks.append(int(rec["exchanges"]))  # type: ignore[arg-type]
+    return exchanges, marks

@@ -63,10 +63,21 @@ def split_model(
 
 
 def forecast_gradients(
-    grads: Params, theta_e: Params, theta_e_cloud: Params, alpha: float
+    grads: Params, theta_at: Params, theta_newest: Params, alpha: float
 ) -> dict[str, torch.Tensor]:
-    """``∇̃ = ∇ + α·(θ_e^c − θ_e)`` per tensor (seed 002, α = 0.5 there)."""
-    return {k: grads[k] + alpha * (theta_e_cloud[k] - theta_e[k]) for k in grads}
+    """Forecast of the gradient at a newer version (seed 002, α = 0.5 there).
+
+    ``∇̃ = ∇ℓ(w^(e); x) + α·(w^(c) − w^(e))``: a first-order Taylor step from
+    the version ``w^(e)`` the gradient was computed at (``theta_at``) to the
+    newer version ``w^(c)`` it will be applied to (``theta_newest``), with the
+    Hessian taken as ``α·I``. The seed says the term "approximates the
+    gradient at the cloud's version without recomputing the forward pass".
+
+    Which pair of versions is used is the caller's choice; SimulTrain's edge
+    uses the stashed version and its current weights by default (see
+    ``simultrain-forecast``).
+    """
+    return {k: grads[k] + alpha * (theta_newest[k] - theta_at[k]) for k in grads}
 
 
 def soft_reconcile(

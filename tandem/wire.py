@@ -32,6 +32,8 @@ KEY_ARRAYS = "arrays"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
 #: A reply's ConfigRecord describing the node (partition id, declared link).
+#: Train-config key: SGD steps this round (FedAvg family).
+KEY_LOCAL_STEPS = "local-steps"
 KEY_NODE = "node"
 
 

@@ -35,7 +35,7 @@ def test_simultrain_learns_with_three_edges(tmp_path):
     assert summary["edges"] == 3 and summary["steps-per-edge"] == 60
     assert summary["final-accuracy"] > 0.2  # chance is 0.1
     assert summary["rejected-replies"] == 0
-    assert summary["clock-mode"] == "live"
+    assert summary["clock-mode"] == "retimed"
     assert summary["emulated-seconds"] > 0
     # every step moved activations up and gradients down
     assert summary["bytes-up-per-step"] > 32 * 4  # at least one float per sample

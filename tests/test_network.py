@@ -23,9 +23,11 @@ from tandem.network import (
     variable_link,
 )
 from tandem.schedules import (
+    Exchange,
     NodeRound,
     SyncRound,
-    VirtualArrivals,
+    exchanges_from_records,
+    replay_pipeline,
     replay_sync_rounds,
     sync_rounds_from_records,
 )
@@ -126,12 +128,47 @@ def test_sync_rounds_from_metrics_records():
     assert rnd.nodes[5] == NodeRound(10, 0.5, 20)
 
 
-def test_virtual_arrivals_release_in_virtual_order():
-    arrivals: VirtualArrivals[str] = VirtualArrivals()
-    arrivals.add("slow", 3.0)
-    arrivals.add("fast", 1.0)
-    arrivals.add("tie", 3.0)
-    assert [arrivals.pop()[1] for _ in range(3)] == ["fast", "slow", "tie"]
+def _chain(node: int) -> list[Exchange]:
+    # edge 1 s and 1 MB up per chunk, cloud 0.5 s; message 2 carries the
+    # gradients of chunk 0 (1 MB down), messages 0 and 1 carry none (0 B)
+    return [
+        Exchange(node, 0, 0, 1.0, MB, 0.5),
+        Exchange(node, 1, 0, 1.0, MB, 0.5),
+        Exchange(node, 2, MB, 1.0, MB, 0.5, grads_from=0),
+    ]
+
+
+def test_pipeline_replay_by_hand():
+    report = replay_pipeline(_chain(1), {1: _unit_link()}, marks=(1, 3))
+    # reply 0 arrives at 2 (1 s edge + 1 s up); message 1 leaves at once and its
+    # reply arrives at 4 while the cloud computes chunk 0 in [2, 2.5]; message
+    # 2 leaves at 4 with chunk 0's gradients: down [4, 5], edge [5, 6],
+    # up [6, 7], cloud [7, 7.5]
+    assert report.mode == "retimed"
+    assert report.round_end == pytest.approx((2.5, 7.5))
+    assert report.total_seconds == pytest.approx(7.5)
+    # two identical edges share the one cloud: first come, first served
+    both = [ex for pair in zip(_chain(1), _chain(2), strict=True) for ex in pair]
+    shared = replay_pipeline(both, {1: _unit_link(), 2: _unit_link()}, marks=(2,))
+    assert shared.round_end == pytest.approx((3.0,))
+
+
+def test_pipeline_exchanges_from_records():
+    records = [
+        {
+            "event": "exchange",
+            "node-id": 7,
+            "seq": 0,
+            "bytes-down": 10,
+            "edge-seconds": 0.25,
+            "bytes-up": 30,
+            "cloud-seconds": 0.125,
+            "grads-from": -1,
+        },
+        {"event": "round", "round": 1, "exchanges": 1},
+    ]
+    exchanges, marks = exchanges_from_records(records)
+    assert exchanges == [Exchange(7, 0, 10, 0.25, 30, 0.125, -1)] and marks == [1]
 
 
 def test_estimator_converges_on_a_constant_link():

@@ -23,7 +23,15 @@ from tandem.config import RunConfig
 from tandem.datasets import load_dataset
 from tandem.models import build_model, resolve_device
 from tandem.training import evaluate, make_optimizer, train_steps
-from tandem.wire import KEY_ARRAYS, KEY_METRICS, arrays_to_state_dict, get_record
+from tandem.wire import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_LOCAL_STEPS,
+    KEY_METRICS,
+    PayloadError,
+    arrays_to_state_dict,
+    get_record,
+)
 
 __all__ = ["HANDLERS", "evaluate_handler", "train_handler"]
 
@@ -38,6 +46,17 @@ def _model_from(msg: Message, cfg: RunConfig):  # noqa: ANN202
     return model
 
 
+def _local_steps(msg: Message, cfg: RunConfig) -> int:
+    """``local-steps`` of this round's train config, else of the run config."""
+    conf = msg.content.config_records.get(KEY_CONFIG)
+    if conf is None or KEY_LOCAL_STEPS not in conf:
+        return cfg.train.local_steps
+    steps = conf[KEY_LOCAL_STEPS]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 10**6:
+        raise PayloadError(f"train config '{KEY_LOCAL_STEPS}' = {steps!r}")
+    return steps
+
+
 def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train the received model for ``local-steps`` steps on this node's data."""
     node = NodeConfig.from_node_config(context.node_config)
@@ -48,7 +67,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
-    stats = train_steps(model, iter(stream), cfg.train.local_steps, optimizer, device)
+    stats = train_steps(model, iter(stream), _local_steps(msg, cfg), optimizer, device)
     save_stream(context, stream)
     reply = RecordDict(
         {

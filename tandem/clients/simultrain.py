@@ -114,6 +114,9 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     theta = _tensors(state.array_records.get(_S + "edge")) or _params(edge)
     theta_cloud = _tensors(state.array_records.get(_S + "edge-cloud")) or dict(theta)
     base = _tensors(state.array_records.get(_S + "base")) or dict(theta)
+    velocity = _tensors(state.array_records.get(_S + "velocity")) or {
+        k: torch.zeros_like(v) for k, v in theta.items()
+    }
     stash = state.array_records.get(_S + "stash") or ArrayRecord()
     meta = state.config_records.get(_S + "meta") or ConfigRecord(
         {"v-e": 0, "steps": 0, "base-v-c": 0}
@@ -121,7 +124,7 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     stream = restore_stream(
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
-    lr = cfg.train.lr
+    lr, momentum = cfg.train.lr * opts.edge_lr_scale, cfg.train.momentum
 
     # 1. backward for the chunk whose gradients arrived, at its stashed weights
     grad_for = int(conf["grad-for"])  # type: ignore[arg-type]
@@ -138,25 +141,25 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
                 f"cut-layer gradients of shape {g.shape} {g.dtype}: expected "
                 f"({len(idx)}, ...) finite float32"
             )
-        edge.load_state_dict(
-            {
-                k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
-                for k in stash
-                if k.startswith(prefix + "w.")
-            }
-        )
-        start = 0
+        stashed = {
+            k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
+            for k in stash
+            if k.startswith(prefix + "w.")
+        }
+        edge.load_state_dict(stashed)
+        # one step per chunk, on the mean of its micro-batches' gradients: every
+        # micro-batch of a chunk was forwarded at the same (stashed) weights
         tick = time.thread_time()
-        for size in sizes:
-            rows = idx[start : start + size]
-            edge.zero_grad(set_to_none=True)
-            out = edge(torch.from_numpy(split.x[rows]))
-            out.backward(torch.from_numpy(g[start : start + size]))
-            step = {k: p.grad for k, p in edge.named_parameters()}
+        edge.zero_grad(set_to_none=True)
+        edge(torch.from_numpy(split.x[idx])).backward(torch.from_numpy(g / len(sizes)))
+        step = {k: p.grad for k, p in edge.named_parameters()}
+        if opts.forecast == "stash":  # from the stashed to the current version
+            step = forecast_gradients(step, stashed, theta, opts.alpha)
+        else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
             step = forecast_gradients(step, theta, theta_cloud, opts.alpha)
-            for k in step:
-                theta[k] = theta[k] - lr * step[k]
-            start += size
+        for k in step:  # SGD with heavy-ball momentum, as every method
+            velocity[k] = momentum * velocity[k] + step[k]
+            theta[k] = theta[k] - lr * velocity[k]
         compute += time.thread_time() - tick
         for k in [k for k in stash if k.startswith(prefix)]:
             del stash[k]
@@ -203,6 +206,7 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     state[_S + "edge"] = _record(theta)
     state[_S + "edge-cloud"] = _record(theta_cloud)
     state[_S + "base"] = _record(base)
+    state[_S + "velocity"] = _record(velocity)
     state[_S + "stash"] = stash
     state[_S + "meta"] = meta
     save_stream(context, stream)

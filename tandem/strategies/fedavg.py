@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
@@ -33,6 +33,7 @@ from tandem.server_context import ServerRun
 from tandem.training import evaluate
 from tandem.wire import (
     KEY_ARRAYS,
+    KEY_LOCAL_STEPS,
     KEY_METRICS,
     KEY_NODE,
     PayloadError,
@@ -41,7 +42,14 @@ from tandem.wire import (
     layout_of,
 )
 
-__all__ = ["CheckedFedAvg", "build_fedavg", "check_reply", "run"]
+__all__ = [
+    "CheckedFedAvg",
+    "CheckedFedAvgM",
+    "ReplyChecks",
+    "build_fedavg",
+    "check_reply",
+    "run",
+]
 
 
 def _capturing(
@@ -107,15 +115,16 @@ def check_reply(
         )
 
 
-class CheckedFedAvg(FedAvg):
-    """Flower's FedAvg that drops malformed replies before averaging them.
+class ReplyChecks:
+    """Mixin for Flower's FedAvg family: drop malformed replies before averaging.
 
     FedAvg would average a NaN, a wrong shape or an inflated example count
     straight into the global model, and one reply with odd metric keys makes
     it skip the whole round. This subclass checks each reply
     (:func:`check_reply`) against the arrays it sent that round, reports each
     rejection with its reason through ``on_reject``, and hands only the good
-    replies to ``FedAvg.aggregate_train``.
+    replies to the strategy's own ``aggregate_train``. Put it first in the
+    bases: ``class CheckedFedAvg(ReplyChecks, FedAvg)``.
 
     Parameters
     ----------
@@ -124,7 +133,7 @@ class CheckedFedAvg(FedAvg):
     max_examples : int
         Largest credible ``num-examples`` (the training set's size).
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to the Flower strategy.
     """
 
     def __init__(
@@ -134,7 +143,7 @@ class CheckedFedAvg(FedAvg):
         max_examples: int,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.on_reject = on_reject
         self.max_examples = max_examples
         self._layout: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -145,7 +154,7 @@ class CheckedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember what was sent, to check the replies against it."""
         self.expect(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def expect(self, arrays: ArrayRecord) -> None:
         """Check this round's replies against ``arrays`` (the model sent)."""
@@ -170,13 +179,28 @@ class CheckedFedAvg(FedAvg):
                 self.on_reject(server_round, msg.metadata.src_node_id, str(err))
                 continue
             good.append(msg)
-        return super().aggregate_train(server_round, good)
+        return super().aggregate_train(server_round, good)  # type: ignore[misc]
 
 
-def build_fedavg(run: ServerRun, train_sink: dict, eval_sink: dict) -> FedAvg:
-    """Flower's FedAvg (checked) configured from the run config."""
+class CheckedFedAvg(ReplyChecks, FedAvg):
+    """Flower's :class:`~flwr.serverapp.strategy.FedAvg` with reply checks."""
+
+
+class CheckedFedAvgM(ReplyChecks, FedAvgM):
+    """Flower's :class:`~flwr.serverapp.strategy.FedAvgM` with reply checks."""
+
+
+def build_fedavg(
+    run: ServerRun,
+    train_sink: dict,
+    eval_sink: dict,
+    strategy: type[FedAvg] = CheckedFedAvg,
+    **extra: Any,
+) -> FedAvg:
+    """A checked Flower FedAvg-family strategy configured from the run config."""
     cfg = run.cfg
-    return CheckedFedAvg(
+    return strategy(  # type: ignore[call-arg]
+        **extra,
         on_reject=run.reject,
         max_examples=len(run.data().train),
         fraction_train=cfg.fraction_train,
@@ -189,9 +213,20 @@ def build_fedavg(run: ServerRun, train_sink: dict, eval_sink: dict) -> FedAvg:
     )
 
 
-def run(srv: ServerRun) -> None:
-    """Run FedAvg for ``num-server-rounds`` rounds with server-side evaluation."""
+def run(
+    srv: ServerRun,
+    strategy: type[FedAvg] = CheckedFedAvg,
+    local_steps: int | None = None,
+    **extra: Any,
+) -> None:
+    """Run FedAvg for ``num-server-rounds`` rounds with server-side evaluation.
+
+    ``strategy`` and ``extra`` pick another member of Flower's FedAvg family
+    (e.g. :class:`CheckedFedAvgM` with ``server_momentum``); ``local_steps``
+    overrides ``local-steps`` in every round's train config.
+    """
     cfg = srv.cfg
+    steps = cfg.train.local_steps if local_steps is None else local_steps
     test = srv.data().test
     device = srv.device
     model = srv.build_model().to(device)
@@ -219,13 +254,14 @@ def run(srv: ServerRun) -> None:
         srv.ledger.current_round = server_round + 1
         return MetricRecord({"eval-loss": stats.loss, "eval-accuracy": stats.accuracy})
 
-    strategy = build_fedavg(srv, train_metrics, client_eval)
+    fedavg = build_fedavg(srv, train_metrics, client_eval, strategy, **extra)
     initial = ArrayRecord(model.cpu().state_dict())
     model.to(device)
     srv.ledger.current_round = 0
-    result = strategy.start(
+    result = fedavg.start(
         grid=srv.grid,
         initial_arrays=initial,
+        train_config=ConfigRecord({KEY_LOCAL_STEPS: steps}),
         num_rounds=cfg.num_server_rounds,
         evaluate_fn=evaluate_global,
     )
@@ -234,6 +270,8 @@ def run(srv: ServerRun) -> None:
         {
             "method": cfg.method,
             "rounds": cfg.num_server_rounds,
+            "local-steps": steps,
+            "steps-per-edge": steps * cfg.num_server_rounds,
             "final-accuracy": history[-1],
             "best-accuracy": max(history),
             "bytes-up": srv.cumulative_bytes["bytes-up"],

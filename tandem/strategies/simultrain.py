@@ -51,11 +51,12 @@ from tandem.clients.simultrain import (
     MESSAGE_TYPE,
     edge_model,
 )
-from tandem.network import VirtualClock, assign_links
-from tandem.schedules import VirtualArrivals
+from tandem.network import assign_links
+from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
 from tandem.server_context import ServerRun
 from tandem.split import merge_delta, staleness_weight
 from tandem.strategies.simultrain_options import SimulTrainOptions
+from tandem.tracking import read_jsonl
 from tandem.training import evaluate
 from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
 
@@ -65,22 +66,33 @@ __all__ = ["check_activations", "run"]
 REPLY_TIMEOUT = 600.0
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A message sent to an edge: its place, size and the gradients it held."""
+
+    seq: int
+    bytes_down: int
+    grads_from: int
+
+
 @dataclass
 class EdgeTrack:
     """The cloud's view of one edge."""
 
     node_id: int
+    seq: int = -1  # index of the message in flight (0, 1, ...)
     next_version: int = 0  # chunk version the next activations must carry
     steps_requested: int = 0
     steps_since_reconcile: int = 0
     base_merges: int = 0  # merge count when the edge last reconciled
     grads: dict[int, np.ndarray] = field(default_factory=dict)
-    grads_ready: dict[int, float] = field(default_factory=dict)  # virtual time
+    grads_seq: dict[int, int] = field(default_factory=dict)  # chunk -> exchange
     message_id: str | None = None
     want_inflight: int = 0  # micro-batches the in-flight message asks for
-    arrives_at: float = 0.0  # virtual time the in-flight message reaches the edge
+    bytes_down: int = 0  # size of the message in flight
+    grads_from: int = -1  # exchange whose gradients the message in flight holds
     final_sent: bool = False
-    done: bool = False
+    edge_seconds: float = 0.0  # measured compute of the last reply
 
 
 def check_activations(
@@ -163,41 +175,36 @@ def run(srv: ServerRun) -> None:
 
     nodes = _wait_for_nodes(srv, cfg.min_nodes)
     tracks = {n: EdgeTrack(n) for n in nodes}
-    clock = VirtualClock(
-        assign_links(nodes, opts.link, cfg.seed),
-        edge_factor=opts.edge_factor,
-        cloud_factor=opts.cloud_factor,
-        seed=cfg.seed,
-    )
     dtype = opts.precision
     max_rows = opts.chunk * cfg.train.batch_size
     merges = 0
     cloud_steps = 0
+    exchanges = 0
     losses: list[float] = []
     period = 0
     dropped_deltas = 0
     staleness_seen: list[int] = []
+    marks: list[int] = []
     srv.ledger.current_round = 1
     # one report every eval_every steps per edge, and one after the final merges
     srv.tracker.set_total_rounds(opts.steps // opts.eval_every + 1)
 
-    def send(track: EdgeTrack, ready_at: float) -> None:
-        # 1. the next message: gradients of the chunk before the one just
+    def send(track: EdgeTrack) -> None:
+        # the next message: gradients of the chunk before the one just
         # received (if computed), reconciliation when due, the next chunk size
         want = min(opts.chunk, opts.steps - track.steps_requested)
         content = RecordDict()
-        after = [ready_at]
         grad_for = min(track.grads, default=-1)
+        track.grads_from = -1
         if grad_for >= 0:
             content[KEY_GRADS] = ArrayRecord({"g": Array(track.grads.pop(grad_for))})
-            after.append(track.grads_ready.pop(grad_for))
+            track.grads_from = track.grads_seq.pop(grad_for)
         # the last message delivers the last chunk's gradients
         final = want == 0 and grad_for == track.next_version - 1
         due = opts.reconcile_every > 0 and (
             track.steps_since_reconcile >= opts.reconcile_every
         )
-        reconcile = due or final
-        if reconcile:
+        if due or final:
             content[KEY_EDGE_PARAMS] = ArrayRecord(
                 {k: Array(v.numpy()) for k, v in theta_ec.items()}
             )
@@ -210,133 +217,142 @@ def run(srv: ServerRun) -> None:
             content=content, dst_node_id=track.node_id, message_type=MESSAGE_TYPE
         )
         (track.message_id,) = list(srv.grid.push_messages([msg]))
-        down = clock.transfer(track.node_id, "down", payload_bytes(content), after)
-        track.arrives_at = down.end
+        track.seq += 1
+        track.bytes_down = payload_bytes(content)
         track.steps_requested += want
         track.steps_since_reconcile += want
         track.want_inflight = want
         track.final_sent = final
-
-    for track in tracks.values():
-        send(track, 0.0)
-
-    arrivals: VirtualArrivals[tuple[EdgeTrack, Message]] = VirtualArrivals()
-    waiting = {t.message_id: t for t in tracks.values()}
-    while waiting or arrivals:
-        # Wait until every edge's reply is in hand, so the earliest in virtual
-        # time is known; a reply that never comes drops its edge.
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        while waiting:
-            for reply in srv.grid.pull_messages(list(waiting)):
-                track = waiting.pop(reply.metadata.reply_to_message_id)
-                if reply.has_error():
-                    srv.reject(
-                        period + 1, track.node_id, f"error: {reply.error.reason}"
-                    )
-                    track.done = True
-                    continue
-                try:
-                    seconds = _compute_seconds(reply.content)
-                except PayloadError as err:
-                    srv.reject(period + 1, track.node_id, str(err))
-                    track.done = True
-                    continue
-                work = clock.compute(
-                    f"edge:{track.node_id}", seconds, [track.arrives_at]
-                )
-                up = clock.transfer(
-                    track.node_id, "up", payload_bytes(reply.content), [work.end]
-                )
-                arrivals.add((track, reply), up.end)
-            if waiting and time.monotonic() > deadline:
-                for track in waiting.values():
-                    srv.reject(period + 1, track.node_id, "no reply: edge dropped")
-                    track.done = True
-                waiting.clear()
-            elif waiting:
-                time.sleep(0.02)
-        if not arrivals:
-            break
-        at, (track, reply) = arrivals.pop()
-
-        # merge the edge's delta, weighted by staleness
-        if KEY_DELTA in reply.content:
-            try:
-                delta_rec = get_record(reply.content, KEY_DELTA, ArrayRecord)
-                checked = check_arrays(delta_rec, edge_layout)  # type: ignore[arg-type]
-                delta = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
-            except PayloadError as err:
-                srv.reject(period + 1, track.node_id, f"delta: {err}")
-            else:
-                gap = merges - track.base_merges
-                weight = staleness_weight(gap, opts.staleness_bound * len(tracks))
-                staleness_seen.append(gap)
-                if weight == 0.0:
-                    dropped_deltas += 1
-                else:
-                    theta_ec = merge_delta(theta_ec, delta, weight, len(tracks))
-                    merges += 1
-
-        if KEY_ACTS not in reply.content:  # a reply to gradients only
-            if track.final_sent:
-                track.done = True
-                continue
-            send(track, at)
-            waiting[track.message_id] = track
-            continue
-
-        try:
-            acts, labels, sizes = check_activations(
-                reply.content,
-                track.next_version,
-                track.want_inflight,
-                cut_shape,
-                dtype,
-                data.num_classes,
-                max_rows,
-            )
-        except PayloadError as err:
-            srv.reject(period + 1, track.node_id, str(err))
-            track.done = True  # its stash no longer matches ours: stop it
-            continue
-        version = track.next_version
-        track.next_version += 1
-        send(track, at)  # 1. the edge works while the cloud computes
         waiting[track.message_id] = track
 
-        # 3. f_c forward/backward per micro-batch; θ_c steps at once
-        tick = time.perf_counter()
-        cloud.train()
-        grads = []
-        start = 0
-        for size in sizes:
-            a = (
-                torch.from_numpy(acts[start : start + size])
-                .to(device)
-                .requires_grad_(True)
-            )
-            y = torch.from_numpy(labels[start : start + size]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(cloud(a), y)
-            loss.backward()
-            optimizer.step()
-            grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
-            losses.append(float(loss.detach()))
-            cloud_steps += 1
-            start += size
-        work = clock.compute("cloud", time.perf_counter() - tick, [at])
-        track.grads[version] = np.concatenate(grads)
-        track.grads_ready[version] = work.end
+    def record_exchange(
+        track: EdgeTrack, exchange: InFlight, reply: Message, cloud_seconds: float
+    ) -> None:
+        nonlocal exchanges
+        exchanges += 1
+        srv.tracker.log_event(
+            "exchange",
+            {
+                "node-id": track.node_id,
+                "seq": exchange.seq,
+                "bytes-down": exchange.bytes_down,
+                "edge-seconds": track.edge_seconds,
+                "bytes-up": payload_bytes(reply.content),
+                "cloud-seconds": cloud_seconds,
+                "grads-from": exchange.grads_from,
+            },
+        )
 
-        # evaluate every eval_every steps per edge (on average)
-        if cloud_steps >= (period + 1) * opts.eval_every * len(tracks):
-            period += 1
-            _report(srv, full, theta_ec, data.test, device, period, losses, clock)
-            losses = []
-            srv.ledger.current_round = period + 1
+    waiting: dict[str | None, EdgeTrack] = {}
+    for track in tracks.values():
+        send(track)
+
+    # Replies are handled as they really arrive: no edge waits for another.
+    last_heard = time.monotonic()
+    while waiting:
+        replies = list(srv.grid.pull_messages(list(waiting)))
+        if not replies:
+            if time.monotonic() - last_heard > REPLY_TIMEOUT:
+                for track in waiting.values():
+                    srv.reject(period + 1, track.node_id, "no reply: edge dropped")
+                waiting.clear()
+            time.sleep(0.02)
+            continue
+        last_heard = time.monotonic()
+        for reply in replies:
+            track = waiting.pop(reply.metadata.reply_to_message_id)
+            # what the answered message was, for the exchange record
+            done = InFlight(track.seq, track.bytes_down, track.grads_from)
+            if reply.has_error():
+                srv.reject(period + 1, track.node_id, f"error: {reply.error.reason}")
+                continue
+            try:
+                track.edge_seconds = _compute_seconds(reply.content)
+            except PayloadError as err:
+                srv.reject(period + 1, track.node_id, str(err))
+                continue
+
+            # merge the edge's delta, weighted by staleness
+            if KEY_DELTA in reply.content:
+                try:
+                    delta_rec = get_record(reply.content, KEY_DELTA, ArrayRecord)
+                    checked = check_arrays(delta_rec, edge_layout)  # type: ignore[arg-type]
+                    delta = {
+                        k: torch.from_numpy(np.array(v)) for k, v in checked.items()
+                    }
+                except PayloadError as err:
+                    srv.reject(period + 1, track.node_id, f"delta: {err}")
+                else:
+                    gap = merges - track.base_merges
+                    weight = staleness_weight(gap, opts.staleness_bound * len(tracks))
+                    staleness_seen.append(gap)
+                    if weight == 0.0:
+                        dropped_deltas += 1
+                    else:
+                        theta_ec = merge_delta(theta_ec, delta, weight, len(tracks))
+                        merges += 1
+
+            if KEY_ACTS not in reply.content:  # a reply to gradients only
+                record_exchange(track, done, reply, 0.0)
+                if not track.final_sent:
+                    send(track)
+                continue
+
+            try:
+                acts, labels, sizes = check_activations(
+                    reply.content,
+                    track.next_version,
+                    track.want_inflight,
+                    cut_shape,
+                    dtype,
+                    data.num_classes,
+                    max_rows,
+                )
+            except PayloadError as err:
+                srv.reject(period + 1, track.node_id, str(err))
+                continue  # its stash no longer matches ours: the edge stops
+            version = track.next_version
+            track.next_version += 1
+            send(track)  # the edge works while the cloud computes
+
+            # f_c forward/backward per micro-batch; θ_c steps at once
+            tick = time.perf_counter()
+            cloud.train()
+            grads = []
+            start = 0
+            for size in sizes:
+                a = (
+                    torch.from_numpy(acts[start : start + size])
+                    .to(device)
+                    .requires_grad_(True)
+                )
+                y = torch.from_numpy(labels[start : start + size]).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(cloud(a), y)
+                loss.backward()
+                optimizer.step()
+                grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
+                losses.append(float(loss.detach()))
+                cloud_steps += 1
+                start += size
+            track.grads[version] = np.concatenate(grads)
+            track.grads_seq[version] = done.seq
+            record_exchange(track, done, reply, time.perf_counter() - tick)
+
+            # evaluate every eval_every steps per edge (on average)
+            if cloud_steps >= (period + 1) * opts.eval_every * len(tracks):
+                period += 1
+                marks.append(exchanges)
+                _report(
+                    srv, full, theta_ec, data.test, device, period, losses, exchanges
+                )
+                losses = []
+                srv.ledger.current_round = period + 1
 
     period += 1
-    final = _report(srv, full, theta_ec, data.test, device, period, losses, clock)
+    marks.append(exchanges)
+    final = _report(srv, full, theta_ec, data.test, device, period, losses, exchanges)
+    timeline = _replay(srv, nodes, opts, marks)
     total_steps = opts.steps * len(tracks)
     srv.tracker.finish(
         {
@@ -347,17 +363,35 @@ def run(srv: ServerRun) -> None:
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "steps-per-edge": opts.steps,
             "edges": len(tracks),
-            "emulated-seconds": clock.now,
-            "emulated-seconds-per-step": clock.now / opts.steps,
+            "exchanges": exchanges,
+            "emulated-seconds": timeline.total_seconds,
+            "emulated-seconds-per-step": timeline.total_seconds / opts.steps,
+            "emulated-seconds-per-period": list(timeline.round_end),
             "bytes-up-per-step": srv.cumulative_bytes["bytes-up"] / total_steps,
             "bytes-down-per-step": srv.cumulative_bytes["bytes-down"] / total_steps,
-            "clock-mode": "live",
+            "clock-mode": timeline.mode,
             "link": opts.link,
             "max-staleness": max(staleness_seen, default=0),
             "dropped-deltas": dropped_deltas,
             "rejected-replies": srv.rejected(),
-            **{f"utilization-{k}": v for k, v in clock.utilization().items()},
+            **{f"utilization-{k}": v for k, v in timeline.utilization.items()},
         }
+    )
+
+
+def _replay(
+    srv: ServerRun, nodes: list[int], opts: SimulTrainOptions, marks: list[int]
+) -> ClockReport:
+    """This run's exchanges re-timed under ``simultrain-link``."""
+    exchanges, _ = exchanges_from_records(read_jsonl(srv.tracker.path))
+    links = assign_links(nodes, opts.link, srv.cfg.seed)
+    return replay_pipeline(
+        exchanges,
+        links,
+        opts.edge_factor,
+        opts.cloud_factor,
+        seed=srv.cfg.seed,
+        marks=marks,
     )
 
 
@@ -369,7 +403,7 @@ def _report(
     device: torch.device,
     period: int,
     losses: list[float],
-    clock: VirtualClock,
+    exchanges: int,
 ) -> float:
     """Evaluate ``θ_e^c ∘ θ_c`` on the test split and log the period."""
     full[0].load_state_dict(theta_ec)
@@ -379,7 +413,7 @@ def _report(
     metrics = {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
     if losses:
         metrics["train-loss"] = float(np.mean(losses))
-    metrics["emulated-seconds"] = clock.now
+    metrics["exchanges"] = exchanges
     srv.report_round(period, metrics)
     return stats.accuracy
 

@@ -26,6 +26,15 @@ class SimulTrainOptions:
     alpha: float = option(
         "simultrain-alpha", 0.5, "must lie in [0, 1] (forecast)", lambda a: 0 <= a <= 1
     )
+    edge_lr_scale: float = option(
+        "simultrain-edge-lr-scale",
+        0.1,
+        "must be > 0 (edge learning rate = lr x this)",
+        lambda f: f > 0,
+    )
+    forecast: str = option(
+        "simultrain-forecast", "stash", choices=("stash", "cloud-copy")
+    )
     lam: float = option(
         "simultrain-lambda", 0.5, "must lie in [0, 1]", lambda x: 0 <= x <= 1
     )

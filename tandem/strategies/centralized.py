@@ -1,0 +1,135 @@
+"""Centralized baseline, cloud side: collect the raw data once, train in the cloud.
+
+The accuracy ceiling of the split-training comparison (seeds 000-003: raw
+data to the cloud, cloud trains). Every edge uploads its training partition
+once (``query.upload``, counted in bytes); the cloud checks each upload, joins
+them and trains the whole model with the shared training loop
+(:func:`tandem.training.train_steps`): per round, ``local-steps`` × (number
+of edges) SGD steps of ``batch-size`` samples, i.e. as many samples per round
+as the edges of a split or federated run process together. The test
+accuracy is reported after every round; the cloud's compute time per round
+(``cloud-seconds``) feeds the emulated timeline.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from tandem.clients.centralized import KEY_DATA, MESSAGE_TYPE
+from tandem.datasets import ArraySplit
+from tandem.server_context import ServerRun
+from tandem.training import BatchStream, evaluate, make_optimizer, train_steps
+from tandem.wire import PayloadError, get_record
+
+__all__ = ["check_upload", "run"]
+
+
+def check_upload(
+    content: RecordDict,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    max_rows: int,
+) -> ArraySplit:
+    """Validate one raw-data upload; return it as an :class:`ArraySplit`.
+
+    Raises
+    ------
+    PayloadError
+        On missing or unknown arrays, wrong dtypes or shapes, NaN/Inf, labels
+        outside ``[0, num_classes)``, or more rows than the dataset has.
+    """
+    record = get_record(content, KEY_DATA, ArrayRecord)
+    if set(record) != {"x", "y"}:  # type: ignore[arg-type]
+        raise PayloadError(f"upload arrays {sorted(record)}, expected x, y")  # type: ignore[arg-type]
+    x, y = record["x"], record["y"]  # type: ignore[index]
+    if x.dtype != "float32" or y.dtype != "int64":
+        raise PayloadError(f"upload dtypes x={x.dtype} y={y.dtype}")
+    rows = x.shape[0] if x.shape else 0
+    if tuple(x.shape[1:]) != tuple(input_shape) or tuple(y.shape) != (rows,):
+        raise PayloadError(
+            f"upload shapes x={tuple(x.shape)} y={tuple(y.shape)}, expected "
+            f"(n, {', '.join(map(str, input_shape))}) and (n,)"
+        )
+    if not 1 <= rows <= max_rows:
+        raise PayloadError(f"upload of {rows} rows outside [1, {max_rows}]")
+    xs, ys = x.numpy(), y.numpy()
+    if not np.isfinite(xs).all():
+        raise PayloadError("upload holds NaN or Inf")
+    if ys.min() < 0 or ys.max() >= num_classes:
+        raise PayloadError(f"labels outside [0, {num_classes})")
+    return ArraySplit(np.ascontiguousarray(xs), np.ascontiguousarray(ys))
+
+
+def run(srv: ServerRun) -> None:
+    """Collect every edge's data, then train ``num-server-rounds`` rounds."""
+    cfg = srv.cfg
+    data = srv.data()
+    device = srv.device
+    nodes = sorted(srv.grid.get_node_ids())
+    while len(nodes) < cfg.min_nodes:
+        time.sleep(0.5)
+        nodes = sorted(srv.grid.get_node_ids())
+    srv.ledger.current_round = 1
+    messages = [
+        Message(content=RecordDict(), dst_node_id=n, message_type=MESSAGE_TYPE)
+        for n in nodes
+    ]
+    parts = []
+    for reply in srv.grid.send_and_receive(messages):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            srv.reject(1, node, f"error: {reply.error.reason}")
+            continue
+        try:
+            parts.append(
+                check_upload(
+                    reply.content, data.input_shape, data.num_classes, len(data.train)
+                )
+            )
+        except PayloadError as err:
+            srv.reject(1, node, str(err))
+    if not parts:
+        raise RuntimeError("no edge uploaded usable data")
+    pooled = ArraySplit(
+        np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+    )
+    model = srv.build_model().to(device)
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
+    stream = BatchStream(pooled, cfg.train.batch_size, cfg.seed)
+    steps = cfg.train.local_steps * len(parts)
+    history = []
+    srv.report_round(0, _eval(model, data.test, device))
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        srv.ledger.current_round = rnd
+        tick = time.perf_counter()
+        stats = train_steps(model, iter(stream), steps, optimizer, device)
+        metrics = _eval(model, data.test, device)
+        metrics.update(
+            {"train-loss": stats.mean_loss, "cloud-seconds": time.perf_counter() - tick}
+        )
+        history.append(metrics["eval-accuracy"])
+        srv.report_round(rnd, metrics)
+    torch.save(model.cpu().state_dict(), srv.tracker.run_dir / "model.pt")
+    srv.tracker.finish(
+        {
+            "method": cfg.method,
+            "rounds": cfg.num_server_rounds,
+            "local-steps": cfg.train.local_steps,
+            "steps-per-edge": cfg.train.local_steps * cfg.num_server_rounds,
+            "edges": len(parts),
+            "final-accuracy": history[-1],
+            "best-accuracy": max(history),
+            "bytes-up": srv.cumulative_bytes["bytes-up"],
+            "bytes-down": srv.cumulative_bytes["bytes-down"],
+            "rejected-replies": srv.rejected(),
+        }
+    )
+
+
+def _eval(model: torch.nn.Module, test: ArraySplit, device: torch.device) -> dict:
+    stats = evaluate(model, test, device)
+    return {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}

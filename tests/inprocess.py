@@ -1,0 +1,120 @@
+"""An in-process Grid: a method's cloud side against real edge handlers.
+
+For tests that need many exchanges fast and deterministically. Messages are
+real Flower ``Message`` objects handled by the real ClientApp ``dispatch``
+with one ``Context`` per node (its ``state`` persisting), but without an
+engine: no process, no transport. Each node can be given a *speed*: its reply
+becomes visible only after that many ``pull_messages`` calls, so a slow node
+really lags behind a fast one. ``tamper`` may rewrite a reply (hostile edge).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+
+from tandem.accounting import ByteLedger, MeteredGrid
+from tandem.client_app import dispatch
+from tandem.config import RunConfig
+from tandem.registry import get_method
+from tandem.server_context import ServerRun
+from tandem.tracking import Tracker, read_jsonl
+
+
+class InProcessGrid:
+    """Enough of Flower's ``Grid`` for tandem's strategies, in one process."""
+
+    def __init__(
+        self,
+        run_config: Mapping[str, object],
+        nodes: int,
+        lag: Mapping[int, int] | None = None,
+        tamper: Callable[[int, Message], Message] | None = None,
+    ) -> None:
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for node in range(1, nodes + 1)
+        }
+        self.lag = dict(lag or {})
+        self.tamper = tamper
+        self._pending: dict[str, tuple[int, Message]] = {}  # id -> (pulls left, msg)
+        self.handled: dict[int, int] = dict.fromkeys(self.contexts, 0)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg_id = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._pending[msg_id] = (self.lag.get(msg.metadata.dst_node_id, 0), msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = []
+        for msg_id in list(message_ids):
+            if msg_id not in self._pending:
+                continue
+            left, msg = self._pending[msg_id]
+            if left > 0:
+                self._pending[msg_id] = (left - 1, msg)
+                continue
+            del self._pending[msg_id]
+            node = msg.metadata.dst_node_id
+            reply = dispatch(msg, self.contexts[node])
+            self.handled[node] += 1
+            if self.tamper is not None:
+                reply = self.tamper(node, reply)
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        ids = self.push_messages(messages)
+        replies: list[Message] = []
+        while len(replies) < len(ids):
+            replies.extend(self.pull_messages(ids))
+        return replies
+
+
+def run_inprocess(
+    run_config: Mapping[str, object],
+    nodes: int,
+    out: Path,
+    lag: Mapping[int, int] | None = None,
+    tamper: Callable[[int, Message], Message] | None = None,
+) -> tuple[list[dict], InProcessGrid]:
+    """Run a method's cloud side against ``nodes`` in-process edges."""
+    flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
+    cfg = RunConfig.from_flat(flat)
+    grid = InProcessGrid(flat, nodes, lag, tamper)
+    tracker = Tracker(
+        cfg.tracking,
+        run_name=f"{cfg.method}-1",
+        group="1",
+        config=cfg.as_flat(),
+        total_rounds=cfg.num_server_rounds,
+    )
+    ledger = ByteLedger()
+    srv = ServerRun(
+        grid=MeteredGrid(grid, ledger),  # type: ignore[arg-type]
+        ledger=ledger,
+        cfg=cfg,
+        options=cfg.method_options(flat),
+        tracker=tracker,
+        context=Context(1, 0, {}, RecordDict(), dict(flat)),
+    )
+    get_method(cfg.method).run_server(srv)
+    return read_jsonl(tracker.path), grid
