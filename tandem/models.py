@@ -7,7 +7,7 @@ cut at a stage boundary into an edge part ``f_e`` and a cloud part ``f_c``
 =========  ==========================  ===========================  ===========
 name       for                         parameters (MNIST-1D / 28px)  default cut
 =========  ==========================  ===========================  ===========
-cnn1d      MNIST-1D, sensor windows    9,610 (1x40, 10 classes)      ``act2``
+cnn1d      MNIST-1D, sensor windows    9,610 (1x40, 10 classes)      ``act1``
 cnn2d      28/32-px images             ~ 26k (1x28x28)               ``pool2``
 mlp        anything (flattened)        ~ 13k (1x40)                  ``act1``
 resnet18   CIFAR-sized images          ~ 11.2M (3x32x32)             ``layer2``
@@ -26,7 +26,12 @@ from tandem.config import ConfigError
 
 __all__ = ["DEFAULT_CUTS", "build_model", "default_model_for", "resolve_device"]
 
-DEFAULT_CUTS = {"cnn1d": "act2", "cnn2d": "pool2", "mlp": "act1", "resnet18": "layer2"}
+DEFAULT_CUTS = {
+    "cnn1d": "act1",
+    "cnn2d": "pool2",
+    "mlp": "act1",
+    "resnet18": "layer2",
+}
 
 
 def default_model_for(input_shape: tuple[int, ...]) -> str:

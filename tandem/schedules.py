@@ -19,13 +19,22 @@ run is timed under any number of link profiles:
 What is replayed is what the run recorded: the bytes of every message and the
 measured compute seconds of every step. The learning itself ran in real
 arrival order; only the timeline is emulated.
+
+**Steady compute.** One message's compute is a few milliseconds here, and a
+single measurement of it carries the host's noise (a first call, a core
+shared with other processes: we saw means 3-4 times the median). As
+:class:`~tandem.training.TrainStats` does within a message, the rebuilt
+schedules replace each measurement by the lower quartile of the same kind of
+work (:func:`steady_seconds`): per node and message shape for the edges, per
+message shape for the cloud. The raw figures stay in the records.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import statistics
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tandem.network import LinkProfile, VirtualClock
@@ -38,6 +47,7 @@ __all__ = [
     "exchanges_from_records",
     "replay_pipeline",
     "replay_sync_rounds",
+    "steady_seconds",
     "sync_rounds_from_records",
 ]
 
@@ -82,6 +92,27 @@ class ClockReport:
     utilization: dict[str, float]
 
 
+def steady_seconds(samples: Sequence[float]) -> float:
+    """The lower quartile of repeated measurements of the same work (seconds).
+
+    Fewer than four samples give their median.
+    """
+    if not samples:
+        raise ValueError("no samples")
+    if len(samples) < 4:
+        return float(statistics.median(samples))
+    return float(statistics.quantiles(samples, n=4, method="inclusive")[0])
+
+
+def _steadied(values: Sequence[float], kinds: Sequence[Hashable]) -> list[float]:
+    """Each value replaced by :func:`steady_seconds` of the values of its kind."""
+    groups: dict[Hashable, list[float]] = {}
+    for value, kind in zip(values, kinds, strict=True):
+        groups.setdefault(kind, []).append(value)
+    steady = {kind: steady_seconds(v) for kind, v in groups.items()}
+    return [steady[kind] for kind in kinds]
+
+
 def replay_sync_rounds(
     rounds: Iterable[SyncRound],
     links: Mapping[int, LinkProfile],
@@ -116,21 +147,38 @@ def replay_sync_rounds(
 
 
 def sync_rounds_from_records(
-    records: Iterable[Mapping[str, object]],
+    records: Iterable[Mapping[str, object]], steady: bool = True
 ) -> list[SyncRound]:
-    """Rebuild :class:`SyncRound` s from a run's ``metrics.jsonl`` records."""
-    per_node: dict[int, dict[int, NodeRound]] = {}
+    """Rebuild :class:`SyncRound` s from a run's ``metrics.jsonl`` records.
+
+    With ``steady``, compute times are steadied (:func:`steady_seconds`): per
+    node for the edges, over all rounds for the cloud.
+    """
+    parts: list[tuple[int, int, int, float, int]] = []  # round, node, down, s, up
     cloud: dict[int, float] = {}
     for rec in records:
         if rec.get("event") == "bytes":
-            rnd, node = int(rec["round"]), int(rec["node-id"])  # type: ignore[arg-type]
-            per_node.setdefault(rnd, {})[node] = NodeRound(
-                int(rec["bytes-down"]),  # type: ignore[arg-type]
-                float(rec.get("edge-seconds", 0.0)),  # type: ignore[arg-type]
-                int(rec["bytes-up"]),  # type: ignore[arg-type]
+            parts.append(
+                (
+                    int(rec["round"]),  # type: ignore[arg-type]
+                    int(rec["node-id"]),  # type: ignore[arg-type]
+                    int(rec["bytes-down"]),  # type: ignore[arg-type]
+                    float(rec.get("edge-seconds", 0.0)),  # type: ignore[arg-type]
+                    int(rec["bytes-up"]),  # type: ignore[arg-type]
+                )
             )
         elif rec.get("event") == "round" and int(rec["round"]) > 0:  # type: ignore[arg-type]
             cloud[int(rec["round"])] = float(rec.get("cloud-seconds", 0.0))  # type: ignore[arg-type]
+    edge = [p[3] for p in parts]
+    if steady and parts:
+        edge = _steadied(edge, [p[1] for p in parts])
+    if steady and cloud:
+        cloud = dict(
+            zip(cloud, _steadied(list(cloud.values()), [0] * len(cloud)), strict=True)
+        )
+    per_node: dict[int, dict[int, NodeRound]] = {}
+    for (rnd, node, down, _, up), seconds in zip(parts, edge, strict=True):
+        per_node.setdefault(rnd, {})[node] = NodeRound(down, seconds, up)
     rounds = sorted(set(per_node) | set(cloud))
     return [SyncRound(r, per_node.get(r, {}), cloud.get(r, 0.0)) for r in rounds]
 
@@ -225,29 +273,42 @@ def replay_pipeline(
 
 
 def exchanges_from_records(
-    records: Iterable[Mapping[str, object]],
+    records: Iterable[Mapping[str, object]], steady: bool = True
 ) -> tuple[list[Exchange], list[int]]:
     """Rebuild a pipelined run's exchanges and report marks from its records.
 
     Exchanges come from ``exchange`` events (in file order, which is the
     cloud's processing order); marks from the ``exchanges`` field of
-    ``round`` events.
+    ``round`` events after the start. With ``steady``, compute times are
+    steadied (:func:`steady_seconds`): the edge's per node and message shape
+    (micro-batches forwarded, gradients applied or not), the cloud's per
+    message shape.
     """
-    exchanges = []
+    events = []
     marks = []
     for rec in records:
         if rec.get("event") == "exchange":
-            exchanges.append(
-                Exchange(
-                    node=int(rec["node-id"]),  # type: ignore[arg-type]
-                    seq=int(rec["seq"]),  # type: ignore[arg-type]
-                    bytes_down=int(rec["bytes-down"]),  # type: ignore[arg-type]
-                    edge_seconds=float(rec["edge-seconds"]),  # type: ignore[arg-type]
-                    bytes_up=int(rec["bytes-up"]),  # type: ignore[arg-type]
-                    cloud_seconds=float(rec["cloud-seconds"]),  # type: ignore[arg-type]
-                    grads_from=int(rec["grads-from"]),  # type: ignore[arg-type]
-                )
-            )
-        elif rec.get("event") == "round" and "exchanges" in rec:
+            events.append(rec)
+        elif rec.get("event") == "round" and rec.get("round") and "exchanges" in rec:
             marks.append(int(rec["exchanges"]))  # type: ignore[arg-type]
+    edge = [float(r["edge-seconds"]) for r in events]  # type: ignore[arg-type]
+    cloud = [float(r["cloud-seconds"]) for r in events]  # type: ignore[arg-type]
+    if steady and events:
+        shape = [(r.get("micro-batches", 0), int(r["grads-from"]) >= 0) for r in events]  # type: ignore[arg-type]
+        edge = _steadied(
+            edge, [(r["node-id"], *k) for r, k in zip(events, shape, strict=True)]
+        )
+        cloud = _steadied(cloud, [k[0] for k in shape])
+    exchanges = [
+        Exchange(
+            node=int(r["node-id"]),  # type: ignore[arg-type]
+            seq=int(r["seq"]),  # type: ignore[arg-type]
+            bytes_down=int(r["bytes-down"]),  # type: ignore[arg-type]
+            edge_seconds=e,
+            bytes_up=int(r["bytes-up"]),  # type: ignore[arg-type]
+            cloud_seconds=c,
+            grads_from=int(r["grads-from"]),  # type: ignore[arg-type]
+        )
+        for r, e, c in zip(events, edge, cloud, strict=True)
+    ]
     return exchanges, marks

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,3 +101,85 @@ def merge_delta(
     """``θ_e^c + weight·Δ / K``: one edge's update into the cloud's copy."""
     scale = weight / max(num_edges, 1)
     return {k: theta_e_cloud[k] + scale * delta[k] for k in theta_e_cloud}
+
+
+def quantize_rows(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit activations: ``q = round(a / s · 127)`` with one scale per sample.
+
+    ``s`` is the row's largest magnitude (float32, shape ``(N,)``), so every
+    value lands in ``[-127, 127]`` (int8) and the error per value is at most
+    ``s / 254``. Bytes per sample: ``prod(shape[1:]) + 4``.
+    """
+    flat = acts.reshape(len(acts), -1).astype(np.float32)
+    scale = np.abs(flat).max(axis=1) if flat.size else np.zeros(len(acts), np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.rint(flat / safe * 127.0).astype(np.int8)
+    return q.reshape(acts.shape), scale.astype(np.float32)
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_rows` (float32, the shape of ``q``)."""
+    flat = q.reshape(len(q), -1).astype(np.float32) * (scale[:, None] / 127.0)
+    return flat.reshape(q.shape)
+
+
+#: Wire precisions of cut-layer tensors (activations up, gradients down).
+CUT_PRECISIONS = ("float32", "float16", "int8")
+
+
+def encode_cut(x: np.ndarray, precision: str, key: str) -> dict[str, np.ndarray]:
+    """A cut-layer tensor as plain arrays: ``{key}`` (and ``{key}-scale`` for int8).
+
+    Bytes per sample: 4·d (float32), 2·d (float16), d + 4 (int8, see
+    :func:`quantize_rows`), for ``d`` numbers per sample.
+    """
+    if precision == "int8":
+        q, scale = quantize_rows(x)
+        return {key: q, f"{key}-scale": scale}
+    if precision not in CUT_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {CUT_PRECISIONS}, not {precision!r}"
+        )
+    return {key: x.astype(precision)}
+
+
+def cut_keys(precision: str, key: str) -> set[str]:
+    """The array names :func:`encode_cut` produces."""
+    return {key, f"{key}-scale"} if precision == "int8" else {key}
+
+
+def decode_cut(
+    arrays: Mapping[str, np.ndarray],
+    precision: str,
+    key: str,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """Validate and decode :func:`encode_cut`'s arrays to float32 of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong: the dtype, the shape, a scale of the wrong
+        dtype, shape or sign, or NaN/Inf.
+    """
+    x = arrays[key]
+    want = "int8" if precision == "int8" else precision
+    if str(x.dtype) != want or tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"'{key}' is {x.dtype} {tuple(x.shape)}, expected {want} {tuple(shape)}"
+        )
+    if precision == "int8":
+        scale = arrays[f"{key}-scale"]
+        if str(scale.dtype) != "float32" or tuple(scale.shape) != (shape[0],):
+            raise ValueError(
+                f"'{key}-scale' is {scale.dtype} {tuple(scale.shape)}, expected "
+                f"float32 ({shape[0]},)"
+            )
+        if not np.isfinite(scale).all() or (scale < 0).any():
+            raise ValueError(f"'{key}-scale' must be finite and >= 0")
+        out = dequantize_rows(x, scale)
+    else:
+        out = x.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ValueError(f"'{key}' holds NaN or Inf")
+    return out

@@ -33,7 +33,7 @@ from tandem.network import (
 
 __all__ = ["main"]
 
-QUICK = {"nodes": 3, "rounds": 2, "mnist1d-samples": 1000}
+QUICK = {"nodes": 3, "rounds": 2, "steps": 50, "mnist1d-samples": 1000}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="link profiles: 4g 5g lan wifi variable, or mix:4g,5g,...",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed values")
-    p.add_argument("--nodes", type=int, default=10, help="simulated SuperNodes")
+    p.add_argument(
+        "--nodes", type=int, help="simulated SuperNodes (default: the suite's)"
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--rounds", type=int, help="rounds per run (default 20)")
+    group.add_argument(
+        "--rounds", type=int, help="rounds per run (default: the suite's)"
+    )
     group.add_argument(
         "--steps", type=int, help="SGD steps per node; rounds = steps / local steps"
     )
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI-sized: 3 nodes, 2 rounds, 1,000 samples",
+        help="CI-sized: 3 nodes, 2 rounds (or 50 steps), 1,000 samples",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.add_argument(
@@ -84,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="this machine's GFLOP/s per ClientApp core (default: measured)",
     )
+    p.add_argument(
+        "--target",
+        type=float,
+        help="accuracy for the time-to-target column (default: 90%% of "
+        "centralized's final accuracy, or of the best method's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -102,14 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
     suite = SUITES[args.suite]
     extra: dict[str, object] = {}
-    nodes, rounds = args.nodes, args.rounds
+    nodes, rounds, steps = args.nodes or suite.nodes, args.rounds, args.steps
+    if rounds is None and steps is None:
+        rounds, steps = suite.rounds, suite.steps
     if args.quick:
-        nodes, rounds = QUICK["nodes"], rounds or QUICK["rounds"]
+        nodes = args.nodes or QUICK["nodes"]
+        if args.rounds is None and args.steps is None:
+            rounds = QUICK["rounds"] if suite.steps is None else None
+            steps = None if suite.steps is None else QUICK["steps"]
         extra["mnist1d-samples"] = QUICK["mnist1d-samples"]
     if args.samples:
         extra["mnist1d-samples"] = args.samples
-    if rounds is None and args.steps is None:
-        rounds = 20
     args.out.mkdir(parents=True, exist_ok=True)
 
     local_edge = args.local_gflops or measure_local_gflops(threads=1)
@@ -122,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds=tuple(args.seeds),
         nodes=nodes,
         rounds=rounds,
-        steps=args.steps,
+        steps=steps,
+        target=args.target,
         dataset=args.dataset,
         data_path=args.data_path,
         extra=extra,
@@ -179,12 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": opts.nodes,
         "seeds": list(opts.seeds),
         "rounds": {v.label: opts.rounds_for(v) for v in suite.variants},
+        "steps_per_edge": {v.label: opts.steps_for(v) for v in suite.variants},
         "clock": (
-            "retimed: synchronous rounds re-timed after the run (their order of "
-            "events does not depend on timing); messages take RTT/2 + bytes*8/"
-            "bandwidth along the trace; compute = measured seconds x device factor"
+            "retimed: each run's recorded messages and measured compute re-timed "
+            "after the run under every profile (synchronous rounds, or "
+            "SimulTrain's pipelined exchanges served in virtual arrival order); "
+            "messages take RTT/2 + bytes*8/bandwidth along the trace; compute = "
+            "measured seconds x device factor"
         ),
-        "bytes_per_step": "total bytes / (nodes x rounds x local steps)",
+        "bytes_per_step": "total bytes / (nodes x SGD steps per edge)",
+        "emulated_seconds_per_step": "emulated run time / SGD steps per edge",
+        "bandwidth_time_product_per_step": (
+            "(bytes up + down per step) x emulated seconds per step, in byte-seconds"
+        ),
+        "target_accuracy": results["target_accuracy"],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "tandem bench " + " ".join(sys.argv[2:] if argv is None else argv),
     }

@@ -12,17 +12,28 @@ def _kb(n: float) -> str:
     return f"{n / 1000:,.1f} KB" if n < 1e6 else f"{n / 1e6:,.2f} MB"
 
 
+def _opt(value: float | None, fmt: str) -> str:
+    return "not reached" if value is None else format(value, fmt)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: one row per method, one emulated-time column per profile."""
+    """A Markdown table: one row per method, per-profile time columns.
+
+    Columns mirror the seeds' two tables: accuracy, bytes per step up and
+    down, emulated time per step and to the target accuracy, the
+    bandwidth-time product per step, and edge/cloud utilization.
+    """
     profiles = results["assumptions"]["profile_names"]
+    first = profiles[0]
     head = [
         "method",
         "final accuracy",
-        "bytes up",
-        "bytes down",
         "up / step",
         "down / step",
-        *[f"emulated s ({p})" for p in profiles],
+        *[f"s / step ({p})" for p in profiles],
+        *[f"s to {results['target_accuracy']:.0%} ({p})" for p in profiles],
+        f"BTP / step ({first})",
+        f"edge / cloud busy ({first})",
         "wall s",
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -32,14 +43,16 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         n = len(m["final_accuracy_per_seed"])
         acc = f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})"
+        util = m["utilization"][first]
         cells = [
             label,
             acc,
-            _kb(m["bytes_up"]),
-            _kb(m["bytes_down"]),
             _kb(m["bytes_up_per_step"]),
             _kb(m["bytes_down_per_step"]),
-            *[f"{m['emulated_seconds'][p]:.2f}" for p in profiles],
+            *[f"{m['emulated_seconds_per_step'][p]:.4f}" for p in profiles],
+            *[_opt(m["emulated_seconds_to_target"][p], ".2f") for p in profiles],
+            f"{m['bandwidth_time_product_per_step'][first] / 1000:,.1f} KB·s",
+            f"{util['edge']:.0%} / {util['cloud']:.0%}",
             f"{m['wall_seconds']:.1f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")

@@ -22,7 +22,12 @@ from typing import Any
 from tandem.bench.suites import Suite, Variant
 from tandem.launch import FlowerHome, RunStatus
 from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
-from tandem.schedules import replay_sync_rounds, sync_rounds_from_records
+from tandem.schedules import (
+    exchanges_from_records,
+    replay_pipeline,
+    replay_sync_rounds,
+    sync_rounds_from_records,
+)
 from tandem.tracking import read_jsonl
 
 __all__ = ["BenchOptions", "RunRecord", "run_suite", "summarize"]
@@ -49,12 +54,24 @@ class BenchOptions:
     local_gflops_edge: float = 0.0
     local_gflops_cloud: float = 0.0
     timeout: float = 900.0
+    target: float | None = None
 
     def rounds_for(self, variant: Variant) -> int:
-        """Rounds of a variant: ``--rounds``, or ``--steps`` / its local steps."""
+        """Rounds of a variant: ``--rounds``, or ``--steps`` / its local steps.
+
+        A pipelined variant reports every ``local_steps`` steps per edge and
+        once more after its final merges.
+        """
         if self.steps is not None:
-            return max(1, math.ceil(self.steps / variant.local_steps))
+            rounds = max(1, math.ceil(self.steps / variant.local_steps))
+            return rounds + 1 if variant.schedule == "pipeline" else rounds
         return int(self.rounds or 1)
+
+    def steps_for(self, variant: Variant) -> int:
+        """SGD steps per edge of a variant's run."""
+        if variant.schedule == "pipeline":
+            return self.steps if self.steps is not None else variant.local_steps
+        return self.rounds_for(variant) * variant.local_steps
 
     @property
     def edge_factor(self) -> float:
@@ -97,15 +114,20 @@ def _overrides(opts: BenchOptions, suite: Suite, variant: Variant, seed: int) ->
     workload: dict[str, object] = {"dataset": opts.dataset}
     if opts.data_path:
         workload["data-path"] = opts.data_path
-    return {
+    overrides: dict[str, object] = {
         **suite.defaults,
         **workload,
+        "min-nodes": opts.nodes,
         **opts.extra,
         **variant.overrides,
         "seed": seed,
         "num-server-rounds": opts.rounds_for(variant),
         "output-dir": str((opts.out / "runs").resolve()),
     }
+    if variant.schedule == "pipeline":
+        overrides["simultrain-steps"] = opts.steps_for(variant)
+        overrides["num-server-rounds"] = 1  # unused: the steps set the length
+    return overrides
 
 
 def run_suite(
@@ -178,12 +200,25 @@ def _sd(values: Sequence[float]) -> float:
 
 
 def _emulate(run: RunRecord, profile: str, opts: BenchOptions) -> dict[str, Any]:
-    rounds = sync_rounds_from_records(run.records)
-    nodes = sorted({n for rnd in rounds for n in rnd.nodes})
-    links = assign_links(nodes, profile, seed=run.seed)
-    report = replay_sync_rounds(
-        rounds, links, opts.edge_factor, opts.cloud_factor, seed=run.seed
-    )
+    if run.variant.schedule == "pipeline":
+        exchanges, marks = exchanges_from_records(run.records)
+        nodes = sorted({ex.node for ex in exchanges})
+        links = assign_links(nodes, profile, seed=run.seed)
+        report = replay_pipeline(
+            exchanges,
+            links,
+            opts.edge_factor,
+            opts.cloud_factor,
+            seed=run.seed,
+            marks=marks,
+        )
+    else:
+        rounds = sync_rounds_from_records(run.records)
+        nodes = sorted({n for rnd in rounds for n in rnd.nodes})
+        links = assign_links(nodes, profile, seed=run.seed)
+        report = replay_sync_rounds(
+            rounds, links, opts.edge_factor, opts.cloud_factor, seed=run.seed
+        )
     return {
         "mode": report.mode,
         "total": report.total_seconds,
@@ -220,8 +255,13 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         acc = [r.summary["final-accuracy"] for r in good]
         up = [r.summary["bytes-up"] for r in good]
         down = [r.summary["bytes-down"] for r in good]
-        steps = opts.nodes * opts.rounds_for(variant) * variant.local_steps
+        per_edge = opts.steps_for(variant)
+        steps = opts.nodes * per_edge  # SGD steps of all edges together
         emulated = {p: [_emulate(r, p, opts) for r in good] for p in opts.profiles}
+        per_step = {
+            p: _mean([e["total"] for e in v]) / per_edge for p, v in emulated.items()
+        }
+        traffic = (_mean(up) + _mean(down)) / steps
         entry.update(
             {
                 "final_accuracy": _mean(acc),
@@ -238,10 +278,10 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     p: _mean([e["total"] for e in v]) / opts.rounds_for(variant)
                     for p, v in emulated.items()
                 },
-                "emulated_seconds_per_step": {
-                    p: _mean([e["total"] for e in v])
-                    / (opts.rounds_for(variant) * variant.local_steps)
-                    for p, v in emulated.items()
+                "steps_per_edge": per_edge,
+                "emulated_seconds_per_step": per_step,
+                "bandwidth_time_product_per_step": {
+                    p: traffic * t for p, t in per_step.items()
                 },
                 "emulated_seconds_per_seed": {
                     p: [e["total"] for e in v] for p, v in emulated.items()
@@ -254,6 +294,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     for p, v in emulated.items()
                 },
                 "clock_mode": "retimed",
+                "schedule": variant.schedule,
                 "wall_seconds": _mean([r.summary["wall-seconds"] for r in good]),
                 "wall_seconds_per_seed": [r.summary["wall-seconds"] for r in good],
                 "curves": [
@@ -274,4 +315,51 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
             }
         )
         methods[variant.label] = entry
-    return {"suite": suite.name, "description": suite.description, "methods": methods}
+    target = _target_accuracy(methods, opts.target)
+    for entry in methods.values():
+        if not entry.get("failed"):
+            entry["emulated_seconds_to_target"] = _time_to_target(entry, target)
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "target_accuracy": target,
+        "methods": methods,
+    }
+
+
+def _target_accuracy(methods: Mapping[str, Any], given: float | None) -> float:
+    """``--target``, else 90% of centralized's final accuracy (or the best's)."""
+    if given is not None:
+        return given
+    done = {k: m for k, m in methods.items() if not m.get("failed")}
+    if not done:
+        return float("nan")
+    central = [m for m in done.values() if m["method"] == "centralized"]
+    ceiling = central[0] if central else max(done.values(), key=_final)
+    return 0.9 * ceiling["final_accuracy"]
+
+
+def _final(entry: Mapping[str, Any]) -> float:
+    return float(entry["final_accuracy"])
+
+
+def _time_to_target(entry: Mapping[str, Any], target: float) -> dict[str, Any]:
+    """Per profile: mean emulated seconds until the test accuracy first reached
+    ``target`` (``None`` unless every seed reached it)."""
+    out: dict[str, Any] = {}
+    for profile in entry["emulated_seconds"]:
+        times = []
+        for curve in entry["curves"]:
+            hits = [
+                t
+                for t, a in zip(
+                    curve["emulated_seconds"][profile][1:],
+                    curve["accuracy"][1:],
+                    strict=False,
+                )
+                if a >= target
+            ]
+            times.append(hits[0] if hits else None)
+        reached = [t for t in times if t is not None]
+        out[profile] = _mean(reached) if len(reached) == len(times) else None
+    return out

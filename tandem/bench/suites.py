@@ -23,9 +23,11 @@ class Variant:
     overrides : Mapping[str, object]
         Run-config keys for this variant (``method`` at least).
     schedule : str
-        How its emulated time is computed: ``"sync"`` re-times recorded
-        synchronous rounds (valid because their order of events does not
-        depend on timing).
+        How its emulated time is computed from the run's records:
+        ``"sync"`` re-times synchronous rounds
+        (:func:`~tandem.schedules.replay_sync_rounds`), ``"pipeline"``
+        re-times SimulTrain's exchanges
+        (:func:`~tandem.schedules.replay_pipeline`).
     """
 
     label: str
@@ -34,8 +36,9 @@ class Variant:
 
     @property
     def local_steps(self) -> int:
-        """SGD steps per node per round."""
-        return int(self.overrides.get("local-steps", 50))  # type: ignore[call-overload]
+        """SGD steps per node per round (per report period, ``pipeline``)."""
+        key = "simultrain-eval-every" if self.schedule == "pipeline" else "local-steps"
+        return int(self.overrides.get(key, 50))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Suite:
     description: str
     variants: tuple[Variant, ...]
     defaults: Mapping[str, object] = field(default_factory=dict)
+    nodes: int = 10
+    rounds: int | None = 20
+    steps: int | None = None
 
 
 SUITES: dict[str, Suite] = {
@@ -56,5 +62,43 @@ SUITES: dict[str, Suite] = {
             Variant("fedavg-k10", {"method": "fedavg", "local-steps": 10}),
             Variant("fedavg-k50", {"method": "fedavg", "local-steps": 50}),
         ),
+    ),
+    "simultrain": Suite(
+        name="simultrain",
+        description=(
+            "SimulTrain against its baselines and ablations (seeds 000-003): "
+            "the same model, data and SGD steps per edge"
+        ),
+        variants=(
+            Variant("centralized", {"method": "centralized", "local-steps": 50}),
+            Variant("syncsgd", {"method": "syncsgd", "local-steps": 1}),
+            Variant("fedavg-5", {"method": "fedavg", "local-steps": 5}),
+            Variant(
+                "simultrain",
+                {"method": "simultrain", "simultrain-eval-every": 50},
+                schedule="pipeline",
+            ),
+            Variant(
+                "simultrain-alpha0",
+                {
+                    "method": "simultrain",
+                    "simultrain-eval-every": 50,
+                    "simultrain-alpha": 0.0,
+                },
+                schedule="pipeline",
+            ),
+            Variant(
+                "simultrain-no-reconcile",
+                {
+                    "method": "simultrain",
+                    "simultrain-eval-every": 50,
+                    "simultrain-reconcile-every": 0,
+                },
+                schedule="pipeline",
+            ),
+        ),
+        nodes=2,
+        rounds=None,
+        steps=300,
     ),
 }

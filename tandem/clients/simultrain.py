@@ -53,7 +53,14 @@ from tandem.clients.node import (
 from tandem.config import RunConfig, parse_section
 from tandem.datasets import load_dataset
 from tandem.models import DEFAULT_CUTS, build_model, default_model_for
-from tandem.split import forecast_gradients, soft_reconcile, split_model
+from tandem.split import (
+    cut_keys,
+    decode_cut,
+    encode_cut,
+    forecast_gradients,
+    soft_reconcile,
+    split_model,
+)
 from tandem.strategies.simultrain_options import SimulTrainOptions
 from tandem.wire import (
     KEY_CONFIG,
@@ -135,12 +142,15 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
             raise PayloadError(f"gradients for chunk {grad_for}, which is not stashed")
         idx = stash[prefix + "idx"].numpy()
         sizes = stash[prefix + "sizes"].numpy()
-        g = grads["g"].numpy()  # type: ignore[index]
-        if g.dtype != np.float32 or g.shape[0] != len(idx) or not np.isfinite(g).all():
-            raise PayloadError(
-                f"cut-layer gradients of shape {g.shape} {g.dtype}: expected "
-                f"({len(idx)}, ...) finite float32"
-            )
+        try:
+            arrays = {k: v.numpy() for k, v in grads.items()}  # type: ignore[attr-defined]
+            if set(arrays) != cut_keys(opts.precision, "g"):
+                raise ValueError(f"gradient arrays {sorted(arrays)}")
+            with torch.no_grad():
+                cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
+            g = decode_cut(arrays, opts.precision, "g", (len(idx), *cut))
+        except ValueError as err:
+            raise PayloadError(f"cut-layer gradients: {err}") from None
         stashed = {
             k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
             for k in stash
@@ -187,14 +197,13 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         with torch.no_grad():
             acts = edge(torch.from_numpy(split.x[idx]))
         compute += time.thread_time() - tick
-        dtype = np.float16 if opts.precision == "float16" else np.float32
-        reply[KEY_ACTS] = ArrayRecord(
-            {
-                "a": Array(acts.numpy().astype(dtype)),
-                "y": Array(split.y[idx]),
-                "sizes": Array(np.array([len(b) for b in batches], dtype=np.int64)),
-            }
-        )
+        record = {
+            k: Array(v)
+            for k, v in encode_cut(acts.numpy(), opts.precision, "a").items()
+        }
+        record["y"] = Array(split.y[idx])
+        record["sizes"] = Array(np.array([len(b) for b in batches], dtype=np.int64))
+        reply[KEY_ACTS] = ArrayRecord(record)
         prefix = f"c{version}/"
         stash[prefix + "idx"] = Array(idx.astype(np.int64))
         stash[prefix + "sizes"] = Array(np.array([len(b) for b in batches], np.int64))

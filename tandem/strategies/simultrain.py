@@ -54,13 +54,19 @@ from tandem.clients.simultrain import (
 from tandem.network import assign_links
 from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
 from tandem.server_context import ServerRun
-from tandem.split import merge_delta, staleness_weight
+from tandem.split import (
+    cut_keys,
+    decode_cut,
+    encode_cut,
+    merge_delta,
+    staleness_weight,
+)
 from tandem.strategies.simultrain_options import SimulTrainOptions
 from tandem.tracking import read_jsonl
 from tandem.training import evaluate
 from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
 
-__all__ = ["check_activations", "run"]
+__all__ = ["adapt_chunk", "check_activations", "run"]
 
 #: Seconds to wait for one reply before the edge is considered gone.
 REPLY_TIMEOUT = 600.0
@@ -73,6 +79,7 @@ class InFlight:
     seq: int
     bytes_down: int
     grads_from: int
+    want: int
 
 
 @dataclass
@@ -93,6 +100,8 @@ class EdgeTrack:
     grads_from: int = -1  # exchange whose gradients the message in flight holds
     final_sent: bool = False
     edge_seconds: float = 0.0  # measured compute of the last reply
+    chunk: int = 1  # adaptive chunk size (simultrain-chunk = 0)
+    sent_at: float = 0.0  # wall clock when the message in flight left
 
 
 def check_activations(
@@ -118,29 +127,59 @@ def check_activations(
     if version != expected_version:
         raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
     record = get_record(content, KEY_ACTS, ArrayRecord)
-    if set(record) != {"a", "y", "sizes"}:  # type: ignore[arg-type]
-        raise PayloadError(f"activation keys {sorted(record)}, expected a, y, sizes")  # type: ignore[arg-type]
-    a, y, sizes = (record[k] for k in ("a", "y", "sizes"))  # type: ignore[index]
-    if a.dtype != dtype or y.dtype != "int64" or sizes.dtype != "int64":
-        raise PayloadError(f"dtypes a={a.dtype} y={y.dtype} sizes={sizes.dtype}")
-    rows = a.shape[0] if a.shape else 0
-    if rows > max_rows or tuple(a.shape[1:]) != cut_shape:
+    keys = {"y", "sizes"} | cut_keys(dtype, "a")
+    if set(record) != keys:  # type: ignore[arg-type]
         raise PayloadError(
-            f"activations of shape {tuple(a.shape)}, expected (<= {max_rows}, "
-            f"{', '.join(map(str, cut_shape))})"
+            f"activation keys {sorted(record)}, expected {', '.join(sorted(keys))}"  # type: ignore[arg-type]
+        )
+    y, sizes = record["y"], record["sizes"]  # type: ignore[index]
+    if y.dtype != "int64" or sizes.dtype != "int64":
+        raise PayloadError(f"dtypes y={y.dtype} sizes={sizes.dtype}")
+    rows = y.shape[0] if y.shape else 0
+    if rows > max_rows or tuple(y.shape) != (rows,):
+        raise PayloadError(
+            f"labels of shape {tuple(y.shape)}, expected (<= {max_rows},)"
         )
     sizes_np = sizes.numpy()
     if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
         raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
-    if int(sizes_np.sum()) != rows or tuple(y.shape) != (rows,):
-        raise PayloadError("sizes, labels and activation rows disagree")
-    acts = a.numpy().astype(np.float32)
-    if not np.isfinite(acts).all():
-        raise PayloadError("activations hold NaN or Inf")
+    if int(sizes_np.sum()) != rows:
+        raise PayloadError("sizes and label rows disagree")
+    try:
+        acts = decode_cut(
+            {k: record[k].numpy() for k in cut_keys(dtype, "a")},  # type: ignore[index]
+            dtype,
+            "a",
+            (rows, *cut_shape),
+        )
+    except ValueError as err:
+        raise PayloadError(f"activations: {err}") from None
     labels = y.numpy()
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise PayloadError(f"labels outside [0, {num_classes})")
     return acts, labels, sizes_np
+
+
+#: Adaptive chunks aim to keep transport at most this share of an exchange.
+OVERHEAD_SHARE = 0.1
+
+
+def adapt_chunk(
+    exchange_seconds: float, edge_seconds: float, micro_batches: int, max_chunk: int
+) -> int:
+    """Micro-batches per message so that transport stays a small share of work.
+
+    An exchange of ``C`` micro-batches costs ``o + C·c``: a fixed overhead
+    ``o`` (the measured wall time of the exchange minus the edge's compute)
+    and ``c`` compute seconds per micro-batch. Overhead is at most a share
+    ``p`` (:data:`OVERHEAD_SHARE`) of it when ``C ≥ o·(1 − p) / (p·c)``; the
+    result is clamped to ``[1, max_chunk]``, since every micro-batch of a
+    chunk is forwarded at the same weights (staleness grows with ``C``).
+    """
+    per_batch = max(edge_seconds, 1e-6) / max(micro_batches, 1)
+    overhead = max(exchange_seconds - edge_seconds, 0.0)
+    need = overhead * (1 - OVERHEAD_SHARE) / (OVERHEAD_SHARE * per_batch)
+    return int(min(max(math.ceil(need), 1), max_chunk))
 
 
 def _compute_seconds(content: RecordDict) -> float:
@@ -176,7 +215,8 @@ def run(srv: ServerRun) -> None:
     nodes = _wait_for_nodes(srv, cfg.min_nodes)
     tracks = {n: EdgeTrack(n) for n in nodes}
     dtype = opts.precision
-    max_rows = opts.chunk * cfg.train.batch_size
+    max_rows = (opts.chunk or opts.max_chunk) * cfg.train.batch_size
+    chunks_sent: list[int] = []
     merges = 0
     cloud_steps = 0
     exchanges = 0
@@ -192,12 +232,13 @@ def run(srv: ServerRun) -> None:
     def send(track: EdgeTrack) -> None:
         # the next message: gradients of the chunk before the one just
         # received (if computed), reconciliation when due, the next chunk size
-        want = min(opts.chunk, opts.steps - track.steps_requested)
+        want = min(opts.chunk or track.chunk, opts.steps - track.steps_requested)
         content = RecordDict()
         grad_for = min(track.grads, default=-1)
         track.grads_from = -1
         if grad_for >= 0:
-            content[KEY_GRADS] = ArrayRecord({"g": Array(track.grads.pop(grad_for))})
+            encoded = encode_cut(track.grads.pop(grad_for), opts.precision, "g")
+            content[KEY_GRADS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
             track.grads_from = track.grads_seq.pop(grad_for)
         # the last message delivers the last chunk's gradients
         final = want == 0 and grad_for == track.next_version - 1
@@ -223,6 +264,9 @@ def run(srv: ServerRun) -> None:
         track.steps_since_reconcile += want
         track.want_inflight = want
         track.final_sent = final
+        track.sent_at = time.monotonic()
+        if want:
+            chunks_sent.append(want)
         waiting[track.message_id] = track
 
     def record_exchange(
@@ -240,9 +284,11 @@ def run(srv: ServerRun) -> None:
                 "bytes-up": payload_bytes(reply.content),
                 "cloud-seconds": cloud_seconds,
                 "grads-from": exchange.grads_from,
+                "micro-batches": exchange.want,
             },
         )
 
+    _report(srv, full, theta_ec, data.test, device, 0, [], 0)  # the start
     waiting: dict[str | None, EdgeTrack] = {}
     for track in tracks.values():
         send(track)
@@ -262,7 +308,9 @@ def run(srv: ServerRun) -> None:
         for reply in replies:
             track = waiting.pop(reply.metadata.reply_to_message_id)
             # what the answered message was, for the exchange record
-            done = InFlight(track.seq, track.bytes_down, track.grads_from)
+            done = InFlight(
+                track.seq, track.bytes_down, track.grads_from, track.want_inflight
+            )
             if reply.has_error():
                 srv.reject(period + 1, track.node_id, f"error: {reply.error.reason}")
                 continue
@@ -313,6 +361,13 @@ def run(srv: ServerRun) -> None:
                 continue  # its stash no longer matches ours: the edge stops
             version = track.next_version
             track.next_version += 1
+            if not opts.chunk:
+                track.chunk = adapt_chunk(
+                    time.monotonic() - track.sent_at,
+                    track.edge_seconds,
+                    track.want_inflight,
+                    opts.max_chunk,
+                )
             send(track)  # the edge works while the cloud computes
 
             # f_c forward/backward per micro-batch; θ_c steps at once
@@ -371,6 +426,7 @@ def run(srv: ServerRun) -> None:
             "bytes-down-per-step": srv.cumulative_bytes["bytes-down"] / total_steps,
             "clock-mode": timeline.mode,
             "link": opts.link,
+            "mean-chunk": float(np.mean(chunks_sent)) if chunks_sent else 0.0,
             "max-staleness": max(staleness_seen, default=0),
             "dropped-deltas": dropped_deltas,
             "rejected-replies": srv.rejected(),

@@ -15,12 +15,18 @@ class SimulTrainOptions:
 
     cut: str = option("simultrain-cut", "default")
     steps: int = option(
-        "simultrain-steps", 400, "must be >= 1 (SGD steps per edge)", lambda n: n >= 1
+        "simultrain-steps", 300, "must be >= 1 (SGD steps per edge)", lambda n: n >= 1
     )
     chunk: int = option(
         "simultrain-chunk",
-        1,
-        "must be >= 1 (micro-batches per message)",
+        0,
+        "must be >= 0 (micro-batches per message; 0 = adapt to the exchange cost)",
+        lambda n: n >= 0,
+    )
+    max_chunk: int = option(
+        "simultrain-max-chunk",
+        4,
+        "must be >= 1 (largest adaptive chunk)",
         lambda n: n >= 1,
     )
     alpha: float = option(
@@ -28,7 +34,7 @@ class SimulTrainOptions:
     )
     edge_lr_scale: float = option(
         "simultrain-edge-lr-scale",
-        0.1,
+        0.5,
         "must be > 0 (edge learning rate = lr x this)",
         lambda f: f > 0,
     )
@@ -40,7 +46,7 @@ class SimulTrainOptions:
     )
     reconcile_every: int = option(
         "simultrain-reconcile-every",
-        40,
+        4,
         "must be >= 0 (steps between reconciliations; 0 = never)",
         lambda n: n >= 0,
     )
@@ -48,10 +54,10 @@ class SimulTrainOptions:
         "simultrain-staleness-bound", 8, "must be >= 0", lambda n: n >= 0
     )
     precision: str = option(
-        "simultrain-precision", "float32", choices=("float32", "float16")
+        "simultrain-precision", "int8", choices=("float32", "float16", "int8")
     )
     eval_every: int = option(
-        "simultrain-eval-every", 40, "must be >= 1 (steps per edge)", lambda n: n >= 1
+        "simultrain-eval-every", 50, "must be >= 1 (steps per edge)", lambda n: n >= 1
     )
     link: str = option("simultrain-link", "4g")
     edge_factor: float = option(
