@@ -4,15 +4,19 @@ Pure torch; no Flower imports. Notation of the SimulTrain seeds (000-003):
 the model is cut into an edge part ``f_e(·; θ_e)`` and a cloud part
 ``f_c(·; θ_c)``; the cloud keeps its own copy ``θ_e^c`` of the edge layers.
 
-- Forecast step (seed 002): ``∇̃ = ∇ℓ(θ_e; x) + α·(θ_e^c − θ_e)``, α = 0.5 in
-  the seeds: a linear correction toward the cloud's version that cancels
+- Forecast step (seed 002): ``∇̃ = ∇ℓ(w^(e); x) + α·(w^(c) − w^(e))``, α = 0.5
+  in the seeds: a first-order correction of a gradient computed at an older
+  version ``w^(e)`` toward the newer version ``w^(c)``, which cancels the
   first-order staleness bias without recomputing a forward pass.
 - Soft reconciliation every R steps (seed 002):
   ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c``.
-- Staleness-weighted merge of edge deltas into ``θ_e^c`` (DESIGN.md):
+- Staleness-weighted merge of edge deltas into ``θ_e^c`` (our choice; the
+  seeds leave it open):
   ``θ_e^c ← θ_e^c + s(τ_k)·Δ_k / K`` with ``s(τ) = 1 / (1 + τ)`` for a gap
   of ``τ`` merges since the edge last reconciled, and ``s = 0`` beyond the
   bound (the delta is dropped and counted).
+- Cut-layer tensors on the wire (:func:`encode_cut`): float32, float16, or
+  int8 with one scale per sample (:func:`quantize_rows`).
 """
 
 from __future__ import annotations

@@ -80,3 +80,57 @@ def test_bench_rejects_an_unknown_profile(tmp_path):
     )
     assert proc.returncode != 0
     assert "unknown link profile '3g'" in proc.stderr
+
+
+def test_bench_simultrain_quick(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem.bench",
+            "simultrain",
+            "--quick",
+            "--no-progress",
+            "--nodes",
+            "2",
+            "--profile",
+            "4g",
+            "5g",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    labels = {
+        "centralized",
+        "syncsgd",
+        "fedavg-5",
+        "simultrain",
+        "simultrain-alpha0",
+        "simultrain-no-reconcile",
+    }
+    assert set(results["methods"]) == labels
+    for label in labels:
+        assert f"| {label} |" in proc.stdout
+    for label, m in results["methods"].items():
+        assert m["steps_per_edge"] == 50, label
+        assert set(m["emulated_seconds_per_step"]) == {"4g", "5g"}
+        assert m["emulated_seconds_per_step"]["4g"] > 0, label
+        assert m["bytes_up_per_step"] > 0, label
+        assert set(m["bandwidth_time_product_per_step"]) == {"4g", "5g"}
+        assert set(m["emulated_seconds_to_target"]) == {"4g", "5g"}
+    split = results["methods"]["simultrain"]
+    assert split["schedule"] == "pipeline"
+    # the emulated timeline ends with the last exchange, after every report
+    curve = split["curves"][0]
+    assert len(curve["emulated_seconds"]["4g"]) == len(curve["accuracy"])
+    # SyncSGD moves the whole model both ways every step
+    sync = results["methods"]["syncsgd"]
+    assert sync["bytes_down_per_step"] > 38_440  # 9,610 float32 parameters
+    assert 0 < results["target_accuracy"] <= 1

@@ -29,6 +29,7 @@ from tandem.schedules import (
     exchanges_from_records,
     replay_pipeline,
     replay_sync_rounds,
+    steady_seconds,
     sync_rounds_from_records,
 )
 
@@ -246,3 +247,23 @@ def test_assign_links_by_name_mix_and_mapping():
     with pytest.raises(ValueError, match="unknown link profile"):
         preset("3g")
     assert not math.isnan(PRESETS["wifi"].jitter)
+
+
+def test_steady_seconds_is_the_lower_quartile_of_the_same_work():
+    assert steady_seconds([0.002, 0.001, 0.003, 0.5, 0.002]) == pytest.approx(0.002)
+    assert steady_seconds([0.3, 0.1]) == pytest.approx(0.2)  # few: the median
+    records = [
+        {
+            "event": "bytes",
+            "round": r,
+            "node-id": 1,
+            "bytes-down": 1,
+            "bytes-up": 1,
+            "edge-seconds": s,
+        }
+        for r, s in enumerate([1.0, 1.0, 1.0, 9.0], start=1)
+    ]
+    rounds = sync_rounds_from_records(records)
+    assert [rnd.nodes[1].edge_seconds for rnd in rounds] == [1.0] * 4
+    raw = sync_rounds_from_records(records, steady=False)
+    assert raw[-1].nodes[1].edge_seconds == 9.0

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tandem.config import ConfigError
 from tandem.models import DEFAULT_CUTS, build_model
 from tandem.split import (
+    cut_keys,
+    decode_cut,
+    dequantize_rows,
+    encode_cut,
     forecast_gradients,
     merge_delta,
+    quantize_rows,
     soft_reconcile,
     split_model,
     staleness_weight,
@@ -73,3 +79,37 @@ def test_staleness_weight_and_merge():
     base = {"w": torch.zeros(2)}
     merged = merge_delta(base, {"w": torch.tensor([4.0, -8.0])}, 0.5, 2)
     torch.testing.assert_close(merged["w"], torch.tensor([1.0, -2.0]))
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    x[2] = 0.0  # an all-zero row keeps scale 0 and decodes to zeros
+    q, scale = quantize_rows(x)
+    assert q.dtype == np.int8 and scale.shape == (5,) and scale[2] == 0
+    back = dequantize_rows(q, scale)
+    step = scale / 127
+    assert (np.abs(back - x).reshape(5, -1) <= step[:, None] / 2 + 1e-7).all()
+    assert (back[2] == 0).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_cut_codec_round_trip_and_bytes(precision):
+    x = np.linspace(-1, 1, 2 * 6, dtype=np.float32).reshape(2, 6)
+    arrays = encode_cut(x, precision, "a")
+    assert set(arrays) == cut_keys(precision, "a")
+    per_sample = {"float32": 24, "float16": 12, "int8": 6 + 4}[precision]
+    assert sum(a.nbytes for a in arrays.values()) == 2 * per_sample
+    back = decode_cut(arrays, precision, "a", (2, 6))
+    tolerance = {"float32": 0, "float16": 1e-3, "int8": 1 / 254 + 1e-7}[precision]
+    assert np.abs(back - x).max() <= tolerance
+
+
+def test_cut_codec_rejects_bad_arrays():
+    good = encode_cut(np.ones((2, 3), np.float32), "int8", "g")
+    with pytest.raises(ValueError, match="expected int8"):
+        decode_cut({**good, "g": good["g"].astype(np.int16)}, "int8", "g", (2, 3))
+    with pytest.raises(ValueError, match="'g-scale' is float32"):
+        decode_cut({**good, "g-scale": np.ones(3, np.float32)}, "int8", "g", (2, 3))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        decode_cut({"g": np.full((2, 3), np.nan, np.float32)}, "float32", "g", (2, 3))

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a terminated benchmark still stops its SuperLink (the runner's finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for name in args.profile:
         try:  # unknown names fail here, before any run
             if name.startswith("mix:"):

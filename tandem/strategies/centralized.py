@@ -23,7 +23,7 @@ from tandem.clients.centralized import KEY_DATA, MESSAGE_TYPE
 from tandem.datasets import ArraySplit
 from tandem.server_context import ServerRun
 from tandem.training import BatchStream, evaluate, make_optimizer, train_steps
-from tandem.wire import PayloadError, get_record
+from tandem.wire import KEY_NODE, PayloadError, get_record
 
 __all__ = ["check_upload", "run"]
 
@@ -85,17 +85,20 @@ def run(srv: ServerRun) -> None:
             srv.reject(1, node, f"error: {reply.error.reason}")
             continue
         try:
-            parts.append(
-                check_upload(
-                    reply.content, data.input_shape, data.num_classes, len(data.train)
-                )
+            part = check_upload(
+                reply.content, data.input_shape, data.num_classes, len(data.train)
             )
         except PayloadError as err:
             srv.reject(1, node, str(err))
+        else:
+            parts.append((_partition_id(reply.content, node), part))
     if not parts:
         raise RuntimeError("no edge uploaded usable data")
+    # pool in partition order, whatever order the replies came in, so that a
+    # seed gives the same run
+    ordered = [part for _, part in sorted(parts, key=lambda item: item[0])]
     pooled = ArraySplit(
-        np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+        np.concatenate([p.x for p in ordered]), np.concatenate([p.y for p in ordered])
     )
     model = srv.build_model().to(device)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
@@ -128,6 +131,13 @@ def run(srv: ServerRun) -> None:
             "rejected-replies": srv.rejected(),
         }
     )
+
+
+def _partition_id(content: RecordDict, node_id: int) -> int:
+    """The partition a reply says it holds (its node id if it does not say)."""
+    record = content.config_records.get(KEY_NODE)
+    value = None if record is None else record.get("partition-id")
+    return value if isinstance(value, int) else node_id
 
 
 def _eval(model: torch.nn.Module, test: ArraySplit, device: torch.device) -> dict:

@@ -2,33 +2,36 @@
 
 The cloud holds the upper layers ``θ_c`` and its copy ``θ_e^c`` of the edge
 layers (version ``v_c`` = cloud steps taken). Every edge has one message in
-flight (``train.simultrain``; safe on both engines, see FLOWER_NOTES). On a
+flight (``train.simultrain``): in simulation, two messages in flight to one
+node can run at once and lose each other's state updates. Replies
+are handled in the order they really arrive; no edge waits for another. On a
 reply carrying the activations of chunk ``v`` from edge ``k``, the cloud:
 
-1. first sends edge ``k`` its next message, with the cut-layer gradients of
-   chunk ``v − 1`` (computed earlier), ``θ_e^c`` when reconciliation is due,
-   and the size of the next chunk, so the edge works while the cloud does;
-2. merges the edge's delta, if the reply carries one, into ``θ_e^c``
+1. checks it (:func:`check_activations`: version, shapes, dtypes, NaN/Inf,
+   labels, size); a bad reply is counted and that edge stops, nothing else
+   changes;
+2. first sends edge ``k`` its next message, with the cut-layer gradients of
+   chunk ``v − 1`` (computed earlier), ``θ_e^c`` when reconciliation is due
+   (every ``R`` steps), and the size of the next chunk, so the edge works
+   while the cloud does;
+3. merges the edge's delta, if the reply carries one, into ``θ_e^c``
    weighted by staleness ``s(τ) = 1/(1 + τ)`` (τ = merges since the edge last
-   reconciled; beyond the bound the delta is dropped and counted);
-3. runs ``f_c`` forward and backward on each micro-batch of chunk ``v``,
-   steps ``θ_c`` at once (one SGD step per micro-batch), and keeps the
-   gradients at the cut for edge ``k``'s next message.
+   reconciled; beyond ``simultrain-staleness-bound × edges`` the delta is
+   dropped and counted);
+4. runs ``f_c`` forward and backward on each micro-batch of chunk ``v``,
+   steps ``θ_c`` at once (one momentum-SGD step per micro-batch), and keeps
+   the gradients at the cut for edge ``k``'s next message.
 
-**Emulated time, live.** The order of events depends on timing, so the run
-consults the virtual clock as it goes: each reply's *virtual* arrival is the
-time its message reached the edge, plus the edge's measured compute (scaled),
-plus its upload over that edge's link. Replies are processed strictly in
-virtual-arrival order (the cloud waits until every edge's reply is in hand,
-then handles the earliest), so a slow emulated link really delays its edge.
-The clock reports ``mode="live"``.
+**Chunk size.** ``simultrain-chunk = 0`` adapts it per edge to the measured
+exchange (:func:`adapt_chunk`), up to ``simultrain-max-chunk``; a positive
+value fixes it.
 
-**Status: preliminary.** It runs and learns on Flower's simulation engine
-(``method="simultrain"``); its baselines, benchmark suite and the seeds'
-targets are not done yet. Keep ``simultrain-chunk`` at 1-2 micro-batches:
-within a chunk every edge gradient comes from the same weights, which acts
-like one step at C times the learning rate, and 8 per chunk stalled learning
-on MNIST-1D.
+**Emulated time.** Every exchange is recorded (``exchange`` events: bytes
+down and up, the edge's and the cloud's measured compute, which earlier
+exchange's gradients the message carried). The timeline under a link profile
+is that record replayed by :func:`tandem.schedules.replay_pipeline`, which
+serves replies in *virtual* arrival order; the summary gives it for
+``simultrain-link`` and the benchmark for every profile it compares.
 """
 
 from __future__ import annotations

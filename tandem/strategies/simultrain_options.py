@@ -42,7 +42,7 @@ class SimulTrainOptions:
         "simultrain-forecast", "stash", choices=("stash", "cloud-copy")
     )
     lam: float = option(
-        "simultrain-lambda", 0.5, "must lie in [0, 1]", lambda x: 0 <= x <= 1
+        "simultrain-lambda", 0.8, "must lie in [0, 1]", lambda x: 0 <= x <= 1
     )
     reconcile_every: int = option(
         "simultrain-reconcile-every",
