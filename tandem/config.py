@@ -113,6 +113,20 @@ def section_keys(cls: type) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def section_values(section: object) -> dict[str, Scalar]:
+    """Every run-config key of a parsed section (and nested ones) with its value."""
+    out: dict[str, Scalar] = {}
+    if section is None:
+        return out
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if "key" in f.metadata:
+            out[f.metadata["key"]] = value
+        elif dataclasses.is_dataclass(value):
+            out.update(section_values(value))
+    return out
+
+
 def parse_section(cls: type[T], flat: Mapping[str, object]) -> T:
     """Build the frozen dataclass ``cls`` from a flat run-config mapping.
 
@@ -305,15 +319,4 @@ class RunConfig:
 
     def as_flat(self) -> dict[str, Scalar]:
         """Every core key with its effective value (for tracking)."""
-        out: dict[str, Scalar] = {}
-
-        def walk(obj: object) -> None:
-            for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-                value = getattr(obj, f.name)
-                if "key" in f.metadata:
-                    out[f.metadata["key"]] = value
-                elif dataclasses.is_dataclass(value):
-                    walk(value)
-
-        walk(self)
-        return out
+        return section_values(self)

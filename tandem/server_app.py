@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from tandem.accounting import ByteLedger, MeteredGrid
-from tandem.config import RunConfig
+from tandem.config import RunConfig, section_values
 from tandem.registry import get_method
 from tandem.server_context import ServerRun
 from tandem.tracking import Tracker
@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.tracking,
         run_name=run_name,
         group=str(context.run_id),
-        config=cfg.as_flat(),
+        config={**cfg.as_flat(), **section_values(options)},
         total_rounds=cfg.num_server_rounds,
     )
     ledger = ByteLedger()

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 
 from tandem.accounting import ByteLedger, MeteredGrid
 from tandem.client_app import dispatch
-from tandem.config import RunConfig
+from tandem.config import RunConfig, section_values
 from tandem.registry import get_method
 from tandem.server_context import ServerRun
 from tandem.tracking import Tracker, read_jsonl
@@ -100,11 +100,12 @@ def run_inprocess(
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     cfg = RunConfig.from_flat(flat)
     grid = InProcessGrid(flat, nodes, lag, tamper)
+    options = cfg.method_options(flat)
     tracker = Tracker(
         cfg.tracking,
         run_name=f"{cfg.method}-1",
         group="1",
-        config=cfg.as_flat(),
+        config={**cfg.as_flat(), **section_values(options)},
         total_rounds=cfg.num_server_rounds,
     )
     ledger = ByteLedger()
@@ -112,7 +113,7 @@ def run_inprocess(
         grid=MeteredGrid(grid, ledger),  # type: ignore[arg-type]
         ledger=ledger,
         cfg=cfg,
-        options=cfg.method_options(flat),
+        options=options,
         tracker=tracker,
         context=Context(1, 0, {}, RecordDict(), dict(flat)),
     )

@@ -42,7 +42,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     ("flat", "key", "rule"),
     [
-        ({"method": "nope"}, "method", "must be one of centralized, fedavg"),
+        ({"method": "nope"}, "method", "must be one of "),
         ({"dataset": "imagenet"}, "dataset", "must be one of mnist1d"),
         ({"partitioner": "shards"}, "partitioner", "must be one of iid"),
         ({"lr": -0.1}, "lr", "must be > 0"),
