@@ -102,6 +102,35 @@ METHODS: dict[str, MethodSpec] = {
             client="tandem.clients.simultrain:HANDLERS",
             options_ref="tandem.strategies.simultrain_options:SimulTrainOptions",
         ),
+        MethodSpec(
+            name="acesync",
+            summary="ACE-Sync: importance-ranked, bandwidth-budgeted compressed "
+            "updates with error feedback, divergence control and clustering.",
+            server="tandem.strategies.acesync:run",
+            client="tandem.clients.acesync:HANDLERS",
+            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+        ),
+        MethodSpec(
+            name="fullsync",
+            summary="Full-precision updates every round (ACE-Sync's harness).",
+            server="tandem.strategies.acesync_baselines:run_fullsync",
+            client="tandem.clients.acesync:HANDLERS",
+            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+        ),
+        MethodSpec(
+            name="topk",
+            summary="Top-k sparsified updates at a fixed ratio, error feedback.",
+            server="tandem.strategies.acesync_baselines:run_topk",
+            client="tandem.clients.acesync:HANDLERS",
+            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+        ),
+        MethodSpec(
+            name="fedavg-periodic",
+            summary="FedAvg syncing every acesync-period rounds' worth of steps.",
+            server="tandem.strategies.acesync_baselines:run_fedavg_periodic",
+            client="tandem.clients.fedavg:HANDLERS",
+            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+        ),
     )
 }
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
@@ -194,9 +194,9 @@ def build_fedavg(
     run: ServerRun,
     train_sink: dict,
     eval_sink: dict,
-    strategy: type[FedAvg] = CheckedFedAvg,
+    strategy: Callable[..., Strategy] = CheckedFedAvg,
     **extra: Any,
-) -> FedAvg:
+) -> Strategy:
     """A checked Flower FedAvg-family strategy configured from the run config."""
     cfg = run.cfg
     return strategy(  # type: ignore[call-arg]
@@ -215,15 +215,19 @@ def build_fedavg(
 
 def run(
     srv: ServerRun,
-    strategy: type[FedAvg] = CheckedFedAvg,
+    strategy: Callable[..., Strategy] = CheckedFedAvg,
     local_steps: int | None = None,
+    on_finish: Callable[[ArrayRecord], Mapping[str, object]] | None = None,
     **extra: Any,
 ) -> None:
     """Run FedAvg for ``num-server-rounds`` rounds with server-side evaluation.
 
     ``strategy`` and ``extra`` pick another member of Flower's FedAvg family
-    (e.g. :class:`CheckedFedAvgM` with ``server_momentum``); ``local_steps``
-    overrides ``local-steps`` in every round's train config.
+    (e.g. :class:`CheckedFedAvgM` with ``server_momentum``), or any callable
+    taking :func:`build_fedavg`'s keyword arguments and returning a strategy
+    (e.g. a wrapper around one); ``local_steps`` overrides ``local-steps`` in
+    every round's train config. ``on_finish`` is called with the final arrays
+    after the last round; the entries it returns are added to the summary.
     """
     cfg = srv.cfg
     steps = cfg.train.local_steps if local_steps is None else local_steps
@@ -266,6 +270,7 @@ def run(
         evaluate_fn=evaluate_global,
     )
     torch.save(result.arrays.to_torch_state_dict(), srv.tracker.run_dir / "model.pt")
+    more = dict(on_finish(result.arrays)) if on_finish is not None else {}
     srv.tracker.finish(
         {
             "method": cfg.method,
@@ -277,5 +282,6 @@ def run(
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "rejected-replies": srv.rejected(),
+            **more,
         }
     )

@@ -1,0 +1,255 @@
+"""All of a node's encoded groups as one byte stream and one codec table.
+
+Pure numpy; no Flower imports. Every array in a Flower ``ArrayRecord`` pays a
+fixed serialization cost: about 600 bytes even when empty (measured with
+:func:`tandem.accounting.payload_bytes` under flwr 1.41: one empty float32
+array 606 bytes, 80 arrays of 10 floats 39,279 bytes against 4,610 for one
+array of 1,000). One array per group and payload key (``g<i>/values`` ...)
+would cost more than the update it carries (42 groups of cnn1d's 9,610
+parameters: ~40 KB of framing for a ~38 KB model). So a node's update travels
+as two arrays:
+
+``codecs`` : uint8 ``(n,)``
+    For group ``i``, the index into the round's option list
+    (:class:`~tandem.compression.codecs.Option` s) of the codec it used.
+``payload`` : uint8 ``(B,)``
+    The groups' payload arrays, group by group, each group's arrays in
+    :func:`~tandem.compression.codecs.payload_keys` order, as raw
+    little-endian bytes (float32 ``<f4``, float16 ``<f2``, uint32 ``<u4``,
+    uint8).
+
+Nothing in the stream says how long a part is: group sizes are known to the
+receiver (from its own model) and the codec table fixes every length (``4n``
+full, ``2n`` half, ``⌈n/8⌉`` sign bits and one scale, ``k = topk_count(n, r)``
+indices and values for top-k, nothing for defer), so
+``B = Σ_i encoded_nbytes(option_i, n_i)`` exactly. :func:`unpack_groups`
+checks the table and that equality, then hands every group's arrays to
+:func:`~tandem.compression.codecs.decode`, which checks values (index range,
+duplicates, NaN/Inf, scale sign, padding bits). A malformed payload raises
+:class:`~tandem.compression.codecs.CodecError` naming the group and the rule;
+in particular a scale "of the wrong shape" can only appear as a stream of the
+wrong length and is rejected as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tandem.compression.codecs import (
+    CodecError,
+    Option,
+    decode,
+    option_table,
+    payload_keys,
+    topk_count,
+)
+
+__all__ = ["pack_groups", "split_groups", "unpack_groups"]
+
+#: Wire dtype of every payload key (little-endian, whatever the host).
+_WIRE: dict[str, np.dtype] = {
+    "values/full": np.dtype("<f4"),
+    "values/half": np.dtype("<f2"),
+    "values/topk": np.dtype("<f4"),
+    "indices": np.dtype("<u4"),
+    "signs": np.dtype("u1"),
+    "scale": np.dtype("<f4"),
+}
+#: The dtype :func:`~tandem.compression.codecs.decode` expects, per wire dtype.
+_NATIVE = {
+    np.dtype("<f4"): np.dtype(np.float32),
+    np.dtype("<f2"): np.dtype(np.float16),
+    np.dtype("<u4"): np.dtype(np.uint32),
+    np.dtype("u1"): np.dtype(np.uint8),
+}
+
+
+def _wire_dtype(kind: str, key: str) -> np.dtype:
+    return _WIRE[f"{key}/{kind}"] if key == "values" else _WIRE[key]
+
+
+def _lengths(option: Option, size: int) -> list[tuple[str, int]]:
+    """``(key, element count)`` of each payload array of ``option`` for ``size``."""
+    if option.kind in ("full", "half"):
+        return [("values", size)]
+    if option.kind == "sign":
+        return [("signs", (size + 7) // 8), ("scale", 1)]
+    if option.kind == "topk":
+        k = topk_count(size, option.ratio)
+        return [("indices", k), ("values", k)]
+    return []
+
+
+def pack_groups(
+    payloads: Sequence[Mapping[str, np.ndarray]],
+    choice: Sequence[int] | np.ndarray,
+    options: Sequence[Option],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack encoded groups into ``(codecs uint8 (n,), payload uint8 (B,))``.
+
+    Parameters
+    ----------
+    payloads : Sequence[Mapping[str, np.ndarray]]
+        Group ``i``'s payload from :func:`~tandem.compression.codecs.encode`
+        with ``options[choice[i]]``.
+    choice : Sequence[int] or np.ndarray
+        Shape ``(n,)``: the option index of each group.
+    options : Sequence[Option]
+        At most 256 options.
+
+    Raises
+    ------
+    CodecError
+        If there are more than 256 options, a choice is out of range, or a
+        payload's keys differ from its codec's.
+    """
+    if len(options) > 256:
+        raise CodecError(f"at most 256 options fit a uint8 table, got {len(options)}")
+    choice = np.asarray(choice, dtype=np.int64)
+    if choice.shape != (len(payloads),):
+        raise CodecError(
+            f"choice has shape {choice.shape}, expected ({len(payloads)},)"
+        )
+    if choice.size and (choice.min() < 0 or choice.max() >= len(options)):
+        raise CodecError(f"choice out of range for {len(options)} options")
+    parts: list[bytes] = []
+    for i, (payload, c) in enumerate(zip(payloads, choice.tolist(), strict=True)):
+        kind = options[c].kind
+        if set(payload) != set(payload_keys(kind)):
+            raise CodecError(
+                f"group {i}: {kind} payload has keys {sorted(payload)}, "
+                f"expected {list(payload_keys(kind))}"
+            )
+        parts.extend(
+            np.ascontiguousarray(payload[key], dtype=_wire_dtype(kind, key)).tobytes()
+            for key in payload_keys(kind)
+        )
+    stream = np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+    return choice.astype(np.uint8), stream
+
+
+def split_groups(
+    codecs: np.ndarray,
+    payload: np.ndarray,
+    sizes: np.ndarray,
+    options: Sequence[Option],
+    *,
+    max_bytes: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Cut a packed stream back into per-group payload dicts (not yet decoded).
+
+    Checks the structure only: the table's dtype, shape and indices, the
+    stream's dtype and shape, its exact length, and ``max_bytes``. The values
+    are checked by :func:`~tandem.compression.codecs.decode`
+    (:func:`unpack_groups` does both).
+
+    Parameters
+    ----------
+    codecs : np.ndarray
+        uint8 ``(n,)``: option index per group.
+    payload : np.ndarray
+        uint8 ``(B,)``: the stream.
+    sizes : np.ndarray
+        int ``(n,)``: elements per group, from the receiver's own model.
+    options : Sequence[Option]
+        The options the table indexes.
+    max_bytes : int or None (default: None)
+        Largest ``B`` accepted (the sender's byte budget).
+
+    Raises
+    ------
+    CodecError
+        Naming what was wrong.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = sizes.size
+    if not isinstance(codecs, np.ndarray) or codecs.dtype != np.uint8:
+        raise CodecError(f"codec table must be a uint8 array, got {_describe(codecs)}")
+    if codecs.shape != (n,):
+        raise CodecError(f"codec table has shape {codecs.shape}, expected ({n},)")
+    if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8:
+        raise CodecError(f"payload must be a uint8 array, got {_describe(payload)}")
+    if payload.ndim != 1:
+        raise CodecError(f"payload has shape {payload.shape}, expected 1-D")
+    if n and int(codecs.max()) >= len(options):
+        bad = int(np.flatnonzero(codecs >= len(options))[0])
+        raise CodecError(
+            f"group {bad}: codec index {int(codecs[bad])} out of range "
+            f"for {len(options)} options"
+        )
+    costs, _ = option_table(options, sizes)
+    implied = int(costs[np.arange(n), codecs.astype(np.int64)].sum()) if n else 0
+    if max_bytes is not None and implied > max_bytes:
+        raise CodecError(
+            f"the codec table asks for {implied} payload bytes, more than the "
+            f"budget of {max_bytes} bytes"
+        )
+    if payload.size != implied:
+        raise CodecError(
+            f"payload has {payload.size} bytes; the codec table implies {implied}"
+        )
+    raw = payload.tobytes()
+    offset = 0
+    groups: list[dict[str, np.ndarray]] = []
+    for size, c in zip(sizes.tolist(), codecs.tolist(), strict=True):
+        option = options[c]
+        arrays: dict[str, np.ndarray] = {}
+        for key, count in _lengths(option, size):
+            wire = _wire_dtype(option.kind, key)
+            arrays[key] = np.frombuffer(raw, wire, count, offset).astype(_NATIVE[wire])
+            offset += count * wire.itemsize
+        groups.append(arrays)
+    return groups
+
+
+def unpack_groups(
+    codecs: np.ndarray,
+    payload: np.ndarray,
+    sizes: np.ndarray,
+    options: Sequence[Option],
+    *,
+    max_bytes: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> list[np.ndarray | None]:
+    """Check and decode a packed update: one float32 ``(n_i,)`` per sent group.
+
+    Deferred groups come back as ``None`` (nothing was sent for them).
+
+    Parameters
+    ----------
+    codecs, payload, sizes, options, max_bytes
+        As in :func:`split_groups`.
+    labels : Sequence[str] or None (default: None)
+        Group names for error messages (e.g. ``ParamGroup.key``).
+
+    Raises
+    ------
+    CodecError
+        From :func:`split_groups` or from
+        :func:`~tandem.compression.codecs.decode`, prefixed with the group.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    groups = split_groups(codecs, payload, sizes, options, max_bytes=max_bytes)
+    out: list[np.ndarray | None] = []
+    for i, (arrays, size, c) in enumerate(
+        zip(groups, sizes.tolist(), codecs.tolist(), strict=True)
+    ):
+        option = options[c]
+        if option.kind == "defer":
+            out.append(None)
+            continue
+        max_k = topk_count(size, option.ratio) if option.kind == "topk" else None
+        try:
+            out.append(decode(option.kind, arrays, size, max_k=max_k))
+        except CodecError as err:
+            name = labels[i] if labels is not None else str(i)
+            raise CodecError(f"group {name}: {err}") from None
+    return out
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array"
+    return type(value).__name__

@@ -1,0 +1,647 @@
+"""ACE-Sync, cloud side (seed 004): budgets, importance, weights, drift control.
+
+:class:`AceSync` is the ACE-Sync policy on top of the compression wrapper
+:class:`~tandem.strategies.compressed.CompressedUpdates` (which handles the
+wire: plans in messages, checking, decoding, filling, handing rebuilt replies
+to the inner Flower strategy). The inner strategy is Flower's ``FedAvg`` for
+``method=acesync``; any FedAvg-family strategy works (``FedAdam`` ...).
+
+Per round, for the ``K`` sampled devices:
+
+1. **Budget, eq. 5.** Each device's uplink bandwidth ``B_k(t)`` is a
+   :class:`~tandem.network.BandwidthEstimator` (smoothing 0.3) fed with the
+   emulated time of its previous uploads; it starts from its link's bandwidth
+   at time 0. The link is the one the node declares (``link-profile`` in its
+   node config, reported with each reply) or else the run's ``acesync-link``
+   spec, assigned with :func:`~tandem.network.assign_links` over the sorted
+   node ids and the run's seed (as the benchmark's re-timing does). The
+   emulated time comes from the cloud's own
+   :class:`~tandem.network.VirtualClock`, which plays each round as it
+   happens: download of the message's real bytes, the edge's reported compute
+   × ``acesync-edge-factor``, upload of the reply's real bytes. Then
+   ``c_k = c_min + (c_max − c_min)·exp(−β·B_k)`` and the budget is
+   ``⌊(1 − c_k)·4N⌋`` bytes for ``N`` parameters
+   (:func:`~tandem.compression.budget.byte_budget`), times the device's
+   budget scale (step 5), capped at the cost of sending every group in full.
+2. **Importance, eqs. 3-4.** The predictor's weights travel with every
+   message (one float32 array); edges score their groups with it.
+3. **Weights, eq. 8.** ``ω_k ∝ n_k · r_k / (1 + L_k / median L)`` with
+   ``r_k`` the fraction of requests the device answered with a valid reply
+   and ``L_k`` its emulated round latency
+   (:func:`~tandem.coordination.aggregation_weights`); ``acesync-weighting =
+   examples`` uses ``n_k`` alone.
+4. **Predictor training.** Labels are the ranks of each group's RMS in the
+   realized aggregated update ``θ_{t+1} − θ_t``
+   (:func:`~tandem.importance.importance_labels`); features are what each
+   device's updates showed the cloud (per-group RMS of the decoded updates
+   over the last ``H`` rounds, groups not sent counted unknown) and the
+   structural features of the global model. Rows of all devices train the
+   predictor (Adam, ``acesync-predictor-steps`` steps, from the previous
+   round's weights); before fitting, its squared error and rank correlation
+   on the new labels are logged beside the magnitude score's, so the event
+   log says whether it predicts better than the ablation.
+5. **Divergence, eq. 9.** ``D_k = ‖θ_k − θ_{t+1}‖₂`` with ``θ_k = θ_t + û_k``
+   the device's model as the cloud reconstructed it and ``θ_{t+1}`` the new
+   global model (:func:`~tandem.coordination.divergence`). A device with
+   ``D_k > acesync-divergence-threshold × median D`` syncs more often next
+   round: its local steps halve (not below ``acesync-min-steps``) and/or its
+   budget scale doubles (not above ``acesync-max-budget-scale``); others
+   relax one step back toward the defaults (:func:`~tandem.coordination.adjust_sync`).
+
+After the last round (:func:`personalize`): devices are clustered by their
+last updates (k-means on update directions, optionally with their link's
+log bandwidth; ``k`` by silhouette or fixed), each cluster gets the model
+``θ_T + ū_c`` from its cluster-level aggregate ``ū_c`` (the global update is
+``Σ_c W_c ū_c / Σ_c W_c`` with ``W_c`` the cluster's total ``ω``, i.e. eq. 8
+again), refined for ``acesync-personalize-rounds`` rounds of training within
+the cluster; then every device evaluates the global model and its cluster's
+on its own test share, and the summary reports both means. Those rounds'
+bytes are reported apart (``personal-bytes-*``), not in the training totals.
+
+Events in ``metrics.jsonl``: ``plan`` (budget, bandwidth, ``c``, steps per
+device), ``sync`` (divergence, trigger, next steps and budget scale),
+``acesync`` (per-round cloud figures), ``personalize``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+from scipy.stats import spearmanr
+
+from tandem.clients.acesync import KEY_PREDICTOR, EdgePlan, pack_predictor
+from tandem.clustering import (
+    choose_n_clusters,
+    cluster_average,
+    cluster_devices,
+    hierarchical_aggregate,
+)
+from tandem.compression.budget import byte_budget, compression_ratio
+from tandem.compression.codecs import option_table
+from tandem.coordination import (
+    SyncPolicy,
+    adjust_sync,
+    aggregation_weights,
+    divergence,
+)
+from tandem.importance import (
+    ImportancePredictor,
+    importance_labels,
+    predict_importance,
+    temporal_features,
+    train_predictor,
+)
+from tandem.network import (
+    BandwidthEstimator,
+    LinkProfile,
+    VirtualClock,
+    assign_links,
+    preset,
+)
+from tandem.server_context import ServerRun
+from tandem.strategies.acesync_options import AceSyncOptions
+from tandem.strategies.compressed import CompressedUpdates, DecodedUpdate
+from tandem.strategies.fedavg import run as run_fedavg
+from tandem.wire import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS
+
+__all__ = ["AceSync", "personalize", "run"]
+
+#: Smoothing of each device's bandwidth estimate (BandwidthEstimator's β).
+BANDWIDTH_SMOOTHING = 0.3
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+class AceSync(CompressedUpdates):
+    """ACE-Sync's policy around a Flower FedAvg-family strategy (see module).
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The inner strategy (``FedAvg``, ``FedAdam`` ...).
+    options : AceSyncOptions
+        The ``acesync-*`` settings.
+    local_steps : int
+        Local steps of a device in good standing.
+    seed : int
+        Seed of the link assignment, the predictor's initial weights and the
+        clock's jitter.
+    on_event : callable, optional
+        ``(event, payload) -> None`` for the events listed in the module
+        docstring (e.g. ``Tracker.log_event``).
+    **kwargs
+        Passed to :class:`CompressedUpdates` (``on_reject``, ``max_examples``).
+    """
+
+    def __init__(
+        self,
+        strategy: FedAvg,
+        *,
+        options: AceSyncOptions,
+        local_steps: int,
+        seed: int = 0,
+        on_event: Callable[[str, Mapping[str, object]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            strategy,
+            codecs=options.options,
+            chunk=options.chunk,
+            gamma=options.gamma,
+            importance=options.importance,
+            fill_decay=options.fill_decay,
+            history=options.history,
+            **kwargs,
+        )
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+        # hyperparameters
+        self.options = options
+        self.local_steps = int(local_steps)
+        self.seed = int(seed)
+        self.on_event = on_event or (lambda _event, _payload: None)
+        self.policy = (
+            SyncPolicy(
+                threshold=options.divergence_threshold,
+                relative=True,
+                default_steps=self.local_steps,
+                min_steps=min(options.min_steps, self.local_steps),
+                default_budget=1.0,
+                max_budget=options.max_budget_scale,
+                factor=2.0,
+            )
+            if options.divergence_threshold > 0
+            else None
+        )
+        # internal state: the network as the cloud emulates it
+        self.links: dict[int, LinkProfile] = {}
+        self.clock = VirtualClock(self.links, options.edge_factor, 1.0, self.seed)
+        self.round_start = 0.0
+        self.estimators: dict[int, BandwidthEstimator] = {}
+        self.latency: dict[int, float] = {}
+        # internal state: reliability and sync control per device
+        self.asked: dict[int, int] = {}
+        self.delivered: dict[int, int] = {}
+        self.steps: dict[int, int] = {}
+        self.budget_scale: dict[int, float] = {}
+        # internal state: the importance predictor and what it learns from
+        self.predictor = ImportancePredictor(alpha=options.alpha, seed=self.seed)
+        self.magnitudes: dict[int, np.ndarray] = {}
+        # stats
+        self.triggered = 0
+        self.round_figures: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ network
+    def _ensure_links(self, node_ids: Sequence[int]) -> None:
+        missing = [n for n in node_ids if n not in self.links]
+        if not missing:
+            return
+        fresh = assign_links(
+            sorted({*self.links, *node_ids}), self.options.link, seed=self.seed
+        )
+        for node in missing:
+            self.use_link(node, fresh[node])
+
+    def use_link(self, node: int, link: LinkProfile) -> None:
+        """Set ``node``'s link; its estimate restarts from the link at time 0."""
+        self.links[node] = link
+        self.estimators[node] = BandwidthEstimator(
+            BANDWIDTH_SMOOTHING, initial_mbps=link.up.at(0.0)
+        )
+
+    def _declared(self, node: int, link: str) -> None:
+        """A node declared a preset link: use it (traces stay on the node)."""
+        if not link or link.startswith("trace:") or link == self.links[node].name:
+            return
+        if link == "variable" and self.links[node].name.startswith("variable-"):
+            return
+        try:
+            profile = preset(link, self.seed + sorted(self.links).index(node))
+        except ValueError:
+            return
+        self.use_link(node, profile)
+
+    def bandwidth_mbps(self, node: int) -> float:
+        """The device's current uplink estimate ``B_k(t)`` in Mbit/s."""
+        return float(self.estimators[node].estimate_mbps or 0.0)
+
+    # ------------------------------------------------------------------ hooks
+    def plan(
+        self, server_round: int, node_ids: Sequence[int], config: ConfigRecord
+    ) -> dict[int, EdgePlan]:
+        """Eq. 5 budgets times the divergence scale; adaptive local steps."""
+        layout = self._require_layout()
+        self._ensure_links(node_ids)
+        costs, _ = option_table(self.codecs, layout.sizes)
+        cap = int(costs.max(axis=1).sum())
+        o = self.options
+        plans = {}
+        for node in node_ids:
+            self.asked[node] = self.asked.get(node, 0) + 1
+            bps = self.bandwidth_mbps(node) * 1e6
+            base = byte_budget(
+                layout.full_bytes, bps, c_min=o.c_min, c_max=o.c_max, beta=o.beta
+            )
+            scale = self.budget_scale.get(node, 1.0)
+            budget = min(cap, math.floor(base * scale))
+            steps = self.steps.get(node, self.local_steps)
+            plans[node] = self.make_plan(server_round, budget, steps)
+            self.on_event(
+                "plan",
+                {
+                    "round": server_round,
+                    "node-id": node,
+                    "bandwidth-mbps": bps / 1e6,
+                    "compression": compression_ratio(
+                        bps, c_min=o.c_min, c_max=o.c_max, beta=o.beta
+                    ),
+                    "budget": budget,
+                    "budget-scale": scale,
+                    "local-steps": steps,
+                },
+            )
+        return plans
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """The predictor's weights, when the edges score with it."""
+        if self.importance != "predictor":
+            return {}
+        return {
+            KEY_PREDICTOR: ArrayRecord(
+                {"weights": Array(pack_predictor(self.predictor))}
+            )
+        }
+
+    def received(self, server_round: int, updates: Sequence[DecodedUpdate]) -> None:
+        """Reliability counts, declared links, and the round on the virtual clock."""
+        ends = []
+        for u in updates:
+            node = u.node_id
+            self.delivered[node] = self.delivered.get(node, 0) + 1
+            self._declared(node, u.link)
+            link = self.links[node]
+            start = self.round_start
+            down = self.clock.transfer(
+                node, "down", self.bytes_down.get(node, 0), [start]
+            )
+            work = self.clock.compute(
+                f"edge:{node}", u.metrics["compute-seconds"], [down.end]
+            )
+            up = self.clock.transfer(node, "up", u.bytes_up, [work.end])
+            self.latency[node] = up.end - start
+            self.estimators[node].observe(u.bytes_up, up.seconds, link.rtt.at(up.start))
+            ends.append(up.end)
+        self.round_start = max([self.round_start, *ends])
+
+    def weights(
+        self, server_round: int, updates: Sequence[DecodedUpdate]
+    ) -> np.ndarray:
+        """Eq. 8: data size × reliability × latency discount (or data size)."""
+        if self.options.weighting == "examples":
+            return super().weights(server_round, updates)
+        nodes = [u.node_id for u in updates]
+        return aggregation_weights(
+            np.array([u.num_examples for u in updates], dtype=np.float64),
+            np.array([self.delivered[n] / self.asked[n] for n in nodes]),
+            np.array([self.latency.get(n, 0.0) for n in nodes]),
+        )
+
+    def observe(
+        self,
+        server_round: int,
+        updates: Sequence[DecodedUpdate],
+        previous: np.ndarray,
+        current: np.ndarray,
+    ) -> None:
+        """Divergence control (eq. 9) and predictor training (eqs. 3-4)."""
+        layout = self._require_layout()
+        nodes = [u.node_id for u in updates]
+        figures: dict[str, float] = {"round": server_round}
+        # 1. eq. 9 and the sync decision
+        d = np.array([divergence(previous + u.update, current) for u in updates])
+        steps = np.array([self.steps.get(n, self.local_steps) for n in nodes])
+        scale = np.array([self.budget_scale.get(n, 1.0) for n in nodes])
+        triggered = np.zeros(len(nodes), dtype=bool)
+        threshold = float("nan")
+        if self.policy is not None and len(nodes) >= 2:
+            decision = adjust_sync(d, steps, scale, self.policy)
+            triggered, threshold = decision.triggered, decision.threshold
+            action = self.options.sync_action
+            for i, node in enumerate(nodes):
+                if action in ("both", "steps"):
+                    self.steps[node] = int(decision.local_steps[i])
+                if action in ("both", "budget"):
+                    self.budget_scale[node] = float(decision.budget_scale[i])
+        self.triggered += int(triggered.sum())
+        for i, node in enumerate(nodes):
+            self.on_event(
+                "sync",
+                {
+                    "round": server_round,
+                    "node-id": node,
+                    "divergence": float(d[i]),
+                    "threshold": threshold,
+                    "triggered": bool(triggered[i]),
+                    "next-local-steps": self.steps.get(node, self.local_steps),
+                    "next-budget-scale": self.budget_scale.get(node, 1.0),
+                },
+            )
+        figures["divergence-median"] = float(np.median(d))
+        figures["triggered"] = int(triggered.sum())
+        # 2. importance: labels from the realized global update, features
+        #    from what each device's decoded updates showed
+        labels = importance_labels(layout.group_rms(current - previous))
+        structural = layout.structural(previous)
+        temporal = []
+        for u in updates:
+            rms = layout.group_rms(u.update) * u.sent
+            history = self.magnitudes.get(u.node_id)
+            if history is None:
+                history = np.zeros((self.history, len(layout.groups)))
+            history = np.vstack([history[1:], rms[None, :]])
+            self.magnitudes[u.node_id] = history
+            temporal.append(temporal_features(history))
+        features = np.vstack(temporal)
+        stacked = np.vstack([structural] * len(updates))
+        y = np.tile(labels, len(updates))
+        figures["magnitude-rank-corr"] = float(
+            np.nanmean([_spearman(t[:, 0], labels) for t in temporal])
+        )
+        if self.importance == "predictor":
+            predicted = predict_importance(self.predictor, features, stacked)
+            figures["predictor-mse-before"] = float(np.mean((predicted - y) ** 2))
+            figures["predictor-rank-corr"] = float(
+                np.nanmean(
+                    [
+                        _spearman(
+                            predicted[i * labels.size : (i + 1) * labels.size], labels
+                        )
+                        for i in range(len(updates))
+                    ]
+                )
+            )
+            if self.options.predictor_steps > 0:
+                figures["predictor-mse-after"] = train_predictor(
+                    self.predictor,
+                    features,
+                    stacked,
+                    y,
+                    steps=self.options.predictor_steps,
+                    seed=self.seed + server_round,
+                )
+        self.round_figures.append(figures)
+        self.on_event("acesync", figures)
+
+    # ------------------------------------------------------------------ stats
+    def acesync_stats(self) -> dict[str, float | int]:
+        """Run-summary entries of the policy (means over rounds)."""
+        out: dict[str, float | int] = {"divergence-triggers": self.triggered}
+        for key in (
+            "predictor-mse-before",
+            "predictor-rank-corr",
+            "magnitude-rank-corr",
+        ):
+            values = [f[key] for f in self.round_figures if key in f]
+            if values:
+                out[key] = float(np.nanmean(values))
+                out[f"{key}-last"] = float(values[-1])
+        return out
+
+
+# ------------------------------------------------------------ personalization
+def _evaluate(
+    srv: ServerRun, models: Mapping[int, ArrayRecord], server_round: int
+) -> dict[int, float]:
+    """Each node's accuracy on its own test share with the model given for it."""
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    KEY_ARRAYS: arrays,
+                    KEY_CONFIG: ConfigRecord({"server-round": server_round}),
+                }
+            ),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node,
+        )
+        for node, arrays in models.items()
+    ]
+    out = {}
+    for reply in srv.grid.send_and_receive(messages):
+        if reply.has_error():
+            continue
+        metrics = reply.content.metric_records.get(KEY_METRICS)
+        accuracy = None if metrics is None else metrics.get("eval-accuracy")
+        if isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0:
+            out[reply.metadata.src_node_id] = accuracy
+    return out
+
+
+def personalize(
+    srv: ServerRun, strategy: AceSync, final: ArrayRecord
+) -> dict[str, object]:
+    """Cluster the devices, refine one model per cluster, evaluate on each device.
+
+    Steps (the module docstring has the why):
+
+    1. Updates ``û_k`` of the last round, one row per device; optionally the
+       log of each device's bandwidth estimate as a profile column.
+    2. ``k`` by silhouette (``acesync-clusters = 0``) or as given; k-means.
+    3. Cluster models ``θ_T + ū_c`` from the cluster-level aggregates
+       (:func:`~tandem.clustering.cluster_average` with the round's ``ω``).
+    4. ``acesync-personalize-rounds`` rounds: each device trains from its
+       cluster's model and sends a compressed update (checked as in
+       training); each cluster model moves by its cluster's weighted mean.
+    5. Every device evaluates the global model and its cluster's on its own
+       test share.
+
+    Returns
+    -------
+    dict[str, object]
+        Summary entries ``personal-*`` (empty with ``acesync-clusters = 1``
+        or fewer than two devices).
+    """
+    opts: AceSyncOptions = strategy.options
+    updates = strategy.last_updates
+    if opts.clusters == 1 or len(updates) < 2 or strategy.layout is None:
+        return {}
+    layout = strategy.layout
+    seed = strategy.seed
+    nodes = sorted(updates)
+    # 1. what to cluster
+    matrix = np.stack([updates[n].update for n in nodes]).astype(np.float64)
+    profiles = None
+    if opts.cluster_profile_weight > 0:
+        profiles = np.log([max(strategy.bandwidth_mbps(n), 1e-3) for n in nodes])
+    # 2. how many clusters, and which
+    k = opts.clusters
+    if k == 0:
+        k = choose_n_clusters(
+            matrix,
+            opts.max_clusters,
+            seed=seed,
+            profiles=profiles,
+            profile_weight=opts.cluster_profile_weight,
+        )
+    labels = cluster_devices(
+        matrix,
+        k,
+        seed=seed,
+        profiles=profiles,
+        profile_weight=opts.cluster_profile_weight,
+    )
+    count = int(labels.max()) + 1
+    # 3. cluster-level aggregates of the last round
+    omega = np.array([strategy.last_weights[n] for n in nodes])
+    averages = cluster_average(matrix, omega, labels, count)
+    base = strategy.current.astype(np.float64)  # θ the last round started from
+    final_flat = layout.flat({key: a.numpy() for key, a in final.items()})
+    global_gap = float(
+        np.max(
+            np.abs(
+                base
+                + hierarchical_aggregate(averages.means, averages.weights)
+                - final_flat
+            )
+        )
+    )
+    models = {c: (base + averages.means[c]).astype(np.float32) for c in range(count)}
+    cluster_of = dict(zip(nodes, labels.tolist(), strict=True))
+    # 4. refine within clusters
+    ledger = srv.ledger
+    start_round = ledger.current_round
+    template = {key: a.numpy() for key, a in final.items()}
+
+    def record_of(flat: np.ndarray) -> ArrayRecord:
+        tensors = layout.unflat(flat)
+        return ArrayRecord(
+            {
+                k: Array(np.ascontiguousarray(tensors.get(k, v)))
+                for k, v in template.items()
+            }
+        )
+
+    # one cluster: its model is the global one, nothing to personalize
+    rounds = opts.personalize_rounds if count > 1 else 0
+    for step in range(rounds):
+        server_round = start_round + step
+        plans = strategy.prepare(server_round, nodes, ConfigRecord())
+        messages = []
+        for node in nodes:
+            content = strategy.content(
+                server_round,
+                plans[node],
+                record_of(models[cluster_of[node]]),
+                {"server-round": server_round},
+            )
+            messages.append(
+                Message(
+                    content=content, message_type=MessageType.TRAIN, dst_node_id=node
+                )
+            )
+        decoded, _ = strategy.decode_replies(
+            server_round, srv.grid.send_and_receive(messages)
+        )
+        if not decoded:
+            break
+        got = [d.node_id for d in decoded]
+        sizes = np.array([d.num_examples for d in decoded], dtype=np.float64)
+        round_avg = cluster_average(
+            np.stack([d.update for d in decoded]).astype(np.float64),
+            sizes,
+            np.array([cluster_of[n] for n in got]),
+            count,
+        )
+        for c in range(count):
+            if round_avg.weights[c] > 0:
+                models[c] = (models[c] + round_avg.means[c]).astype(np.float32)
+        srv.tracker.log_event(
+            "personalize",
+            {"round": server_round, "replies": len(decoded), "clusters": count},
+        )
+    # 5. evaluate on each device's own data
+    eval_round = start_round + rounds
+    cluster_records = {c: record_of(models[c]) for c in range(count)}
+    global_acc = _evaluate(srv, dict.fromkeys(nodes, final), eval_round)
+    cluster_acc = (
+        _evaluate(srv, {n: cluster_records[cluster_of[n]] for n in nodes}, eval_round)
+        if count > 1
+        else global_acc
+    )
+    both = sorted(set(global_acc) & set(cluster_acc))
+    after = {
+        key: sum(ledger.totals(r)[key] for r in range(start_round, eval_round + 1))
+        for key in ("bytes-up", "bytes-down")
+    }
+    return {
+        "personal-clusters": count,
+        "personal-cluster-sizes": np.bincount(labels, minlength=count).tolist(),
+        "personal-cluster-labels": {str(n): int(cluster_of[n]) for n in nodes},
+        "personal-rounds": rounds,
+        "personal-devices": len(both),
+        "personal-accuracy-global": float(np.mean([global_acc[n] for n in both]))
+        if both
+        else float("nan"),
+        "personal-accuracy-cluster": float(np.mean([cluster_acc[n] for n in both]))
+        if both
+        else float("nan"),
+        "personal-devices-improved": int(
+            sum(cluster_acc[n] > global_acc[n] for n in both)
+        ),
+        "personal-hierarchical-gap": global_gap,
+        "personal-bytes-up": after["bytes-up"],
+        "personal-bytes-down": after["bytes-down"],
+    }
+
+
+# --------------------------------------------------------------------------- run
+def run(srv: ServerRun) -> None:
+    """``method=acesync``: ACE-Sync around Flower's FedAvg, then personalization."""
+    options: AceSyncOptions = srv.options
+    cfg = srv.cfg
+    built: list[AceSync] = []
+
+    def build(
+        *, on_reject: Callable[[int, int, str], None], max_examples: int, **kwargs: Any
+    ) -> AceSync:
+        strategy = AceSync(
+            FedAvg(**kwargs),
+            options=options,
+            local_steps=cfg.train.local_steps,
+            seed=cfg.seed,
+            on_event=srv.tracker.log_event,
+            on_reject=on_reject,
+            max_examples=max_examples,
+        )
+        built.append(strategy)
+        return strategy
+
+    def finish(final: ArrayRecord) -> dict[str, object]:
+        strategy = built[0]
+        nodes = max(len(strategy.asked), 1)
+        summary: dict[str, object] = {
+            **strategy.compression_stats(),
+            **strategy.acesync_stats(),
+            "steps-per-edge": strategy.stats.steps / nodes,
+            "emulated-seconds-cloud-clock": strategy.round_start,
+        }
+        summary.update(personalize(srv, strategy, final))
+        return summary
+
+    run_fedavg(srv, build, local_steps=cfg.train.local_steps, on_finish=finish)

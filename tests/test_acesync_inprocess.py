@@ -1,0 +1,445 @@
+"""ACE-Sync and its baselines against the real edge handlers, in one process.
+
+The in-process Grid (tests/inprocess.py) hands each message to the real
+ClientApp ``dispatch`` with a persistent node Context, so these runs exercise
+the whole protocol (plans, packed updates, checks, error feedback, the
+cloud's cache, divergence control, the predictor, personalization) in
+seconds and deterministically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess import InProcessGrid, run_inprocess
+
+from tandem.clients.acesync import KEY_UPDATE, GroupLayout
+from tandem.compression.codecs import DEFAULT_OPTIONS, Option
+from tandem.compression.packing import split_groups
+from tandem.config import ConfigError, RunConfig
+from tandem.datasets import load_dataset
+from tandem.models import build_model
+from tandem.strategies.compressed import CompressedUpdates
+
+BASE = {
+    "method": "acesync",
+    "mnist1d-samples": 2000,
+    "num-server-rounds": 3,
+    "local-steps": 20,
+    "partitioner": "dirichlet",
+    "dirichlet-alpha": 0.5,
+    "acesync-clusters": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as a ClientApp gets in simulation (and fast on 2 cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _events(records, kind):
+    return [r for r in records if r["event"] == kind]
+
+
+# --------------------------------------------------------------------------- runs
+def test_acesync_learns_within_its_budgets(tmp_path):
+    records, _ = run_inprocess(BASE, nodes=4, out=tmp_path / "a")
+    full, _ = run_inprocess({**BASE, "method": "fullsync"}, nodes=4, out=tmp_path / "f")
+    summary, reference = records[-1], full[-1]
+    assert summary["rejected-replies"] == 0 and summary["accepted-replies"] == 12
+    assert summary["final-accuracy"] > 0.2  # chance is 0.1
+    assert summary["final-accuracy"] > reference["final-accuracy"] - 0.1
+    # eq. 5 on the default links: a fifth to a third of the float32 update
+    assert 0.1 < summary["encoded-ratio"] < 0.4
+    assert reference["encoded-ratio"] == 1.0
+    assert summary["bytes-up"] < 0.4 * reference["bytes-up"]
+    assert summary["bytes-encoded"] <= summary["bytes-budget"]
+    plans = _events(records, "plan")
+    assert len(plans) == 12
+    for plan in plans:
+        assert 5 <= plan["bandwidth-mbps"] <= 200  # the variable links' range
+        assert 0.6 <= plan["compression"] <= 0.95
+        assert plan["budget"] == int((1 - plan["compression"]) * 4 * 9610)
+    # the overhead is measured and small next to training
+    assert 0 < summary["overhead-seconds"] < summary["train-compute-seconds"]
+
+
+def test_the_predictor_trains_on_realized_updates(tmp_path):
+    records, _ = run_inprocess({**BASE, "num-server-rounds": 4}, nodes=3, out=tmp_path)
+    rounds = _events(records, "acesync")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    for r in rounds:
+        # fitting lowers the error on the round's labels
+        assert r["predictor-mse-after"] < r["predictor-mse-before"]
+    # once trained it ranks groups like the realized update does
+    assert rounds[-1]["predictor-rank-corr"] > 0.5
+    assert rounds[-1]["predictor-mse-before"] < rounds[0]["predictor-mse-before"]
+
+
+def test_fullsync_through_the_wrapper_is_fedavg(tmp_path):
+    """A compressor at ratio 1 == no compressor (FedAvg on the same steps)."""
+    run_inprocess({**BASE, "method": "fullsync"}, nodes=3, out=tmp_path)
+    run_inprocess({**BASE, "method": "fedavg"}, nodes=3, out=tmp_path)
+    wrapped = torch.load(tmp_path / "fullsync-1" / "model.pt")
+    plain = torch.load(tmp_path / "fedavg-1" / "model.pt")
+    assert wrapped.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(wrapped[key], plain[key], atol=2e-6, rtol=1e-5)
+
+
+def test_topk_sends_its_fixed_ratio(tmp_path):
+    records, _ = run_inprocess(
+        {**BASE, "method": "topk", "acesync-topk-ratio": 0.1}, nodes=3, out=tmp_path
+    )
+    summary = records[-1]
+    # 8 bytes (index + value) per kept entry: 2 x ratio of float32, up to rounding
+    assert summary["encoded-ratio"] == pytest.approx(0.2, abs=0.01)
+    assert summary["final-accuracy"] > 0.2
+
+
+def test_fedavg_periodic_syncs_every_period_rounds_of_steps(tmp_path):
+    records, grid = run_inprocess(
+        {**BASE, "method": "fedavg-periodic", "acesync-period": 3, "local-steps": 5},
+        nodes=2,
+        out=tmp_path,
+    )
+    summary = records[-1]
+    assert summary["local-steps"] == 15
+    assert summary["steps-per-edge"] == 45
+    assert sum(grid.handled.values()) == 2 * 3
+
+
+def _scale_node(node_id, factor, rounds=(1,)):
+    """A tamper that scales one node's (valid) update in the given rounds."""
+    seen = {}
+    layout = GroupLayout.from_arrays(
+        {
+            k: v.numpy()
+            for k, v in build_model("cnn1d", (1, 40), 10).state_dict().items()
+        },
+        256,
+    )
+
+    def tamper(node, reply):
+        seen[node] = seen.get(node, 0) + 1
+        if node != node_id or seen[node] not in rounds:
+            return reply
+        record = reply.content[KEY_UPDATE]
+        codes = record["codecs"].numpy()
+        groups = split_groups(
+            codes, record["payload"].numpy(), layout.sizes, DEFAULT_OPTIONS
+        )
+        for group in groups:
+            for key in ("values", "scale"):
+                if key in group:
+                    group[key] = group[key] * np.asarray(factor, group[key].dtype)
+        raw = b"".join(a.tobytes() for g in groups for a in g.values())
+        reply.content[KEY_UPDATE] = ArrayRecord(
+            {"codecs": Array(codes), "payload": Array(np.frombuffer(raw, np.uint8))}
+        )
+        return reply
+
+    return tamper
+
+
+def test_divergence_raises_the_sync_frequency_of_the_drifting_device(tmp_path):
+    config = {**BASE, "acesync-min-steps": 2, "acesync-importance": "magnitude"}
+    records, _ = run_inprocess(
+        config, nodes=4, out=tmp_path, tamper=_scale_node(3, 20.0)
+    )
+    assert records[-1]["rejected-replies"] == 0
+    sync = {(e["round"], e["node-id"]): e for e in _events(records, "sync")}
+    # round 1: node 3 drifted (eq. 9) past 1.5 x the median; the others did not
+    assert sync[(1, 3)]["triggered"]
+    assert sync[(1, 3)]["divergence"] > 1.5 * sync[(1, 1)]["divergence"]
+    assert sync[(1, 3)]["next-local-steps"] == 10  # halved
+    assert sync[(1, 3)]["next-budget-scale"] == 2.0  # doubled
+    for node in (1, 2, 4):
+        assert not sync[(1, node)]["triggered"]
+        assert sync[(1, node)]["next-local-steps"] == 20
+    # round 2 carries it out: fewer steps, a larger budget for node 3 only
+    plans = {(e["round"], e["node-id"]): e for e in _events(records, "plan")}
+    assert plans[(2, 3)]["local-steps"] == 10 and plans[(2, 3)]["budget-scale"] == 2.0
+    assert plans[(2, 1)]["local-steps"] == 20 and plans[(2, 1)]["budget-scale"] == 1.0
+    # back in line, node 3 relaxes toward the defaults again
+    assert not sync[(2, 3)]["triggered"]
+    assert sync[(2, 3)]["next-local-steps"] == 20
+    assert sync[(2, 3)]["next-budget-scale"] == 1.0
+
+
+def _planted(monkeypatch, groups_of_classes):
+    """Give node partition p the classes of its group, disjoint between groups."""
+    import tandem.clients.acesync as edge
+    import tandem.clients.fedavg as fedavg_edge
+
+    def split(cfg, node, which="train"):
+        bundle = load_dataset(cfg.data)
+        rows = bundle.train if which == "train" else bundle.test
+        per_group = node.num_partitions // len(groups_of_classes)
+        group = node.partition_id // per_group
+        idx = np.flatnonzero(np.isin(rows.y, groups_of_classes[group]))
+        mine = np.array_split(idx, per_group)[node.partition_id % per_group]
+        return rows.subset(mine)
+
+    monkeypatch.setattr(edge, "load_node_split", split)
+    monkeypatch.setattr(fedavg_edge, "load_node_split", split)
+
+
+def test_clusters_recover_planted_groups_and_personalize(tmp_path, monkeypatch):
+    _planted(monkeypatch, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    config = {
+        **BASE,
+        "num-server-rounds": 3,
+        "local-steps": 20,
+        "acesync-clusters": 0,  # chosen by silhouette
+        "acesync-personalize-rounds": 2,
+    }
+    records, _ = run_inprocess(config, nodes=6, out=tmp_path)
+    summary = records[-1]
+    assert summary["personal-clusters"] == 2
+    labels = summary["personal-cluster-labels"]
+    first = {labels[str(n)] for n in (1, 2, 3)}
+    second = {labels[str(n)] for n in (4, 5, 6)}
+    assert len(first) == len(second) == 1 and first != second
+    # eq. 8 at the cluster level reproduces the global aggregate
+    assert summary["personal-hierarchical-gap"] < 1e-5
+    # each device does better with its cluster's model than with the global one
+    assert summary["personal-devices"] == 6
+    assert (
+        summary["personal-accuracy-cluster"] > summary["personal-accuracy-global"] + 0.1
+    )
+    assert summary["personal-devices-improved"] >= 5
+    assert summary["personal-bytes-up"] > 0
+    assert len(_events(records, "personalize")) == 2
+
+
+# --------------------------------------------------------------------------- wrapper
+class FixedBudget(CompressedUpdates):
+    """The wrapper with one budget for everyone (the hook a policy overrides)."""
+
+    budget = 6000
+
+    def plan(self, server_round, node_ids, config):
+        steps = int(config.get("local-steps", 5))
+        return {n: self.make_plan(server_round, self.budget, steps) for n in node_ids}
+
+
+def _wrapped_round(tmp_path, codecs, *, budget=6000, tamper=None, drop=None):
+    """One round of FixedBudget around FedAvg over three in-process edges."""
+    flat = {**BASE, "output-dir": str(tmp_path), "min-nodes": 3}
+    grid = InProcessGrid(flat, 3, tamper=tamper)
+    rejects = []
+    strategy = FixedBudget(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3),
+        codecs=codecs,
+        importance="magnitude",
+        fill_decay=0.5,
+        on_reject=lambda r, n, why: rejects.append((r, n, why)),
+        max_examples=1600,
+    )
+    strategy.budget = budget
+    initial = ArrayRecord(build_model("cnn1d", (1, 40), 10).state_dict())
+    messages = strategy.configure_train(
+        1, initial, ConfigRecord({"local-steps": 5}), grid
+    )
+    replies = [
+        r for r in grid.send_and_receive(messages) if r.metadata.src_node_id != drop
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays, strategy, rejects
+
+
+def _edit_groups(codecs, edit):
+    layout = GroupLayout.from_arrays(
+        {
+            k: v.numpy()
+            for k, v in build_model("cnn1d", (1, 40), 10).state_dict().items()
+        },
+        256,
+    )
+
+    def tamper(node, reply):
+        if node != 2:
+            return reply
+        record = reply.content[KEY_UPDATE]
+        codes = record["codecs"].numpy().copy()
+        groups = split_groups(codes, record["payload"].numpy(), layout.sizes, codecs)
+        edit(groups, codes, layout)
+        raw = b"".join(
+            np.ascontiguousarray(a).tobytes() for g in groups for a in g.values()
+        )
+        reply.content[KEY_UPDATE] = ArrayRecord(
+            {"codecs": Array(codes), "payload": Array(np.frombuffer(raw, np.uint8))}
+        )
+        return reply
+
+    return tamper
+
+
+def _first(groups, key):
+    return next(g for g in groups if key in g)
+
+
+def _poke(key, index, value):
+    def edit(groups, codes, layout):
+        group = _first(groups, key)
+        group[key] = group[key].copy()
+        group[key][index] = value
+
+    return edit
+
+
+def _upgrade_one_to_full(groups, codes, layout):
+    i = int(np.flatnonzero(codes == 1)[0])  # a sign group becomes a full one
+    codes[i] = 0
+    groups[i] = {"values": np.ones(int(layout.sizes[i]), np.float32)}
+
+
+def _replace(record, value):
+    def tamper(node, reply):
+        if node == 2:
+            reply.content[record] = value
+        return reply
+
+    return tamper
+
+
+def _set_metric(key, value):
+    def tamper(node, reply):
+        if node == 2:
+            reply.content["metrics"][key] = value
+        return reply
+
+    return tamper
+
+
+TOPK = (Option("topk", 0.1),)
+FULL = (Option("full"), Option("defer"))
+HALF = (Option("half"), Option("defer"))
+SIGN = (Option("sign"),)
+MIXED = (Option("full"), Option("sign"))
+
+HOSTILE = {
+    "index-out-of-range": (
+        TOPK,
+        _edit_groups(TOPK, _poke("indices", 0, 4000)),
+        "out of range",
+    ),
+    "duplicate-index": (
+        TOPK,
+        _edit_groups(
+            TOPK,
+            lambda g, c, lay: _poke("indices", 1, _first(g, "indices")["indices"][0])(
+                g, c, lay
+            ),
+        ),
+        "duplicated",
+    ),
+    "nan": (FULL, _edit_groups(FULL, _poke("values", 3, np.nan)), "NaN or Inf"),
+    "inf": (HALF, _edit_groups(HALF, _poke("values", 0, np.inf)), "NaN or Inf"),
+    "scale-wrong-shape": (
+        SIGN,
+        _edit_groups(
+            SIGN, lambda g, c, lay: g[0].__setitem__("scale", np.ones(2, np.float32))
+        ),
+        "the codec table implies",
+    ),
+    "truncated": (
+        SIGN,
+        _edit_groups(
+            SIGN, lambda g, c, lay: g[-1].__setitem__("signs", g[-1]["signs"][:-1])
+        ),
+        "the codec table implies",
+    ),
+    "over-budget": (
+        MIXED,
+        _edit_groups(MIXED, _upgrade_one_to_full),
+        "more than the budget",
+    ),
+    "codec-index": (
+        SIGN,
+        _edit_groups(SIGN, lambda g, c, lay: c.__setitem__(0, 9)),
+        "codec index 9 out of range",
+    ),
+    "metric-nan": (SIGN, _set_metric("train-loss", float("nan")), "not finite"),
+    "inflated-examples": (
+        SIGN,
+        _set_metric("num-examples", 10**6),
+        "outside [1, 1600]",
+    ),
+    "wrong-steps": (SIGN, _set_metric("steps", 1), "the plan said 5"),
+    "unknown-record": (
+        SIGN,
+        _replace("extra", ConfigRecord({"x": 1})),
+        "unknown records",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_reply_is_rejected_and_touches_nothing(tmp_path, case):
+    codecs, tamper, reason = HOSTILE[case]
+    budget = 12000 if codecs is MIXED else 10**6
+    arrays, strategy, rejects = _wrapped_round(
+        tmp_path / "t", codecs, budget=budget, tamper=tamper
+    )
+    honest, reference, _ = _wrapped_round(tmp_path / "h", codecs, budget=budget, drop=2)
+    assert [(r, n) for r, n, _ in rejects] == [(1, 2)]
+    assert reason in rejects[0][2]
+    assert strategy.stats.rejected == 1 and strategy.stats.replies == 2
+    # the global model is exactly what the honest replies alone give
+    for key in honest:
+        np.testing.assert_array_equal(arrays[key].numpy(), honest[key].numpy())
+    # and the bad node left no trace in the cloud's cache
+    assert 2 not in strategy._caches and set(strategy._caches) == set(reference._caches)
+
+
+def test_the_wrapper_serves_fedadam(tmp_path):
+    """The compression part wraps another Flower strategy unchanged."""
+    flat = {**BASE, "output-dir": str(tmp_path), "min-nodes": 3}
+    grid = InProcessGrid(flat, 3)
+    inner = FedAdam(
+        fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3, eta=0.01
+    )
+    strategy = FixedBudget(inner, codecs=DEFAULT_OPTIONS, importance="magnitude")
+    initial = ArrayRecord(build_model("cnn1d", (1, 40), 10).state_dict())
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=2,
+        train_config=ConfigRecord({"local-steps": 5}),
+    )
+    stats = strategy.compression_stats()
+    assert stats["accepted-replies"] == 6 and stats["rejected-replies"] == 0
+    assert stats["encoded-ratio"] <= 6000 / (4 * 9610)
+    moved = 0.0
+    for key, value in result.arrays.items():
+        a = value.numpy()
+        assert np.isfinite(a).all()
+        moved = max(moved, float(np.abs(a - initial[key].numpy()).max()))
+    assert moved > 1e-3  # Adam moved the weights
+
+
+def test_acesync_options_are_checked_when_the_run_starts():
+    with pytest.raises(ConfigError, match="acesync-c-max"):
+        RunConfig.from_flat(
+            {"method": "acesync", "acesync-c-min": 0.9, "acesync-c-max": 0.5}
+        )
+    with pytest.raises(ConfigError, match="'acesync-codecs'"):
+        RunConfig.from_flat({"method": "acesync", "acesync-codecs": "zip,defer"})
+    with pytest.raises(ConfigError, match="'acesync-link'"):
+        RunConfig.from_flat({"method": "topk", "acesync-link": "3g"})
