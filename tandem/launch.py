@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.certs import TlsFiles, make_node_key, make_tls_files
+
 __all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -218,22 +220,38 @@ class FlowerHome:
 class LoopbackDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1, for trying the deployment engine.
 
-    Insecure (no TLS, no node authentication): loopback only. Every process
-    gets its own session, so :meth:`stop` ends each with its children.
+    By default insecure (no TLS, no node authentication): loopback trials
+    only. With ``secure=True`` it runs as a real deployment should: TLS with a
+    private CA and a server certificate for the loopback names, and SuperNode
+    authentication, each node's public key registered with ``flwr supernode
+    register`` before the node starts. Every process gets its own session, so
+    :meth:`stop` ends each with its children.
 
     Parameters
     ----------
     root : Path
-        Folder for state, per-node Flower homes and logs.
+        Folder for state, certificates, keys, per-node Flower homes and logs.
     num_nodes : int (default: 2)
         SuperNodes to start; node ``i`` gets
-        ``--node-config "partition-id=i num-partitions=num_nodes"``.
+        ``--node-config "partition-id=i num-partitions=num_nodes"`` plus
+        ``node_config``.
+    secure : bool (default: False)
+        TLS and SuperNode authentication.
+    unregistered : int (default: 0)
+        With ``secure``: extra SuperNodes whose keys are *not* registered
+        (the SuperLink must refuse them); logs ``intruder<i>.log``.
+    node_config : str (default: "")
+        Extra ``key=value`` pairs for every node's ``--node-config``.
     """
 
     root: Path
     num_nodes: int = 2
+    secure: bool = False
+    unregistered: int = 0
+    node_config: str = ""
     port: int = field(default_factory=_free_port)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    tls: TlsFiles | None = None
 
     def _spawn(self, args: list[str], home: Path, log: str) -> None:
         home.mkdir(parents=True, exist_ok=True)
@@ -253,10 +271,22 @@ class LoopbackDeployment:
     def start(self) -> None:
         """Start the SuperLink, then the SuperNodes; wait until the link listens."""
         self.root.mkdir(parents=True, exist_ok=True)
+        security = ["--insecure"]
+        if self.secure:
+            self.tls = make_tls_files(self.root / "tls")
+            security = [
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+                "--enable-supernode-auth",
+            ]
         self._spawn(
             [
                 "flower-superlink",
-                "--insecure",
+                *security,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -275,11 +305,28 @@ class LoopbackDeployment:
             if time.monotonic() > deadline:
                 raise RuntimeError("the SuperLink did not start within 60 s")
             time.sleep(0.3)
-        for i in range(self.num_nodes):
+        names = [f"node{i}" for i in range(self.num_nodes)]
+        if self.secure:
+            names += [f"intruder{i}" for i in range(self.unregistered)]
+        cli = FlowerHome(self.root / "cli", connections=self.connections)
+        for i, name in enumerate(names):
+            security = ["--insecure"]
+            if self.tls is not None:
+                private, public = make_node_key(self.root / "keys" / name)
+                if name.startswith("node"):
+                    cli.flwr("supernode", "register", str(public), "deploy")
+                security = [
+                    "--root-certificates",
+                    str(self.tls.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(private),
+                ]
+            partition = i % self.num_nodes
+            config = f"partition-id={partition} num-partitions={self.num_nodes}"
             self._spawn(
                 [
                     "flower-supernode",
-                    "--insecure",
+                    *security,
                     "--superlink",
                     f"127.0.0.1:{self.port}",
                     "--host",
@@ -287,18 +334,24 @@ class LoopbackDeployment:
                     "--port",
                     str(_free_port()),
                     "--node-config",
-                    f"partition-id={i} num-partitions={self.num_nodes}",
+                    f"{config} {self.node_config}".strip(),
                 ],
-                self.root / f"node{i}",
-                f"node{i}.log",
+                self.root / name,
+                f"{name}.log",
             )
 
     @property
     def connections(self) -> str:
         """A ``config.toml`` with a ``deploy`` connection to this SuperLink."""
+        if self.secure:
+            if self.tls is None:
+                raise RuntimeError("start() makes the certificates first")
+            security = f'root-certificates = "{self.tls.ca_cert}"\n'
+        else:
+            security = "insecure = true\n"
         return (
             '[superlink]\ndefault = "deploy"\n\n'
-            f'[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\n{security}'
         )
 
     def stop(self, grace: float = 10.0) -> None:
