@@ -285,6 +285,12 @@ class RunConfig:
         "fraction-evaluate", 0.0, "must lie in [0, 1]", _fraction
     )
     min_nodes: int = option("min-nodes", 2, "must be >= 1", lambda n: n >= 1)
+    reply_timeout: float = option(
+        "reply-timeout",
+        300.0,
+        "must be > 0 (seconds a node may take to answer; also the messages' TTL)",
+        lambda t: t > 0,
+    )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)

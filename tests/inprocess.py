@@ -6,6 +6,8 @@ with one ``Context`` per node (its ``state`` persisting), but without an
 engine: no process, no transport. Each node can be given a *speed*: its reply
 becomes visible only after that many ``pull_messages`` calls, so a slow node
 really lags behind a fast one. ``tamper`` may rewrite a reply (hostile edge).
+``silent_after`` makes a node stop answering after that many messages (a
+dropout); ``late`` adds nodes that connect only after that many polls.
 """
 
 from __future__ import annotations
@@ -33,24 +35,30 @@ class InProcessGrid:
         nodes: int,
         lag: Mapping[int, int] | None = None,
         tamper: Callable[[int, Message], Message] | None = None,
+        silent_after: Mapping[int, int] | None = None,
+        late: Mapping[int, int] | None = None,
     ) -> None:
+        self.late = dict(late or {})
+        total = nodes + len(self.late)
         self.contexts = {
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": nodes},
+                node_config={"partition-id": node - 1, "num-partitions": total},
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
-            for node in range(1, nodes + 1)
+            for node in range(1, total + 1)
         }
+        self.silent_after = dict(silent_after or {})
+        self.pulls = 0
         self.lag = dict(lag or {})
         self.tamper = tamper
         self._pending: dict[str, tuple[int, Message]] = {}  # id -> (pulls left, msg)
         self.handled: dict[int, int] = dict.fromkeys(self.contexts, 0)
 
     def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if self.late.get(n, 0) <= self.pulls]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
@@ -62,6 +70,7 @@ class InProcessGrid:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
         replies = []
         for msg_id in list(message_ids):
             if msg_id not in self._pending:
@@ -70,8 +79,10 @@ class InProcessGrid:
             if left > 0:
                 self._pending[msg_id] = (left - 1, msg)
                 continue
-            del self._pending[msg_id]
             node = msg.metadata.dst_node_id
+            if self.handled[node] >= self.silent_after.get(node, 10**9):
+                continue  # gone: the message stays unanswered
+            del self._pending[msg_id]
             reply = dispatch(msg, self.contexts[node])
             self.handled[node] += 1
             if self.tamper is not None:
@@ -95,11 +106,13 @@ def run_inprocess(
     out: Path,
     lag: Mapping[int, int] | None = None,
     tamper: Callable[[int, Message], Message] | None = None,
+    silent_after: Mapping[int, int] | None = None,
+    late: Mapping[int, int] | None = None,
 ) -> tuple[list[dict], InProcessGrid]:
     """Run a method's cloud side against ``nodes`` in-process edges."""
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     cfg = RunConfig.from_flat(flat)
-    grid = InProcessGrid(flat, nodes, lag, tamper)
+    grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late)
     options = cfg.method_options(flat)
     tracker = Tracker(
         cfg.tracking,

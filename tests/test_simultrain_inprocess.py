@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import run_inprocess
 
+from tandem.strategies import simultrain
 from tandem.strategies.simultrain import adapt_chunk
 
 BASE = {
@@ -116,3 +117,30 @@ def test_adaptive_chunk_by_hand():
     assert adapt_chunk(1.01, 1.0, 4, 8) == 1
     # overhead 0.05 s, 0.1 s per micro-batch: C >= 0.05*0.9/(0.1*0.1) = 4.5 -> 5
     assert adapt_chunk(0.25, 0.2, 2, 8) == 5
+
+
+def test_a_silent_edge_is_dropped_and_the_others_finish(tmp_path):
+    config = {**BASE, "reply-timeout": 0.5}
+    records, _ = run_inprocess(config, nodes=2, out=tmp_path, silent_after={2: 5})
+    summary = records[-1]
+    assert summary["dropped-edges"] == 1 and summary["rejected-replies"] == 1
+    (rejected,) = _events(records, "rejected")
+    assert rejected["node-id"] == 2 and "no reply within 0.5 s" in rejected["reason"]
+    honest = [e for e in _events(records, "exchange") if e["node-id"] == 1]
+    assert sum(e["micro-batches"] for e in honest) == 60
+    assert summary["final-accuracy"] > 0.3
+
+
+def test_a_late_node_joins_from_the_cloud_copy_and_catches_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(simultrain, "JOIN_SCAN", 0.0)  # look for new nodes always
+    # node 3 connects after 10 polls, when the others are under way
+    records, _ = run_inprocess(BASE, nodes=2, out=tmp_path, late={3: 10})
+    summary = records[-1]
+    assert summary["joined-edges"] == 1
+    (joined,) = _events(records, "joined")
+    assert joined["node-id"] == 3
+    late = [e for e in _events(records, "exchange") if e["node-id"] == 3]
+    assert sum(e["micro-batches"] for e in late) == 60  # it did all its steps
+    first = next(e for e in _events(records, "exchange") if e["node-id"] == 3)
+    assert first["bytes-down"] > 2 * 1000  # its first message carried θ_e^c
+    assert summary["rejected-replies"] == 0 and summary["final-accuracy"] > 0.3

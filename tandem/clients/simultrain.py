@@ -123,6 +123,7 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     state = context.state
     conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
 
+    fresh = _S + "edge" not in state.array_records  # first message to this node
     theta = _tensors(state.array_records.get(_S + "edge")) or _params(edge)
     theta_cloud = _tensors(state.array_records.get(_S + "edge-cloud")) or dict(theta)
     base = _tensors(state.array_records.get(_S + "base")) or dict(theta)
@@ -185,9 +186,12 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         record = get_record(msg.content, KEY_EDGE_PARAMS, ArrayRecord)
         checked = check_arrays(record, layout_of(_record(theta)))  # type: ignore[arg-type]
         received = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
-        reply[KEY_DELTA] = _record({k: theta[k] - base[k] for k in theta})
         theta_cloud = received
-        theta = soft_reconcile(theta, theta_cloud, opts.lam)
+        if fresh:  # a node that joined late starts from the cloud's copy
+            theta = dict(received)
+        else:
+            reply[KEY_DELTA] = _record({k: theta[k] - base[k] for k in theta})
+            theta = soft_reconcile(theta, theta_cloud, opts.lam)
         base = dict(theta)
         meta["base-v-c"] = int(conf["v-c"])  # type: ignore[arg-type]
 

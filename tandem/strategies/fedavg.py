@@ -268,6 +268,7 @@ def run(
         train_config=ConfigRecord({KEY_LOCAL_STEPS: steps}),
         num_rounds=cfg.num_server_rounds,
         evaluate_fn=evaluate_global,
+        timeout=cfg.reply_timeout,
     )
     torch.save(result.arrays.to_torch_state_dict(), srv.tracker.run_dir / "model.pt")
     more = dict(on_finish(result.arrays)) if on_finish is not None else {}

@@ -71,8 +71,8 @@ from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get
 
 __all__ = ["adapt_chunk", "check_activations", "run"]
 
-#: Seconds to wait for one reply before the edge is considered gone.
-REPLY_TIMEOUT = 600.0
+#: Seconds between looks for SuperNodes that connected after the start.
+JOIN_SCAN = 2.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class EdgeTrack:
     final_sent: bool = False
     edge_seconds: float = 0.0  # measured compute of the last reply
     chunk: int = 1  # adaptive chunk size (simultrain-chunk = 0)
+    catch_up: bool = False  # joined late: its first message carries θ_e^c
     sent_at: float = 0.0  # wall clock when the message in flight left
 
 
@@ -248,7 +249,8 @@ def run(srv: ServerRun) -> None:
         due = opts.reconcile_every > 0 and (
             track.steps_since_reconcile >= opts.reconcile_every
         )
-        if due or final:
+        if due or final or track.catch_up:
+            track.catch_up = False
             content[KEY_EDGE_PARAMS] = ArrayRecord(
                 {k: Array(v.numpy()) for k, v in theta_ec.items()}
             )
@@ -258,7 +260,10 @@ def run(srv: ServerRun) -> None:
             {"v-c": cloud_steps, "want": want, "grad-for": grad_for}
         )
         msg = Message(
-            content=content, dst_node_id=track.node_id, message_type=MESSAGE_TYPE
+            content=content,
+            dst_node_id=track.node_id,
+            message_type=MESSAGE_TYPE,
+            ttl=cfg.reply_timeout,
         )
         (track.message_id,) = list(srv.grid.push_messages([msg]))
         track.seq += 1
@@ -296,18 +301,36 @@ def run(srv: ServerRun) -> None:
     for track in tracks.values():
         send(track)
 
-    # Replies are handled as they really arrive: no edge waits for another.
-    last_heard = time.monotonic()
+    # Replies are handled as they really arrive: no edge waits for another. An
+    # edge silent for reply-timeout seconds is dropped (the others go on); a
+    # SuperNode that connects later joins and catches up from θ_e^c.
+    dropped: list[int] = []
+    joined: list[int] = []
+    next_scan = time.monotonic() + JOIN_SCAN
     while waiting:
         replies = list(srv.grid.pull_messages(list(waiting)))
+        now = time.monotonic()
+        for msg_id, track in list(waiting.items()):
+            if now - track.sent_at > cfg.reply_timeout and all(
+                r.metadata.reply_to_message_id != msg_id for r in replies
+            ):
+                del waiting[msg_id]
+                dropped.append(track.node_id)
+                srv.reject(
+                    period + 1,
+                    track.node_id,
+                    f"no reply within {cfg.reply_timeout:g} s: edge dropped",
+                )
+        if now >= next_scan:
+            for node in sorted(set(srv.grid.get_node_ids()) - set(tracks)):
+                tracks[node] = EdgeTrack(node, catch_up=True)
+                joined.append(node)
+                srv.tracker.log_event("joined", {"node-id": node, "period": period})
+                send(tracks[node])
+            next_scan = now + JOIN_SCAN
         if not replies:
-            if time.monotonic() - last_heard > REPLY_TIMEOUT:
-                for track in waiting.values():
-                    srv.reject(period + 1, track.node_id, "no reply: edge dropped")
-                waiting.clear()
             time.sleep(0.02)
             continue
-        last_heard = time.monotonic()
         for reply in replies:
             track = waiting.pop(reply.metadata.reply_to_message_id)
             # what the answered message was, for the exchange record
@@ -410,8 +433,8 @@ def run(srv: ServerRun) -> None:
     period += 1
     marks.append(exchanges)
     final = _report(srv, full, theta_ec, data.test, device, period, losses, exchanges)
-    timeline = _replay(srv, nodes, opts, marks)
-    total_steps = opts.steps * len(tracks)
+    timeline = _replay(srv, sorted(tracks), opts, marks)
+    total_steps = sum(t.steps_requested for t in tracks.values()) or 1
     srv.tracker.finish(
         {
             "method": cfg.method,
@@ -430,6 +453,8 @@ def run(srv: ServerRun) -> None:
             "clock-mode": timeline.mode,
             "link": opts.link,
             "mean-chunk": float(np.mean(chunks_sent)) if chunks_sent else 0.0,
+            "dropped-edges": len(dropped),
+            "joined-edges": len(joined),
             "max-staleness": max(staleness_seen, default=0),
             "dropped-deltas": dropped_deltas,
             "rejected-replies": srv.rejected(),
