@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.bench.report import format_table, write_plots
+from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, run_suite, summarize
 from tandem.bench.suites import SUITES
 from tandem.config import DataConfig
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile",
         nargs="+",
-        default=["4g", "5g"],
-        help="link profiles: 4g 5g lan wifi variable, or mix:4g,5g,...",
+        default=None,
+        help="link profiles: 4g 5g lan wifi variable, or mix:4g,5g,... "
+        "(default: the suite's, else 4g 5g)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed values")
     p.add_argument(
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # a terminated benchmark still stops its SuperLink (the runner's finally)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.profile is None:
+        args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
     for name in args.profile:
         try:  # unknown names fail here, before any run
             if name.startswith("mix:"):
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["mnist1d-samples"] = QUICK["mnist1d-samples"]
     if args.samples:
         extra["mnist1d-samples"] = args.samples
+    if args.dataset == "wisdm" and suite.defaults.get("partitioner") == "dirichlet":
+        extra["partitioner"] = "natural"  # non-IID by user, not by label draw
     args.out.mkdir(parents=True, exist_ok=True)
 
     local_edge = args.local_gflops or measure_local_gflops(threads=1)
@@ -160,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
     results = summarize(suite, opts, runs)
+    if suite.overhead_width:
+        from tandem.bench.overhead import measure_overhead
+
+        local_steps = next(
+            (
+                v.local_steps
+                for v in suite.variants
+                if v.overrides["method"] == "acesync"
+            ),
+            50,
+        )
+        results["overhead_probe"] = measure_overhead(suite.overhead_width, local_steps)
     data_cfg = DataConfig(
         dataset=opts.dataset,
         path=opts.data_path,
@@ -216,6 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
     plots = write_plots(results, args.out)
     print(format_table(results))
+    reference = format_reference_table(results)
+    if reference:
+        print(
+            f"\nagainst {suite.reference} (target: its final accuracy - "
+            f"{100 * suite.reference_margin:g} pt):\n{reference}"
+        )
+    probe = results.get("overhead_probe")
+    if probe:
+        print(
+            f"\nedge overhead on {probe['model']} ({probe['parameters']:,} "
+            f"parameters, {probe['groups']} groups): selection + encoding "
+            f"{probe['overhead_seconds'] * 1000:.1f} ms = {probe['share']:.1%} of "
+            f"{probe['local_steps']} local steps "
+            f"({probe['train_compute_seconds'] * 1000:.0f} ms); "
+            f"with the cloud's decoding {probe['share_with_decode']:.1%}"
+        )
     print(f"\nresults: {args.out / 'results.json'}")
     for path in plots:
         print(f"plot:    {path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "write_plots"]
+__all__ = ["format_reference_table", "format_table", "write_plots"]
 
 
 def _kb(n: float) -> str:
@@ -54,6 +54,60 @@ def format_table(results: dict[str, Any]) -> str:
             f"{m['bandwidth_time_product_per_step'][first] / 1000:,.1f} KB·s",
             f"{util['edge']:.0%} / {util['cloud']:.0%}",
             f"{m['wall_seconds']:.1f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def format_reference_table(results: dict[str, Any]) -> str:
+    """A Markdown table of every method against the suite's reference method.
+
+    Columns: final accuracy and its gap to the reference (points), total
+    uplink and downlink bytes and their ratio to the reference's, rounds
+    (in the reference's rounds) and emulated seconds to reach the target
+    (the reference's final accuracy minus the margin), and the edge overhead
+    of selection + encoding as a share of local training compute. Empty when
+    the results have no reference.
+    """
+    ref = results.get("reference")
+    if not ref:
+        return ""
+    profiles = results["assumptions"]["profile_names"]
+    first = profiles[0]
+    head = [
+        "method",
+        "final accuracy",
+        f"Δ vs {ref['label']} (pt)",
+        "uplink total",
+        "downlink total",
+        f"uplink vs {ref['label']}",
+        f"rounds to {ref['target_accuracy']:.2%}",
+        f"s to {ref['target_accuracy']:.2%} ({first})",
+        "overhead / training",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, m in ref["methods"].items():
+        n = len(m["rounds_to_target_per_seed"])
+        gap = m.get("accuracy_minus_reference")
+        rounds = m["rounds_to_target"]
+        seconds = m["emulated_seconds_to_target"].get(first)
+        share = m.get("overhead_share")
+        cells = [
+            label,
+            f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})",
+            "–" if gap is None else f"{100 * gap:+.2f}",
+            _kb(m["bytes_up"]),
+            _kb(m["bytes_down"]),
+            "–"
+            if "bytes_up_vs_reference" not in m
+            else f"{m['bytes_up_vs_reference']:.3f}x",
+            "not reached" if rounds is None else f"{rounds:.1f}",
+            _opt(seconds, ".1f"),
+            _pct(share),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -115,4 +169,26 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     paths.append(out / "accuracy_vs_bytes.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    if results.get("reference"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for label, m in methods.items():
+            for i, curve in enumerate(m["curves"]):
+                ax.plot(
+                    [b / 1e6 for b in curve["bytes_up"]],
+                    curve["accuracy"],
+                    color=f"C{list(methods).index(label)}",
+                    alpha=0.9 if i == 0 else 0.35,
+                    label=label if i == 0 else None,
+                )
+        target = results["reference"]["target_accuracy"]
+        ax.axhline(target, color="grey", lw=0.8, ls="--", label=f"target {target:.1%}")
+        ax.set(xlabel="uplink bytes (MB)", ylabel="test accuracy", ylim=(0, 1))
+        ax.set_title(f"{results['suite']}: accuracy vs uplink bytes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "accuracy_vs_uplink.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths

@@ -305,6 +305,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                             x["cum-bytes-up"] + x["cum-bytes-down"]
                             for x in r.round_records
                         ],
+                        "bytes_up": [x["cum-bytes-up"] for x in r.round_records],
                         "emulated_seconds": {
                             p: [0.0, *emulated[p][i]["round_end"]]
                             for p in opts.profiles
@@ -315,25 +316,111 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
             }
         )
         methods[variant.label] = entry
-    target = _target_accuracy(methods, opts.target)
+    target = _target_accuracy(methods, opts.target, suite)
     for entry in methods.values():
         if not entry.get("failed"):
             entry["emulated_seconds_to_target"] = _time_to_target(entry, target)
-    return {
+    out = {
         "suite": suite.name,
         "description": suite.description,
         "target_accuracy": target,
         "methods": methods,
     }
+    if suite.reference is not None:
+        out["reference"] = _against_reference(suite, methods, runs, target)
+    return out
 
 
-def _target_accuracy(methods: Mapping[str, Any], given: float | None) -> float:
-    """``--target``, else 90% of centralized's final accuracy (or the best's)."""
+#: Run-summary entries averaged over seeds into ``results.json`` when present.
+SUMMARY_FIGURES = (
+    "overhead-share",
+    "overhead-share-with-decode",
+    "encoded-ratio",
+    "divergence-triggers",
+    "predictor-rank-corr",
+    "magnitude-rank-corr",
+    "personal-clusters",
+    "personal-accuracy-global",
+    "personal-accuracy-cluster",
+)
+
+
+def _against_reference(
+    suite: Suite, methods: Mapping[str, Any], runs: list[RunRecord], target: float
+) -> dict[str, Any]:
+    """Each variant against ``suite.reference``: bytes ratios, rounds to target.
+
+    Rounds to target count the first round whose test accuracy reaches
+    ``target``, in the reference's rounds (a round of a variant that syncs
+    every ``period`` rounds' worth of steps counts ``period``); a variant's
+    mean is ``None`` unless every seed reached the target.
+    """
+    ref = methods.get(suite.reference or "")
+    ref_steps = next(
+        (v.local_steps for v in suite.variants if v.label == suite.reference), 1
+    )
+    table: dict[str, Any] = {
+        "label": suite.reference,
+        "margin": suite.reference_margin,
+        "target_accuracy": target,
+        "methods": {},
+    }
+    for variant in suite.variants:
+        entry = methods.get(variant.label)
+        if entry is None or entry.get("failed"):
+            continue
+        good = [r for r in runs if r.variant.label == variant.label and r.ok]
+        per_seed = []
+        for r in good:
+            hit = next(
+                (
+                    x["round"]
+                    for x in r.round_records
+                    if x["round"] > 0 and x["eval-accuracy"] >= target
+                ),
+                None,
+            )
+            per_seed.append(
+                None if hit is None else hit * variant.local_steps / ref_steps
+            )
+        reached = [x for x in per_seed if x is not None]
+        row: dict[str, Any] = {
+            "final_accuracy": entry["final_accuracy"],
+            "final_accuracy_sd": entry["final_accuracy_sd"],
+            "bytes_up": entry["bytes_up"],
+            "bytes_down": entry["bytes_down"],
+            "rounds_to_target": _mean(reached)
+            if len(reached) == len(per_seed)
+            else None,
+            "rounds_to_target_per_seed": per_seed,
+            "emulated_seconds_to_target": entry["emulated_seconds_to_target"],
+        }
+        if ref is not None and not ref.get("failed"):
+            row["accuracy_minus_reference"] = (
+                entry["final_accuracy"] - ref["final_accuracy"]
+            )
+            row["bytes_up_vs_reference"] = entry["bytes_up"] / ref["bytes_up"]
+            row["bytes_down_vs_reference"] = entry["bytes_down"] / ref["bytes_down"]
+        for key in SUMMARY_FIGURES:
+            values = [r.summary[key] for r in good if r.summary.get(key) is not None]
+            if values:
+                row[key.replace("-", "_")] = _mean([float(v) for v in values])
+        table["methods"][variant.label] = row
+    return table
+
+
+def _target_accuracy(
+    methods: Mapping[str, Any], given: float | None, suite: Suite | None = None
+) -> float:
+    """``--target``; else the reference's final accuracy minus the suite's margin;
+    else 90% of centralized's final accuracy (or the best's)."""
     if given is not None:
         return given
     done = {k: m for k, m in methods.items() if not m.get("failed")}
     if not done:
         return float("nan")
+    if suite is not None and suite.reference in done:
+        return done[suite.reference]["final_accuracy"] - suite.reference_margin
     central = [m for m in done.values() if m["method"] == "centralized"]
     ceiling = central[0] if central else max(done.values(), key=_final)
     return 0.9 * ceiling["final_accuracy"]

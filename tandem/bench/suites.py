@@ -34,11 +34,28 @@ class Variant:
     overrides: Mapping[str, object]
     schedule: str = "sync"
 
+    def __post_init__(self) -> None:
+        method = self.overrides.get("method")
+        if method == "fedavg-periodic" and "acesync-period" not in self.overrides:
+            raise ValueError(
+                f"variant '{self.label}': a fedavg-periodic variant must set "
+                "acesync-period (its rounds' worth of local steps per sync)"
+            )
+
+    @property
+    def period(self) -> int:
+        """Rounds' worth of ``local-steps`` per sync: ``acesync-period`` for
+        ``fedavg-periodic`` (each of its rounds runs that many times
+        ``local-steps``), else 1."""
+        if self.overrides.get("method") != "fedavg-periodic":
+            return 1
+        return int(self.overrides["acesync-period"])  # type: ignore[call-overload]
+
     @property
     def local_steps(self) -> int:
         """SGD steps per node per round (per report period, ``pipeline``)."""
         key = "simultrain-eval-every" if self.schedule == "pipeline" else "local-steps"
-        return int(self.overrides.get(key, 50))  # type: ignore[call-overload]
+        return int(self.overrides.get(key, 50)) * self.period  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,16 @@ class Suite:
     nodes: int = 10
     rounds: int | None = 20
     steps: int | None = None
+    #: Link profiles when ``--profile`` is not given (None: 4g and 5g).
+    profiles: tuple[str, ...] | None = None
+    #: Label of the variant the others are measured against: the target
+    #: accuracy is its final accuracy minus ``reference_margin``, and the
+    #: reference table gives each variant's bytes and rounds against it.
+    reference: str | None = None
+    reference_margin: float = 0.01
+    #: Width of a cnn1d on which ACE-Sync's edge overhead is also timed
+    #: in-process (0: no probe); see :mod:`tandem.bench.overhead`.
+    overhead_width: int = 0
 
 
 SUITES: dict[str, Suite] = {
@@ -100,5 +127,30 @@ SUITES: dict[str, Suite] = {
         nodes=2,
         rounds=None,
         steps=300,
+    ),
+    "acesync": Suite(
+        name="acesync",
+        description=(
+            "ACE-Sync against FullSync, Top-k, FedAvg-periodic and Flower's FedAvg "
+            "(seed 004): the same model, Dirichlet non-IID data and SGD steps per "
+            "edge, on a heterogeneous variable link mix"
+        ),
+        variants=(
+            Variant("fedavg", {"method": "fedavg", "local-steps": 50}),
+            Variant("fullsync", {"method": "fullsync", "local-steps": 50}),
+            Variant("topk", {"method": "topk", "local-steps": 50}),
+            Variant(
+                "fedavg-periodic",
+                {"method": "fedavg-periodic", "local-steps": 50, "acesync-period": 3},
+            ),
+            Variant("acesync", {"method": "acesync", "local-steps": 50}),
+        ),
+        defaults={"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+        nodes=10,
+        rounds=None,
+        steps=1050,  # 21 rounds of 50 steps; fedavg-periodic: 7 syncs of 150
+        profiles=("variable",),
+        reference="fullsync",
+        overhead_width=128,
     ),
 }

@@ -1,0 +1,117 @@
+"""The acesync suite's bookkeeping: periods, the reference target, rounds to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tandem.bench.report import format_reference_table, format_table, write_plots
+from tandem.bench.runner import BenchOptions, RunRecord, summarize
+from tandem.bench.suites import SUITES, Variant
+from tandem.launch import RunStatus
+
+SUITE = SUITES["acesync"]
+
+
+def test_the_suite_compares_five_methods_on_the_same_steps():
+    opts = BenchOptions(out=Path("unused"), steps=SUITE.steps, rounds=None)
+    labels = [v.label for v in SUITE.variants]
+    assert labels == ["fedavg", "fullsync", "topk", "fedavg-periodic", "acesync"]
+    assert SUITE.reference == "fullsync" and SUITE.profiles == ("variable",)
+    for variant in SUITE.variants:
+        assert opts.steps_for(variant) == SUITE.steps
+    periodic = SUITE.variants[3]
+    assert periodic.period == 3 and periodic.local_steps == 150
+    assert opts.rounds_for(periodic) == 7 and opts.rounds_for(SUITE.variants[1]) == 21
+
+
+def test_a_periodic_variant_must_state_its_period():
+    with pytest.raises(ValueError, match="must set acesync-period"):
+        Variant("p", {"method": "fedavg-periodic", "local-steps": 50})
+
+
+def _run(variant, seed, accuracies, bytes_up, extra=None):
+    records = [{"event": "config", "config": {}}]
+    cum_up = cum_down = 0
+    for r, acc in enumerate(accuracies):
+        if r > 0:
+            for node in (1, 2):
+                records.append(
+                    {
+                        "event": "bytes",
+                        "round": r,
+                        "node-id": node,
+                        "bytes-up": bytes_up,
+                        "bytes-down": 1000,
+                        "edge-seconds": 0.01,
+                    }
+                )
+            cum_up += 2 * bytes_up
+            cum_down += 2000
+        records.append(
+            {
+                "event": "round",
+                "round": r,
+                "eval-accuracy": acc,
+                "cloud-seconds": 0.001,
+                "cum-bytes-up": cum_up,
+                "cum-bytes-down": cum_down,
+            }
+        )
+    records.append(
+        {
+            "event": "summary",
+            "final-accuracy": accuracies[-1],
+            "bytes-up": cum_up,
+            "bytes-down": cum_down,
+            "wall-seconds": 1.0,
+            **(extra or {}),
+        }
+    )
+    status = RunStatus(f"{variant.label}-{seed}", "finished:completed", "", 1.0)
+    return RunRecord(variant, seed, status, records, len(accuracies) - 1)
+
+
+def test_reference_target_rounds_and_bytes(tmp_path):
+    v = {x.label: x for x in SUITE.variants}
+    opts = BenchOptions(out=tmp_path, profiles=("variable",), seeds=(0, 1), nodes=2)
+    runs = []
+    for seed in (0, 1):
+        runs += [
+            _run(v["fullsync"], seed, [0.1, 0.5, 0.8, 0.9, 0.9], 1000),
+            _run(v["fedavg"], seed, [0.1, 0.5, 0.85, 0.9, 0.91], 1100),
+            _run(v["topk"], seed, [0.1, 0.3, 0.5, 0.7, 0.8], 300),
+            # one round per three of the others'
+            _run(v["fedavg-periodic"], seed, [0.1, 0.895], 1100),
+            _run(
+                v["acesync"],
+                seed,
+                [0.1, 0.6, 0.89, 0.9, 0.899],
+                280,
+                {"overhead-share": 0.03 + 0.01 * seed, "encoded-ratio": 0.25},
+            ),
+        ]
+    results = summarize(SUITE, opts, runs)
+    results["assumptions"] = {"profile_names": ["variable"]}
+    assert results["target_accuracy"] == pytest.approx(0.89)  # fullsync - 1 pt
+    ref = results["reference"]["methods"]
+    assert ref["fullsync"]["rounds_to_target"] == 3
+    assert ref["acesync"]["rounds_to_target"] == 2
+    assert ref["acesync"]["bytes_up_vs_reference"] == pytest.approx(0.28)
+    assert ref["acesync"]["accuracy_minus_reference"] == pytest.approx(-0.001)
+    assert ref["acesync"]["overhead_share"] == pytest.approx(0.035)
+    assert ref["topk"]["rounds_to_target"] is None  # never reached 0.89
+    # the periodic variant's first sync counts as three rounds' worth of steps
+    assert ref["fedavg-periodic"]["rounds_to_target_per_seed"] == [3.0, 3.0]
+    table = format_reference_table(results)
+    assert "| acesync |" in table and "0.280x" in table and "not reached" in table
+    assert "| acesync |" in format_table(
+        {**results, "assumptions": {"profile_names": ["variable"]}}
+    )
+    names = [p.name for p in write_plots(results, tmp_path)]
+    assert names == [
+        "accuracy_vs_time.png",
+        "accuracy_vs_bytes.png",
+        "accuracy_vs_uplink.png",
+    ]

@@ -1,0 +1,60 @@
+"""End to end: `flwr run` with method=acesync on Flower's simulation engine.
+
+A private Flower home and SuperLink on free ports (stopped afterwards), three
+simulated SuperNodes, two rounds: the run must finish, learn, stay within
+its byte budgets and count every message.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.launch import FlowerHome
+from tandem.tracking import read_jsonl
+
+pytestmark = pytest.mark.e2e
+
+NODES = 3
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory):
+    home = FlowerHome(tmp_path_factory.mktemp("flwr-home"))
+    try:
+        yield home
+    finally:
+        home.stop_superlink()
+        assert home.superlink_pids() == []
+
+
+def test_acesync_run_completes_within_budget(flower, tmp_path):
+    status = flower.run(
+        run_config={
+            "method": "acesync",
+            "num-server-rounds": ROUNDS,
+            "local-steps": 20,
+            "mnist1d-samples": 2000,
+            "partitioner": "dirichlet",
+            "acesync-personalize-rounds": 1,
+            "output-dir": str(tmp_path),
+        },
+        federation_config={"num-supernodes": NODES},
+        timeout=300,
+    )
+    assert status.ok, f"{status.status}: {status.details}"
+    records = read_jsonl(tmp_path / f"acesync-{status.run_id}" / "metrics.jsonl")
+    rounds = [r for r in records if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
+    assert rounds[-1]["eval-accuracy"] > rounds[0]["eval-accuracy"] + 0.1
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["rejected-replies"] == 0
+    assert summary["accepted-replies"] == NODES * ROUNDS
+    assert summary["bytes-encoded"] <= summary["bytes-budget"]
+    assert summary["encoded-ratio"] < 0.45
+    # every reply is a fraction of a float32 model (9,610 parameters)
+    per_node = [r for r in records if r["event"] == "bytes"]
+    assert len(per_node) == NODES * ROUNDS
+    assert all(r["bytes-up"] < 0.5 * 4 * 9610 for r in per_node)
+    assert summary["personal-devices"] == NODES
+    assert 0 < summary["overhead-share"] < 1
