@@ -443,7 +443,7 @@ def _evaluate(
         for node, arrays in models.items()
     ]
     out = {}
-    for reply in srv.grid.send_and_receive(messages):
+    for reply in srv.grid.send_and_receive(messages, timeout=srv.cfg.reply_timeout):
         if reply.has_error():
             continue
         metrics = reply.content.metric_records.get(KEY_METRICS)
@@ -556,7 +556,8 @@ def personalize(
                 )
             )
         decoded, _ = strategy.decode_replies(
-            server_round, srv.grid.send_and_receive(messages)
+            server_round,
+            srv.grid.send_and_receive(messages, timeout=srv.cfg.reply_timeout),
         )
         if not decoded:
             break
