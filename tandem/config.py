@@ -291,6 +291,13 @@ class RunConfig:
         "must be > 0 (seconds a node may take to answer; also the messages' TTL)",
         lambda t: t > 0,
     )
+    checkpoint_every: int = option(
+        "checkpoint-every",
+        1,
+        "must be >= 0 (rounds between server checkpoints; 0 = none)",
+        lambda n: n >= 0,
+    )
+    resume: str = option("resume", "")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)

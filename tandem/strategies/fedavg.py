@@ -20,15 +20,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
+from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tandem.config import ConfigError
 from tandem.server_context import ServerRun
 from tandem.training import evaluate
 from tandem.wire import (
@@ -190,6 +194,54 @@ class CheckedFedAvgM(ReplyChecks, FedAvgM):
     """Flower's :class:`~flwr.serverapp.strategy.FedAvgM` with reply checks."""
 
 
+def _checkpoint(
+    srv: ServerRun, arrays: ArrayRecord, server_round: int, fedavg: Any
+) -> None:
+    """Save the global model, the round and FedAvgM's momentum (if any)."""
+    state = {k: v.numpy() for k, v in arrays.items()}
+    momentum = getattr(fedavg, "momentum_vector", None) or []
+    state.update({f"__momentum__/{i}": np.asarray(m) for i, m in enumerate(momentum)})
+    save_checkpoint(
+        srv.tracker.run_dir / "checkpoint.npz",
+        state,
+        {"method": srv.cfg.method, "round": server_round, "seed": srv.cfg.seed},
+    )
+
+
+def _resume(
+    srv: ServerRun, model: torch.nn.Module
+) -> tuple[int, dict[str, torch.Tensor], list[np.ndarray] | None] | None:
+    """The checkpoint named by ``resume``: (round, model state, momentum)."""
+    if not srv.cfg.resume:
+        return None
+    try:
+        arrays, state = load_checkpoint(Path(srv.cfg.resume))
+    except CheckpointError as err:
+        raise ConfigError("resume", srv.cfg.resume, str(err)) from None
+    if state.get("method") != srv.cfg.method:
+        raise ConfigError(
+            "resume",
+            srv.cfg.resume,
+            f"is a checkpoint of method {state.get('method')!r}",
+        )
+    momentum = [
+        arrays.pop(k)
+        for k in sorted(
+            (k for k in arrays if k.startswith("__momentum__/")),
+            key=lambda k: int(k.split("/")[1]),
+        )
+    ]
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    try:
+        check_arrays(record, layout_of(ArrayRecord(model.cpu().state_dict())))
+    except PayloadError as err:
+        raise ConfigError(
+            "resume", srv.cfg.resume, f"does not fit the model: {err}"
+        ) from None
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    return int(state["round"]), tensors, momentum or None
+
+
 def build_fedavg(
     run: ServerRun,
     train_sink: dict,
@@ -238,9 +290,20 @@ def run(
     client_eval: dict[str, float] = {}
     history: list[float] = []
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    resumed = _resume(srv, model)  # (round, arrays, momentum) or None
+    offset = 0 if resumed is None else resumed[0]
+    if offset >= cfg.num_server_rounds:
+        raise ConfigError(
+            "resume",
+            cfg.resume,
+            f"the checkpoint is at round {offset}; num-server-rounds must exceed it",
+        )
+    fedavg: FedAvg | None = None
+
+    def evaluate_global(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         # FedAvg calls this right after aggregating: the time since the last
         # reply arrived is the cloud's aggregation time for the round.
+        server_round = flower_round + offset  # rounds count on across a resume
         last_reply = srv.ledger.last_up_at
         cloud_seconds = 0.0 if last_reply is None else time.perf_counter() - last_reply
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -256,17 +319,24 @@ def run(
             metrics.update({f"client-{k}": v for k, v in client_eval.items()})
         srv.report_round(server_round, metrics)
         srv.ledger.current_round = server_round + 1
+        every = cfg.checkpoint_every
+        if flower_round > 0 and every and server_round % every == 0:
+            _checkpoint(srv, arrays, server_round, fedavg)
         return MetricRecord({"eval-loss": stats.loss, "eval-accuracy": stats.accuracy})
 
     fedavg = build_fedavg(srv, train_metrics, client_eval, strategy, **extra)
+    if resumed is not None:
+        model.load_state_dict(resumed[1])
+        if resumed[2] is not None and hasattr(fedavg, "momentum_vector"):
+            fedavg.momentum_vector = resumed[2]  # FedAvgM's server momentum
     initial = ArrayRecord(model.cpu().state_dict())
     model.to(device)
-    srv.ledger.current_round = 0
+    srv.ledger.current_round = offset
     result = fedavg.start(
         grid=srv.grid,
         initial_arrays=initial,
         train_config=ConfigRecord({KEY_LOCAL_STEPS: steps}),
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=cfg.num_server_rounds - offset,
         evaluate_fn=evaluate_global,
         timeout=cfg.reply_timeout,
     )
@@ -283,6 +353,7 @@ def run(
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "rejected-replies": srv.rejected(),
+            "resumed-from-round": offset,
             **more,
         }
     )

@@ -1,0 +1,82 @@
+"""Checkpoints and resume: no pickle, no lost or double-applied round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess import run_inprocess
+
+from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tandem.config import ConfigError
+
+RUN = {"method": "fedavg", "mnist1d-samples": 1000, "local-steps": 5}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_round_trip_and_refusals(tmp_path):
+    path = save_checkpoint(
+        tmp_path / "c.npz", {"w": np.arange(3, dtype=np.float32)}, {"round": 2}
+    )
+    arrays, state = load_checkpoint(path)
+    assert arrays["w"].tolist() == [0, 1, 2] and state == {"round": 2, "format": 1}
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.npz")
+    # a checkpoint from a newer format is refused, not guessed at
+    blob = np.frombuffer(json.dumps({"format": 99}).encode(), np.uint8)
+    np.savez(tmp_path / "future.npz", __state__=blob)
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(tmp_path / "future.npz")
+    # object arrays (pickles) are never loaded
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), __state__=blob)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "obj.npz")
+
+
+def _rounds(records):
+    return [r for r in records if r["event"] == "round"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "syncsgd"])
+def test_a_resumed_run_continues_from_the_checkpoint(tmp_path, method):
+    config = {**RUN, "method": method, "num-server-rounds": 2}
+    first, _ = run_inprocess(config, nodes=2, out=tmp_path / "a")
+    ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
+    arrays, state = load_checkpoint(ckpt)
+    assert state["round"] == 2 and state["method"] == method
+    if method == "syncsgd":  # FedAvgM's server momentum is part of the state
+        assert any(k.startswith("__momentum__/") for k in arrays)
+    resumed, _ = run_inprocess(
+        {**config, "num-server-rounds": 4, "resume": str(ckpt)},
+        nodes=2,
+        out=tmp_path / "b",
+    )
+    rounds = _rounds(resumed)
+    # it starts from round 2's model (same accuracy), then runs rounds 3 and 4
+    assert [r["round"] for r in rounds] == [2, 3, 4]
+    assert rounds[0]["eval-accuracy"] == _rounds(first)[-1]["eval-accuracy"]
+    assert resumed[-1]["resumed-from-round"] == 2
+    # exactly two more rounds of training messages went out: nothing replayed
+    sent = {r["round"] for r in resumed if r["event"] == "bytes"}
+    assert sent == {3, 4}
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
+    run_inprocess({**RUN, "num-server-rounds": 1}, nodes=2, out=tmp_path / "a")
+    ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
+    with pytest.raises(ConfigError, match="checkpoint of method 'fedavg'"):
+        run_inprocess(
+            {**RUN, "method": "syncsgd", "resume": str(ckpt)},
+            nodes=2,
+            out=tmp_path / "b",
+        )
