@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 RUNS = {
     "fedavg": {"num-server-rounds": 2},
     "simultrain": {"simultrain-steps": 16, "simultrain-eval-every": 8},
+    "acesync": {"num-server-rounds": 2},
 }
 
 
