@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "load_checkpoint",
+    "resume_from",
+    "save_checkpoint",
+]
 
 #: Checkpoint format version written by this tandem.
 FORMAT = 1
@@ -73,5 +79,26 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if found != FORMAT:
         raise CheckpointError(
             f"{path} has format {found!r}, this tandem reads format {FORMAT}"
+        )
+    return arrays, state
+
+
+def resume_from(path: str, method: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The checkpoint the run config's ``resume`` names, for ``method``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``resume``: no usable checkpoint there, or one of another method.
+    """
+    from tandem.config import ConfigError
+
+    try:
+        arrays, state = load_checkpoint(Path(path))
+    except CheckpointError as err:
+        raise ConfigError("resume", path, str(err)) from None
+    if state.get("method") != method:
+        raise ConfigError(
+            "resume", path, f"is a checkpoint of method {state.get('method')!r}"
         )
     return arrays, state

@@ -80,3 +80,32 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
             nodes=2,
             out=tmp_path / "b",
         )
+
+
+def test_simultrain_resumes_from_its_checkpoint(tmp_path):
+    config = {
+        "method": "simultrain",
+        "mnist1d-samples": 1000,
+        "simultrain-chunk": 2,
+        "simultrain-steps": 30,
+        "simultrain-eval-every": 10,
+        "checkpoint-every": 2,  # periods 1, 2, 3: only period 2 is saved
+    }
+    run_inprocess(config, nodes=2, out=tmp_path / "a")
+    ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
+    arrays, state = load_checkpoint(ckpt)
+    assert state["period"] == 2 and 10 <= state["steps-done"] < 30
+    assert any(k.startswith("momentum/") for k in arrays)
+    resumed, _ = run_inprocess(
+        {**config, "resume": str(ckpt)}, nodes=2, out=tmp_path / "b"
+    )
+    rounds = _rounds(resumed)
+    assert rounds[0]["round"] == 2  # it starts where the checkpoint was
+    summary = resumed[-1]
+    assert summary["rejected-replies"] == 0
+    # each edge does only the steps left, starting from the cloud's copy
+    exchanges = [r for r in resumed if r["event"] == "exchange"]
+    for node in (1, 2):
+        steps = sum(e["micro-batches"] for e in exchanges if e["node-id"] == node)
+        assert steps == 30 - state["steps-done"]
+    assert summary["final-accuracy"] > 0.1

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
-from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tandem.checkpoint import resume_from, save_checkpoint
 from tandem.config import ConfigError
 from tandem.server_context import ServerRun
 from tandem.training import evaluate
@@ -214,16 +213,7 @@ def _resume(
     """The checkpoint named by ``resume``: (round, model state, momentum)."""
     if not srv.cfg.resume:
         return None
-    try:
-        arrays, state = load_checkpoint(Path(srv.cfg.resume))
-    except CheckpointError as err:
-        raise ConfigError("resume", srv.cfg.resume, str(err)) from None
-    if state.get("method") != srv.cfg.method:
-        raise ConfigError(
-            "resume",
-            srv.cfg.resume,
-            f"is a checkpoint of method {state.get('method')!r}",
-        )
+    arrays, state = resume_from(srv.cfg.resume, srv.cfg.method)
     momentum = [
         arrays.pop(k)
         for k in sorted(

@@ -39,12 +39,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from tandem.accounting import payload_bytes
+from tandem.checkpoint import resume_from, save_checkpoint
 from tandem.clients.simultrain import (
     KEY_ACTS,
     KEY_DELTA,
@@ -54,6 +56,7 @@ from tandem.clients.simultrain import (
     MESSAGE_TYPE,
     edge_model,
 )
+from tandem.config import ConfigError
 from tandem.network import assign_links
 from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
 from tandem.server_context import ServerRun
@@ -105,6 +108,7 @@ class EdgeTrack:
     edge_seconds: float = 0.0  # measured compute of the last reply
     chunk: int = 1  # adaptive chunk size (simultrain-chunk = 0)
     catch_up: bool = False  # joined late: its first message carries θ_e^c
+    trained: int = 0  # micro-batches of this edge the cloud has trained on
     sent_at: float = 0.0  # wall clock when the message in flight left
 
 
@@ -216,16 +220,26 @@ def run(srv: ServerRun) -> None:
     }
     full = torch.nn.Sequential(edge_c, cloud)
 
+    resumed = _resume(srv, cloud, optimizer)
+    if resumed is not None:
+        theta_ec = resumed["edge"]
+    done = 0 if resumed is None else int(resumed["steps-done"])
     nodes = _wait_for_nodes(srv, cfg.min_nodes)
-    tracks = {n: EdgeTrack(n) for n in nodes}
+    # after a resume every edge starts from θ_e^c and does the steps left
+    tracks = {
+        n: EdgeTrack(
+            n, steps_requested=done, trained=done, catch_up=resumed is not None
+        )
+        for n in nodes
+    }
     dtype = opts.precision
     max_rows = (opts.chunk or opts.max_chunk) * cfg.train.batch_size
     chunks_sent: list[int] = []
-    merges = 0
-    cloud_steps = 0
+    merges = 0 if resumed is None else int(resumed["merges"])
+    cloud_steps = 0 if resumed is None else int(resumed["cloud-steps"])
     exchanges = 0
     losses: list[float] = []
-    period = 0
+    period = 0 if resumed is None else int(resumed["period"])
     dropped_deltas = 0
     staleness_seen: list[int] = []
     marks: list[int] = []
@@ -296,7 +310,7 @@ def run(srv: ServerRun) -> None:
             },
         )
 
-    _report(srv, full, theta_ec, data.test, device, 0, [], 0)  # the start
+    _report(srv, full, theta_ec, data.test, device, period, [], 0)  # the start
     waiting: dict[str | None, EdgeTrack] = {}
     for track in tracks.values():
         send(track)
@@ -415,6 +429,7 @@ def run(srv: ServerRun) -> None:
                 grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
                 losses.append(float(loss.detach()))
                 cloud_steps += 1
+                track.trained += 1
                 start += size
             track.grads[version] = np.concatenate(grads)
             track.grads_seq[version] = done.seq
@@ -429,6 +444,19 @@ def run(srv: ServerRun) -> None:
                 )
                 losses = []
                 srv.ledger.current_round = period + 1
+                if cfg.checkpoint_every and period % cfg.checkpoint_every == 0:
+                    _checkpoint(
+                        srv,
+                        cloud,
+                        theta_ec,
+                        optimizer,
+                        {
+                            "period": period,
+                            "cloud-steps": cloud_steps,
+                            "merges": merges,
+                            "steps-done": min(t.trained for t in tracks.values()),
+                        },
+                    )
 
     period += 1
     marks.append(exchanges)
@@ -461,6 +489,61 @@ def run(srv: ServerRun) -> None:
             **{f"utilization-{k}": v for k, v in timeline.utilization.items()},
         }
     )
+
+
+def _checkpoint(
+    srv: ServerRun,
+    cloud: torch.nn.Module,
+    theta_ec: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    counters: dict[str, int],
+) -> None:
+    """Save ``θ_c``, ``θ_e^c``, the cloud's momentum and the counters.
+
+    What the edges learned since their last reconciliation is not in
+    ``θ_e^c`` and is not saved: a resumed run starts every edge from
+    ``θ_e^c`` (nothing is applied twice; that edge-side progress is lost).
+    """
+    arrays = {
+        f"cloud/{k}": v.detach().cpu().numpy() for k, v in cloud.state_dict().items()
+    }
+    arrays.update({f"edge/{k}": v.numpy() for k, v in theta_ec.items()})
+    for i, p in enumerate(cloud.parameters()):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            arrays[f"momentum/{i}"] = buf.detach().cpu().numpy()
+    save_checkpoint(
+        srv.tracker.run_dir / "checkpoint.npz",
+        arrays,
+        {"method": srv.cfg.method, "seed": srv.cfg.seed, **counters},
+    )
+
+
+def _resume(
+    srv: ServerRun, cloud: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """Load ``resume`` into ``cloud`` and ``optimizer``; return θ_e^c and counters."""
+    if not srv.cfg.resume:
+        return None
+    arrays, state = resume_from(srv.cfg.resume, srv.cfg.method)
+    part = {
+        k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("cloud/")
+    }
+    try:
+        cloud.load_state_dict(part)
+    except RuntimeError as err:
+        raise ConfigError(
+            "resume", srv.cfg.resume, f"does not fit the model: {err}"
+        ) from None
+    for i, p in enumerate(cloud.parameters()):
+        if f"momentum/{i}" in arrays:
+            optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
+                arrays[f"momentum/{i}"]
+            ).to(p.device)
+    edge = {
+        k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("edge/")
+    }
+    return {**state, "edge": edge}
 
 
 def _replay(
