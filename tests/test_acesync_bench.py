@@ -102,6 +102,10 @@ def test_reference_target_rounds_and_bytes(tmp_path):
     assert ref["acesync"]["accuracy_minus_reference"] == pytest.approx(-0.001)
     assert ref["acesync"]["overhead_share"] == pytest.approx(0.035)
     assert ref["topk"]["rounds_to_target"] is None  # never reached 0.89
+    assert ref["acesync"]["last3_accuracy"] == pytest.approx((0.89 + 0.9 + 0.899) / 3)
+    assert ref["acesync"]["last3_minus_reference"] == pytest.approx(
+        (0.89 + 0.9 + 0.899 - 0.8 - 0.9 - 0.9) / 3
+    )
     # the periodic variant's first sync counts as three rounds' worth of steps
     assert ref["fedavg-periodic"]["rounds_to_target_per_seed"] == [3.0, 3.0]
     table = format_reference_table(results)

@@ -160,7 +160,12 @@ def _scale_node(node_id, factor, rounds=(1,)):
 
 
 def test_divergence_raises_the_sync_frequency_of_the_drifting_device(tmp_path):
-    config = {**BASE, "acesync-min-steps": 2, "acesync-importance": "magnitude"}
+    config = {
+        **BASE,
+        "acesync-min-steps": 2,
+        "acesync-importance": "magnitude",
+        "acesync-sync-action": "both",
+    }
     records, _ = run_inprocess(
         config, nodes=4, out=tmp_path, tamper=_scale_node(3, 20.0)
     )

@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     local_cloud = args.local_gflops or measure_local_gflops(
         threads=torch.get_num_threads()
     )
+    if any(v.overrides.get("method") == "acesync" for v in suite.variants):
+        # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
+        # edge device as the benchmark's re-timing
+        extra["acesync-edge-factor"] = round(local_edge / args.edge_gflops, 6)
     opts = BenchOptions(
         out=args.out,
         profiles=tuple(args.profile),

@@ -66,7 +66,8 @@ def _pct(value: float | None) -> str:
 def format_reference_table(results: dict[str, Any]) -> str:
     """A Markdown table of every method against the suite's reference method.
 
-    Columns: final accuracy and its gap to the reference (points), total
+    Columns: final accuracy and its gap to the reference (points), the mean
+    of the last three rounds and its gap, total
     uplink and downlink bytes and their ratio to the reference's, rounds
     (in the reference's rounds) and emulated seconds to reach the target
     (the reference's final accuracy minus the margin), and the edge overhead
@@ -82,6 +83,7 @@ def format_reference_table(results: dict[str, Any]) -> str:
         "method",
         "final accuracy",
         f"Δ vs {ref['label']} (pt)",
+        "last-3-rounds mean (Δ pt)",
         "uplink total",
         "downlink total",
         f"uplink vs {ref['label']}",
@@ -100,6 +102,12 @@ def format_reference_table(results: dict[str, Any]) -> str:
             label,
             f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})",
             "–" if gap is None else f"{100 * gap:+.2f}",
+            f"{m['last3_accuracy']:.2%}"
+            + (
+                f" ({100 * m['last3_minus_reference']:+.2f})"
+                if "last3_minus_reference" in m
+                else ""
+            ),
             _kb(m["bytes_up"]),
             _kb(m["bytes_down"]),
             "–"

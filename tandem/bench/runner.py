@@ -350,10 +350,13 @@ def _against_reference(
 ) -> dict[str, Any]:
     """Each variant against ``suite.reference``: bytes ratios, rounds to target.
 
-    Rounds to target count the first round whose test accuracy reaches
-    ``target``, in the reference's rounds (a round of a variant that syncs
-    every ``period`` rounds' worth of steps counts ``period``); a variant's
-    mean is ``None`` unless every seed reached the target.
+    ``last3_accuracy`` is the mean test accuracy of the last three rounds
+    (a steadier figure than the last round alone when accuracy oscillates
+    from round to round). Rounds to target count the first round whose test
+    accuracy reaches ``target``, in the reference's rounds (a round of a
+    variant that syncs every ``period`` rounds' worth of steps counts
+    ``period``); a variant's mean is ``None`` unless every seed reached the
+    target.
     """
     ref = methods.get(suite.reference or "")
     ref_steps = next(
@@ -384,9 +387,14 @@ def _against_reference(
                 None if hit is None else hit * variant.local_steps / ref_steps
             )
         reached = [x for x in per_seed if x is not None]
+        tail = [
+            _mean([x["eval-accuracy"] for x in r.round_records[1:][-3:]]) for r in good
+        ]
         row: dict[str, Any] = {
             "final_accuracy": entry["final_accuracy"],
             "final_accuracy_sd": entry["final_accuracy_sd"],
+            "last3_accuracy": _mean(tail),
+            "last3_accuracy_per_seed": tail,
             "bytes_up": entry["bytes_up"],
             "bytes_down": entry["bytes_down"],
             "rounds_to_target": _mean(reached)
@@ -406,6 +414,12 @@ def _against_reference(
             if values:
                 row[key.replace("-", "_")] = _mean([float(v) for v in values])
         table["methods"][variant.label] = row
+    reference = table["methods"].get(suite.reference)
+    if reference is not None:
+        for row in table["methods"].values():
+            row["last3_minus_reference"] = (
+                row["last3_accuracy"] - reference["last3_accuracy"]
+            )
     return table
 
 

@@ -616,7 +616,8 @@ def compress_update(
     # 3. error feedback (eq. 7)
     compensated = compensate(update, state.residual, plan.gamma)
     # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
-    rms = layout.group_rms(compensated)
+    energy = layout.group_sq_norms(compensated)
+    rms = np.sqrt(energy / np.maximum(layout.sizes, 1))
     state.history = np.vstack([state.history[1:], rms[None, :]])
     if plan.importance == "predictor":
         if predictor is None:
@@ -628,7 +629,7 @@ def compress_update(
         score = magnitude_scores(rms)
     else:
         score = np.ones(len(layout.groups))
-    importance = np.clip(score, 0.0, None) * layout.group_sq_norms(compensated)
+    importance = np.clip(score, 0.0, None) * energy
     # 5. knapsack within the budget
     costs, fidelity = option_table(plan.codecs, layout.sizes)
     try:
@@ -640,24 +641,26 @@ def compress_update(
     codes, payload, decoded = encode_packed(
         compensated, layout.sizes, selection.choice, plan.codecs
     )
-    deferred = np.array(
-        [plan.codecs[c].kind == "defer" for c in range(len(plan.codecs))]
-    )[selection.choice]
-    deferred_elements = np.repeat(deferred, layout.sizes)
-    fills = fill_values(state, layout, plan.server_round, plan.fill_decay)
-    sent = np.where(deferred_elements, fills, decoded)
-    state.cache = np.where(deferred_elements, state.cache, decoded)
+    is_defer = np.array([option.kind == "defer" for option in plan.codecs])
+    deferred = is_defer[selection.choice]
+    if deferred.any():
+        deferred_elements = np.repeat(deferred, layout.sizes)
+        fills = fill_values(state, layout, plan.server_round, plan.fill_decay)
+        sent = np.where(deferred_elements, fills, decoded)
+        state.cache = np.where(deferred_elements, state.cache, decoded)
+    else:
+        sent = state.cache = decoded
     state.cache_round[~deferred] = plan.server_round
     # 7. error feedback: e ← g̃ − sent (sent + e == g̃, nothing is lost)
-    state.residual = (compensated - sent).astype(np.float32)
-    energy = float(np.dot(compensated.astype(np.float64), compensated))
-    lost = float(np.dot(state.residual.astype(np.float64), state.residual))
+    state.residual = compensated - sent
+    total = float(energy.sum())
+    lost = float(np.dot(state.residual, state.residual))
     return CompressedUpdate(
         codecs=codes,
         payload=payload,
         sent=sent,
         encoded_bytes=int(payload.size),
-        kept_fraction=1.0 - lost / energy if energy > 0 else 1.0,
+        kept_fraction=1.0 - lost / total if total > 0 else 1.0,
         groups_sent=float(np.mean(~deferred)) if deferred.size else 1.0,
     )
 

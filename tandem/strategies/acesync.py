@@ -17,8 +17,10 @@ Per round, for the ``K`` sampled devices:
    node ids and the run's seed (as the benchmark's re-timing does). The
    emulated time comes from the cloud's own
    :class:`~tandem.network.VirtualClock`, which plays each round as it
-   happens: download of the message's real bytes, the edge's reported compute
-   × ``acesync-edge-factor``, upload of the reply's real bytes. Then
+   happens: download of the message's real bytes, the edge's local steps ×
+   the round's median measured seconds per step × ``acesync-edge-factor``
+   (the benchmark sets it to its edge-device factor), upload of the reply's
+   real bytes. Then
    ``c_k = c_min + (c_max − c_min)·exp(−β·B_k)`` and the budget is
    ``⌊(1 − c_k)·4N⌋`` bytes for ``N`` parameters
    (:func:`~tandem.compression.budget.byte_budget`), times the device's
@@ -44,9 +46,10 @@ Per round, for the ``K`` sampled devices:
    the device's model as the cloud reconstructed it and ``θ_{t+1}`` the new
    global model (:func:`~tandem.coordination.divergence`). A device with
    ``D_k > acesync-divergence-threshold × median D`` syncs more often next
-   round: its local steps halve (not below ``acesync-min-steps``) and/or its
-   budget scale doubles (not above ``acesync-max-budget-scale``); others
-   relax one step back toward the defaults (:func:`~tandem.coordination.adjust_sync`).
+   round: its budget scale doubles (not above ``acesync-max-budget-scale``)
+   and/or (``acesync-sync-action``) its local steps halve (not below
+   ``acesync-min-steps``); others relax one step back toward the defaults
+   (:func:`~tandem.coordination.adjust_sync`).
 
 After the last round (:func:`personalize`): devices are clustered by their
 last updates (k-means on update directions, optionally with their link's
@@ -289,7 +292,19 @@ class AceSync(CompressedUpdates):
         }
 
     def received(self, server_round: int, updates: Sequence[DecodedUpdate]) -> None:
-        """Reliability counts, declared links, and the round on the virtual clock."""
+        """Reliability counts, declared links, and the round on the virtual clock.
+
+        The edges emulate one device profile, so an edge's compute on the
+        clock is its steps times the round's median measured seconds per step
+        (including the compression overhead): the spread between edges'
+        measurements is the host's noise (a busy core, a fresh worker's first
+        message), which must not reach the eq. 8 weights or the budgets.
+        """
+        per_step = float(
+            np.median(
+                [u.metrics["compute-seconds"] / u.metrics["steps"] for u in updates]
+            )
+        )
         ends = []
         for u in updates:
             node = u.node_id
@@ -301,7 +316,7 @@ class AceSync(CompressedUpdates):
                 node, "down", self.bytes_down.get(node, 0), [start]
             )
             work = self.clock.compute(
-                f"edge:{node}", u.metrics["compute-seconds"], [down.end]
+                f"edge:{node}", per_step * u.metrics["steps"], [down.end]
             )
             up = self.clock.transfer(node, "up", u.bytes_up, [work.end])
             self.latency[node] = up.end - start

@@ -79,8 +79,13 @@ class AceSyncOptions:
         Seed eq. 9: a device whose ``D_k`` exceeds this multiple of the median
         is synced more often next round; 0 turns divergence control off.
     sync_action : str
-        What "sync more often" means: ``steps`` (halve local steps),
-        ``budget`` (double the byte budget) or ``both``.
+        What "sync more often" means: ``budget`` (double the byte budget:
+        the device's next update loses less), ``steps`` (halve its local
+        steps) or ``both``. ``budget`` is the default: in synchronous rounds
+        fewer steps also shrink a drifting device's share of the progress,
+        which on label-skewed data biases the model (on the benchmark's
+        workload, in-process, 3 seeds: 91.6% final accuracy with ``budget``,
+        89.1% with ``both``, 92.0% for FullSync; noise is about ±1 point).
     min_steps : int
         Floor on a tightened device's local steps.
     max_budget_scale : float
@@ -143,7 +148,7 @@ class AceSyncOptions:
         lambda t: t >= 0,
     )
     sync_action: str = option(
-        "acesync-sync-action", "both", choices=("both", "steps", "budget")
+        "acesync-sync-action", "budget", choices=("budget", "both", "steps")
     )
     min_steps: int = option("acesync-min-steps", 10, "must be >= 1", lambda n: n >= 1)
     max_budget_scale: float = option(
