@@ -97,8 +97,8 @@ def test_fullsync_through_the_wrapper_is_fedavg(tmp_path):
     """A compressor at ratio 1 == no compressor (FedAvg on the same steps)."""
     run_inprocess({**BASE, "method": "fullsync"}, nodes=3, out=tmp_path)
     run_inprocess({**BASE, "method": "fedavg"}, nodes=3, out=tmp_path)
-    wrapped = torch.load(tmp_path / "fullsync-1" / "model.pt")
-    plain = torch.load(tmp_path / "fedavg-1" / "model.pt")
+    wrapped = torch.load(tmp_path / "fullsync-1" / "model.pt", weights_only=True)
+    plain = torch.load(tmp_path / "fedavg-1" / "model.pt", weights_only=True)
     assert wrapped.keys() == plain.keys()
     for key in plain:
         torch.testing.assert_close(wrapped[key], plain[key], atol=2e-6, rtol=1e-5)
