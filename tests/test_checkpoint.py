@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import run_inprocess
 
 from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tandem.config import ConfigError
+from tandem.strategies.acesync import AceSync
+from tandem.strategies.acesync_options import AceSyncOptions
 
 RUN = {"method": "fedavg", "mnist1d-samples": 1000, "local-steps": 5}
 
@@ -109,3 +113,71 @@ def test_simultrain_resumes_from_its_checkpoint(tmp_path):
         steps = sum(e["micro-batches"] for e in exchanges if e["node-id"] == node)
         assert steps == 30 - state["steps-done"]
     assert summary["final-accuracy"] > 0.1
+
+
+def test_acesync_resumes_with_its_policy_state(tmp_path):
+    config = {
+        "method": "acesync",
+        "mnist1d-samples": 1000,
+        "local-steps": 5,
+        "num-server-rounds": 3,
+        "checkpoint-every": 2,  # rounds 1, 2, 3: only round 2 is saved
+        "partitioner": "dirichlet",
+        "acesync-clusters": 1,
+        "acesync-personalize-rounds": 0,
+        "acesync-divergence-threshold": 1.05,  # some devices get scaled budgets
+    }
+    first, _ = run_inprocess(config, nodes=3, out=tmp_path / "a")
+    ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
+    arrays, state = load_checkpoint(ckpt)
+    assert state["round"] == 2
+    kept = state["strategy"]
+    assert "__strategy__/predictor" in arrays
+    assert {k.split("/")[2] for k in arrays if "/cache/" in k} == {"1", "2", "3"}
+    assert set(kept["estimators"]) == set(kept["budget-scale"]) == {"1", "2", "3"}
+    assert kept["asked"] == {"1": 2, "2": 2, "3": 2}
+    resumed, _ = run_inprocess(
+        {**config, "resume": str(ckpt)}, nodes=3, out=tmp_path / "b"
+    )
+    assert [r["round"] for r in _rounds(resumed)] == [2, 3]
+    assert resumed[-1]["resumed-from-round"] == 2
+
+    # round 3 is planned from the restored state exactly as the uninterrupted
+    # run planned it: bandwidth estimates, budgets, budget scales, steps
+    def plans(records):
+        return sorted(
+            (r["node-id"], r["bandwidth-mbps"], r["budget"], r["budget-scale"])
+            for r in records
+            if r["event"] == "plan" and r["round"] == 3
+        )
+
+    assert plans(resumed) == plans(first) and len(plans(first)) == 3
+    assert {r["round"] for r in resumed if r["event"] == "plan"} == {3}
+    # the predictor the resumed run broadcast is the one the first run trained
+    scores = [r for r in resumed if r["event"] == "acesync"]
+    assert len(scores) == 1 and math.isfinite(scores[0]["predictor-rank-corr"])
+
+
+def test_acesync_state_round_trips(tmp_path):
+    run_inprocess(
+        {
+            "method": "acesync",
+            "mnist1d-samples": 1000,
+            "local-steps": 5,
+            "num-server-rounds": 2,
+            "acesync-clusters": 1,
+            "acesync-personalize-rounds": 0,
+        },
+        nodes=2,
+        out=tmp_path,
+    )
+    arrays, state = load_checkpoint(next(tmp_path.glob("*/checkpoint.npz")))
+    prefix = "__strategy__/"
+    inner = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+    fresh = AceSync(FedAvg(), options=AceSyncOptions(), local_steps=5)
+    fresh.restore_state(inner, state["strategy"])
+    again, again_state = fresh.checkpoint_state()
+    assert again_state == state["strategy"]
+    assert set(again) == set(inner)
+    for key, value in again.items():
+        np.testing.assert_array_equal(value, inner[key])

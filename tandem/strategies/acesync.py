@@ -84,7 +84,12 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from scipy.stats import spearmanr
 
-from tandem.clients.acesync import KEY_PREDICTOR, EdgePlan, pack_predictor
+from tandem.clients.acesync import (
+    KEY_PREDICTOR,
+    EdgePlan,
+    pack_predictor,
+    unpack_predictor,
+)
 from tandem.clustering import (
     choose_n_clusters,
     cluster_average,
@@ -422,6 +427,84 @@ class AceSync(CompressedUpdates):
                 )
         self.round_figures.append(figures)
         self.on_event("acesync", figures)
+
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The wrapper's state plus the policy's: what a resumed run needs.
+
+        Kept: the predictor's weights, each device's magnitude history,
+        reliability counts, latency, local steps, budget scale, bandwidth
+        estimate and link, the cloud clock (per-resource free times and its
+        jitter generator's state), and the trigger count. The edges'
+        error-feedback residuals live on the edges (in the run's
+        ``Context``) and are not part of it: a resumed run's edges start
+        with empty residuals.
+        """
+        arrays, state = super().checkpoint_state()
+        arrays["predictor"] = pack_predictor(self.predictor)
+        for node, history in self.magnitudes.items():
+            arrays[f"magnitudes/{node}"] = history.astype(np.float64)
+
+        def per_node(values: Mapping[int, Any]) -> dict[str, Any]:
+            return {str(n): v for n, v in values.items()}
+
+        state.update(
+            {
+                "links": per_node({n: link.name for n, link in self.links.items()}),
+                "asked": per_node(self.asked),
+                "delivered": per_node(self.delivered),
+                "steps": per_node(self.steps),
+                "budget-scale": per_node(self.budget_scale),
+                "latency": per_node(self.latency),
+                "estimators": per_node(
+                    {
+                        n: [e.estimate_mbps, e.observations]
+                        for n, e in self.estimators.items()
+                    }
+                ),
+                "round-start": self.round_start,
+                "clock-free": dict(self.clock._free),
+                "clock-rng": self.clock._rng.bit_generator.state,
+                "triggered": self.triggered,
+            }
+        )
+        return arrays, state
+
+    def restore_state(
+        self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]
+    ) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        super().restore_state(
+            {k: v for k, v in arrays.items() if k.startswith("cache/")}, state
+        )
+
+        def per_node(key: str, kind: Callable[[Any], Any]) -> dict[int, Any]:
+            return {int(n): kind(v) for n, v in state[key].items()}
+
+        self.predictor = unpack_predictor(np.asarray(arrays["predictor"]))
+        self.magnitudes = {
+            int(k.split("/")[1]): np.array(v, dtype=np.float64)
+            for k, v in arrays.items()
+            if k.startswith("magnitudes/")
+        }
+        links: dict[int, str] = per_node("links", str)
+        self.links.clear()
+        self._ensure_links(sorted(links))
+        for node, name in links.items():
+            self._declared(node, name)
+        for node, (mbps, seen) in per_node("estimators", list).items():
+            estimator = self.estimators[node]
+            estimator.estimate_mbps = None if mbps is None else float(mbps)
+            estimator.observations = int(seen)
+        self.asked = per_node("asked", int)
+        self.delivered = per_node("delivered", int)
+        self.steps = per_node("steps", int)
+        self.budget_scale = per_node("budget-scale", float)
+        self.latency = per_node("latency", float)
+        self.round_start = float(state["round-start"])
+        self.clock._free = {k: float(v) for k, v in state["clock-free"].items()}
+        self.clock._rng.bit_generator.state = state["clock-rng"]
+        self.triggered = int(state["triggered"])
 
     # ------------------------------------------------------------------ stats
     def acesync_stats(self) -> dict[str, float | int]:

@@ -45,11 +45,12 @@ codecs keep everything (``full`` only) reproduces the inner strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -86,7 +87,7 @@ FRAMING_SLACK = 16384
 REPLY_RECORDS = frozenset({KEY_UPDATE, KEY_METRICS, KEY_NODE})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DecodedUpdate:
     """One node's update as the cloud reconstructed it.
 
@@ -126,7 +127,7 @@ class DecodedUpdate:
         return int(self.metrics["num-examples"])
 
 
-@dataclass
+@dataclasses.dataclass
 class CompressionStats:
     """What compression saved and cost, over a run (``compression_stats()``).
 
@@ -292,6 +293,10 @@ class CompressedUpdates(Strategy):
         self.bytes_down: dict[int, int] = {}
         self.last_updates: dict[int, DecodedUpdate] = {}
         self.last_weights: dict[int, float] = {}
+        #: Rounds done before this strategy started (a resumed run): Flower
+        #: counts its rounds from 1, plans and caches use the run's rounds.
+        self.round_offset = 0
+        self.last_round = 0
         # stats
         self.stats = CompressionStats()
 
@@ -415,6 +420,7 @@ class CompressedUpdates(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The inner strategy's messages, each with its node's plan."""
+        server_round += self.round_offset
         self.set_arrays(arrays)
         messages = list(
             self.strategy.configure_train(server_round, arrays, config, grid)
@@ -580,6 +586,8 @@ class CompressedUpdates(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and check, weight, rebuild, and let the inner strategy aggregate."""
+        server_round += self.round_offset
+        self.last_round = server_round
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
         updates, messages = self.decode_replies(server_round, replies)
@@ -628,14 +636,73 @@ class CompressedUpdates(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The inner strategy's, unchanged."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        """The inner strategy's, unchanged (in the run's rounds)."""
+        return self.strategy.configure_evaluate(
+            server_round + self.round_offset, arrays, config, grid
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """The inner strategy's, unchanged."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """The inner strategy's, unchanged (in the run's rounds)."""
+        return self.strategy.aggregate_evaluate(
+            server_round + self.round_offset, replies
+        )
+
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What a checkpoint keeps: the fill caches, bytes sent down, the stats.
+
+        Arrays are per node (``cache/<node>/...``: group indices, rounds,
+        sizes and the concatenated cached updates); counters are JSON. The
+        round's plans and the last replies are not kept: a resumed run plans
+        its next round afresh, numbering its rounds on from the last one.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        for node, cache in self._caches.items():
+            indices = sorted(cache)
+            arrays[f"cache/{node}/index"] = np.array(indices, dtype=np.int64)
+            arrays[f"cache/{node}/round"] = np.array(
+                [cache[i].round for i in indices], dtype=np.int64
+            )
+            arrays[f"cache/{node}/size"] = np.array(
+                [cache[i].update.size for i in indices], dtype=np.int64
+            )
+            arrays[f"cache/{node}/values"] = (
+                np.concatenate([cache[i].update.reshape(-1) for i in indices])
+                if indices
+                else np.zeros(0, dtype=np.float32)
+            ).astype(np.float32)
+        state = {
+            "round": self.last_round,
+            "bytes-down": {str(n): int(b) for n, b in self.bytes_down.items()},
+            "stats": dataclasses.asdict(self.stats),
+        }
+        return arrays, state
+
+    def restore_state(
+        self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]
+    ) -> None:
+        """Inverse of :meth:`checkpoint_state` (the file was checked on load)."""
+        self._caches = {}
+        nodes = {k.split("/")[1] for k in arrays if k.startswith("cache/")}
+        for node in sorted(nodes, key=int):
+            index, rounds, sizes, values = (
+                arrays[f"cache/{node}/{part}"]
+                for part in ("index", "round", "size", "values")
+            )
+            if not len(index) == len(rounds) == len(sizes) or sizes.sum() != len(
+                values
+            ):
+                raise ValueError(f"checkpoint cache of node {node} is inconsistent")
+            pieces = np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
+            self._caches[int(node)] = {
+                int(i): CachedUpdate(np.array(v, dtype=np.float32), int(r))
+                for i, r, v in zip(index, rounds, pieces, strict=True)
+            }
+        self.bytes_down = {int(n): int(b) for n, b in state["bytes-down"].items()}
+        self.stats = CompressionStats(**state["stats"])
+        self.round_offset = self.last_round = int(state["round"])
 
     def compression_stats(self) -> dict[str, float | int]:
         """What compression saved and cost so far (see :class:`CompressionStats`)."""

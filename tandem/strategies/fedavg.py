@@ -18,8 +18,10 @@ adds nothing to the maths; it only plugs into FedAvg's seams:
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,9 @@ REPLY_METRICS = frozenset(
 )
 #: Records a FedAvg reply may carry.
 REPLY_RECORDS = frozenset({KEY_ARRAYS, KEY_METRICS, KEY_NODE})
+#: Checkpoint names of the strategy's own arrays and of torch's RNG state.
+_STRATEGY = "__strategy__/"
+_TORCH_RNG = "__rng__/torch"
 
 
 def check_reply(
@@ -196,21 +201,52 @@ class CheckedFedAvgM(ReplyChecks, FedAvgM):
 def _checkpoint(
     srv: ServerRun, arrays: ArrayRecord, server_round: int, fedavg: Any
 ) -> None:
-    """Save the global model, the round and FedAvgM's momentum (if any)."""
+    """Save the global model, the round, the RNGs and the strategy's own state.
+
+    The strategy's state is FedAvgM's momentum (if any) and, for a strategy
+    with ``checkpoint_state()`` (ACE-Sync and its baselines), its arrays
+    under ``__strategy__/`` and its counters under ``"strategy"``.
+    """
     state = {k: v.numpy() for k, v in arrays.items()}
     momentum = getattr(fedavg, "momentum_vector", None) or []
     state.update({f"__momentum__/{i}": np.asarray(m) for i, m in enumerate(momentum)})
-    save_checkpoint(
-        srv.tracker.run_dir / "checkpoint.npz",
-        state,
-        {"method": srv.cfg.method, "round": server_round, "seed": srv.cfg.seed},
-    )
+    state[_TORCH_RNG] = torch.get_rng_state().numpy()
+    version, internal, gauss = random.getstate()
+    counters: dict[str, Any] = {
+        "method": srv.cfg.method,
+        "round": server_round,
+        "seed": srv.cfg.seed,
+        "python-random": [version, list(internal), gauss],
+    }
+    if hasattr(fedavg, "checkpoint_state"):
+        extra, counters["strategy"] = fedavg.checkpoint_state()
+        state.update({f"{_STRATEGY}{k}": v for k, v in extra.items()})
+    save_checkpoint(srv.tracker.run_dir / "checkpoint.npz", state, counters)
 
 
-def _resume(
-    srv: ServerRun, model: torch.nn.Module
-) -> tuple[int, dict[str, torch.Tensor], list[np.ndarray] | None] | None:
-    """The checkpoint named by ``resume``: (round, model state, momentum)."""
+@dataclass(frozen=True)
+class _Resumed:
+    """A checkpoint taken apart: what :func:`run` restores."""
+
+    round: int
+    model: dict[str, torch.Tensor]
+    momentum: list[np.ndarray] | None
+    strategy_arrays: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+    def restore(self, fedavg: Any) -> None:
+        """Put the strategy's state and the RNGs back."""
+        if self.momentum is not None and hasattr(fedavg, "momentum_vector"):
+            fedavg.momentum_vector = self.momentum  # FedAvgM's server momentum
+        if hasattr(fedavg, "restore_state") and "strategy" in self.state:
+            fedavg.restore_state(self.strategy_arrays, self.state["strategy"])
+        if "python-random" in self.state:
+            version, internal, gauss = self.state["python-random"]
+            random.setstate((version, tuple(internal), gauss))
+
+
+def _resume(srv: ServerRun, model: torch.nn.Module) -> _Resumed | None:
+    """The checkpoint named by ``resume``, checked against the model."""
     if not srv.cfg.resume:
         return None
     arrays, state = resume_from(srv.cfg.resume, srv.cfg.method)
@@ -221,6 +257,11 @@ def _resume(
             key=lambda k: int(k.split("/")[1]),
         )
     ]
+    strategy_arrays = {
+        k[len(_STRATEGY) :]: arrays.pop(k)
+        for k in [k for k in arrays if k.startswith(_STRATEGY)]
+    }
+    rng = arrays.pop(_TORCH_RNG, None)
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     try:
         check_arrays(record, layout_of(ArrayRecord(model.cpu().state_dict())))
@@ -228,8 +269,12 @@ def _resume(
         raise ConfigError(
             "resume", srv.cfg.resume, f"does not fit the model: {err}"
         ) from None
+    if rng is not None:
+        torch.set_rng_state(torch.from_numpy(np.array(rng, dtype=np.uint8)))
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    return int(state["round"]), tensors, momentum or None
+    return _Resumed(
+        int(state["round"]), tensors, momentum or None, strategy_arrays, state
+    )
 
 
 def build_fedavg(
@@ -280,8 +325,8 @@ def run(
     client_eval: dict[str, float] = {}
     history: list[float] = []
 
-    resumed = _resume(srv, model)  # (round, arrays, momentum) or None
-    offset = 0 if resumed is None else resumed[0]
+    resumed = _resume(srv, model)
+    offset = 0 if resumed is None else resumed.round
     if offset >= cfg.num_server_rounds:
         raise ConfigError(
             "resume",
@@ -316,9 +361,8 @@ def run(
 
     fedavg = build_fedavg(srv, train_metrics, client_eval, strategy, **extra)
     if resumed is not None:
-        model.load_state_dict(resumed[1])
-        if resumed[2] is not None and hasattr(fedavg, "momentum_vector"):
-            fedavg.momentum_vector = resumed[2]  # FedAvgM's server momentum
+        model.load_state_dict(resumed.model)
+        resumed.restore(fedavg)
     initial = ArrayRecord(model.cpu().state_dict())
     model.to(device)
     srv.ledger.current_round = offset
