@@ -251,22 +251,23 @@ class LoopbackDeployment:
     node_config: str = ""
     port: int = field(default_factory=_free_port)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls: TlsFiles | None = None
 
-    def _spawn(self, args: list[str], home: Path, log: str) -> None:
+    def _spawn(self, args: list[str], home: Path, log: str) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         env = {**FlowerHome(home / "cli").env, "FLWR_HOME": str(home)}
-        with (self.root / log).open("w") as out:
-            self.processes.append(
-                subprocess.Popen(
-                    args,
-                    env=env,
-                    cwd=PROJECT_ROOT,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        with (self.root / log).open("a") as out:
+            proc = subprocess.Popen(
+                args,
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        self.processes.append(proc)
+        return proc
 
     def start(self) -> None:
         """Start the SuperLink, then the SuperNodes; wait until the link listens."""
@@ -308,37 +309,57 @@ class LoopbackDeployment:
         names = [f"node{i}" for i in range(self.num_nodes)]
         if self.secure:
             names += [f"intruder{i}" for i in range(self.unregistered)]
-        cli = FlowerHome(self.root / "cli", connections=self.connections)
-        for i, name in enumerate(names):
-            security = ["--insecure"]
-            if self.tls is not None:
-                private, public = make_node_key(self.root / "keys" / name)
+        for name in names:
+            self.start_node(name)
+
+    def start_node(self, name: str) -> None:
+        """Start SuperNode ``name`` (``node<i>`` or ``intruder<i>``), again if need be.
+
+        ``node<i>`` gets partition ``i``; with ``secure``, its key is made and
+        registered the first time (an ``intruder`` key never is). Its log is
+        ``<name>.log``, appended to on a restart.
+        """
+        index = int(name.removeprefix("node").removeprefix("intruder"))
+        security = ["--insecure"]
+        if self.tls is not None:
+            private = self.root / "keys" / name
+            public = private.with_suffix(".pub")
+            if not private.exists():
+                private, public = make_node_key(private)
                 if name.startswith("node"):
+                    cli = FlowerHome(self.root / "cli", connections=self.connections)
                     cli.flwr("supernode", "register", str(public), "deploy")
-                security = [
-                    "--root-certificates",
-                    str(self.tls.ca_cert),
-                    "--auth-supernode-private-key",
-                    str(private),
-                ]
-            partition = i % self.num_nodes
-            config = f"partition-id={partition} num-partitions={self.num_nodes}"
-            self._spawn(
-                [
-                    "flower-supernode",
-                    *security,
-                    "--superlink",
-                    f"127.0.0.1:{self.port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(_free_port()),
-                    "--node-config",
-                    f"{config} {self.node_config}".strip(),
-                ],
-                self.root / name,
-                f"{name}.log",
-            )
+            security = [
+                "--root-certificates",
+                str(self.tls.ca_cert),
+                "--auth-supernode-private-key",
+                str(private),
+            ]
+        partition = index % self.num_nodes
+        config = f"partition-id={partition} num-partitions={self.num_nodes}"
+        self.nodes[name] = self._spawn(
+            [
+                "flower-supernode",
+                *security,
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                f"{config} {self.node_config}".strip(),
+            ],
+            self.root / name,
+            f"{name}.log",
+        )
+
+    def kill_node(self, name: str) -> None:
+        """Kill SuperNode ``name`` and its ClientApps at once (SIGKILL): a crash."""
+        proc = self.nodes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     @property
     def connections(self) -> str:
@@ -368,3 +389,4 @@ class LoopbackDeployment:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        self.nodes.clear()

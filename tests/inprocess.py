@@ -12,6 +12,7 @@ dropout); ``late`` adds nodes that connect only after that many polls.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -95,8 +96,13 @@ class InProcessGrid:
     ) -> list[Message]:
         ids = self.push_messages(messages)
         replies: list[Message] = []
-        while len(replies) < len(ids):
-            replies.extend(self.pull_messages(ids))
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while len(replies) < len(ids) and time.monotonic() < deadline:
+            answered = {r.metadata.reply_to_message_id for r in replies}
+            fresh = self.pull_messages([i for i in ids if i not in answered])
+            replies.extend(fresh)
+            if not fresh:
+                time.sleep(0.01)
         return replies
 
 

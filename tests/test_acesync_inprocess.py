@@ -451,3 +451,27 @@ def test_acesync_options_are_checked_when_the_run_starts():
         RunConfig.from_flat({"method": "acesync", "acesync-codecs": "zip,defer"})
     with pytest.raises(ConfigError, match="'acesync-link'"):
         RunConfig.from_flat({"method": "topk", "acesync-link": "3g"})
+
+
+# --------------------------------------------------------------------------- dropouts
+def test_a_silent_device_drops_out_and_a_new_one_joins(tmp_path):
+    """Node 3 stops answering after round 1; node 4 connects later.
+
+    The rounds go on with who answers (the wait is bounded by reply-timeout),
+    every missed request is counted and logged with its reason, and the
+    newcomer takes part from the round it is there.
+    """
+    config = {**BASE, "num-server-rounds": 4, "reply-timeout": 1.0}
+    records, grid = run_inprocess(
+        config, nodes=3, out=tmp_path, silent_after={3: 1}, late={4: 4}
+    )
+    summary = records[-1]
+    dropouts = _events(records, "dropout")
+    assert {d["node-id"] for d in dropouts} == {3}
+    assert [d["round"] for d in dropouts] == [2, 3, 4]
+    assert all("no reply within" in d["reason"] for d in dropouts)
+    assert summary["dropouts"] == 3 and summary["rejected-replies"] == 0
+    joined = {p["round"] for p in _events(records, "plan") if p["node-id"] == 4}
+    assert joined and min(joined) > 1  # it took part once it was there
+    assert grid.handled[4] >= len(joined)  # and answered
+    assert summary["final-accuracy"] > 0.2

@@ -8,6 +8,8 @@ must refuse a SuperNode whose key was never registered.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tandem.launch import FlowerHome, LoopbackDeployment
@@ -22,8 +24,8 @@ RUNS = {
 }
 
 
-def _deploy(root, **kwargs):
-    dep = LoopbackDeployment(root, num_nodes=2, **kwargs)
+def _deploy(root, num_nodes=2, **kwargs):
+    dep = LoopbackDeployment(root, num_nodes=num_nodes, **kwargs)
     try:
         dep.start()
         yield dep
@@ -87,3 +89,108 @@ def test_tls_and_node_auth_refuse_an_unregistered_node(secure_deployment, tmp_pa
     assert "Failed to activate SuperNode" in intruder
     superlink = (dep.root / "superlink.log").read_text()
     assert "activate-node" in superlink and "2004" in superlink
+
+
+# A SuperNode killed mid-run (SIGKILL: no goodbye to the SuperLink) and then
+# started again. Without node authentication it comes back under a new node
+# id: a new device to the run. The SuperLink marks the dead node offline once
+# it misses its heartbeats (2 x 30 s) and answers for it with a "node
+# unavailable" error; reply-timeout bounds every wait in any case.
+CRASH_RUNS = {
+    "simultrain": {
+        "simultrain-steps": 24,
+        "simultrain-chunk": 4,
+        "simultrain-eval-every": 8,
+        "reply-timeout": 120,
+    },
+    "acesync": {
+        "num-server-rounds": 4,
+        "reply-timeout": 120,
+        "acesync-personalize-rounds": 0,
+    },
+}
+
+
+def _follow(path, until, timeout=300):
+    """Records of the run's metrics file once ``until(records)`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_jsonl(path) if path.exists() else []
+        if until(records):
+            return records
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting on {path}")
+
+
+def _events(records, kind):
+    return [r for r in records if r["event"] == kind]
+
+
+def _every_node_answered(method, records):
+    if method == "simultrain":
+        return len({r["node-id"] for r in _events(records, "exchange")}) == 3
+    return any(r["round"] >= 1 for r in _events(records, "round"))
+
+
+@pytest.mark.parametrize("method", sorted(CRASH_RUNS))
+def test_a_killed_supernode_drops_out_and_a_restarted_one_rejoins(tmp_path, method):
+    deploy = _deploy(tmp_path / "deploy", num_nodes=3)  # its own: nodes die here
+    dep = next(deploy)
+    try:
+        cli = FlowerHome(tmp_path / "cli", connections=dep.connections)
+        out = tmp_path / "runs"
+        run_id = cli.submit(
+            {
+                "method": method,
+                "mnist1d-samples": 2000,
+                "output-dir": str(out),
+                **CRASH_RUNS[method],
+            },
+            connection="deploy",
+        )
+        metrics = out / f"{method}-{run_id}" / "metrics.jsonl"
+        # 1. once every node has answered once, node2 crashes
+        answered = "exchange" if method == "simultrain" else "round"
+        first = _follow(
+            metrics,
+            lambda rs: (
+                len({r.get("node-id") for r in _events(rs, answered)}) == 3
+                if method == "simultrain"
+                else any(r["round"] >= 1 for r in _events(rs, "round"))
+            ),
+        )
+        before = {r["node-id"] for r in _events(first, "bytes")}
+        assert len(before) == 3
+        dep.kill_node("node2")
+        # 2. the run notices (heartbeats or reply-timeout); node2 starts again
+        drop_event = "dropped" if method == "simultrain" else "dropout"
+        _follow(metrics, lambda rs: bool(_events(rs, drop_event)), timeout=180)
+        dep.start_node("node2")
+        status = cli.wait(run_id, timeout=400, connection="deploy")
+        logs = "\n".join(p.read_text()[-1500:] for p in dep.root.glob("*.log"))
+        assert status.ok, f"{status.status}: {status.details}\n{logs}"
+        records = read_jsonl(metrics)
+    finally:
+        next(deploy, None)  # tear down
+    summary = records[-1]
+    (lost,) = {r["node-id"] for r in _events(records, drop_event)}
+    assert lost in before
+    newcomers = {r["node-id"] for r in _events(records, "bytes")} - before
+    assert len(newcomers) == 1  # node2 again, under a new node id
+    (back,) = newcomers
+    rounds = _events(records, "round")
+    assert rounds[-1]["eval-accuracy"] > rounds[0]["eval-accuracy"] + 0.1
+    if method == "simultrain":
+        assert summary["dropped-edges"] == 1 and summary["joined-edges"] == 1
+        # the newcomer did all its steps, from θ_e^c (reconciliation)
+        done = sum(
+            e["micro-batches"]
+            for e in _events(records, "exchange")
+            if e["node-id"] == back
+        )
+        assert done == CRASH_RUNS["simultrain"]["simultrain-steps"]
+    else:
+        assert summary["dropouts"] >= 1 and summary["rejected-replies"] == 0
+        # the newcomer trained in the later rounds (fresh residuals)
+        planned = {p["round"] for p in _events(records, "plan") if p["node-id"] == back}
+        assert planned and max(planned) == CRASH_RUNS["acesync"]["num-server-rounds"]

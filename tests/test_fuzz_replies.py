@@ -1,7 +1,10 @@
 """Fuzzing the strategies' reply checks with hypothesis (hostile input).
 
 Random replies (shapes, dtypes, NaN/Inf, huge sizes, missing and unknown
-keys, replayed or future versions) go through each strategy's real checks.
+keys, replayed or future versions) go through each strategy's real checks:
+FedAvg's aggregation, SimulTrain's activation check, and the compressed-update
+wrapper under ACE-Sync and its baselines (codec tables, packed payloads,
+metrics, records).
 Properties: nothing but the domain error (``PayloadError``) ever escapes, a
 bad reply never reaches the global model, and every rejection is counted with
 a reason. Nothing in a message is ever unpickled or evaluated: records hold
@@ -13,10 +16,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tandem.clients.acesync import EDGE_METRICS
+from tandem.compression.codecs import Option, option_table
+from tandem.strategies.compressed import CompressedUpdates
 from tandem.strategies.fedavg import CheckedFedAvg
 from tandem.strategies.simultrain import check_activations
 from tandem.wire import PayloadError
@@ -67,6 +74,7 @@ def array_records(draw):
 SCALARS = st.one_of(
     st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.booleans()
 )
+NUMBERS = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True))
 METRIC_KEYS = st.sampled_from(
     ["train-loss", "num-examples", "train-seconds", "compute-seconds", "steps", "x"]
 )
@@ -164,3 +172,129 @@ def test_simultrain_activation_check_raises_only_payload_errors(content, precisi
         assert acts.dtype == np.float32 and np.isfinite(acts).all()
         assert acts.shape[1:] == (4, 5) and len(acts) == len(labels) <= 8
         assert labels.min() >= 0 and labels.max() < 10 and sizes.sum() == len(acts)
+
+
+# --------------------------------------------------------------------------- ACE-Sync
+# The compressed-update wrapper (ACE-Sync and its baselines) on GLOBAL's 9
+# parameters in groups of at most 8: every codec's decoder is reachable.
+CODECS = (Option("full"), Option("topk", 0.5), Option("sign"), Option("defer"))
+GROUPS = 2  # w: 6, b: 3
+
+
+def _wrapper(rejected: list) -> CompressedUpdates:
+    """The wrapper after sending round 1 to nodes 1 and 2 (no byte limit)."""
+    strategy = CompressedUpdates(
+        FedAvg(min_available_nodes=1),
+        codecs=CODECS,
+        chunk=8,
+        on_reject=lambda r, n, why: rejected.append((r, n, why)),
+        max_examples=100,
+    )
+    strategy.set_arrays(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
+    strategy.prepare(1, [1, 2], ConfigRecord({"local-steps": 5}))
+    return strategy
+
+
+BUDGET = _wrapper([])._plans[1].budget
+
+
+def _good_update() -> RecordDict:
+    """An honest reply: every group in full, the update all ones."""
+    payload = np.ones(9, np.float32).view(np.uint8)
+    return RecordDict(
+        {
+            "update": ArrayRecord(
+                {
+                    "codecs": Array(np.zeros(GROUPS, np.uint8)),
+                    "payload": Array(payload),
+                }
+            ),
+            "metrics": MetricRecord(
+                {
+                    **dict.fromkeys(sorted(EDGE_METRICS), 0.0),
+                    "num-examples": 10,
+                    "steps": 5,
+                    "bytes-budget": BUDGET,
+                    "bytes-encoded": payload.size,
+                }
+            ),
+        }
+    )
+
+
+COSTS, _ = option_table(CODECS, np.array([6, 3]))
+
+
+@st.composite
+def coded_payloads(draw):
+    """A well-typed codec table and a payload of the length it implies, random
+    bytes inside (NaN/Inf floats, out-of-range or repeated top-k indices, any
+    sign bits and scales): what reaches the decoders themselves."""
+    codes = draw(st.lists(st.integers(0, 3), min_size=GROUPS, max_size=GROUPS))
+    size = int(sum(COSTS[g, c] for g, c in enumerate(codes)))
+    raw = draw(st.binary(min_size=size, max_size=size))
+    return np.array(codes, np.uint8), np.frombuffer(raw, np.uint8).copy()
+
+
+@st.composite
+def update_records(draw):
+    """The reply's update record: the honest one with parts replaced at random."""
+    good = _good_update()["update"]
+    parts = {"codecs": good["codecs"], "payload": good["payload"]}
+    if draw(st.integers(0, 2)) == 0:
+        codes, payload = draw(coded_payloads())
+        return ArrayRecord({"codecs": Array(codes), "payload": Array(payload)})
+    if draw(st.booleans()):
+        codes = draw(st.lists(st.integers(-1, 6), min_size=0, max_size=6))
+        with np.errstate(all="ignore"):
+            parts["codecs"] = Array(np.array(codes, np.int64).astype(draw(DTYPES)))
+    if draw(st.booleans()):
+        raw = draw(st.binary(min_size=0, max_size=160))
+        parts["payload"] = Array(np.frombuffer(raw, np.uint8).copy())
+    if draw(st.booleans()):
+        parts[draw(KEYS)] = Array(draw(arrays()))
+    if draw(st.booleans()):
+        parts.pop(draw(st.sampled_from(["codecs", "payload"])))
+    return ArrayRecord(parts)
+
+
+@st.composite
+def compressed_replies(draw):
+    """An honest reply with its update, metrics or records tampered with."""
+    content = _good_update()
+    if draw(st.booleans()):
+        content["update"] = draw(update_records())
+        if "payload" in content["update"]:  # consistent, to reach the decoders
+            size = content["update"]["payload"].numpy().size
+            content["metrics"]["bytes-encoded"] = size
+    if draw(st.booleans()):
+        metrics = dict(content["metrics"])
+        for key in draw(st.lists(st.sampled_from([*sorted(EDGE_METRICS), "x"]))):
+            metrics[key] = draw(NUMBERS)
+        if draw(st.booleans()):
+            metrics.pop(draw(st.sampled_from(sorted(metrics))))
+        content["metrics"] = MetricRecord(metrics)
+    if draw(st.booleans()):
+        content[draw(st.sampled_from(["update", "metrics", "extra"]))] = ConfigRecord(
+            {"x": draw(SCALARS)}
+        )
+    return content
+
+
+@FUZZ
+@given(hostile=compressed_replies())
+def test_compressed_aggregation_ignores_any_hostile_reply(hostile):
+    rejected: list = []
+    strategy = _wrapper(rejected)
+    good = _reply(1, _good_update())
+    arrays, _ = strategy.aggregate_train(1, [good, _reply(2, hostile)])
+    assert arrays is not None
+    assert strategy.stats.rejected == len(rejected)
+    if rejected:  # dropped: the result is the honest reply's alone, no trace
+        assert len(rejected) == 1 and rejected[0][1] == 2 and rejected[0][2]
+        for k, v in GLOBAL.items():
+            np.testing.assert_array_equal(arrays[k].numpy(), np.ones_like(v))
+        assert 2 not in strategy._caches
+    else:  # it passed every check: a well-formed, finite update
+        for k in GLOBAL:
+            assert np.isfinite(arrays[k].numpy()).all()

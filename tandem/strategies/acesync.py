@@ -175,6 +175,7 @@ class AceSync(CompressedUpdates):
             importance=options.importance,
             fill_decay=options.fill_decay,
             history=options.history,
+            on_event=on_event,
             **kwargs,
         )
         if local_steps < 1:
@@ -183,7 +184,6 @@ class AceSync(CompressedUpdates):
         self.options = options
         self.local_steps = int(local_steps)
         self.seed = int(seed)
-        self.on_event = on_event or (lambda _event, _payload: None)
         self.policy = (
             SyncPolicy(
                 threshold=options.divergence_threshold,

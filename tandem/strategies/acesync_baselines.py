@@ -42,7 +42,11 @@ def _run_wrapped(srv: ServerRun, **wrapper: Any) -> None:
         *, on_reject: Callable[[int, int, str], None], max_examples: int, **kwargs: Any
     ) -> CompressedUpdates:
         strategy = CompressedUpdates(
-            FedAvg(**kwargs), on_reject=on_reject, max_examples=max_examples, **wrapper
+            FedAvg(**kwargs),
+            on_reject=on_reject,
+            max_examples=max_examples,
+            on_event=srv.tracker.log_event,
+            **wrapper,
         )
         built.append(strategy)
         return strategy

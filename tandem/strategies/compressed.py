@@ -148,6 +148,10 @@ class CompressionStats:
         Cloud time spent checking and decoding replies.
     steps : int
         SGD steps of all accepted replies.
+    dropouts : int
+        Requests a node did not answer: an error reply (e.g. the SuperLink's
+        "node unavailable" for a node that went offline) or no reply within
+        the round's timeout.
     """
 
     replies: int = 0
@@ -160,6 +164,7 @@ class CompressionStats:
     overhead_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    dropouts: int = 0
 
     def as_summary(self) -> dict[str, float | int]:
         """Run-summary entries (bytes, ratios, seconds, shares)."""
@@ -182,6 +187,7 @@ class CompressionStats:
             if compute
             else float("nan"),
             "edge-steps": self.steps,
+            "dropouts": self.dropouts,
         }
 
 
@@ -231,6 +237,10 @@ class CompressedUpdates(Strategy):
         by default a warning in Flower's log.
     max_examples : int, optional
         Largest credible ``num-examples`` (the training set's size).
+    on_event : callable, optional
+        ``(event, payload) -> None`` for run events (e.g.
+        ``Tracker.log_event``); the wrapper reports ``dropout`` events
+        (round, node, reason).
 
     Raises
     ------
@@ -252,6 +262,7 @@ class CompressedUpdates(Strategy):
         history: int = 5,
         on_reject: Callable[[int, int, str], None] | None = None,
         max_examples: int | None = None,
+        on_event: Callable[[str, Mapping[str, object]], None] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, FedAvg):
@@ -284,6 +295,7 @@ class CompressedUpdates(Strategy):
         self.history = int(history)
         self.on_reject = on_reject or self._log_reject
         self.max_examples = max_examples
+        self.on_event = on_event or (lambda _event, _payload: None)
         # internal state
         self.layout: GroupLayout | None = None
         self.current: np.ndarray | None = None  # flat θ sent this round
@@ -590,6 +602,7 @@ class CompressedUpdates(Strategy):
         self.last_round = server_round
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
+        self._count_dropouts(server_round, replies, errors)
         updates, messages = self.decode_replies(server_round, replies)
         if not updates:
             return self.strategy.aggregate_train(server_round, errors)
@@ -616,6 +629,32 @@ class CompressedUpdates(Strategy):
             )
             self.observe(server_round, updates, base, current)
         return arrays, metrics
+
+    def _count_dropouts(
+        self, server_round: int, replies: Sequence[Message], errors: Sequence[Message]
+    ) -> None:
+        """Count and report the requests that got an error or no reply at all.
+
+        An error the SuperLink made for a node (e.g. "node unavailable" once
+        a killed SuperNode missed its heartbeats) comes from the SuperLink's
+        own node id, not the node's: nodes without a proper reply are matched
+        to such errors only by their reason.
+        """
+        answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        own = {m.metadata.src_node_id: m.error.reason for m in errors}
+        relayed = sorted({r for n, r in own.items() if n not in self._plans})
+        for node in sorted(set(self._plans) - answered):
+            if node in own:
+                why = f"error reply: {own[node]}"
+            elif relayed:
+                why = f"error reply: {' / '.join(relayed)}"
+            else:
+                why = "no reply within the round's timeout"
+            self.stats.dropouts += 1
+            log(WARNING, "round %s: node %s dropped out: %s", server_round, node, why)
+            self.on_event(
+                "dropout", {"round": server_round, "node-id": node, "reason": why}
+            )
 
     def _same_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` in the dtypes of the arrays sent (FedAdam returns float64)."""

@@ -316,10 +316,24 @@ def run(srv: ServerRun) -> None:
         send(track)
 
     # Replies are handled as they really arrive: no edge waits for another. An
-    # edge silent for reply-timeout seconds is dropped (the others go on); a
-    # SuperNode that connects later joins and catches up from θ_e^c.
+    # edge silent for reply-timeout seconds, or one the SuperLink reports
+    # unavailable, is dropped (the others go on). A SuperNode that connects
+    # later joins and catches up from θ_e^c; so does a dropped one that went
+    # offline and came back under the same node id.
     dropped: list[int] = []
     joined: list[int] = []
+    lost: set[int] = set()  # dropped, and still listed by the SuperLink
+    retired: list[EdgeTrack] = []  # the dropped edges' tracks
+
+    def drop(track: EdgeTrack, reason: str) -> None:
+        dropped.append(track.node_id)
+        lost.add(track.node_id)
+        retired.append(tracks.pop(track.node_id))
+        srv.reject(period + 1, track.node_id, f"{reason}: edge dropped")
+        srv.tracker.log_event(
+            "dropped", {"node-id": track.node_id, "period": period, "reason": reason}
+        )
+
     next_scan = time.monotonic() + JOIN_SCAN
     while waiting:
         replies = list(srv.grid.pull_messages(list(waiting)))
@@ -329,14 +343,11 @@ def run(srv: ServerRun) -> None:
                 r.metadata.reply_to_message_id != msg_id for r in replies
             ):
                 del waiting[msg_id]
-                dropped.append(track.node_id)
-                srv.reject(
-                    period + 1,
-                    track.node_id,
-                    f"no reply within {cfg.reply_timeout:g} s: edge dropped",
-                )
+                drop(track, f"no reply within {cfg.reply_timeout:g} s")
         if now >= next_scan:
-            for node in sorted(set(srv.grid.get_node_ids()) - set(tracks)):
+            online = set(srv.grid.get_node_ids())
+            lost &= online  # a lost node no longer listed may come back
+            for node in sorted(online - set(tracks) - lost):
                 tracks[node] = EdgeTrack(node, catch_up=True)
                 joined.append(node)
                 srv.tracker.log_event("joined", {"node-id": node, "period": period})
@@ -352,7 +363,7 @@ def run(srv: ServerRun) -> None:
                 track.seq, track.bytes_down, track.grads_from, track.want_inflight
             )
             if reply.has_error():
-                srv.reject(period + 1, track.node_id, f"error: {reply.error.reason}")
+                drop(track, f"error reply: {reply.error.reason}")
                 continue
             try:
                 track.edge_seconds = _compute_seconds(reply.content)
@@ -454,15 +465,18 @@ def run(srv: ServerRun) -> None:
                             "period": period,
                             "cloud-steps": cloud_steps,
                             "merges": merges,
-                            "steps-done": min(t.trained for t in tracks.values()),
+                            "steps-done": min(
+                                (t.trained for t in tracks.values()), default=0
+                            ),
                         },
                     )
 
     period += 1
     marks.append(exchanges)
     final = _report(srv, full, theta_ec, data.test, device, period, losses, exchanges)
-    timeline = _replay(srv, sorted(tracks), opts, marks)
-    total_steps = sum(t.steps_requested for t in tracks.values()) or 1
+    every_track = [*retired, *tracks.values()]
+    timeline = _replay(srv, sorted({t.node_id for t in every_track}), opts, marks)
+    total_steps = sum(t.steps_requested for t in every_track) or 1
     srv.tracker.finish(
         {
             "method": cfg.method,
@@ -471,7 +485,7 @@ def run(srv: ServerRun) -> None:
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "steps-per-edge": opts.steps,
-            "edges": len(tracks),
+            "edges": len({t.node_id for t in every_track}),
             "exchanges": exchanges,
             "emulated-seconds": timeline.total_seconds,
             "emulated-seconds-per-step": timeline.total_seconds / opts.steps,
