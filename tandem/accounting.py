@@ -40,6 +40,8 @@ __all__ = [
 #: Metric a reply uses to report the edge compute time behind it (seconds):
 #: steps x median step time, see :class:`tandem.training.TrainStats`.
 KEY_COMPUTE_SECONDS = "compute-seconds"
+#: How often :meth:`MeteredGrid.send_and_receive` asks the SuperLink for replies.
+POLL_SECONDS = 0.1
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -69,6 +71,13 @@ class Transfer:
     compute_seconds : float | None
         For replies: the edge compute time the reply reports as the metric
         ``compute-seconds`` (measured on the node), else ``None``.
+    link : str
+        For replies: the link the node declares, if any.
+    transit_seconds : float | None
+        For replies: wall-clock seconds from the reply's creation on the node
+        (its ``created_at``) to its pull by the ServerApp: the upload, the
+        SuperLink's relay and at most one poll interval. Assumes the node's
+        clock is synchronized (NTP); ``None`` for error replies.
     """
 
     round: int
@@ -79,6 +88,7 @@ class Transfer:
     at: float = 0.0
     compute_seconds: float | None = None
     link: str = ""
+    transit_seconds: float | None = None
 
 
 @dataclass
@@ -87,6 +97,8 @@ class ByteLedger:
 
     current_round: int = 0
     transfers: list[Transfer] = field(default_factory=list)
+    #: reply message id -> its transit seconds (see :class:`Transfer`)
+    transit: dict[str, float] = field(default_factory=dict)
 
     def record(
         self,
@@ -96,6 +108,7 @@ class ByteLedger:
         nbytes: int,
         compute_seconds: float | None = None,
         link: str = "",
+        transit_seconds: float | None = None,
     ) -> None:
         """Add one transfer at the current round."""
         self.transfers.append(
@@ -108,8 +121,13 @@ class ByteLedger:
                 time.perf_counter(),
                 compute_seconds,
                 link,
+                transit_seconds,
             )
         )
+
+    def transit_seconds(self, reply: Message) -> float | None:
+        """The transit time measured for ``reply`` when it was pulled, if known."""
+        return self.transit.get(reply.metadata.message_id)
 
     @property
     def last_up_at(self) -> float | None:
@@ -190,13 +208,16 @@ class MeteredGrid(Grid):
         return messages
 
     def _up(self, replies: Iterable[Message]) -> list[Message]:
+        pulled_at = time.time()
         replies = list(replies)
         for msg in replies:
-            nbytes, seconds, link = 0, None, ""
+            nbytes, seconds, link, transit = 0, None, "", None
             if not msg.has_error():
                 nbytes = payload_bytes(msg.content)
                 seconds = _reported_compute_seconds(msg.content)
                 link = _declared_link(msg.content)
+                transit = pulled_at - msg.metadata.created_at
+                self.ledger.transit[msg.metadata.message_id] = transit
             self.ledger.record(
                 msg.metadata.src_node_id,
                 "up",
@@ -204,6 +225,7 @@ class MeteredGrid(Grid):
                 nbytes,
                 seconds,
                 link,
+                transit,
             )
         return replies
 
@@ -241,6 +263,19 @@ class MeteredGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self._up(
-            self.inner.send_and_receive(self._down(messages), timeout=timeout)
-        )
+        """Push, then pull every ``POLL_SECONDS`` until all replied or ``timeout``.
+
+        Flower's deployment Grid pulls every 3 s: a reply would wait up to 3 s
+        on the SuperLink, slowing every round and hiding its transit time.
+        """
+        pending = {i for i in self.push_messages(messages) if i}
+        end = time.time() + (timeout if timeout is not None else math.inf)
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.time() >= end:
+                break
+            time.sleep(POLL_SECONDS)
+        return replies

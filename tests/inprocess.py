@@ -85,6 +85,7 @@ class InProcessGrid:
                 continue  # gone: the message stays unanswered
             del self._pending[msg_id]
             reply = dispatch(msg, self.contexts[node])
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as stored
             self.handled[node] += 1
             if self.tamper is not None:
                 reply = self.tamper(node, reply)

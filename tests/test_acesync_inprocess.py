@@ -475,3 +475,34 @@ def test_a_silent_device_drops_out_and_a_new_one_joins(tmp_path):
     assert joined and min(joined) > 1  # it took part once it was there
     assert grid.handled[4] >= len(joined)  # and answered
     assert summary["final-accuracy"] > 0.2
+
+
+def test_measured_bandwidth_follows_real_transit_times(tmp_path):
+    """acesync-bandwidth=measured: B_k from each reply's transit time.
+
+    Node 2's replies are stamped as created 2 s before they arrive (a slow
+    uplink); node 1's arrive at once. Round 1 has no measurement (smallest
+    budget for all); from round 2 node 2 gets the lower bandwidth estimate
+    and the smaller budget.
+    """
+
+    def slow_uplink(node, reply):
+        if node == 2:
+            reply.metadata.created_at = reply.metadata.created_at - 2.0
+        return reply
+
+    config = {
+        **BASE,
+        "acesync-bandwidth": "measured",
+        "acesync-divergence-threshold": 0,  # budgets from eq. 5 alone
+    }
+    records, _ = run_inprocess(config, nodes=2, out=tmp_path, tamper=slow_uplink)
+    plans = {(p["round"], p["node-id"]): p for p in _events(records, "plan")}
+    assert plans[1, 1]["bandwidth-mbps"] == plans[1, 2]["bandwidth-mbps"] == 0
+    assert plans[1, 1]["budget"] == plans[1, 2]["budget"]
+    for rnd in (2, 3):
+        fast, slow = plans[rnd, 1], plans[rnd, 2]
+        # node 2: its reply's bytes over about 2 s
+        assert 0 < slow["bandwidth-mbps"] < 0.1 < fast["bandwidth-mbps"]
+        assert slow["budget"] < fast["budget"]
+    assert records[-1]["rejected-replies"] == 0

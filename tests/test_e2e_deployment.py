@@ -107,6 +107,7 @@ CRASH_RUNS = {
         "num-server-rounds": 4,
         "reply-timeout": 120,
         "acesync-personalize-rounds": 0,
+        "acesync-bandwidth": "measured",  # B_k from real transit times
     },
 }
 
@@ -194,3 +195,10 @@ def test_a_killed_supernode_drops_out_and_a_restarted_one_rejoins(tmp_path, meth
         # the newcomer trained in the later rounds (fresh residuals)
         planned = {p["round"] for p in _events(records, "plan") if p["node-id"] == back}
         assert planned and max(planned) == CRASH_RUNS["acesync"]["num-server-rounds"]
+        # round 2 on, the survivors' budgets follow their measured bandwidth
+        measured = [
+            p["bandwidth-mbps"]
+            for p in _events(records, "plan")
+            if p["round"] >= 2 and p["node-id"] in before - {lost}
+        ]
+        assert measured and all(b > 0 for b in measured)

@@ -11,7 +11,10 @@ Per round, for the ``K`` sampled devices:
 1. **Budget, eq. 5.** Each device's uplink bandwidth ``B_k(t)`` is a
    :class:`~tandem.network.BandwidthEstimator` (smoothing 0.3) fed with the
    emulated time of its previous uploads; it starts from its link's bandwidth
-   at time 0. The link is the one the node declares (``link-profile`` in its
+   at time 0. With ``acesync-bandwidth = measured`` (deployment) it is fed
+   instead with each reply's real transit time, from its creation on the
+   node to its pull by the ServerApp, and starts empty (smallest budget).
+   The link is the one the node declares (``link-profile`` in its
    node config, reported with each reply) or else the run's ``acesync-link``
    spec, assigned with :func:`~tandem.network.assign_links` over the sorted
    node ids and the run's seed (as the benchmark's re-timing does). The
@@ -227,10 +230,15 @@ class AceSync(CompressedUpdates):
             self.use_link(node, fresh[node])
 
     def use_link(self, node: int, link: LinkProfile) -> None:
-        """Set ``node``'s link; its estimate restarts from the link at time 0."""
+        """Set ``node``'s link; its estimate restarts from the link at time 0.
+
+        With measured bandwidth the estimate starts empty instead: the first
+        round gets the smallest budget, later ones follow the measurements.
+        """
         self.links[node] = link
+        measured = self.options.bandwidth == "measured"
         self.estimators[node] = BandwidthEstimator(
-            BANDWIDTH_SMOOTHING, initial_mbps=link.up.at(0.0)
+            BANDWIDTH_SMOOTHING, initial_mbps=None if measured else link.up.at(0.0)
         )
 
     def _declared(self, node: int, link: str) -> None:
@@ -305,6 +313,9 @@ class AceSync(CompressedUpdates):
         measurements is the host's noise (a busy core, a fresh worker's first
         message), which must not reach the eq. 8 weights or the budgets.
         """
+        if self.options.bandwidth == "measured":
+            self._measured(updates)
+            return
         per_step = float(
             np.median(
                 [u.metrics["compute-seconds"] / u.metrics["steps"] for u in updates]
@@ -328,6 +339,22 @@ class AceSync(CompressedUpdates):
             self.estimators[node].observe(u.bytes_up, up.seconds, link.rtt.at(up.start))
             ends.append(up.end)
         self.round_start = max([self.round_start, *ends])
+
+    def _measured(self, updates: Sequence[DecodedUpdate]) -> None:
+        """Reliability counts, and ``B_k`` and ``L_k`` from measured transit.
+
+        Each reply's bytes over its transit seconds (creation on the node to
+        pull by the ServerApp) feed the node's estimator; its latency is its
+        reported wall time plus that transit. A transit that is missing or not
+        positive (clocks out of step) leaves the estimate as it was.
+        """
+        for u in updates:
+            node = u.node_id
+            self.delivered[node] = self.delivered.get(node, 0) + 1
+            transit = u.transit_seconds
+            if transit is not None and math.isfinite(transit) and transit > 0:
+                self.estimators[node].observe(u.bytes_up, transit)
+            self.latency[node] = u.metrics["train-seconds"] + max(transit or 0.0, 0.0)
 
     def weights(
         self, server_round: int, updates: Sequence[DecodedUpdate]
@@ -727,6 +754,7 @@ def run(srv: ServerRun) -> None:
             on_event=srv.tracker.log_event,
             on_reject=on_reject,
             max_examples=max_examples,
+            transit=srv.ledger.transit_seconds,
         )
         built.append(strategy)
         return strategy

@@ -95,6 +95,14 @@ class AceSyncOptions:
         ``variable``, or ``mix:4g,5g,...``), seeded with the run's seed.
     edge_factor : float
         Measured edge seconds → emulated device seconds on the cloud's clock.
+    bandwidth : str
+        Where ``B_k(t)`` of eq. 5 comes from: ``emulated`` (each node's link,
+        declared or from ``acesync-link``, played on the cloud's virtual
+        clock: simulation and loopback trials) or ``measured`` (the real
+        transit time of each node's replies, from their creation on the
+        node to their pull by the ServerApp: deployment on real networks;
+        assumes NTP-synchronized clocks). Eq. 8's latency follows the same
+        source.
     clusters : int
         Device clusters for personalization: 0 = chosen by silhouette, 1 =
         off, ``k >= 2`` = exactly ``k``.
@@ -162,6 +170,9 @@ class AceSyncOptions:
     )
     edge_factor: float = option(
         "acesync-edge-factor", 1.0, "must be > 0", lambda f: f > 0
+    )
+    bandwidth: str = option(
+        "acesync-bandwidth", "emulated", choices=("emulated", "measured")
     )
     clusters: int = option(
         "acesync-clusters",

@@ -110,6 +110,9 @@ class DecodedUpdate:
         What the node was asked to do.
     link : str
         The link the node declares in its node record ("" if none).
+    transit_seconds : float | None
+        Measured seconds from the reply's creation on the node to its pull
+        (``MeteredGrid``), when the wrapper was given ``transit``.
     """
 
     node_id: int
@@ -120,6 +123,7 @@ class DecodedUpdate:
     bytes_up: int
     plan: EdgePlan
     link: str = ""
+    transit_seconds: float | None = None
 
     @property
     def num_examples(self) -> int:
@@ -241,6 +245,10 @@ class CompressedUpdates(Strategy):
         ``(event, payload) -> None`` for run events (e.g.
         ``Tracker.log_event``); the wrapper reports ``dropout`` events
         (round, node, reason).
+    transit : callable, optional
+        ``reply -> seconds | None``: the measured transit time of a reply
+        (e.g. ``ByteLedger.transit_seconds``), kept in its
+        :class:`DecodedUpdate`.
 
     Raises
     ------
@@ -263,6 +271,7 @@ class CompressedUpdates(Strategy):
         on_reject: Callable[[int, int, str], None] | None = None,
         max_examples: int | None = None,
         on_event: Callable[[str, Mapping[str, object]], None] | None = None,
+        transit: Callable[[Message], float | None] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, FedAvg):
@@ -296,6 +305,7 @@ class CompressedUpdates(Strategy):
         self.on_reject = on_reject or self._log_reject
         self.max_examples = max_examples
         self.on_event = on_event or (lambda _event, _payload: None)
+        self.transit = transit
         # internal state
         self.layout: GroupLayout | None = None
         self.current: np.ndarray | None = None  # flat θ sent this round
@@ -532,7 +542,17 @@ class CompressedUpdates(Strategy):
         node_info = content.config_records.get(KEY_NODE)
         link = node_info.get("link", "") if node_info is not None else ""
         link = link[:200] if isinstance(link, str) else ""
-        return DecodedUpdate(node, update, sent, received, metrics, nbytes, plan, link)
+        return DecodedUpdate(
+            node,
+            update,
+            sent,
+            received,
+            metrics,
+            nbytes,
+            plan,
+            link,
+            None if self.transit is None else self.transit(msg),
+        )
 
     def decode_replies(
         self, server_round: int, replies: Iterable[Message]
