@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -353,6 +354,11 @@ class LoopbackDeployment:
             self.root / name,
             f"{name}.log",
         )
+
+    def node_ids(self, name: str) -> list[int]:
+        """The node ids SuperNode ``name`` was given, one per start, from its log."""
+        log = (self.root / f"{name}.log").read_text(errors="replace")
+        return [int(m) for m in re.findall(r"SuperNode ID: (\d+)", log)]
 
     def kill_node(self, name: str) -> None:
         """Kill SuperNode ``name`` and its ClientApps at once (SIGKILL): a crash."""

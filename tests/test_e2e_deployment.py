@@ -151,38 +151,29 @@ def test_a_killed_supernode_drops_out_and_a_restarted_one_rejoins(tmp_path, meth
         )
         metrics = out / f"{method}-{run_id}" / "metrics.jsonl"
         # 1. once every node has answered once, node2 crashes
-        answered = "exchange" if method == "simultrain" else "round"
-        first = _follow(
-            metrics,
-            lambda rs: (
-                len({r.get("node-id") for r in _events(rs, answered)}) == 3
-                if method == "simultrain"
-                else any(r["round"] >= 1 for r in _events(rs, "round"))
-            ),
-        )
-        before = {r["node-id"] for r in _events(first, "bytes")}
+        first = _follow(metrics, lambda rs: _every_node_answered(method, rs))
+        before = {r["node-id"] for r in first if r["event"] in ("bytes", "exchange")}
         assert len(before) == 3
+        (lost,) = dep.node_ids("node2")
         dep.kill_node("node2")
         # 2. the run notices (heartbeats or reply-timeout); node2 starts again
         drop_event = "dropped" if method == "simultrain" else "dropout"
         _follow(metrics, lambda rs: bool(_events(rs, drop_event)), timeout=180)
         dep.start_node("node2")
         status = cli.wait(run_id, timeout=400, connection="deploy")
+        _, back = dep.node_ids("node2")  # a new node id: a new device to the run
         logs = "\n".join(p.read_text()[-1500:] for p in dep.root.glob("*.log"))
         assert status.ok, f"{status.status}: {status.details}\n{logs}"
         records = read_jsonl(metrics)
     finally:
         next(deploy, None)  # tear down
     summary = records[-1]
-    (lost,) = {r["node-id"] for r in _events(records, drop_event)}
-    assert lost in before
-    newcomers = {r["node-id"] for r in _events(records, "bytes")} - before
-    assert len(newcomers) == 1  # node2 again, under a new node id
-    (back,) = newcomers
+    assert lost in before and back not in before
+    assert lost in {r["node-id"] for r in _events(records, drop_event)}
     rounds = _events(records, "round")
     assert rounds[-1]["eval-accuracy"] > rounds[0]["eval-accuracy"] + 0.1
     if method == "simultrain":
-        assert summary["dropped-edges"] == 1 and summary["joined-edges"] == 1
+        assert summary["dropped-edges"] >= 1 and summary["joined-edges"] == 1
         # the newcomer did all its steps, from θ_e^c (reconciliation)
         done = sum(
             e["micro-batches"]
@@ -195,10 +186,11 @@ def test_a_killed_supernode_drops_out_and_a_restarted_one_rejoins(tmp_path, meth
         # the newcomer trained in the later rounds (fresh residuals)
         planned = {p["round"] for p in _events(records, "plan") if p["node-id"] == back}
         assert planned and max(planned) == CRASH_RUNS["acesync"]["num-server-rounds"]
-        # round 2 on, the survivors' budgets follow their measured bandwidth
+        assert any(e["node-id"] == back for e in _events(records, "sync"))  # used
+        # the budgets follow measured bandwidth once a node has replied
         measured = [
             p["bandwidth-mbps"]
             for p in _events(records, "plan")
-            if p["round"] >= 2 and p["node-id"] in before - {lost}
+            if p["round"] == 2 and p["node-id"] in before
         ]
         assert measured and all(b > 0 for b in measured)
