@@ -74,7 +74,7 @@ def test_acesync_learns_within_its_budgets(tmp_path):
     assert len(plans) == 12
     for plan in plans:
         assert 5 <= plan["bandwidth-mbps"] <= 200  # the variable links' range
-        assert 0.6 <= plan["compression"] <= 0.95
+        assert 0.55 <= plan["compression"] <= 0.95
         base = math.floor((1 - plan["compression"]) * 4 * 9610)  # eq. 5
         assert plan["budget"] == min(4 * 9610, math.floor(base * plan["budget-scale"]))
     # the overhead is measured and small next to training

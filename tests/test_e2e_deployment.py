@@ -98,13 +98,13 @@ def test_tls_and_node_auth_refuse_an_unregistered_node(secure_deployment, tmp_pa
 # unavailable" error; reply-timeout bounds every wait in any case.
 CRASH_RUNS = {
     "simultrain": {
-        "simultrain-steps": 24,
+        "simultrain-steps": 16,
         "simultrain-chunk": 4,
         "simultrain-eval-every": 8,
         "reply-timeout": 120,
     },
     "acesync": {
-        "num-server-rounds": 4,
+        "num-server-rounds": 3,
         "reply-timeout": 120,
         "acesync-personalize-rounds": 0,
         "acesync-bandwidth": "measured",  # B_k from real transit times

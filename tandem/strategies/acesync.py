@@ -501,9 +501,7 @@ class AceSync(CompressedUpdates):
         self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]
     ) -> None:
         """Inverse of :meth:`checkpoint_state`."""
-        super().restore_state(
-            {k: v for k, v in arrays.items() if k.startswith("cache/")}, state
-        )
+        super().restore_state(arrays, state)
 
         def per_node(key: str, kind: Callable[[Any], Any]) -> dict[int, Any]:
             return {int(n): kind(v) for n, v in state[key].items()}

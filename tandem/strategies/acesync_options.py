@@ -129,7 +129,7 @@ class AceSyncOptions:
         "sign, defer",
         _codecs_ok,
     )
-    c_min: float = option("acesync-c-min", 0.6, "must lie in [0, 1]", _fraction)
+    c_min: float = option("acesync-c-min", 0.55, "must lie in [0, 1]", _fraction)
     c_max: float = option("acesync-c-max", 0.95, "must lie in [0, 1]", _fraction)
     beta: float = option(
         "acesync-beta", 0.02, "must be > 0 (per Mbit/s)", lambda b: b > 0

@@ -233,9 +233,12 @@ class _Resumed:
     momentum: list[np.ndarray] | None
     strategy_arrays: dict[str, np.ndarray]
     state: dict[str, Any]
+    torch_rng: np.ndarray | None
 
     def restore(self, fedavg: Any) -> None:
         """Put the strategy's state and the RNGs back."""
+        if self.torch_rng is not None:
+            torch.set_rng_state(torch.from_numpy(self.torch_rng.astype(np.uint8)))
         if self.momentum is not None and hasattr(fedavg, "momentum_vector"):
             fedavg.momentum_vector = self.momentum  # FedAvgM's server momentum
         if hasattr(fedavg, "restore_state") and "strategy" in self.state:
@@ -269,11 +272,9 @@ def _resume(srv: ServerRun, model: torch.nn.Module) -> _Resumed | None:
         raise ConfigError(
             "resume", srv.cfg.resume, f"does not fit the model: {err}"
         ) from None
-    if rng is not None:
-        torch.set_rng_state(torch.from_numpy(np.array(rng, dtype=np.uint8)))
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     return _Resumed(
-        int(state["round"]), tensors, momentum or None, strategy_arrays, state
+        int(state["round"]), tensors, momentum or None, strategy_arrays, state, rng
     )
 
 

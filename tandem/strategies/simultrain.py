@@ -320,13 +320,11 @@ def run(srv: ServerRun) -> None:
     # unavailable, is dropped (the others go on). A SuperNode that connects
     # later joins and catches up from θ_e^c; so does a dropped one that went
     # offline and came back under the same node id.
-    dropped: list[int] = []
     joined: list[int] = []
     lost: set[int] = set()  # dropped, and still listed by the SuperLink
     retired: list[EdgeTrack] = []  # the dropped edges' tracks
 
     def drop(track: EdgeTrack, reason: str) -> None:
-        dropped.append(track.node_id)
         lost.add(track.node_id)
         retired.append(tracks.pop(track.node_id))
         srv.reject(period + 1, track.node_id, f"{reason}: edge dropped")
@@ -495,7 +493,7 @@ def run(srv: ServerRun) -> None:
             "clock-mode": timeline.mode,
             "link": opts.link,
             "mean-chunk": float(np.mean(chunks_sent)) if chunks_sent else 0.0,
-            "dropped-edges": len(dropped),
+            "dropped-edges": len(retired),
             "joined-edges": len(joined),
             "max-staleness": max(staleness_seen, default=0),
             "dropped-deltas": dropped_deltas,
