@@ -46,6 +46,7 @@ class ServerRun:
     tracker: Tracker
     context: Context
     _rejected: dict[int, int] = field(default_factory=dict)
+    _dropouts: dict[int, int] = field(default_factory=dict)
     _cum: dict[str, int] = field(
         default_factory=lambda: {"bytes-up": 0, "bytes-down": 0}
     )
@@ -95,6 +96,20 @@ class ServerRun:
         self.tracker.warn(
             f"round {round_}: rejected reply from node {node_id}: {reason}"
         )
+
+    def dropout(self, round_: int, node_id: int, reason: str) -> None:
+        """Count and log a request the node did not answer (error or timeout)."""
+        self._dropouts[round_] = self._dropouts.get(round_, 0) + 1
+        self.tracker.log_event(
+            "dropout", {"round": round_, "node-id": node_id, "reason": reason}
+        )
+        self.tracker.warn(f"round {round_}: node {node_id} dropped out: {reason}")
+
+    def dropouts(self, round_: int | None = None) -> int:
+        """Requests not answered in ``round_`` (or in the whole run)."""
+        if round_ is None:
+            return sum(self._dropouts.values())
+        return self._dropouts.get(round_, 0)
 
     def rejected(self, round_: int | None = None) -> int:
         """Replies rejected in ``round_`` (or in the whole run)."""

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess import run_inprocess
 
-from tandem.strategies.fedavg import CheckedFedAvg
+from tandem.strategies.fedavg import CheckedFedAvg, missing_replies
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -133,3 +143,43 @@ def test_all_good_replies_pass():
     )
     assert rejected == []
     np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, 2.0))
+
+
+def _error_reply(node_id: int, src: int, reason: str) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+    sent.metadata.__dict__["_message_id"] = f"m{node_id}"
+    error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason)
+    reply = Message(error, reply_to=sent)
+    reply.metadata.__dict__["_src_node_id"] = src
+    return reply
+
+
+def test_missing_replies_names_each_node_and_why():
+    good = _reply(1, GLOBAL)
+    own = _error_reply(2, 2, "ClientApp raised")
+    relayed = _error_reply(3, 0, "Node Unavailable")  # made by the SuperLink
+    missing = missing_replies([1, 2, 3, 4], [good, own, relayed])
+    assert missing == {
+        2: "error reply: ClientApp raised",
+        3: "error reply: Node Unavailable",
+        4: "error reply: Node Unavailable",
+    }
+    assert missing_replies([1, 4], [good]) == {4: "no reply within the round's timeout"}
+
+
+@pytest.mark.parametrize("method", ["fedavg", "syncsgd"])
+def test_a_silent_node_is_a_dropout_and_the_rounds_go_on(tmp_path, method):
+    config = {
+        "method": method,
+        "mnist1d-samples": 1000,
+        "local-steps": 5,
+        "num-server-rounds": 3,
+        "reply-timeout": 1.0,
+    }
+    records, _ = run_inprocess(config, nodes=3, out=tmp_path, silent_after={3: 1})
+    dropouts = [r for r in records if r["event"] == "dropout"]
+    assert [(d["round"], d["node-id"]) for d in dropouts] == [(2, 3), (3, 3)]
+    assert all("no reply within" in d["reason"] for d in dropouts)
+    summary = records[-1]
+    assert summary["dropouts"] == 2 and summary["rejected-replies"] == 0
+    assert summary["final-accuracy"] > 0.15

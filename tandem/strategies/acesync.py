@@ -742,7 +742,11 @@ def run(srv: ServerRun) -> None:
     built: list[AceSync] = []
 
     def build(
-        *, on_reject: Callable[[int, int, str], None], max_examples: int, **kwargs: Any
+        *,
+        on_reject: Callable[[int, int, str], None],
+        on_dropout: Callable[[int, int, str], None],
+        max_examples: int,
+        **kwargs: Any,
     ) -> AceSync:
         strategy = AceSync(
             FedAvg(**kwargs),
@@ -751,6 +755,7 @@ def run(srv: ServerRun) -> None:
             seed=cfg.seed,
             on_event=srv.tracker.log_event,
             on_reject=on_reject,
+            on_dropout=on_dropout,
             max_examples=max_examples,
             transit=srv.ledger.transit_seconds,
         )

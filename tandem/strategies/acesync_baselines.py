@@ -39,13 +39,17 @@ def _run_wrapped(srv: ServerRun, **wrapper: Any) -> None:
     built: list[CompressedUpdates] = []
 
     def build(
-        *, on_reject: Callable[[int, int, str], None], max_examples: int, **kwargs: Any
+        *,
+        on_reject: Callable[[int, int, str], None],
+        on_dropout: Callable[[int, int, str], None],
+        max_examples: int,
+        **kwargs: Any,
     ) -> CompressedUpdates:
         strategy = CompressedUpdates(
             FedAvg(**kwargs),
             on_reject=on_reject,
+            on_dropout=on_dropout,
             max_examples=max_examples,
-            on_event=srv.tracker.log_event,
             **wrapper,
         )
         built.append(strategy)

@@ -76,6 +76,7 @@ from tandem.clients.acesync import (
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.packing import unpack_groups
 from tandem.coordination import CachedUpdate, fill_from_history, refresh_cache
+from tandem.strategies.fedavg import missing_replies
 from tandem.wire import KEY_LOCAL_STEPS, KEY_METRICS, KEY_NODE, PayloadError
 
 __all__ = ["CompressedUpdates", "CompressionStats", "DecodedUpdate"]
@@ -152,10 +153,6 @@ class CompressionStats:
         Cloud time spent checking and decoding replies.
     steps : int
         SGD steps of all accepted replies.
-    dropouts : int
-        Requests a node did not answer: an error reply (e.g. the SuperLink's
-        "node unavailable" for a node that went offline) or no reply within
-        the round's timeout.
     """
 
     replies: int = 0
@@ -168,7 +165,6 @@ class CompressionStats:
     overhead_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
-    dropouts: int = 0
 
     def as_summary(self) -> dict[str, float | int]:
         """Run-summary entries (bytes, ratios, seconds, shares)."""
@@ -191,7 +187,6 @@ class CompressionStats:
             if compute
             else float("nan"),
             "edge-steps": self.steps,
-            "dropouts": self.dropouts,
         }
 
 
@@ -243,8 +238,11 @@ class CompressedUpdates(Strategy):
         Largest credible ``num-examples`` (the training set's size).
     on_event : callable, optional
         ``(event, payload) -> None`` for run events (e.g.
-        ``Tracker.log_event``); the wrapper reports ``dropout`` events
-        (round, node, reason).
+        ``Tracker.log_event``).
+    on_dropout : callable, optional
+        ``(server_round, node_id, reason) -> None`` for each node sent a
+        train message that answered with an error or not at all
+        (:func:`~tandem.strategies.fedavg.missing_replies`).
     transit : callable, optional
         ``reply -> seconds | None``: the measured transit time of a reply
         (e.g. ``ByteLedger.transit_seconds``), kept in its
@@ -271,6 +269,7 @@ class CompressedUpdates(Strategy):
         on_reject: Callable[[int, int, str], None] | None = None,
         max_examples: int | None = None,
         on_event: Callable[[str, Mapping[str, object]], None] | None = None,
+        on_dropout: Callable[[int, int, str], None] | None = None,
         transit: Callable[[Message], float | None] | None = None,
     ) -> None:
         super().__init__()
@@ -305,6 +304,7 @@ class CompressedUpdates(Strategy):
         self.on_reject = on_reject or self._log_reject
         self.max_examples = max_examples
         self.on_event = on_event or (lambda _event, _payload: None)
+        self.on_dropout = on_dropout
         self.transit = transit
         # internal state
         self.layout: GroupLayout | None = None
@@ -622,7 +622,9 @@ class CompressedUpdates(Strategy):
         self.last_round = server_round
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
-        self._count_dropouts(server_round, replies, errors)
+        if self.on_dropout is not None:
+            for node, why in missing_replies(self._plans, replies).items():
+                self.on_dropout(server_round, node, why)
         updates, messages = self.decode_replies(server_round, replies)
         if not updates:
             return self.strategy.aggregate_train(server_round, errors)
@@ -649,32 +651,6 @@ class CompressedUpdates(Strategy):
             )
             self.observe(server_round, updates, base, current)
         return arrays, metrics
-
-    def _count_dropouts(
-        self, server_round: int, replies: Sequence[Message], errors: Sequence[Message]
-    ) -> None:
-        """Count and report the requests that got an error or no reply at all.
-
-        An error the SuperLink made for a node (e.g. "node unavailable" once
-        a killed SuperNode missed its heartbeats) comes from the SuperLink's
-        own node id, not the node's: nodes without a proper reply are matched
-        to such errors only by their reason.
-        """
-        answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
-        own = {m.metadata.src_node_id: m.error.reason for m in errors}
-        relayed = sorted({r for n, r in own.items() if n not in self._plans})
-        for node in sorted(set(self._plans) - answered):
-            if node in own:
-                why = f"error reply: {own[node]}"
-            elif relayed:
-                why = f"error reply: {' / '.join(relayed)}"
-            else:
-                why = "no reply within the round's timeout"
-            self.stats.dropouts += 1
-            log(WARNING, "round %s: node %s dropped out: %s", server_round, node, why)
-            self.on_event(
-                "dropout", {"round": server_round, "node-id": node, "reason": why}
-            )
 
     def _same_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` in the dtypes of the arrays sent (FedAdam returns float64)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "ReplyChecks",
     "build_fedavg",
     "check_reply",
+    "missing_replies",
     "run",
 ]
 
@@ -123,6 +124,40 @@ def check_reply(
         )
 
 
+def missing_replies(asked: Iterable[int], replies: Sequence[Message]) -> dict[int, str]:
+    """The nodes ``asked`` this round without a proper reply, each with why.
+
+    A node is missing when it sent an error reply or none at all (the round's
+    timeout passed). An error the SuperLink made for a node (e.g. "Node
+    Unavailable" once a killed SuperNode missed its heartbeats) carries the
+    SuperLink's own node id, not the node's: nodes without a reply of their
+    own get the reasons of such errors, else the timeout.
+    """
+    asked = set(asked)
+    answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+    own = {
+        m.metadata.src_node_id: m.error.reason
+        for m in replies
+        if m.has_error() and m.metadata.src_node_id in asked
+    }
+    relayed = sorted(
+        {
+            m.error.reason
+            for m in replies
+            if m.has_error() and m.metadata.src_node_id not in asked
+        }
+    )
+    missing = {}
+    for node in sorted(asked - answered):
+        if node in own:
+            missing[node] = f"error reply: {own[node]}"
+        elif relayed:
+            missing[node] = f"error reply: {' / '.join(relayed)}"
+        else:
+            missing[node] = "no reply within the round's timeout"
+    return missing
+
+
 class ReplyChecks:
     """Mixin for Flower's FedAvg family: drop malformed replies before averaging.
 
@@ -140,6 +175,10 @@ class ReplyChecks:
         ``(server_round, node_id, reason) -> None``.
     max_examples : int
         Largest credible ``num-examples`` (the training set's size).
+    on_dropout : callable, optional
+        ``(server_round, node_id, reason) -> None`` for each node sent a
+        train message that answered with an error or not at all
+        (:func:`missing_replies`).
     **kwargs
         Passed to the Flower strategy.
     """
@@ -149,20 +188,25 @@ class ReplyChecks:
         *,
         on_reject: Callable[[int, int, str], None],
         max_examples: int,
+        on_dropout: Callable[[int, int, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.on_reject = on_reject
+        self.on_dropout = on_dropout
         self.max_examples = max_examples
         self._layout: dict[str, tuple[tuple[int, ...], str]] = {}
         self._max_bytes = 0
+        self._asked: list[int] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember what was sent, to check the replies against it."""
+        """Remember what was sent and to whom, to check the replies against it."""
         self.expect(arrays)
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._asked = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def expect(self, arrays: ArrayRecord) -> None:
         """Check this round's replies against ``arrays`` (the model sent)."""
@@ -174,6 +218,10 @@ class ReplyChecks:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies that pass :func:`check_reply`."""
+        replies = list(replies)
+        if self.on_dropout is not None:
+            for node, why in missing_replies(self._asked, replies).items():
+                self.on_dropout(server_round, node, why)
         good = []
         for msg in replies:
             if msg.has_error():
@@ -290,6 +338,7 @@ def build_fedavg(
     return strategy(  # type: ignore[call-arg]
         **extra,
         on_reject=run.reject,
+        on_dropout=run.dropout,
         max_examples=len(run.data().train),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -388,6 +437,7 @@ def run(
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "rejected-replies": srv.rejected(),
+            "dropouts": srv.dropouts(),
             "resumed-from-round": offset,
             **more,
         }
