@@ -104,7 +104,7 @@ CRASH_RUNS = {
         "reply-timeout": 120,
     },
     "acesync": {
-        "num-server-rounds": 3,
+        "num-server-rounds": 4,  # round 4 at the latest has the restarted node
         "reply-timeout": 120,
         "acesync-personalize-rounds": 0,
         "acesync-bandwidth": "measured",  # B_k from real transit times
