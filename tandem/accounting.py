@@ -73,11 +73,6 @@ class Transfer:
         ``compute-seconds`` (measured on the node), else ``None``.
     link : str
         For replies: the link the node declares, if any.
-    transit_seconds : float | None
-        For replies: wall-clock seconds from the reply's creation on the node
-        (its ``created_at``) to its pull by the ServerApp: the upload, the
-        SuperLink's relay and at most one poll interval. Assumes the node's
-        clock is synchronized (NTP); ``None`` for error replies.
     """
 
     round: int
@@ -88,7 +83,6 @@ class Transfer:
     at: float = 0.0
     compute_seconds: float | None = None
     link: str = ""
-    transit_seconds: float | None = None
 
 
 @dataclass
@@ -97,7 +91,9 @@ class ByteLedger:
 
     current_round: int = 0
     transfers: list[Transfer] = field(default_factory=list)
-    #: reply message id -> its transit seconds (see :class:`Transfer`)
+    #: reply message id -> wall-clock seconds from the reply's creation on the
+    #: node (its ``created_at``) to its pull by the ServerApp: the upload, the
+    #: SuperLink's relay and at most one poll interval (assumes NTP clocks)
     transit: dict[str, float] = field(default_factory=dict)
 
     def record(
@@ -108,7 +104,6 @@ class ByteLedger:
         nbytes: int,
         compute_seconds: float | None = None,
         link: str = "",
-        transit_seconds: float | None = None,
     ) -> None:
         """Add one transfer at the current round."""
         self.transfers.append(
@@ -121,7 +116,6 @@ class ByteLedger:
                 time.perf_counter(),
                 compute_seconds,
                 link,
-                transit_seconds,
             )
         )
 
@@ -211,13 +205,13 @@ class MeteredGrid(Grid):
         pulled_at = time.time()
         replies = list(replies)
         for msg in replies:
-            nbytes, seconds, link, transit = 0, None, "", None
+            nbytes, seconds, link = 0, None, ""
             if not msg.has_error():
                 nbytes = payload_bytes(msg.content)
                 seconds = _reported_compute_seconds(msg.content)
                 link = _declared_link(msg.content)
-                transit = pulled_at - msg.metadata.created_at
-                self.ledger.transit[msg.metadata.message_id] = transit
+                created = msg.metadata.created_at
+                self.ledger.transit[msg.metadata.message_id] = pulled_at - created
             self.ledger.record(
                 msg.metadata.src_node_id,
                 "up",
@@ -225,7 +219,6 @@ class MeteredGrid(Grid):
                 nbytes,
                 seconds,
                 link,
-                transit,
             )
         return replies
 
