@@ -33,8 +33,8 @@ from tandem.compression.packing import (
 from tandem.importance import ImportancePredictor, PredictorError
 from tandem.wire import PayloadError
 
-OPTIONS = DEFAULT_OPTIONS  # full, half, topk@0.1, topk@0.01, sign, defer
-SIZES = np.array([10, 3, 17, 8, 64, 5])
+OPTIONS = (*DEFAULT_OPTIONS[:2], *DEFAULT_OPTIONS[3:], Option("int8"))
+SIZES = np.array([10, 3, 17, 8, 64, 5, 9])
 
 
 def _groups(seed=0):
@@ -51,8 +51,21 @@ def _packed(choice):
     return xs, pack_groups(payloads, choice, OPTIONS)
 
 
+def test_options_cover_every_codec():
+    assert [o.label for o in OPTIONS] == [
+        "full",
+        "half",
+        "topk@0.1",
+        "topk@0.01",
+        "sign",
+        "defer",
+        "int8",
+    ]
+    assert set(OPTIONS) == set(DEFAULT_OPTIONS)
+
+
 def test_every_codec_round_trips_through_one_stream():
-    choice = [0, 1, 2, 3, 4, 5]
+    choice = [0, 1, 2, 3, 4, 5, 6]
     xs, (codes, payload) = _packed(choice)
     assert codes.dtype == np.uint8 and payload.dtype == np.uint8
     expected = sum(
@@ -67,6 +80,8 @@ def test_every_codec_round_trips_through_one_stream():
     assert np.count_nonzero(out[3]) == 1  # topk@0.01 keeps at least one
     np.testing.assert_allclose(np.abs(out[4]), np.abs(xs[4]).mean(), rtol=1e-6)
     assert out[5] is None  # deferred
+    step = np.abs(xs[6]).max() / 127
+    np.testing.assert_allclose(out[6], xs[6], atol=step / 2 * (1 + 1e-5))  # int8
 
 
 def test_all_full_is_the_identity():
@@ -95,18 +110,31 @@ def _set(group, key, index, value):
 @pytest.mark.parametrize(
     ("choice", "edit", "reason"),
     [
-        ([2] * 6, lambda g: _set(g[2], "indices", 0, 17), "out of range for size 17"),
-        ([2] * 6, lambda g: _set(g[4], "indices", 1, g[4]["indices"][0]), "duplicated"),
-        ([0] * 6, lambda g: _set(g[0], "values", 3, np.nan), "NaN or Inf"),
-        ([1] * 6, lambda g: _set(g[2], "values", 0, np.inf), "NaN or Inf"),
-        ([4] * 6, lambda g: _set(g[1], "scale", 0, -1.0), "negative"),
+        ([2] * 7, lambda g: _set(g[2], "indices", 0, 17), "out of range for size 17"),
+        ([2] * 7, lambda g: _set(g[4], "indices", 1, g[4]["indices"][0]), "duplicated"),
+        ([0] * 7, lambda g: _set(g[0], "values", 3, np.nan), "NaN or Inf"),
+        ([1] * 7, lambda g: _set(g[2], "values", 0, np.inf), "NaN or Inf"),
+        ([4] * 7, lambda g: _set(g[1], "scale", 0, -1.0), "negative"),
         (
-            [4] * 6,
+            [4] * 7,
             lambda g: g[1].__setitem__("scale", np.ones(2, np.float32)),
             "the codec table implies",
         ),
+        ([6] * 7, lambda g: _set(g[3], "levels", 2, -128), "holds -128"),
+        ([6] * 7, lambda g: _set(g[5], "scale", 0, -2.0), "negative"),
+        ([6] * 7, lambda g: _set(g[0], "scale", 0, np.nan), "NaN or Inf"),
     ],
-    ids=["index-range", "duplicate", "nan", "inf", "negative-scale", "scale-shape"],
+    ids=[
+        "index-range",
+        "duplicate",
+        "nan",
+        "inf",
+        "negative-scale",
+        "scale-shape",
+        "int8-level",
+        "int8-scale",
+        "int8-nan",
+    ],
 )
 def test_hostile_groups_are_rejected_naming_the_group(choice, edit, reason):
     _, (codes, payload) = _packed(choice)
@@ -116,16 +144,16 @@ def test_hostile_groups_are_rejected_naming_the_group(choice, edit, reason):
 
 
 def test_wrong_lengths_table_and_budget_are_rejected():
-    _, (codes, payload) = _packed([0, 1, 2, 3, 4, 5])
+    _, (codes, payload) = _packed([0, 1, 2, 3, 4, 5, 6])
     with pytest.raises(CodecError, match="the codec table implies"):
         unpack_groups(codes, payload[:-1], SIZES, OPTIONS)
     with pytest.raises(CodecError, match="the codec table implies"):
         unpack_groups(codes, np.append(payload, np.uint8(0)), SIZES, OPTIONS)
-    with pytest.raises(CodecError, match=r"codec table has shape \(5,\)"):
-        unpack_groups(codes[:5], payload, SIZES, OPTIONS)
+    with pytest.raises(CodecError, match=r"codec table has shape \(6,\)"):
+        unpack_groups(codes[:6], payload, SIZES, OPTIONS)
     bad = codes.copy()
-    bad[2] = 6
-    with pytest.raises(CodecError, match="codec index 6 out of range for 6 options"):
+    bad[2] = 7
+    with pytest.raises(CodecError, match="codec index 7 out of range for 7 options"):
         unpack_groups(bad, payload, SIZES, OPTIONS)
     with pytest.raises(CodecError, match="uint8"):
         unpack_groups(codes.astype(np.int64), payload, SIZES, OPTIONS)

@@ -13,6 +13,7 @@ from tandem.compression import (
     CODECS,
     DEFAULT_OPTIONS,
     FIDELITY_HALF,
+    FIDELITY_INT8,
     FIDELITY_SIGN,
     CodecError,
     ErrorFeedback,
@@ -157,6 +158,24 @@ def test_topk_ties_go_to_lower_indices():
     ]
 
 
+def test_int8_by_hand_and_error_bound():
+    payload = encode("int8", np.array([2.0, -1.0, 0.0, 0.01], dtype=np.float32))
+    assert payload["scale"].tolist() == [2.0]  # max |x|
+    assert payload["levels"].tolist() == [127, -64, 0, 1]  # rint(127 x / 2)
+    np.testing.assert_allclose(
+        decode("int8", payload, 4), np.array([127, -64, 0, 1]) * (2.0 / 127)
+    )
+    # every element within half a step of its value; the extremes exact
+    x = np.random.default_rng(3).laplace(size=4099).astype(np.float32)
+    decoded = decode("int8", encode("int8", x), x.size)
+    step = np.abs(x).max() / 127
+    assert np.abs(decoded - x).max() <= step / 2 * (1 + 1e-5)
+    assert decoded[np.argmax(np.abs(x))] == pytest.approx(x[np.argmax(np.abs(x))])
+    # an all-zero group decodes to zeros; an empty one to nothing
+    assert decode("int8", encode("int8", np.zeros(5)), 5).tolist() == [0.0] * 5
+    assert decode("int8", encode("int8", np.zeros(0)), 0).size == 0
+
+
 def test_topk_count():
     assert topk_count(0, 0.1) == 0
     assert topk_count(5, 0.01) == 1  # at least one
@@ -188,6 +207,7 @@ def test_option_table_matches_encoded_nbytes():
     assert [o.label for o in DEFAULT_OPTIONS] == [
         "full",
         "half",
+        "int8",
         "topk@0.1",
         "topk@0.01",
         "sign",
@@ -221,6 +241,12 @@ HOSTILE = [
     ("sign", replaced("sign", signs=np.zeros(1, np.uint8)), "expected \\(2,\\)"),
     ("sign", replaced("sign", signs=np.array([0, 1], np.uint8)), "padding"),
     ("sign", replaced("sign", signs=np.zeros(2, np.int8)), "dtype int8"),
+    ("int8", replaced("int8", levels=np.full(10, -128, np.int8)), "-128"),
+    ("int8", replaced("int8", levels=np.zeros(10, np.uint8)), "dtype uint8"),
+    ("int8", replaced("int8", levels=np.zeros(11, np.int8)), "expected \\(10,\\)"),
+    ("int8", replaced("int8", scale=-np.ones(1, np.float32)), "negative"),
+    ("int8", replaced("int8", scale=np.array([np.inf], np.float32)), "NaN or Inf"),
+    ("int8", replaced("int8", scale=np.ones(3, np.float32)), "expected \\(1,\\)"),
     ("topk", replaced("topk", indices=np.array([10], np.uint32)), "out of range"),
     (
         "topk",
@@ -292,6 +318,7 @@ def test_option_validates():
 def test_fidelity_table():
     assert fidelity("full") == 1.0
     assert fidelity("half") == FIDELITY_HALF == 0.999
+    assert fidelity("int8") == FIDELITY_INT8 == 0.998
     assert fidelity("sign") == FIDELITY_SIGN == 0.5
     assert fidelity("defer") == 0.0
     assert fidelity("topk", 1.0) == 1.0
@@ -313,6 +340,13 @@ def test_fidelity_model_matches_laplace_entries():
     assert realized_fidelity(gauss, dec) == pytest.approx(2 / math.pi, abs=0.01)
     dec = decode("half", encode("half", gauss), gauss.size)
     assert realized_fidelity(gauss, dec) > FIDELITY_HALF
+    # int8 in groups of 256 (the default chunk): the model's 1 - 1e-4 is met
+    # and the knapsack's figure is below it
+    groups = x[: 256 * 700].reshape(700, 256)
+    dec = np.stack([decode("int8", encode("int8", g), 256) for g in groups])
+    kept = realized_fidelity(groups.ravel(), dec.ravel())
+    assert kept > 1 - 2e-4
+    assert kept > FIDELITY_INT8
     assert realized_fidelity(np.zeros(3), np.zeros(3)) == 1.0
 
 

@@ -177,7 +177,13 @@ def test_simultrain_activation_check_raises_only_payload_errors(content, precisi
 # --------------------------------------------------------------------------- ACE-Sync
 # The compressed-update wrapper (ACE-Sync and its baselines) on GLOBAL's 9
 # parameters in groups of at most 8: every codec's decoder is reachable.
-CODECS = (Option("full"), Option("topk", 0.5), Option("sign"), Option("defer"))
+CODECS = (
+    Option("full"),
+    Option("topk", 0.5),
+    Option("sign"),
+    Option("defer"),
+    Option("int8"),
+)
 GROUPS = 2  # w: 6, b: 3
 
 
@@ -229,8 +235,10 @@ COSTS, _ = option_table(CODECS, np.array([6, 3]))
 def coded_payloads(draw):
     """A well-typed codec table and a payload of the length it implies, random
     bytes inside (NaN/Inf floats, out-of-range or repeated top-k indices, any
-    sign bits and scales): what reaches the decoders themselves."""
-    codes = draw(st.lists(st.integers(0, 3), min_size=GROUPS, max_size=GROUPS))
+    sign bits, int8 levels and scales): what reaches the decoders themselves."""
+    codes = draw(
+        st.lists(st.integers(0, len(CODECS) - 1), min_size=GROUPS, max_size=GROUPS)
+    )
     size = int(sum(COSTS[g, c] for g, c in enumerate(codes)))
     raw = draw(st.binary(min_size=size, max_size=size))
     return np.array(codes, np.uint8), np.frombuffer(raw, np.uint8).copy()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench.report import format_reference_table, format_table, write_plots
-from tandem.bench.runner import BenchOptions, run_suite, summarize
+from tandem.bench.runner import BenchOptions, federation_config, run_suite, summarize
 from tandem.bench.suites import SUITES
 from tandem.config import DataConfig
 from tandem.datasets import load_dataset
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "test": len(bundle.test),
         },
         "nodes": opts.nodes,
+        "federation_config": federation_config(opts.nodes),
         "seeds": list(opts.seeds),
         "rounds": {v.label: opts.rounds_for(v) for v in suite.variants},
         "steps_per_edge": {v.label: opts.steps_for(v) for v in suite.variants},

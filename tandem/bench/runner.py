@@ -30,7 +30,7 @@ from tandem.schedules import (
 )
 from tandem.tracking import read_jsonl
 
-__all__ = ["BenchOptions", "RunRecord", "run_suite", "summarize"]
+__all__ = ["BenchOptions", "RunRecord", "federation_config", "run_suite", "summarize"]
 
 #: Seconds between ``flwr list`` calls while a run is going.
 LIST_EVERY = 15.0
@@ -110,6 +110,16 @@ class RunRecord:
         return [r for r in self.records if r["event"] == "round"]
 
 
+def federation_config(nodes: int) -> dict[str, object]:
+    """The simulation a bench run gets: ``nodes`` SuperNodes, 1 CPU per ClientApp.
+
+    ``--federation-config`` replaces the federation's options as a whole, so
+    the CPUs per ClientApp must be restated: without them Flower gives each
+    ClientApp 2 CPUs and trains one node at a time on a 2-core machine.
+    """
+    return {"num-supernodes": nodes, "client-resources-num-cpus": 1}
+
+
 def _overrides(opts: BenchOptions, suite: Suite, variant: Variant, seed: int) -> dict:
     workload: dict[str, object] = {"dataset": opts.dataset}
     if opts.data_path:
@@ -144,7 +154,7 @@ def run_suite(
         for seed in opts.seeds:
             for variant in suite.variants:
                 overrides = _overrides(opts, suite, variant, seed)
-                run_id = home.submit(overrides, {"num-supernodes": opts.nodes})
+                run_id = home.submit(overrides, federation_config(opts.nodes))
                 metrics = opts.out / "runs" / f"{variant.overrides['method']}-{run_id}"
                 status = _wait(home, run_id, metrics / "metrics.jsonl", opts, progress)
                 path = metrics / "metrics.jsonl"

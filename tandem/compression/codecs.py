@@ -1,13 +1,15 @@
 """Per-group codecs: what one parameter group costs on the wire and keeps.
 
 Pure numpy; no Flower imports. ACE-Sync (seed 004) sends each parameter group
-in one of five forms, picked per group by the knapsack (:mod:`.knapsack`):
+in one of six forms, picked per group by the knapsack (:mod:`.knapsack`):
 
 ========  =====================================  ==========================
 codec     payload (key: dtype, shape)            bytes for ``n`` elements
 ========  =====================================  ==========================
 full      ``values``: float32 ``(n,)``           ``4·n``
 half      ``values``: float16 ``(n,)``           ``2·n``
+int8      ``levels``: int8 ``(n,)``,             ``n + 4``
+          ``scale``: float32 ``(1,)``
 sign      ``signs``: uint8 ``(⌈n/8⌉,)``,         ``⌈n/8⌉ + 4``
           ``scale``: float32 ``(1,)``
 topk      ``indices``: uint32 ``(k,)``,          ``8·k``
@@ -32,6 +34,19 @@ The "norm-preserving" choice ``q = 1/√n`` (``a = ‖g‖₂/√n``, the RMS) g
 (and are exact) when all ``|g_j|`` are equal. Zero elements decode as
 ``+a``.
 
+Int8 codec: eq. 6 with a quantized factor per element
+------------------------------------------------------
+Eq. 6 leaves open how finely ``q`` is quantized. With one ``q`` per group it
+is the sign codec above; with one per element, ``Q(g)_j = sign(g_j)·a·q_j``
+and ``q_j ∈ {0, 1/127, …, 1}``, it is the multi-level form of QSGD (Alistarh
+et al., 2017), sent as one int8 level ``sign(g_j)·127·q_j`` per element and
+one float32 scale ``a`` per group. We take ``a = ‖g‖_∞`` (not ``‖g‖₂``:
+against the 2-norm almost every entry of a long group would fall into the
+lowest levels) and round to the nearest level, deterministically: error
+feedback (eq. 7) carries the rounding error to the next round, so the
+unbiasedness of QSGD's random rounding is not needed. The receiver decodes
+``level_j · (a / 127)`` in float32.
+
 Fidelity (knapsack values)
 --------------------------
 :func:`fidelity` is the expected fraction of a group's energy that survives,
@@ -43,6 +58,11 @@ an update (heavy-tailed, as gradient entries are):
   normal-range values, but entries below 6.1e-5 (common in updates) fall in
   float16's subnormal range and lose relative precision; 0.999 is a
   deliberately conservative round figure.
+- int8: 0.998. Rounding to steps ``Δ = ‖g‖_∞/127`` loses ``Δ²/12`` per
+  element; for ``n`` Laplace entries of scale ``b`` (``E g² = 2b²``,
+  ``‖g‖_∞ ≈ b·(ln n + 0.58)``) that is a fraction ``1 − 10⁻⁴`` kept at
+  ``n = 256``. A single outlier stretches the range, so we take a round
+  figure ten times more pessimistic, just below half's.
 - sign: ``ρ² = (E|g|)² / E[g²] = 1/2`` for Laplace entries (2/π for Gaussian).
 - topk at ratio ``r``: the energy in the top ``r`` fraction of Laplace entries,
   ``r·(1 + L + L²/2)`` with ``L = ln(1/r)``; increasing and concave in ``r``,
@@ -67,6 +87,7 @@ __all__ = [
     "CODECS",
     "DEFAULT_OPTIONS",
     "FIDELITY_HALF",
+    "FIDELITY_INT8",
     "FIDELITY_SIGN",
     "Codec",
     "CodecError",
@@ -75,17 +96,21 @@ __all__ = [
     "encode",
     "encoded_nbytes",
     "fidelity",
+    "int8_levels",
+    "int8_values",
     "option_table",
     "payload_keys",
     "realized_fidelity",
     "topk_count",
 ]
 
-Codec = Literal["full", "half", "sign", "topk", "defer"]
+Codec = Literal["full", "half", "int8", "sign", "topk", "defer"]
 CODECS: tuple[Codec, ...] = get_args(Codec)
 
 #: Expected fidelity of float16 (conservative; see the module docstring).
 FIDELITY_HALF = 0.999
+#: Expected fidelity of int8 levels with the max-|g| scale (conservative).
+FIDELITY_INT8 = 0.998
 #: Expected fidelity of sign·scale with the mean-|g| scale, Laplace entries.
 FIDELITY_SIGN = 0.5
 
@@ -96,6 +121,7 @@ _MAX_SIZE = 2**32  # indices travel as uint32
 _LAYOUT: dict[str, dict[str, np.dtype]] = {
     "full": {"values": np.dtype(np.float32)},
     "half": {"values": np.dtype(np.float16)},
+    "int8": {"levels": np.dtype(np.int8), "scale": np.dtype(np.float32)},
     "sign": {"signs": np.dtype(np.uint8), "scale": np.dtype(np.float32)},
     "topk": {"indices": np.dtype(np.uint32), "values": np.dtype(np.float32)},
     "defer": {},
@@ -154,6 +180,8 @@ def _nbytes(kind: str, sizes: np.ndarray, ratio: float | None) -> np.ndarray:
         return 4 * sizes
     if kind == "half":
         return 2 * sizes
+    if kind == "int8":
+        return sizes + 4  # one level per element; scale
     if kind == "sign":
         return (sizes + 7) // 8 + 4  # 1 bit per element, padded to bytes; scale
     if kind == "topk":
@@ -176,9 +204,9 @@ def encoded_nbytes(kind: Codec, size: int, *, ratio: float | None = None) -> int
     Returns
     -------
     int
-        ``4n`` (full), ``2n`` (half), ``⌈n/8⌉ + 4`` (sign), ``8k`` (topk),
-        ``0`` (defer). This counts array bytes only, not Flower's record
-        framing.
+        ``4n`` (full), ``2n`` (half), ``n + 4`` (int8), ``⌈n/8⌉ + 4``
+        (sign), ``8k`` (topk), ``0`` (defer). This counts array bytes only,
+        not Flower's record framing.
     """
     _check_kind(kind)
     _check_ratio(kind, ratio)
@@ -221,7 +249,8 @@ def encode(
     Parameters
     ----------
     kind : Codec
-        ``"full"``, ``"half"``, ``"sign"``, ``"topk"`` or ``"defer"``.
+        ``"full"``, ``"half"``, ``"int8"``, ``"sign"``, ``"topk"`` or
+        ``"defer"``.
     x : np.ndarray
         Shape ``(n,)``, converted to float32; must be finite.
     ratio : float or None (default: None)
@@ -232,7 +261,8 @@ def encode(
     -------
     dict[str, np.ndarray]
         The payload, laid out as in the module table. ``half`` saturates at
-        ±65504 (float16's largest finite value) instead of overflowing; ``sign``
+        ±65504 (float16's largest finite value) instead of overflowing; ``int8``
+        stores ``rint(127·x/a)`` and the scale ``a = max|x|``; ``sign``
         stores bit 1 for negative elements (``np.packbits``, big-endian bit
         order) and the scale ``mean|x|`` (seed eq. 6 with ``q = ‖x‖₁/(n‖x‖₂)``).
 
@@ -249,6 +279,12 @@ def encode(
         return {"values": x.copy()}
     if kind == "half":
         return {"values": np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)}
+    if kind == "int8":
+        scale = np.float32(np.abs(x).max()) if x.size else np.float32(0.0)
+        return {
+            "levels": int8_levels(x, np.full(x.size, scale, dtype=np.float32)),
+            "scale": np.array([scale], dtype=np.float32),
+        }
     if kind == "sign":
         scale = np.abs(x, dtype=np.float64).mean() if x.size else 0.0
         return {
@@ -261,10 +297,27 @@ def encode(
     return {}
 
 
+def int8_levels(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Int8 levels ``rint(127·x_j / a_j)`` of float32 ``x`` under per-element
+    scales ``a_j ≥ |x_j|`` (0 where ``a_j = 0``)."""
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    levels = np.rint(x / safe * np.float32(127.0))
+    return np.clip(levels, -127, 127).astype(np.int8)
+
+
+def int8_values(levels: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """What int8 ``levels`` decode to under per-element scales ``a_j``:
+    ``level_j · (a_j / 127)`` in float32 (the one formula both ends use)."""
+    return levels.astype(np.float32) * (scale.astype(np.float32) / np.float32(127.0))
+
+
 def _expand(kind: str, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
     """Decode a payload already known to be well formed."""
     if kind in ("full", "half"):
         return np.array(arrays["values"], dtype=np.float32)
+    if kind == "int8":
+        scale = np.full(size, arrays["scale"][0], dtype=np.float32)
+        return int8_values(arrays["levels"], scale)
     out = np.zeros(size, dtype=np.float32)
     if kind == "sign":
         negative = np.unpackbits(arrays["signs"], count=size).astype(bool)
@@ -301,6 +354,18 @@ def _check_payload(
         shape = arrays["values"].shape
         if shape != (size,):
             raise CodecError(f"{kind} 'values' has shape {shape}, expected ({size},)")
+    elif kind == "int8":
+        levels, scale = arrays["levels"], arrays["scale"]
+        if levels.shape != (size,):
+            raise CodecError(
+                f"int8 'levels' has shape {levels.shape}, expected ({size},)"
+            )
+        if scale.shape != (1,):
+            raise CodecError(f"int8 'scale' has shape {scale.shape}, expected (1,)")
+        if scale[0] < 0:
+            raise CodecError(f"int8 'scale' is negative ({scale[0]})")
+        if levels.size and int(levels.min()) < -127:
+            raise CodecError("int8 'levels' holds -128; levels lie in [-127, 127]")
     elif kind == "sign":
         signs, scale = arrays["signs"], arrays["scale"]
         if signs.shape != ((size + 7) // 8,):
@@ -364,8 +429,9 @@ def decode(
     CodecError
         Unknown codec; missing or unexpected keys; a non-ndarray, a wrong dtype
         or a wrong length; NaN or Inf values or scale; a scale not of shape
-        ``(1,)`` or negative; sign padding bits set; topk indices out of range
-        or duplicated, or more of them than ``size`` or ``max_k``.
+        ``(1,)`` or negative; an int8 level of -128; sign padding bits set;
+        topk indices out of range or duplicated, or more of them than
+        ``size`` or ``max_k``.
     """
     _check_kind(kind)
     size = _check_size(size)
@@ -377,7 +443,8 @@ def fidelity(kind: Codec, ratio: float | None = None) -> float:
     """Expected fraction of a group's energy a codec keeps (knapsack value).
 
     ``1 − E‖g − dec(enc(g))‖² / E‖g‖²`` under a Laplace model of the entries:
-    1 (full), :data:`FIDELITY_HALF` (half), :data:`FIDELITY_SIGN` (sign),
+    1 (full), :data:`FIDELITY_HALF` (half), :data:`FIDELITY_INT8` (int8),
+    :data:`FIDELITY_SIGN` (sign),
     ``r·(1 + L + L²/2)`` with ``L = ln(1/r)`` (topk at ratio ``r``), 0 (defer).
     See the module docstring for how these were chosen.
     """
@@ -387,7 +454,12 @@ def fidelity(kind: Codec, ratio: float | None = None) -> float:
         r = float(ratio)
         log_inv = -math.log(r)
         return min(1.0, r * (1.0 + log_inv + 0.5 * log_inv * log_inv))
-    return {"full": 1.0, "half": FIDELITY_HALF, "sign": FIDELITY_SIGN}.get(kind, 0.0)
+    return {
+        "full": 1.0,
+        "half": FIDELITY_HALF,
+        "int8": FIDELITY_INT8,
+        "sign": FIDELITY_SIGN,
+    }.get(kind, 0.0)
 
 
 def realized_fidelity(x: np.ndarray, decoded: np.ndarray) -> float:
@@ -421,10 +493,11 @@ class Option:
         return self.kind if self.ratio is None else f"{self.kind}@{self.ratio:g}"
 
 
-#: Full, half, two top-k ratios, sign and defer: six options per group.
+#: Full, half, int8, two top-k ratios, sign and defer: seven options per group.
 DEFAULT_OPTIONS: tuple[Option, ...] = (
     Option("full"),
     Option("half"),
+    Option("int8"),
     Option("topk", 0.1),
     Option("topk", 0.01),
     Option("sign"),

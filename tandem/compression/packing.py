@@ -16,11 +16,12 @@ as two arrays:
     The groups' payload arrays, group by group, each group's arrays in
     :func:`~tandem.compression.codecs.payload_keys` order, as raw
     little-endian bytes (float32 ``<f4``, float16 ``<f2``, uint32 ``<u4``,
-    uint8).
+    uint8, int8).
 
 Nothing in the stream says how long a part is: group sizes are known to the
 receiver (from its own model) and the codec table fixes every length (``4n``
-full, ``2n`` half, ``⌈n/8⌉`` sign bits and one scale, ``k = topk_count(n, r)``
+full, ``2n`` half, ``n`` int8 levels and one scale, ``⌈n/8⌉`` sign bits and
+one scale, ``k = topk_count(n, r)``
 indices and values for top-k, nothing for defer), so
 ``B = Σ_i encoded_nbytes(option_i, n_i)`` exactly. :func:`unpack_groups`
 checks the table and that equality, then hands every group's arrays to
@@ -43,6 +44,8 @@ from tandem.compression.codecs import (
     Option,
     decode,
     encode,
+    int8_levels,
+    int8_values,
     option_table,
     payload_keys,
     topk_count,
@@ -56,6 +59,7 @@ _WIRE: dict[str, np.dtype] = {
     "values/half": np.dtype("<f2"),
     "values/topk": np.dtype("<f4"),
     "indices": np.dtype("<u4"),
+    "levels": np.dtype("i1"),
     "signs": np.dtype("u1"),
     "scale": np.dtype("<f4"),
 }
@@ -65,6 +69,7 @@ _NATIVE = {
     np.dtype("<f2"): np.dtype(np.float16),
     np.dtype("<u4"): np.dtype(np.uint32),
     np.dtype("u1"): np.dtype(np.uint8),
+    np.dtype("i1"): np.dtype(np.int8),
 }
 
 
@@ -76,6 +81,8 @@ def _lengths(option: Option, size: int) -> list[tuple[str, int]]:
     """``(key, element count)`` of each payload array of ``option`` for ``size``."""
     if option.kind in ("full", "half"):
         return [("values", size)]
+    if option.kind == "int8":
+        return [("levels", size), ("scale", 1)]
     if option.kind == "sign":
         return [("signs", (size + 7) // 8), ("scale", 1)]
     if option.kind == "topk":
@@ -269,7 +276,8 @@ def encode_packed(
     each group and :func:`pack_groups` on the results. With a few hundred
     groups the per-group route costs more than the arithmetic; here each
     codec's arithmetic runs once over the whole vector (float16 rounding,
-    sign bits, per-group ``mean|x|`` by ``np.add.reduceat``) and the loop over
+    int8 levels under per-group ``max|x|`` by ``np.maximum.reduceat``, sign
+    bits, per-group ``mean|x|`` by ``np.add.reduceat``) and the loop over
     groups only cuts byte views out of those results (``topk`` groups are
     still encoded one by one).
 
@@ -329,6 +337,17 @@ def encode_packed(
         half_bytes = half.astype("<f2").view(np.uint8)
         mask = element_kind == CODECS.index("half")
         decoded[mask] = half[mask]
+    if "int8" in used:
+        # a trailing zero keeps every start a valid index (see sign below)
+        peaks = np.maximum.reduceat(np.append(np.abs(x), np.float32(0.0)), starts)
+        peaks[sizes == 0] = 0.0
+        peaks = peaks.astype(np.float32)
+        peak_bytes = peaks.astype("<f4").view(np.uint8)
+        element_peak = np.repeat(peaks, sizes)
+        levels = int8_levels(x, element_peak)
+        level_bytes = levels.view(np.uint8)
+        mask = element_kind == CODECS.index("int8")
+        decoded[mask] = int8_values(levels[mask], element_peak[mask])
     if "sign" in used:
         negative = x < 0
         aligned_bits = np.packbits(negative)  # right for groups on byte bounds
@@ -351,6 +370,9 @@ def encode_packed(
             parts.append(full_bytes[4 * start : 4 * stop])
         elif kind == "half":
             parts.append(half_bytes[2 * start : 2 * stop])
+        elif kind == "int8":
+            parts.append(level_bytes[start:stop])
+            parts.append(peak_bytes[4 * i : 4 * i + 4])
         elif kind == "sign":
             if start % 8 == 0 and size % 8 == 0:
                 parts.append(aligned_bits[start // 8 : stop // 8])

@@ -124,9 +124,9 @@ class AceSyncOptions:
     )
     codecs: str = option(
         "acesync-codecs",
-        "full,half,topk@0.1,topk@0.01,sign,defer",
-        "must be a comma-separated list of full, half, topk@<ratio in (0, 1]>, "
-        "sign, defer",
+        "full,half,int8,topk@0.1,topk@0.01,sign,defer",
+        "must be a comma-separated list of full, half, int8, "
+        "topk@<ratio in (0, 1]>, sign, defer",
         _codecs_ok,
     )
     c_min: float = option("acesync-c-min", 0.55, "must lie in [0, 1]", _fraction)
