@@ -17,7 +17,14 @@ SUITE = SUITES["acesync"]
 def test_the_suite_compares_five_methods_on_the_same_steps():
     opts = BenchOptions(out=Path("unused"), steps=SUITE.steps, rounds=None)
     labels = [v.label for v in SUITE.variants]
-    assert labels == ["fedavg", "fullsync", "topk", "fedavg-periodic", "acesync"]
+    assert labels == [
+        "fedavg",
+        "fullsync",
+        "topk",
+        "fedavg-periodic",
+        "acesync",
+        "acesync-magnitude",
+    ]
     assert SUITE.reference == "fullsync" and SUITE.profiles == ("variable",)
     for variant in SUITE.variants:
         assert opts.steps_for(variant) == SUITE.steps

@@ -132,8 +132,9 @@ SUITES: dict[str, Suite] = {
         name="acesync",
         description=(
             "ACE-Sync against FullSync, Top-k, FedAvg-periodic and Flower's FedAvg "
-            "(seed 004): the same model, Dirichlet non-IID data and SGD steps per "
-            "edge, on a heterogeneous variable link mix"
+            "(seed 004), and its magnitude-score ablation: the same model, "
+            "Dirichlet non-IID data and SGD steps per edge, on a heterogeneous "
+            "variable link mix"
         ),
         variants=(
             Variant("fedavg", {"method": "fedavg", "local-steps": 50}),
@@ -144,6 +145,14 @@ SUITES: dict[str, Suite] = {
                 {"method": "fedavg-periodic", "local-steps": 50, "acesync-period": 3},
             ),
             Variant("acesync", {"method": "acesync", "local-steps": 50}),
+            Variant(
+                "acesync-magnitude",
+                {
+                    "method": "acesync",
+                    "local-steps": 50,
+                    "acesync-importance": "magnitude",
+                },
+            ),
         ),
         defaults={"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
         nodes=10,
