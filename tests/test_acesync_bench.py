@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.bench.cli import parse_config_items, select_variants
 from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, RunRecord, summarize
 from tandem.bench.suites import SUITES, Variant
@@ -14,7 +15,37 @@ from tandem.launch import RunStatus
 SUITE = SUITES["acesync"]
 
 
-def test_the_suite_compares_five_methods_on_the_same_steps():
+def test_config_items_parse_as_toml():
+    assert parse_config_items(
+        ["acesync-c-min=0.6", "local-steps=20", 'dataset="mnist1d"', "x=word", "b=true"]
+    ) == {
+        "acesync-c-min": 0.6,
+        "local-steps": 20,
+        "dataset": "mnist1d",
+        "x": "word",
+        "b": True,
+    }
+    for bad, why in (("c-min", "not KEY=VALUE"), ("=1", "not KEY=VALUE")):
+        with pytest.raises(ValueError, match=why):
+            parse_config_items([bad])
+    with pytest.raises(ValueError, match="cannot change 'method'"):
+        parse_config_items(["method=topk"])
+
+
+def test_a_subset_of_variants_with_config_over_theirs():
+    sub = select_variants(SUITE, ["acesync", "fullsync"], {"acesync-c-min": 0.6})
+    assert [v.label for v in sub.variants] == ["fullsync", "acesync"]  # suite order
+    assert all(v.overrides["acesync-c-min"] == 0.6 for v in sub.variants)
+    assert sub.variants[1].overrides["method"] == "acesync"
+    assert sub.reference == "fullsync" and sub.steps == SUITE.steps
+    # without the reference there is no table against it
+    assert select_variants(SUITE, ["acesync"], {}).reference is None
+    assert select_variants(SUITE, None, {}).variants == SUITE.variants
+    with pytest.raises(ValueError, match=r"no variant \['acesink'\]"):
+        select_variants(SUITE, ["acesink"], {})
+
+
+def test_the_suite_compares_its_variants_on_the_same_steps():
     opts = BenchOptions(out=Path("unused"), steps=SUITE.steps, rounds=None)
     labels = [v.label for v in SUITE.variants]
     assert labels == [
@@ -99,7 +130,8 @@ def test_reference_target_rounds_and_bytes(tmp_path):
                 {"overhead-share": 0.03 + 0.01 * seed, "encoded-ratio": 0.25},
             ),
         ]
-    results = summarize(SUITE, opts, runs)
+    ran = select_variants(SUITE, sorted({r.variant.label for r in runs}), {})
+    results = summarize(ran, opts, runs)
     results["assumptions"] = {"profile_names": ["variable"]}
     assert results["target_accuracy"] == pytest.approx(0.89)  # fullsync - 1 pt
     ref = results["reference"]["methods"]

@@ -4,23 +4,27 @@ Examples::
 
     tandem bench fedavg --quick                       # CI-sized, under a minute
     tandem bench fedavg --profile 4g 5g --seeds 0 1 2 --out bench-out/fedavg
+    tandem bench acesync --variants fullsync acesync --config acesync-c-min=0.6
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
 import signal
 import sys
+import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, federation_config, run_suite, summarize
-from tandem.bench.suites import SUITES
+from tandem.bench.suites import SUITES, Suite
 from tandem.config import DataConfig
 from tandem.datasets import load_dataset
 from tandem.network import (
@@ -32,7 +36,7 @@ from tandem.network import (
     preset,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "parse_config_items", "select_variants"]
 
 QUICK = {"nodes": 3, "rounds": 2, "steps": 50, "mnist1d-samples": 1000}
 
@@ -96,8 +100,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy for the time-to-target column (default: 90%% of "
         "centralized's final accuracy, or of the best method's)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="LABEL",
+        help="run only these of the suite's variants (default: all); keep the "
+        "suite's reference variant for the table against it",
+    )
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config values (TOML, as in flwr run -c) for every variant, "
+        "e.g. acesync-c-min=0.6; 'method' cannot be changed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def parse_config_items(items: Sequence[str]) -> dict[str, object]:
+    """``["acesync-c-min=0.6", 'dataset="mnist1d"']`` -> run-config values.
+
+    Each value is read as TOML (``0.6``, ``true``, ``"text"``); a bare word
+    that is not TOML is taken as a string.
+
+    Raises
+    ------
+    ValueError
+        On an item without ``=``, an empty key, or the key ``method``.
+    """
+    config: dict[str, object] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--config item {item!r} is not KEY=VALUE")
+        if key == "method":
+            raise ValueError("--config cannot change 'method': pick --variants")
+        try:
+            config[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = text.strip()
+    return config
+
+
+def select_variants(
+    suite: Suite, labels: Sequence[str] | None, config: Mapping[str, object]
+) -> Suite:
+    """``suite`` with only the variants named in ``labels`` (all if None),
+    each with ``config`` over its own overrides.
+
+    Raises
+    ------
+    ValueError
+        On a label the suite does not have.
+    """
+    known = [v.label for v in suite.variants]
+    unknown = [label for label in labels or () if label not in known]
+    if unknown:
+        raise ValueError(
+            f"suite {suite.name!r} has no variant {unknown}; it has {known}"
+        )
+    chosen = [v for v in suite.variants if labels is None or v.label in labels]
+    variants = tuple(
+        dataclasses.replace(v, overrides={**v.overrides, **config}) for v in chosen
+    )
+    labels_run = {v.label for v in chosen}
+    reference = suite.reference if suite.reference in labels_run else None
+    return dataclasses.replace(suite, variants=variants, reference=reference)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                 preset(name)
         except ValueError as err:
             parser.error(str(err))
-    suite = SUITES[args.suite]
+    try:
+        suite = select_variants(
+            SUITES[args.suite], args.variants, parse_config_items(args.config)
+        )
+    except ValueError as err:
+        parser.error(str(err))
     extra: dict[str, object] = {}
     nodes, rounds, steps = args.nodes or suite.nodes, args.rounds, args.steps
     if rounds is None and steps is None:
