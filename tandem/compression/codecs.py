@@ -100,6 +100,7 @@ __all__ = [
     "int8_values",
     "option_table",
     "payload_keys",
+    "payload_lengths",
     "realized_fidelity",
     "topk_count",
 ]
@@ -157,6 +158,27 @@ def payload_keys(kind: Codec) -> tuple[str, ...]:
     """The array keys a ``kind`` payload holds (empty for ``defer``)."""
     _check_kind(kind)
     return tuple(_LAYOUT[kind])
+
+
+def payload_lengths(
+    kind: Codec, size: int, *, ratio: float | None = None
+) -> dict[str, int]:
+    """Element count of each array of a ``kind`` payload for ``size`` elements,
+    in :func:`payload_keys` order (``topk``: ``k = topk_count(size, ratio)``).
+    """
+    _check_kind(kind)
+    _check_ratio(kind, ratio)
+    size = _check_size(size)
+    if kind in ("full", "half"):
+        return {"values": size}
+    if kind == "int8":
+        return {"levels": size, "scale": 1}
+    if kind == "sign":
+        return {"signs": (size + 7) // 8, "scale": 1}
+    if kind == "topk":
+        k = topk_count(size, ratio)  # type: ignore[arg-type]
+        return {"indices": k, "values": k}
+    return {}
 
 
 def topk_count(size: int, ratio: float) -> int:
@@ -350,32 +372,20 @@ def _check_payload(
             raise CodecError(f"{kind} '{key}' has shape {a.shape}, expected 1-D")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CodecError(f"{kind} '{key}' holds NaN or Inf")
-    if kind in ("full", "half"):
-        shape = arrays["values"].shape
-        if shape != (size,):
-            raise CodecError(f"{kind} 'values' has shape {shape}, expected ({size},)")
-    elif kind == "int8":
-        levels, scale = arrays["levels"], arrays["scale"]
-        if levels.shape != (size,):
-            raise CodecError(
-                f"int8 'levels' has shape {levels.shape}, expected ({size},)"
-            )
-        if scale.shape != (1,):
-            raise CodecError(f"int8 'scale' has shape {scale.shape}, expected (1,)")
-        if scale[0] < 0:
-            raise CodecError(f"int8 'scale' is negative ({scale[0]})")
+    if kind != "topk":  # top-k sends a variable k, checked below
+        for key, count in payload_lengths(kind, size).items():
+            if arrays[key].shape != (count,):
+                raise CodecError(
+                    f"{kind} '{key}' has shape {arrays[key].shape}, expected ({count},)"
+                )
+    if "scale" in layout and arrays["scale"][0] < 0:
+        raise CodecError(f"{kind} 'scale' is negative ({arrays['scale'][0]})")
+    if kind == "int8":
+        levels = arrays["levels"]
         if levels.size and int(levels.min()) < -127:
             raise CodecError("int8 'levels' holds -128; levels lie in [-127, 127]")
     elif kind == "sign":
-        signs, scale = arrays["signs"], arrays["scale"]
-        if signs.shape != ((size + 7) // 8,):
-            raise CodecError(
-                f"sign 'signs' has shape {signs.shape}, expected ({(size + 7) // 8},)"
-            )
-        if scale.shape != (1,):
-            raise CodecError(f"sign 'scale' has shape {scale.shape}, expected (1,)")
-        if scale[0] < 0:
-            raise CodecError(f"sign 'scale' is negative ({scale[0]})")
+        signs = arrays["signs"]
         if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
             raise CodecError("sign 'signs' has padding bits set past the last element")
     elif kind == "topk":

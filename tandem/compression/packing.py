@@ -48,6 +48,7 @@ from tandem.compression.codecs import (
     int8_values,
     option_table,
     payload_keys,
+    payload_lengths,
     topk_count,
 )
 
@@ -75,20 +76,6 @@ _NATIVE = {
 
 def _wire_dtype(kind: str, key: str) -> np.dtype:
     return _WIRE[f"{key}/{kind}"] if key == "values" else _WIRE[key]
-
-
-def _lengths(option: Option, size: int) -> list[tuple[str, int]]:
-    """``(key, element count)`` of each payload array of ``option`` for ``size``."""
-    if option.kind in ("full", "half"):
-        return [("values", size)]
-    if option.kind == "int8":
-        return [("levels", size), ("scale", 1)]
-    if option.kind == "sign":
-        return [("signs", (size + 7) // 8), ("scale", 1)]
-    if option.kind == "topk":
-        k = topk_count(size, option.ratio)
-        return [("indices", k), ("values", k)]
-    return []
 
 
 def pack_groups(
@@ -205,7 +192,8 @@ def split_groups(
     for size, c in zip(sizes.tolist(), codecs.tolist(), strict=True):
         option = options[c]
         arrays: dict[str, np.ndarray] = {}
-        for key, count in _lengths(option, size):
+        lengths = payload_lengths(option.kind, size, ratio=option.ratio)
+        for key, count in lengths.items():
             wire = _wire_dtype(option.kind, key)
             arrays[key] = np.frombuffer(raw, wire, count, offset).astype(_NATIVE[wire])
             offset += count * wire.itemsize
