@@ -2,8 +2,9 @@
 
 - :mod:`.groups`: parameter groups (tensors or chunks of them) and their
   flattening (eq. 1).
-- :mod:`.codecs`: full / half / sign·scale (eq. 6) / top-k / defer payloads,
-  their exact byte sizes and expected fidelities; hostile payloads rejected.
+- :mod:`.codecs`: full / half / int8 and sign·scale (eq. 6) / top-k / defer
+  payloads, their exact byte sizes and expected fidelities; hostile payloads
+  rejected.
 - :mod:`.feedback`: error feedback ``g̃ = g + γ·e`` (eq. 7).
 - :mod:`.knapsack`: one codec per group within a byte budget (eq. 2 and the
   seed's knapsack).
