@@ -328,8 +328,7 @@ def encode_packed(
     if "int8" in used:
         # a trailing zero keeps every start a valid index (see sign below)
         peaks = np.maximum.reduceat(np.append(np.abs(x), np.float32(0.0)), starts)
-        peaks[sizes == 0] = 0.0
-        peaks = peaks.astype(np.float32)
+        peaks[sizes == 0] = 0.0  # float32 already: x is float32
         peak_bytes = peaks.astype("<f4").view(np.uint8)
         element_peak = np.repeat(peaks, sizes)
         levels = int8_levels(x, element_peak)
