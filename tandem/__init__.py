@@ -1,0 +1,1 @@
+"""tandem: edge-cloud training on Flower over slow, changing networks."""
