@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
+from tandem.network import link_label
 from tandem.wire import KEY_NODE
 
 __all__ = [
@@ -171,7 +172,7 @@ def _declared_link(content: RecordDict) -> str:
     """The link a reply's ``node`` record declares (a short string), if any."""
     record = content.config_records.get(KEY_NODE)
     value = record.get("link", "") if record is not None else ""
-    return value[:200] if isinstance(value, str) else ""
+    return link_label(value) if isinstance(value, str) else ""
 
 
 class MeteredGrid(Grid):

@@ -28,8 +28,10 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import itertools
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +49,14 @@ __all__ = [
     "TraceError",
     "VirtualClock",
     "assign_links",
+    "encode_link",
+    "link_label",
     "load_fedscale_capacity",
+    "load_link_trace",
     "load_trace_csv",
     "measure_local_gflops",
+    "parse_link",
+    "parse_rates",
     "preset",
     "speed_factor",
     "variable_link",
@@ -363,21 +370,253 @@ PRESETS: dict[str, LinkProfile] = {
 }
 
 
-def preset(name: str, seed: int = 0) -> LinkProfile:
-    """A preset by name (``variable`` draws a seeded trace).
+#: Most characters a link spec may have (a node declaring a trace sends it inline).
+MAX_SPEC_CHARS = 65536
+
+_RATE_UNITS = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}  # -> Mbit/s
+_TIME_UNITS = {"ms": 1e-3, "s": 1.0}  # -> seconds
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]+)\s*$", re.I)
+
+
+def _quantity(text: str, units: Mapping[str, float], what: str, spec: str) -> float:
+    """``"2mbit"`` -> 2.0 (units of ``units``' 1.0); ``ValueError`` naming ``spec``."""
+    match = _QUANTITY.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in units:
+        raise ValueError(
+            f"link spec {spec!r}: {what} {text.strip()!r} is not a number with a "
+            f"unit ({', '.join(units)})"
+        )
+    return float(match.group(1)) * units[unit]
+
+
+def parse_rates(spec: str) -> tuple[float, float, float]:
+    """``"UP/DOWN/RTT"`` -> (up Mbit/s, down Mbit/s, RTT seconds).
+
+    Bandwidths take ``kbit``, ``mbit`` or ``gbit`` (per second), the RTT
+    ``ms`` or ``s``: ``2mbit/8mbit/120ms`` is 2 Mbit/s up, 8 Mbit/s down and
+    a 120 ms round trip. Bandwidths must be > 0, the RTT >= 0.
 
     Raises
     ------
     ValueError
-        For an unknown name, listing the known ones.
+        Naming the spec and the part that is wrong.
     """
-    if name == "variable":
-        return variable_link(seed)
+    parts = spec.split("/")
+    if len(parts) != 3:
+        raise ValueError(
+            f"link spec {spec!r}: expected UP/DOWN/RTT, e.g. 2mbit/8mbit/120ms"
+        )
+    up = _quantity(parts[0], _RATE_UNITS, "uplink", spec)
+    down = _quantity(parts[1], _RATE_UNITS, "downlink", spec)
+    rtt = _quantity(parts[2], _TIME_UNITS, "RTT", spec)
+    if up <= 0 or down <= 0:
+        raise ValueError(f"link spec {spec!r}: bandwidths must be > 0")
+    return up, down, rtt
+
+
+#: Column names a link trace file's header may use (lower case, units dropped).
+_TRACE_COLUMNS = {"time": "time", "up": "up", "down": "down", "rtt": "rtt"}
+
+
+def load_link_trace(path: str | Path, index: int = 0) -> LinkProfile:
+    """A link from a trace file, in any of three layouts.
+
+    1. **Link trace** (CSV, four columns): ``time_s,up_mbps,down_mbps,rtt_ms``,
+       one row per step; an optional header names the columns (``time``,
+       ``up``, ``down``, ``rtt``, each optionally followed by ``_`` and a
+       unit), in any order. The trace repeats after its last row plus the
+       mean step.
+    2. **Bandwidth trace** (CSV, two columns ``time_s,mbps``,
+       :func:`load_trace_csv`): the same bandwidth up and down, RTT 0.
+    3. **FedScale device capacity** (``.json``, or a CSV with the header
+       ``client_id,computation,communication``; :func:`load_fedscale_capacity`):
+       a constant bandwidth up and down, RTT 0. ``path#client`` picks a
+       client; else ``index`` picks the ``index``-th client (mod their
+       number), in file order.
+
+    Raises
+    ------
+    TraceError
+        Naming the file (and line) of what is malformed.
+    """
+    text_path, _, client = str(path).partition("#")
+    file = Path(text_path)
+    with file.open(newline="", encoding="utf-8") as fh:
+        numbered = [
+            (lineno, row)
+            for lineno, row in enumerate(csv.reader(fh), start=1)
+            if row and "".join(row).strip() and not row[0].lstrip().startswith("#")
+        ]
+    rows = [row for _, row in numbered]
+    if not rows:
+        raise TraceError(f"{file}: no rows")
+    header = [c.strip().lower() for c in rows[0]]
+    if file.suffix.lower() == ".json" or header[:1] == ["client_id"]:
+        clients = load_fedscale_capacity(file)
+        names = list(clients)
+        if client:
+            if client not in clients:
+                raise TraceError(f"{file}: no client {client!r}")
+            name = client
+        else:
+            name = names[index % len(names)]
+        bw = clients[name]
+        return LinkProfile(f"trace:{file}#{name}", bw, bw, Trace.constant(0.0))
+    width = len(rows[0])
+    if width == 2:
+        bw = load_trace_csv(file)
+        return LinkProfile(f"trace:{file}", bw, bw, Trace.constant(0.0))
+    if width != 4:
+        raise TraceError(
+            f"{file}:1: expected 'time_s,up_mbps,down_mbps,rtt_ms' "
+            f"(or 'time_s,mbps', or FedScale's capacity layout), got {rows[0]!r}"
+        )
+    order = ["time", "up", "down", "rtt"]
+    if not _is_number(rows[0][0]):
+        named = [_TRACE_COLUMNS.get(h.split("_")[0].split(" ")[0]) for h in header]
+        if sorted(filter(None, named)) != sorted(order):
+            raise TraceError(
+                f"{file}:1: header {rows[0]!r} must name time, up, down and rtt"
+            )
+        order = named  # type: ignore[assignment]
+        numbered = numbered[1:]
+    table: list[tuple[float, float, float, float]] = []
+    for lineno, row in numbered:
+        if len(row) != 4:
+            raise TraceError(f"{file}:{lineno}: expected 4 columns, got {row!r}")
+        try:
+            value = dict(zip(order, (float(c) for c in row), strict=True))
+        except ValueError:
+            raise TraceError(f"{file}:{lineno}: not numbers: {row!r}") from None
+        table.append((value["time"], value["up"], value["down"], value["rtt"] / 1000))
+    return _from_table(table, f"trace:{file}", str(file))
+
+
+def _from_table(
+    table: Sequence[tuple[float, float, float, float]], name: str, where: str
+) -> LinkProfile:
+    """A link from ``(time s, up Mbit/s, down Mbit/s, RTT s)`` rows."""
+    if not table:
+        raise TraceError(f"{where}: no rows")
+    times = [row[0] for row in table]
+    if times[0] != 0:
+        raise TraceError(f"{where}: the first time must be 0, got {times[0]}")
+    for row in table:
+        if not all(math.isfinite(v) for v in row) or min(row[1:]) < 0:
+            raise TraceError(f"{where}: row {row}: need finite values, rates >= 0")
+    if any(b <= a for a, b in itertools.pairwise(times)):
+        raise TraceError(f"{where}: times must increase strictly")
+    step = times[-1] / (len(times) - 1) if len(times) > 1 else math.inf
+    period = times[-1] + step
+
+    def column(i: int) -> Trace:
+        return Trace(tuple(times), tuple(row[i] for row in table), period)
+
+    return LinkProfile(name, column(1), column(2), column(3))
+
+
+def encode_link(link: LinkProfile) -> str:
+    """A self-contained spec of ``link``: ``table:`` rows of its steps.
+
+    ``table:t,up,down,rtt;t,up,down,rtt;...`` with time in s, bandwidth in
+    Mbit/s and RTT in ms; :func:`parse_link` reads it back. A node declaring
+    a trace file sends this, since the cloud cannot read the node's files.
+    Only links whose traces share their step times and period (or are
+    constant) can be encoded; the period is the last step plus the mean step,
+    as for a trace file.
+    """
+    traces = (link.up, link.down, link.rtt)
+    ref = max(traces, key=lambda t: len(t.times))
+    for t in traces:
+        if len(t.times) > 1 and (t.times != ref.times or t.period != ref.period):
+            raise ValueError(f"link {link.name!r}: traces do not share their steps")
+    rows = zip(
+        ref.times,
+        *(t.values * len(ref.times) if len(t.times) == 1 else t.values for t in traces),
+        strict=True,
+    )
+    return "table:" + ";".join(
+        f"{t:g},{up:g},{down:g},{rtt * 1000:g}" for t, up, down, rtt in rows
+    )
+
+
+def _parse_table(spec: str) -> LinkProfile:
+    rows = []
+    for part in spec.removeprefix("table:").split(";"):
+        cells = part.split(",")
+        try:
+            t, up, down, rtt = (float(c) for c in cells)
+        except ValueError:
+            raise ValueError(
+                f"link spec table row {part!r}: expected t,up_mbps,down_mbps,rtt_ms"
+            ) from None
+        rows.append((t, up, down, rtt / 1000))
     try:
-        return PRESETS[name]
-    except KeyError:
-        known = ", ".join([*PRESETS, "variable"])
-        raise ValueError(f"unknown link profile {name!r} (known: {known})") from None
+        return _from_table(rows, spec, "link spec table")
+    except TraceError as err:
+        raise ValueError(str(err)) from None
+
+
+def parse_link(spec: str, seed: int = 0, index: int = 0) -> LinkProfile:
+    """One link from a spec: the one parser of link specs.
+
+    ``spec`` is one of
+
+    - a preset name (``4g``, ``5g``, ``lan``, ``wifi``; see :data:`PRESETS`),
+      or ``variable`` (a seeded trace, :func:`variable_link` of ``seed``);
+    - ``UP/DOWN/RTT`` (:func:`parse_rates`), e.g. ``2mbit/8mbit/120ms``;
+    - ``trace:<file>`` (:func:`load_link_trace`; ``index`` picks a FedScale
+      client when the file does not name one);
+    - ``table:...`` (:func:`encode_link`'s inline trace).
+
+    The link's ``name`` is the spec itself (a preset's name for a preset), so
+    a declared spec compares equal to the link it gave.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a malformed spec, saying what is wrong
+        (:class:`TraceError`, a ``ValueError``, for a bad trace file).
+    """
+    spec = spec.strip()
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ValueError(
+            f"link spec of {len(spec)} characters (at most {MAX_SPEC_CHARS})"
+        )
+    if spec == "variable":
+        return variable_link(seed)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec.startswith("trace:"):
+        try:
+            return load_link_trace(spec.removeprefix("trace:"), index)
+        except OSError as err:
+            raise TraceError(f"link spec {spec!r}: {err.strerror or err}") from None
+    if spec.startswith("table:"):
+        return _parse_table(spec)
+    if "/" in spec:
+        up, down, rtt = parse_rates(spec)
+        return LinkProfile(
+            spec, Trace.constant(up), Trace.constant(down), Trace.constant(rtt)
+        )
+    known = ", ".join([*PRESETS, "variable"])
+    raise ValueError(
+        f"unknown link profile {spec!r} (known: {known}; or UP/DOWN/RTT such as "
+        "2mbit/8mbit/120ms, or trace:<file>)"
+    )
+
+
+def preset(name: str, seed: int = 0) -> LinkProfile:
+    """A link by spec (an alias of :func:`parse_link`, kept for its callers)."""
+    return parse_link(name, seed)
+
+
+def link_label(spec: str) -> str:
+    """A short label of a spec for logs: an inline ``table:`` becomes its size."""
+    if spec.startswith("table:"):
+        return f"trace ({spec.count(';') + 1} steps)"
+    return spec[:200]
 
 
 def assign_links(
@@ -385,9 +624,11 @@ def assign_links(
 ) -> dict[int, LinkProfile]:
     """One link per node.
 
-    ``spec`` is a preset name (every node alike; ``variable`` gives each node
-    its own seeded trace), ``"mix:4g,5g,variable"`` (a seeded random choice
-    per node), or a mapping ``{node: preset name or LinkProfile}``.
+    ``spec`` is a single-link spec (:func:`parse_link`: every node alike;
+    ``variable`` gives each node its own seeded trace, a FedScale capacity
+    file each node its own client), ``"mix:4g,5g,variable"`` (a seeded random
+    choice per node among single-link specs), or a mapping ``{node: spec or
+    LinkProfile}``.
     """
     rng = np.random.default_rng(seed)
     out: dict[int, LinkProfile] = {}
@@ -395,19 +636,23 @@ def assign_links(
         for i, node in enumerate(node_ids):
             value = spec[node]
             out[node] = (
-                value if isinstance(value, LinkProfile) else preset(value, seed + i)
+                value
+                if isinstance(value, LinkProfile)
+                else parse_link(value, seed + i, i)
             )
         return out
     if spec.startswith("mix:"):
         names = [s.strip() for s in spec[4:].split(",") if s.strip()]
         if not names:
             raise ValueError(f"empty link mix {spec!r}")
+        for name in names:  # a bad member fails even if no node draws it
+            parse_link(name, seed)
         picks = rng.integers(0, len(names), size=len(node_ids))
         return {
-            node: preset(names[int(p)], seed + i)
+            node: parse_link(names[int(p)], seed + i, i)
             for i, (node, p) in enumerate(zip(node_ids, picks, strict=True))
         }
-    return {node: preset(spec, seed + i) for i, node in enumerate(node_ids)}
+    return {node: parse_link(spec, seed + i, i) for i, node in enumerate(node_ids)}
 
 
 # --------------------------------------------------------------------------- devices

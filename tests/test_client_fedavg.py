@@ -94,7 +94,7 @@ def test_declared_link_is_validated_and_reported(tmp_path):
     node = NodeConfig.from_node_config(
         {"partition-id": 0, "num-partitions": 4, "link-trace": str(trace)}
     )
-    assert node.link == f"trace:{trace}"
+    assert node.link == "table:0,10,10,0;1,20,20,0"  # sent inline
     with pytest.raises(ConfigError, match="unknown link profile '3g'"):
         NodeConfig.from_node_config(
             {"partition-id": 0, "num-partitions": 4, "link-profile": "3g"}

@@ -37,9 +37,10 @@ class NodeConfig:
     data_path : str
         Optional per-node data location, overriding the run's ``data-path``.
     link : str
-        Optional declared link: a preset name (``link-profile``, e.g. ``4g``)
-        or ``trace:<file>`` (``link-trace``, a ``time_s,mbps`` CSV). Reported
-        to the cloud with every reply, so its clock and methods know the link.
+        Optional declared link spec: ``link-profile`` as given (a preset such
+        as ``4g``, or ``UP/DOWN/RTT`` such as ``2mbit/8mbit/120ms``), or the
+        ``link-trace`` file's steps inline (``table:...``). Reported to the
+        cloud with every reply, so its clock and methods know the link.
     """
 
     partition_id: int
@@ -65,16 +66,23 @@ class NodeConfig:
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < num:
             raise ConfigError("partition-id", pid, f"must be an integer in [0, {num})")
         path = node_config.get("data-path", "")
-        return cls(pid, num, str(path), _declared_link(node_config))
+        return cls(pid, num, str(path), _declared_link(node_config, pid))
 
     def stream_seed(self, run_seed: int) -> int:
         """Seed of this node's batch order: distinct per node, fixed per run."""
         return run_seed * 1_000_003 + self.partition_id
 
 
-def _declared_link(node_config: Mapping[str, object]) -> str:
-    """Validate ``link-profile`` / ``link-trace`` from a node config."""
-    from tandem.network import TraceError, load_trace_csv, preset
+def _declared_link(node_config: Mapping[str, object], partition_id: int = 0) -> str:
+    """Validate ``link-profile`` / ``link-trace`` from a node config.
+
+    ``link-profile`` is any single-link spec (a preset or ``UP/DOWN/RTT``);
+    ``link-trace`` a trace file (:func:`~tandem.network.load_link_trace`; a
+    FedScale capacity file without ``#client`` gives the ``partition-id``-th
+    client). A trace is sent inline (:func:`~tandem.network.encode_link`),
+    since the cloud cannot read the node's files.
+    """
+    from tandem.network import encode_link, parse_link
 
     name = node_config.get("link-profile", "")
     trace = node_config.get("link-trace", "")
@@ -83,17 +91,18 @@ def _declared_link(node_config: Mapping[str, object]) -> str:
             "link-trace", trace, "give link-profile or link-trace, not both"
         )
     if name:
+        if str(name).startswith("mix:"):
+            raise ConfigError("link-profile", name, "a node has one link, not a mix")
         try:
-            preset(str(name))
+            parse_link(str(name))
         except ValueError as err:
             raise ConfigError("link-profile", name, str(err)) from None
-        return str(name)
+        return str(name).strip()
     if trace:
         try:
-            load_trace_csv(str(trace))
-        except (OSError, TraceError) as err:
+            return encode_link(parse_link(f"trace:{trace}", index=partition_id))
+        except ValueError as err:
             raise ConfigError("link-trace", trace, str(err)) from None
-        return f"trace:{trace}"
     return ""
 
 

@@ -119,7 +119,7 @@ from tandem.network import (
     LinkProfile,
     VirtualClock,
     assign_links,
-    preset,
+    parse_link,
 )
 from tandem.server_context import ServerRun
 from tandem.strategies.acesync_options import AceSyncOptions
@@ -242,13 +242,14 @@ class AceSync(CompressedUpdates):
         )
 
     def _declared(self, node: int, link: str) -> None:
-        """A node declared a preset link: use it (traces stay on the node)."""
-        if not link or link.startswith("trace:") or link == self.links[node].name:
+        """A node declared a link (any spec, a trace inline): use it."""
+        if not link or link == self.links[node].name:
             return
         if link == "variable" and self.links[node].name.startswith("variable-"):
             return
         try:
-            profile = preset(link, self.seed + sorted(self.links).index(node))
+            index = sorted(self.links).index(node)
+            profile = parse_link(link, self.seed + index, index)
         except ValueError:
             return
         self.use_link(node, profile)

@@ -76,6 +76,7 @@ from tandem.clients.acesync import (
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.packing import unpack_groups
 from tandem.coordination import CachedUpdate, fill_from_history, refresh_cache
+from tandem.network import MAX_SPEC_CHARS
 from tandem.strategies.fedavg import missing_replies
 from tandem.wire import KEY_LOCAL_STEPS, KEY_METRICS, KEY_NODE, PayloadError
 
@@ -541,7 +542,7 @@ class CompressedUpdates(Strategy):
         sent[list(received)] = True
         node_info = content.config_records.get(KEY_NODE)
         link = node_info.get("link", "") if node_info is not None else ""
-        link = link[:200] if isinstance(link, str) else ""
+        link = link if isinstance(link, str) and len(link) <= MAX_SPEC_CHARS else ""
         return DecodedUpdate(
             node,
             update,

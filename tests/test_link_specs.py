@@ -1,0 +1,153 @@
+"""Link specs: ``UP/DOWN/RTT``, trace files (three layouts), inline tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.clients.node import NodeConfig
+from tandem.config import ConfigError
+from tandem.network import (
+    PRESETS,
+    TraceError,
+    assign_links,
+    encode_link,
+    link_label,
+    parse_link,
+    parse_rates,
+)
+
+
+def test_rates_spec_in_every_unit():
+    assert parse_rates("2mbit/8mbit/120ms") == (2.0, 8.0, pytest.approx(0.120))
+    assert parse_rates("500kbit/1gbit/1s") == (0.5, 1000.0, 1.0)
+    assert parse_rates(" 1.5 Mbit / 3e1mbit / 0ms ") == (1.5, 30.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("2mbit/8mbit", "expected UP/DOWN/RTT"),
+        ("2mb/8mbit/10ms", "uplink '2mb'"),
+        ("2mbit/8mbit/10", "RTT '10'"),
+        ("0mbit/8mbit/10ms", "must be > 0"),
+    ],
+)
+def test_bad_rates_spec_says_what_is_wrong(spec, why):
+    with pytest.raises(ValueError, match=why):
+        parse_link(spec)
+
+
+def test_rates_link_times_a_message_by_hand():
+    link = parse_link("2mbit/8mbit/120ms")
+    assert link.name == "2mbit/8mbit/120ms"
+    # 250 kB up at 2 Mbit/s = 1 s, plus RTT/2 = 0.06 s
+    assert link.one_way_seconds("up", 250_000, 0.0) == pytest.approx(1.06)
+    assert link.one_way_seconds("down", 250_000, 0.0) == pytest.approx(0.31)
+
+
+def test_four_column_trace_with_header_in_any_order(tmp_path):
+    path = tmp_path / "link.csv"
+    path.write_text("rtt_ms,time_s,down_mbps,up_mbps\n100,0,8,2\n# x\n50,10,4,1\n")
+    link = parse_link(f"trace:{path}")
+    assert link.up.values == (2.0, 1.0) and link.down.values == (8.0, 4.0)
+    assert link.rtt.values == pytest.approx((0.1, 0.05))
+    assert link.up.period == 20.0 and link.up.at(25.0) == 2.0
+    headerless = tmp_path / "plain.csv"
+    headerless.write_text("0,2,8,100\n10,1,4,50\n")
+    assert parse_link(f"trace:{headerless}").up == link.up
+
+
+def test_two_column_and_fedscale_traces(tmp_path):
+    two = tmp_path / "bw.csv"
+    two.write_text("time_s,mbps\n0,10\n1,20\n")
+    link = parse_link(f"trace:{two}")
+    assert link.up is link.down and link.up.values == (10.0, 20.0)
+    assert link.rtt.at(0) == 0.0
+    caps = tmp_path / "caps.json"
+    caps.write_text(
+        json.dumps(
+            {
+                "a": {"computation": 1, "communication": 2000},
+                "b": {"computation": 1, "communication": 500},
+            }
+        )
+    )
+    assert parse_link(f"trace:{caps}#b").up.at(0) == pytest.approx(0.5)
+    links = assign_links([5, 6, 7], f"trace:{caps}")  # one client per node, cycling
+    assert [links[n].up.at(0) for n in (5, 6, 7)] == pytest.approx([2.0, 0.5, 2.0])
+    with pytest.raises(TraceError, match="no client 'zz'"):
+        parse_link(f"trace:{caps}#zz")
+
+
+def test_bad_trace_files_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,up,down,rtt\n0,1,1,10\n5,x,1,10\n")
+    with pytest.raises(TraceError, match=r"bad\.csv:3: not numbers"):
+        parse_link(f"trace:{bad}")
+    with pytest.raises(TraceError, match="missing.csv"):
+        parse_link(f"trace:{tmp_path / 'missing.csv'}")
+    three = tmp_path / "three.csv"
+    three.write_text("0,1,2\n")
+    with pytest.raises(TraceError, match="expected 'time_s,up_mbps"):
+        parse_link(f"trace:{three}")
+
+
+def test_inline_table_round_trips(tmp_path):
+    path = tmp_path / "link.csv"
+    path.write_text("0,2,8,100\n10,1,4,50\n")
+    link = parse_link(f"trace:{path}")
+    spec = encode_link(link)
+    assert spec == "table:0,2,8,100;10,1,4,50"
+    again = parse_link(spec)
+    assert (again.up, again.down, again.rtt) == (link.up, link.down, link.rtt)
+    assert again.name == spec and link_label(spec) == "trace (2 steps)"
+    assert encode_link(PRESETS["4g"]) == "table:0,50,50,30"
+
+
+def test_mix_members_are_checked_and_custom_specs_mix():
+    links = assign_links([1, 2, 3, 4], "mix:4g,2mbit/8mbit/120ms", seed=3)
+    assert {link.name for link in links.values()} <= {"4g", "2mbit/8mbit/120ms"}
+    with pytest.raises(ValueError, match="unknown link profile '3g'"):
+        assign_links([1], "mix:4g,3g")
+
+
+def test_a_node_declares_rates_or_a_trace_inline(tmp_path):
+    node = NodeConfig.from_node_config(
+        {"partition-id": 0, "num-partitions": 1, "link-profile": "2mbit/8mbit/120ms"}
+    )
+    assert node.link == "2mbit/8mbit/120ms"
+    path = tmp_path / "link.csv"
+    path.write_text("time_s,up_mbps,down_mbps,rtt_ms\n0,2,8,120\n30,1,4,200\n")
+    node = NodeConfig.from_node_config(
+        {"partition-id": 0, "num-partitions": 1, "link-trace": str(path)}
+    )
+    assert node.link == "table:0,2,8,120;30,1,4,200"
+    with pytest.raises(ConfigError, match="link-profile"):
+        NodeConfig.from_node_config(
+            {"partition-id": 0, "num-partitions": 1, "link-profile": "mix:4g,5g"}
+        )
+    with pytest.raises(ConfigError, match="link-trace"):
+        NodeConfig.from_node_config(
+            {"partition-id": 0, "num-partitions": 1, "link-trace": "/nonexistent"}
+        )
+
+
+def test_acesync_budgets_follow_a_declared_rates_or_trace_link():
+    from flwr.serverapp.strategy import FedAvg
+
+    from tandem.strategies.acesync import AceSync
+    from tandem.strategies.acesync_options import AceSyncOptions
+
+    policy = AceSync(FedAvg(), options=AceSyncOptions(link="4g"), local_steps=5)
+    policy._ensure_links([1, 2])
+    assert policy.bandwidth_mbps(1) == 50.0
+    policy._declared(1, "2mbit/8mbit/120ms")
+    policy._declared(2, "table:0,3,9,80;5,1,9,80")
+    assert policy.bandwidth_mbps(1) == 2.0  # eq. 5's B_k starts from the link
+    assert policy.bandwidth_mbps(2) == 3.0
+    assert policy.links[2].up.at(6.0) == 1.0 and policy.links[2].rtt.at(0) == 0.08
+    estimator = policy.estimators[1]
+    policy._declared(1, "2mbit/8mbit/120ms")  # the same link again: kept as is
+    assert policy.estimators[1] is estimator
