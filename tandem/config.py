@@ -239,6 +239,9 @@ class TrainConfig:
 
     model: str = option("model", "auto", choices=MODELS)
     local_steps: int = option("local-steps", 50, "must be >= 1", lambda n: n >= 1)
+    local_epochs: float = option(
+        "local-epochs", 0.0, "must be >= 0 (0: no cap)", lambda e: e >= 0
+    )
     batch_size: int = option("batch-size", 32, "must be >= 1", lambda n: n >= 1)
     lr: float = option("lr", 0.05, "must be > 0", _positive)
     momentum: float = option(

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from tandem.accounting import ByteLedger, MeteredGrid
 from tandem.config import RunConfig, section_values
+from tandem.preflight import run_checked
 from tandem.registry import get_method
 from tandem.server_context import ServerRun
 from tandem.tracking import Tracker
@@ -45,5 +46,4 @@ def main(grid: Grid, context: Context) -> None:
         tracker=tracker,
         context=context,
     )
-    srv.data()  # load (and validate) the data before any node trains
-    spec.run_server(srv)
+    run_checked(srv, spec.run_server)  # data and node facts checked first

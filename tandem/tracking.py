@@ -2,10 +2,18 @@
 
 Every run gets a folder ``<output-dir>/<run-name>/`` holding ``metrics.jsonl``
 (one JSON object per line: the config, one ``round`` record per round, per-node
-``bytes`` records, and a final ``summary``) and, with ``wandb=true``, W&B's own
-files under ``wandb/``. Offline W&B (the default mode) sets ``WANDB_MODE``
-before ``wandb.init`` so it never looks up a host; ``wandb sync`` uploads the
-run later. Only this module imports W&B.
+``bytes`` records, and a final ``summary``, or a ``failed`` record with the
+reason) and, with ``wandb=true``, W&B's own files under ``wandb/``. Offline W&B
+(the default mode) sets ``WANDB_MODE`` before ``wandb.init`` so it never looks
+up a host; ``wandb sync`` uploads the run later. Only this module imports W&B.
+
+W&B names: a round's metrics are logged as ``round/<key>`` (one step per
+round), each node's bytes of the round as ``node/<id>/bytes-up`` and
+``node/<id>/bytes-down`` (a series per node), and the final summary as
+``total/<key>`` for counters summed over the run (bytes, messages, rejected
+replies, dropouts) and ``final/<key>`` for everything else, plus a
+``nodes/bytes`` table of each node's total bytes. Round and final figures
+never share a name, so the summary never shows one round's bytes as the total.
 """
 
 from __future__ import annotations
@@ -21,9 +29,39 @@ from typing import Any, TextIO
 
 from tandem.config import TrackingConfig
 
-__all__ = ["Tracker", "read_jsonl"]
+__all__ = ["Tracker", "format_summary", "read_jsonl", "wandb_summary_key"]
 
 Number = int | float
+
+#: Summary entries that are sums over the run (W&B ``total/<key>``).
+TOTALS = frozenset({"rejected-replies", "dropouts", "exchanges"})
+
+
+def wandb_summary_key(key: str) -> str:
+    """The W&B summary name of a run-summary entry: ``total/`` or ``final/``."""
+    is_total = key in TOTALS or key.startswith(("bytes-", "messages-"))
+    if key.endswith("-per-step"):
+        is_total = False
+    return f"total/{key}" if is_total else f"final/{key}"
+
+
+def format_summary(summary: Mapping[str, object]) -> str:
+    """``key value`` pairs of the scalar entries, two spaces apart.
+
+    Lists and mappings (per-node or per-period figures) stay in
+    ``metrics.jsonl``: a console line is for a person.
+    """
+    shown = []
+    for key, value in summary.items():
+        if isinstance(value, Mapping | list | tuple):
+            continue
+        if isinstance(value, float):
+            shown.append(f"{key} {value:.4g}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 10000:
+            shown.append(f"{key} {value:,}")
+        else:
+            shown.append(f"{key} {value}")
+    return "  ".join(shown)
 
 
 def _clean(value: object) -> object:
@@ -60,6 +98,8 @@ class Tracker:
         For the ``round x/N`` progress line.
     console : TextIO (default: sys.stdout)
         Where progress lines go.
+    unit : str (default: "round")
+        What one report counts (SimulTrain: ``period``).
     """
 
     def __init__(
@@ -70,6 +110,7 @@ class Tracker:
         config: Mapping[str, object],
         total_rounds: int,
         console: TextIO | None = None,
+        unit: str = "round",
     ) -> None:
         self.run_dir = Path(cfg.output_dir).resolve() / run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +118,11 @@ class Tracker:
         self._file = self.path.open("a", encoding="utf-8")
         self._console = console or sys.stdout
         self._total = total_rounds
+        self._unit = unit
         self._start = time.perf_counter()
         self._wandb: Any = None
+        self._node_series: dict[str, Number] = {}
+        self._node_totals: dict[int, dict[str, int]] = {}
         self._write({"event": "config", "config": dict(config)})
         if cfg.wandb and cfg.wandb_mode != "disabled":
             self._wandb = self._init_wandb(cfg, run_name, group, config)
@@ -108,9 +152,11 @@ class Tracker:
             reinit="create_new",
         )
 
-    def set_total_rounds(self, total: int) -> None:
-        """Change the ``N`` of the ``round x/N`` progress line."""
+    def set_total_rounds(self, total: int, unit: str | None = None) -> None:
+        """Change the ``N`` (and the unit) of the ``round x/N`` progress line."""
         self._total = total
+        if unit is not None:
+            self._unit = unit
 
     @property
     def elapsed(self) -> float:
@@ -129,7 +175,7 @@ class Tracker:
         """Record one round's metrics (JSON line, console line, W&B step)."""
         record = {"event": "round", "round": round_, "elapsed": self.elapsed, **metrics}
         self._write(record)
-        parts = [f"round {round_}/{self._total}"]
+        parts = [f"{self._unit} {round_}/{self._total}"]
         for key, label in (("train-loss", "loss"), ("eval-loss", "eval-loss")):
             if key in metrics:
                 parts.append(f"{label} {metrics[key]:.4f}")
@@ -142,31 +188,81 @@ class Tracker:
         parts.append(f"elapsed {self.elapsed:.1f} s")
         self._print("  ".join(parts))
         if self._wandb is not None:
-            self._wandb.log({k: _clean(v) for k, v in metrics.items()}, step=round_)
+            row = {f"round/{k}": _clean(v) for k, v in metrics.items()}
+            self._wandb.log({**row, **self._node_series}, step=round_)
+        self._node_series = {}
 
     def warn(self, text: str) -> None:
         """A console line that needs attention (also kept in the JSON lines)."""
         self._print(f"WARNING {text}")
 
+    def note(self, text: str) -> None:
+        """An informational console line (e.g. what data was loaded)."""
+        self._print(text)
+
     def log_event(self, event: str, payload: Mapping[str, object]) -> None:
-        """Record a non-round event (e.g. per-node bytes) in the JSON lines only."""
+        """Record a non-round event in the JSON lines.
+
+        ``bytes`` events (one node's bytes in a round) also go to W&B with the
+        next round's row, as ``node/<id>/bytes-up`` and ``node/<id>/bytes-down``,
+        and add up into the final ``nodes/bytes`` table.
+        """
         self._write({"event": event, **payload})
+        if event == "bytes" and "node-id" in payload:
+            node = int(payload["node-id"])  # type: ignore[call-overload]
+            totals = self._node_totals.setdefault(
+                node, {"bytes-up": 0, "bytes-down": 0}
+            )
+            for key in ("bytes-up", "bytes-down"):
+                value = payload.get(key)
+                if isinstance(value, int | float):
+                    self._node_series[f"node/{node}/{key}"] = value
+                    totals[key] += int(value)
 
     def finish(self, summary: Mapping[str, object]) -> None:
-        """Record the final summary and close W&B and the file."""
+        """Record the final summary, print it last, and close W&B and the file.
+
+        The console gets the summary's scalar entries, the run folder and the
+        command that plots the run.
+        """
         summary = {**summary, "wall-seconds": self.elapsed}
         self._write({"event": "summary", **summary})
-        shown = "  ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in summary.items()
+        self._print(f"done: {format_summary(summary)}")
+        self._print(f"run folder {self.run_dir}")
+        self._print(
+            f"plot it:   tandem plot {self.run_dir} --out {self.run_dir}/plot.png"
         )
-        self._print(f"done: {shown}")
         if self._wandb is not None:
             for key, value in summary.items():
-                self._wandb.summary[key] = _clean(value)
+                self._wandb.summary[wandb_summary_key(key)] = _clean(value)
+            self._wandb_node_table()
             self._wandb.finish()
             self._wandb = None
         self._file.close()
+
+    def fail(self, reason: str) -> None:
+        """Record that the run failed, and why; close W&B (as failed) and the file."""
+        if self._file.closed:
+            return
+        self._write({"event": "failed", "reason": reason, "wall-seconds": self.elapsed})
+        self._print(f"run FAILED: {reason}")
+        self._print(f"run folder {self.run_dir}")
+        if self._wandb is not None:
+            self._wandb.summary["final/failed"] = reason
+            self._wandb.finish(exit_code=1)
+            self._wandb = None
+        self._file.close()
+
+    def _wandb_node_table(self) -> None:
+        """Each node's total bytes as the W&B table ``nodes/bytes``."""
+        if not self._node_totals:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["node-id", "bytes-up", "bytes-down"])
+        for node, totals in sorted(self._node_totals.items()):
+            table.add_data(node, totals["bytes-up"], totals["bytes-down"])
+        self._wandb.log({"nodes/bytes": table})
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

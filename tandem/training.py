@@ -9,6 +9,7 @@ node can keep it in ``Context.state`` between messages.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ __all__ = [
     "BatchStream",
     "EvalStats",
     "TrainStats",
+    "capped_steps",
     "evaluate",
     "make_optimizer",
     "train_steps",
@@ -141,6 +143,18 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Plain SGD (with optional heavy-ball momentum), the optimizer of every method."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def capped_steps(steps: int, epochs: float, examples: int, batch_size: int) -> int:
+    """Local steps with at most ``epochs`` passes over a node's data.
+
+    ``min(steps, ceil(epochs · examples / batch_size))``, at least 1; ``epochs``
+    of 0 means no cap. A small partition then trains a few epochs per round
+    instead of the dozens a fixed ``local-steps`` would make it.
+    """
+    if epochs <= 0:
+        return steps
+    return max(1, min(steps, math.ceil(epochs * examples / batch_size)))
 
 
 def train_steps(

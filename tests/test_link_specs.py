@@ -86,7 +86,7 @@ def test_bad_trace_files_name_file_and_line(tmp_path):
     bad.write_text("time,up,down,rtt\n0,1,1,10\n5,x,1,10\n")
     with pytest.raises(TraceError, match=r"bad\.csv:3: not numbers"):
         parse_link(f"trace:{bad}")
-    with pytest.raises(TraceError, match="missing.csv"):
+    with pytest.raises(TraceError, match=r"missing\.csv"):
         parse_link(f"trace:{tmp_path / 'missing.csv'}")
     three = tmp_path / "three.csv"
     three.write_text("0,1,2\n")

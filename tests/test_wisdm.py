@@ -205,3 +205,40 @@ def test_no_window_raises(tmp_path):
     path.write_text("7,Walking,1,0.1,0.2,0.3;\n7,Walking,2,0.1,0.2,0.3;\n")
     with pytest.raises(DataError, match=r"short\.txt"):
         load_wisdm(str(path), window=WINDOW)
+
+
+def test_the_parse_says_which_records_it_skipped_and_why():
+    from tandem.datasets.wisdm import parse_wisdm_report
+
+    records, skipped, reasons = parse_wisdm_report(_raw_text())
+    assert (len(records), skipped) == (NUM_VALID, NUM_SKIPPED)
+    assert reasons == [
+        "line 21: '7,Walking,1867172313000,4.4,4.4': 5 fields, expected 6",
+        "line 31: '7,Walking,1867172313000,4.4,abc,0.5': x, y, z must be finite "
+        "numbers",
+        "line 101: '12,Running,1867172313000,4.4,4.4,0.5': unknown activity 'Running'",
+    ]
+    assert parse_wisdm_report(_raw_text(), keep=1)[2] == reasons[:1]
+
+
+def test_load_reports_users_windows_and_skips(tmp_path):
+    path = tmp_path / "WISDM_ar_v1.1_raw.txt"
+    path.write_text(_raw_text() + "99,Walking,1,1.0,2.0,3.0;\n")  # too short
+    report = load_wisdm(str(path), window=WINDOW, test_fraction=0.25).report
+    assert report["records"] == NUM_VALID + 1
+    assert report["skipped-records"] == NUM_SKIPPED
+    assert len(report["skipped-examples"]) == NUM_SKIPPED
+    assert report["users"] == 3 and report["users-without-window"] == [99]
+    assert report["windows"] == len(EXPECTED_WINDOWS) and report["window"] == WINDOW
+    again = load_wisdm(str(path), window=WINDOW, test_fraction=0.25).report
+    assert again == report  # the report survives the cache
+
+
+def test_local_epochs_cap_the_steps_of_a_small_partition():
+    from tandem.training import capped_steps
+
+    assert capped_steps(50, 0.0, 54, 32) == 50  # no cap
+    assert capped_steps(50, 1.0, 54, 32) == 2  # ceil(54 / 32)
+    assert capped_steps(50, 2.5, 54, 32) == 5  # ceil(135 / 32)
+    assert capped_steps(3, 10.0, 54, 32) == 3  # never more than asked
+    assert capped_steps(50, 0.01, 54, 32) == 1  # at least one step

@@ -58,3 +58,17 @@ def read_history(run_dir: Path) -> list[dict]:
             row[key] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The final W&B summary of the (single) offline run under ``run_dir``:
+    every ``summary`` update applied in order."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    summary: dict = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") != "summary":
+            continue
+        for item in record.summary.update:
+            key = item.key or "/".join(item.nested_key)
+            summary[key] = json.loads(item.value_json)
+    return summary

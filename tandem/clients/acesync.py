@@ -95,7 +95,7 @@ from tandem.importance import (
     temporal_features,
 )
 from tandem.models import build_model, resolve_device
-from tandem.training import make_optimizer, train_steps
+from tandem.training import capped_steps, make_optimizer, train_steps
 from tandem.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,
@@ -707,7 +707,9 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
-    stats = train_steps(model, iter(stream), plan.local_steps, optimizer, device)
+    t = cfg.train
+    steps = capped_steps(plan.local_steps, t.local_epochs, len(split), t.batch_size)
+    stats = train_steps(model, iter(stream), steps, optimizer, device)
     save_stream(context, stream)
 
     # 2-8. the update, compressed

@@ -22,7 +22,7 @@ from tandem.clients.node import (
 from tandem.config import RunConfig
 from tandem.datasets import load_dataset
 from tandem.models import build_model, resolve_device
-from tandem.training import evaluate, make_optimizer, train_steps
+from tandem.training import capped_steps, evaluate, make_optimizer, train_steps
 from tandem.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,
@@ -67,7 +67,11 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
-    stats = train_steps(model, iter(stream), _local_steps(msg, cfg), optimizer, device)
+    t = cfg.train
+    steps = capped_steps(
+        _local_steps(msg, cfg), t.local_epochs, len(split), t.batch_size
+    )
+    stats = train_steps(model, iter(stream), steps, optimizer, device)
     save_stream(context, stream)
     reply = RecordDict(
         {

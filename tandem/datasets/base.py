@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,12 +57,17 @@ class ArraySplit:
 
 @dataclass(frozen=True, eq=False)
 class DataBundle:
-    """A dataset: train split (to partition), test split (server-side eval)."""
+    """A dataset: train split (to partition), test split (server-side eval).
+
+    ``report`` holds what the source says about loading it (e.g. WISDM's
+    records skipped and why, users without a full window); empty if nothing.
+    """
 
     name: str
     train: ArraySplit
     test: ArraySplit
     class_names: tuple[str, ...]
+    report: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

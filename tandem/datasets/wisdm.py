@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "load_wisdm",
     "make_windows",
     "parse_wisdm_raw",
+    "parse_wisdm_report",
     "stratified_split",
 ]
 
@@ -56,9 +58,11 @@ STANDARD_GRAVITY = 9.80665
 """m/s² per g; the raw values (m/s²) are divided by this, so windows are in g."""
 
 _ACTIVITY_IDS = {name: i for i, name in enumerate(ACTIVITIES)}
-_RECORD_SEP = re.compile(r"[;\r\n]")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _STRIP = " \t\f\v,"  # what may surround a record: whitespace, the ';,' quirk
-_CACHE_VERSION = 1  # bump when parsing or windowing changes
+_CACHE_VERSION = 2  # bump when parsing, windowing or the cached report changes
+#: Skipped records whose reasons a load report quotes.
+REPORTED_SKIPS = 5
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,8 +99,25 @@ def _parse_record(fields: list[str]) -> tuple[int, int, int, float, float, float
     return (int(user), _ACTIVITY_IDS[activity.strip()], int(timestamp), *values)
 
 
-def parse_wisdm_raw(text: str) -> tuple[WisdmRecords, int]:
-    """Parse the text of ``WISDM_ar_v1.1_raw.txt``.
+def _why_malformed(fields: list[str]) -> str:
+    """Why a record does not parse (for the load report)."""
+    if len(fields) != 6:
+        return f"{len(fields)} fields, expected 6"
+    user, activity, timestamp = fields[:3]
+    if activity.strip() not in _ACTIVITY_IDS:
+        return f"unknown activity {activity.strip()!r}"
+    for name, text in (("user", user), ("timestamp", timestamp)):
+        try:
+            int(text)
+        except ValueError:
+            return f"{name} {text.strip()!r} is not an integer"
+    return "x, y, z must be finite numbers"
+
+
+def parse_wisdm_report(
+    text: str, keep: int = REPORTED_SKIPS
+) -> tuple[WisdmRecords, int, list[str]]:
+    """Parse the text of ``WISDM_ar_v1.1_raw.txt``, saying what was skipped.
 
     The text is split on ``;`` and line breaks; each piece is stripped of
     whitespace and commas (the ``;,`` ending), and empty pieces are ignored. A
@@ -108,23 +129,33 @@ def parse_wisdm_raw(text: str) -> tuple[WisdmRecords, int]:
     ----------
     text : str
         The whole file's text.
+    keep : int (default: 5)
+        How many skipped records to describe.
 
     Returns
     -------
-    tuple[WisdmRecords, int]
-        The well-formed records in file order, and the number of malformed
-        records skipped.
+    tuple[WisdmRecords, int, list[str]]
+        The well-formed records in file order, the number of malformed records
+        skipped, and ``line N: 'piece': why`` for the first ``keep`` of them.
     """
     rows: list[tuple[int, int, int, float, float, float]] = []
     skipped = 0
-    for piece in _RECORD_SEP.split(text):
-        piece = piece.strip(_STRIP)
-        if not piece:
-            continue
-        try:
-            rows.append(_parse_record(piece.split(",")))
-        except (ValueError, KeyError):
-            skipped += 1
+    reasons: list[str] = []
+    for lineno, line in enumerate(_LINE_BREAK.split(text), start=1):
+        for piece in line.split(";"):
+            piece = piece.strip(_STRIP)
+            if not piece:
+                continue
+            fields = piece.split(",")
+            try:
+                rows.append(_parse_record(fields))
+            except (ValueError, KeyError):
+                skipped += 1
+                if len(reasons) < keep:
+                    quoted = piece if len(piece) <= 60 else piece[:57] + "..."
+                    reasons.append(
+                        f"line {lineno}: {quoted!r}: {_why_malformed(fields)}"
+                    )
     if rows:
         user, activity, timestamp, x, y, z = zip(*rows, strict=True)
         xyz = np.array([x, y, z], dtype=np.float32).T.copy()
@@ -137,6 +168,12 @@ def parse_wisdm_raw(text: str) -> tuple[WisdmRecords, int]:
         timestamp=np.array(timestamp, dtype=np.int64),
         xyz=xyz,
     )
+    return records, skipped, reasons
+
+
+def parse_wisdm_raw(text: str) -> tuple[WisdmRecords, int]:
+    """:func:`parse_wisdm_report` without the reasons: records and skip count."""
+    records, skipped, _ = parse_wisdm_report(text, keep=0)
     return records, skipped
 
 
@@ -236,7 +273,7 @@ def _build(
     file: Path, window: int, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
     text = file.read_text(encoding="utf-8", errors="replace")
-    records, skipped = parse_wisdm_raw(text)
+    records, skipped, reasons = parse_wisdm_report(text)
     windows = make_windows(records, window)
     if len(windows) == 0:
         raise DataError(
@@ -248,6 +285,17 @@ def _build(
         windows.y, test_fraction, np.random.default_rng(seed)
     )
     train, test = windows.subset(train_idx), windows.subset(test_idx)
+    users = np.unique(records.user)
+    kept = np.unique(windows.groups)  # type: ignore[arg-type]
+    report = {
+        "records": len(records),
+        "skipped-records": skipped,
+        "skipped-examples": reasons,
+        "users": len(kept),
+        "users-without-window": [int(u) for u in np.setdiff1d(users, kept)],
+        "windows": len(windows),
+        "window": window,
+    }
     return {
         "x": train.x,
         "y": train.y,
@@ -255,6 +303,7 @@ def _build(
         "x_test": test.x,
         "y_test": test.y,
         "groups_test": test.groups,
+        "report": np.frombuffer(json.dumps(report).encode(), dtype=np.uint8),
     }
 
 
@@ -278,8 +327,10 @@ def load_wisdm(
     -------
     DataBundle
         ``x`` of shape ``(N, 3, window)`` float32 in g (m/s² divided by
-        :data:`STANDARD_GRAVITY`), labels indexing :data:`ACTIVITIES`, and the
-        user ids as ``groups`` on both splits.
+        :data:`STANDARD_GRAVITY`), labels indexing :data:`ACTIVITIES`, the
+        user ids as ``groups`` on both splits, and a ``report``: records
+        read, records skipped (with the first few reasons), users and
+        windows kept, users too short for a window.
 
     Raises
     ------
@@ -303,4 +354,5 @@ def load_wisdm(
         train=ArraySplit(arrays["x"], arrays["y"], arrays["groups"]),
         test=ArraySplit(arrays["x_test"], arrays["y_test"], arrays["groups_test"]),
         class_names=ACTIVITIES,
+        report=json.loads(arrays["report"].tobytes().decode()),
     )

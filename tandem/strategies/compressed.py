@@ -76,6 +76,7 @@ from tandem.clients.acesync import (
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.packing import unpack_groups
 from tandem.coordination import CachedUpdate, fill_from_history, refresh_cache
+from tandem.failures import app_errors, stop_if_all_failed
 from tandem.network import MAX_SPEC_CHARS
 from tandem.strategies.fedavg import missing_replies
 from tandem.wire import KEY_LOCAL_STEPS, KEY_METRICS, KEY_NODE, PayloadError
@@ -626,6 +627,7 @@ class CompressedUpdates(Strategy):
         if self.on_dropout is not None:
             for node, why in missing_replies(self._plans, replies).items():
                 self.on_dropout(server_round, node, why)
+        stop_if_all_failed(server_round, self._plans, app_errors(self._plans, replies))
         updates, messages = self.decode_replies(server_round, replies)
         if not updates:
             return self.strategy.aggregate_train(server_round, errors)

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
 from tandem.checkpoint import resume_from, save_checkpoint
 from tandem.config import ConfigError
+from tandem.failures import app_errors, stop_if_all_failed
 from tandem.server_context import ServerRun
 from tandem.training import evaluate
 from tandem.wire import (
@@ -222,6 +223,7 @@ class ReplyChecks:
         if self.on_dropout is not None:
             for node, why in missing_replies(self._asked, replies).items():
                 self.on_dropout(server_round, node, why)
+        stop_if_all_failed(server_round, self._asked, app_errors(self._asked, replies))
         good = []
         for msg in replies:
             if msg.has_error():

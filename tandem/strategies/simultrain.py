@@ -57,6 +57,7 @@ from tandem.clients.simultrain import (
     edge_model,
 )
 from tandem.config import ConfigError
+from tandem.failures import app_error, stop_if_all_failed
 from tandem.network import assign_links
 from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
 from tandem.server_context import ServerRun
@@ -245,7 +246,7 @@ def run(srv: ServerRun) -> None:
     marks: list[int] = []
     srv.ledger.current_round = 1
     # one report every eval_every steps per edge, and one after the final merges
-    srv.tracker.set_total_rounds(opts.steps // opts.eval_every + 1)
+    srv.tracker.set_total_rounds(opts.steps // opts.eval_every + 1, unit="period")
 
     def send(track: EdgeTrack) -> None:
         # the next message: gradients of the chunk before the one just
@@ -323,10 +324,13 @@ def run(srv: ServerRun) -> None:
     joined: list[int] = []
     lost: set[int] = set()  # dropped, and still listed by the SuperLink
     retired: list[EdgeTrack] = []  # the dropped edges' tracks
+    errors: dict[int, str] = {}  # the dropped edges' ClientApp errors
 
     def drop(track: EdgeTrack, reason: str) -> None:
         lost.add(track.node_id)
         retired.append(tracks.pop(track.node_id))
+        if not tracks:  # no edge left: stop if all failed alike
+            stop_if_all_failed(period + 1, [t.node_id for t in retired], errors)
         srv.reject(period + 1, track.node_id, f"{reason}: edge dropped")
         srv.tracker.log_event(
             "dropped", {"node-id": track.node_id, "period": period, "reason": reason}
@@ -361,6 +365,8 @@ def run(srv: ServerRun) -> None:
                 track.seq, track.bytes_down, track.grads_from, track.want_inflight
             )
             if reply.has_error():
+                if (why := app_error(reply)) is not None:
+                    errors[track.node_id] = why
                 drop(track, f"error reply: {reply.error.reason}")
                 continue
             try:
