@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tandem.launch import PROJECT_ROOT, FlowerHome
-from tandem.plots import plot_runs
+from tandem.plots import PlotError, plot_runs
 
 __all__ = ["main"]
 
@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "plot":
-        print(plot_runs(args.runs, args.out, args.title))
+        try:
+            print(plot_runs(args.runs, args.out, args.title, note=_note))
+        except PlotError as err:
+            parser.exit(2, f"tandem plot: error: {err}\n")
     elif args.command == "stop-superlink":
         home = FlowerHome(
             Path(os.environ.get("FLWR_HOME", PROJECT_ROOT / ".flwr")),
@@ -50,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         home.stop_superlink()
         print(f"stopped SuperLink {pids}" if pids else "no local SuperLink running")
     return 0
+
+
+def _note(text: str) -> None:
+    print(f"tandem plot: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":
