@@ -19,12 +19,19 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tandem.bench.report import format_reference_table, format_table, write_plots
-from tandem.bench.runner import BenchOptions, federation_config, run_suite, summarize
-from tandem.bench.suites import SUITES, Suite
+from tandem.bench.runner import (
+    BenchOptions,
+    RunRecord,
+    federation_config,
+    run_suite,
+    summarize,
+)
+from tandem.bench.suites import SUITES, Suite, per_profile
 from tandem.config import DataConfig
 from tandem.datasets import load_dataset
 from tandem.network import (
@@ -33,10 +40,17 @@ from tandem.network import (
     DeviceProfile,
     assign_links,
     measure_local_gflops,
-    preset,
+    parse_link,
 )
 
-__all__ = ["main", "parse_config_items", "select_variants"]
+__all__ = [
+    "check_profiles",
+    "describe_profile",
+    "main",
+    "parse_config_items",
+    "select_variants",
+    "workload",
+]
 
 QUICK = {"nodes": 3, "rounds": 2, "steps": 50, "mnist1d-samples": 1000}
 
@@ -52,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         nargs="+",
         default=None,
-        help="link profiles: 4g 5g lan wifi variable, or mix:4g,5g,... "
+        help="link profiles: 4g 5g lan wifi variable, UP/DOWN/RTT (e.g. "
+        "2mbit/8mbit/120ms), trace:<file>, or mix:4g,5g,... "
         "(default: the suite's, else 4g 5g)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed values")
@@ -171,28 +186,27 @@ def select_variants(
     return dataclasses.replace(suite, variants=variants, reference=reference)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # a terminated benchmark still stops its SuperLink (the runner's finally)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.profile is None:
-        args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
-    for name in args.profile:
-        try:  # unknown names fail here, before any run
-            if name.startswith("mix:"):
-                assign_links([0], name)
-            else:
-                preset(name)
-        except ValueError as err:
-            parser.error(str(err))
-    try:
-        suite = select_variants(
-            SUITES[args.suite], args.variants, parse_config_items(args.config)
-        )
-    except ValueError as err:
-        parser.error(str(err))
+def check_profiles(profiles: Sequence[str]) -> None:
+    """Parse every ``--profile`` (a link spec or ``mix:``) before any run.
+
+    Raises
+    ------
+    ValueError
+        Naming the first spec that does not parse.
+    """
+    for spec in profiles:
+        assign_links([0], spec)
+
+
+def describe_profile(spec: str) -> object:
+    """A JSON-able description of a profile for ``results.json``."""
+    return spec if spec.startswith("mix:") else parse_link(spec, 0).describe()
+
+
+def workload(
+    args: argparse.Namespace, suite: Suite
+) -> tuple[int, int | None, int | None, dict[str, object]]:
+    """Nodes, rounds, steps and extra run-config values from the arguments."""
     extra: dict[str, object] = {}
     nodes, rounds, steps = args.nodes or suite.nodes, args.rounds, args.steps
     if rounds is None and steps is None:
@@ -207,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         extra["mnist1d-samples"] = args.samples
     if args.dataset == "wisdm" and suite.defaults.get("partitioner") == "dirichlet":
         extra["partitioner"] = "natural"  # non-IID by user, not by label draw
-    args.out.mkdir(parents=True, exist_ok=True)
+    return nodes, rounds, steps, extra
 
+
+def bench_options(args: argparse.Namespace, suite: Suite) -> BenchOptions:
+    """The benchmark's options: workload, devices, measured local GFLOP/s."""
+    nodes, rounds, steps, extra = workload(args, suite)
     local_edge = args.local_gflops or measure_local_gflops(threads=1)
     local_cloud = args.local_gflops or measure_local_gflops(
         threads=torch.get_num_threads()
@@ -217,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
         extra["acesync-edge-factor"] = round(local_edge / args.edge_gflops, 6)
-    opts = BenchOptions(
+    return BenchOptions(
         out=args.out,
         profiles=tuple(args.profile),
         seeds=tuple(args.seeds),
@@ -234,41 +252,46 @@ def main(argv: list[str] | None = None) -> int:
         local_gflops_cloud=local_cloud,
     )
 
+
+def run_with_progress(suite: Suite, opts: BenchOptions, show: bool) -> list[RunRecord]:
+    """Run every (seed, variant), with a progress bar of rounds when ``show``."""
     total_rounds = len(opts.seeds) * sum(opts.rounds_for(v) for v in suite.variants)
     bar = None
-    if not args.no_progress:
+    if show:
         from tqdm import tqdm
 
         bar = tqdm(total=total_rounds, desc=f"bench {suite.name}", unit="round")
-    runs = run_suite(suite, opts, progress=bar.update if bar else None)
-    if bar is not None:
-        bar.close()
+    try:
+        return run_suite(suite, opts, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
 
-    results = summarize(suite, opts, runs)
-    if suite.overhead_width:
-        from tandem.bench.overhead import measure_overhead
 
-        local_steps = next(
-            (
-                v.local_steps
-                for v in suite.variants
-                if v.overrides["method"] == "acesync"
-            ),
-            50,
-        )
-        results["overhead_probe"] = measure_overhead(suite.overhead_width, local_steps)
+def overhead_probe(suite: Suite) -> dict[str, Any]:
+    """ACE-Sync's edge overhead timed in-process on the suite's probe model."""
+    from tandem.bench.overhead import measure_overhead
+
+    local_steps = next(
+        (v.local_steps for v in suite.variants if v.overrides["method"] == "acesync"),
+        50,
+    )
+    return measure_overhead(suite.overhead_width, local_steps)
+
+
+def assumptions(
+    opts: BenchOptions, suite: Suite, results: Mapping[str, Any], argv: Sequence[str]
+) -> dict[str, Any]:
+    """What the results rest on: links, devices, data, sizes, clock, command."""
     data_cfg = DataConfig(
         dataset=opts.dataset,
         path=opts.data_path,
-        mnist1d_samples=int(extra.get("mnist1d-samples", 10000)),  # type: ignore[call-overload]
+        mnist1d_samples=int(opts.extra.get("mnist1d-samples", 10000)),  # type: ignore[call-overload]
     )
     bundle = load_dataset(data_cfg)
-    results["assumptions"] = {
+    return {
         "profile_names": list(opts.profiles),
-        "profiles": {
-            p: preset(p, 0).describe() if not p.startswith("mix:") else p
-            for p in opts.profiles
-        },
+        "profiles": {p: describe_profile(p) for p in opts.profiles},
         "devices": {
             "edge": {
                 "name": opts.edge.name,
@@ -282,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 "source": opts.cloud.source,
                 "time_factor": opts.cloud_factor,
             },
-            "local_gflops_per_clientapp_core": local_edge,
-            "local_gflops_serverapp": local_cloud,
+            "local_gflops_per_clientapp_core": opts.local_gflops_edge,
+            "local_gflops_serverapp": opts.local_gflops_cloud,
         },
         "dataset": {
             "name": opts.dataset,
@@ -300,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             "after the run under every profile (synchronous rounds, or "
             "SimulTrain's pipelined exchanges served in virtual arrival order); "
             "messages take RTT/2 + bytes*8/bandwidth along the trace; compute = "
-            "measured seconds x device factor"
+            "measured seconds x device factor. A method whose policy reads the "
+            "link (ACE-Sync) runs once per profile, under that profile, and is "
+            "timed under it only"
         ),
         "bytes_per_step": "total bytes / (nodes x SGD steps per edge)",
         "emulated_seconds_per_step": "emulated run time / SGD steps per edge",
@@ -309,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "target_accuracy": results["target_accuracy"],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "tandem bench " + " ".join(sys.argv[2:] if argv is None else argv),
+        "command": "tandem bench " + " ".join(argv),
     }
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
-    plots = write_plots(results, args.out)
-    print(format_table(results))
-    reference = format_reference_table(results)
+
+
+def print_report(results: Mapping[str, Any], suite: Suite, out: Path) -> None:
+    """The tables, the overhead probe, and where the results and plots are."""
+    plots = write_plots(dict(results), out)
+    print(format_table(dict(results)))
+    reference = format_reference_table(dict(results))
     if reference:
         print(
             f"\nagainst {suite.reference} (target: its final accuracy - "
@@ -330,9 +358,38 @@ def main(argv: list[str] | None = None) -> int:
             f"({probe['train_compute_seconds'] * 1000:.0f} ms); "
             f"with the cloud's decoding {probe['share_with_decode']:.1%}"
         )
-    print(f"\nresults: {args.out / 'results.json'}")
+    print(f"\nresults: {out / 'results.json'}")
     for path in plots:
         print(f"plot:    {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # a terminated benchmark still stops its SuperLink (the runner's finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.profile is None:
+        args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
+    try:  # bad specs fail here, before any run
+        check_profiles(args.profile)
+        suite = select_variants(
+            SUITES[args.suite], args.variants, parse_config_items(args.config)
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    suite = per_profile(suite, args.profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    opts = bench_options(args, suite)
+    runs = run_with_progress(suite, opts, show=not args.no_progress)
+    results = summarize(suite, opts, runs)
+    if suite.overhead_width:
+        results["overhead_probe"] = overhead_probe(suite)
+    results["assumptions"] = assumptions(
+        opts, suite, results, sys.argv[2:] if argv is None else argv
+    )
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
+    print_report(results, suite, args.out)
     failed = [k for k, m in results["methods"].items() if m.get("failed")]
     return 1 if failed else 0
 

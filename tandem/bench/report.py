@@ -16,6 +16,13 @@ def _opt(value: float | None, fmt: str) -> str:
     return "not reached" if value is None else format(value, fmt)
 
 
+def _per(figures: dict[str, Any], profile: str, fmt: str) -> str:
+    """A per-profile figure; "–" for a profile the variant was not run under."""
+    if profile not in figures:
+        return "–"
+    return _opt(figures[profile], fmt)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per method, per-profile time columns.
 
@@ -43,16 +50,18 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         n = len(m["final_accuracy_per_seed"])
         acc = f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})"
-        util = m["utilization"][first]
+        # a variant run under one profile has figures for that profile only
+        util = m["utilization"].get(first)
+        btp = m["bandwidth_time_product_per_step"].get(first)
         cells = [
             label,
             acc,
             _kb(m["bytes_up_per_step"]),
             _kb(m["bytes_down_per_step"]),
-            *[f"{m['emulated_seconds_per_step'][p]:.4f}" for p in profiles],
-            *[_opt(m["emulated_seconds_to_target"][p], ".2f") for p in profiles],
-            f"{m['bandwidth_time_product_per_step'][first] / 1000:,.1f} KB·s",
-            f"{util['edge']:.0%} / {util['cloud']:.0%}",
+            *[_per(m["emulated_seconds_per_step"], p, ".4f") for p in profiles],
+            *[_per(m["emulated_seconds_to_target"], p, ".2f") for p in profiles],
+            "–" if btp is None else f"{btp / 1000:,.1f} KB·s",
+            "–" if util is None else f"{util['edge']:.0%} / {util['cloud']:.0%}",
             f"{m['wall_seconds']:.1f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -138,6 +147,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     for ax, profile in zip(axes[0], profiles, strict=True):
         for label, m in methods.items():
             for i, curve in enumerate(m["curves"]):
+                if profile not in curve["emulated_seconds"]:
+                    continue  # run under another profile
                 ax.plot(
                     curve["emulated_seconds"][profile],
                     curve["accuracy"],

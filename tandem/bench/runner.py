@@ -267,7 +267,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         down = [r.summary["bytes-down"] for r in good]
         per_edge = opts.steps_for(variant)
         steps = opts.nodes * per_edge  # SGD steps of all edges together
-        emulated = {p: [_emulate(r, p, opts) for r in good] for p in opts.profiles}
+        # a variant run under one profile is timed under that profile only
+        profiles = (variant.profile,) if variant.profile else opts.profiles
+        emulated = {p: [_emulate(r, p, opts) for r in good] for p in profiles}
         per_step = {
             p: _mean([e["total"] for e in v]) / per_edge for p, v in emulated.items()
         }
@@ -304,6 +306,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     for p, v in emulated.items()
                 },
                 "clock_mode": "retimed",
+                "profile": variant.profile,
                 "schedule": variant.schedule,
                 "wall_seconds": _mean([r.summary["wall-seconds"] for r in good]),
                 "wall_seconds_per_seed": [r.summary["wall-seconds"] for r in good],
@@ -317,8 +320,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                         ],
                         "bytes_up": [x["cum-bytes-up"] for x in r.round_records],
                         "emulated_seconds": {
-                            p: [0.0, *emulated[p][i]["round_end"]]
-                            for p in opts.profiles
+                            p: [0.0, *emulated[p][i]["round_end"]] for p in profiles
                         },
                     }
                     for i, r in enumerate(good)

@@ -6,10 +6,11 @@ model, seeds, number of nodes); only its run-config overrides differ.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["SUITES", "Suite", "Variant"]
+__all__ = ["SUITES", "Suite", "Variant", "per_profile"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,22 @@ class Variant:
         (:func:`~tandem.schedules.replay_sync_rounds`), ``"pipeline"``
         re-times SimulTrain's exchanges
         (:func:`~tandem.schedules.replay_pipeline`).
+    link_option : str
+        The run-config key through which the method's policy reads the link
+        (``acesync-link``: its budgets follow the bandwidth), or ``""`` when
+        its traffic does not depend on the link. A variant that reads the
+        link runs once per profile (:func:`per_profile`); the others run
+        once and are re-timed under every profile.
+    profile : str | None
+        The profile this variant's runs were made under (set by
+        :func:`per_profile`), or ``None``: re-timed under every profile.
     """
 
     label: str
     overrides: Mapping[str, object]
     schedule: str = "sync"
+    link_option: str = ""
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         method = self.overrides.get("method")
@@ -144,7 +156,11 @@ SUITES: dict[str, Suite] = {
                 "fedavg-periodic",
                 {"method": "fedavg-periodic", "local-steps": 50, "acesync-period": 3},
             ),
-            Variant("acesync", {"method": "acesync", "local-steps": 50}),
+            Variant(
+                "acesync",
+                {"method": "acesync", "local-steps": 50},
+                link_option="acesync-link",
+            ),
             Variant(
                 "acesync-magnitude",
                 {
@@ -152,6 +168,7 @@ SUITES: dict[str, Suite] = {
                     "local-steps": 50,
                     "acesync-importance": "magnitude",
                 },
+                link_option="acesync-link",
             ),
         ),
         defaults={"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
@@ -163,3 +180,32 @@ SUITES: dict[str, Suite] = {
         overhead_width=128,
     ),
 }
+
+
+def per_profile(suite: Suite, profiles: Sequence[str]) -> Suite:
+    """``suite`` with each link-reading variant made once per profile.
+
+    A variant with a ``link_option`` becomes one variant per profile, with
+    that option set to the profile and ``profile`` recording it; its label
+    gets ``@<profile>`` when there is more than one profile. Variants whose
+    traffic does not depend on the link are kept as they are (re-timed
+    under every profile after their one run).
+    """
+    variants: list[Variant] = []
+    for variant in suite.variants:
+        if not variant.link_option or variant.profile is not None:
+            variants.append(variant)
+            continue
+        for profile in profiles:
+            label = (
+                variant.label if len(profiles) == 1 else f"{variant.label}@{profile}"
+            )
+            variants.append(
+                dataclasses.replace(
+                    variant,
+                    label=label,
+                    overrides={**variant.overrides, variant.link_option: profile},
+                    profile=profile,
+                )
+            )
+    return dataclasses.replace(suite, variants=tuple(variants))

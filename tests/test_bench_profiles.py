@@ -1,0 +1,86 @@
+"""The benchmark runs a link-reading method once per profile; others are re-timed."""
+
+from __future__ import annotations
+
+import pytest
+from test_acesync_bench import _run
+
+from tandem.bench.cli import (
+    build_parser,
+    check_profiles,
+    describe_profile,
+    select_variants,
+    workload,
+)
+from tandem.bench.report import format_table, write_plots
+from tandem.bench.runner import BenchOptions, summarize
+from tandem.bench.suites import SUITES, per_profile
+
+SUITE = SUITES["acesync"]
+PROFILES = ("4g", "2mbit/8mbit/120ms")
+
+
+def test_link_reading_variants_run_once_per_profile():
+    suite = per_profile(select_variants(SUITE, ["fedavg", "acesync"], {}), PROFILES)
+    by_label = {v.label: v for v in suite.variants}
+    assert list(by_label) == ["fedavg", "acesync@4g", "acesync@2mbit/8mbit/120ms"]
+    assert by_label["fedavg"].profile is None  # run once, re-timed per profile
+    slow = by_label["acesync@2mbit/8mbit/120ms"]
+    assert slow.profile == "2mbit/8mbit/120ms"
+    assert slow.overrides["acesync-link"] == "2mbit/8mbit/120ms"
+    assert slow.overrides["method"] == "acesync"
+    one = per_profile(select_variants(SUITE, ["acesync"], {}), ["variable"])
+    (only,) = one.variants  # one profile: the label stays
+    assert only.label == "acesync" and only.overrides["acesync-link"] == "variable"
+    assert per_profile(one, PROFILES).variants == one.variants  # already pinned
+
+
+def test_a_pinned_variant_is_timed_under_its_own_profile_only(tmp_path):
+    suite = per_profile(select_variants(SUITE, ["fullsync", "acesync"], {}), PROFILES)
+    v = {x.label: x for x in suite.variants}
+    opts = BenchOptions(out=tmp_path, profiles=PROFILES, nodes=2)
+    runs = [
+        _run(v["fullsync"], 0, [0.1, 0.5], 10_000),
+        _run(v["acesync@4g"], 0, [0.1, 0.5], 4_000),
+        _run(v["acesync@2mbit/8mbit/120ms"], 0, [0.1, 0.45], 1_000),
+    ]
+    results = summarize(suite, opts, runs)
+    methods = results["methods"]
+    assert set(methods["fullsync"]["emulated_seconds"]) == set(PROFILES)
+    assert set(methods["acesync@4g"]["emulated_seconds"]) == {"4g"}
+    slow = methods["acesync@2mbit/8mbit/120ms"]
+    assert set(slow["emulated_seconds"]) == {"2mbit/8mbit/120ms"}
+    assert slow["profile"] == "2mbit/8mbit/120ms"
+    assert slow["bytes_up"] == 2 * 1_000 < methods["acesync@4g"]["bytes_up"]
+    # one round (compute counts 0 here: no GFLOP/s given): 1,000 B down at
+    # 8 Mbit/s is 1 ms + RTT/2, then 1,000 B up at 2 Mbit/s 4 ms + RTT/2
+    assert slow["emulated_seconds"]["2mbit/8mbit/120ms"] == pytest.approx(0.125)
+    # on 4g: 1,000 B down and 4,000 B up at 50 Mbit/s, 2 x 15 ms
+    fast = methods["acesync@4g"]["emulated_seconds"]["4g"]
+    assert fast == pytest.approx(0.00016 + 0.00064 + 0.030)
+    results["assumptions"] = {"profile_names": list(PROFILES)}
+    table = format_table(results)
+    row = next(line for line in table.splitlines() if "acesync@4g" in line)
+    assert "–" in row  # no figure under the profile it was not run under
+    assert len(write_plots(results, tmp_path)) == 3
+
+
+def test_profiles_are_checked_and_described_before_any_run(tmp_path):
+    check_profiles(["4g", "2mbit/8mbit/120ms", "mix:4g,5g"])
+    with pytest.raises(ValueError, match="2mbit/8mbit"):
+        check_profiles(["2mbit/8mbit"])
+    assert describe_profile("2mbit/8mbit/120ms") == {
+        "name": "2mbit/8mbit/120ms",
+        "up_mbps": 2.0,
+        "down_mbps": 8.0,
+        "rtt_ms": pytest.approx(120.0),
+        "jitter_ms": 0.0,
+    }
+    assert describe_profile("mix:4g,5g") == "mix:4g,5g"
+
+
+def test_quick_workload_of_a_step_suite():
+    args = build_parser().parse_args(["acesync", "--quick"])
+    nodes, rounds, steps, extra = workload(args, SUITE)
+    assert (nodes, rounds, steps) == (3, None, 50)
+    assert extra == {"mnist1d-samples": 1000}
