@@ -87,7 +87,7 @@ def test_bytes_are_counted_per_node_and_round(fedavg_run):
 def test_wandb_offline_history_from_the_server_app(fedavg_run):
     _, run_dir = fedavg_run
     history = read_history(run_dir)
-    steps = sorted(row["_step"] for row in history if "eval-accuracy" in row)
+    steps = sorted(row["_step"] for row in history if "round/eval-accuracy" in row)
     assert steps == list(range(ROUNDS + 1))
 
 
