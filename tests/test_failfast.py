@@ -181,3 +181,15 @@ def test_local_epochs_reach_the_nodes(tmp_path):
     # 600 samples, 480 to train, 160 a node: one epoch is ceil(160 / 32) = 5 steps
     (round_1,) = [r for r in records if r["event"] == "round" and r["round"] == 1]
     assert round_1["steps"] == 5
+
+
+def test_simultrain_reports_periods_as_periods(tmp_path, capsys):
+    records, _ = run_inprocess(SIMULTRAIN, nodes=2, out=tmp_path)
+    out = capsys.readouterr().out
+    assert "period 1/3" in out and "round 1/" not in out  # 8 steps, eval every 4
+    assert records[-1]["periods"] == 3 and "rounds" not in records[-1]
+    done = next(line for line in out.splitlines() if "done:" in line)
+    shown = done.split("done:", 1)[1]
+    assert "[" not in shown and "{" not in shown  # per-period lists stay in the file
+    assert "emulated-seconds-per-period" not in shown
+    assert out.splitlines()[-1].startswith("[tandem] plot it:   tandem plot ")

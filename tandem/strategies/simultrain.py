@@ -484,7 +484,7 @@ def run(srv: ServerRun) -> None:
     srv.tracker.finish(
         {
             "method": cfg.method,
-            "rounds": period,
+            "periods": period,
             "final-accuracy": final,
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
