@@ -151,3 +151,28 @@ def test_acesync_budgets_follow_a_declared_rates_or_trace_link():
     estimator = policy.estimators[1]
     policy._declared(1, "2mbit/8mbit/120ms")  # the same link again: kept as is
     assert policy.estimators[1] is estimator
+
+
+def test_acesync_sends_less_on_a_slower_custom_link(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    from inprocess import run_inprocess
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    config = {
+        "method": "acesync",
+        "mnist1d-samples": 600,
+        "local-steps": 5,
+        "num-server-rounds": 1,
+        "acesync-clusters": 1,
+        "acesync-personalize-rounds": 0,
+    }
+    up = {}
+    for link in ("4g", "2mbit/8mbit/120ms"):
+        records, _ = run_inprocess(
+            {**config, "acesync-link": link}, nodes=2, out=tmp_path / link[:2]
+        )
+        plans = [r for r in records if r["event"] == "plan"]
+        assert {p["bandwidth-mbps"] for p in plans} == {50.0 if link == "4g" else 2.0}
+        up[link] = records[-1]["bytes-up"]
+    assert up["2mbit/8mbit/120ms"] < up["4g"]  # eq. 5: a smaller budget
