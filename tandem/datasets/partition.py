@@ -110,13 +110,12 @@ def _all_partitions(
     alpha: float,
     seed: int,
 ) -> tuple[np.ndarray, ...]:
+    from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         NaturalIdPartitioner,
     )
-
-    from datasets import Dataset
 
     labels = np.frombuffer(key[0], dtype=np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
