@@ -2,24 +2,36 @@
 
 Flower hands every app a flat mapping of kebab-case keys (``context.run_config``,
 defaults in ``pyproject.toml``, overrides with ``flwr run . -c "key=value"``).
-tandem reads that mapping exactly once, at the edge of each app, into frozen
-dataclasses, and passes those down. Every field declares its key, its rule and a
-check, so an invalid value stops the run before training with a message naming
-the key, the value and the rule.
+tandem reads that mapping exactly once per app (:meth:`RunConfig.from_flat`)
+into frozen dataclasses, and passes those down. Every field declares its key,
+its rule and a check (:func:`tandem.options.option`), so an invalid value stops
+the run before training with one line naming the key, the value and the rule.
 
 Methods add their own section by declaring a dataclass with :func:`option`
-fields and registering it (see :mod:`tandem.registry`); their keys are then
-accepted and validated like the core ones, and any other key is rejected.
+fields and naming it in the method registry (:mod:`tandem.registry`); the
+sections of *every* registered method are validated on every run, whatever the
+method, the chosen method's is kept in :attr:`RunConfig.options`, and any other
+key is rejected. Dataset and model names are the keys of their registries
+(:data:`tandem.datasets.DATASETS`, :data:`tandem.models.MODELS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_type_hints
+from typing import TypeVar
+
+from tandem.options import (
+    ConfigError,
+    Scalar,
+    option,
+    parse_section,
+    reject_unknown_keys,
+    section_keys,
+    section_values,
+)
+from tandem.registry import METHODS, get_method, method_option_classes
 
 __all__ = [
     "ConfigError",
@@ -30,144 +42,10 @@ __all__ = [
     "option",
     "parse_section",
     "section_keys",
+    "section_values",
 ]
 
 T = TypeVar("T")
-Scalar = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """An invalid run-config value: names the key, the value and the rule."""
-
-    def __init__(self, key: str, value: object, rule: str) -> None:
-        self.key = key
-        self.value = value
-        self.rule = rule
-        super().__init__(f"run config '{key}' = {value!r}: {rule}")
-
-
-def option(
-    key: str,
-    default: Scalar,
-    rule: str = "",
-    check: Callable[[Any], bool] | None = None,
-    choices: Iterable[str] | None = None,
-) -> Any:
-    """Declare a dataclass field read from the run-config ``key``.
-
-    Parameters
-    ----------
-    key : str
-        The flat kebab-case run-config key.
-    default : bool | int | float | str
-        The value used when the key is absent.
-    rule : str (default: "")
-        The rule in words, shown when ``check`` fails.
-    check : callable, optional
-        Returns ``True`` for an acceptable value.
-    choices : iterable of str, optional
-        The accepted values of a string option (the rule is derived from them).
-    """
-    meta = {"key": key, "rule": rule, "check": check, "choices": None}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def _coerce(key: str, value: object, kind: type) -> Scalar:
-    """Convert a run-config value to the field's type, strictly."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(key, value, "must be true or false")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(key, value, "must be an integer")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, value, "must be a number")
-        if not math.isfinite(float(value)):
-            raise ConfigError(key, value, "must be a finite number")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, value, "must be a string")
-        return value
-    raise TypeError(f"unsupported option type {kind!r} for '{key}'")
-
-
-def section_keys(cls: type) -> tuple[str, ...]:
-    """Run-config keys read by the dataclass ``cls`` (and its nested sections)."""
-    keys: list[str] = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if "key" in f.metadata:
-            keys.append(f.metadata["key"])
-        elif dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(section_keys(hints[f.name]))
-    return tuple(keys)
-
-
-def section_values(section: object) -> dict[str, Scalar]:
-    """Every run-config key of a parsed section (and nested ones) with its value."""
-    out: dict[str, Scalar] = {}
-    if section is None:
-        return out
-    for f in dataclasses.fields(section):  # type: ignore[arg-type]
-        value = getattr(section, f.name)
-        if "key" in f.metadata:
-            out[f.metadata["key"]] = value
-        elif dataclasses.is_dataclass(value):
-            out.update(section_values(value))
-    return out
-
-
-def parse_section(cls: type[T], flat: Mapping[str, object]) -> T:
-    """Build the frozen dataclass ``cls`` from a flat run-config mapping.
-
-    Missing keys take their defaults; present ones are type-checked and
-    validated. Nested dataclass fields are parsed from the same mapping.
-
-    Raises
-    ------
-    ConfigError
-        If a value has the wrong type, is not one of the choices or breaks the
-        field's rule.
-    """
-    hints = get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        kind = hints[f.name]
-        if "key" not in f.metadata:
-            if dataclasses.is_dataclass(kind):
-                values[f.name] = parse_section(kind, flat)  # type: ignore[arg-type]
-            continue
-        key = f.metadata["key"]
-        raw = flat.get(key, f.default)
-        value = _coerce(key, raw, kind)
-        choices = f.metadata["choices"]
-        if choices is not None and value not in choices:
-            raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
-        check = f.metadata["check"]
-        if check is not None and not check(value):
-            raise ConfigError(key, value, f.metadata["rule"])
-        values[f.name] = value
-    return cls(**values)
-
-
-def reject_unknown_keys(flat: Mapping[str, object], known: Iterable[str]) -> None:
-    """Raise :class:`ConfigError` for the first key that no section reads."""
-    known = set(known)
-    for key in sorted(flat):
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(key, flat[key], f"is not a tandem run-config key{hint}")
 
 
 def _positive(x: float) -> bool:
@@ -193,16 +71,33 @@ def _device(spec: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
-DATASETS = ("mnist1d", "wisdm", "mnist", "cifar10")
 PARTITIONERS = ("iid", "dirichlet", "natural")
-MODELS = ("auto", "cnn1d", "cnn2d", "mlp", "resnet18")
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The ``dataset`` choices: the keys of :data:`tandem.datasets.DATASETS`."""
+    from tandem.datasets import DATASETS
+
+    return tuple(DATASETS)
+
+
+def model_names() -> tuple[str, ...]:
+    """The ``model`` choices: ``auto`` and the keys of :data:`tandem.models.MODELS`."""
+    from tandem.models import MODELS
+
+    return ("auto", *MODELS)
+
+
+def method_names() -> tuple[str, ...]:
+    """The ``method`` choices: the keys of :data:`tandem.registry.METHODS`."""
+    return tuple(METHODS)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is split across nodes."""
 
-    dataset: str = option("dataset", "mnist1d", choices=DATASETS)
+    dataset: str = option("dataset", "mnist1d", choices=dataset_names)
     path: str = option("data-path", "")
     download: bool = option("data-download", False)
     mnist1d_samples: int = option(
@@ -237,7 +132,7 @@ class DataConfig:
 class TrainConfig:
     """Local optimisation, shared by every method."""
 
-    model: str = option("model", "auto", choices=MODELS)
+    model: str = option("model", "auto", choices=model_names)
     local_steps: int = option("local-steps", 50, "must be >= 1", lambda n: n >= 1)
     local_epochs: float = option(
         "local-epochs", 0.0, "must be >= 0 (0: no cap)", lambda e: e >= 0
@@ -277,7 +172,7 @@ class TrackingConfig:
 class RunConfig:
     """The whole run configuration, read once per app invocation."""
 
-    method: str = option("method", "fedavg")
+    method: str = option("method", "fedavg", choices=method_names)
     num_server_rounds: int = option(
         "num-server-rounds", 20, "must be >= 1", lambda n: n >= 1
     )
@@ -304,6 +199,8 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    #: The chosen method's own section (``None`` for a method without one).
+    options: object | None = None
 
     @property
     def seed(self) -> int:
@@ -312,27 +209,48 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, object]) -> RunConfig:
-        """Parse and validate a flat run config, rejecting unknown keys.
+        """Parse and validate a flat run config: every key, whatever the method.
 
-        The method named by ``method`` must be registered; its own option
-        section (if any) is validated too, see :func:`tandem.registry.get_method`.
+        The core sections are parsed, unknown keys are rejected, and the option
+        section of *every* registered method is parsed and validated (a bad
+        ``acesync-*`` value stops a FedAvg run too); the chosen method's
+        section is kept in :attr:`options`.
+
+        Raises
+        ------
+        ConfigError
+            For the first bad key: its name, its value and the rule.
         """
-        from tandem.registry import get_method, method_option_keys
-
         cfg = parse_section(cls, flat)
         spec = get_method(cfg.method)
-        reject_unknown_keys(flat, (*section_keys(cls), *method_option_keys()))
-        if spec.options is not None:
-            parse_section(spec.options, flat)
-        return cfg
+        reject_unknown_keys(flat, all_keys())
+        sections = {kind: parse_section(kind, flat) for kind in method_option_classes()}
+        chosen = None if spec.options is None else sections[spec.options]
+        return dataclasses.replace(cfg, options=chosen)
 
-    def method_options(self, flat: Mapping[str, object]) -> Any:
-        """The registered method's own option section, parsed from ``flat``."""
-        from tandem.registry import get_method
+    def options_as(self, kind: type[T]) -> T:
+        """The chosen method's section, checked to be a ``kind``.
 
-        spec = get_method(self.method)
-        return None if spec.options is None else parse_section(spec.options, flat)
+        Raises
+        ------
+        TypeError
+            If the method's section is not a ``kind`` (or it has none).
+        """
+        if not isinstance(self.options, kind):
+            raise TypeError(
+                f"method '{self.method}' has {type(self.options).__name__} "
+                f"options, not {kind.__name__}"
+            )
+        return self.options
 
     def as_flat(self) -> dict[str, Scalar]:
-        """Every core key with its effective value (for tracking)."""
+        """Every key with its effective value, the method's own included."""
         return section_values(self)
+
+
+def all_keys() -> Iterable[str]:
+    """Every accepted run-config key: the core ones and every method's."""
+    keys = [*section_keys(RunConfig)]
+    for kind in method_option_classes():
+        keys.extend(section_keys(kind))
+    return keys

@@ -1,8 +1,12 @@
-"""Small splittable models.
+"""Small splittable models, by name: the :data:`MODELS` registry.
 
 Every model is an :class:`torch.nn.Sequential` with named stages, so it can be
 cut at a stage boundary into an edge part ``f_e`` and a cloud part ``f_c``
-(SimulTrain). Each carries a named default cut in :data:`DEFAULT_CUTS`.
+(SimulTrain). Each registry entry is a builder ``(input_shape, num_classes) ->
+nn.Sequential`` (raising :class:`~tandem.options.ConfigError` for inputs it does
+not fit) and its named default cut. Adding a model is one builder and one line
+in :data:`MODELS`; the run config's ``model`` choices are its keys (and
+``auto``).
 
 =========  ==========================  ===========================  ===========
 name       for                         parameters (MNIST-1D / 28px)  default cut
@@ -18,20 +22,23 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tandem.config import ConfigError
+from tandem.options import ConfigError
 
-__all__ = ["DEFAULT_CUTS", "build_model", "default_model_for", "resolve_device"]
-
-DEFAULT_CUTS = {
-    "cnn1d": "act1",
-    "cnn2d": "pool2",
-    "mlp": "act1",
-    "resnet18": "layer2",
-}
+__all__ = [
+    "DEFAULT_CUTS",
+    "MODELS",
+    "ModelEntry",
+    "build_model",
+    "default_model_for",
+    "model_entry",
+    "resolve_device",
+]
 
 
 def default_model_for(input_shape: tuple[int, ...]) -> str:
@@ -125,50 +132,87 @@ def resnet18(in_channels: int, num_classes: int) -> nn.Sequential:
     )
 
 
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
-) -> nn.Sequential:
-    """Build model ``name`` for inputs of ``input_shape`` (channels first).
+def _fits(name: str, ok: bool, needs: str, input_shape: tuple[int, ...]) -> None:
+    if not ok:
+        raise ConfigError("model", name, f"needs {needs} inputs, got {input_shape}")
 
-    Weights are initialised from a private generator seeded with ``seed``, so
-    every node and the server build the same initial model without touching
-    torch's global RNG.
+
+def _cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    _fits("cnn1d", len(input_shape) == 2, "(C, L)", input_shape)
+    return cnn1d(input_shape[0], input_shape[1], num_classes)
+
+
+def _cnn2d(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    square = len(input_shape) == 3 and input_shape[1] == input_shape[2]
+    _fits("cnn2d", square, "square (C, H, W)", input_shape)
+    return cnn2d(input_shape[0], input_shape[1], num_classes)
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    return mlp(math.prod(input_shape), num_classes)
+
+
+def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    _fits("resnet18", len(input_shape) == 3, "(C, H, W)", input_shape)
+    return resnet18(input_shape[0], num_classes)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its builder and the stage SimulTrain cuts after."""
+
+    build: Callable[[tuple[int, ...], int], nn.Sequential]
+    default_cut: str
+
+
+#: Model name -> builder and default cut.
+MODELS: dict[str, ModelEntry] = {
+    "cnn1d": ModelEntry(_cnn1d, "act1"),
+    "cnn2d": ModelEntry(_cnn2d, "pool2"),
+    "mlp": ModelEntry(_mlp, "act1"),
+    "resnet18": ModelEntry(_resnet18, "layer2"),
+}
+#: Model name -> default cut (read from :data:`MODELS`).
+DEFAULT_CUTS = {name: entry.default_cut for name, entry in MODELS.items()}
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The model registered as ``name``.
 
     Raises
     ------
     ConfigError
-        If the model does not fit the input (e.g. ``cnn2d`` on 1-D signals).
+        Naming ``model`` and the registered names, if ``name`` is not one.
+    """
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            "model", name, f"must be one of auto, {', '.join(MODELS)}"
+        ) from None
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+) -> nn.Sequential:
+    """Build model ``name`` (or the ``auto`` pick) for inputs of ``input_shape``.
+
+    Inputs are channels first. Weights are initialised from a private generator
+    seeded with ``seed``, so every node and the server build the same initial
+    model without touching torch's global RNG.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is not registered, or the model does not fit the input
+        (e.g. ``cnn2d`` on 1-D signals).
     """
     if name == "auto":
         name = default_model_for(input_shape)
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
+    entry = model_entry(name)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "cnn1d":
-            if len(input_shape) != 2:
-                raise ConfigError(
-                    "model", name, f"needs (C, L) inputs, got {input_shape}"
-                )
-            model = cnn1d(input_shape[0], input_shape[1], num_classes)
-        elif name == "cnn2d":
-            if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
-                raise ConfigError(
-                    "model", name, f"needs square (C, H, W) inputs, got {input_shape}"
-                )
-            model = cnn2d(input_shape[0], input_shape[1], num_classes)
-        elif name == "mlp":
-            model = mlp(math.prod(input_shape), num_classes)
-        elif name == "resnet18":
-            if len(input_shape) != 3:
-                raise ConfigError(
-                    "model", name, f"needs (C, H, W) inputs, got {input_shape}"
-                )
-            model = resnet18(input_shape[0], num_classes)
-        else:
-            raise ConfigError(
-                "model", name, f"must be one of auto, {', '.join(DEFAULT_CUTS)}"
-            )
-    return model
+        return entry.build(input_shape, num_classes)
 
 
 def resolve_device(spec: str, key: str = "device") -> torch.device:

@@ -1,9 +1,14 @@
 """The method registry: run-config ``method`` name -> cloud side and edge side.
 
 A method is a strategy module (cloud side, run inside the ServerApp) and a
-client module (edge side, message handlers inside the ClientApp). Adding one is
-adding those modules and one :class:`MethodSpec` line to :data:`METHODS`.
-Unknown names are rejected with the list of known ones.
+client module (edge side, message handlers inside the ClientApp), plus an
+optional option section. Adding one is adding those modules and one
+:class:`MethodSpec` line to :data:`METHODS`. Unknown names are rejected with
+the list of known ones.
+
+Every part is named by a ``"module:attribute"`` string and imported only when
+asked for, so reading the table (as :mod:`tandem.config` does) imports no
+method module: this module depends on :mod:`tandem.options` alone.
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from tandem.config import ConfigError, section_keys
+from tandem.options import ConfigError, section_keys
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -22,7 +26,14 @@ if TYPE_CHECKING:
     from tandem.config import RunConfig
     from tandem.server_context import ServerRun
 
-__all__ = ["METHODS", "ClientHandler", "MethodSpec", "get_method"]
+__all__ = [
+    "METHODS",
+    "ClientHandler",
+    "MethodSpec",
+    "get_method",
+    "method_option_classes",
+    "method_option_keys",
+]
 
 #: Edge-side handler: (message, node context, run config) -> reply message.
 ClientHandler = Callable[["Message", "Context", "RunConfig"], "Message"]
@@ -49,7 +60,7 @@ class MethodSpec:
     client : str
         ``"module:HANDLERS"``; a mapping from Flower message type (``"train"``,
         ``"evaluate"``, ``"train.<action>"``) to a :data:`ClientHandler`.
-    options : str | None (default: None)
+    options_ref : str | None (default: None)
         ``"module:Class"`` of a frozen dataclass of :func:`tandem.config.option`
         fields holding the method's own run-config keys.
     """
@@ -150,11 +161,16 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError("method", name, f"must be one of {known}") from None
 
 
-@cache
+def method_option_classes() -> tuple[type, ...]:
+    """Every registered method's option section, each class once, in table order."""
+    classes: list[type] = []
+    for spec in METHODS.values():
+        kind = spec.options
+        if kind is not None and kind not in classes:
+            classes.append(kind)
+    return tuple(classes)
+
+
 def method_option_keys() -> tuple[str, ...]:
     """Run-config keys declared by every registered method's options."""
-    keys: list[str] = []
-    for spec in METHODS.values():
-        if spec.options is not None:
-            keys.extend(section_keys(spec.options))
-    return tuple(keys)
+    return tuple(key for kind in method_option_classes() for key in section_keys(kind))

@@ -1,6 +1,7 @@
 """Data sources and partitioning.
 
-``load_dataset(cfg)`` returns a :class:`DataBundle` for the configured source:
+``load_dataset(cfg)`` returns a :class:`DataBundle` for the configured source,
+built by the entry of :data:`DATASETS` named by ``dataset``:
 
 - ``mnist1d`` (default): generated locally, no download (:mod:`.mnist1d`).
 - ``wisdm``: WISDM v1.1 activity windows from a user-supplied raw file
@@ -8,63 +9,90 @@
 - ``mnist`` / ``cifar10``: torchvision datasets from a local root, downloaded
   only when ``data-download=true`` (:mod:`.vision`).
 
-``load_partition(cfg, num_partitions, partition_id)`` returns one node's share
-of the training split (:mod:`.partition`).
+Adding a source is one builder function ``(DataConfig) -> DataBundle`` and one
+line in :data:`DATASETS`; the run config's ``dataset`` choices are its keys.
+:func:`partition_indices` cuts a split into one node's share (:mod:`.partition`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from tandem.config import DataConfig
 from tandem.datasets.base import ArraySplit, DataBundle, DataError
 from tandem.datasets.partition import partition_indices
+from tandem.options import ConfigError
+
+if TYPE_CHECKING:
+    from tandem.config import DataConfig
 
 __all__ = [
+    "DATASETS",
     "ArraySplit",
     "DataBundle",
     "DataError",
+    "dataset_builder",
     "load_dataset",
-    "load_partition",
     "partition_indices",
 ]
+
+
+def _mnist1d(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.mnist1d import load_mnist1d
+
+    return load_mnist1d(cfg.mnist1d_samples, cfg.test_fraction)
+
+
+def _wisdm(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.wisdm import load_wisdm
+
+    return load_wisdm(
+        cfg.path,
+        window=cfg.wisdm_window,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+
+
+def _mnist(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.vision import load_torchvision
+
+    return load_torchvision("mnist", cfg.path or "data", cfg.download)
+
+
+def _cifar10(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.vision import load_torchvision
+
+    return load_torchvision("cifar10", cfg.path or "data", cfg.download)
+
+
+#: Dataset name -> builder. The builders import their source only when called.
+DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
+    "mnist1d": _mnist1d,
+    "wisdm": _wisdm,
+    "mnist": _mnist,
+    "cifar10": _cifar10,
+}
+
+
+def dataset_builder(name: str) -> Callable[[DataConfig], DataBundle]:
+    """The builder registered as ``name``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``dataset`` and the registered names, if ``name`` is not one.
+    """
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(
+            "dataset", name, f"must be one of {', '.join(DATASETS)}"
+        ) from None
 
 
 @lru_cache(maxsize=4)
 def load_dataset(cfg: DataConfig) -> DataBundle:
     """Load the configured source (cached per process)."""
-    if cfg.dataset == "mnist1d":
-        from tandem.datasets.mnist1d import load_mnist1d
-
-        return load_mnist1d(cfg.mnist1d_samples, cfg.test_fraction)
-    if cfg.dataset == "wisdm":
-        from tandem.datasets.wisdm import load_wisdm
-
-        return load_wisdm(
-            cfg.path,
-            window=cfg.wisdm_window,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.seed,
-        )
-    if cfg.dataset in ("mnist", "cifar10"):
-        from tandem.datasets.vision import load_torchvision
-
-        return load_torchvision(cfg.dataset, cfg.path or "data", cfg.download)
-    raise DataError(f"unknown dataset {cfg.dataset!r}")
-
-
-def load_partition(
-    cfg: DataConfig, num_partitions: int, partition_id: int
-) -> ArraySplit:
-    """One node's share of the training split."""
-    train = load_dataset(cfg).train
-    idx = partition_indices(
-        train.y,
-        train.groups,
-        cfg.partitioner,
-        num_partitions,
-        partition_id,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-    )
-    return train.subset(idx)
+    return dataset_builder(cfg.dataset)(cfg)

@@ -20,8 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from tandem.config import ConfigError
 from tandem.datasets.cache import cached_arrays
+from tandem.options import ConfigError
 
 __all__ = ["partition_indices"]
 

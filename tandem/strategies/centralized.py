@@ -69,10 +69,7 @@ def run(srv: ServerRun) -> None:
     cfg = srv.cfg
     data = srv.data()
     device = srv.device
-    nodes = sorted(srv.grid.get_node_ids())
-    while len(nodes) < cfg.min_nodes:
-        time.sleep(0.5)
-        nodes = sorted(srv.grid.get_node_ids())
+    nodes = srv.wait_for_nodes()
     srv.ledger.current_round = 1
     messages = [
         Message(content=RecordDict(), dst_node_id=n, message_type=MESSAGE_TYPE)

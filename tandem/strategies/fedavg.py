@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
 
-from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
-from tandem.checkpoint import resume_from, save_checkpoint
+from tandem.accounting import payload_bytes
 from tandem.config import ConfigError
 from tandem.failures import app_errors, stop_if_all_failed
 from tandem.server_context import ServerRun
@@ -40,15 +41,13 @@ from tandem.training import evaluate
 from tandem.wire import (
     KEY_ARRAYS,
     KEY_LOCAL_STEPS,
-    KEY_METRICS,
-    KEY_NODE,
     PayloadError,
     check_arrays,
-    get_record,
     layout_of,
 )
 
 __all__ = [
+    "MAX_METRIC_LIST",
     "CheckedFedAvg",
     "CheckedFedAvgM",
     "ReplyChecks",
@@ -62,67 +61,132 @@ __all__ = [
 def _capturing(
     sink: dict[str, float],
 ) -> Callable[[list[RecordDict], str], MetricRecord]:
-    """Flower's weighted metric average that also keeps its result in ``sink``."""
+    """Flower's weighted metric average that also keeps its numbers in ``sink``."""
 
     def aggregate(records: list[RecordDict], weighting_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(records, weighting_key)
         sink.clear()
-        sink.update({k: float(v) for k, v in metrics.items() if k != weighting_key})
+        sink.update(
+            {
+                k: float(v)
+                for k, v in metrics.items()
+                if k != weighting_key and not isinstance(v, list)
+            }
+        )
         return metrics
 
     return aggregate
 
 
-#: Metric keys a FedAvg reply carries (the edge handler's contract).
-REPLY_METRICS = frozenset(
-    {"train-loss", "num-examples", "train-seconds", KEY_COMPUTE_SECONDS, "steps"}
-)
-#: Records a FedAvg reply may carry.
-REPLY_RECORDS = frozenset({KEY_ARRAYS, KEY_METRICS, KEY_NODE})
+#: Longest list a reply's metric may hold (Flower's MetricRecord allows lists).
+MAX_METRIC_LIST = 4096
 #: Checkpoint names of the strategy's own arrays and of torch's RNG state.
 _STRATEGY = "__strategy__/"
 _TORCH_RNG = "__rng__/torch"
+#: A reply's metrics by shape: ``(key, None)`` for a number, ``(key, n)`` for a
+#: list of ``n`` numbers. Flower averages only replies of one shape.
+MetricShape = tuple[tuple[str, int | None], ...]
+
+
+def _one_record(kind: str, records: Mapping[str, object]) -> str:
+    """The name of the reply's only ``kind`` record (Flower's rule: exactly one)."""
+    if len(records) != 1:
+        raise PayloadError(
+            f"expected exactly one {kind}, got {len(records)} ({sorted(records)})"
+        )
+    return next(iter(records))
+
+
+def _finite(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def check_reply(
     content: RecordDict,
     layout: Mapping[str, tuple[tuple[int, ...], str]],
-    max_examples: int,
+    max_examples: float | None,
     max_bytes: int,
-) -> None:
-    """Check one FedAvg reply before it may touch the global model.
+    weighted_by_key: str = "num-examples",
+) -> MetricShape:
+    """Check one FedAvg-family reply before it may touch the global model.
+
+    The reply must be what Flower's FedAvg averages (exactly one ArrayRecord and
+    one MetricRecord, whatever their names; ConfigRecords may come along) and
+    safe to average: its arrays match the model sent (keys, shapes, dtypes, no
+    NaN/Inf), every metric is a finite number or a list of at most
+    :data:`MAX_METRIC_LIST` finite numbers, and the weight ``weighted_by_key``
+    is a finite number in ``(0, max_examples]``. Which metrics a reply carries
+    is not checked: a plain Flower client's reply passes.
+
+    Returns
+    -------
+    MetricShape
+        The metrics' keys and list lengths, to compare replies of one round.
 
     Raises
     ------
     PayloadError
-        Naming what is wrong: unknown or missing records, an oversized
-        payload, arrays that do not match the global model (keys, shapes,
-        dtypes, NaN/Inf), or metrics that are missing, unknown, non-finite,
-        or an example count outside ``[1, max_examples]``.
+        Naming what is wrong.
     """
-    unknown = sorted(set(content.keys()) - REPLY_RECORDS)
-    if unknown:
-        raise PayloadError(f"unknown records {unknown}")
     nbytes = payload_bytes(content)
     if nbytes > max_bytes:
         raise PayloadError(f"payload of {nbytes} bytes exceeds the {max_bytes} limit")
-    check_arrays(get_record(content, KEY_ARRAYS, ArrayRecord), layout)  # type: ignore[arg-type]
-    metrics = get_record(content, KEY_METRICS, MetricRecord)
-    keys = set(metrics.keys())  # type: ignore[attr-defined]
-    if keys != REPLY_METRICS:
-        raise PayloadError(
-            f"metric keys differ: missing {sorted(REPLY_METRICS - keys)}, "
-            f"unknown {sorted(keys - REPLY_METRICS)}"
-        )
-    for key in sorted(keys):
-        value = metrics[key]  # type: ignore[index]
-        if not isinstance(value, int | float) or not math.isfinite(value):
+    arrays = _one_record("ArrayRecord", content.array_records)
+    check_arrays(content.array_records[arrays], layout)
+    name = _one_record("MetricRecord", content.metric_records)
+    metrics = content.metric_records[name]
+    shape: list[tuple[str, int | None]] = []
+    for key in sorted(metrics.keys()):
+        value = metrics[key]
+        if isinstance(value, list):
+            if len(value) > MAX_METRIC_LIST or not all(map(_finite, value)):
+                raise PayloadError(
+                    f"metric '{key}' is not a list of at most {MAX_METRIC_LIST} "
+                    "finite numbers"
+                )
+            shape.append((key, len(value)))
+        elif _finite(value):
+            shape.append((key, None))
+        else:
             raise PayloadError(f"metric '{key}' = {value!r} is not a finite number")
-    examples = metrics["num-examples"]  # type: ignore[index]
-    if not 1 <= examples <= max_examples:
+    if weighted_by_key not in metrics:
+        raise PayloadError(f"metric '{weighted_by_key}' (the weight) is missing")
+    weight = metrics[weighted_by_key]
+    top = math.inf if max_examples is None else max_examples
+    if isinstance(weight, list) or not 0 < weight <= top:
         raise PayloadError(
-            f"metric 'num-examples' = {examples} outside [1, {max_examples}]"
+            f"metric '{weighted_by_key}' = {weight!r} (the weight) outside (0, {top}]"
         )
+    return tuple(shape)
+
+
+def _odd_shapes(shapes: Sequence[MetricShape]) -> dict[int, str]:
+    """Replies (by index) whose metrics differ from the round's usual shape.
+
+    Flower's FedAvg averages metrics key by key and stops the run when replies
+    disagree; the shape most replies share (on a tie, the first reply's) is
+    kept, the others are named with what differs.
+    """
+    counts: dict[MetricShape, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    usual = max(shapes, key=lambda s: counts[s]) if shapes else ()
+    odd = {}
+    for i, shape in enumerate(shapes):
+        if shape != usual:
+            mine, theirs = dict(shape), dict(usual)
+            missing = sorted(set(theirs) - set(mine))
+            unknown = sorted(set(mine) - set(theirs))
+            sizes = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+            odd[i] = (
+                f"metrics differ from the round's other replies: missing {missing}, "
+                f"unknown {unknown}, other list lengths {sizes}"
+            )
+    return odd
 
 
 def missing_replies(asked: Iterable[int], replies: Sequence[Message]) -> dict[int, str]:
@@ -163,19 +227,23 @@ class ReplyChecks:
     """Mixin for Flower's FedAvg family: drop malformed replies before averaging.
 
     FedAvg would average a NaN, a wrong shape or an inflated example count
-    straight into the global model, and one reply with odd metric keys makes
-    it skip the whole round. This subclass checks each reply
-    (:func:`check_reply`) against the arrays it sent that round, reports each
-    rejection with its reason through ``on_reject``, and hands only the good
-    replies to the strategy's own ``aggregate_train``. Put it first in the
+    straight into the global model, and replies whose metrics disagree stop the
+    run (``InconsistentMessageReplies``). This mixin checks each reply
+    (:func:`check_reply`) against the arrays sent that round, keeps the replies
+    whose metrics have the round's usual keys, reports each rejection with its
+    reason through ``on_reject``, and hands only the good replies to the
+    strategy's own ``aggregate_train``. The strategy's ``weighted_by_key`` is the
+    weight checked; record names are not (Flower takes the one ArrayRecord and
+    the one MetricRecord of a reply, whatever their names). Put it first in the
     bases: ``class CheckedFedAvg(ReplyChecks, FedAvg)``.
 
     Parameters
     ----------
-    on_reject : callable
-        ``(server_round, node_id, reason) -> None``.
-    max_examples : int
-        Largest credible ``num-examples`` (the training set's size).
+    on_reject : callable, optional
+        ``(server_round, node_id, reason) -> None`` (default: a warning in
+        Flower's log).
+    max_examples : float, optional
+        Largest credible weight (the training set's size; default: no bound).
     on_dropout : callable, optional
         ``(server_round, node_id, reason) -> None`` for each node sent a
         train message that answered with an error or not at all
@@ -184,19 +252,21 @@ class ReplyChecks:
         Passed to the Flower strategy.
     """
 
+    weighted_by_key: str
+
     def __init__(
         self,
         *,
-        on_reject: Callable[[int, int, str], None],
-        max_examples: int,
+        on_reject: Callable[[int, int, str], None] | None = None,
+        max_examples: float | None = None,
         on_dropout: Callable[[int, int, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.on_reject = on_reject
+        self.on_reject = on_reject or _log_rejection
         self.on_dropout = on_dropout
         self.max_examples = max_examples
-        self._layout: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._layout: dict[str, tuple[tuple[int, ...], str]] | None = None
         self._max_bytes = 0
         self._asked: list[int] = []
 
@@ -218,26 +288,52 @@ class ReplyChecks:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the replies that pass :func:`check_reply`."""
+        """Aggregate the replies that pass :func:`check_reply` and agree."""
+        if self._layout is None:
+            raise RuntimeError(
+                "aggregate_train before configure_train (or expect): "
+                "there is no model to check the replies against"
+            )
         replies = list(replies)
         if self.on_dropout is not None:
             for node, why in missing_replies(self._asked, replies).items():
                 self.on_dropout(server_round, node, why)
         stop_if_all_failed(server_round, self._asked, app_errors(self._asked, replies))
-        good = []
+        good, checked, shapes = [], [], []
         for msg in replies:
             if msg.has_error():
                 good.append(msg)  # FedAvg counts and logs failures itself
                 continue
             try:
-                check_reply(
-                    msg.content, self._layout, self.max_examples, self._max_bytes
+                shape = check_reply(
+                    msg.content,
+                    self._layout,
+                    self.max_examples,
+                    self._max_bytes,
+                    self.weighted_by_key,
                 )
             except PayloadError as err:
                 self.on_reject(server_round, msg.metadata.src_node_id, str(err))
                 continue
-            good.append(msg)
+            checked.append(msg)
+            shapes.append(shape)
+        odd = _odd_shapes(shapes)
+        for i, msg in enumerate(checked):
+            if i in odd:
+                self.on_reject(server_round, msg.metadata.src_node_id, odd[i])
+            else:
+                good.append(msg)
         return super().aggregate_train(server_round, good)  # type: ignore[misc]
+
+
+def _log_rejection(server_round: int, node_id: int, reason: str) -> None:
+    log(
+        WARNING,
+        "round %s: rejected reply from node %s: %s",
+        server_round,
+        node_id,
+        reason,
+    )
 
 
 class CheckedFedAvg(ReplyChecks, FedAvg):
@@ -263,15 +359,13 @@ def _checkpoint(
     state[_TORCH_RNG] = torch.get_rng_state().numpy()
     version, internal, gauss = random.getstate()
     counters: dict[str, Any] = {
-        "method": srv.cfg.method,
         "round": server_round,
-        "seed": srv.cfg.seed,
         "python-random": [version, list(internal), gauss],
     }
     if hasattr(fedavg, "checkpoint_state"):
         extra, counters["strategy"] = fedavg.checkpoint_state()
         state.update({f"{_STRATEGY}{k}": v for k, v in extra.items()})
-    save_checkpoint(srv.tracker.run_dir / "checkpoint.npz", state, counters)
+    srv.save_checkpoint(state, counters)
 
 
 @dataclass(frozen=True)
@@ -300,9 +394,10 @@ class _Resumed:
 
 def _resume(srv: ServerRun, model: torch.nn.Module) -> _Resumed | None:
     """The checkpoint named by ``resume``, checked against the model."""
-    if not srv.cfg.resume:
+    checkpoint = srv.resumed()
+    if checkpoint is None:
         return None
-    arrays, state = resume_from(srv.cfg.resume, srv.cfg.method)
+    arrays, state = checkpoint
     momentum = [
         arrays.pop(k)
         for k in sorted(
@@ -319,9 +414,7 @@ def _resume(srv: ServerRun, model: torch.nn.Module) -> _Resumed | None:
     try:
         check_arrays(record, layout_of(ArrayRecord(model.cpu().state_dict())))
     except PayloadError as err:
-        raise ConfigError(
-            "resume", srv.cfg.resume, f"does not fit the model: {err}"
-        ) from None
+        raise srv.resume_mismatch(err) from None
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     return _Resumed(
         int(state["round"]), tensors, momentum or None, strategy_arrays, state, rng
