@@ -11,7 +11,7 @@ Pure Python and NumPy; no Flower imports. Three pieces:
    across the trace's steps.
 2. **Devices.** A :class:`DeviceProfile` is a sustained FP32 throughput; a
    compute step measured on this machine is scaled by
-   ``local_gflops / device_gflops`` (:func:`speed_factor`).
+   ``local_gflops / device_gflops``.
 3. **The clock.** :class:`VirtualClock` is a small event simulation of
    resources (one per edge, per link direction, one cloud). Each task runs on
    one resource, after the tasks it depends on and after the resource's
@@ -58,7 +58,6 @@ __all__ = [
     "parse_link",
     "parse_rates",
     "preset",
-    "speed_factor",
     "variable_link",
 ]
 
@@ -706,13 +705,6 @@ def measure_local_gflops(size: int = 256, repeats: int = 20, threads: int = 1) -
     finally:
         torch.set_num_threads(old)
     return 2 * size**3 * repeats / seconds / 1e9
-
-
-def speed_factor(device: DeviceProfile, local_gflops: float) -> float:
-    """Multiplier from time measured here to time on ``device``: ``local / device``."""
-    if local_gflops <= 0 or device.gflops <= 0:
-        raise ValueError("GFLOP/s figures must be > 0")
-    return local_gflops / device.gflops
 
 
 # --------------------------------------------------------------------------- clock

@@ -19,12 +19,11 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 
-from tandem.accounting import ByteLedger, MeteredGrid
 from tandem.client_app import dispatch
-from tandem.config import RunConfig, section_values
+from tandem.config import RunConfig
 from tandem.registry import get_method
 from tandem.server_context import ServerRun
-from tandem.tracking import Tracker, read_jsonl
+from tandem.tracking import read_jsonl
 
 
 class InProcessGrid:
@@ -120,22 +119,6 @@ def run_inprocess(
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     cfg = RunConfig.from_flat(flat)
     grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late)
-    options = cfg.method_options(flat)
-    tracker = Tracker(
-        cfg.tracking,
-        run_name=f"{cfg.method}-1",
-        group="1",
-        config={**cfg.as_flat(), **section_values(options)},
-        total_rounds=cfg.num_server_rounds,
-    )
-    ledger = ByteLedger()
-    srv = ServerRun(
-        grid=MeteredGrid(grid, ledger),  # type: ignore[arg-type]
-        ledger=ledger,
-        cfg=cfg,
-        options=options,
-        tracker=tracker,
-        context=Context(1, 0, {}, RecordDict(), dict(flat)),
-    )
+    srv = ServerRun.open(cfg, grid, run_id=1)  # type: ignore[arg-type]
     get_method(cfg.method).run_server(srv)
-    return read_jsonl(tracker.path), grid
+    return read_jsonl(srv.tracker.path), grid

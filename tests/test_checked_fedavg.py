@@ -96,12 +96,42 @@ BAD = [
     (
         "missing metric",
         lambda: _reply(9, _ones(1), _metrics(steps=None)),
-        "missing ['steps']",
+        "differ from the round's other replies: missing ['steps']",
+    ),
+    (
+        "extra metric",
+        lambda: _reply(9, _ones(1), _metrics(accuracy=0.5)),
+        "unknown ['accuracy']",
+    ),
+    (
+        "other list length",
+        lambda: _reply(9, _ones(1), _metrics(steps=[1.0, 2.0])),
+        "other list lengths ['steps']",
     ),
     (
         "inflated examples",
         lambda: _reply(9, _ones(1), _metrics(**{"num-examples": 10**9})),
-        "outside [1, 100]",
+        "(the weight) outside (0, 100]",
+    ),
+    (
+        "zero weight",
+        lambda: _reply(9, _ones(1), _metrics(**{"num-examples": 0})),
+        "(the weight) outside (0, 100]",
+    ),
+    (
+        "negative weight",
+        lambda: _reply(9, _ones(1), _metrics(**{"num-examples": -2.5})),
+        "(the weight) outside (0, 100]",
+    ),
+    (
+        "no weight",
+        lambda: _reply(9, _ones(1), _metrics(**{"num-examples": None})),
+        "'num-examples' (the weight) is missing",
+    ),
+    (
+        "nan in a list metric",
+        lambda: _reply(9, _ones(1), _metrics(steps=[float("nan")])),
+        "'steps' is not a list of at most",
     ),
     (
         "nan metric",
@@ -109,9 +139,14 @@ BAD = [
         "'train-loss' = nan",
     ),
     (
-        "unknown record",
-        lambda: _reply(9, _ones(1), extra=ConfigRecord({"a": 1})),
-        "unknown records ['extra']",
+        "second ArrayRecord",
+        lambda: _reply(9, _ones(1), extra=ArrayRecord({"a": Array(np.ones(1))})),
+        "exactly one ArrayRecord, got 2 (['arrays', 'extra'])",
+    ),
+    (
+        "second MetricRecord",
+        lambda: _reply(9, _ones(1), more=MetricRecord({"a": 1.0})),
+        "exactly one MetricRecord, got 2 (['metrics', 'more'])",
     ),
     (
         "oversized",
@@ -139,10 +174,20 @@ def test_a_bad_reply_is_rejected_and_the_rest_aggregated(name, make, reason):
 def test_all_good_replies_pass():
     rejected: list = []
     arrays, _ = _strategy(rejected).aggregate_train(
-        1, [_reply(1, _ones(2.0), node=ConfigRecord({"link": "4g"}))]
+        1,
+        [
+            _reply(1, _ones(2.0), node=ConfigRecord({"link": "4g"})),
+            _reply(2, _ones(2.0), other=ConfigRecord({"a": 1})),  # any ConfigRecord
+        ],
     )
     assert rejected == []
     np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, 2.0))
+
+
+def test_aggregating_before_anything_was_sent_is_an_error():
+    strategy = CheckedFedAvg(min_available_nodes=1)
+    with pytest.raises(RuntimeError, match="before configure_train"):
+        strategy.aggregate_train(1, [_reply(1, _ones(1.0))])
 
 
 def _error_reply(node_id: int, src: int, reason: str) -> Message:

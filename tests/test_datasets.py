@@ -7,8 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from tandem.config import ConfigError, DataConfig
-from tandem.datasets import load_dataset, load_partition, partition_indices
+from tandem.clients.node import NodeConfig, load_node_split
+from tandem.config import ConfigError, RunConfig
+from tandem.datasets import load_dataset, partition_indices
 from tandem.datasets.mnist1d import load_mnist1d
 
 
@@ -104,9 +105,11 @@ def test_more_partitions_than_samples_is_a_config_error():
     assert "5 training samples" in str(info.value)
 
 
-def test_load_partition_through_config():
-    cfg = DataConfig(mnist1d_samples=1000)
-    bundle = load_dataset(cfg)
-    part = load_partition(cfg, 4, 2)
+def test_load_node_split_through_config():
+    cfg = RunConfig.from_flat({"mnist1d-samples": 1000})
+    bundle = load_dataset(cfg.data)
+    part = load_node_split(cfg, NodeConfig(partition_id=2, num_partitions=4))
     assert len(part) == len(bundle.train) // 4
     assert part.x.shape[1:] == (1, 40)
+    idx = partition_indices(bundle.train.y, None, "iid", 4, 2, seed=cfg.data.seed)
+    np.testing.assert_array_equal(part.y, bundle.train.y[idx])

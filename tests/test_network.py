@@ -10,7 +10,6 @@ import pytest
 from tandem.network import (
     PRESETS,
     BandwidthEstimator,
-    DeviceProfile,
     LinkProfile,
     Trace,
     TraceError,
@@ -19,7 +18,6 @@ from tandem.network import (
     load_fedscale_capacity,
     load_trace_csv,
     preset,
-    speed_factor,
     variable_link,
 )
 from tandem.schedules import (
@@ -94,8 +92,6 @@ def test_device_factors_scale_compute():
     clock = VirtualClock({0: _unit_link()}, edge_factor=4.0, cloud_factor=0.5)
     assert clock.compute("edge:0", 1.0).seconds == pytest.approx(4.0)
     assert clock.compute("cloud", 1.0).seconds == pytest.approx(0.5)
-    edge = DeviceProfile("edge", 10.0, "test")
-    assert speed_factor(edge, 40.0) == pytest.approx(4.0)
 
 
 def test_fedavg_rounds_retime_by_hand():
