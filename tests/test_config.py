@@ -79,3 +79,92 @@ def test_unknown_key_suggests_the_close_one():
 def test_as_flat_round_trips():
     cfg = RunConfig.from_flat({"lr": 0.2, "dataset": "mnist", "model": "cnn2d"})
     assert RunConfig.from_flat(cfg.as_flat()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("flat", "key", "rule"),
+    [
+        ({"acesync-c-min": 1.5}, "acesync-c-min", "must lie in"),
+        ({"acesync-codecs": "full,zip"}, "acesync-codecs", ""),
+        ({"simultrain-precision": "int4"}, "simultrain-precision", "must be one of"),
+        ({"simultrain-steps": 0}, "simultrain-steps", "must be >= 1"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fedavg", "centralized", "simultrain", "topk"])
+def test_every_method_key_is_checked_whatever_the_method(method, flat, key, rule):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat({"method": method, **flat})
+    assert info.value.key == key
+    assert rule in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_method_section_is_parsed_once_and_typed():
+    from tandem.strategies.acesync_options import AceSyncOptions
+    from tandem.strategies.simultrain_options import SimulTrainOptions
+
+    cfg = RunConfig.from_flat({"method": "simultrain", "simultrain-steps": 7})
+    opts = cfg.options_as(SimulTrainOptions)
+    assert isinstance(opts, SimulTrainOptions) and opts.steps == 7
+    with pytest.raises(TypeError, match="not AceSyncOptions"):
+        cfg.options_as(AceSyncOptions)
+    assert cfg.as_flat()["simultrain-steps"] == 7
+    fedavg = RunConfig.from_flat({"simultrain-steps": 7})
+    assert fedavg.options is None  # checked, but FedAvg has no section
+    with pytest.raises(TypeError, match="'fedavg' has NoneType options"):
+        fedavg.options_as(SimulTrainOptions)
+
+
+@pytest.mark.parametrize(
+    ("key", "registry"),
+    [("dataset", "tandem.datasets:DATASETS"), ("model", "tandem.models:MODELS")],
+)
+def test_name_choices_are_the_registry_keys(key, registry, monkeypatch):
+    import importlib
+
+    module, _, name = registry.partition(":")
+    table = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat({key: "toy"})
+    assert ", ".join(table) in str(info.value)
+    monkeypatch.setitem(table, "toy", table[next(iter(table))])
+    cfg = RunConfig.from_flat({key: "toy"})  # one registry line makes it valid
+    assert (cfg.data.dataset if key == "dataset" else cfg.train.model) == "toy"
+
+
+def test_registry_lookups_reject_unknown_names_with_the_list():
+    from tandem.datasets import DATASETS, dataset_builder
+    from tandem.models import MODELS, model_entry
+    from tandem.registry import METHODS, get_method
+
+    for lookup, key, names in (
+        (dataset_builder, "dataset", DATASETS),
+        (model_entry, "model", MODELS),
+        (get_method, "method", METHODS),
+    ):
+        with pytest.raises(ConfigError) as info:
+            lookup("nope")
+        assert info.value.key == key and info.value.value == "nope"
+        assert all(name in info.value.rule for name in names)
+
+
+def test_the_client_app_parses_a_run_config_once(monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    import tandem.client_app as client_app
+
+    calls = []
+    real = RunConfig.from_flat
+    monkeypatch.setattr(
+        RunConfig, "from_flat", classmethod(lambda cls, f: calls.append(1) or real(f))
+    )
+    client_app._parsed.cache_clear()
+    flat = {"lr": 0.125, "seed": 3}
+    contexts = [Context(9, n, {}, RecordDict(), dict(flat)) for n in (1, 2, 1)]
+    cfgs = [client_app.run_config_of(c) for c in contexts]
+    assert len(calls) == 1 and cfgs[0] is cfgs[1] is cfgs[2]
+    assert cfgs[0].train.lr == 0.125
+    other = Context(9, 1, {}, RecordDict(), {**flat, "lr": 0.5})  # another config
+    assert client_app.run_config_of(other).train.lr == 0.5 and len(calls) == 2
+    with pytest.raises(ConfigError, match="'lr' = -1"):
+        client_app.run_config_of(Context(10, 1, {}, RecordDict(), {"lr": -1}))
