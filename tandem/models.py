@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tandem.options import ConfigError
+from tandem.options import ConfigError, registered
 
 __all__ = [
     "DEFAULT_CUTS",
@@ -184,12 +184,7 @@ def model_entry(name: str) -> ModelEntry:
     ConfigError
         Naming ``model`` and the registered names, if ``name`` is not one.
     """
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ConfigError(
-            "model", name, f"must be one of auto, {', '.join(MODELS)}"
-        ) from None
+    return registered(MODELS, "model", name, also=("auto",))
 
 
 def build_model(

@@ -23,12 +23,14 @@ __all__ = [
     "Scalar",
     "option",
     "parse_section",
+    "registered",
     "reject_unknown_keys",
     "section_keys",
     "section_values",
 ]
 
 T = TypeVar("T")
+V = TypeVar("V")
 Scalar = bool | int | float | str
 #: Accepted values of a string option: fixed, or read from a registry when parsed.
 Choices = Iterable[str] | Callable[[], Iterable[str]]
@@ -175,3 +177,18 @@ def reject_unknown_keys(flat: Mapping[str, object], known: Iterable[str]) -> Non
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(key, flat[key], f"is not a tandem run-config key{hint}")
+
+
+def registered(
+    table: Mapping[str, V], key: str, name: str, also: Iterable[str] = ()
+) -> V:
+    """``table[name]``, or a :class:`ConfigError` for ``key`` listing the names.
+
+    ``also`` are further accepted names handled before the lookup (e.g.
+    ``auto``), shown first in the list.
+    """
+    try:
+        return table[name]
+    except KeyError:
+        names = ", ".join([*also, *table])
+        raise ConfigError(key, name, f"must be one of {names}") from None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tandem.options import ConfigError, section_keys
+from tandem.options import registered, section_keys
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -154,11 +154,7 @@ def get_method(name: str) -> MethodSpec:
     ConfigError
         If no method of that name is registered.
     """
-    try:
-        return METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(METHODS))
-        raise ConfigError("method", name, f"must be one of {known}") from None
+    return registered(METHODS, "method", name)
 
 
 def method_option_classes() -> tuple[type, ...]:

@@ -4,8 +4,9 @@
 validated (every key, whatever the method) and the data is loaded before any
 node is asked to train; an invalid key stops the run with one line naming the
 key, the value and the rule. Flower logs it at the end of the ServerApp's
-traceback and keeps it as the run's status detail (``flwr list``: ``ServerApp
-failed with exception: run config 'lr' = -1.0: must be > 0``).
+traceback and keeps it as the run's status detail (``flwr list``: ``Simulation
+failed with exception: run config 'lr' = -1.0: must be > 0``; ``ServerApp
+failed with ...`` on the deployment engine).
 """
 
 from __future__ import annotations

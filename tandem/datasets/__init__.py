@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tandem.datasets.base import ArraySplit, DataBundle, DataError
 from tandem.datasets.partition import partition_indices
-from tandem.options import ConfigError
+from tandem.options import registered
 
 if TYPE_CHECKING:
     from tandem.config import DataConfig
@@ -84,12 +84,7 @@ def dataset_builder(name: str) -> Callable[[DataConfig], DataBundle]:
     ConfigError
         Naming ``dataset`` and the registered names, if ``name`` is not one.
     """
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(
-            "dataset", name, f"must be one of {', '.join(DATASETS)}"
-        ) from None
+    return registered(DATASETS, "dataset", name)
 
 
 @lru_cache(maxsize=4)

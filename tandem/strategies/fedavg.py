@@ -53,6 +53,7 @@ __all__ = [
     "ReplyChecks",
     "build_fedavg",
     "check_reply",
+    "log_rejection",
     "missing_replies",
     "run",
 ]
@@ -263,7 +264,7 @@ class ReplyChecks:
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.on_reject = on_reject or _log_rejection
+        self.on_reject = on_reject or log_rejection
         self.on_dropout = on_dropout
         self.max_examples = max_examples
         self._layout: dict[str, tuple[tuple[int, ...], str]] | None = None
@@ -326,7 +327,8 @@ class ReplyChecks:
         return super().aggregate_train(server_round, good)  # type: ignore[misc]
 
 
-def _log_rejection(server_round: int, node_id: int, reason: str) -> None:
+def log_rejection(server_round: int, node_id: int, reason: str) -> None:
+    """The default ``on_reject``: a warning in Flower's log."""
     log(
         WARNING,
         "round %s: rejected reply from node %s: %s",
