@@ -46,7 +46,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from tandem.accounting import payload_bytes
-from tandem.checkpoint import resume_from, save_checkpoint
 from tandem.clients.simultrain import (
     KEY_ACTS,
     KEY_DELTA,
@@ -56,7 +55,6 @@ from tandem.clients.simultrain import (
     MESSAGE_TYPE,
     edge_model,
 )
-from tandem.config import ConfigError
 from tandem.failures import app_error, stop_if_all_failed
 from tandem.network import assign_links
 from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
@@ -225,7 +223,7 @@ def run(srv: ServerRun) -> None:
     if resumed is not None:
         theta_ec = resumed["edge"]
     done = 0 if resumed is None else int(resumed["steps-done"])
-    nodes = _wait_for_nodes(srv, cfg.min_nodes)
+    nodes = srv.wait_for_nodes(timeout=120.0)
     # after a resume every edge starts from θ_e^c and does the steps left
     tracks = {
         n: EdgeTrack(
@@ -530,29 +528,24 @@ def _checkpoint(
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             arrays[f"momentum/{i}"] = buf.detach().cpu().numpy()
-    save_checkpoint(
-        srv.tracker.run_dir / "checkpoint.npz",
-        arrays,
-        {"method": srv.cfg.method, "seed": srv.cfg.seed, **counters},
-    )
+    srv.save_checkpoint(arrays, counters)
 
 
 def _resume(
     srv: ServerRun, cloud: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any] | None:
     """Load ``resume`` into ``cloud`` and ``optimizer``; return θ_e^c and counters."""
-    if not srv.cfg.resume:
+    checkpoint = srv.resumed()
+    if checkpoint is None:
         return None
-    arrays, state = resume_from(srv.cfg.resume, srv.cfg.method)
+    arrays, state = checkpoint
     part = {
         k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("cloud/")
     }
     try:
         cloud.load_state_dict(part)
     except RuntimeError as err:
-        raise ConfigError(
-            "resume", srv.cfg.resume, f"does not fit the model: {err}"
-        ) from None
+        raise srv.resume_mismatch(err) from None
     for i, p in enumerate(cloud.parameters()):
         if f"momentum/{i}" in arrays:
             optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
@@ -601,14 +594,3 @@ def _report(
     metrics["exchanges"] = exchanges
     srv.report_round(period, metrics)
     return stats.accuracy
-
-
-def _wait_for_nodes(srv: ServerRun, minimum: int, timeout: float = 120.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(srv.grid.get_node_ids())
-        if len(nodes) >= minimum or time.monotonic() > deadline:
-            if len(nodes) < minimum:
-                raise RuntimeError(f"only {len(nodes)} nodes connected, need {minimum}")
-            return nodes
-        time.sleep(0.5)
