@@ -168,3 +168,36 @@ def test_the_client_app_parses_a_run_config_once(monkeypatch):
     assert client_app.run_config_of(other).train.lr == 0.5 and len(calls) == 2
     with pytest.raises(ConfigError, match="'lr' = -1"):
         client_app.run_config_of(Context(10, 1, {}, RecordDict(), {"lr": -1}))
+
+
+def test_a_dataset_and_a_model_added_by_one_registry_line_are_used(monkeypatch):
+    import math
+    from collections import OrderedDict
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from tandem.datasets import DATASETS, ArraySplit, DataBundle, load_dataset
+    from tandem.models import MODELS, ModelEntry, build_model
+
+    def toy_data(cfg):
+        x = np.arange(24, dtype=np.float32).reshape(6, 1, 4)
+        split = ArraySplit(x, np.array([0, 1, 0, 1, 0, 1]))
+        return DataBundle("toy", split, split, ("a", "b"))
+
+    def toy_model(input_shape, num_classes):
+        return nn.Sequential(
+            OrderedDict(
+                flatten=nn.Flatten(),
+                fc=nn.Linear(math.prod(input_shape), num_classes),
+            )
+        )
+
+    monkeypatch.setitem(DATASETS, "toy-data", toy_data)
+    monkeypatch.setitem(MODELS, "toy-model", ModelEntry(toy_model, "flatten"))
+    cfg = RunConfig.from_flat({"dataset": "toy-data", "model": "toy-model"})
+    bundle = load_dataset(cfg.data)
+    assert bundle.name == "toy" and len(bundle.train) == 6
+    model = build_model(cfg.train.model, bundle.input_shape, bundle.num_classes)
+    assert model(torch.from_numpy(bundle.train.x)).shape == (6, 2)

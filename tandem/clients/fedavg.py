@@ -9,6 +9,7 @@ new weights and the number of examples (the aggregation weight ``n_k``).
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
 
 from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients.node import (
@@ -36,7 +37,7 @@ from tandem.wire import (
 __all__ = ["HANDLERS", "evaluate_handler", "train_handler"]
 
 
-def _model_from(msg: Message, cfg: RunConfig):  # noqa: ANN202
+def _model_from(msg: Message, cfg: RunConfig) -> nn.Module:
     bundle = load_dataset(cfg.data)
     model = build_model(
         cfg.train.model, bundle.input_shape, bundle.num_classes, cfg.seed
