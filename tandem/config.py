@@ -18,7 +18,7 @@ key is rejected. Dataset and model names are the keys of their registries
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,7 +31,12 @@ from tandem.options import (
     section_keys,
     section_values,
 )
-from tandem.registry import METHODS, get_method, method_option_classes
+from tandem.registry import (
+    METHODS,
+    get_method,
+    method_option_classes,
+    method_option_keys,
+)
 
 __all__ = [
     "ConfigError",
@@ -39,6 +44,7 @@ __all__ = [
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",
+    "all_keys",
     "option",
     "parse_section",
     "section_keys",
@@ -248,9 +254,6 @@ class RunConfig:
         return section_values(self)
 
 
-def all_keys() -> Iterable[str]:
+def all_keys() -> tuple[str, ...]:
     """Every accepted run-config key: the core ones and every method's."""
-    keys = [*section_keys(RunConfig)]
-    for kind in method_option_classes():
-        keys.extend(section_keys(kind))
-    return keys
+    return (*section_keys(RunConfig), *method_option_keys())
