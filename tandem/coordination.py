@@ -9,7 +9,10 @@ parameter groups it chose.
 - Divergence (seed eq. 9): ``D_k(t) = ‖θ_k(t) − θ(t)‖₂`` (:func:`divergence`);
   past a threshold the cloud raises the device's sync frequency
   (:func:`adjust_sync`).
-- Untransmitted groups are filled from cached history (:func:`fill_from_history`).
+- Untransmitted groups are filled from cached history: the cloud keeps the
+  last update of each group per device (:func:`refresh_cache`) and fills with
+  :func:`~tandem.compression.pipeline.fill_unsent` on :func:`cache_arrays`,
+  the same function the edge mirrors the cloud with.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ __all__ = [
     "SyncPolicy",
     "adjust_sync",
     "aggregation_weights",
+    "cache_arrays",
     "divergence",
-    "fill_from_history",
     "refresh_cache",
 ]
 
@@ -310,67 +313,33 @@ def refresh_cache(
     return fresh
 
 
-def fill_from_history(
-    received: Mapping[int, np.ndarray],
-    cache: Mapping[int, CachedUpdate],
-    num_groups: int,
-    server_round: int,
-    decay: float,
-) -> dict[int, np.ndarray]:
-    """Stand-in updates for the groups a device did not send this round.
+def cache_arrays(
+    cache: Mapping[int, CachedUpdate], sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A cache as the flat arrays :func:`~tandem.compression.pipeline.fill_unsent`
+    takes: ``(values (N,) float32, rounds (n,) int64)``.
 
-    The cloud "reconstructs missing low-importance parameters using cached
-    historical values" (seed §3.1): for each group ``i`` in
-    ``range(num_groups)`` not in ``received`` but in ``cache``, the stand-in
-    is ``decay^a · u_i`` with ``u_i`` the last update received for it and
-    ``a = server_round − round received`` its age in rounds. ``decay = 1``
-    repeats the old update as is; ``decay = 0`` fills nothing but zeros. A
-    group never received is left out: nothing is known of it, so it adds
-    nothing to the aggregate. Keep one cache per device (its own history) or
-    one for the global update, as the caller aggregates.
-
-    Parameters
-    ----------
-    received : Mapping[int, np.ndarray]
-        Group index → update the device sent this round.
-    cache : Mapping[int, CachedUpdate]
-        Group index → last update received (see :func:`refresh_cache`).
-    num_groups : int
-        Number of parameter groups; indices are ``0 .. num_groups − 1``.
-    server_round : int
-        The current round.
-    decay : float
-        Per-round decay in ``[0, 1]``.
-
-    Returns
-    -------
-    dict[int, np.ndarray]
-        Group index → stand-in update (float64), for the filled groups only.
+    Groups not in ``cache`` get zeros and round ``-1`` (never received).
 
     Raises
     ------
     ValueError
-        If ``decay`` is outside ``[0, 1]``, an index is out of range, or a
-        cached update is newer than ``server_round``.
+        If a group index is outside ``[0, n)`` or a cached update has another
+        size than its group.
     """
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    for name, indices in (("received", received), ("cache", cache)):
-        bad = [i for i in indices if not 0 <= i < num_groups]
-        if bad:
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    values = np.zeros(int(sizes.sum()), dtype=np.float32)
+    rounds = np.full(sizes.size, -1, dtype=np.int64)
+    for index, entry in cache.items():
+        if not 0 <= index < sizes.size:
+            raise ValueError(f"cache has group index {index} outside [0, {sizes.size})")
+        update = np.asarray(entry.update, dtype=np.float32).reshape(-1)
+        if update.size != sizes[index]:
             raise ValueError(
-                f"{name} has group indices outside [0, {num_groups}): {bad}"
+                f"cache entry for group {index} has {update.size} values, "
+                f"the group {int(sizes[index])}"
             )
-    filled: dict[int, np.ndarray] = {}
-    for index in range(num_groups):
-        if index in received or index not in cache:
-            continue
-        entry = cache[index]
-        age = server_round - entry.round
-        if age < 0:
-            raise ValueError(
-                f"cache entry for group {index} is from round {entry.round}, "
-                f"after the current round {server_round}"
-            )
-        filled[index] = decay**age * np.asarray(entry.update, dtype=np.float64)
-    return filled
+        values[starts[index] : starts[index] + update.size] = update
+        rounds[index] = entry.round
+    return values, rounds

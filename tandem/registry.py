@@ -119,28 +119,28 @@ METHODS: dict[str, MethodSpec] = {
             "updates with error feedback, divergence control and clustering.",
             server="tandem.strategies.acesync:run",
             client="tandem.clients.acesync:HANDLERS",
-            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+            options_ref="tandem.protocol.acesync:AceSyncOptions",
         ),
         MethodSpec(
             name="fullsync",
             summary="Full-precision updates every round (ACE-Sync's harness).",
             server="tandem.strategies.acesync_baselines:run_fullsync",
             client="tandem.clients.acesync:HANDLERS",
-            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+            options_ref="tandem.protocol.acesync:AceSyncOptions",
         ),
         MethodSpec(
             name="topk",
             summary="Top-k sparsified updates at a fixed ratio, error feedback.",
             server="tandem.strategies.acesync_baselines:run_topk",
             client="tandem.clients.acesync:HANDLERS",
-            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+            options_ref="tandem.protocol.acesync:AceSyncOptions",
         ),
         MethodSpec(
             name="fedavg-periodic",
             summary="FedAvg syncing every acesync-period rounds' worth of steps.",
             server="tandem.strategies.acesync_baselines:run_fedavg_periodic",
             client="tandem.clients.fedavg:HANDLERS",
-            options_ref="tandem.strategies.acesync_options:AceSyncOptions",
+            options_ref="tandem.protocol.acesync:AceSyncOptions",
         ),
     )
 }

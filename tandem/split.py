@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tandem.compression import int8
 from tandem.config import ConfigError
 
 __all__ = [
@@ -114,11 +115,7 @@ def quantize_rows(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     value lands in ``[-127, 127]`` (int8) and the error per value is at most
     ``s / 254``. Bytes per sample: ``prod(shape[1:]) + 4``.
     """
-    flat = acts.reshape(len(acts), -1).astype(np.float32)
-    scale = np.abs(flat).max(axis=1) if flat.size else np.zeros(len(acts), np.float32)
-    safe = np.where(scale > 0, scale, 1.0)[:, None]
-    q = np.rint(flat / safe * 127.0).astype(np.int8)
-    return q.reshape(acts.shape), scale.astype(np.float32)
+    return int8.quantize_rows(acts)
 
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from inprocess import run_inprocess
 from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tandem.config import ConfigError
 from tandem.strategies.acesync import AceSync
-from tandem.strategies.acesync_options import AceSyncOptions
+from tandem.protocol.acesync import AceSyncOptions
 
 RUN = {"method": "fedavg", "mnist1d-samples": 1000, "local-steps": 5}
 

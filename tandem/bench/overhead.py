@@ -3,7 +3,7 @@
 The benchmark's runs use the default cnn1d (9,610 parameters), where fixed
 costs dominate the edge's selection and encoding. The seed's overhead claim
 is about real models, so the benchmark also times the same edge code
-(:func:`tandem.clients.acesync.compress_update`: error feedback, importance
+(:func:`tandem.compression.pipeline.compress_update`: error feedback, importance
 scores from the predictor, knapsack, encoding, packing) on a wider cnn1d
 (``width = 128``: 112,138 parameters), next to the local training it follows
 (:func:`tandem.training.train_steps`, the loop every method shares), on one
@@ -22,14 +22,15 @@ import time
 import numpy as np
 import torch
 
-from tandem.clients.acesync import EdgePlan, EdgeState, GroupLayout, compress_update
 from tandem.compression.budget import byte_budget
+from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import unpack_groups
+from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.config import DataConfig
 from tandem.datasets import load_dataset
 from tandem.importance import ImportancePredictor
 from tandem.models import cnn1d
-from tandem.strategies.acesync_options import AceSyncOptions
+from tandem.protocol.acesync import AceSyncOptions, EdgePlan
 from tandem.training import BatchStream, make_optimizer, train_steps
 
 __all__ = ["measure_overhead"]
@@ -80,7 +81,7 @@ def measure_overhead(
         stream = BatchStream(data.train, 32, seed)
         state_np = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         layout = GroupLayout.from_arrays(state_np, options.chunk)
-        state = EdgeState.fresh(layout, options.history)
+        state = EdgeMemory.fresh(layout, options.history)
         predictor = ImportancePredictor(alpha=options.alpha, seed=seed)
         budget = byte_budget(
             layout.full_bytes,

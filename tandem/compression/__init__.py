@@ -2,10 +2,15 @@
 
 - :mod:`.groups`: parameter groups (tensors or chunks of them) and their
   flattening (eq. 1).
-- :mod:`.codecs`: full / half / int8 and sign·scale (eq. 6) / top-k / defer
-  payloads, their exact byte sizes and expected fidelities; hostile payloads
-  rejected.
+- :mod:`.layout`: a model's groups as edge and cloud both cut them.
+- :mod:`.codecs`: the codec registry: full / half / int8 and sign·scale
+  (eq. 6) / top-k / defer payloads, their exact byte sizes and expected
+  fidelities; hostile payloads rejected.
+- :mod:`.int8`: the int8 quantization formula (codec and activations).
+- :mod:`.packing`: all of a node's groups as one codec table and one stream.
 - :mod:`.feedback`: error feedback ``g̃ = g + γ·e`` (eq. 7).
+- :mod:`.pipeline`: one round of compression at the edge and the fill of
+  unsent groups, shared by edge and cloud.
 - :mod:`.knapsack`: one codec per group within a byte budget (eq. 2 and the
   seed's knapsack).
 - :mod:`.budget`: bandwidth to compression ratio to byte budget (eq. 5).
@@ -13,29 +18,27 @@
 
 from tandem.compression.budget import byte_budget, compression_ratio
 from tandem.compression.codecs import (
-    CODECS,
     DEFAULT_OPTIONS,
     FIDELITY_HALF,
     FIDELITY_INT8,
     FIDELITY_SIGN,
+    REGISTRY,
     Codec,
     CodecError,
     Option,
+    codec_rule,
     decode,
     encode,
     encoded_nbytes,
     fidelity,
+    format_codecs,
     option_table,
+    parse_codecs,
     payload_keys,
-    realized_fidelity,
+    register,
     topk_count,
 )
-from tandem.compression.feedback import (
-    ErrorFeedback,
-    FeedbackStep,
-    compensate,
-    feedback_step,
-)
+from tandem.compression.feedback import compensate
 from tandem.compression.groups import (
     ParamGroup,
     flatten,
@@ -46,32 +49,32 @@ from tandem.compression.groups import (
 from tandem.compression.knapsack import Selection, select_options
 
 __all__ = [
-    "CODECS",
     "DEFAULT_OPTIONS",
     "FIDELITY_HALF",
     "FIDELITY_INT8",
     "FIDELITY_SIGN",
+    "REGISTRY",
     "Codec",
     "CodecError",
-    "ErrorFeedback",
-    "FeedbackStep",
     "Option",
     "ParamGroup",
     "Selection",
     "byte_budget",
+    "codec_rule",
     "compensate",
     "compression_ratio",
     "decode",
     "encode",
     "encoded_nbytes",
-    "feedback_step",
     "fidelity",
     "flatten",
+    "format_codecs",
     "group_sizes",
     "make_groups",
     "option_table",
+    "parse_codecs",
     "payload_keys",
-    "realized_fidelity",
+    "register",
     "select_options",
     "topk_count",
     "unflatten",

@@ -70,8 +70,14 @@ an update (heavy-tailed, as gradient entries are):
   ``r = 0.1``).
 - defer: 0.
 
-:func:`realized_fidelity` measures the same quantity on a real group, for
-callers who prefer measured values to the model.
+Codec registry
+--------------
+A codec is one :class:`Codec` subclass (its payload layout and lengths, byte
+size, fidelity, encode, decode and value checks) and one entry in
+:data:`REGISTRY` (:func:`register`). Everything else reads the registry: the
+knapsack's cost table (:func:`option_table`), the packed wire format
+(:mod:`.packing`), the codec-list parser (:func:`parse_codecs`) and the rule
+text of ``acesync-codecs`` (:func:`codec_rule`).
 """
 
 from __future__ import annotations
@@ -79,34 +85,38 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 
+from tandem.compression.int8 import int8_levels, int8_values
+
 __all__ = [
-    "CODECS",
     "DEFAULT_OPTIONS",
     "FIDELITY_HALF",
     "FIDELITY_INT8",
     "FIDELITY_SIGN",
+    "REGISTRY",
     "Codec",
     "CodecError",
     "Option",
+    "codec_for",
+    "codec_rule",
     "decode",
     "encode",
     "encoded_nbytes",
     "fidelity",
+    "format_codecs",
     "int8_levels",
     "int8_values",
     "option_table",
+    "parse_codecs",
     "payload_keys",
     "payload_lengths",
-    "realized_fidelity",
+    "register",
     "topk_count",
 ]
-
-Codec = Literal["full", "half", "int8", "sign", "topk", "defer"]
-CODECS: tuple[Codec, ...] = get_args(Codec)
 
 #: Expected fidelity of float16 (conservative; see the module docstring).
 FIDELITY_HALF = 0.999
@@ -118,32 +128,9 @@ FIDELITY_SIGN = 0.5
 _F16_MAX = float(np.finfo(np.float16).max)
 _MAX_SIZE = 2**32  # indices travel as uint32
 
-# Wire layout: codec -> {key: dtype}.
-_LAYOUT: dict[str, dict[str, np.dtype]] = {
-    "full": {"values": np.dtype(np.float32)},
-    "half": {"values": np.dtype(np.float16)},
-    "int8": {"levels": np.dtype(np.int8), "scale": np.dtype(np.float32)},
-    "sign": {"signs": np.dtype(np.uint8), "scale": np.dtype(np.float32)},
-    "topk": {"indices": np.dtype(np.uint32), "values": np.dtype(np.float32)},
-    "defer": {},
-}
-
 
 class CodecError(ValueError):
     """A payload (or codec request) that cannot be encoded or decoded as asked."""
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in _LAYOUT:
-        raise CodecError(f"unknown codec {kind!r}; expected one of {CODECS}")
-
-
-def _check_ratio(kind: str, ratio: float | None) -> None:
-    if kind == "topk":
-        if ratio is None or not (0.0 < float(ratio) <= 1.0):
-            raise CodecError(f"topk needs a ratio with 0 < ratio <= 1, got {ratio!r}")
-    elif ratio is not None:
-        raise CodecError(f"codec {kind!r} takes no ratio, got {ratio!r}")
 
 
 def _check_size(size: int) -> int:
@@ -152,88 +139,6 @@ def _check_size(size: int) -> int:
     if not 0 <= size < _MAX_SIZE:
         raise CodecError(f"size must satisfy 0 <= size < 2**32, got {size}")
     return int(size)
-
-
-def payload_keys(kind: Codec) -> tuple[str, ...]:
-    """The array keys a ``kind`` payload holds (empty for ``defer``)."""
-    _check_kind(kind)
-    return tuple(_LAYOUT[kind])
-
-
-def payload_lengths(
-    kind: Codec, size: int, *, ratio: float | None = None
-) -> dict[str, int]:
-    """Element count of each array of a ``kind`` payload for ``size`` elements,
-    in :func:`payload_keys` order (``topk``: ``k = topk_count(size, ratio)``).
-    """
-    _check_kind(kind)
-    _check_ratio(kind, ratio)
-    size = _check_size(size)
-    if kind in ("full", "half"):
-        return {"values": size}
-    if kind == "int8":
-        return {"levels": size, "scale": 1}
-    if kind == "sign":
-        return {"signs": (size + 7) // 8, "scale": 1}
-    if kind == "topk":
-        k = topk_count(size, ratio)  # type: ignore[arg-type]
-        return {"indices": k, "values": k}
-    return {}
-
-
-def topk_count(size: int, ratio: float) -> int:
-    """Elements kept by topk: ``k = clip(round(ratio·size), 1, size)``.
-
-    Round half to even; at least one element of a non-empty group, none of an
-    empty one.
-    """
-    _check_ratio("topk", ratio)
-    return int(_topk_counts(np.asarray(_check_size(size)), float(ratio)))
-
-
-def _topk_counts(sizes: np.ndarray, ratio: float) -> np.ndarray:
-    k = np.maximum(np.rint(ratio * sizes.astype(np.float64)), 1).astype(np.int64)
-    return np.minimum(k, sizes.astype(np.int64))
-
-
-def _nbytes(kind: str, sizes: np.ndarray, ratio: float | None) -> np.ndarray:
-    """Vectorized :func:`encoded_nbytes` over an int64 array of sizes."""
-    if kind == "full":
-        return 4 * sizes
-    if kind == "half":
-        return 2 * sizes
-    if kind == "int8":
-        return sizes + 4  # one level per element; scale
-    if kind == "sign":
-        return (sizes + 7) // 8 + 4  # 1 bit per element, padded to bytes; scale
-    if kind == "topk":
-        return 8 * _topk_counts(sizes, float(ratio))  # uint32 index + float32
-    return np.zeros_like(sizes)
-
-
-def encoded_nbytes(kind: Codec, size: int, *, ratio: float | None = None) -> int:
-    """Exact payload size in bytes (sum of ``.nbytes``) of ``encode(kind, x)``.
-
-    Parameters
-    ----------
-    kind : Codec
-        The codec.
-    size : int
-        Elements in the group.
-    ratio : float or None (default: None)
-        Kept fraction, for ``topk`` only.
-
-    Returns
-    -------
-    int
-        ``4n`` (full), ``2n`` (half), ``n + 4`` (int8), ``⌈n/8⌉ + 4``
-        (sign), ``8k`` (topk), ``0`` (defer). This counts array bytes only,
-        not Flower's record framing.
-    """
-    _check_kind(kind)
-    _check_ratio(kind, ratio)
-    size = _check_size(size)
-    return int(_nbytes(kind, np.asarray(size, dtype=np.int64), ratio))
 
 
 def _as_vector(x: np.ndarray) -> np.ndarray:
@@ -250,6 +155,532 @@ def _as_vector(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian form of ``dtype`` that travels on the wire."""
+    return np.dtype(dtype).newbyteorder("<")
+
+
+# --------------------------------------------------------------------------- base
+class Codec:
+    """One way to encode a parameter group; subclass and :func:`register` it.
+
+    A codec states its payload layout (:attr:`layout`: array key → dtype, in
+    wire order), how many elements each array holds for a group of ``n``
+    (:meth:`lengths`, vectorized over ``n``), its modelled fidelity, and how
+    to encode and decode one group. The byte size follows from the layout
+    and the lengths (:meth:`nbytes`). The generic checks of a received payload
+    (keys, dtypes, 1-D, finite floats, exact lengths unless
+    :attr:`variable_length`) are done by :func:`decode`; :meth:`check` adds
+    the codec's own value rules. :meth:`encode_groups` encodes many groups of
+    one vector at once (the default loops over :meth:`encode`; a codec may
+    vectorize it, giving the same bytes).
+
+    Attributes
+    ----------
+    name : str
+        The codec's name in codec lists (``acesync-codecs``) and messages.
+    takes_ratio : bool
+        Whether an option of this codec carries a ratio (``name@ratio``).
+    variable_length : bool
+        Whether a payload may hold fewer elements than :meth:`lengths` says
+        (:meth:`check` then bounds them).
+    layout : dict[str, np.dtype]
+        Payload arrays and their dtypes, in wire order.
+    """
+
+    name: ClassVar[str]
+    takes_ratio: ClassVar[bool] = False
+    variable_length: ClassVar[bool] = False
+    layout: ClassVar[dict[str, np.dtype]]
+
+    @property
+    def spelling(self) -> str:
+        """How an option of this codec is written in a codec list."""
+        return f"{self.name}@<ratio in (0, 1]>" if self.takes_ratio else self.name
+
+    def check_ratio(self, ratio: float | None) -> None:
+        """Raise :class:`CodecError` unless ``ratio`` fits this codec."""
+        if self.takes_ratio:
+            if ratio is None or not (0.0 < float(ratio) <= 1.0):
+                raise CodecError(
+                    f"{self.name} needs a ratio with 0 < ratio <= 1, got {ratio!r}"
+                )
+        elif ratio is not None:
+            raise CodecError(f"codec {self.name!r} takes no ratio, got {ratio!r}")
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        """Elements of each payload array for groups of ``sizes`` (int64)."""
+        raise NotImplementedError
+
+    def nbytes(self, sizes: np.ndarray, ratio: float | None) -> np.ndarray:
+        """Payload bytes for groups of ``sizes``: ``Σ_key length·itemsize``."""
+        total = np.zeros_like(sizes, dtype=np.int64)
+        for key, count in self.lengths(sizes, ratio).items():
+            total = total + count * self.layout[key].itemsize
+        return total
+
+    def fidelity(self, ratio: float | None) -> float:
+        """Expected fraction of a group's energy kept (knapsack value)."""
+        raise NotImplementedError
+
+    def max_k(self, size: int, ratio: float | None) -> int | None:
+        """Most elements a variable-length payload may send (None: fixed)."""
+        return None
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        """One group's payload; ``x`` is float32, 1-D and finite."""
+        raise NotImplementedError
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        """Decode a payload already checked: float32 ``(size,)``."""
+        raise NotImplementedError
+
+    def check(
+        self, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
+    ) -> None:
+        """The codec's own value rules (default: none)."""
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        """Encode groups ``groups`` of the flat ``x`` into wire bytes.
+
+        Writes what the receiver decodes into ``decoded`` (same shape as
+        ``x``) for those groups and returns, per group in ``groups``, its
+        payload arrays as uint8 views in :attr:`layout` order.
+        """
+        parts = []
+        for i in groups.tolist():
+            start, size = int(starts[i]), int(sizes[i])
+            payload = self.encode(x[start : start + size], ratio)
+            parts.append(
+                [
+                    np.ascontiguousarray(payload[key], dtype=wire_dtype(dt)).view(
+                        np.uint8
+                    )
+                    for key, dt in self.layout.items()
+                ]
+            )
+            decoded[start : start + size] = self.expand(payload, size)
+        return parts
+
+
+def _mask(sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    chosen = np.zeros(sizes.size, dtype=bool)
+    chosen[groups] = True
+    return np.repeat(chosen, sizes)
+
+
+# --------------------------------------------------------------------------- codecs
+class Full(Codec):
+    """float32 values, ``4n`` bytes, exact."""
+
+    name = "full"
+    layout: ClassVar[dict[str, np.dtype]] = {"values": np.dtype(np.float32)}
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"values": sizes}
+
+    def fidelity(self, ratio: float | None) -> float:
+        return 1.0
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"values": x.copy()}
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return np.array(arrays["values"], dtype=np.float32)
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        raw = np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
+        mask = _mask(sizes, groups)
+        decoded[mask] = x[mask]
+        return [
+            [raw[4 * starts[i] : 4 * (starts[i] + sizes[i])]] for i in groups.tolist()
+        ]
+
+
+class Half(Codec):
+    """float16 values, ``2n`` bytes, saturating at ±65504."""
+
+    name = "half"
+    layout: ClassVar[dict[str, np.dtype]] = {"values": np.dtype(np.float16)}
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"values": sizes}
+
+    def fidelity(self, ratio: float | None) -> float:
+        return FIDELITY_HALF
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"values": np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)}
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return np.array(arrays["values"], dtype=np.float32)
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        half = np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
+        raw = half.astype("<f2").view(np.uint8)
+        mask = _mask(sizes, groups)
+        decoded[mask] = half[mask]
+        return [
+            [raw[2 * starts[i] : 2 * (starts[i] + sizes[i])]] for i in groups.tolist()
+        ]
+
+
+class Int8(Codec):
+    """int8 levels ``rint(127·x/a)`` and the scale ``a = max|x|``, ``n + 4`` bytes."""
+
+    name = "int8"
+    layout: ClassVar[dict[str, np.dtype]] = {
+        "levels": np.dtype(np.int8),
+        "scale": np.dtype(np.float32),
+    }
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"levels": sizes, "scale": np.ones_like(sizes)}
+
+    def fidelity(self, ratio: float | None) -> float:
+        return FIDELITY_INT8
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        scale = np.float32(np.abs(x).max()) if x.size else np.float32(0.0)
+        return {
+            "levels": int8_levels(x, np.full(x.size, scale, dtype=np.float32)),
+            "scale": np.array([scale], dtype=np.float32),
+        }
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        scale = np.full(size, arrays["scale"][0], dtype=np.float32)
+        return int8_values(arrays["levels"], scale)
+
+    def check(
+        self, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
+    ) -> None:
+        _check_scale(self.name, arrays)
+        levels = arrays["levels"]
+        if levels.size and int(levels.min()) < -127:
+            raise CodecError("int8 'levels' holds -128; levels lie in [-127, 127]")
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        # a trailing zero keeps every start a valid index (see Sign)
+        peaks = np.maximum.reduceat(np.append(np.abs(x), np.float32(0.0)), starts)
+        peaks[sizes == 0] = 0.0  # float32 already: x is float32
+        peak_bytes = peaks.astype("<f4").view(np.uint8)
+        element_peak = np.repeat(peaks, sizes)
+        levels = int8_levels(x, element_peak)
+        level_bytes = levels.view(np.uint8)
+        mask = _mask(sizes, groups)
+        decoded[mask] = int8_values(levels[mask], element_peak[mask])
+        return [
+            [
+                level_bytes[starts[i] : starts[i] + sizes[i]],
+                peak_bytes[4 * i : 4 * i + 4],
+            ]
+            for i in groups.tolist()
+        ]
+
+
+class Sign(Codec):
+    """Sign bits and the scale ``mean|x|`` (eq. 6), ``⌈n/8⌉ + 4`` bytes."""
+
+    name = "sign"
+    layout: ClassVar[dict[str, np.dtype]] = {
+        "signs": np.dtype(np.uint8),
+        "scale": np.dtype(np.float32),
+    }
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"signs": (sizes + 7) // 8, "scale": np.ones_like(sizes)}
+
+    def fidelity(self, ratio: float | None) -> float:
+        return FIDELITY_SIGN
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        scale = np.abs(x, dtype=np.float64).mean() if x.size else 0.0
+        return {
+            "signs": np.packbits(x < 0),
+            "scale": np.array([scale], dtype=np.float32),
+        }
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        out = np.zeros(size, dtype=np.float32)
+        negative = np.unpackbits(arrays["signs"], count=size).astype(bool)
+        scale = arrays["scale"][0]
+        out[:] = scale
+        out[negative] = -scale
+        return out
+
+    def check(
+        self, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
+    ) -> None:
+        _check_scale(self.name, arrays)
+        signs = arrays["signs"]
+        if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
+            raise CodecError("sign 'signs' has padding bits set past the last element")
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        negative = x < 0
+        aligned_bits = np.packbits(negative)  # right for groups on byte bounds
+        # a trailing zero keeps every start a valid index, even for an empty
+        # last group; reduceat gives an empty group the next element: zero it
+        sums = np.add.reduceat(np.append(np.abs(x, dtype=np.float64), 0.0), starts)
+        sums[sizes == 0] = 0.0
+        scale = (sums / np.maximum(sizes, 1)).astype(np.float32)
+        scale_bytes = scale.astype("<f4").view(np.uint8)
+        mask = _mask(sizes, groups)
+        magnitude = np.repeat(scale, sizes)
+        decoded[mask] = np.where(negative[mask], -magnitude[mask], magnitude[mask])
+        parts = []
+        for i in groups.tolist():
+            start, stop = int(starts[i]), int(starts[i] + sizes[i])
+            if start % 8 == 0 and (stop - start) % 8 == 0:
+                bits = aligned_bits[start // 8 : stop // 8]
+            else:
+                bits = np.packbits(negative[start:stop])
+            parts.append([bits, scale_bytes[4 * i : 4 * i + 4]])
+        return parts
+
+
+class TopK(Codec):
+    """The ``k = topk_count(n, r)`` largest ``|x_j|``: indices and values, ``8k``."""
+
+    name = "topk"
+    takes_ratio = True
+    variable_length = True
+    layout: ClassVar[dict[str, np.dtype]] = {
+        "indices": np.dtype(np.uint32),
+        "values": np.dtype(np.float32),
+    }
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        k = _topk_counts(sizes, float(ratio))  # type: ignore[arg-type]
+        return {"indices": k, "values": k}
+
+    def fidelity(self, ratio: float | None) -> float:
+        r = float(ratio)  # type: ignore[arg-type]
+        log_inv = -math.log(r)
+        return min(1.0, r * (1.0 + log_inv + 0.5 * log_inv * log_inv))
+
+    def max_k(self, size: int, ratio: float | None) -> int | None:
+        return topk_count(size, ratio)  # type: ignore[arg-type]
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        idx = _topk_indices(np.abs(x), topk_count(x.size, ratio))  # type: ignore[arg-type]
+        return {"indices": idx.astype(np.uint32), "values": x[idx]}
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        out = np.zeros(size, dtype=np.float32)
+        out[arrays["indices"].astype(np.int64)] = arrays["values"]
+        return out
+
+    def check(
+        self, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
+    ) -> None:
+        indices, values = arrays["indices"], arrays["values"]
+        k = indices.size
+        if values.shape != indices.shape:
+            raise CodecError(
+                f"topk 'values' has shape {values.shape}, 'indices' {indices.shape}"
+            )
+        limit = size if max_k is None else min(size, max_k)
+        if k > limit:
+            raise CodecError(f"topk sends {k} elements, at most {limit} allowed")
+        if k and int(indices.max()) >= size:
+            raise CodecError(
+                f"topk 'indices' has index {int(indices.max())} out of range "
+                f"for size {size}"
+            )
+        if np.unique(indices).size != k:
+            raise CodecError("topk 'indices' has duplicated indices")
+
+
+class Defer(Codec):
+    """Nothing now: the cloud fills the group from its cache, 0 bytes."""
+
+    name = "defer"
+    layout: ClassVar[dict[str, np.dtype]] = {}
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {}
+
+    def fidelity(self, ratio: float | None) -> float:
+        return 0.0
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {}
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return np.zeros(size, dtype=np.float32)
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        return [[] for _ in groups.tolist()]
+
+
+def _check_scale(kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+    if arrays["scale"][0] < 0:
+        raise CodecError(f"{kind} 'scale' is negative ({arrays['scale'][0]})")
+
+
+# --------------------------------------------------------------------------- registry
+#: Codec name → codec, in the order codec lists and messages name them.
+REGISTRY: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    """Add ``codec`` to :data:`REGISTRY` (its name must be new and plain).
+
+    Raises
+    ------
+    CodecError
+        If the name is taken or holds ``@``, ``,`` or spaces.
+    """
+    name = codec.name
+    if name in REGISTRY:
+        raise CodecError(f"codec {name!r} is already registered")
+    if not name or any(c in name for c in "@, "):
+        raise CodecError(f"codec name {name!r} must be non-empty, without '@ ,'")
+    REGISTRY[name] = codec
+    return codec
+
+
+for _codec in (Full(), Half(), Int8(), TopK(), Sign(), Defer()):
+    register(_codec)
+
+
+def __getattr__(name: str) -> object:
+    if name == "CODECS":  # always the registry's current names
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def codec_for(kind: str) -> Codec:
+    """The registered codec named ``kind``.
+
+    Raises
+    ------
+    CodecError
+        If no codec has that name.
+    """
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise CodecError(
+            f"unknown codec {kind!r}; expected one of {tuple(REGISTRY)}"
+        ) from None
+
+
+def codec_rule() -> str:
+    """The rule text of a codec list, from the registry."""
+    return "must be a comma-separated list of " + ", ".join(
+        codec.spelling for codec in REGISTRY.values()
+    )
+
+
+# --------------------------------------------------------------------------- by name
+def payload_keys(kind: str) -> tuple[str, ...]:
+    """The array keys a ``kind`` payload holds (empty for ``defer``)."""
+    return tuple(codec_for(kind).layout)
+
+
+def payload_lengths(
+    kind: str, size: int, *, ratio: float | None = None
+) -> dict[str, int]:
+    """Element count of each array of a ``kind`` payload for ``size`` elements,
+    in :func:`payload_keys` order (``topk``: ``k = topk_count(size, ratio)``).
+    """
+    codec = codec_for(kind)
+    codec.check_ratio(ratio)
+    size = _check_size(size)
+    lengths = codec.lengths(np.asarray(size, dtype=np.int64), ratio)
+    return {key: int(count) for key, count in lengths.items()}
+
+
+def topk_count(size: int, ratio: float) -> int:
+    """Elements kept by topk: ``k = clip(round(ratio·size), 1, size)``.
+
+    Round half to even; at least one element of a non-empty group, none of an
+    empty one.
+    """
+    REGISTRY["topk"].check_ratio(ratio)
+    return int(_topk_counts(np.asarray(_check_size(size)), float(ratio)))
+
+
+def _topk_counts(sizes: np.ndarray, ratio: float) -> np.ndarray:
+    k = np.maximum(np.rint(ratio * sizes.astype(np.float64)), 1).astype(np.int64)
+    return np.minimum(k, sizes.astype(np.int64))
+
+
+def encoded_nbytes(kind: str, size: int, *, ratio: float | None = None) -> int:
+    """Exact payload size in bytes (sum of ``.nbytes``) of ``encode(kind, x)``.
+
+    Parameters
+    ----------
+    kind : str
+        The codec.
+    size : int
+        Elements in the group.
+    ratio : float or None (default: None)
+        Kept fraction, for ``topk`` only.
+
+    Returns
+    -------
+    int
+        ``4n`` (full), ``2n`` (half), ``n + 4`` (int8), ``⌈n/8⌉ + 4``
+        (sign), ``8k`` (topk), ``0`` (defer). This counts array bytes only,
+        not Flower's record framing.
+    """
+    codec = codec_for(kind)
+    codec.check_ratio(ratio)
+    size = _check_size(size)
+    return int(codec.nbytes(np.asarray(size, dtype=np.int64), ratio))
+
+
 def _topk_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     """Ascending indices of the ``k`` largest entries; ties go to lower indices."""
     n = magnitude.size
@@ -264,15 +695,15 @@ def _topk_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
 
 
 def encode(
-    kind: Codec, x: np.ndarray, *, ratio: float | None = None
+    kind: str, x: np.ndarray, *, ratio: float | None = None
 ) -> dict[str, np.ndarray]:
     """Encode one group's 1-D update ``x`` as plain numpy arrays.
 
     Parameters
     ----------
-    kind : Codec
-        ``"full"``, ``"half"``, ``"int8"``, ``"sign"``, ``"topk"`` or
-        ``"defer"``.
+    kind : str
+        A registered codec: ``"full"``, ``"half"``, ``"int8"``, ``"sign"``,
+        ``"topk"``, ``"defer"`` ...
     x : np.ndarray
         Shape ``(n,)``, converted to float32; must be finite.
     ratio : float or None (default: None)
@@ -294,69 +725,18 @@ def encode(
         Unknown codec, a ratio where none belongs (or a bad one), or ``x`` not
         1-D, not real or not finite.
     """
-    _check_kind(kind)
-    _check_ratio(kind, ratio)
-    x = _as_vector(x)
-    if kind == "full":
-        return {"values": x.copy()}
-    if kind == "half":
-        return {"values": np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)}
-    if kind == "int8":
-        scale = np.float32(np.abs(x).max()) if x.size else np.float32(0.0)
-        return {
-            "levels": int8_levels(x, np.full(x.size, scale, dtype=np.float32)),
-            "scale": np.array([scale], dtype=np.float32),
-        }
-    if kind == "sign":
-        scale = np.abs(x, dtype=np.float64).mean() if x.size else 0.0
-        return {
-            "signs": np.packbits(x < 0),
-            "scale": np.array([scale], dtype=np.float32),
-        }
-    if kind == "topk":
-        idx = _topk_indices(np.abs(x), topk_count(x.size, ratio))
-        return {"indices": idx.astype(np.uint32), "values": x[idx]}
-    return {}
-
-
-def int8_levels(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Int8 levels ``rint(127·x_j / a_j)`` of float32 ``x`` under per-element
-    scales ``a_j ≥ |x_j|`` (0 where ``a_j = 0``)."""
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    levels = np.rint(x / safe * np.float32(127.0))
-    return np.clip(levels, -127, 127).astype(np.int8)
-
-
-def int8_values(levels: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """What int8 ``levels`` decode to under per-element scales ``a_j``:
-    ``level_j · (a_j / 127)`` in float32 (the one formula both ends use)."""
-    return levels.astype(np.float32) * (scale.astype(np.float32) / np.float32(127.0))
-
-
-def _expand(kind: str, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
-    """Decode a payload already known to be well formed."""
-    if kind in ("full", "half"):
-        return np.array(arrays["values"], dtype=np.float32)
-    if kind == "int8":
-        scale = np.full(size, arrays["scale"][0], dtype=np.float32)
-        return int8_values(arrays["levels"], scale)
-    out = np.zeros(size, dtype=np.float32)
-    if kind == "sign":
-        negative = np.unpackbits(arrays["signs"], count=size).astype(bool)
-        scale = arrays["scale"][0]
-        out[:] = scale
-        out[negative] = -scale
-    elif kind == "topk":
-        out[arrays["indices"].astype(np.int64)] = arrays["values"]
-    return out
+    codec = codec_for(kind)
+    codec.check_ratio(ratio)
+    return codec.encode(_as_vector(x), ratio)
 
 
 def _check_payload(
-    kind: str, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
+    codec: Codec, arrays: Mapping[str, np.ndarray], size: int, max_k: int | None
 ) -> None:
+    kind = codec.name
     if not isinstance(arrays, Mapping):
         raise CodecError(f"a payload must be a mapping, got {type(arrays).__name__}")
-    layout = _LAYOUT[kind]
+    layout = codec.layout
     unknown = sorted(set(arrays) - set(layout))
     if unknown:
         raise CodecError(f"{kind} payload has unexpected array(s) {unknown}")
@@ -372,43 +752,19 @@ def _check_payload(
             raise CodecError(f"{kind} '{key}' has shape {a.shape}, expected 1-D")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CodecError(f"{kind} '{key}' holds NaN or Inf")
-    if kind != "topk":  # top-k sends a variable k, checked below
-        for key, count in payload_lengths(kind, size).items():
-            if arrays[key].shape != (count,):
+    if not codec.variable_length:
+        lengths = codec.lengths(np.asarray(size, dtype=np.int64), None)
+        for key, count in lengths.items():
+            if arrays[key].shape != (int(count),):
                 raise CodecError(
-                    f"{kind} '{key}' has shape {arrays[key].shape}, expected ({count},)"
+                    f"{kind} '{key}' has shape {arrays[key].shape}, "
+                    f"expected ({int(count)},)"
                 )
-    if "scale" in layout and arrays["scale"][0] < 0:
-        raise CodecError(f"{kind} 'scale' is negative ({arrays['scale'][0]})")
-    if kind == "int8":
-        levels = arrays["levels"]
-        if levels.size and int(levels.min()) < -127:
-            raise CodecError("int8 'levels' holds -128; levels lie in [-127, 127]")
-    elif kind == "sign":
-        signs = arrays["signs"]
-        if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
-            raise CodecError("sign 'signs' has padding bits set past the last element")
-    elif kind == "topk":
-        indices, values = arrays["indices"], arrays["values"]
-        k = indices.size
-        if values.shape != indices.shape:
-            raise CodecError(
-                f"topk 'values' has shape {values.shape}, 'indices' {indices.shape}"
-            )
-        limit = size if max_k is None else min(size, max_k)
-        if k > limit:
-            raise CodecError(f"topk sends {k} elements, at most {limit} allowed")
-        if k and int(indices.max()) >= size:
-            raise CodecError(
-                f"topk 'indices' has index {int(indices.max())} out of range "
-                f"for size {size}"
-            )
-        if np.unique(indices).size != k:
-            raise CodecError("topk 'indices' has duplicated indices")
+    codec.check(arrays, size, max_k)
 
 
 def decode(
-    kind: Codec,
+    kind: str,
     arrays: Mapping[str, np.ndarray],
     size: int,
     *,
@@ -418,7 +774,7 @@ def decode(
 
     Parameters
     ----------
-    kind : Codec
+    kind : str
         The codec the payload claims to use.
     arrays : Mapping[str, np.ndarray]
         The payload, exactly the keys of :func:`payload_keys` (``{}`` for
@@ -443,13 +799,13 @@ def decode(
         topk indices out of range or duplicated, or more of them than
         ``size`` or ``max_k``.
     """
-    _check_kind(kind)
+    codec = codec_for(kind)
     size = _check_size(size)
-    _check_payload(kind, arrays, size, max_k)
-    return _expand(kind, arrays, size)
+    _check_payload(codec, arrays, size, max_k)
+    return codec.expand(arrays, size)
 
 
-def fidelity(kind: Codec, ratio: float | None = None) -> float:
+def fidelity(kind: str, ratio: float | None = None) -> float:
     """Expected fraction of a group's energy a codec keeps (knapsack value).
 
     ``1 − E‖g − dec(enc(g))‖² / E‖g‖²`` under a Laplace model of the entries:
@@ -458,31 +814,14 @@ def fidelity(kind: Codec, ratio: float | None = None) -> float:
     ``r·(1 + L + L²/2)`` with ``L = ln(1/r)`` (topk at ratio ``r``), 0 (defer).
     See the module docstring for how these were chosen.
     """
-    _check_kind(kind)
-    _check_ratio(kind, ratio)
-    if kind == "topk":
-        r = float(ratio)
-        log_inv = -math.log(r)
-        return min(1.0, r * (1.0 + log_inv + 0.5 * log_inv * log_inv))
-    return {
-        "full": 1.0,
-        "half": FIDELITY_HALF,
-        "int8": FIDELITY_INT8,
-        "sign": FIDELITY_SIGN,
-    }.get(kind, 0.0)
-
-
-def realized_fidelity(x: np.ndarray, decoded: np.ndarray) -> float:
-    """Measured fidelity ``1 − ‖x − decoded‖² / ‖x‖²`` (1 when ``x`` is zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    err = x - np.asarray(decoded, dtype=np.float64)
-    energy = float(np.dot(x, x))
-    return 1.0 if energy == 0.0 else 1.0 - float(np.dot(err, err)) / energy
+    codec = codec_for(kind)
+    codec.check_ratio(ratio)
+    return codec.fidelity(ratio)
 
 
 @dataclass(frozen=True)
 class Option:
-    """One way to send a group: a codec and, for ``topk``, its ratio.
+    """One way to send a group: a registered codec and, if it takes one, a ratio.
 
     Raises
     ------
@@ -490,12 +829,16 @@ class Option:
         Unknown codec, or a ratio that does not fit it.
     """
 
-    kind: Codec
+    kind: str
     ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check_kind(self.kind)
-        _check_ratio(self.kind, self.ratio)
+        codec_for(self.kind).check_ratio(self.ratio)
+
+    @property
+    def codec(self) -> Codec:
+        """The registered codec."""
+        return codec_for(self.kind)
 
     @property
     def label(self) -> str:
@@ -513,6 +856,49 @@ DEFAULT_OPTIONS: tuple[Option, ...] = (
     Option("sign"),
     Option("defer"),
 )
+
+
+def parse_codecs(text: str) -> tuple[Option, ...]:
+    """``"full,half,topk@0.1,sign,defer"`` → the :class:`Option` s, in order.
+
+    Parsed once per distinct text (cached); the result is immutable.
+
+    Raises
+    ------
+    CodecError
+        On an empty list, an unknown codec, a bad ratio, a duplicate, or more
+        than 256 options.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CodecError(f"codec list must be a non-empty string, got {text!r}")
+    return _parse_codecs(text)
+
+
+@lru_cache(maxsize=64)
+def _parse_codecs(text: str) -> tuple[Option, ...]:
+    options = []
+    for item in (part.strip() for part in text.split(",")):
+        kind, at, ratio = item.partition("@")
+        if at:
+            try:
+                value = float(ratio)
+            except ValueError:
+                raise CodecError(f"codec {item!r}: ratio is not a number") from None
+            options.append(Option(kind, value))
+        else:
+            options.append(Option(kind))
+    if len(set(options)) != len(options):
+        raise CodecError(f"codec list {text!r} repeats an option")
+    if len(options) > 256:
+        raise CodecError(f"at most 256 options, got {len(options)}")
+    return tuple(options)
+
+
+def format_codecs(options: Sequence[Option]) -> str:
+    """Inverse of :func:`parse_codecs`."""
+    return ",".join(
+        o.kind if o.ratio is None else f"{o.kind}@{o.ratio!r}" for o in options
+    )
 
 
 def option_table(
@@ -543,6 +929,6 @@ def option_table(
         raise ValueError("sizes must satisfy 0 <= size < 2**32")
     costs = np.empty((sizes.size, len(options)), dtype=np.int64)
     for j, opt in enumerate(options):
-        costs[:, j] = _nbytes(opt.kind, sizes, opt.ratio)
+        costs[:, j] = opt.codec.nbytes(sizes, opt.ratio)
     values = np.array([fidelity(o.kind, o.ratio) for o in options], dtype=np.float64)
     return costs, values

@@ -39,43 +39,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tandem.compression.codecs import (
-    CODECS,
     CodecError,
     Option,
     decode,
-    encode,
-    int8_levels,
-    int8_values,
     option_table,
-    payload_keys,
-    payload_lengths,
-    topk_count,
+    wire_dtype,
 )
 
 __all__ = ["encode_packed", "pack_groups", "split_groups", "unpack_groups"]
-
-#: Wire dtype of every payload key (little-endian, whatever the host).
-_WIRE: dict[str, np.dtype] = {
-    "values/full": np.dtype("<f4"),
-    "values/half": np.dtype("<f2"),
-    "values/topk": np.dtype("<f4"),
-    "indices": np.dtype("<u4"),
-    "levels": np.dtype("i1"),
-    "signs": np.dtype("u1"),
-    "scale": np.dtype("<f4"),
-}
-#: The dtype :func:`~tandem.compression.codecs.decode` expects, per wire dtype.
-_NATIVE = {
-    np.dtype("<f4"): np.dtype(np.float32),
-    np.dtype("<f2"): np.dtype(np.float16),
-    np.dtype("<u4"): np.dtype(np.uint32),
-    np.dtype("u1"): np.dtype(np.uint8),
-    np.dtype("i1"): np.dtype(np.int8),
-}
-
-
-def _wire_dtype(kind: str, key: str) -> np.dtype:
-    return _WIRE[f"{key}/{kind}"] if key == "values" else _WIRE[key]
 
 
 def pack_groups(
@@ -112,15 +83,15 @@ def pack_groups(
         raise CodecError(f"choice out of range for {len(options)} options")
     parts: list[bytes] = []
     for i, (payload, c) in enumerate(zip(payloads, choice.tolist(), strict=True)):
-        kind = options[c].kind
-        if set(payload) != set(payload_keys(kind)):
+        codec = options[c].codec
+        if set(payload) != set(codec.layout):
             raise CodecError(
-                f"group {i}: {kind} payload has keys {sorted(payload)}, "
-                f"expected {list(payload_keys(kind))}"
+                f"group {i}: {codec.name} payload has keys {sorted(payload)}, "
+                f"expected {list(codec.layout)}"
             )
         parts.extend(
-            np.ascontiguousarray(payload[key], dtype=_wire_dtype(kind, key)).tobytes()
-            for key in payload_keys(kind)
+            np.ascontiguousarray(payload[key], dtype=wire_dtype(dtype)).tobytes()
+            for key, dtype in codec.layout.items()
         )
     stream = np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
     return choice.astype(np.uint8), stream
@@ -191,12 +162,14 @@ def split_groups(
     groups: list[dict[str, np.ndarray]] = []
     for size, c in zip(sizes.tolist(), codecs.tolist(), strict=True):
         option = options[c]
+        codec = option.codec
         arrays: dict[str, np.ndarray] = {}
-        lengths = payload_lengths(option.kind, size, ratio=option.ratio)
+        lengths = codec.lengths(np.asarray(size, dtype=np.int64), option.ratio)
         for key, count in lengths.items():
-            wire = _wire_dtype(option.kind, key)
-            arrays[key] = np.frombuffer(raw, wire, count, offset).astype(_NATIVE[wire])
-            offset += count * wire.itemsize
+            native = codec.layout[key]
+            wire = wire_dtype(native)
+            arrays[key] = np.frombuffer(raw, wire, int(count), offset).astype(native)
+            offset += int(count) * wire.itemsize
         groups.append(arrays)
     return groups
 
@@ -234,10 +207,10 @@ def unpack_groups(
         zip(groups, sizes.tolist(), codecs.tolist(), strict=True)
     ):
         option = options[c]
-        if option.kind == "defer":
+        if not option.codec.layout:  # nothing sent (defer)
             out.append(None)
             continue
-        max_k = topk_count(size, option.ratio) if option.kind == "topk" else None
+        max_k = option.codec.max_k(size, option.ratio)
         try:
             out.append(decode(option.kind, arrays, size, max_k=max_k))
         except CodecError as err:
@@ -252,6 +225,42 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+def _check_packed_inputs(
+    x: np.ndarray, sizes: np.ndarray, choice: np.ndarray, options: Sequence[Option]
+) -> None:
+    n = sizes.size
+    if x.dtype != np.float32 or x.shape != (int(sizes.sum()),):
+        raise CodecError(f"x must be float32 of shape ({int(sizes.sum())},)")
+    if choice.shape != (n,):
+        raise CodecError(f"choice has shape {choice.shape}, expected ({n},)")
+    if len(options) > 256 or (n and (choice.min() < 0 or choice.max() >= len(options))):
+        raise CodecError(f"choice out of range for {len(options)} options")
+    if not np.isfinite(x).all():
+        raise CodecError("x holds NaN or Inf")
+
+
+def _encode_by_option(
+    x: np.ndarray,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    choice: np.ndarray,
+    options: Sequence[Option],
+    decoded: np.ndarray,
+) -> list[list[np.ndarray]]:
+    """Each used option's :meth:`~tandem.compression.codecs.Codec.encode_groups`
+    over its groups; the byte parts of every group, in group order."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(sizes.size)]
+    for j in np.unique(choice).tolist():
+        groups = np.flatnonzero(choice == j)
+        option = options[j]
+        encoded = option.codec.encode_groups(
+            x, starts, sizes, groups, option.ratio, decoded
+        )
+        for i, group_parts in zip(groups.tolist(), encoded, strict=True):
+            parts[i] = group_parts
+    return parts
+
+
 def encode_packed(
     x: np.ndarray,
     sizes: np.ndarray,
@@ -263,11 +272,12 @@ def encode_packed(
     The same bytes as calling :func:`~tandem.compression.codecs.encode` on
     each group and :func:`pack_groups` on the results. With a few hundred
     groups the per-group route costs more than the arithmetic; here each
-    codec's arithmetic runs once over the whole vector (float16 rounding,
-    int8 levels under per-group ``max|x|`` by ``np.maximum.reduceat``, sign
-    bits, per-group ``mean|x|`` by ``np.add.reduceat``) and the loop over
-    groups only cuts byte views out of those results (``topk`` groups are
-    still encoded one by one).
+    option's codec encodes all its groups at once
+    (:meth:`~tandem.compression.codecs.Codec.encode_groups`: float16
+    rounding, int8 levels under per-group ``max|x|`` by
+    ``np.maximum.reduceat``, sign bits, per-group ``mean|x|`` by
+    ``np.add.reduceat``, run once over the whole vector; ``topk`` groups
+    one by one), and the groups' bytes are then joined in group order.
 
     Parameters
     ----------
@@ -298,78 +308,10 @@ def encode_packed(
     x = np.asarray(x)
     sizes = np.asarray(sizes, dtype=np.int64)
     choice = np.asarray(choice, dtype=np.int64)
-    n = sizes.size
-    if x.dtype != np.float32 or x.shape != (int(sizes.sum()),):
-        raise CodecError(f"x must be float32 of shape ({int(sizes.sum())},)")
-    if choice.shape != (n,):
-        raise CodecError(f"choice has shape {choice.shape}, expected ({n},)")
-    if len(options) > 256 or (n and (choice.min() < 0 or choice.max() >= len(options))):
-        raise CodecError(f"choice out of range for {len(options)} options")
-    if not np.isfinite(x).all():
-        raise CodecError("x holds NaN or Inf")
+    _check_packed_inputs(x, sizes, choice, options)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    kinds = [options[c].kind for c in choice.tolist()]
-    used = set(kinds)
     decoded = np.zeros_like(x)
-    element_kind = np.repeat(
-        np.array([CODECS.index(k) for k in kinds], dtype=np.int8), sizes
-    )
-    # each codec's arithmetic, once over the whole vector
-    full_bytes = np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
-    if "full" in used:
-        mask = element_kind == CODECS.index("full")
-        decoded[mask] = x[mask]
-    if "half" in used:
-        f16max = float(np.finfo(np.float16).max)
-        half = np.clip(x, -f16max, f16max).astype(np.float16)
-        half_bytes = half.astype("<f2").view(np.uint8)
-        mask = element_kind == CODECS.index("half")
-        decoded[mask] = half[mask]
-    if "int8" in used:
-        # a trailing zero keeps every start a valid index (see sign below)
-        peaks = np.maximum.reduceat(np.append(np.abs(x), np.float32(0.0)), starts)
-        peaks[sizes == 0] = 0.0  # float32 already: x is float32
-        peak_bytes = peaks.astype("<f4").view(np.uint8)
-        element_peak = np.repeat(peaks, sizes)
-        levels = int8_levels(x, element_peak)
-        level_bytes = levels.view(np.uint8)
-        mask = element_kind == CODECS.index("int8")
-        decoded[mask] = int8_values(levels[mask], element_peak[mask])
-    if "sign" in used:
-        negative = x < 0
-        aligned_bits = np.packbits(negative)  # right for groups on byte bounds
-        # a trailing zero keeps every start a valid index, even for an empty
-        # last group; reduceat gives an empty group the next element: zero it
-        sums = np.add.reduceat(np.append(np.abs(x, dtype=np.float64), 0.0), starts)
-        sums[sizes == 0] = 0.0
-        scale = (sums / np.maximum(sizes, 1)).astype(np.float32)
-        scale_bytes = scale.astype("<f4").view(np.uint8)
-        mask = element_kind == CODECS.index("sign")
-        magnitude = np.repeat(scale, sizes)
-        decoded[mask] = np.where(negative[mask], -magnitude[mask], magnitude[mask])
-    # cut each group's bytes out of those results, in group order
-    parts: list[np.ndarray] = []
-    for i, (kind, start, size) in enumerate(
-        zip(kinds, starts.tolist(), sizes.tolist(), strict=True)
-    ):
-        stop = start + size
-        if kind == "full":
-            parts.append(full_bytes[4 * start : 4 * stop])
-        elif kind == "half":
-            parts.append(half_bytes[2 * start : 2 * stop])
-        elif kind == "int8":
-            parts.append(level_bytes[start:stop])
-            parts.append(peak_bytes[4 * i : 4 * i + 4])
-        elif kind == "sign":
-            if start % 8 == 0 and size % 8 == 0:
-                parts.append(aligned_bits[start // 8 : stop // 8])
-            else:
-                parts.append(np.packbits(negative[start:stop]))
-            parts.append(scale_bytes[4 * i : 4 * i + 4])
-        elif kind == "topk":
-            payload = encode("topk", x[start:stop], ratio=options[int(choice[i])].ratio)
-            parts.append(payload["indices"].astype("<u4").view(np.uint8))
-            parts.append(payload["values"].astype("<f4").view(np.uint8))
-            decoded[start:stop][payload["indices"].astype(np.int64)] = payload["values"]
-    stream = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    parts = _encode_by_option(x, starts, sizes, choice, options, decoded)
+    flat = [part for group in parts for part in group]
+    stream = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
     return choice.astype(np.uint8), stream.astype(np.uint8, copy=False), decoded

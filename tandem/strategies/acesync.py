@@ -87,12 +87,6 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from scipy.stats import spearmanr
 
-from tandem.clients.acesync import (
-    KEY_PREDICTOR,
-    EdgePlan,
-    pack_predictor,
-    unpack_predictor,
-)
 from tandem.clustering import (
     choose_n_clusters,
     cluster_average,
@@ -101,6 +95,7 @@ from tandem.clustering import (
 )
 from tandem.compression.budget import byte_budget, compression_ratio
 from tandem.compression.codecs import option_table
+from tandem.compression.layout import GroupLayout
 from tandem.coordination import (
     SyncPolicy,
     adjust_sync,
@@ -121,8 +116,15 @@ from tandem.network import (
     assign_links,
     parse_link,
 )
+from tandem.protocol.acesync import (
+    KEY_PREDICTOR,
+    AceSyncOptions,
+    EdgePlan,
+    pack_predictor,
+    predictor_record,
+    unpack_predictor,
+)
 from tandem.server_context import ServerRun
-from tandem.strategies.acesync_options import AceSyncOptions
 from tandem.strategies.compressed import CompressedUpdates, DecodedUpdate
 from tandem.strategies.fedavg import run as run_fedavg
 from tandem.wire import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS
@@ -299,11 +301,7 @@ class AceSync(CompressedUpdates):
         """The predictor's weights, when the edges score with it."""
         if self.importance != "predictor":
             return {}
-        return {
-            KEY_PREDICTOR: ArrayRecord(
-                {"weights": Array(pack_predictor(self.predictor))}
-            )
-        }
+        return {KEY_PREDICTOR: predictor_record(self.predictor)}
 
     def received(self, server_round: int, updates: Sequence[DecodedUpdate]) -> None:
         """Reliability counts, declared links, and the round on the virtual clock.
@@ -577,6 +575,132 @@ def _evaluate(
     return out
 
 
+def _cluster_labels(
+    strategy: AceSync, nodes: Sequence[int], matrix: np.ndarray
+) -> np.ndarray:
+    """Steps 1-2 of :func:`personalize`: the cluster of each node."""
+    opts: AceSyncOptions = strategy.options
+    profiles = None
+    if opts.cluster_profile_weight > 0:
+        profiles = np.log([max(strategy.bandwidth_mbps(n), 1e-3) for n in nodes])
+    k = opts.clusters
+    if k == 0:
+        k = choose_n_clusters(
+            matrix,
+            opts.max_clusters,
+            seed=strategy.seed,
+            profiles=profiles,
+            profile_weight=opts.cluster_profile_weight,
+        )
+    return cluster_devices(
+        matrix,
+        k,
+        seed=strategy.seed,
+        profiles=profiles,
+        profile_weight=opts.cluster_profile_weight,
+    )
+
+
+def _cluster_models(
+    strategy: AceSync,
+    nodes: Sequence[int],
+    matrix: np.ndarray,
+    labels: np.ndarray,
+    final: ArrayRecord,
+) -> tuple[dict[int, np.ndarray], float]:
+    """Step 3 of :func:`personalize`: ``θ_T + ū_c`` per cluster, and the gap
+    between the hierarchical aggregate and the final global model."""
+    layout = strategy._require_layout()
+    count = int(labels.max()) + 1
+    omega = np.array([strategy.last_weights[n] for n in nodes])
+    averages = cluster_average(matrix, omega, labels, count)
+    base = strategy.current.astype(np.float64)  # θ the last round started from
+    final_flat = layout.flat({key: a.numpy() for key, a in final.items()})
+    gap = float(
+        np.max(
+            np.abs(
+                base
+                + hierarchical_aggregate(averages.means, averages.weights)
+                - final_flat
+            )
+        )
+    )
+    models = {c: (base + averages.means[c]).astype(np.float32) for c in range(count)}
+    return models, gap
+
+
+def _record_of(
+    layout: GroupLayout, template: Mapping[str, np.ndarray], flat: np.ndarray
+) -> ArrayRecord:
+    """A model record: the float tensors from ``flat``, the rest from ``template``."""
+    tensors = layout.unflat(flat)
+    return ArrayRecord(
+        {
+            k: Array(np.require(tensors.get(k, v), requirements="C"))
+            for k, v in template.items()
+        }
+    )
+
+
+def _refine_round(
+    srv: ServerRun,
+    strategy: AceSync,
+    server_round: int,
+    cluster_of: Mapping[int, int],
+    models: dict[int, np.ndarray],
+    template: Mapping[str, np.ndarray],
+) -> int:
+    """One round of step 4 of :func:`personalize`; the replies accepted.
+
+    Each node trains from its cluster's model and sends a compressed update
+    (checked as in training); each cluster model moves by its cluster's mean
+    update weighted by data size.
+    """
+    layout = strategy._require_layout()
+    nodes = sorted(cluster_of)
+    plans = strategy.prepare(server_round, nodes, ConfigRecord())
+    messages = [
+        Message(
+            content=strategy.content(
+                server_round,
+                plans[node],
+                _record_of(layout, template, models[cluster_of[node]]),
+                {"server-round": server_round},
+            ),
+            message_type=MessageType.TRAIN,
+            dst_node_id=node,
+        )
+        for node in nodes
+    ]
+    decoded, _ = strategy.decode_replies(
+        server_round,
+        srv.grid.send_and_receive(messages, timeout=srv.cfg.reply_timeout),
+    )
+    if not decoded:
+        return 0
+    count = len(models)
+    got = [d.node_id for d in decoded]
+    sizes = np.array([d.num_examples for d in decoded], dtype=np.float64)
+    round_avg = cluster_average(
+        np.stack([d.update for d in decoded]).astype(np.float64),
+        sizes,
+        np.array([cluster_of[n] for n in got]),
+        count,
+    )
+    for c in range(count):
+        if round_avg.weights[c] > 0:
+            models[c] = (models[c] + round_avg.means[c]).astype(np.float32)
+    srv.tracker.log_event(
+        "personalize",
+        {"round": server_round, "replies": len(decoded), "clusters": count},
+    )
+    return len(decoded)
+
+
+def _mean_over(accuracy: Mapping[int, float], nodes: Sequence[int]) -> float:
+    return float(np.mean([accuracy[n] for n in nodes])) if nodes else float("nan")
+
+
 def personalize(
     srv: ServerRun, strategy: AceSync, final: ArrayRecord
 ) -> dict[str, object]:
@@ -586,12 +710,15 @@ def personalize(
 
     1. Updates ``û_k`` of the last round, one row per device; optionally the
        log of each device's bandwidth estimate as a profile column.
-    2. ``k`` by silhouette (``acesync-clusters = 0``) or as given; k-means.
+    2. ``k`` by silhouette (``acesync-clusters = 0``) or as given; k-means
+       (:func:`_cluster_labels`).
     3. Cluster models ``θ_T + ū_c`` from the cluster-level aggregates
-       (:func:`~tandem.clustering.cluster_average` with the round's ``ω``).
-    4. ``acesync-personalize-rounds`` rounds: each device trains from its
-       cluster's model and sends a compressed update (checked as in
-       training); each cluster model moves by its cluster's weighted mean.
+       (:func:`~tandem.clustering.cluster_average` with the round's ``ω``;
+       :func:`_cluster_models`).
+    4. ``acesync-personalize-rounds`` rounds (:func:`_refine_round`): each
+       device trains from its cluster's model and sends a compressed update
+       (checked as in training); each cluster model moves by its cluster's
+       weighted mean.
     5. Every device evaluates the global model and its cluster's on its own
        test share.
 
@@ -606,106 +733,32 @@ def personalize(
     if opts.clusters == 1 or len(updates) < 2 or strategy.layout is None:
         return {}
     layout = strategy.layout
-    seed = strategy.seed
     nodes = sorted(updates)
-    # 1. what to cluster
+    # 1-3. clusters and their models
     matrix = np.stack([updates[n].update for n in nodes]).astype(np.float64)
-    profiles = None
-    if opts.cluster_profile_weight > 0:
-        profiles = np.log([max(strategy.bandwidth_mbps(n), 1e-3) for n in nodes])
-    # 2. how many clusters, and which
-    k = opts.clusters
-    if k == 0:
-        k = choose_n_clusters(
-            matrix,
-            opts.max_clusters,
-            seed=seed,
-            profiles=profiles,
-            profile_weight=opts.cluster_profile_weight,
-        )
-    labels = cluster_devices(
-        matrix,
-        k,
-        seed=seed,
-        profiles=profiles,
-        profile_weight=opts.cluster_profile_weight,
-    )
+    labels = _cluster_labels(strategy, nodes, matrix)
     count = int(labels.max()) + 1
-    # 3. cluster-level aggregates of the last round
-    omega = np.array([strategy.last_weights[n] for n in nodes])
-    averages = cluster_average(matrix, omega, labels, count)
-    base = strategy.current.astype(np.float64)  # θ the last round started from
-    final_flat = layout.flat({key: a.numpy() for key, a in final.items()})
-    global_gap = float(
-        np.max(
-            np.abs(
-                base
-                + hierarchical_aggregate(averages.means, averages.weights)
-                - final_flat
-            )
-        )
-    )
-    models = {c: (base + averages.means[c]).astype(np.float32) for c in range(count)}
+    models, global_gap = _cluster_models(strategy, nodes, matrix, labels, final)
     cluster_of = dict(zip(nodes, labels.tolist(), strict=True))
-    # 4. refine within clusters
+    # 4. refine within clusters; one cluster: its model is the global one
     ledger = srv.ledger
     start_round = ledger.current_round
     template = {key: a.numpy() for key, a in final.items()}
-
-    def record_of(flat: np.ndarray) -> ArrayRecord:
-        tensors = layout.unflat(flat)
-        return ArrayRecord(
-            {
-                k: Array(np.ascontiguousarray(tensors.get(k, v)))
-                for k, v in template.items()
-            }
-        )
-
-    # one cluster: its model is the global one, nothing to personalize
     rounds = opts.personalize_rounds if count > 1 else 0
     for step in range(rounds):
-        server_round = start_round + step
-        plans = strategy.prepare(server_round, nodes, ConfigRecord())
-        messages = []
-        for node in nodes:
-            content = strategy.content(
-                server_round,
-                plans[node],
-                record_of(models[cluster_of[node]]),
-                {"server-round": server_round},
-            )
-            messages.append(
-                Message(
-                    content=content, message_type=MessageType.TRAIN, dst_node_id=node
-                )
-            )
-        decoded, _ = strategy.decode_replies(
-            server_round,
-            srv.grid.send_and_receive(messages, timeout=srv.cfg.reply_timeout),
-        )
-        if not decoded:
+        if not _refine_round(
+            srv, strategy, start_round + step, cluster_of, models, template
+        ):
             break
-        got = [d.node_id for d in decoded]
-        sizes = np.array([d.num_examples for d in decoded], dtype=np.float64)
-        round_avg = cluster_average(
-            np.stack([d.update for d in decoded]).astype(np.float64),
-            sizes,
-            np.array([cluster_of[n] for n in got]),
-            count,
-        )
-        for c in range(count):
-            if round_avg.weights[c] > 0:
-                models[c] = (models[c] + round_avg.means[c]).astype(np.float32)
-        srv.tracker.log_event(
-            "personalize",
-            {"round": server_round, "replies": len(decoded), "clusters": count},
-        )
     # 5. evaluate on each device's own data
     eval_round = start_round + rounds
-    cluster_records = {c: record_of(models[c]) for c in range(count)}
     global_acc = _evaluate(srv, dict.fromkeys(nodes, final), eval_round)
     cluster_acc = (
-        _evaluate(srv, {n: cluster_records[cluster_of[n]] for n in nodes}, eval_round)
+        _evaluate(
+            srv,
+            {n: _record_of(layout, template, models[cluster_of[n]]) for n in nodes},
+            eval_round,
+        )
         if count > 1
         else global_acc
     )
@@ -720,12 +773,8 @@ def personalize(
         "personal-cluster-labels": {str(n): int(cluster_of[n]) for n in nodes},
         "personal-rounds": rounds,
         "personal-devices": len(both),
-        "personal-accuracy-global": float(np.mean([global_acc[n] for n in both]))
-        if both
-        else float("nan"),
-        "personal-accuracy-cluster": float(np.mean([cluster_acc[n] for n in both]))
-        if both
-        else float("nan"),
+        "personal-accuracy-global": _mean_over(global_acc, both),
+        "personal-accuracy-cluster": _mean_over(cluster_acc, both),
         "personal-devices-improved": int(
             sum(cluster_acc[n] > global_acc[n] for n in both)
         ),

@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
 from tandem.compression.codecs import Option
+from tandem.protocol.acesync import AceSyncOptions
 from tandem.server_context import ServerRun
-from tandem.strategies.acesync_options import AceSyncOptions
 from tandem.strategies.compressed import CompressedUpdates
 from tandem.strategies.fedavg import run as run_fedavg
 

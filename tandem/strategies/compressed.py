@@ -8,7 +8,7 @@ the wire on the way up.
 
 - ``configure_train``: the inner strategy samples nodes and builds its
   messages (global arrays + config); the wrapper gives each node its own
-  :class:`~tandem.clients.acesync.EdgePlan` in the config record (byte budget,
+  :class:`~tandem.protocol.acesync.EdgePlan` in the config record (byte budget,
   local steps, codec options, group size, ``γ``, importance source, fill
   decay) and any broadcast records (e.g. the importance predictor).
 - The edge (:mod:`tandem.clients.acesync`) trains, compresses its update
@@ -21,10 +21,11 @@ the wire on the way up.
   reported through ``on_reject`` with the reason and dropped, touching
   nothing (no cache, no weight, no model). Groups a node did not send are
   filled from its cached history, ``decay^age · u_i``
-  (:func:`~tandem.coordination.fill_from_history`; the edge's error
-  feedback keeps the difference). Each good reply is then rewritten as a
-  plain FedAvg reply, ``θ + û_k`` with weight ``ω_k``, and handed to the
-  inner strategy's own ``aggregate_train``: FedAvg computes
+  (:func:`~tandem.compression.pipeline.fill_unsent`, the function the edge
+  mirrors the cloud with; the edge's error feedback keeps the difference).
+  Each good reply is then rewritten as a plain FedAvg reply, ``θ + û_k``
+  with weight ``ω_k``, and handed to the inner strategy's own
+  ``aggregate_train``: FedAvg computes
   ``Σ_k ω_k (θ + û_k) = θ + Σ_k ω_k û_k`` (seed 004, eq. 8), FedAdam its
   adaptive step on the same pseudo-gradient, and so on.
 
@@ -66,20 +67,29 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from tandem.accounting import payload_bytes
-from tandem.clients.acesync import (
+from tandem.compression.codecs import CodecError, Option, option_table
+from tandem.compression.layout import GroupLayout
+from tandem.compression.packing import unpack_groups
+from tandem.compression.pipeline import fill_unsent
+from tandem.coordination import CachedUpdate, cache_arrays, refresh_cache
+from tandem.failures import app_errors, stop_if_all_failed
+from tandem.network import MAX_SPEC_CHARS
+from tandem.protocol.acesync import (
     EDGE_METRICS,
     IMPORTANCE_SOURCES,
     KEY_UPDATE,
     EdgePlan,
-    GroupLayout,
+    read_update,
 )
-from tandem.compression.codecs import CodecError, Option, option_table
-from tandem.compression.packing import unpack_groups
-from tandem.coordination import CachedUpdate, fill_from_history, refresh_cache
-from tandem.failures import app_errors, stop_if_all_failed
-from tandem.network import MAX_SPEC_CHARS
 from tandem.strategies.fedavg import missing_replies
-from tandem.wire import KEY_LOCAL_STEPS, KEY_METRICS, KEY_NODE, PayloadError
+from tandem.wire import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_LOCAL_STEPS,
+    KEY_METRICS,
+    KEY_NODE,
+    PayloadError,
+)
 
 __all__ = ["CompressedUpdates", "CompressionStats", "DecodedUpdate"]
 
@@ -208,6 +218,34 @@ def _finite_metrics(record: MetricRecord) -> dict[str, float]:
             raise PayloadError(f"metric '{key}' = {value!r} is not finite")
         out[key] = float(value)
     return out
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` C-contiguous, of any shape (``np.ascontiguousarray`` makes a 0-d
+    array 1-d)."""
+    return np.require(a, requirements="C")
+
+
+def _plus(value: np.ndarray, update: np.ndarray | None) -> np.ndarray:
+    """``θ + û`` for one tensor, in ``θ``'s float dtype if float32 or wider."""
+    if update is None:
+        return _contiguous(value)
+    dtype = np.result_type(value.dtype, np.float32)
+    return _contiguous(np.asarray(value, dtype=dtype) + update.astype(dtype))
+
+
+def _like(a: np.ndarray, sent: np.ndarray) -> np.ndarray:
+    """``a`` in the dtype and shape of ``sent``; integers rounded, not cut."""
+    if np.issubdtype(sent.dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
+        a = np.rint(a)
+    return _contiguous(a.astype(sent.dtype, copy=False).reshape(sent.shape))
+
+
+def _declared_link(content: RecordDict) -> str:
+    """The link a reply's node record declares ("" if none or too long)."""
+    node_info = content.config_records.get(KEY_NODE)
+    link = node_info.get("link", "") if node_info is not None else ""
+    return link if isinstance(link, str) and len(link) <= MAX_SPEC_CHARS else ""
 
 
 class CompressedUpdates(Strategy):
@@ -415,11 +453,15 @@ class CompressedUpdates(Strategy):
         arrays: ArrayRecord,
         config: Mapping[str, object],
     ) -> RecordDict:
-        """One node's train message content: arrays, config + plan, broadcasts."""
+        """One node's train message content: arrays, config + plan, broadcasts.
+
+        The records travel under the protocol's keys (``arrays``, ``config``),
+        whatever keys the inner strategy uses: the edge reads those.
+        """
         record = RecordDict(
             {
-                self.strategy.arrayrecord_key: arrays,
-                self.strategy.configrecord_key: ConfigRecord(
+                KEY_ARRAYS: arrays,
+                KEY_CONFIG: ConfigRecord(
                     {**dict(config), **plan.to_config()}  # type: ignore[dict-item]
                 ),
             }
@@ -462,6 +504,10 @@ class CompressedUpdates(Strategy):
     def decode_reply(self, server_round: int, msg: Message) -> DecodedUpdate:
         """Check one reply against the plan its node was sent; decode it.
 
+        Three steps: validate the records and metrics (:meth:`_validate`),
+        decode the groups sent (:meth:`_decode_groups`), fill the others from
+        the node's cache (:meth:`_fill`).
+
         Raises
         ------
         PayloadError
@@ -473,7 +519,26 @@ class CompressedUpdates(Strategy):
         plan = self._plans.get(node)
         if plan is None:
             raise PayloadError(f"no train message was sent to node {node} this round")
-        content = msg.content
+        nbytes, metrics = self._validate(msg.content, plan, layout)
+        codes, payload = read_update(msg.content)
+        received = self._decode_groups(codes, payload, plan, layout, metrics)
+        update, sent = self._fill(node, received, layout, server_round)
+        return DecodedUpdate(
+            node,
+            update,
+            sent,
+            received,
+            metrics,
+            nbytes,
+            plan,
+            _declared_link(msg.content),
+            None if self.transit is None else self.transit(msg),
+        )
+
+    def _validate(
+        self, content: RecordDict, plan: EdgePlan, layout: GroupLayout
+    ) -> tuple[int, dict[str, float]]:
+        """Records, size and metrics of a reply: ``(its bytes, its metrics)``."""
         unknown = sorted(set(content.keys()) - REPLY_RECORDS)
         if unknown:
             raise PayloadError(f"unknown records {unknown}")
@@ -481,36 +546,44 @@ class CompressedUpdates(Strategy):
         limit = plan.budget + len(layout.groups) + FRAMING_SLACK
         if nbytes > limit:
             raise PayloadError(f"reply of {nbytes} bytes exceeds the {limit} limit")
-        record = content.array_records.get(KEY_UPDATE)
-        if record is None:
-            raise PayloadError(f"missing record '{KEY_UPDATE}'")
-        if set(record.keys()) != {"codecs", "payload"}:
-            raise PayloadError(
-                f"record '{KEY_UPDATE}' has arrays {sorted(record.keys())}, "
-                "expected ['codecs', 'payload']"
-            )
+        read_update(content)  # the update record's structure, before the metrics
         metrics_record = content.metric_records.get(KEY_METRICS)
         if metrics_record is None:
             raise PayloadError(f"missing record '{KEY_METRICS}'")
         metrics = _finite_metrics(metrics_record)
-        examples = metrics["num-examples"]
+        self._check_examples(metrics["num-examples"])
+        for key, planned in (
+            ("bytes-budget", plan.budget),
+            ("steps", plan.local_steps),
+        ):
+            if metrics[key] != planned:
+                raise PayloadError(
+                    f"metric '{key}' = {metrics[key]:g}, the plan said {planned}"
+                )
+        return nbytes, metrics
+
+    def _check_examples(self, examples: float) -> None:
+        """``num-examples`` must be a whole number in ``[1, max_examples]``."""
+        if examples != int(examples):
+            raise PayloadError(
+                f"metric 'num-examples' = {examples:g} is not a whole number "
+                "(the wrapper weights by whole examples)"
+            )
         top = self.max_examples if self.max_examples is not None else math.inf
-        if not (1 <= examples <= top and examples == int(examples)):
+        if not 1 <= examples <= top:
             raise PayloadError(
                 f"metric 'num-examples' = {examples:g} outside [1, {top}]"
             )
-        if metrics["bytes-budget"] != plan.budget:
-            raise PayloadError(
-                f"metric 'bytes-budget' = {metrics['bytes-budget']:g}, "
-                f"the plan said {plan.budget}"
-            )
-        if metrics["steps"] != plan.local_steps:
-            raise PayloadError(
-                f"metric 'steps' = {metrics['steps']:g}, "
-                f"the plan said {plan.local_steps}"
-            )
-        codes = record["codecs"].numpy()
-        payload = record["payload"].numpy()
+
+    def _decode_groups(
+        self,
+        codes: np.ndarray,
+        payload: np.ndarray,
+        plan: EdgePlan,
+        layout: GroupLayout,
+        metrics: Mapping[str, float],
+    ) -> dict[int, np.ndarray]:
+        """Group index → decoded update, for the groups sent."""
         try:
             chunks = unpack_groups(
                 codes,
@@ -527,34 +600,26 @@ class CompressedUpdates(Strategy):
                 f"metric 'bytes-encoded' = {metrics['bytes-encoded']:g}, "
                 f"the payload has {payload.size}"
             )
-        received = {i: c for i, c in enumerate(chunks) if c is not None}
-        filled = fill_from_history(
-            received,
-            self._caches.get(node, {}),
-            len(layout.groups),
-            server_round,
-            self.fill_decay,
-        )
-        update = np.zeros(layout.total, dtype=np.float32)
-        for i, values in (*received.items(), *filled.items()):
-            start = layout.starts[i]
-            update[start : start + layout.sizes[i]] = values
+        return {i: c for i, c in enumerate(chunks) if c is not None}
+
+    def _fill(
+        self,
+        node: int,
+        received: Mapping[int, np.ndarray],
+        layout: GroupLayout,
+        server_round: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(û_k (N,) float32, sent (n,) bool)``: the received groups, and
+        for the others the stand-ins of :func:`fill_unsent` from the node's
+        cache (what the edge mirrored when it chose to defer)."""
         sent = np.zeros(len(layout.groups), dtype=bool)
         sent[list(received)] = True
-        node_info = content.config_records.get(KEY_NODE)
-        link = node_info.get("link", "") if node_info is not None else ""
-        link = link if isinstance(link, str) and len(link) <= MAX_SPEC_CHARS else ""
-        return DecodedUpdate(
-            node,
-            update,
-            sent,
-            received,
-            metrics,
-            nbytes,
-            plan,
-            link,
-            None if self.transit is None else self.transit(msg),
-        )
+        cache, rounds = cache_arrays(self._caches.get(node, {}), layout.sizes)
+        update = fill_unsent(cache, rounds, layout.sizes, server_round, self.fill_decay)
+        for i, values in received.items():
+            start = layout.starts[i]
+            update[start : start + layout.sizes[i]] = values
+        return update, sent
 
     def decode_replies(
         self, server_round: int, replies: Iterable[Message]
@@ -599,11 +664,18 @@ class CompressedUpdates(Strategy):
     def rebuild(
         self, decoded: DecodedUpdate, weight: float, base: np.ndarray
     ) -> RecordDict:
-        """A plain FedAvg reply: the arrays ``base + û_k`` and weight ``weight``."""
+        """A plain FedAvg reply: the arrays ``θ + û_k`` and weight ``weight``.
+
+        ``θ`` is each tensor as sent, in its own dtype (float32 or wider: a
+        float64 model is not rounded to float32; float16 and other narrower
+        floats are added in float32) and shape (0-d stays 0-d); tensors
+        outside the layout (integers) keep the value sent. ``base`` (the flat
+        float32 ``θ``) is accepted for subclasses and unused here.
+        """
         layout = self._require_layout()
-        tensors = layout.unflat(base + decoded.update)
+        updates = layout.unflat(decoded.update)
         arrays = {
-            key: Array(np.ascontiguousarray(tensors.get(key, value)))
+            key: Array(_plus(value, updates.get(key)))
             for key, value in self._current_arrays.items()
         }
         metrics = dict(decoded.metrics)
@@ -656,15 +728,19 @@ class CompressedUpdates(Strategy):
         return arrays, metrics
 
     def _same_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
-        """``arrays`` in the dtypes of the arrays sent (FedAdam returns float64)."""
+        """``arrays`` in the dtypes and shapes of the arrays sent (FedAdam
+        returns float64; Flower's averaging turns integers into floats, which
+        are rounded back, not truncated)."""
         if all(
-            k in self._current_arrays and a.dtype == str(self._current_arrays[k].dtype)
+            k in self._current_arrays
+            and a.dtype == str(self._current_arrays[k].dtype)
+            and tuple(a.shape) == self._current_arrays[k].shape
             for k, a in arrays.items()
         ):
             return arrays
         return ArrayRecord(
             {
-                k: Array(a.numpy().astype(self._current_arrays[k].dtype, copy=False))
+                k: Array(_like(a.numpy(), self._current_arrays[k]))
                 if k in self._current_arrays
                 else a
                 for k, a in arrays.items()

@@ -1,0 +1,340 @@
+"""One round of ACE-Sync compression, and the fill of unsent groups (seed 004).
+
+Pure numpy; no Flower imports. The edge runs :func:`compress_update` on its
+update; the cloud rebuilds the update from the packed groups and fills the
+groups a node did not send with :func:`fill_unsent`, the same function the
+edge uses to mirror the cloud's stand-ins, so both ends agree on every value.
+
+Steps of :func:`compress_update` (numbered as in
+:mod:`tandem.clients.acesync`):
+
+3. Error feedback, eq. 7: ``g̃ = g + γ·e``.
+4. Importance per group (eqs. 3-4): ``I_i = s_i · ‖g̃_i‖²`` with ``s_i`` from
+   the cloud's predictor, the latest RMS (magnitude ablation) or 1.
+5. Knapsack (eq. 2 generalised): one codec per group within the budget.
+6. Encode and pack; ``sent_i`` is the decoded payload or, for a deferred
+   group, the cloud's stand-in ``decay^a · u_i`` (:func:`fill_unsent`).
+7. New residual ``e ← g̃ − sent``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tandem.compression.codecs import CodecError, Option, option_table
+from tandem.compression.feedback import compensate
+from tandem.compression.knapsack import select_options
+from tandem.compression.layout import GroupLayout
+from tandem.compression.packing import encode_packed
+from tandem.importance import (
+    ImportancePredictor,
+    magnitude_scores,
+    predict_importance,
+    temporal_features,
+)
+
+__all__ = [
+    "CompressedUpdate",
+    "EdgeMemory",
+    "RoundPlan",
+    "compress_update",
+    "fill_unsent",
+]
+
+
+def fill_unsent(
+    cache: np.ndarray,
+    cache_round: np.ndarray,
+    sizes: np.ndarray,
+    server_round: int,
+    decay: float,
+) -> np.ndarray:
+    """Stand-ins for the groups a node did not send, ``decay^a · u_i``, ``(N,)``.
+
+    The cloud "reconstructs missing low-importance parameters using cached
+    historical values" (seed §3.1): group ``i``'s stand-in is
+    ``decay^a · u_i`` with ``u_i`` the last update received for it and
+    ``a = server_round − cache_round[i]`` its age in rounds. ``decay = 1``
+    repeats the old update as is; ``decay = 0`` fills zeros. A group never
+    received (``cache_round[i] < 0``) is filled with zeros: nothing is known
+    of it, so it adds nothing to the aggregate. The product is taken in
+    float64 and rounded once to float32.
+
+    Parameters
+    ----------
+    cache : np.ndarray
+        ``(N,)`` float32: the last update received for each group, groups
+        back to back.
+    cache_round : np.ndarray
+        ``(n,)`` int: the round each was received in, ``-1`` if never.
+    sizes : np.ndarray
+        ``(n,)`` elements per group.
+    server_round : int
+        The current round.
+    decay : float
+        Per-round decay in ``[0, 1]``.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N,)`` float32, the stand-in of every group (the caller keeps the
+        groups not sent).
+
+    Raises
+    ------
+    ValueError
+        If ``decay`` is outside ``[0, 1]``, the shapes disagree, or a cached
+        update is newer than ``server_round``.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    cache_round = np.asarray(cache_round, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if cache_round.shape != sizes.shape or np.shape(cache) != (int(sizes.sum()),):
+        raise ValueError(
+            f"cache {np.shape(cache)}, rounds {cache_round.shape} and sizes "
+            f"{sizes.shape} disagree"
+        )
+    if cache_round.size and int(cache_round.max()) > server_round:
+        group = int(np.argmax(cache_round))
+        raise ValueError(
+            f"cache entry for group {group} is from round {int(cache_round[group])}, "
+            f"after the current round {server_round}"
+        )
+    age = server_round - cache_round
+    factor = np.where(cache_round >= 0, float(decay) ** np.maximum(age, 0), 0.0)
+    return (np.repeat(factor, sizes) * cache).astype(np.float32)
+
+
+class RoundPlan(Protocol):
+    """What :func:`compress_update` reads of a round's plan (an ``EdgePlan``)."""
+
+    @property
+    def budget(self) -> int: ...
+
+    @property
+    def codecs(self) -> tuple[Option, ...]: ...
+
+    @property
+    def gamma(self) -> float: ...
+
+    @property
+    def importance(self) -> str: ...
+
+    @property
+    def fill_decay(self) -> float: ...
+
+    @property
+    def server_round(self) -> int: ...
+
+
+@dataclass
+class EdgeMemory:
+    """One edge's ACE-Sync memory between rounds.
+
+    Attributes
+    ----------
+    residual : np.ndarray
+        ``(N,)`` float32: the error-feedback residual ``e`` (eq. 7).
+    history : np.ndarray
+        ``(H, n)`` float64: RMS of ``g̃`` per group over the last ``H``
+        rounds, oldest first (zeros before the first).
+    cache : np.ndarray
+        ``(N,)`` float32: the last update sent for each group (the edge's
+        mirror of the cloud's cache).
+    cache_round : np.ndarray
+        ``(n,)`` int64: the round it was sent in, ``-1`` if never.
+    """
+
+    residual: np.ndarray
+    history: np.ndarray
+    cache: np.ndarray
+    cache_round: np.ndarray
+
+    @classmethod
+    def fresh(cls, layout: GroupLayout, history: int) -> EdgeMemory:
+        """The memory before the first round."""
+        n = len(layout.groups)
+        return cls(
+            np.zeros(layout.total, np.float32),
+            np.zeros((history, n), np.float64),
+            np.zeros(layout.total, np.float32),
+            np.full(n, -1, np.int64),
+        )
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], layout: GroupLayout, history: int
+    ) -> EdgeMemory:
+        """Inverse of :meth:`to_arrays`; fresh if saved for another layout.
+
+        A changed history length keeps the most recent rows.
+        """
+        state = cls(
+            arrays["residual"],
+            arrays["history"],
+            arrays["cache"],
+            arrays["cache-round"],
+        )
+        n = len(layout.groups)
+        if state.residual.shape != (layout.total,) or state.cache_round.shape != (n,):
+            return cls.fresh(layout, history)
+        rows = state.history[-history:]
+        pad = np.zeros((history - rows.shape[0], n), np.float64)
+        state.history = np.vstack([pad, rows])
+        return state
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The memory as contiguous arrays by name."""
+        return {
+            "residual": np.ascontiguousarray(self.residual),
+            "history": np.ascontiguousarray(self.history),
+            "cache": np.ascontiguousarray(self.cache),
+            "cache-round": np.ascontiguousarray(self.cache_round),
+        }
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """One round's compressed update, as sent.
+
+    Attributes
+    ----------
+    codecs : np.ndarray
+        ``(n,)`` uint8 option index per group.
+    payload : np.ndarray
+        ``(B,)`` uint8 packed payloads.
+    sent : np.ndarray
+        ``(N,)`` float32: the update the cloud will reconstruct.
+    encoded_bytes : int
+        ``B``, never above the budget.
+    kept_fraction : float
+        ``1 − ‖g̃ − sent‖² / ‖g̃‖²`` (realized fidelity over the whole update).
+    groups_sent : float
+        Fraction of groups not deferred.
+    """
+
+    codecs: np.ndarray
+    payload: np.ndarray
+    sent: np.ndarray
+    encoded_bytes: int
+    kept_fraction: float
+    groups_sent: float
+
+
+def _importance(
+    compensated: np.ndarray,
+    weights: np.ndarray,
+    state: EdgeMemory,
+    plan: RoundPlan,
+    layout: GroupLayout,
+    predictor: ImportancePredictor | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4: ``(I, ‖g̃_i‖²)`` per group; appends this round's RMS to history."""
+    energy = layout.group_sq_norms(compensated)
+    rms = np.sqrt(energy / np.maximum(layout.sizes, 1))
+    state.history = np.vstack([state.history[1:], rms[None, :]])
+    if plan.importance == "predictor":
+        if predictor is None:
+            raise CodecError("the plan asks for the predictor; none was given")
+        score = predict_importance(
+            predictor, temporal_features(state.history), layout.structural(weights)
+        )
+    elif plan.importance == "magnitude":
+        score = magnitude_scores(rms)
+    else:
+        score = np.ones(len(layout.groups))
+    return np.clip(score, 0.0, None) * energy, energy
+
+
+def _sent_and_cache(
+    decoded: np.ndarray,
+    deferred: np.ndarray,
+    state: EdgeMemory,
+    plan: RoundPlan,
+    layout: GroupLayout,
+) -> np.ndarray:
+    """Step 6's ``sent``: decoded groups, and the cloud's stand-ins for deferred
+    ones; refreshes the mirror of the cloud's cache."""
+    if deferred.any():
+        deferred_elements = np.repeat(deferred, layout.sizes)
+        fills = fill_unsent(
+            state.cache,
+            state.cache_round,
+            layout.sizes,
+            plan.server_round,
+            plan.fill_decay,
+        )
+        sent = np.where(deferred_elements, fills, decoded)
+        state.cache = np.where(deferred_elements, state.cache, decoded)
+    else:
+        sent = state.cache = decoded
+    state.cache_round[~deferred] = plan.server_round
+    return sent
+
+
+def compress_update(
+    update: np.ndarray,
+    weights: np.ndarray,
+    state: EdgeMemory,
+    plan: RoundPlan,
+    layout: GroupLayout,
+    predictor: ImportancePredictor | None = None,
+) -> CompressedUpdate:
+    """Steps 3-7 of the module docstring on one flat update; updates ``state``.
+
+    Parameters
+    ----------
+    update : np.ndarray
+        ``(N,)`` float32: ``g = θ_k − θ``.
+    weights : np.ndarray
+        ``(N,)``: the global weights ``θ`` (for the structural features).
+    state : EdgeMemory
+        Residuals, history and cache; changed in place.
+    plan : RoundPlan
+        The round's budget, options and settings.
+    layout : GroupLayout
+        The model's groups.
+    predictor : ImportancePredictor or None
+        Needed when ``plan.importance == "predictor"``.
+
+    Raises
+    ------
+    CodecError
+        If the budget is below the cheapest choice (no zero-cost option), or
+        the plan asks for a predictor and none is given.
+    """
+    # 3. error feedback (eq. 7)
+    compensated = compensate(update, state.residual, plan.gamma)
+    # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
+    importance, energy = _importance(
+        compensated, weights, state, plan, layout, predictor
+    )
+    # 5. knapsack within the budget
+    costs, fidelity = option_table(plan.codecs, layout.sizes)
+    try:
+        selection = select_options(importance, costs, fidelity, budget=plan.budget)
+    except ValueError as err:
+        raise CodecError(f"budget {plan.budget} bytes: {err}") from None
+    # 6. encode and pack (eq. 6 for sign); sent = what the cloud will see
+    codes, payload, decoded = encode_packed(
+        compensated, layout.sizes, selection.choice, plan.codecs
+    )
+    is_defer = np.array([option.kind == "defer" for option in plan.codecs])
+    deferred = is_defer[selection.choice]
+    sent = _sent_and_cache(decoded, deferred, state, plan, layout)
+    # 7. error feedback: e ← g̃ − sent (sent + e == g̃, nothing is lost)
+    state.residual = compensated - sent
+    total = float(energy.sum())
+    lost = float(np.dot(state.residual, state.residual))
+    return CompressedUpdate(
+        codecs=codes,
+        payload=payload,
+        sent=sent,
+        encoded_bytes=int(payload.size),
+        kept_fraction=1.0 - lost / total if total > 0 else 1.0,
+        groups_sent=float(np.mean(~deferred)) if deferred.size else 1.0,
+    )
