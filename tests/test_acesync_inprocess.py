@@ -19,12 +19,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid, run_inprocess
 
-from tandem.clients.acesync import KEY_UPDATE, GroupLayout
 from tandem.compression.codecs import DEFAULT_OPTIONS, Option
+from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import split_groups
 from tandem.config import ConfigError, RunConfig
 from tandem.datasets import load_dataset
 from tandem.models import build_model
+from tandem.protocol.acesync import KEY_UPDATE
 from tandem.strategies.compressed import CompressedUpdates
 
 BASE = {

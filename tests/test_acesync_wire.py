@@ -7,30 +7,26 @@ import re
 import numpy as np
 import pytest
 
-from tandem.clients.acesync import (
-    EdgePlan,
-    EdgeState,
-    GroupLayout,
-    compress_update,
-    format_codecs,
-    pack_predictor,
-    parse_codecs,
-    unpack_predictor,
-)
 from tandem.compression.codecs import (
     DEFAULT_OPTIONS,
     CodecError,
     Option,
     encode,
     encoded_nbytes,
+    format_codecs,
+    parse_codecs,
 )
+from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import (
     encode_packed,
     pack_groups,
     split_groups,
     unpack_groups,
 )
+from tandem.compression.pipeline import EdgeMemory as EdgeState
+from tandem.compression.pipeline import compress_update
 from tandem.importance import ImportancePredictor, PredictorError
+from tandem.protocol.acesync import EdgePlan, pack_predictor, unpack_predictor
 from tandem.wire import PayloadError
 
 OPTIONS = (*DEFAULT_OPTIONS[:2], *DEFAULT_OPTIONS[3:], Option("int8"))
@@ -277,7 +273,7 @@ def test_a_budget_below_the_cheapest_choice_is_a_clear_error():
     state = EdgeState.fresh(layout, history=3)
     plan = _plan(codecs=(Option("full"),), budget=10)
     update = np.ones(layout.total, np.float32)
-    with pytest.raises(PayloadError, match="budget 10 bytes"):
+    with pytest.raises(CodecError, match="budget 10 bytes"):
         compress_update(update, update, state, plan, layout)
 
 

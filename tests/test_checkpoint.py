@@ -13,8 +13,8 @@ from inprocess import run_inprocess
 
 from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tandem.config import ConfigError
-from tandem.strategies.acesync import AceSync
 from tandem.protocol.acesync import AceSyncOptions
+from tandem.strategies.acesync import AceSync
 
 RUN = {"method": "fedavg", "mnist1d-samples": 1000, "local-steps": 5}
 

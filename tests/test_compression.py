@@ -10,13 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.compression import (
-    CODECS,
     DEFAULT_OPTIONS,
     FIDELITY_HALF,
     FIDELITY_INT8,
     FIDELITY_SIGN,
     CodecError,
-    ErrorFeedback,
     Option,
     ParamGroup,
     byte_budget,
@@ -25,19 +23,28 @@ from tandem.compression import (
     decode,
     encode,
     encoded_nbytes,
-    feedback_step,
     fidelity,
     flatten,
     group_sizes,
     make_groups,
     option_table,
     payload_keys,
-    realized_fidelity,
     topk_count,
     unflatten,
 )
+from tandem.compression.codecs import CODECS
+from tandem.compression.layout import GroupLayout
+from tandem.compression.pipeline import EdgeMemory, compress_update
 
 RATIOS = {"topk": 0.1}
+
+
+def realized_fidelity(x, decoded):
+    """Measured fidelity ``1 − ‖x − decoded‖² / ‖x‖²`` (1 when ``x`` is zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    err = x - np.asarray(decoded, dtype=np.float64)
+    energy = float(np.dot(x, x))
+    return 1.0 if energy == 0.0 else 1.0 - float(np.dot(err, err)) / energy
 
 
 def ratio_of(kind):
@@ -353,85 +360,94 @@ def test_fidelity_model_matches_laplace_entries():
 # ---------------------------------------------------------------- feedback
 
 
+class _Plan:
+    """A round plan with one option for every group and no byte limit."""
+
+    def __init__(self, option, gamma=1.0, server_round=1):
+        self.codecs = (option,)
+        self.budget = 10**9
+        self.gamma = gamma
+        self.importance = "uniform"
+        self.fill_decay = 0.0
+        self.server_round = server_round
+
+
+def _one_group(n):
+    return GroupLayout.from_arrays({"w": np.zeros(n, np.float32)}, n)
+
+
 @pytest.mark.parametrize("kind", CODECS)
 def test_error_feedback_conserves_mass(kind):
     rng = np.random.default_rng(6)
-    ef = ErrorFeedback(gamma=1.0)
+    layout = _one_group(257)
+    state = EdgeMemory.fresh(layout, history=2)
+    option = Option(kind, ratio_of(kind))
     total_grad = np.zeros(257, dtype=np.float64)
     total_sent = np.zeros(257, dtype=np.float64)
-    for _ in range(5):
+    for round_ in range(1, 6):
         g = rng.normal(size=257).astype(np.float32)
-        compensated = compensate(g, ef.residual("w[0:257]"), ef.gamma)
-        out = ef.step("w[0:257]", kind, g, ratio=ratio_of(kind))
-        # sent + new residual == g̃
+        compensated = compensate(g, state.residual, 1.0)
+        out = compress_update(g, g, state, _Plan(option, server_round=round_), layout)
+        # sent + new residual == g̃, and sent is what the receiver decodes
         np.testing.assert_allclose(
-            out.sent + out.residual, compensated, rtol=1e-6, atol=1e-6
+            out.sent + state.residual, compensated, rtol=1e-6, atol=1e-6
         )
-        np.testing.assert_array_equal(out.sent, decode(kind, out.arrays, 257))
+        if kind != "defer":
+            arrays = encode(kind, compensated, ratio=ratio_of(kind))
+            np.testing.assert_array_equal(out.sent, decode(kind, arrays, 257))
         total_grad += g
         total_sent += out.sent
     # with γ = 1 nothing is lost over time, only delayed
     np.testing.assert_allclose(
-        total_sent + ef.residual("w[0:257]"), total_grad, rtol=1e-5, atol=1e-5
+        total_sent + state.residual, total_grad, rtol=1e-5, atol=1e-5
     )
 
 
 def test_error_feedback_exact_cases():
+    layout = _one_group(3)
     g = np.array([1.0, -2.0, 0.5], dtype=np.float32)
-    out = feedback_step("full", g, None)
-    assert out.residual.tolist() == [0.0, 0.0, 0.0]
-    out = feedback_step("defer", g, None)
-    assert out.arrays == {}
-    assert out.residual.tolist() == g.tolist()
-    out = feedback_step("topk", g, np.array([0.0, 0.0, 2.0], np.float32), ratio=0.67)
+    state = EdgeMemory.fresh(layout, history=1)
+    compress_update(g, g, state, _Plan(Option("full")), layout)
+    assert state.residual.tolist() == [0.0, 0.0, 0.0]
+    state = EdgeMemory.fresh(layout, history=1)
+    out = compress_update(g, g, state, _Plan(Option("defer")), layout)
+    assert out.payload.size == 0
+    assert state.residual.tolist() == g.tolist()
+    state.residual = np.array([0.0, 0.0, 2.0], np.float32)
+    out = compress_update(g, g, state, _Plan(Option("topk", 0.67), 1.0, 2), layout)
     # g̃ = [1, −2, 2.5]: keeps −2 and 2.5 exactly, carries 1
     assert out.sent.tolist() == [0.0, -2.0, 2.5]
-    assert out.residual.tolist() == [1.0, 0.0, 0.0]
+    assert state.residual.tolist() == [1.0, 0.0, 0.0]
 
 
 def test_error_feedback_gamma_by_hand():
-    ef = ErrorFeedback(gamma=0.5)
-    ef.step("a", "defer", np.array([1.0, 2.0], np.float32))
-    assert ef.residual("a").tolist() == [1.0, 2.0]
-    out = ef.step("a", "full", np.zeros(2, np.float32))
+    layout = _one_group(2)
+    state = EdgeMemory.fresh(layout, history=1)
+    compress_update(
+        np.array([1.0, 2.0], np.float32),
+        np.zeros(2),
+        state,
+        _Plan(Option("defer"), 0.5),
+        layout,
+    )
+    assert state.residual.tolist() == [1.0, 2.0]
+    out = compress_update(
+        np.zeros(2, np.float32),
+        np.zeros(2),
+        state,
+        _Plan(Option("full"), 0.5, 2),
+        layout,
+    )
     assert out.sent.tolist() == [0.5, 1.0]  # g̃ = 0 + 0.5·[1, 2]
-    assert ef.residual("a").tolist() == [0.0, 0.0]
-
-
-def test_error_feedback_state_round_trip_and_reset():
-    ef = ErrorFeedback(gamma=0.9)
-    ef.step("a", "sign", np.array([1.0, -3.0, 2.0], np.float32))
-    ef.step("b", "defer", np.array([4.0], np.float32))
-    state = ef.state_dict()
-    assert set(state) == {"a", "b"}
-    assert all(v.dtype == np.float32 for v in state.values())
-    assert ef.residual_energy() == pytest.approx(
-        sum(float(v @ v) for v in state.values())
-    )
-    other = ErrorFeedback(gamma=0.9)
-    other.load_state_dict(state)
-    g = np.array([0.1, 0.2, 0.3], np.float32)
-    np.testing.assert_array_equal(
-        other.step("a", "half", g).sent, ef.step("a", "half", g).sent
-    )
-    ef.reset()
-    assert ef.state_dict() == {}
-    assert ef.residual("a") is None
-    assert ef.residual_energy() == 0.0
+    assert state.residual.tolist() == [0.0, 0.0]
 
 
 def test_error_feedback_errors():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="gamma must satisfy"):
-            ErrorFeedback(gamma=bad)
-    ef = ErrorFeedback()
-    ef.step("a", "defer", np.zeros(3, np.float32))
+            compensate(np.zeros(3), np.zeros(3), bad)
     with pytest.raises(ValueError, match="residual has shape"):
-        ef.step("a", "defer", np.zeros(4, np.float32))
-    with pytest.raises(ValueError, match="1-D float32"):
-        ef.load_state_dict({"a": np.zeros(3)})
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        ef.load_state_dict({"a": np.array([np.nan], np.float32)})
+        compensate(np.zeros(4), np.zeros(3), 1.0)
 
 
 # ---------------------------------------------------------------- budget

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tandem.compression.pipeline import fill_unsent
 from tandem.coordination import (
     CachedUpdate,
     SyncPolicy,
     adjust_sync,
     aggregation_weights,
+    cache_arrays,
     divergence,
-    fill_from_history,
     refresh_cache,
 )
 
@@ -134,18 +135,24 @@ def test_sync_control_rejects_bad_inputs():
         SyncPolicy(threshold=0.0)
 
 
-def test_fill_from_history_decays_with_age():
+SIZES = np.array([2, 1, 1, 3])
+
+
+def test_fill_decays_with_age():
     cache = refresh_cache({}, {0: np.array([1.0, 2.0]), 1: np.array([4.0])}, 3)
     cache = refresh_cache(cache, {2: np.array([-8.0])}, 5)
     assert cache[0].round == 3 and cache[2].round == 5
-    received = {1: np.array([0.5])}
-    filled = fill_from_history(received, cache, num_groups=4, server_round=6, decay=0.5)
-    # group 0: age 3 → 0.5³; group 1 was sent; group 2: age 1; group 3 never seen
-    assert sorted(filled) == [0, 2]
-    np.testing.assert_allclose(filled[0], [0.125, 0.25])
-    np.testing.assert_allclose(filled[2], [-4.0])
-    same = fill_from_history({}, cache, num_groups=4, server_round=6, decay=1.0)
-    np.testing.assert_array_equal(same[1], [4.0])
+    values, rounds = cache_arrays(cache, SIZES)
+    assert rounds.tolist() == [3, 3, 5, -1]
+    assert values.tolist() == [1.0, 2.0, 4.0, -8.0, 0.0, 0.0, 0.0]
+    filled = fill_unsent(values, rounds, SIZES, server_round=6, decay=0.5)
+    # group 0: age 3 → 0.5³; group 1: age 3; group 2: age 1; group 3 never seen
+    assert filled.dtype == np.float32
+    assert filled.tolist() == [0.125, 0.25, 0.5, -4.0, 0.0, 0.0, 0.0]
+    same = fill_unsent(values, rounds, SIZES, server_round=6, decay=1.0)
+    np.testing.assert_array_equal(same, values)
+    zero = fill_unsent(values, rounds, SIZES, server_round=6, decay=0.0)
+    assert not zero.any()
     # the cache holds copies: changing what was received does not change it
     update = np.array([1.0])
     cached = refresh_cache({}, {0: update}, 1)
@@ -153,11 +160,15 @@ def test_fill_from_history_decays_with_age():
     assert cached[0].update[0] == 1.0
 
 
-def test_fill_from_history_rejects_bad_inputs():
-    cache = {0: CachedUpdate(np.zeros(2), round=4)}
+def test_fill_rejects_bad_inputs():
+    values, rounds = cache_arrays({0: CachedUpdate(np.zeros(2), round=4)}, SIZES)
     with pytest.raises(ValueError, match="decay"):
-        fill_from_history({}, cache, 2, 5, decay=1.5)
+        fill_unsent(values, rounds, SIZES, 5, decay=1.5)
     with pytest.raises(ValueError, match="after the current round"):
-        fill_from_history({}, cache, 2, 3, decay=0.5)
-    with pytest.raises(ValueError, match="received"):
-        fill_from_history({7: np.zeros(1)}, cache, 2, 5, decay=0.5)
+        fill_unsent(values, rounds, SIZES, 3, decay=0.5)
+    with pytest.raises(ValueError, match="disagree"):
+        fill_unsent(values[:-1], rounds, SIZES, 5, decay=0.5)
+    with pytest.raises(ValueError, match="outside"):
+        cache_arrays({7: CachedUpdate(np.zeros(1), round=1)}, SIZES)
+    with pytest.raises(ValueError, match="values, the group"):
+        cache_arrays({1: CachedUpdate(np.zeros(2), round=1)}, SIZES)

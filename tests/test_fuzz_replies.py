@@ -21,8 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.clients.acesync import EDGE_METRICS
 from tandem.compression.codecs import Option, option_table
+from tandem.protocol.acesync import EDGE_METRICS
 from tandem.strategies.compressed import CompressedUpdates
 from tandem.strategies.fedavg import CheckedFedAvg
 from tandem.strategies.simultrain import check_activations
