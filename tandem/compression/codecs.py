@@ -116,6 +116,7 @@ __all__ = [
     "payload_lengths",
     "register",
     "topk_count",
+    "unregister",
 ]
 
 #: Expected fidelity of float16 (conservative; see the module docstring).
@@ -586,11 +587,15 @@ def register(codec: Codec) -> Codec:
     if not name or any(c in name for c in "@, "):
         raise CodecError(f"codec name {name!r} must be non-empty, without '@ ,'")
     REGISTRY[name] = codec
+    _parse_codecs.cache_clear()
     return codec
 
 
-for _codec in (Full(), Half(), Int8(), TopK(), Sign(), Defer()):
-    register(_codec)
+def unregister(name: str) -> Codec:
+    """Remove a codec from :data:`REGISTRY` (e.g. a test's); returns it."""
+    codec = REGISTRY.pop(name)
+    _parse_codecs.cache_clear()
+    return codec
 
 
 def __getattr__(name: str) -> object:
@@ -846,18 +851,6 @@ class Option:
         return self.kind if self.ratio is None else f"{self.kind}@{self.ratio:g}"
 
 
-#: Full, half, int8, two top-k ratios, sign and defer: seven options per group.
-DEFAULT_OPTIONS: tuple[Option, ...] = (
-    Option("full"),
-    Option("half"),
-    Option("int8"),
-    Option("topk", 0.1),
-    Option("topk", 0.01),
-    Option("sign"),
-    Option("defer"),
-)
-
-
 def parse_codecs(text: str) -> tuple[Option, ...]:
     """``"full,half,topk@0.1,sign,defer"`` → the :class:`Option` s, in order.
 
@@ -899,6 +892,23 @@ def format_codecs(options: Sequence[Option]) -> str:
     return ",".join(
         o.kind if o.ratio is None else f"{o.kind}@{o.ratio!r}" for o in options
     )
+
+
+#: The built-in codecs, in the order codec lists name them.
+for _codec in (Full(), Half(), Int8(), TopK(), Sign(), Defer()):
+    register(_codec)
+
+
+#: Full, half, int8, two top-k ratios, sign and defer: seven options per group.
+DEFAULT_OPTIONS: tuple[Option, ...] = (
+    Option("full"),
+    Option("half"),
+    Option("int8"),
+    Option("topk", 0.1),
+    Option("topk", 0.01),
+    Option("sign"),
+    Option("defer"),
+)
 
 
 def option_table(
