@@ -23,8 +23,7 @@ from tandem.compression.packing import (
     split_groups,
     unpack_groups,
 )
-from tandem.compression.pipeline import EdgeMemory as EdgeState
-from tandem.compression.pipeline import compress_update
+from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.importance import ImportancePredictor, PredictorError
 from tandem.protocol.acesync import EdgePlan, pack_predictor, unpack_predictor
 from tandem.wire import PayloadError
@@ -245,7 +244,7 @@ def test_compression_keeps_what_it_does_not_send():
     """Error feedback (eq. 7): sent + residual == g + γ·e, and the budget holds."""
     layout = _layout()
     rng = np.random.default_rng(1)
-    state = EdgeState.fresh(layout, history=3)
+    state = EdgeMemory.fresh(layout, history=3)
     weights = rng.normal(size=layout.total).astype(np.float32)
     owed = np.zeros(layout.total)
     for round_ in (1, 2, 3):
@@ -270,7 +269,7 @@ def test_compression_keeps_what_it_does_not_send():
 
 def test_a_budget_below_the_cheapest_choice_is_a_clear_error():
     layout = _layout()
-    state = EdgeState.fresh(layout, history=3)
+    state = EdgeMemory.fresh(layout, history=3)
     plan = _plan(codecs=(Option("full"),), budget=10)
     update = np.ones(layout.total, np.float32)
     with pytest.raises(CodecError, match="budget 10 bytes"):
