@@ -137,8 +137,8 @@ def test_a_node_declares_rates_or_a_trace_inline(tmp_path):
 def test_acesync_budgets_follow_a_declared_rates_or_trace_link():
     from flwr.serverapp.strategy import FedAvg
 
+    from tandem.protocol.acesync import AceSyncOptions
     from tandem.strategies.acesync import AceSync
-    from tandem.strategies.acesync_options import AceSyncOptions
 
     policy = AceSync(FedAvg(), options=AceSyncOptions(link="4g"), local_steps=5)
     policy._ensure_links([1, 2])
