@@ -219,3 +219,39 @@ def test_a_new_codec_runs_through_the_edge_and_the_cloud(mean_codec):
         unpack_groups(
             np.array([1], np.uint8), np.zeros(3, np.uint8), np.array([5]), cloud.codecs
         )
+
+
+# --------------------------------------------------------------------------- layering
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_cloud_and_edge_meet_only_in_the_protocol_and_compression_is_pure():
+    from pathlib import Path
+
+    import tandem
+
+    root = Path(tandem.__file__).parent
+    cloud = ["compressed.py", "acesync.py", "acesync_baselines.py"]
+    for name in cloud:
+        imports = _imports(root / "strategies" / name)
+        assert not any(m.startswith("tandem.clients") for m in imports), name
+    edge = _imports(root / "clients" / "acesync.py")
+    assert not any(m.startswith("tandem.strategies") for m in edge)
+    assert "tandem.protocol.acesync" in edge
+    for path in (root / "compression").glob("*.py"):
+        imports = _imports(path)
+        assert not any(m.split(".")[0] == "flwr" for m in imports), path.name
+        assert not any(
+            m.startswith(("tandem.wire", "tandem.protocol", "tandem.clients"))
+            for m in imports
+        ), path.name

@@ -527,3 +527,20 @@ def test_budget_is_monotone_and_within_bounds(
     c = compression_ratio(hi, c_min=c_min, c_max=c_max, beta=beta)
     assert c_min <= c <= c_max
     assert c <= compression_ratio(lo, c_min=c_min, c_max=c_max, beta=beta)
+
+
+def test_int8_codec_and_int8_activations_share_one_formula():
+    """SimulTrain's per-sample int8 rows are the int8 codec applied per row."""
+    from tandem.split import dequantize_rows, quantize_rows
+
+    rows = np.random.default_rng(9).laplace(size=(6, 2, 7)).astype(np.float32)
+    rows[3] = 0.0  # an all-zero row: scale 0, levels 0
+    q, scale = quantize_rows(rows)
+    back = dequantize_rows(q, scale)
+    for i, row in enumerate(rows.reshape(6, -1)):
+        payload = encode("int8", row)
+        np.testing.assert_array_equal(q[i].reshape(-1), payload["levels"])
+        assert scale[i] == payload["scale"][0]
+        np.testing.assert_array_equal(
+            back[i].reshape(-1), decode("int8", payload, row.size)
+        )
