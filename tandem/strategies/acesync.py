@@ -71,6 +71,7 @@ device), ``sync`` (divergence, trigger, next steps and budget scale),
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -603,6 +604,7 @@ def _cluster_labels(
 
 def _cluster_models(
     strategy: AceSync,
+    layout: GroupLayout,
     nodes: Sequence[int],
     matrix: np.ndarray,
     labels: np.ndarray,
@@ -610,7 +612,6 @@ def _cluster_models(
 ) -> tuple[dict[int, np.ndarray], float]:
     """Step 3 of :func:`personalize`: ``θ_T + ū_c`` per cluster, and the gap
     between the hierarchical aggregate and the final global model."""
-    layout = strategy._require_layout()
     count = int(labels.max()) + 1
     omega = np.array([strategy.last_weights[n] for n in nodes])
     averages = cluster_average(matrix, omega, labels, count)
@@ -648,15 +649,15 @@ def _refine_round(
     server_round: int,
     cluster_of: Mapping[int, int],
     models: dict[int, np.ndarray],
-    template: Mapping[str, np.ndarray],
+    record_of: Callable[[np.ndarray], ArrayRecord],
 ) -> int:
     """One round of step 4 of :func:`personalize`; the replies accepted.
 
-    Each node trains from its cluster's model and sends a compressed update
-    (checked as in training); each cluster model moves by its cluster's mean
-    update weighted by data size.
+    Each node trains from its cluster's model (a flat vector, sent as
+    ``record_of(flat)``) and sends a compressed update (checked as in
+    training); each cluster model moves by its cluster's mean update weighted
+    by data size.
     """
-    layout = strategy._require_layout()
     nodes = sorted(cluster_of)
     plans = strategy.prepare(server_round, nodes, ConfigRecord())
     messages = [
@@ -664,7 +665,7 @@ def _refine_round(
             content=strategy.content(
                 server_round,
                 plans[node],
-                _record_of(layout, template, models[cluster_of[node]]),
+                record_of(models[cluster_of[node]]),
                 {"server-round": server_round},
             ),
             message_type=MessageType.TRAIN,
@@ -738,16 +739,17 @@ def personalize(
     matrix = np.stack([updates[n].update for n in nodes]).astype(np.float64)
     labels = _cluster_labels(strategy, nodes, matrix)
     count = int(labels.max()) + 1
-    models, global_gap = _cluster_models(strategy, nodes, matrix, labels, final)
+    models, global_gap = _cluster_models(strategy, layout, nodes, matrix, labels, final)
     cluster_of = dict(zip(nodes, labels.tolist(), strict=True))
     # 4. refine within clusters; one cluster: its model is the global one
     ledger = srv.ledger
     start_round = ledger.current_round
     template = {key: a.numpy() for key, a in final.items()}
+    record_of = functools.partial(_record_of, layout, template)
     rounds = opts.personalize_rounds if count > 1 else 0
     for step in range(rounds):
         if not _refine_round(
-            srv, strategy, start_round + step, cluster_of, models, template
+            srv, strategy, start_round + step, cluster_of, models, record_of
         ):
             break
     # 5. evaluate on each device's own data
@@ -756,7 +758,7 @@ def personalize(
     cluster_acc = (
         _evaluate(
             srv,
-            {n: _record_of(layout, template, models[cluster_of[n]]) for n in nodes},
+            {n: record_of(models[cluster_of[n]]) for n in nodes},
             eval_round,
         )
         if count > 1
