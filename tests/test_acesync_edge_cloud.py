@@ -255,3 +255,49 @@ def test_cloud_and_edge_meet_only_in_the_protocol_and_compression_is_pure():
             m.startswith(("tandem.wire", "tandem.protocol", "tandem.clients"))
             for m in imports
         ), path.name
+
+
+def test_compression_mod_replaces_a_local_model_by_its_compressed_update():
+    """The mod around any handler that replies with its local model."""
+    from tandem.clients.acesync import compression_mod
+
+    cloud = _Cloud(FedAvg(), codecs=(Option("full"), Option("defer")), chunk=16)
+    cloud.budget = 10**6
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    cloud.set_arrays(arrays)
+    plan = cloud.prepare(1, [1], ConfigRecord())[1]
+    msg = Message(
+        cloud.content(1, plan, arrays, {}), dst_node_id=1, message_type="train"
+    )
+    local = {k: v + 0.5 for k, v in GLOBAL.items()}
+
+    def trained(message, context):  # a plain local-model reply
+        metrics = {
+            "train-loss": 0.25,
+            "num-examples": 12,
+            "train-seconds": 0.1,
+            "compute-seconds": 0.05,
+            "steps": 1,
+        }
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in local.items()}),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        return Message(content, reply_to=message)
+
+    from flwr.app import Context
+
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
+    )
+    reply = compression_mod(msg, context, trained)
+    assert set(reply.content.keys()) == {"update", "metrics"}
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == EDGE_METRICS
+    assert metrics["num-examples"] == 12 and metrics["train-compute-seconds"] == 0.05
+    assert metrics["compute-seconds"] >= 0.05
+    decoded, _ = cloud.decode_replies(1, [reply])
+    # everything sent in full: the cloud gets θ_k − θ = 0.5 everywhere
+    np.testing.assert_array_equal(decoded[0].update, np.full(104, 0.5, np.float32))

@@ -10,6 +10,12 @@ handler serves ``acesync``, ``fullsync`` (options ``full`` only) and ``topk``
 (one top-k option), and any strategy wrapped in
 :class:`tandem.strategies.compressed.CompressedUpdates`.
 
+The edge is FedAvg's train handler (:func:`tandem.clients.fedavg.train_handler`,
+step 1) with :func:`compression_mod` around it (steps 2-8), the way Flower
+adds differential privacy to a client (``fixedclipping_mod``): the mod reads
+the plan, lets the inner handler train, and replaces its reply (the local
+model) by the compressed update.
+
 Per round (seed 004; :func:`tandem.compression.pipeline.compress_update`
 holds steps 3-7):
 
@@ -42,14 +48,16 @@ holds steps 3-7):
    round.
 8. Reply with the two arrays, the metrics and the node record.
 
-Time for steps 3-8 is reported as ``overhead-seconds`` next to the training
+Time for steps 2-8 is reported as ``overhead-seconds`` next to the training
 compute (``train-compute-seconds``); ``compute-seconds`` (what the virtual
 clock charges the edge) is their sum.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,38 +72,27 @@ from flwr.app import (
 )
 
 from tandem.accounting import KEY_COMPUTE_SECONDS
-from tandem.clients.fedavg import evaluate_handler
-from tandem.clients.node import (
-    KEY_NODE,
-    NodeConfig,
-    load_node_split,
-    node_record,
-    restore_stream,
-    save_stream,
-)
+from tandem.clients import fedavg
+from tandem.clients.node import KEY_NODE
 from tandem.compression.codecs import CodecError
 from tandem.compression.layout import GroupLayout
 from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.config import RunConfig
-from tandem.datasets import load_dataset
-from tandem.models import build_model, resolve_device
 from tandem.protocol.acesync import (
     KEY_UPDATE,
     EdgePlan,
     read_predictor,
     update_record,
 )
-from tandem.training import capped_steps, make_optimizer, train_steps
-from tandem.wire import (
-    KEY_ARRAYS,
-    KEY_CONFIG,
-    KEY_METRICS,
-    PayloadError,
-    arrays_to_state_dict,
-    get_record,
-)
+from tandem.wire import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS, PayloadError, get_record
 
-__all__ = ["HANDLERS", "load_memory", "save_memory", "train_handler"]
+__all__ = [
+    "HANDLERS",
+    "compression_mod",
+    "load_memory",
+    "save_memory",
+    "train_handler",
+]
 
 #: Where the edge keeps residuals, magnitude history and its mirror of the
 #: cloud's cache, in ``Context.state``.
@@ -124,42 +121,42 @@ def _clock() -> float:
     return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
-def _numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
 
 
-def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Train the received model, then reply with the compressed update."""
-    node = NodeConfig.from_node_config(context.node_config)
+def compression_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """ACE-Sync's edge around a train handler that replies with its local model.
+
+    A Flower client mod (``(msg, context, call_next) -> reply``): the plan and
+    the predictor are read (and checked) before training; ``call_next`` trains
+    and replies with the local model in ``arrays`` and the metrics
+    ``train-loss``, ``num-examples``, ``train-seconds``, ``compute-seconds``
+    and ``steps`` (as :func:`tandem.clients.fedavg.train_handler` does); the
+    reply is replaced by the compressed update ``θ_k − θ`` (steps 2-8 of the
+    module docstring) with the node record kept.
+
+    Raises
+    ------
+    PayloadError
+        If the plan, the predictor or the global arrays are malformed, or the
+        budget is below the cheapest choice.
+    """
     conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
     plan = EdgePlan.from_config(conf)  # type: ignore[arg-type]
     predictor = read_predictor(msg.content) if plan.importance == "predictor" else None
-    bundle = load_dataset(cfg.data)
-    split = load_node_split(cfg, node, "train")
-    device = resolve_device(cfg.train.edge_device, "edge-device")
-    model = build_model(
-        cfg.train.model, bundle.input_shape, bundle.num_classes, cfg.seed
-    )
-    record = get_record(msg.content, KEY_ARRAYS, ArrayRecord)
-    model.load_state_dict(arrays_to_state_dict(record, model))  # type: ignore[arg-type]
-    global_state = _numpy_state(model)
-    layout = GroupLayout.from_arrays(global_state, plan.chunk)
-    weights = layout.flat(global_state)
-
-    # 1. local training
-    model.to(device)
-    stream = restore_stream(
-        context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
-    )
-    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
-    t = cfg.train
-    steps = capped_steps(plan.local_steps, t.local_epochs, len(split), t.batch_size)
-    stats = train_steps(model, iter(stream), steps, optimizer, device)
-    save_stream(context, stream)
-
+    reply = call_next(msg, context)  # 1. local training
+    if reply.has_error():
+        return reply
     # 2-8. the update, compressed
     tick = _clock()
-    update = layout.flat(_numpy_state(model)) - weights
+    global_state = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
+    layout = GroupLayout.from_arrays(global_state, plan.chunk)
+    weights = layout.flat(global_state)
+    local = _numpy(get_record(reply.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
+    update = layout.flat(local) - weights
     memory = load_memory(context, layout, plan.history)
     try:
         out = compress_update(update, weights, memory, plan, layout, predictor)
@@ -168,14 +165,16 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     save_memory(context, memory)
     overhead = _clock() - tick
 
+    trained = get_record(reply.content, KEY_METRICS, MetricRecord)
+    compute = float(trained[KEY_COMPUTE_SECONDS])  # type: ignore[index, arg-type]
     metrics = {
-        "train-loss": stats.mean_loss,
-        "num-examples": len(split),
-        "train-seconds": stats.seconds,
-        KEY_COMPUTE_SECONDS: stats.compute_seconds + overhead,
-        "train-compute-seconds": stats.compute_seconds,
+        "train-loss": trained["train-loss"],  # type: ignore[index]
+        "num-examples": trained["num-examples"],  # type: ignore[index]
+        "train-seconds": trained["train-seconds"],  # type: ignore[index]
+        KEY_COMPUTE_SECONDS: compute + overhead,
+        "train-compute-seconds": compute,
         "overhead-seconds": overhead,
-        "steps": stats.steps,
+        "steps": trained["steps"],  # type: ignore[index]
         "bytes-budget": plan.budget,
         "bytes-encoded": out.encoded_bytes,
         "kept-fraction": out.kept_fraction,
@@ -183,14 +182,22 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "update-norm": float(np.linalg.norm(update.astype(np.float64))),
         "residual-norm": float(np.linalg.norm(memory.residual.astype(np.float64))),
     }
-    reply = RecordDict(
+    content = RecordDict(
         {
             KEY_UPDATE: update_record(out.codecs, out.payload),
-            KEY_METRICS: MetricRecord(metrics),
-            KEY_NODE: node_record(node),
+            KEY_METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
         }
     )
-    return Message(content=reply, reply_to=msg)
+    if KEY_NODE in reply.content:
+        content[KEY_NODE] = reply.content[KEY_NODE]
+    return Message(content=content, reply_to=msg)
 
 
-HANDLERS = {"train": train_handler, "evaluate": evaluate_handler}
+def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """FedAvg's train handler with :func:`compression_mod` around it."""
+    return compression_mod(
+        msg, context, functools.partial(fedavg.train_handler, cfg=cfg)
+    )
+
+
+HANDLERS = {"train": train_handler, "evaluate": fedavg.evaluate_handler}
