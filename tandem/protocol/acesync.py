@@ -35,7 +35,6 @@ from tandem.compression.codecs import (
     format_codecs,
     parse_codecs,
 )
-from tandem.config import option
 from tandem.importance import (
     ImportancePredictor,
     PredictorError,
@@ -43,6 +42,7 @@ from tandem.importance import (
     predictor_to_arrays,
 )
 from tandem.network import assign_links
+from tandem.options import option
 from tandem.wire import KEY_LOCAL_STEPS, PayloadError
 
 __all__ = [
@@ -458,7 +458,7 @@ class AceSyncOptions:
     )
 
     def __post_init__(self) -> None:
-        from tandem.config import ConfigError
+        from tandem.options import ConfigError
 
         if self.c_min > self.c_max:
             raise ConfigError(

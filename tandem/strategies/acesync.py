@@ -789,7 +789,7 @@ def personalize(
 # --------------------------------------------------------------------------- run
 def run(srv: ServerRun) -> None:
     """``method=acesync``: ACE-Sync around Flower's FedAvg, then personalization."""
-    options: AceSyncOptions = srv.options
+    options = srv.options_as(AceSyncOptions)
     cfg = srv.cfg
     built: list[AceSync] = []
 

@@ -68,7 +68,7 @@ def _run_wrapped(srv: ServerRun, **wrapper: Any) -> None:
 
 def run_fullsync(srv: ServerRun) -> None:
     """``method=fullsync``: float32 updates every round through the wrapper."""
-    options: AceSyncOptions = srv.options
+    options = srv.options_as(AceSyncOptions)
     _run_wrapped(
         srv,
         codecs=(Option("full"),),
@@ -80,7 +80,7 @@ def run_fullsync(srv: ServerRun) -> None:
 
 def run_topk(srv: ServerRun) -> None:
     """``method=topk``: fixed-ratio top-k per group with error feedback."""
-    options: AceSyncOptions = srv.options
+    options = srv.options_as(AceSyncOptions)
     _run_wrapped(
         srv,
         codecs=(Option("topk", options.topk_ratio),),
@@ -92,5 +92,5 @@ def run_topk(srv: ServerRun) -> None:
 
 def run_fedavg_periodic(srv: ServerRun) -> None:
     """``method=fedavg-periodic``: FedAvg with ``period × local-steps`` per round."""
-    options: AceSyncOptions = srv.options
+    options = srv.options_as(AceSyncOptions)
     run_fedavg(srv, local_steps=options.period * srv.cfg.train.local_steps)
