@@ -12,12 +12,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients.node import NodeConfig, load_node_split, node_record
 from tandem.config import RunConfig
+from tandem.protocol.centralized import KEY_DATA, MESSAGE_TYPE
 from tandem.wire import KEY_METRICS, KEY_NODE
 
-__all__ = ["HANDLERS", "KEY_DATA", "MESSAGE_TYPE"]
-
-MESSAGE_TYPE = "query.upload"
-KEY_DATA = "data"
+__all__ = ["HANDLERS"]
 
 
 def upload_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from tandem.clients.centralized import KEY_DATA, MESSAGE_TYPE
 from tandem.datasets import ArraySplit
+from tandem.protocol.centralized import KEY_DATA, MESSAGE_TYPE
 from tandem.server_context import ServerRun
 from tandem.training import BatchStream, evaluate, make_optimizer, train_steps
 from tandem.wire import KEY_NODE, PayloadError, get_record
