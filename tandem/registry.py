@@ -111,7 +111,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="Split training streaming cut-layer activations, pipelined.",
             server="tandem.strategies.simultrain:run",
             client="tandem.clients.simultrain:HANDLERS",
-            options_ref="tandem.strategies.simultrain_options:SimulTrainOptions",
+            options_ref="tandem.protocol.simultrain:SimulTrainOptions",
         ),
         MethodSpec(
             name="acesync",

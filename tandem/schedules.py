@@ -31,6 +31,7 @@ message shape for the cloud. The raw figures stay in the records.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import statistics
@@ -47,6 +48,7 @@ __all__ = [
     "exchanges_from_records",
     "replay_pipeline",
     "replay_sync_rounds",
+    "steady_exchanges",
     "steady_seconds",
     "sync_rounds_from_records",
 ]
@@ -146,6 +148,14 @@ def replay_sync_rounds(
     return ClockReport("retimed", tuple(ends), clock.now, clock.utilization())
 
 
+def _number(rec: Mapping[str, object], key: str, default: float | None = None) -> float:
+    """A numeric field of a ``metrics.jsonl`` record (``default`` if absent)."""
+    value = rec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"record field {key!r} = {value!r} is not a number")
+    return value
+
+
 def sync_rounds_from_records(
     records: Iterable[Mapping[str, object]], steady: bool = True
 ) -> list[SyncRound]:
@@ -160,15 +170,17 @@ def sync_rounds_from_records(
         if rec.get("event") == "bytes":
             parts.append(
                 (
-                    int(rec["round"]),  # type: ignore[arg-type]
-                    int(rec["node-id"]),  # type: ignore[arg-type]
-                    int(rec["bytes-down"]),  # type: ignore[arg-type]
-                    float(rec.get("edge-seconds", 0.0)),  # type: ignore[arg-type]
-                    int(rec["bytes-up"]),  # type: ignore[arg-type]
+                    int(_number(rec, "round")),
+                    int(_number(rec, "node-id")),
+                    int(_number(rec, "bytes-down")),
+                    float(_number(rec, "edge-seconds", 0.0)),
+                    int(_number(rec, "bytes-up")),
                 )
             )
-        elif rec.get("event") == "round" and int(rec["round"]) > 0:  # type: ignore[arg-type]
-            cloud[int(rec["round"])] = float(rec.get("cloud-seconds", 0.0))  # type: ignore[arg-type]
+        elif rec.get("event") == "round" and int(_number(rec, "round")) > 0:
+            cloud[int(_number(rec, "round"))] = float(
+                _number(rec, "cloud-seconds", 0.0)
+            )
     edge = [p[3] for p in parts]
     if steady and parts:
         edge = _steadied(edge, [p[1] for p in parts])
@@ -187,6 +199,9 @@ def sync_rounds_from_records(
 class Exchange:
     """One cloud -> edge message and the edge's reply, as a pipelined run saw it.
 
+    The run keeps these in memory and replays them; :meth:`to_record` and
+    :meth:`from_record` are its ``exchange`` event in ``metrics.jsonl``.
+
     Attributes
     ----------
     node : int
@@ -203,6 +218,8 @@ class Exchange:
         ``seq`` of this edge's earlier exchange whose cloud computation
         produced the gradients this message carries (-1: none); the message
         cannot leave before that computation ends.
+    micro_batches : int
+        Micro-batches the message asked the edge to forward (0: none).
     """
 
     node: int
@@ -212,6 +229,40 @@ class Exchange:
     bytes_up: int
     cloud_seconds: float
     grads_from: int = -1
+    micro_batches: int = 0
+
+    def to_record(self) -> dict[str, int | float]:
+        """The ``exchange`` event's fields."""
+        return {
+            "node-id": self.node,
+            "seq": self.seq,
+            "bytes-down": self.bytes_down,
+            "edge-seconds": self.edge_seconds,
+            "bytes-up": self.bytes_up,
+            "cloud-seconds": self.cloud_seconds,
+            "grads-from": self.grads_from,
+            "micro-batches": self.micro_batches,
+        }
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, object]) -> Exchange:
+        """Inverse of :meth:`to_record` (``micro-batches`` may be absent: 0).
+
+        Raises
+        ------
+        ValueError
+            If a field is missing or not a number.
+        """
+        return cls(
+            node=int(_number(rec, "node-id")),
+            seq=int(_number(rec, "seq")),
+            bytes_down=int(_number(rec, "bytes-down")),
+            edge_seconds=float(_number(rec, "edge-seconds")),
+            bytes_up=int(_number(rec, "bytes-up")),
+            cloud_seconds=float(_number(rec, "cloud-seconds")),
+            grads_from=int(_number(rec, "grads-from")),
+            micro_batches=int(_number(rec, "micro-batches", 0)),
+        )
 
 
 def replay_pipeline(
@@ -272,6 +323,28 @@ def replay_pipeline(
     return ClockReport("retimed", round_end, clock.now, clock.utilization())
 
 
+def steady_exchanges(exchanges: Sequence[Exchange]) -> list[Exchange]:
+    """``exchanges`` with compute times steadied (:func:`steady_seconds`).
+
+    The edge's per node and message shape (micro-batches forwarded, gradients
+    applied or not), the cloud's per message shape (micro-batches).
+    """
+    if not exchanges:
+        return []
+    edge = _steadied(
+        [ex.edge_seconds for ex in exchanges],
+        [(ex.node, ex.micro_batches, ex.grads_from >= 0) for ex in exchanges],
+    )
+    cloud = _steadied(
+        [ex.cloud_seconds for ex in exchanges],
+        [ex.micro_batches for ex in exchanges],
+    )
+    return [
+        dataclasses.replace(ex, edge_seconds=e, cloud_seconds=c)
+        for ex, e, c in zip(exchanges, edge, cloud, strict=True)
+    ]
+
+
 def exchanges_from_records(
     records: Iterable[Mapping[str, object]], steady: bool = True
 ) -> tuple[list[Exchange], list[int]]:
@@ -280,35 +353,13 @@ def exchanges_from_records(
     Exchanges come from ``exchange`` events (in file order, which is the
     cloud's processing order); marks from the ``exchanges`` field of
     ``round`` events after the start. With ``steady``, compute times are
-    steadied (:func:`steady_seconds`): the edge's per node and message shape
-    (micro-batches forwarded, gradients applied or not), the cloud's per
-    message shape.
+    steadied (:func:`steady_exchanges`).
     """
-    events = []
+    exchanges = []
     marks = []
     for rec in records:
         if rec.get("event") == "exchange":
-            events.append(rec)
+            exchanges.append(Exchange.from_record(rec))
         elif rec.get("event") == "round" and rec.get("round") and "exchanges" in rec:
-            marks.append(int(rec["exchanges"]))  # type: ignore[arg-type]
-    edge = [float(r["edge-seconds"]) for r in events]  # type: ignore[arg-type]
-    cloud = [float(r["cloud-seconds"]) for r in events]  # type: ignore[arg-type]
-    if steady and events:
-        shape = [(r.get("micro-batches", 0), int(r["grads-from"]) >= 0) for r in events]  # type: ignore[arg-type]
-        edge = _steadied(
-            edge, [(r["node-id"], *k) for r, k in zip(events, shape, strict=True)]
-        )
-        cloud = _steadied(cloud, [k[0] for k in shape])
-    exchanges = [
-        Exchange(
-            node=int(r["node-id"]),  # type: ignore[arg-type]
-            seq=int(r["seq"]),  # type: ignore[arg-type]
-            bytes_down=int(r["bytes-down"]),  # type: ignore[arg-type]
-            edge_seconds=e,
-            bytes_up=int(r["bytes-up"]),  # type: ignore[arg-type]
-            cloud_seconds=c,
-            grads_from=int(r["grads-from"]),  # type: ignore[arg-type]
-        )
-        for r, e, c in zip(events, edge, cloud, strict=True)
-    ]
-    return exchanges, marks
+            marks.append(int(_number(rec, "exchanges")))
+    return (steady_exchanges(exchanges) if steady else exchanges), marks

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from tandem.compression.codecs import Option, option_table
 from tandem.protocol.acesync import EDGE_METRICS
+from tandem.protocol.simultrain import read_activations
 from tandem.strategies.compressed import CompressedUpdates
 from tandem.strategies.fedavg import CheckedFedAvg
-from tandem.strategies.simultrain import check_activations
 from tandem.wire import PayloadError
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -163,9 +163,8 @@ def activation_replies(draw):
 @given(content=activation_replies(), precision=st.sampled_from(["float32", "int8"]))
 def test_simultrain_activation_check_raises_only_payload_errors(content, precision):
     try:
-        acts, labels, sizes = check_activations(
-            content, 3, 2, (4, 5), precision, 10, max_rows=8
-        )
+        chunk = read_activations(content, 3, 2, (4, 5), precision, 10, max_rows=8)
+        acts, labels, sizes = chunk.acts, chunk.labels, chunk.sizes
     except PayloadError as err:
         assert str(err)  # a reason
     else:  # whatever passed is exactly what the cloud can train on

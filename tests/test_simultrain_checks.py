@@ -1,4 +1,4 @@
-"""SimulTrain's cloud-side check of activation replies (hostile input)."""
+"""SimulTrain's cloud-side reader of activation replies (hostile input)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from tandem.protocol.simultrain import read_activations
 from tandem.split import encode_cut
-from tandem.strategies.simultrain import check_activations
 from tandem.wire import PayloadError
 
 CUT = (4, 5)
@@ -35,13 +35,13 @@ def _reply(
 
 def _check(content, precision="float32"):
     # expecting chunk 3 of 2 micro-batches, at most 8 rows, 10 classes
-    return check_activations(content, 3, 2, CUT, precision, 10, max_rows=8)
+    return read_activations(content, 3, 2, CUT, precision, 10, max_rows=8)
 
 
 def test_a_valid_reply_passes():
-    acts, labels, sizes = _check(_reply())
-    assert acts.shape == (4, *CUT) and labels.tolist() == [0, 1, 2, 3]
-    assert sizes.tolist() == [2, 2]
+    chunk = _check(_reply())
+    assert chunk.acts.shape == (4, *CUT) and chunk.labels.tolist() == [0, 1, 2, 3]
+    assert chunk.sizes.tolist() == [2, 2]
 
 
 def test_int8_activations_decode_within_their_step():
@@ -49,7 +49,7 @@ def test_int8_activations_decode_within_their_step():
     x = rng.normal(size=(4, *CUT)).astype(np.float32)
     encoded = encode_cut(x, "int8", "a")
     content = _reply(acts=encoded["a"], extra={"a-scale": encoded["a-scale"]})
-    acts, _, _ = _check(content, "int8")
+    acts = _check(content, "int8").acts
     step = np.abs(x).reshape(4, -1).max(axis=1) / 127
     assert (np.abs(acts - x).reshape(4, -1) <= step[:, None] / 2 + 1e-7).all()
 

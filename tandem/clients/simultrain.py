@@ -1,27 +1,29 @@
 """SimulTrain, edge side: stream cut-layer activations, apply returned gradients.
 
 One handler, message type ``train.simultrain``. Each message from the cloud
-may carry (1) the cut-layer gradients of a chunk this edge sent earlier,
-(2) the cloud's copy ``θ_e^c`` of the edge layers when reconciliation is due,
-and (3) how many micro-batches to forward next. The edge, in this order:
+(:class:`~tandem.protocol.simultrain.CloudMessage`) may carry (1) the
+cut-layer gradients of a chunk this edge sent earlier, (2) the cloud's copy
+``θ_e^c`` of the edge layers when reconciliation is due, and (3) how many
+micro-batches to forward next. The edge, in this order:
 
 1. recomputes the stashed chunk's forward pass at the *stashed* weights
    ``w`` (PipeDream-style weight stashing), back-propagates the received
-   gradients, and takes one SGD step (heavy-ball momentum, learning rate
-   ``lr × simultrain-edge-lr-scale``) on the chunk's mean gradient with the
-   forecast correction of seed 002, ``∇̃ = ∇ℓ(w; x) + α·(θ_e − w)``: the
-   gradient computed at the stashed version, carried to the current version
-   ``θ_e`` it is applied to (``simultrain-forecast = "stash"``; the literal
-   ``α·(θ_e^c − θ_e)`` is ``"cloud-copy"``);
+   gradients, and takes one SGD step (``torch.optim.SGD`` with momentum,
+   learning rate ``lr × simultrain-edge-lr-scale``) on the chunk's mean
+   gradient with the forecast correction of seed 002,
+   ``∇̃ = ∇ℓ(w; x) + α·(θ_e − w)``: the gradient computed at the stashed
+   version, carried to the current version ``θ_e`` it is applied to
+   (``simultrain-forecast = "stash"``; the literal ``α·(θ_e^c − θ_e)`` is
+   ``"cloud-copy"``) (:func:`apply_gradients`);
 2. on reconciliation, reports its delta since the last one and applies
-   ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c``;
+   ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` (:func:`reconcile`);
 3. forwards the next chunk and replies with its activations (float32,
    float16 or int8 with one scale per sample) and labels, stashing the rows'
-   indices and the weights used.
+   indices and the weights used (:func:`forward_chunk`).
 
-All state (θ_e, its momentum, the last θ_e^c, the base of the next delta,
-stashes, version, data position) lives in ``Context.state`` and survives
-between messages on both engines.
+All state (:class:`EdgeState`: θ_e, its momentum, the last θ_e^c, the base
+of the next delta, stashes, version, data position) lives in
+``Context.state`` and survives between messages on both engines.
 
 **Why one step per chunk, and the smaller edge rate.** The gradients of a
 chunk arrive two messages after its forward pass, so every edge step is
@@ -34,18 +36,12 @@ chunk keeps the delay at two steps whatever the chunk size.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
 from tandem.clients.node import (
@@ -56,185 +52,306 @@ from tandem.clients.node import (
     save_stream,
 )
 from tandem.config import RunConfig, parse_section
-from tandem.datasets import load_dataset
-from tandem.models import DEFAULT_CUTS, build_model, default_model_for
-from tandem.split import (
-    cut_keys,
-    decode_cut,
-    encode_cut,
-    forecast_gradients,
-    soft_reconcile,
-    split_model,
+from tandem.datasets.base import ArraySplit
+from tandem.protocol.simultrain import (
+    MESSAGE_TYPE,
+    CloudMessage,
+    EdgeReply,
+    SimulTrainOptions,
+    edge_model,
 )
-from tandem.strategies.simultrain_options import SimulTrainOptions
-from tandem.wire import (
-    KEY_CONFIG,
-    KEY_METRICS,
-    KEY_NODE,
-    PayloadError,
-    check_arrays,
-    get_record,
-    layout_of,
-)
+from tandem.split import encode_cut, forecast_gradients, soft_reconcile
+from tandem.training import BatchStream
+from tandem.wire import KEY_NODE, PayloadError, layout_of
 
-__all__ = ["HANDLERS", "MESSAGE_TYPE", "edge_model"]
+__all__ = [
+    "HANDLERS",
+    "EdgeState",
+    "apply_gradients",
+    "forward_chunk",
+    "handler",
+    "reconcile",
+    "sgd_step",
+]
 
-MESSAGE_TYPE = "train.simultrain"
-KEY_GRADS = "grads"
-KEY_EDGE_PARAMS = "edge-params"
-KEY_ACTS = "acts"
-KEY_DELTA = "delta"
-KEY_META = "meta"
 _S = "simultrain."
 
-
-def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.Module]:
-    """The run's model split into (edge, cloud) parts, freshly initialised."""
-    bundle = load_dataset(cfg.data)
-    name = cfg.train.model
-    if name == "auto":
-        name = default_model_for(bundle.input_shape)
-    model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
-    cut = DEFAULT_CUTS[name] if opts.cut == "default" else opts.cut
-    return split_model(model, cut)
+Tensors = dict[str, torch.Tensor]
 
 
-def _tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+def _tensors(record: ArrayRecord | None) -> Tensors:
     if record is None:
         return {}
     return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
 
 
-def _record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+def _record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
 
 
-def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+def _params(module: nn.Module) -> Tensors:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class EdgeState:
+    """What the edge keeps between messages (in ``Context.state``).
+
+    Attributes
+    ----------
+    theta : dict of str to Tensor
+        ``θ_e``, the edge layers' own weights (state dict).
+    theta_cloud : dict of str to Tensor
+        The last ``θ_e^c`` received from the cloud.
+    base : dict of str to Tensor
+        ``θ_e`` right after the last reconciliation: the next delta is
+        ``θ_e − base``.
+    momentum : dict of str to Tensor
+        SGD's momentum buffer per parameter (absent before the first step).
+    stash : ArrayRecord
+        Per chunk in flight ``c{v}/``: row indices ``idx``, micro-batch
+        ``sizes`` and the weights ``w.*`` it was forwarded at.
+    version : int
+        Version of the next chunk to forward.
+    steps : int
+        Micro-batches forwarded so far.
+    base_v_c : int
+        ``v-c`` of the message the edge last reconciled on.
+    fresh : bool
+        No message was handled before (a late joiner starts from ``θ_e^c``).
+    """
+
+    theta: Tensors
+    theta_cloud: Tensors
+    base: Tensors
+    momentum: Tensors
+    stash: ArrayRecord
+    version: int = 0
+    steps: int = 0
+    base_v_c: int = 0
+    fresh: bool = True
+
+    @classmethod
+    def load(cls, state: RecordDict, initial: Tensors) -> EdgeState:
+        """The state saved in ``state``, or a fresh one starting at ``initial``."""
+        fresh = _S + "edge" not in state.array_records
+        theta = _tensors(state.array_records.get(_S + "edge")) or initial
+        meta = state.config_records.get(_S + "meta")
+        counters = {k: v for k, v in (meta or {}).items() if isinstance(v, int)}
+        return cls(
+            theta=theta,
+            theta_cloud=_tensors(state.array_records.get(_S + "edge-cloud"))
+            or dict(theta),
+            base=_tensors(state.array_records.get(_S + "base")) or dict(theta),
+            momentum=_tensors(state.array_records.get(_S + "momentum")),
+            stash=state.array_records.get(_S + "stash") or ArrayRecord(),
+            version=counters.get("v-e", 0),
+            steps=counters.get("steps", 0),
+            base_v_c=counters.get("base-v-c", 0),
+            fresh=fresh,
+        )
+
+    def save(self, state: RecordDict) -> None:
+        """Store the state in ``state`` for the next message."""
+        state[_S + "edge"] = _record(self.theta)
+        state[_S + "edge-cloud"] = _record(self.theta_cloud)
+        state[_S + "base"] = _record(self.base)
+        state[_S + "momentum"] = _record(self.momentum)
+        state[_S + "stash"] = self.stash
+        state[_S + "meta"] = ConfigRecord(
+            {"v-e": self.version, "steps": self.steps, "base-v-c": self.base_v_c}
+        )
+
+
+def sgd_step(
+    edge: nn.Module,
+    theta: Tensors,
+    grads: Tensors,
+    momentum: Tensors,
+    lr: float,
+    beta: float,
+) -> tuple[Tensors, Tensors]:
+    """One ``torch.optim.SGD`` step of ``θ_e`` along ``grads``, heavy-ball momentum.
+
+    ``v ← β·v + g`` (``v = g`` at the first step), ``θ ← θ − lr·v``: SGD with
+    momentum ``β``, no dampening, no Nesterov, no weight decay, the optimizer
+    of every method. The step runs on ``edge``'s parameters, loaded with
+    ``theta``; tensors without a gradient (and buffers) keep their values.
+
+    Returns
+    -------
+    theta : dict of str to Tensor
+        The new state dict (every key of ``theta``).
+    momentum : dict of str to Tensor
+        The momentum buffers to pass to the next step.
+    """
+    edge.load_state_dict(theta)
+    params = dict(edge.named_parameters())
+    optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=beta)
+    for k, p in params.items():
+        p.grad = grads.get(k)
+        if k in momentum:
+            optimizer.state[p]["momentum_buffer"] = momentum[k].clone()
+    optimizer.step()
+    buffers = {
+        k: optimizer.state[p]["momentum_buffer"].detach().clone()
+        for k, p in params.items()
+        if optimizer.state[p].get("momentum_buffer") is not None
+    }
+    return _params(edge), buffers
+
+
+def apply_gradients(
+    state: EdgeState,
+    edge: nn.Module,
+    split: ArraySplit,
+    msg: CloudMessage,
+    opts: SimulTrainOptions,
+    lr: float,
+    momentum: float,
+) -> float:
+    """Step 1: back-propagate the received cut gradients at the stashed weights.
+
+    One step per chunk on the mean of its micro-batches' gradients (every
+    micro-batch of a chunk was forwarded at the same, stashed, weights),
+    forecast to the version it is applied to (seed 002). Returns the CPU
+    seconds spent.
+
+    Raises
+    ------
+    PayloadError
+        If the chunk is not stashed or the gradients do not fit it.
+    """
+    prefix = f"c{msg.grad_for}/"
+    stash = state.stash
+    if prefix + "idx" not in stash:
+        raise PayloadError(f"gradients for chunk {msg.grad_for}, which is not stashed")
+    idx = stash[prefix + "idx"].numpy()
+    sizes = stash[prefix + "sizes"].numpy()
+    with torch.no_grad():
+        cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
+    g = msg.gradients(opts.precision, (len(idx), *cut))
+    stashed = {
+        k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
+        for k in stash
+        if k.startswith(prefix + "w.")
+    }
+    edge.load_state_dict(stashed)
+    tick = time.thread_time()
+    edge.zero_grad(set_to_none=True)
+    edge(torch.from_numpy(split.x[idx])).backward(torch.from_numpy(g / len(sizes)))
+    grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
+    if opts.forecast == "stash":  # from the stashed to the current version
+        grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
+    else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
+        grads = forecast_gradients(grads, state.theta, state.theta_cloud, opts.alpha)
+    state.theta, state.momentum = sgd_step(
+        edge, state.theta, grads, state.momentum, lr, momentum
+    )
+    seconds = time.thread_time() - tick
+    for k in [k for k in stash if k.startswith(prefix)]:
+        del stash[k]
+    return seconds
+
+
+def reconcile(
+    state: EdgeState, theta_cloud: Tensors, v_c: int, lam: float
+) -> Tensors | None:
+    """Step 2: pull ``θ_e`` toward the cloud's copy; return the delta to report.
+
+    ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` (seed 002) after reporting
+    ``Δ = θ_e − base``. A node that has handled no message yet starts from
+    ``θ_e^c`` and reports nothing (None).
+    """
+    delta = None
+    state.theta_cloud = theta_cloud
+    if state.fresh:  # a node that joined late starts from the cloud's copy
+        state.theta = dict(theta_cloud)
+    else:
+        delta = {k: state.theta[k] - state.base[k] for k in state.theta}
+        state.theta = soft_reconcile(state.theta, theta_cloud, lam)
+    state.base = dict(state.theta)
+    state.base_v_c = v_c
+    return delta
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A forwarded chunk: encoded activations, labels, micro-batch sizes."""
+
+    acts: dict[str, np.ndarray]
+    labels: np.ndarray
+    sizes: np.ndarray
+    seconds: float  # CPU seconds of the forward pass
+
+
+def forward_chunk(
+    state: EdgeState,
+    edge: nn.Module,
+    split: ArraySplit,
+    stream: BatchStream,
+    want: int,
+    precision: str,
+) -> Chunk:
+    """Step 3: forward ``want`` micro-batches at ``θ_e``; stash inputs and weights."""
+    edge.load_state_dict(state.theta)
+    batches = [stream.next_indices() for _ in range(want)]
+    idx = np.concatenate(batches)
+    tick = time.thread_time()
+    with torch.no_grad():
+        acts = edge(torch.from_numpy(split.x[idx]))
+    seconds = time.thread_time() - tick
+    sizes = np.array([len(b) for b in batches], dtype=np.int64)
+    prefix = f"c{state.version}/"
+    state.stash[prefix + "idx"] = Array(idx.astype(np.int64))
+    state.stash[prefix + "sizes"] = Array(sizes)
+    for k, v in state.theta.items():
+        state.stash[prefix + "w." + k] = Array(v.numpy())
+    state.steps += want
+    state.version += 1
+    return Chunk(encode_cut(acts.numpy(), precision, "a"), split.y[idx], sizes, seconds)
 
 
 def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Handle one ``train.simultrain`` message (see the module docstring)."""
-    compute = 0.0  # CPU seconds of the edge's own math (backward, forward)
     opts = parse_section(SimulTrainOptions, context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
     split = load_node_split(cfg, node, "train")
     edge, _ = edge_model(cfg, opts)
-    state = context.state
-    conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
-
-    fresh = _S + "edge" not in state.array_records  # first message to this node
-    theta = _tensors(state.array_records.get(_S + "edge")) or _params(edge)
-    theta_cloud = _tensors(state.array_records.get(_S + "edge-cloud")) or dict(theta)
-    base = _tensors(state.array_records.get(_S + "base")) or dict(theta)
-    velocity = _tensors(state.array_records.get(_S + "velocity")) or {
-        k: torch.zeros_like(v) for k, v in theta.items()
-    }
-    stash = state.array_records.get(_S + "stash") or ArrayRecord()
-    meta = state.config_records.get(_S + "meta") or ConfigRecord(
-        {"v-e": 0, "steps": 0, "base-v-c": 0}
-    )
+    state = EdgeState.load(context.state, _params(edge))
     stream = restore_stream(
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
-    lr, momentum = cfg.train.lr * opts.edge_lr_scale, cfg.train.momentum
-
-    # 1. backward for the chunk whose gradients arrived, at its stashed weights
-    grad_for = int(conf["grad-for"])  # type: ignore[arg-type]
-    if grad_for >= 0:
-        grads = get_record(msg.content, KEY_GRADS, ArrayRecord)
-        prefix = f"c{grad_for}/"
-        if prefix + "idx" not in stash:
-            raise PayloadError(f"gradients for chunk {grad_for}, which is not stashed")
-        idx = stash[prefix + "idx"].numpy()
-        sizes = stash[prefix + "sizes"].numpy()
-        try:
-            arrays = {k: v.numpy() for k, v in grads.items()}  # type: ignore[attr-defined]
-            if set(arrays) != cut_keys(opts.precision, "g"):
-                raise ValueError(f"gradient arrays {sorted(arrays)}")
-            with torch.no_grad():
-                cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
-            g = decode_cut(arrays, opts.precision, "g", (len(idx), *cut))
-        except ValueError as err:
-            raise PayloadError(f"cut-layer gradients: {err}") from None
-        stashed = {
-            k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
-            for k in stash
-            if k.startswith(prefix + "w.")
+    request = CloudMessage.from_content(msg.content, layout_of(_record(state.theta)))
+    compute = 0.0  # CPU seconds of the edge's own maths (backward, forward)
+    if request.grad_for >= 0:
+        lr = cfg.train.lr * opts.edge_lr_scale
+        compute += apply_gradients(
+            state, edge, split, request, opts, lr, cfg.train.momentum
+        )
+    delta = None
+    if request.edge_params is not None:
+        received = {
+            k: torch.from_numpy(np.array(v)) for k, v in request.edge_params.items()
         }
-        edge.load_state_dict(stashed)
-        # one step per chunk, on the mean of its micro-batches' gradients: every
-        # micro-batch of a chunk was forwarded at the same (stashed) weights
-        tick = time.thread_time()
-        edge.zero_grad(set_to_none=True)
-        edge(torch.from_numpy(split.x[idx])).backward(torch.from_numpy(g / len(sizes)))
-        step = {k: p.grad for k, p in edge.named_parameters()}
-        if opts.forecast == "stash":  # from the stashed to the current version
-            step = forecast_gradients(step, stashed, theta, opts.alpha)
-        else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
-            step = forecast_gradients(step, theta, theta_cloud, opts.alpha)
-        for k in step:  # SGD with heavy-ball momentum, as every method
-            velocity[k] = momentum * velocity[k] + step[k]
-            theta[k] = theta[k] - lr * velocity[k]
-        compute += time.thread_time() - tick
-        for k in [k for k in stash if k.startswith(prefix)]:
-            del stash[k]
-
-    # 2. reconciliation: report the delta, pull toward the cloud's copy
-    reply = RecordDict()
-    if KEY_EDGE_PARAMS in msg.content:
-        record = get_record(msg.content, KEY_EDGE_PARAMS, ArrayRecord)
-        checked = check_arrays(record, layout_of(_record(theta)))  # type: ignore[arg-type]
-        received = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
-        theta_cloud = received
-        if fresh:  # a node that joined late starts from the cloud's copy
-            theta = dict(received)
-        else:
-            reply[KEY_DELTA] = _record({k: theta[k] - base[k] for k in theta})
-            theta = soft_reconcile(theta, theta_cloud, opts.lam)
-        base = dict(theta)
-        meta["base-v-c"] = int(conf["v-c"])  # type: ignore[arg-type]
-
-    # 3. forward the next chunk at the current weights, stash inputs and weights
-    want = int(conf["want"])  # type: ignore[arg-type]
-    version = int(meta["v-e"])  # type: ignore[arg-type]
-    if want > 0:
-        edge.load_state_dict(theta)
-        batches = [stream.next_indices() for _ in range(want)]
-        idx = np.concatenate(batches)
-        tick = time.thread_time()
-        with torch.no_grad():
-            acts = edge(torch.from_numpy(split.x[idx]))
-        compute += time.thread_time() - tick
-        record = {
-            k: Array(v)
-            for k, v in encode_cut(acts.numpy(), opts.precision, "a").items()
-        }
-        record["y"] = Array(split.y[idx])
-        record["sizes"] = Array(np.array([len(b) for b in batches], dtype=np.int64))
-        reply[KEY_ACTS] = ArrayRecord(record)
-        prefix = f"c{version}/"
-        stash[prefix + "idx"] = Array(idx.astype(np.int64))
-        stash[prefix + "sizes"] = Array(np.array([len(b) for b in batches], np.int64))
-        for k, v in theta.items():
-            stash[prefix + "w." + k] = Array(v.numpy())
-        meta["steps"] = int(meta["steps"]) + want  # type: ignore[arg-type]
-        meta["v-e"] = version + 1
-
-    state[_S + "edge"] = _record(theta)
-    state[_S + "edge-cloud"] = _record(theta_cloud)
-    state[_S + "base"] = _record(base)
-    state[_S + "velocity"] = _record(velocity)
-    state[_S + "stash"] = stash
-    state[_S + "meta"] = meta
+        delta = reconcile(state, received, request.v_c, opts.lam)
+    chunk = None
+    version = state.version
+    if request.want > 0:
+        chunk = forward_chunk(state, edge, split, stream, request.want, opts.precision)
+        compute += chunk.seconds
+    state.save(context.state)
     save_stream(context, stream)
-
-    reply[KEY_META] = ConfigRecord(
-        {"v-e": version if want > 0 else -1, "base-v-c": int(meta["base-v-c"])}  # type: ignore[arg-type]
-    )
-    reply[KEY_METRICS] = MetricRecord(
-        {"compute-seconds": compute, "steps": int(meta["steps"])}  # type: ignore[arg-type]
-    )
+    reply = EdgeReply(
+        version=version if chunk is not None else -1,
+        base_v_c=state.base_v_c,
+        compute_seconds=compute,
+        steps=state.steps,
+        delta=None if delta is None else {k: v.numpy() for k, v in delta.items()},
+        acts=None if chunk is None else chunk.acts,
+        labels=None if chunk is None else chunk.labels,
+        sizes=None if chunk is None else chunk.sizes,
+    ).to_content()
     reply[KEY_NODE] = node_record(node)
     return Message(content=reply, reply_to=msg)
 

@@ -7,17 +7,19 @@ node can run at once and lose each other's state updates. Replies
 are handled in the order they really arrive; no edge waits for another. On a
 reply carrying the activations of chunk ``v`` from edge ``k``, the cloud:
 
-1. checks it (:func:`check_activations`: version, shapes, dtypes, NaN/Inf,
-   labels, size); a bad reply is counted and that edge stops, nothing else
-   changes;
-2. first sends edge ``k`` its next message, with the cut-layer gradients of
+1. merges the edge's delta, if the reply carries one (checked against the
+   edge layers; a bad one is counted and skipped), into ``θ_e^c`` weighted
+   by staleness ``s(τ) = 1/(1 + τ)`` (τ = merges since the edge last
+   reconciled; beyond ``simultrain-staleness-bound × edges`` the delta is
+   dropped and counted);
+2. checks the activations
+   (:func:`~tandem.protocol.simultrain.read_activations`: version, shapes,
+   dtypes, NaN/Inf, labels, size); a bad reply is counted and that edge
+   stops, nothing else changes;
+3. first sends edge ``k`` its next message, with the cut-layer gradients of
    chunk ``v − 1`` (computed earlier), ``θ_e^c`` when reconciliation is due
    (every ``R`` steps), and the size of the next chunk, so the edge works
    while the cloud does;
-3. merges the edge's delta, if the reply carries one, into ``θ_e^c``
-   weighted by staleness ``s(τ) = 1/(1 + τ)`` (τ = merges since the edge last
-   reconciled; beyond ``simultrain-staleness-bound × edges`` the delta is
-   dropped and counted);
 4. runs ``f_c`` forward and backward on each micro-batch of chunk ``v``,
    steps ``θ_c`` at once (one momentum-SGD step per micro-batch), and keeps
    the gradients at the cut for edge ``k``'s next message.
@@ -31,141 +33,52 @@ down and up, the edge's and the cloud's measured compute, which earlier
 exchange's gradients the message carried). The timeline under a link profile
 is that record replayed by :func:`tandem.schedules.replay_pipeline`, which
 serves replies in *virtual* arrival order; the summary gives it for
-``simultrain-link`` and the benchmark for every profile it compares.
+``simultrain-link`` and the benchmark for every profile it compares. The run
+keeps the exchanges in memory (:class:`~tandem.schedules.Exchange`) and
+replays them from there.
+
+**Shape.** :class:`SimulTrainCloud` holds the state and does the steps above;
+its methods take and give SimulTrain's protocol messages
+(:mod:`tandem.protocol.simultrain`) and do not depend on how they travel.
+:class:`FlowerLoop` carries them as Flower messages over the Grid (timeouts,
+dropouts, late joiners) and :func:`run` wires the two.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from tandem.accounting import payload_bytes
-from tandem.clients.simultrain import (
-    KEY_ACTS,
-    KEY_DELTA,
-    KEY_EDGE_PARAMS,
-    KEY_GRADS,
-    KEY_META,
-    MESSAGE_TYPE,
-    edge_model,
-)
 from tandem.failures import app_error, stop_if_all_failed
 from tandem.network import assign_links
-from tandem.schedules import ClockReport, exchanges_from_records, replay_pipeline
-from tandem.server_context import ServerRun
-from tandem.split import (
-    cut_keys,
-    decode_cut,
-    encode_cut,
-    merge_delta,
-    staleness_weight,
+from tandem.protocol.simultrain import (
+    KEY_ACTS,
+    MESSAGE_TYPE,
+    Activations,
+    CloudMessage,
+    SimulTrainOptions,
+    edge_model,
+    read_activations,
+    read_compute_seconds,
+    read_delta,
 )
-from tandem.strategies.simultrain_options import SimulTrainOptions
-from tandem.tracking import read_jsonl
+from tandem.schedules import ClockReport, Exchange, replay_pipeline, steady_exchanges
+from tandem.server_context import ServerRun
+from tandem.split import encode_cut, merge_delta, staleness_weight
 from tandem.training import evaluate
-from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
+from tandem.wire import PayloadError
 
-__all__ = ["adapt_chunk", "check_activations", "run"]
+__all__ = ["SimulTrainCloud", "adapt_chunk", "run"]
 
 #: Seconds between looks for SuperNodes that connected after the start.
 JOIN_SCAN = 2.0
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """A message sent to an edge: its place, size and the gradients it held."""
-
-    seq: int
-    bytes_down: int
-    grads_from: int
-    want: int
-
-
-@dataclass
-class EdgeTrack:
-    """The cloud's view of one edge."""
-
-    node_id: int
-    seq: int = -1  # index of the message in flight (0, 1, ...)
-    next_version: int = 0  # chunk version the next activations must carry
-    steps_requested: int = 0
-    steps_since_reconcile: int = 0
-    base_merges: int = 0  # merge count when the edge last reconciled
-    grads: dict[int, np.ndarray] = field(default_factory=dict)
-    grads_seq: dict[int, int] = field(default_factory=dict)  # chunk -> exchange
-    message_id: str | None = None
-    want_inflight: int = 0  # micro-batches the in-flight message asks for
-    bytes_down: int = 0  # size of the message in flight
-    grads_from: int = -1  # exchange whose gradients the message in flight holds
-    final_sent: bool = False
-    edge_seconds: float = 0.0  # measured compute of the last reply
-    chunk: int = 1  # adaptive chunk size (simultrain-chunk = 0)
-    catch_up: bool = False  # joined late: its first message carries θ_e^c
-    trained: int = 0  # micro-batches of this edge the cloud has trained on
-    sent_at: float = 0.0  # wall clock when the message in flight left
-
-
-def check_activations(
-    content: RecordDict,
-    expected_version: int,
-    want: int,
-    cut_shape: tuple[int, ...],
-    dtype: str,
-    num_classes: int,
-    max_rows: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate an activations reply; return ``(acts float32, labels, sizes)``.
-
-    Raises
-    ------
-    PayloadError
-        On a missing record, a version that is not the expected one (replayed
-        or from the future), wrong shapes or dtypes, NaN/Inf, labels out of
-        range, or more rows than were asked for.
-    """
-    meta = get_record(content, KEY_META, ConfigRecord)
-    version = meta.get("v-e")  # type: ignore[attr-defined]
-    if version != expected_version:
-        raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
-    record = get_record(content, KEY_ACTS, ArrayRecord)
-    keys = {"y", "sizes"} | cut_keys(dtype, "a")
-    if set(record) != keys:  # type: ignore[arg-type]
-        raise PayloadError(
-            f"activation keys {sorted(record)}, expected {', '.join(sorted(keys))}"  # type: ignore[arg-type]
-        )
-    y, sizes = record["y"], record["sizes"]  # type: ignore[index]
-    if y.dtype != "int64" or sizes.dtype != "int64":
-        raise PayloadError(f"dtypes y={y.dtype} sizes={sizes.dtype}")
-    rows = y.shape[0] if y.shape else 0
-    if rows > max_rows or tuple(y.shape) != (rows,):
-        raise PayloadError(
-            f"labels of shape {tuple(y.shape)}, expected (<= {max_rows},)"
-        )
-    sizes_np = sizes.numpy()
-    if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
-        raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
-    if int(sizes_np.sum()) != rows:
-        raise PayloadError("sizes and label rows disagree")
-    try:
-        acts = decode_cut(
-            {k: record[k].numpy() for k in cut_keys(dtype, "a")},  # type: ignore[index]
-            dtype,
-            "a",
-            (rows, *cut_shape),
-        )
-    except ValueError as err:
-        raise PayloadError(f"activations: {err}") from None
-    labels = y.numpy()
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise PayloadError(f"labels outside [0, {num_classes})")
-    return acts, labels, sizes_np
-
 
 #: Adaptive chunks aim to keep transport at most this share of an exchange.
 OVERHEAD_SHARE = 0.1
@@ -189,408 +102,548 @@ def adapt_chunk(
     return int(min(max(math.ceil(need), 1), max_chunk))
 
 
-def _compute_seconds(content: RecordDict) -> float:
-    metrics = get_record(content, KEY_METRICS, MetricRecord)
-    value = metrics.get("compute-seconds")  # type: ignore[attr-defined]
-    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise PayloadError(f"metric 'compute-seconds' = {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class InFlight:
+    """A message sent to an edge: its place, size and what it held."""
+
+    seq: int
+    bytes_down: int
+    grads_from: int  # exchange whose gradients it carries (-1: none)
+    want: int  # micro-batches it asks for
+    final: bool  # the last message: it delivers the last chunk's gradients
 
 
-def run(srv: ServerRun) -> None:
-    """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
-    cfg, opts = srv.cfg, srv.options
-    if not isinstance(opts, SimulTrainOptions):
-        raise TypeError(
-            f"SimulTrain needs SimulTrainOptions, got {type(opts).__name__}"
+@dataclass
+class EdgeTrack:
+    """The cloud's view of one edge."""
+
+    node_id: int
+    seq: int = -1  # index of the message in flight (0, 1, ...)
+    next_version: int = 0  # chunk version the next activations must carry
+    steps_requested: int = 0
+    steps_since_reconcile: int = 0
+    base_merges: int = 0  # merge count when the edge last reconciled
+    grads: dict[int, np.ndarray] = field(default_factory=dict)  # chunk -> ∂ℓ/∂a
+    grads_seq: dict[int, int] = field(default_factory=dict)  # chunk -> exchange
+    in_flight: InFlight | None = None  # the message the edge is working on
+    edge_seconds: float = 0.0  # measured compute of the last reply
+    chunk: int = 1  # adaptive chunk size (simultrain-chunk = 0)
+    catch_up: bool = False  # joined late: its first message carries θ_e^c
+    trained: int = 0  # micro-batches of this edge the cloud has trained on
+    sent_at: float = 0.0  # wall clock when the message in flight left
+
+
+class SimulTrainCloud:
+    """SimulTrain's cloud: ``θ_c``, ``θ_e^c`` and every edge's exchange state.
+
+    The methods speak SimulTrain's protocol (:mod:`tandem.protocol.simultrain`):
+    :meth:`next_message` makes an edge's next :class:`CloudMessage` and
+    :meth:`on_reply` handles its answer's records, whatever carried them; the
+    caller says how many bytes each message took (:meth:`sent`) and supplies
+    the function that sends. :func:`run` drives it with Flower messages.
+
+    One reply is handled (:meth:`on_reply`) in the steps of the module
+    docstring: :meth:`merge` its delta, check its activations, send the edge
+    its next message, :meth:`train_chunk` on the activations, :meth:`record`
+    the exchange, then :meth:`end_period_if_due` (evaluate, checkpoint).
+    """
+
+    def __init__(self, srv: ServerRun, opts: SimulTrainOptions) -> None:
+        cfg = srv.cfg
+        data = srv.data()
+        # --- hyperparameters: fixed for the run
+        self.srv = srv  # where metrics, rejections and bytes are reported
+        self.cfg = cfg
+        self.opts = opts
+        self.device = srv.device
+        self.test = data.test
+        self.num_classes = data.num_classes
+        edge, cloud = edge_model(cfg, opts)  # θ_e^c on CPU, θ_c on the device
+        cloud.to(self.device)
+        self.cut_shape = tuple(edge(torch.zeros(1, *data.input_shape)).shape[1:])
+        self.max_rows = (opts.chunk or opts.max_chunk) * cfg.train.batch_size
+
+        # --- state
+        self.cloud = cloud  # θ_c
+        self.optimizer = torch.optim.SGD(
+            cloud.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
         )
-    data = srv.data()
-    device = srv.device
-    edge_c, cloud = edge_model(cfg, opts)  # θ_e^c on CPU, θ_c on the device
-    cloud.to(device)
-    cut_shape = tuple(edge_c(torch.zeros(1, *data.input_shape)).shape[1:])
-    optimizer = torch.optim.SGD(
-        cloud.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
-    )
-    theta_ec = {k: v.clone() for k, v in edge_c.state_dict().items()}
-    edge_layout = {
-        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-        for k, v in theta_ec.items()
-    }
-    full = torch.nn.Sequential(edge_c, cloud)
+        self.theta_ec = {k: v.clone() for k, v in edge.state_dict().items()}
+        self.edge_layout = {
+            k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in self.theta_ec.items()
+        }
+        self.full = torch.nn.Sequential(edge, cloud)  # θ_e^c ∘ θ_c, to evaluate
+        self.tracks: dict[int, EdgeTrack] = {}  # the edges taking part
+        self.retired: list[EdgeTrack] = []  # the dropped edges
+        self.errors: dict[int, str] = {}  # the dropped edges' ClientApp errors
+        self.merges = 0  # deltas merged into θ_e^c
+        self.cloud_steps = 0  # v_c: steps of θ_c
+        self.period = 0  # evaluations after the start
+        self.resumed_steps: int | None = None  # steps per edge done before a resume
 
-    resumed = _resume(srv, cloud, optimizer)
-    if resumed is not None:
-        theta_ec = resumed["edge"]
-    done = 0 if resumed is None else int(resumed["steps-done"])
-    nodes = srv.wait_for_nodes(timeout=120.0)
-    # after a resume every edge starts from θ_e^c and does the steps left
-    tracks = {
-        n: EdgeTrack(
-            n, steps_requested=done, trained=done, catch_up=resumed is not None
+        # --- stats
+        self.exchanges: list[Exchange] = []  # in the order they were handled
+        self.marks: list[int] = []  # exchanges handled at each evaluation
+        self.losses: list[float] = []  # train losses since the last evaluation
+        self.chunks_sent: list[int] = []
+        self.staleness_seen: list[int] = []
+        self.dropped_deltas = 0
+        self.joined: list[int] = []
+
+    # ------------------------------------------------------------ edges
+    def start(self, nodes: list[int]) -> None:
+        """Take ``nodes`` as the run's edges; evaluate the starting model.
+
+        After a resume every edge starts from ``θ_e^c`` and does the steps left.
+        """
+        done = self.resumed_steps or 0
+        resumed = self.resumed_steps is not None
+        for n in nodes:
+            self.tracks[n] = EdgeTrack(
+                n, steps_requested=done, trained=done, catch_up=resumed
+            )
+        self.srv.ledger.current_round = 1
+        # one report every eval_every steps per edge, and one after the final merges
+        self.srv.tracker.set_total_rounds(
+            self.opts.steps // self.opts.eval_every + 1, unit="period"
         )
-        for n in nodes
-    }
-    dtype = opts.precision
-    max_rows = (opts.chunk or opts.max_chunk) * cfg.train.batch_size
-    chunks_sent: list[int] = []
-    merges = 0 if resumed is None else int(resumed["merges"])
-    cloud_steps = 0 if resumed is None else int(resumed["cloud-steps"])
-    exchanges = 0
-    losses: list[float] = []
-    period = 0 if resumed is None else int(resumed["period"])
-    dropped_deltas = 0
-    staleness_seen: list[int] = []
-    marks: list[int] = []
-    srv.ledger.current_round = 1
-    # one report every eval_every steps per edge, and one after the final merges
-    srv.tracker.set_total_rounds(opts.steps // opts.eval_every + 1, unit="period")
+        self.evaluate()
 
-    def send(track: EdgeTrack) -> None:
-        # the next message: gradients of the chunk before the one just
-        # received (if computed), reconciliation when due, the next chunk size
+    def join(self, node: int) -> EdgeTrack:
+        """A node that connected late: it catches up from ``θ_e^c``."""
+        track = self.tracks[node] = EdgeTrack(node, catch_up=True)
+        self.joined.append(node)
+        self.srv.tracker.log_event("joined", {"node-id": node, "period": self.period})
+        return track
+
+    def drop(self, track: EdgeTrack, reason: str, error: str | None = None) -> None:
+        """Stop using an edge (silent, failed or gone); the others go on.
+
+        ``error`` is its ClientApp's error, if it failed: when no edge is left
+        and all failed alike, the run stops with that error
+        (:class:`~tandem.failures.RunFailedError`).
+        """
+        if error is not None:
+            self.errors[track.node_id] = error
+        self.retired.append(self.tracks.pop(track.node_id))
+        if not self.tracks:  # no edge left: stop if all failed alike
+            stop_if_all_failed(
+                self.period + 1, [t.node_id for t in self.retired], self.errors
+            )
+        self.reject(track, f"{reason}: edge dropped")
+        self.srv.tracker.log_event(
+            "dropped",
+            {"node-id": track.node_id, "period": self.period, "reason": reason},
+        )
+
+    def reject(self, track: EdgeTrack, reason: str) -> None:
+        """Count and log a rejected reply; nothing else changes."""
+        self.srv.reject(self.period + 1, track.node_id, reason)
+
+    # ------------------------------------------------------------ messages
+    def next_message(self, track: EdgeTrack) -> CloudMessage:
+        """The edge's next message (step 3 of the module docstring).
+
+        The gradients of the oldest chunk computed and not yet sent, ``θ_e^c``
+        when reconciliation is due (or the edge must catch up, or it is the
+        last message), and the size of the next chunk.
+        """
+        opts = self.opts
         want = min(opts.chunk or track.chunk, opts.steps - track.steps_requested)
-        content = RecordDict()
         grad_for = min(track.grads, default=-1)
-        track.grads_from = -1
+        grads = None
         if grad_for >= 0:
-            encoded = encode_cut(track.grads.pop(grad_for), opts.precision, "g")
-            content[KEY_GRADS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
-            track.grads_from = track.grads_seq.pop(grad_for)
+            grads = encode_cut(track.grads.pop(grad_for), opts.precision, "g")
         # the last message delivers the last chunk's gradients
         final = want == 0 and grad_for == track.next_version - 1
         due = opts.reconcile_every > 0 and (
             track.steps_since_reconcile >= opts.reconcile_every
         )
+        params = None
         if due or final or track.catch_up:
             track.catch_up = False
-            content[KEY_EDGE_PARAMS] = ArrayRecord(
-                {k: Array(v.numpy()) for k, v in theta_ec.items()}
-            )
+            params = {k: v.numpy() for k, v in self.theta_ec.items()}
             track.steps_since_reconcile = 0
-            track.base_merges = merges
-        content[KEY_CONFIG] = ConfigRecord(
-            {"v-c": cloud_steps, "want": want, "grad-for": grad_for}
+            track.base_merges = self.merges
+        track.in_flight = InFlight(
+            seq=track.seq + 1,
+            bytes_down=0,
+            grads_from=track.grads_seq.pop(grad_for) if grads is not None else -1,
+            want=want,
+            final=final,
         )
+        track.seq += 1
+        track.steps_requested += want
+        track.steps_since_reconcile += want
+        if want:
+            self.chunks_sent.append(want)
+        return CloudMessage(self.cloud_steps, want, grad_for, grads, params)
+
+    def sent(self, track: EdgeTrack, nbytes: int) -> None:
+        """The message made by :meth:`next_message` left, ``nbytes`` long."""
+        if track.in_flight is None:
+            raise RuntimeError(f"no message for node {track.node_id} to send")
+        track.in_flight = InFlight(
+            track.in_flight.seq,
+            nbytes,
+            track.in_flight.grads_from,
+            track.in_flight.want,
+            track.in_flight.final,
+        )
+        track.sent_at = time.monotonic()
+
+    def on_reply(
+        self,
+        track: EdgeTrack,
+        content: RecordDict,
+        bytes_up: int,
+        send: Callable[[EdgeTrack], None],
+    ) -> None:
+        """Handle an edge's reply (the steps of the module docstring).
+
+        ``send(track)`` sends the edge its next message; it is called before
+        the cloud computes on the chunk, so the edge works meanwhile. A reply
+        that fails its checks is rejected and that edge gets no further
+        message (its stash no longer matches the cloud's state).
+        """
+        answered = track.in_flight
+        if answered is None:
+            raise RuntimeError(f"a reply from node {track.node_id}, none asked")
+        try:
+            track.edge_seconds = read_compute_seconds(content)
+        except PayloadError as err:
+            self.reject(track, str(err))
+            return
+        self.merge(track, content)
+        if KEY_ACTS not in content:  # a reply to gradients only
+            self.record(track, answered, bytes_up, 0.0)
+            if not answered.final:
+                send(track)
+            return
+        try:
+            chunk = read_activations(
+                content,
+                track.next_version,
+                answered.want,
+                self.cut_shape,
+                self.opts.precision,
+                self.num_classes,
+                self.max_rows,
+            )
+        except PayloadError as err:
+            self.reject(track, str(err))
+            return
+        version = track.next_version
+        track.next_version += 1
+        if not self.opts.chunk:
+            track.chunk = adapt_chunk(
+                time.monotonic() - track.sent_at,
+                track.edge_seconds,
+                answered.want,
+                self.opts.max_chunk,
+            )
+        send(track)  # the edge works while the cloud computes
+        tick = time.perf_counter()
+        track.grads[version] = self.train_chunk(chunk)
+        track.grads_seq[version] = answered.seq
+        track.trained += len(chunk.sizes)
+        self.record(track, answered, bytes_up, time.perf_counter() - tick)
+        self.end_period_if_due()
+
+    # ------------------------------------------------------------ maths
+    def merge(self, track: EdgeTrack, content: RecordDict) -> None:
+        """Merge the reply's delta into ``θ_e^c``, weighted by staleness (step 1).
+
+        ``θ_e^c ← θ_e^c + s(τ)·Δ / K`` (:func:`~tandem.split.merge_delta`),
+        ``τ`` = merges since the edge last reconciled, ``K`` = edges taking
+        part; beyond ``simultrain-staleness-bound × K`` the delta is dropped
+        and counted. A malformed delta is rejected; the rest of the reply is
+        still used.
+        """
+        try:
+            checked = read_delta(content, self.edge_layout)
+        except PayloadError as err:
+            self.reject(track, f"delta: {err}")
+            return
+        if checked is None:
+            return
+        delta = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
+        gap = self.merges - track.base_merges
+        edges = len(self.tracks)
+        weight = staleness_weight(gap, self.opts.staleness_bound * edges)
+        self.staleness_seen.append(gap)
+        if weight == 0.0:
+            self.dropped_deltas += 1
+        else:
+            self.theta_ec = merge_delta(self.theta_ec, delta, weight, edges)
+            self.merges += 1
+
+    def train_chunk(self, chunk: Activations) -> np.ndarray:
+        """``f_c`` forward and backward per micro-batch, ``θ_c`` steps at once.
+
+        One momentum-SGD step per micro-batch (step 4). Returns the gradients
+        at the cut, float32 of the activations' shape.
+        """
+        self.cloud.train()
+        grads = []
+        start = 0
+        for size in chunk.sizes:
+            a = (
+                torch.from_numpy(chunk.acts[start : start + size])
+                .to(self.device)
+                .requires_grad_(True)
+            )
+            y = torch.from_numpy(chunk.labels[start : start + size]).to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(self.cloud(a), y)
+            loss.backward()
+            self.optimizer.step()
+            grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
+            self.losses.append(float(loss.detach()))
+            self.cloud_steps += 1
+            start += size
+        return np.concatenate(grads)
+
+    # ------------------------------------------------------------ bookkeeping
+    def record(
+        self,
+        track: EdgeTrack,
+        answered: InFlight,
+        bytes_up: int,
+        cloud_seconds: float,
+    ) -> None:
+        """Keep the exchange for the replay and log it (``exchange`` event)."""
+        exchange = Exchange(
+            node=track.node_id,
+            seq=answered.seq,
+            bytes_down=answered.bytes_down,
+            edge_seconds=track.edge_seconds,
+            bytes_up=bytes_up,
+            cloud_seconds=cloud_seconds,
+            grads_from=answered.grads_from,
+            micro_batches=answered.want,
+        )
+        self.exchanges.append(exchange)
+        self.srv.tracker.log_event("exchange", exchange.to_record())
+
+    def end_period_if_due(self) -> None:
+        """Evaluate every ``eval_every`` steps per edge (on average); checkpoint."""
+        if self.cloud_steps < (self.period + 1) * self.opts.eval_every * len(
+            self.tracks
+        ):
+            return
+        self.period += 1
+        self.marks.append(len(self.exchanges))
+        self.evaluate()
+        self.srv.ledger.current_round = self.period + 1
+        every = self.cfg.checkpoint_every
+        if every and self.period % every == 0:
+            self.checkpoint()
+
+    def evaluate(self) -> float:
+        """Evaluate ``θ_e^c ∘ θ_c`` on the test split and report the period."""
+        self.full[0].load_state_dict(self.theta_ec)
+        self.full[0].to(self.device)
+        stats = evaluate(self.full, self.test, self.device)
+        self.full[0].cpu()
+        metrics = {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
+        if self.losses:
+            metrics["train-loss"] = float(np.mean(self.losses))
+        metrics["exchanges"] = len(self.exchanges)
+        self.srv.report_round(self.period, metrics)
+        self.losses = []
+        return stats.accuracy
+
+    def checkpoint(self) -> None:
+        """Save ``θ_c``, ``θ_e^c``, the cloud's momentum and the counters.
+
+        What the edges learned since their last reconciliation is not in
+        ``θ_e^c`` and is not saved: a resumed run starts every edge from
+        ``θ_e^c`` (nothing is applied twice; that edge-side progress is lost).
+        """
+        arrays = {
+            f"cloud/{k}": v.detach().cpu().numpy()
+            for k, v in self.cloud.state_dict().items()
+        }
+        arrays.update({f"edge/{k}": v.numpy() for k, v in self.theta_ec.items()})
+        for i, p in enumerate(self.cloud.parameters()):
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                arrays[f"momentum/{i}"] = buf.detach().cpu().numpy()
+        counters = {
+            "period": self.period,
+            "cloud-steps": self.cloud_steps,
+            "merges": self.merges,
+            "steps-done": min((t.trained for t in self.tracks.values()), default=0),
+        }
+        self.srv.save_checkpoint(arrays, counters)
+
+    def resume(self) -> None:
+        """Load the ``resume`` checkpoint, if any: weights, momentum, counters.
+
+        Raises
+        ------
+        ConfigError
+            If it is not a SimulTrain checkpoint of this model.
+        """
+        checkpoint = self.srv.resumed()
+        if checkpoint is None:
+            return
+        arrays, state = checkpoint
+        part = {
+            k[6:]: torch.from_numpy(v)
+            for k, v in arrays.items()
+            if k.startswith("cloud/")
+        }
+        try:
+            self.cloud.load_state_dict(part)
+        except RuntimeError as err:
+            raise self.srv.resume_mismatch(err) from None
+        for i, p in enumerate(self.cloud.parameters()):
+            if f"momentum/{i}" in arrays:
+                self.optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
+                    arrays[f"momentum/{i}"]
+                ).to(p.device)
+        self.theta_ec = {
+            k[5:]: torch.from_numpy(v)
+            for k, v in arrays.items()
+            if k.startswith("edge/")
+        }
+        self.period = int(state["period"])
+        self.cloud_steps = int(state["cloud-steps"])
+        self.merges = int(state["merges"])
+        self.resumed_steps = int(state["steps-done"])
+
+    def finish(self) -> None:
+        """Final evaluation, the replay under ``simultrain-link``, the summary."""
+        self.period += 1
+        self.marks.append(len(self.exchanges))
+        final = self.evaluate()
+        every_track = [*self.retired, *self.tracks.values()]
+        timeline = self.replay(sorted({t.node_id for t in every_track}))
+        total_steps = sum(t.steps_requested for t in every_track) or 1
+        cum = self.srv.cumulative_bytes
+        opts = self.opts
+        self.srv.tracker.finish(
+            {
+                "method": self.cfg.method,
+                "periods": self.period,
+                "final-accuracy": final,
+                "bytes-up": cum["bytes-up"],
+                "bytes-down": cum["bytes-down"],
+                "steps-per-edge": opts.steps,
+                "edges": len({t.node_id for t in every_track}),
+                "exchanges": len(self.exchanges),
+                "emulated-seconds": timeline.total_seconds,
+                "emulated-seconds-per-step": timeline.total_seconds / opts.steps,
+                "emulated-seconds-per-period": list(timeline.round_end),
+                "bytes-up-per-step": cum["bytes-up"] / total_steps,
+                "bytes-down-per-step": cum["bytes-down"] / total_steps,
+                "clock-mode": timeline.mode,
+                "link": opts.link,
+                "mean-chunk": float(np.mean(self.chunks_sent))
+                if self.chunks_sent
+                else 0.0,
+                "dropped-edges": len(self.retired),
+                "joined-edges": len(self.joined),
+                "max-staleness": max(self.staleness_seen, default=0),
+                "dropped-deltas": self.dropped_deltas,
+                "rejected-replies": self.srv.rejected(),
+                **{f"utilization-{k}": v for k, v in timeline.utilization.items()},
+            }
+        )
+
+    def replay(self, nodes: list[int]) -> ClockReport:
+        """This run's exchanges re-timed under ``simultrain-link``."""
+        links = assign_links(nodes, self.opts.link, self.cfg.seed)
+        return replay_pipeline(
+            steady_exchanges(self.exchanges),
+            links,
+            self.opts.edge_factor,
+            self.opts.cloud_factor,
+            seed=self.cfg.seed,
+            marks=self.marks,
+        )
+
+
+class FlowerLoop:
+    """The I/O loop: SimulTrain's messages as Flower messages on the Grid.
+
+    Replies are handled as they really arrive: no edge waits for another. An
+    edge silent for ``reply-timeout`` seconds, or one the SuperLink reports
+    unavailable, is dropped (the others go on). A SuperNode that connects
+    later joins and catches up from ``θ_e^c``; so does a dropped one that went
+    offline and came back under the same node id.
+    """
+
+    def __init__(self, srv: ServerRun, cloud: SimulTrainCloud) -> None:
+        self.srv = srv
+        self.cloud = cloud
+        self.waiting: dict[str, EdgeTrack] = {}  # message id -> its edge
+        self.lost: set[int] = set()  # dropped, and still listed by the SuperLink
+        self.next_scan = 0.0
+
+    def send(self, track: EdgeTrack) -> None:
+        """Push the edge's next message."""
+        content = self.cloud.next_message(track).to_content()
         msg = Message(
             content=content,
             dst_node_id=track.node_id,
             message_type=MESSAGE_TYPE,
-            ttl=cfg.reply_timeout,
+            ttl=self.srv.cfg.reply_timeout,
         )
-        (track.message_id,) = list(srv.grid.push_messages([msg]))
-        track.seq += 1
-        track.bytes_down = payload_bytes(content)
-        track.steps_requested += want
-        track.steps_since_reconcile += want
-        track.want_inflight = want
-        track.final_sent = final
-        track.sent_at = time.monotonic()
-        if want:
-            chunks_sent.append(want)
-        waiting[track.message_id] = track
+        (message_id,) = list(self.srv.grid.push_messages([msg]))
+        self.cloud.sent(track, payload_bytes(content))
+        self.waiting[message_id] = track
 
-    def record_exchange(
-        track: EdgeTrack, exchange: InFlight, reply: Message, cloud_seconds: float
-    ) -> None:
-        nonlocal exchanges
-        exchanges += 1
-        srv.tracker.log_event(
-            "exchange",
-            {
-                "node-id": track.node_id,
-                "seq": exchange.seq,
-                "bytes-down": exchange.bytes_down,
-                "edge-seconds": track.edge_seconds,
-                "bytes-up": payload_bytes(reply.content),
-                "cloud-seconds": cloud_seconds,
-                "grads-from": exchange.grads_from,
-                "micro-batches": exchange.want,
-            },
-        )
-
-    _report(srv, full, theta_ec, data.test, device, period, [], 0)  # the start
-    waiting: dict[str | None, EdgeTrack] = {}
-    for track in tracks.values():
-        send(track)
-
-    # Replies are handled as they really arrive: no edge waits for another. An
-    # edge silent for reply-timeout seconds, or one the SuperLink reports
-    # unavailable, is dropped (the others go on). A SuperNode that connects
-    # later joins and catches up from θ_e^c; so does a dropped one that went
-    # offline and came back under the same node id.
-    joined: list[int] = []
-    lost: set[int] = set()  # dropped, and still listed by the SuperLink
-    retired: list[EdgeTrack] = []  # the dropped edges' tracks
-    errors: dict[int, str] = {}  # the dropped edges' ClientApp errors
-
-    def drop(track: EdgeTrack, reason: str) -> None:
-        lost.add(track.node_id)
-        retired.append(tracks.pop(track.node_id))
-        if not tracks:  # no edge left: stop if all failed alike
-            stop_if_all_failed(period + 1, [t.node_id for t in retired], errors)
-        srv.reject(period + 1, track.node_id, f"{reason}: edge dropped")
-        srv.tracker.log_event(
-            "dropped", {"node-id": track.node_id, "period": period, "reason": reason}
-        )
-
-    next_scan = time.monotonic() + JOIN_SCAN
-    while waiting:
-        replies = list(srv.grid.pull_messages(list(waiting)))
-        now = time.monotonic()
-        for msg_id, track in list(waiting.items()):
-            if now - track.sent_at > cfg.reply_timeout and all(
-                r.metadata.reply_to_message_id != msg_id for r in replies
-            ):
-                del waiting[msg_id]
-                drop(track, f"no reply within {cfg.reply_timeout:g} s")
-        if now >= next_scan:
-            online = set(srv.grid.get_node_ids())
-            lost &= online  # a lost node no longer listed may come back
-            for node in sorted(online - set(tracks) - lost):
-                tracks[node] = EdgeTrack(node, catch_up=True)
-                joined.append(node)
-                srv.tracker.log_event("joined", {"node-id": node, "period": period})
-                send(tracks[node])
-            next_scan = now + JOIN_SCAN
-        if not replies:
-            time.sleep(0.02)
-            continue
-        for reply in replies:
-            track = waiting.pop(reply.metadata.reply_to_message_id)
-            # what the answered message was, for the exchange record
-            done = InFlight(
-                track.seq, track.bytes_down, track.grads_from, track.want_inflight
-            )
-            if reply.has_error():
-                if (why := app_error(reply)) is not None:
-                    errors[track.node_id] = why
-                drop(track, f"error reply: {reply.error.reason}")
+    def serve(self) -> None:
+        """Send every edge its first message; run until no reply is awaited."""
+        for track in list(self.cloud.tracks.values()):
+            self.send(track)
+        self.next_scan = time.monotonic() + JOIN_SCAN
+        while self.waiting:
+            replies = list(self.srv.grid.pull_messages(list(self.waiting)))
+            now = time.monotonic()
+            self._drop_silent(now, {r.metadata.reply_to_message_id for r in replies})
+            if now >= self.next_scan:
+                self._admit_newcomers()
+                self.next_scan = now + JOIN_SCAN
+            if not replies:
+                time.sleep(0.02)
                 continue
-            try:
-                track.edge_seconds = _compute_seconds(reply.content)
-            except PayloadError as err:
-                srv.reject(period + 1, track.node_id, str(err))
-                continue
-
-            # merge the edge's delta, weighted by staleness
-            if KEY_DELTA in reply.content:
-                try:
-                    delta_rec = get_record(reply.content, KEY_DELTA, ArrayRecord)
-                    checked = check_arrays(delta_rec, edge_layout)  # type: ignore[arg-type]
-                    delta = {
-                        k: torch.from_numpy(np.array(v)) for k, v in checked.items()
-                    }
-                except PayloadError as err:
-                    srv.reject(period + 1, track.node_id, f"delta: {err}")
-                else:
-                    gap = merges - track.base_merges
-                    weight = staleness_weight(gap, opts.staleness_bound * len(tracks))
-                    staleness_seen.append(gap)
-                    if weight == 0.0:
-                        dropped_deltas += 1
-                    else:
-                        theta_ec = merge_delta(theta_ec, delta, weight, len(tracks))
-                        merges += 1
-
-            if KEY_ACTS not in reply.content:  # a reply to gradients only
-                record_exchange(track, done, reply, 0.0)
-                if not track.final_sent:
-                    send(track)
-                continue
-
-            try:
-                acts, labels, sizes = check_activations(
-                    reply.content,
-                    track.next_version,
-                    track.want_inflight,
-                    cut_shape,
-                    dtype,
-                    data.num_classes,
-                    max_rows,
+            for reply in replies:
+                track = self.waiting.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    reason = f"error reply: {reply.error.reason}"
+                    self._drop(track, reason, app_error(reply))
+                    continue
+                self.cloud.on_reply(
+                    track, reply.content, payload_bytes(reply.content), self.send
                 )
-            except PayloadError as err:
-                srv.reject(period + 1, track.node_id, str(err))
-                continue  # its stash no longer matches ours: the edge stops
-            version = track.next_version
-            track.next_version += 1
-            if not opts.chunk:
-                track.chunk = adapt_chunk(
-                    time.monotonic() - track.sent_at,
-                    track.edge_seconds,
-                    track.want_inflight,
-                    opts.max_chunk,
-                )
-            send(track)  # the edge works while the cloud computes
 
-            # f_c forward/backward per micro-batch; θ_c steps at once
-            tick = time.perf_counter()
-            cloud.train()
-            grads = []
-            start = 0
-            for size in sizes:
-                a = (
-                    torch.from_numpy(acts[start : start + size])
-                    .to(device)
-                    .requires_grad_(True)
-                )
-                y = torch.from_numpy(labels[start : start + size]).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(cloud(a), y)
-                loss.backward()
-                optimizer.step()
-                grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
-                losses.append(float(loss.detach()))
-                cloud_steps += 1
-                track.trained += 1
-                start += size
-            track.grads[version] = np.concatenate(grads)
-            track.grads_seq[version] = done.seq
-            record_exchange(track, done, reply, time.perf_counter() - tick)
+    def _drop(self, track: EdgeTrack, reason: str, error: str | None = None) -> None:
+        self.lost.add(track.node_id)
+        self.cloud.drop(track, reason, error)
 
-            # evaluate every eval_every steps per edge (on average)
-            if cloud_steps >= (period + 1) * opts.eval_every * len(tracks):
-                period += 1
-                marks.append(exchanges)
-                _report(
-                    srv, full, theta_ec, data.test, device, period, losses, exchanges
-                )
-                losses = []
-                srv.ledger.current_round = period + 1
-                if cfg.checkpoint_every and period % cfg.checkpoint_every == 0:
-                    _checkpoint(
-                        srv,
-                        cloud,
-                        theta_ec,
-                        optimizer,
-                        {
-                            "period": period,
-                            "cloud-steps": cloud_steps,
-                            "merges": merges,
-                            "steps-done": min(
-                                (t.trained for t in tracks.values()), default=0
-                            ),
-                        },
-                    )
+    def _drop_silent(self, now: float, answered: set[str]) -> None:
+        timeout = self.srv.cfg.reply_timeout
+        for msg_id, track in list(self.waiting.items()):
+            if now - track.sent_at > timeout and msg_id not in answered:
+                del self.waiting[msg_id]
+                self._drop(track, f"no reply within {timeout:g} s")
 
-    period += 1
-    marks.append(exchanges)
-    final = _report(srv, full, theta_ec, data.test, device, period, losses, exchanges)
-    every_track = [*retired, *tracks.values()]
-    timeline = _replay(srv, sorted({t.node_id for t in every_track}), opts, marks)
-    total_steps = sum(t.steps_requested for t in every_track) or 1
-    srv.tracker.finish(
-        {
-            "method": cfg.method,
-            "periods": period,
-            "final-accuracy": final,
-            "bytes-up": srv.cumulative_bytes["bytes-up"],
-            "bytes-down": srv.cumulative_bytes["bytes-down"],
-            "steps-per-edge": opts.steps,
-            "edges": len({t.node_id for t in every_track}),
-            "exchanges": exchanges,
-            "emulated-seconds": timeline.total_seconds,
-            "emulated-seconds-per-step": timeline.total_seconds / opts.steps,
-            "emulated-seconds-per-period": list(timeline.round_end),
-            "bytes-up-per-step": srv.cumulative_bytes["bytes-up"] / total_steps,
-            "bytes-down-per-step": srv.cumulative_bytes["bytes-down"] / total_steps,
-            "clock-mode": timeline.mode,
-            "link": opts.link,
-            "mean-chunk": float(np.mean(chunks_sent)) if chunks_sent else 0.0,
-            "dropped-edges": len(retired),
-            "joined-edges": len(joined),
-            "max-staleness": max(staleness_seen, default=0),
-            "dropped-deltas": dropped_deltas,
-            "rejected-replies": srv.rejected(),
-            **{f"utilization-{k}": v for k, v in timeline.utilization.items()},
-        }
-    )
+    def _admit_newcomers(self) -> None:
+        online = set(self.srv.grid.get_node_ids())
+        self.lost &= online  # a lost node no longer listed may come back
+        for node in sorted(online - set(self.cloud.tracks) - self.lost):
+            self.send(self.cloud.join(node))
 
 
-def _checkpoint(
-    srv: ServerRun,
-    cloud: torch.nn.Module,
-    theta_ec: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    counters: dict[str, int],
-) -> None:
-    """Save ``θ_c``, ``θ_e^c``, the cloud's momentum and the counters.
-
-    What the edges learned since their last reconciliation is not in
-    ``θ_e^c`` and is not saved: a resumed run starts every edge from
-    ``θ_e^c`` (nothing is applied twice; that edge-side progress is lost).
-    """
-    arrays = {
-        f"cloud/{k}": v.detach().cpu().numpy() for k, v in cloud.state_dict().items()
-    }
-    arrays.update({f"edge/{k}": v.numpy() for k, v in theta_ec.items()})
-    for i, p in enumerate(cloud.parameters()):
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            arrays[f"momentum/{i}"] = buf.detach().cpu().numpy()
-    srv.save_checkpoint(arrays, counters)
-
-
-def _resume(
-    srv: ServerRun, cloud: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any] | None:
-    """Load ``resume`` into ``cloud`` and ``optimizer``; return θ_e^c and counters."""
-    checkpoint = srv.resumed()
-    if checkpoint is None:
-        return None
-    arrays, state = checkpoint
-    part = {
-        k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("cloud/")
-    }
-    try:
-        cloud.load_state_dict(part)
-    except RuntimeError as err:
-        raise srv.resume_mismatch(err) from None
-    for i, p in enumerate(cloud.parameters()):
-        if f"momentum/{i}" in arrays:
-            optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
-                arrays[f"momentum/{i}"]
-            ).to(p.device)
-    edge = {
-        k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("edge/")
-    }
-    return {**state, "edge": edge}
-
-
-def _replay(
-    srv: ServerRun, nodes: list[int], opts: SimulTrainOptions, marks: list[int]
-) -> ClockReport:
-    """This run's exchanges re-timed under ``simultrain-link``."""
-    exchanges, _ = exchanges_from_records(read_jsonl(srv.tracker.path))
-    links = assign_links(nodes, opts.link, srv.cfg.seed)
-    return replay_pipeline(
-        exchanges,
-        links,
-        opts.edge_factor,
-        opts.cloud_factor,
-        seed=srv.cfg.seed,
-        marks=marks,
-    )
-
-
-def _report(
-    srv: ServerRun,
-    full: torch.nn.Sequential,
-    theta_ec: dict[str, torch.Tensor],
-    test: object,
-    device: torch.device,
-    period: int,
-    losses: list[float],
-    exchanges: int,
-) -> float:
-    """Evaluate ``θ_e^c ∘ θ_c`` on the test split and log the period."""
-    full[0].load_state_dict(theta_ec)
-    full[0].to(device)
-    stats = evaluate(full, test, device)  # type: ignore[arg-type]
-    full[0].cpu()
-    metrics = {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
-    if losses:
-        metrics["train-loss"] = float(np.mean(losses))
-    metrics["exchanges"] = exchanges
-    srv.report_round(period, metrics)
-    return stats.accuracy
+def run(srv: ServerRun) -> None:
+    """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
+    cloud = SimulTrainCloud(srv, srv.options_as(SimulTrainOptions))
+    cloud.resume()
+    cloud.start(srv.wait_for_nodes(timeout=120.0))
+    FlowerLoop(srv, cloud).serve()
+    cloud.finish()

@@ -1,0 +1,398 @@
+"""SimulTrain's contract between the cloud and the edge.
+
+One message type, ``train.simultrain``. The cloud's message
+(:class:`CloudMessage`) carries
+
+- ``config`` (:data:`~tandem.wire.KEY_CONFIG`): the cloud's step count
+  ``v-c``, how many micro-batches to forward next (``want``) and which chunk
+  the enclosed gradients belong to (``grad-for``, -1: none);
+- ``grads`` (:data:`KEY_GRADS`): the cut-layer gradients of chunk
+  ``grad-for``, encoded by :func:`tandem.split.encode_cut` (key ``g``);
+- ``edge-params`` (:data:`KEY_EDGE_PARAMS`): the cloud's copy ``θ_e^c`` of the
+  edge layers, when reconciliation is due.
+
+The edge's answer (:class:`EdgeReply`) carries
+
+- ``delta`` (:data:`KEY_DELTA`): ``θ_e − base``, its progress since it last
+  reconciled, when it reconciled on this message;
+- ``acts`` (:data:`KEY_ACTS`): the next chunk's cut-layer activations (key
+  ``a``, :func:`~tandem.split.encode_cut`), labels ``y`` and micro-batch
+  sizes ``sizes`` (int64);
+- ``meta`` (:data:`KEY_META`): the chunk's version ``v-e`` (-1: no chunk) and
+  the ``v-c`` of the edge's last reconciliation;
+- ``metrics`` (:data:`~tandem.wire.KEY_METRICS`): ``compute-seconds`` of the
+  edge's own maths and its ``steps`` so far.
+
+The readers validate what comes from the other side and raise
+:class:`~tandem.wire.PayloadError` naming what is wrong. Both sides build the
+same split model with :func:`edge_model`, and read the same options
+(:class:`SimulTrainOptions`, keys ``simultrain-*``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import nn
+
+from tandem.config import ConfigError, RunConfig, option
+from tandem.datasets import load_dataset
+from tandem.models import DEFAULT_CUTS, build_model, default_model_for
+from tandem.network import assign_links
+from tandem.split import cut_keys, decode_cut, split_model
+from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
+
+__all__ = [
+    "KEY_ACTS",
+    "KEY_DELTA",
+    "KEY_EDGE_PARAMS",
+    "KEY_GRADS",
+    "KEY_META",
+    "MESSAGE_TYPE",
+    "Activations",
+    "CloudMessage",
+    "EdgeReply",
+    "SimulTrainOptions",
+    "edge_model",
+    "read_activations",
+    "read_compute_seconds",
+    "read_delta",
+]
+
+MESSAGE_TYPE = "train.simultrain"
+KEY_GRADS = "grads"
+KEY_EDGE_PARAMS = "edge-params"
+KEY_ACTS = "acts"
+KEY_DELTA = "delta"
+KEY_META = "meta"
+
+#: ``{name: (shape, dtype)}`` of the edge layers' state dict.
+Layout = Mapping[str, tuple[tuple[int, ...], str]]
+
+_LINK_KEY = "simultrain-link"
+
+
+def _link_spec(spec: str) -> bool:
+    """Check ``simultrain-link`` with the parser that times the run's links.
+
+    Raises
+    ------
+    ConfigError
+        With the parser's reason, if it refuses the spec.
+    """
+    try:
+        assign_links([0], spec)
+    except ValueError as err:
+        raise ConfigError(_LINK_KEY, spec, str(err)) from None
+    return True
+
+
+@dataclass(frozen=True)
+class SimulTrainOptions:
+    """SimulTrain settings (keys ``simultrain-*``), checked when parsed."""
+
+    cut: str = option("simultrain-cut", "default")
+    steps: int = option(
+        "simultrain-steps", 300, "must be >= 1 (SGD steps per edge)", lambda n: n >= 1
+    )
+    chunk: int = option(
+        "simultrain-chunk",
+        0,
+        "must be >= 0 (micro-batches per message; 0 = adapt to the exchange cost)",
+        lambda n: n >= 0,
+    )
+    max_chunk: int = option(
+        "simultrain-max-chunk",
+        4,
+        "must be >= 1 (largest adaptive chunk)",
+        lambda n: n >= 1,
+    )
+    alpha: float = option(
+        "simultrain-alpha", 0.5, "must lie in [0, 1] (forecast)", lambda a: 0 <= a <= 1
+    )
+    edge_lr_scale: float = option(
+        "simultrain-edge-lr-scale",
+        0.5,
+        "must be > 0 (edge learning rate = lr x this)",
+        lambda f: f > 0,
+    )
+    forecast: str = option(
+        "simultrain-forecast", "stash", choices=("stash", "cloud-copy")
+    )
+    lam: float = option(
+        "simultrain-lambda", 0.8, "must lie in [0, 1]", lambda x: 0 <= x <= 1
+    )
+    reconcile_every: int = option(
+        "simultrain-reconcile-every",
+        4,
+        "must be >= 0 (steps between reconciliations; 0 = never)",
+        lambda n: n >= 0,
+    )
+    staleness_bound: int = option(
+        "simultrain-staleness-bound", 8, "must be >= 0", lambda n: n >= 0
+    )
+    precision: str = option(
+        "simultrain-precision", "int8", choices=("float32", "float16", "int8")
+    )
+    eval_every: int = option(
+        "simultrain-eval-every", 50, "must be >= 1 (steps per edge)", lambda n: n >= 1
+    )
+    link: str = option(_LINK_KEY, "4g", check=_link_spec)
+    edge_factor: float = option(
+        "simultrain-edge-factor", 1.0, "must be > 0", lambda f: f > 0
+    )
+    cloud_factor: float = option(
+        "simultrain-cloud-factor", 1.0, "must be > 0", lambda f: f > 0
+    )
+
+
+def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.Module]:
+    """The run's model split into (edge, cloud) parts, freshly initialised.
+
+    Both sides call it with the same config, so they start from the same
+    weights (the model's seed is the run's).
+    """
+    bundle = load_dataset(cfg.data)
+    name = cfg.train.model
+    if name == "auto":
+        name = default_model_for(bundle.input_shape)
+    model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
+    cut = DEFAULT_CUTS[name] if opts.cut == "default" else opts.cut
+    return split_model(model, cut)
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(f"config '{key}' = {value!r}, expected an integer")
+    return value
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+# ----------------------------------------------------------------- cloud -> edge
+@dataclass(frozen=True)
+class CloudMessage:
+    """What the cloud sends an edge.
+
+    Attributes
+    ----------
+    v_c : int
+        Cloud steps taken when the message left (``θ_c``'s version).
+    want : int
+        Micro-batches the edge forwards next (0: none, the last messages).
+    grad_for : int
+        The chunk version the gradients belong to (-1: none enclosed).
+    grads : dict of str to ndarray, or None
+        The encoded cut-layer gradients of chunk ``grad_for``
+        (:func:`tandem.split.encode_cut`, key ``g``).
+    edge_params : dict of str to ndarray, or None
+        ``θ_e^c`` when the edge reconciles (or starts from it).
+    """
+
+    v_c: int
+    want: int
+    grad_for: int
+    grads: dict[str, np.ndarray] | None = None
+    edge_params: dict[str, np.ndarray] | None = None
+
+    def to_content(self) -> RecordDict:
+        """The message as Flower records."""
+        content = RecordDict()
+        if self.grads is not None:
+            content[KEY_GRADS] = _record(self.grads)
+        if self.edge_params is not None:
+            content[KEY_EDGE_PARAMS] = _record(self.edge_params)
+        content[KEY_CONFIG] = ConfigRecord(
+            {"v-c": self.v_c, "want": self.want, "grad-for": self.grad_for}
+        )
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict, edge_layout: Layout) -> CloudMessage:
+        """Read a message; ``θ_e^c`` is checked against ``edge_layout``.
+
+        Raises
+        ------
+        PayloadError
+            On a missing record, a non-integer field, or edge parameters that
+            do not fit the edge layers (keys, shapes, dtypes, NaN/Inf).
+        """
+        conf = get_record(content, KEY_CONFIG, ConfigRecord)
+        grad_for = _int(conf, "grad-for")
+        grads = None
+        if grad_for >= 0:
+            grads = _arrays(get_record(content, KEY_GRADS, ArrayRecord))
+        params = None
+        if KEY_EDGE_PARAMS in content:
+            record = get_record(content, KEY_EDGE_PARAMS, ArrayRecord)
+            params = check_arrays(record, edge_layout)
+        return cls(_int(conf, "v-c"), _int(conf, "want"), grad_for, grads, params)
+
+    def gradients(self, precision: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The enclosed cut-layer gradients, decoded to float32 of ``shape``.
+
+        Raises
+        ------
+        PayloadError
+            If there are none, or their arrays, dtypes, shapes or values are
+            not what :func:`~tandem.split.encode_cut` makes of ``shape``.
+        """
+        if self.grads is None:
+            raise PayloadError("no cut-layer gradients enclosed")
+        try:
+            if set(self.grads) != cut_keys(precision, "g"):
+                raise ValueError(f"gradient arrays {sorted(self.grads)}")
+            return decode_cut(self.grads, precision, "g", shape)
+        except ValueError as err:
+            raise PayloadError(f"cut-layer gradients: {err}") from None
+
+
+# ----------------------------------------------------------------- edge -> cloud
+@dataclass(frozen=True)
+class EdgeReply:
+    """What an edge answers.
+
+    Attributes
+    ----------
+    version : int
+        The version of the enclosed chunk (-1: no chunk).
+    base_v_c : int
+        ``v-c`` of the message the edge last reconciled on.
+    compute_seconds : float
+        CPU seconds of the edge's own maths for this message.
+    steps : int
+        Micro-batches the edge has forwarded so far.
+    delta : dict of str to ndarray, or None
+        ``θ_e − base`` when the edge reconciled on this message.
+    acts : dict of str to ndarray, or None
+        The chunk's encoded activations (:func:`~tandem.split.encode_cut`,
+        key ``a``).
+    labels, sizes : ndarray or None
+        The chunk's labels (int64, one per row) and micro-batch sizes (int64).
+    """
+
+    version: int
+    base_v_c: int
+    compute_seconds: float
+    steps: int
+    delta: dict[str, np.ndarray] | None = None
+    acts: dict[str, np.ndarray] | None = None
+    labels: np.ndarray | None = None
+    sizes: np.ndarray | None = None
+
+    def to_content(self) -> RecordDict:
+        """The reply as Flower records."""
+        content = RecordDict()
+        if self.delta is not None:
+            content[KEY_DELTA] = _record(self.delta)
+        if self.acts is not None:
+            if self.labels is None or self.sizes is None:
+                raise ValueError("activations need their labels and sizes")
+            content[KEY_ACTS] = _record(
+                {**self.acts, "y": self.labels, "sizes": self.sizes}
+            )
+        content[KEY_META] = ConfigRecord(
+            {"v-e": self.version, "base-v-c": self.base_v_c}
+        )
+        content[KEY_METRICS] = MetricRecord(
+            {"compute-seconds": self.compute_seconds, "steps": self.steps}
+        )
+        return content
+
+
+@dataclass(frozen=True)
+class Activations:
+    """A checked chunk: float32 activations, labels and micro-batch sizes.
+
+    ``acts`` has shape ``(rows, *cut_shape)``; ``labels`` ``(rows,)``;
+    ``sizes`` ``(micro-batches,)`` with ``sizes.sum() == rows``.
+    """
+
+    acts: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+
+
+def read_compute_seconds(content: RecordDict) -> float:
+    """The reply's ``compute-seconds`` metric (finite, >= 0)."""
+    metrics = get_record(content, KEY_METRICS, MetricRecord)
+    value = metrics.get("compute-seconds")
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise PayloadError(f"metric 'compute-seconds' = {value!r}")
+    return float(value)
+
+
+def read_delta(
+    content: RecordDict, edge_layout: Layout
+) -> dict[str, np.ndarray] | None:
+    """The reply's delta checked against ``edge_layout`` (None if it has none)."""
+    if KEY_DELTA not in content:
+        return None
+    return check_arrays(get_record(content, KEY_DELTA, ArrayRecord), edge_layout)
+
+
+def read_activations(
+    content: RecordDict,
+    expected_version: int,
+    want: int,
+    cut_shape: tuple[int, ...],
+    precision: str,
+    num_classes: int,
+    max_rows: int,
+) -> Activations:
+    """Validate an activations reply and decode it.
+
+    Raises
+    ------
+    PayloadError
+        On a missing record, a version that is not the expected one (replayed
+        or from the future), wrong shapes or dtypes, NaN/Inf, labels out of
+        range, or more rows than were asked for.
+    """
+    meta = get_record(content, KEY_META, ConfigRecord)
+    version = meta.get("v-e")
+    if version != expected_version:
+        raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
+    record = get_record(content, KEY_ACTS, ArrayRecord)
+    keys = {"y", "sizes"} | cut_keys(precision, "a")
+    if set(record) != keys:
+        raise PayloadError(
+            f"activation keys {sorted(record)}, expected {', '.join(sorted(keys))}"
+        )
+    y, sizes = record["y"], record["sizes"]
+    if y.dtype != "int64" or sizes.dtype != "int64":
+        raise PayloadError(f"dtypes y={y.dtype} sizes={sizes.dtype}")
+    rows = y.shape[0] if y.shape else 0
+    if rows > max_rows or tuple(y.shape) != (rows,):
+        raise PayloadError(
+            f"labels of shape {tuple(y.shape)}, expected (<= {max_rows},)"
+        )
+    sizes_np = sizes.numpy()
+    if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
+        raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
+    if int(sizes_np.sum()) != rows:
+        raise PayloadError("sizes and label rows disagree")
+    try:
+        acts = decode_cut(
+            {k: record[k].numpy() for k in cut_keys(precision, "a")},
+            precision,
+            "a",
+            (rows, *cut_shape),
+        )
+    except ValueError as err:
+        raise PayloadError(f"activations: {err}") from None
+    labels = y.numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PayloadError(f"labels outside [0, {num_classes})")
+    return Activations(acts, labels, sizes_np)
