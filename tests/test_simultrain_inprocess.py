@@ -14,6 +14,9 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import run_inprocess
 
+from tandem.config import ConfigError
+from tandem.network import assign_links
+from tandem.schedules import exchanges_from_records, replay_pipeline
 from tandem.strategies import simultrain
 from tandem.strategies.simultrain import adapt_chunk
 
@@ -53,6 +56,17 @@ def test_edges_learn_and_every_step_is_accounted(tmp_path):
         # message k + 2 carries the gradients of chunk k
         assert [e["grads-from"] for e in mine] == [-1, -1, *range(30)]
     assert summary["max-staleness"] <= 2 * 8  # bound × edges
+    # the run replays the exchanges it kept in memory: the same timeline as
+    # the ones rebuilt from its metrics file
+    exchanges, marks = exchanges_from_records(records)
+    clock = replay_pipeline(exchanges, assign_links([1, 2], "4g"), marks=marks)
+    assert clock.total_seconds == summary["emulated-seconds"]
+    assert list(clock.round_end) == summary["emulated-seconds-per-period"]
+
+
+def test_a_bad_cut_stops_the_run_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="simultrain-cut"):
+        run_inprocess({**BASE, "simultrain-cut": "nope"}, nodes=1, out=tmp_path)
 
 
 def test_a_slow_edge_does_not_hold_back_a_fast_one(tmp_path):

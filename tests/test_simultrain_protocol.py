@@ -62,9 +62,12 @@ def test_a_bare_cloud_message_holds_only_its_config():
         (lambda c: c[KEY_CONFIG].__setitem__("want", 1.5), "'want' = 1.5"),
         (
             lambda c: c.__setitem__(
-                KEY_EDGE_PARAMS, ArrayRecord({"w": Array(PARAMS["w"].T.copy())})
+                KEY_EDGE_PARAMS,
+                ArrayRecord(
+                    {"w": Array(PARAMS["w"].T.copy()), "b": Array(PARAMS["b"])}
+                ),
             ),
-            "",
+            r"'w' has shape \(3, 2\)",
         ),
     ],
 )

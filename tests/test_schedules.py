@@ -1,0 +1,83 @@
+"""Exchange records: one to/from-record pair, steadied compute, typed fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.schedules import (
+    Exchange,
+    exchanges_from_records,
+    steady_exchanges,
+    sync_rounds_from_records,
+)
+
+
+def test_an_exchange_survives_the_metrics_file():
+    ex = Exchange(3, 4, 1200, 0.0123456789, 900, 1e-7, grads_from=2, micro_batches=4)
+    rec = json.loads(json.dumps({"event": "exchange", **ex.to_record()}))
+    assert Exchange.from_record(rec) == ex
+
+
+def test_an_old_record_without_micro_batches_reads_as_zero():
+    rec = {k: v for k, v in Exchange(1, 0, 1, 0.5, 2, 0.25).to_record().items()}
+    del rec["micro-batches"]
+    assert Exchange.from_record(rec).micro_batches == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("bytes-up", None), ("seq", "3"), ("edge-seconds", True)]
+)
+def test_a_field_that_is_not_a_number_is_named(field, value):
+    rec = Exchange(1, 0, 1, 0.5, 2, 0.25).to_record()
+    if value is None:
+        del rec[field]
+    else:
+        rec[field] = value
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        Exchange.from_record(rec)
+
+
+def test_steadied_compute_is_the_lower_quartile_of_its_kind():
+    # node 1, 2 micro-batches, with gradients: edge seconds 1, 2, 3, 4, 100
+    # -> lower quartile (inclusive) 2; the cloud's kind is 2 micro-batches:
+    # 0.1 .. 0.5 -> 0.2. Node 2's single exchange keeps its own figures.
+    ones = [
+        Exchange(1, i, 10, s, 20, c, grads_from=0, micro_batches=2)
+        for i, (s, c) in enumerate([(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4), (100, 0.5)])
+    ]
+    other = Exchange(2, 0, 10, 7.0, 20, 9.0, grads_from=-1, micro_batches=1)
+    steady = steady_exchanges([*ones, other])
+    assert [ex.edge_seconds for ex in steady] == [2.0] * 5 + [7.0]
+    assert [ex.cloud_seconds for ex in steady] == pytest.approx([0.2] * 5 + [9.0])
+    assert [ex.bytes_up for ex in steady] == [20] * 6  # nothing else changes
+    assert steady_exchanges([]) == []
+
+
+def test_records_give_the_same_exchanges_as_memory():
+    kept = [
+        Exchange(1, 0, 10, 0.5, 20, 0.0, -1, 2),
+        Exchange(2, 0, 11, 0.25, 21, 0.125, -1, 2),
+        Exchange(1, 1, 12, 0.75, 22, 0.25, 0, 2),
+    ]
+    records = [
+        {"event": "round", "round": 0, "exchanges": 0},
+        *({"event": "exchange", **ex.to_record()} for ex in kept),
+        {"event": "round", "round": 1, "exchanges": 3},
+    ]
+    exchanges, marks = exchanges_from_records(records)
+    assert exchanges == steady_exchanges(kept) and marks == [3]
+    assert exchanges_from_records(records, steady=False)[0] == kept
+
+
+def test_sync_rounds_read_typed_fields():
+    records = [
+        {"event": "bytes", "round": 1, "node-id": 5, "bytes-down": 8, "bytes-up": 4},
+        {"event": "round", "round": 1, "cloud-seconds": 0.5},
+    ]
+    (rnd,) = sync_rounds_from_records(records)
+    assert rnd.round == 1 and rnd.cloud_seconds == 0.5
+    assert rnd.nodes[5].bytes_down == 8 and rnd.nodes[5].edge_seconds == 0.0
+    with pytest.raises(ValueError, match="'bytes-up'"):
+        sync_rounds_from_records([{**records[0], "bytes-up": "4"}])
