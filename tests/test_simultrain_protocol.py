@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from tandem.clients.simultrain import sgd_step
+from tandem.clients.simultrain import edge_optimizer, sgd_step
 from tandem.config import ConfigError, RunConfig, parse_section
 from tandem.protocol.simultrain import (
     KEY_ACTS,
@@ -172,11 +172,12 @@ def test_the_edge_step_is_heavy_ball_sgd_by_hand():
     lr, beta = 0.5, 0.5
     g1 = {"weight": torch.tensor([[0.25, 1.0]])}
     g2 = {"weight": torch.tensor([[-0.5, 0.5]])}
-    theta, buf = sgd_step(edge, theta, g1, {}, lr, beta)
+    # one optimizer per message, as the handler builds it
+    theta, buf = sgd_step(edge, edge_optimizer(edge, {}, lr, beta), theta, g1)
     # v1 = g1; θ1 = θ0 − lr·v1 = [1 − 0.125, −2 − 0.5]
     assert buf["weight"].tolist() == [[0.25, 1.0]]
     assert theta["weight"].tolist() == [[0.875, -2.5]]
-    theta, buf = sgd_step(edge, theta, g2, buf, lr, beta)
+    theta, buf = sgd_step(edge, edge_optimizer(edge, buf, lr, beta), theta, g2)
     # v2 = β·v1 + g2 = [−0.375, 1.0]; θ2 = θ1 − lr·v2 = [1.0625, −3.0]
     assert buf["weight"].tolist() == [[-0.375, 1.0]]
     assert theta["weight"].tolist() == [[1.0625, -3.0]]
@@ -186,7 +187,7 @@ def test_the_edge_step_leaves_buffers_and_ungraded_tensors_alone():
     edge = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     theta = {k: v.detach().clone() for k, v in edge.state_dict().items()}
     grads = {"0.weight": torch.ones(2, 2)}
-    new, buf = sgd_step(edge, theta, grads, {}, 0.1, 0.9)
+    new, buf = sgd_step(edge, edge_optimizer(edge, {}, 0.1, 0.9), theta, grads)
     assert set(buf) == {"0.weight"}
     for k in theta:
         if k != "0.weight":

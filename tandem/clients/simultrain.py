@@ -61,13 +61,14 @@ from tandem.protocol.simultrain import (
     edge_model,
 )
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
-from tandem.training import BatchStream
+from tandem.training import BatchStream, make_optimizer
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
     "HANDLERS",
     "EdgeState",
     "apply_gradients",
+    "edge_optimizer",
     "forward_chunk",
     "handler",
     "reconcile",
@@ -163,19 +164,31 @@ class EdgeState:
         )
 
 
-def sgd_step(
-    edge: nn.Module,
-    theta: Tensors,
-    grads: Tensors,
-    momentum: Tensors,
-    lr: float,
-    beta: float,
-) -> tuple[Tensors, Tensors]:
-    """One ``torch.optim.SGD`` step of ``θ_e`` along ``grads``, heavy-ball momentum.
+def edge_optimizer(
+    edge: nn.Module, momentum: Tensors, lr: float, beta: float
+) -> torch.optim.Optimizer:
+    """The edge layers' SGD, with the momentum buffers kept between messages.
 
-    ``v ← β·v + g`` (``v = g`` at the first step), ``θ ← θ − lr·v``: SGD with
-    momentum ``β``, no dampening, no Nesterov, no weight decay, the optimizer
-    of every method. The step runs on ``edge``'s parameters, loaded with
+    :func:`tandem.training.make_optimizer` (momentum ``beta``, no dampening,
+    no Nesterov, no weight decay), the optimizer of every method. Building
+    one is not the edge's maths: the first in a process imports
+    ``torch._dynamo`` (over a second of CPU), so it is built before the
+    compute is timed.
+    """
+    optimizer = make_optimizer(edge, lr, beta)
+    for k, p in edge.named_parameters():
+        if k in momentum:
+            optimizer.state[p]["momentum_buffer"] = momentum[k].clone()
+    return optimizer
+
+
+def sgd_step(
+    edge: nn.Module, optimizer: torch.optim.Optimizer, theta: Tensors, grads: Tensors
+) -> tuple[Tensors, Tensors]:
+    """One step of ``optimizer`` (:func:`edge_optimizer`) from ``θ_e`` along ``grads``.
+
+    Heavy-ball momentum: ``v ← β·v + g`` (``v = g`` at the first step),
+    ``θ ← θ − lr·v``. The step runs on ``edge``'s parameters, loaded with
     ``theta``; tensors without a gradient (and buffers) keep their values.
 
     Returns
@@ -183,15 +196,12 @@ def sgd_step(
     theta : dict of str to Tensor
         The new state dict (every key of ``theta``).
     momentum : dict of str to Tensor
-        The momentum buffers to pass to the next step.
+        The momentum buffers, for the next message's :func:`edge_optimizer`.
     """
-    edge.load_state_dict(theta)
+    edge.load_state_dict(theta)  # copies into the optimizer's parameters
     params = dict(edge.named_parameters())
-    optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=beta)
     for k, p in params.items():
         p.grad = grads.get(k)
-        if k in momentum:
-            optimizer.state[p]["momentum_buffer"] = momentum[k].clone()
     optimizer.step()
     buffers = {
         k: optimizer.state[p]["momentum_buffer"].detach().clone()
@@ -236,6 +246,7 @@ def apply_gradients(
         for k in stash
         if k.startswith(prefix + "w.")
     }
+    optimizer = edge_optimizer(edge, state.momentum, lr, momentum)
     edge.load_state_dict(stashed)
     tick = time.thread_time()
     edge.zero_grad(set_to_none=True)
@@ -245,9 +256,7 @@ def apply_gradients(
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
     else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
         grads = forecast_gradients(grads, state.theta, state.theta_cloud, opts.alpha)
-    state.theta, state.momentum = sgd_step(
-        edge, state.theta, grads, state.momentum, lr, momentum
-    )
+    state.theta, state.momentum = sgd_step(edge, optimizer, state.theta, grads)
     seconds = time.thread_time() - tick
     for k in [k for k in stash if k.startswith(prefix)]:
         del stash[k]

@@ -46,6 +46,7 @@ dropouts, late joiners) and :func:`run` wires the two.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -284,13 +285,7 @@ class SimulTrainCloud:
         """The message made by :meth:`next_message` left, ``nbytes`` long."""
         if track.in_flight is None:
             raise RuntimeError(f"no message for node {track.node_id} to send")
-        track.in_flight = InFlight(
-            track.in_flight.seq,
-            nbytes,
-            track.in_flight.grads_from,
-            track.in_flight.want,
-            track.in_flight.final,
-        )
+        track.in_flight = dataclasses.replace(track.in_flight, bytes_down=nbytes)
         track.sent_at = time.monotonic()
 
     def on_reply(
