@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from tandem.clients.simultrain import edge_optimizer, sgd_step
+from tandem.clients.simultrain import sgd_step
 from tandem.config import ConfigError, RunConfig, parse_section
 from tandem.protocol.simultrain import (
     KEY_ACTS,
@@ -170,17 +170,15 @@ def test_every_option_but_the_cut_has_a_rule():
 # ------------------------------------------------------------------ edge step
 def test_the_edge_step_is_heavy_ball_sgd_by_hand():
     # dyadic numbers, so every product and sum below is exact in float32
-    edge = torch.nn.Linear(2, 1, bias=False)
     theta = {"weight": torch.tensor([[1.0, -2.0]])}
     lr, beta = 0.5, 0.5
     g1 = {"weight": torch.tensor([[0.25, 1.0]])}
     g2 = {"weight": torch.tensor([[-0.5, 0.5]])}
-    # one optimizer per message, as the handler builds it
-    theta, buf = sgd_step(edge, edge_optimizer(edge, {}, lr, beta), theta, g1)
+    theta, buf = sgd_step(theta, g1, {}, lr, beta)
     # v1 = g1; θ1 = θ0 − lr·v1 = [1 − 0.125, −2 − 0.5]
     assert buf["weight"].tolist() == [[0.25, 1.0]]
     assert theta["weight"].tolist() == [[0.875, -2.5]]
-    theta, buf = sgd_step(edge, edge_optimizer(edge, buf, lr, beta), theta, g2)
+    theta, buf = sgd_step(theta, g2, buf, lr, beta)
     # v2 = β·v1 + g2 = [−0.375, 1.0]; θ2 = θ1 − lr·v2 = [1.0625, −3.0]
     assert buf["weight"].tolist() == [[-0.375, 1.0]]
     assert theta["weight"].tolist() == [[1.0625, -3.0]]
@@ -190,9 +188,30 @@ def test_the_edge_step_leaves_buffers_and_ungraded_tensors_alone():
     edge = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     theta = {k: v.detach().clone() for k, v in edge.state_dict().items()}
     grads = {"0.weight": torch.ones(2, 2)}
-    new, buf = sgd_step(edge, edge_optimizer(edge, {}, 0.1, 0.9), theta, grads)
+    new, buf = sgd_step(theta, grads, {}, 0.1, 0.9)
     assert set(buf) == {"0.weight"}
     for k in theta:
         if k != "0.weight":
             assert torch.equal(new[k], theta[k]), k
     assert torch.allclose(new["0.weight"], theta["0.weight"] - 0.1)
+
+
+def test_the_edge_step_equals_torch_optim_sgd_carried_over_messages():
+    # the reference: one torch.optim.SGD kept for the whole run; the edge
+    # rebuilds nothing and carries the momentum between messages itself
+    gen = torch.Generator().manual_seed(0)
+    edge = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU())
+    theta = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+    optimizer = torch.optim.SGD(edge.parameters(), lr=0.05, momentum=0.9)
+    buffers: dict[str, torch.Tensor] = {}
+    for _ in range(6):
+        grads = {
+            k: torch.randn(p.shape, generator=gen) for k, p in edge.named_parameters()
+        }
+        for k, p in edge.named_parameters():
+            p.grad = grads[k].clone()
+        optimizer.step()
+        theta, buffers = sgd_step(theta, grads, buffers, 0.05, 0.9)
+        for k, p in edge.named_parameters():
+            assert torch.equal(theta[k], p.detach()), k
+            assert torch.equal(buffers[k], optimizer.state[p]["momentum_buffer"]), k

@@ -8,7 +8,7 @@ micro-batches to forward next. The edge, in this order:
 
 1. recomputes the stashed chunk's forward pass at the *stashed* weights
    ``w`` (PipeDream-style weight stashing), back-propagates the received
-   gradients, and takes one SGD step (``torch.optim.SGD`` with momentum,
+   gradients, and takes one SGD step (torch's SGD with momentum,
    learning rate ``lr × simultrain-edge-lr-scale``) on the chunk's mean
    gradient with the forecast correction of seed 002,
    ``∇̃ = ∇ℓ(w; x) + α·(θ_e − w)``: the gradient computed at the stashed
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
+from torch.optim.sgd import sgd
 
 from tandem.clients.node import (
     NodeConfig,
@@ -61,14 +62,13 @@ from tandem.protocol.simultrain import (
     edge_model,
 )
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
-from tandem.training import BatchStream, make_optimizer
+from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
     "HANDLERS",
     "EdgeState",
     "apply_gradients",
-    "edge_optimizer",
     "forward_chunk",
     "handler",
     "reconcile",
@@ -164,51 +164,48 @@ class EdgeState:
         )
 
 
-def edge_optimizer(
-    edge: nn.Module, momentum: Tensors, lr: float, beta: float
-) -> torch.optim.Optimizer:
-    """The edge layers' SGD, with the momentum buffers kept between messages.
-
-    :func:`tandem.training.make_optimizer` (momentum ``beta``, no dampening,
-    no Nesterov, no weight decay), the optimizer of every method. Building
-    one is not the edge's maths: the first in a process imports
-    ``torch._dynamo`` (over a second of CPU), so it is built before the
-    compute is timed.
-    """
-    optimizer = make_optimizer(edge, lr, beta)
-    for k, p in edge.named_parameters():
-        if k in momentum:
-            optimizer.state[p]["momentum_buffer"] = momentum[k].clone()
-    return optimizer
-
-
 def sgd_step(
-    edge: nn.Module, optimizer: torch.optim.Optimizer, theta: Tensors, grads: Tensors
+    theta: Tensors, grads: Tensors, momentum: Tensors, lr: float, beta: float
 ) -> tuple[Tensors, Tensors]:
-    """One step of ``optimizer`` (:func:`edge_optimizer`) from ``θ_e`` along ``grads``.
+    """One step of torch's SGD from ``θ_e`` along ``grads``, heavy-ball momentum.
 
-    Heavy-ball momentum: ``v ← β·v + g`` (``v = g`` at the first step),
-    ``θ ← θ − lr·v``. The step runs on ``edge``'s parameters, loaded with
-    ``theta``; tensors without a gradient (and buffers) keep their values.
+    ``v ← β·v + g`` (``v = g`` at the first step), ``θ ← θ − lr·v``: the
+    update :class:`torch.optim.SGD` applies with ``momentum=β``, no dampening,
+    no Nesterov, no weight decay (its step calls this same function,
+    :func:`torch.optim.sgd.sgd`), the optimizer of every method. The
+    functional form keeps the momentum buffers in ``Context.state`` between
+    messages without building an optimizer per message: the first one built in
+    a process imports ``torch._dynamo`` (over a second of CPU), and on the
+    deployment engine every message is a fresh process.
 
     Returns
     -------
     theta : dict of str to Tensor
-        The new state dict (every key of ``theta``).
+        The new weights (every key of ``theta``; tensors without a gradient
+        keep their values).
     momentum : dict of str to Tensor
-        The momentum buffers, for the next message's :func:`edge_optimizer`.
+        The momentum buffers for the next step.
     """
-    edge.load_state_dict(theta)  # copies into the optimizer's parameters
-    params = dict(edge.named_parameters())
-    for k, p in params.items():
-        p.grad = grads.get(k)
-    optimizer.step()
-    buffers = {
-        k: optimizer.state[p]["momentum_buffer"].detach().clone()
-        for k, p in params.items()
-        if optimizer.state[p].get("momentum_buffer") is not None
-    }
-    return _params(edge), buffers
+    names = list(grads)
+    params = [theta[k].detach().clone() for k in names]
+    buffers = [momentum[k].clone() if k in momentum else None for k in names]
+    sgd(
+        params,
+        [grads[k] for k in names],
+        buffers,
+        weight_decay=0.0,
+        momentum=beta,
+        lr=lr,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+    )
+    new_theta = {**theta, **dict(zip(names, params, strict=True))}
+    new_momentum = dict(momentum)
+    new_momentum.update(
+        {k: b for k, b in zip(names, buffers, strict=True) if b is not None}
+    )
+    return new_theta, new_momentum
 
 
 def apply_gradients(
@@ -246,7 +243,6 @@ def apply_gradients(
         for k in stash
         if k.startswith(prefix + "w.")
     }
-    optimizer = edge_optimizer(edge, state.momentum, lr, momentum)
     edge.load_state_dict(stashed)
     tick = time.thread_time()
     edge.zero_grad(set_to_none=True)
@@ -256,7 +252,9 @@ def apply_gradients(
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
     else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
         grads = forecast_gradients(grads, state.theta, state.theta_cloud, opts.alpha)
-    state.theta, state.momentum = sgd_step(edge, optimizer, state.theta, grads)
+    state.theta, state.momentum = sgd_step(
+        state.theta, grads, state.momentum, lr, momentum
+    )
     seconds = time.thread_time() - tick
     for k in [k for k in stash if k.startswith(prefix)]:
         del stash[k]
