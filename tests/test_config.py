@@ -101,7 +101,7 @@ def test_every_method_key_is_checked_whatever_the_method(method, flat, key, rule
 
 def test_the_method_section_is_parsed_once_and_typed():
     from tandem.protocol.acesync import AceSyncOptions
-    from tandem.strategies.simultrain_options import SimulTrainOptions
+    from tandem.protocol.simultrain import SimulTrainOptions
 
     cfg = RunConfig.from_flat({"method": "simultrain", "simultrain-steps": 7})
     opts = cfg.options_as(SimulTrainOptions)

@@ -57,7 +57,7 @@ def test_checkpoint_round_trip_and_method_check(tmp_path):
 
 
 def test_options_are_typed_through_the_run(tmp_path):
-    from tandem.strategies.simultrain_options import SimulTrainOptions
+    from tandem.protocol.simultrain import SimulTrainOptions
 
     srv = _run(tmp_path, ArrivingNodes(1), method="simultrain")
     assert srv.options_as(SimulTrainOptions) is srv.cfg.options

@@ -52,7 +52,7 @@ from tandem.clients.node import (
     restore_stream,
     save_stream,
 )
-from tandem.config import RunConfig, parse_section
+from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
@@ -321,7 +321,7 @@ def forward_chunk(
 
 def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Handle one ``train.simultrain`` message (see the module docstring)."""
-    opts = parse_section(SimulTrainOptions, context.run_config)
+    opts = cfg.options_as(SimulTrainOptions)
     node = NodeConfig.from_node_config(context.node_config)
     split = load_node_split(cfg, node, "train")
     edge, _ = edge_model(cfg, opts)

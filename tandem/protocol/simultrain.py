@@ -34,17 +34,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from tandem.config import ConfigError, RunConfig, option
 from tandem.datasets import load_dataset
 from tandem.models import DEFAULT_CUTS, build_model, default_model_for
 from tandem.network import assign_links
+from tandem.options import ConfigError, option
 from tandem.split import cut_keys, decode_cut, split_model
 from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
+
+if TYPE_CHECKING:
+    from tandem.config import RunConfig
 
 __all__ = [
     "KEY_ACTS",
