@@ -126,3 +126,15 @@ def test_the_config_layer_imports_no_method_and_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_cloud_and_edge_meet_only_in_the_protocol_layer():
+    graph = import_graph()
+    crossing = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        for side, other in (("strategies", "clients"), ("clients", "strategies"))
+        if module.startswith(f"tandem.{side}.") and target.startswith(f"tandem.{other}")
+    )
+    assert crossing == []
