@@ -77,7 +77,9 @@ def _device(spec: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
-PARTITIONERS = ("iid", "dirichlet", "natural")
+PARTITIONERS = ("iid", "dirichlet", "natural", "contiguous")
+#: Datasets whose rows carry natural ids (users, modules, speaking roles).
+NATURAL_ID_DATASETS = ("wisdm", "pysource", "text")
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -112,6 +114,21 @@ class DataConfig:
     wisdm_window: int = option(
         "wisdm-window", 200, "must be at least 8", lambda n: n >= 8
     )
+    text_context: int = option(
+        "text-context", 64, "must be at least 2 (tokens per example)", lambda n: n >= 2
+    )
+    text_max_bytes: int = option(
+        "text-max-bytes",
+        2_000_000,
+        "must be >= 0 (bytes of text used; 0: all)",
+        lambda n: n >= 0,
+    )
+    text_test_windows: int = option(
+        "text-test-windows",
+        1024,
+        "must be >= 0 (test windows evaluated, evenly spaced; 0: all)",
+        lambda n: n >= 0,
+    )
     test_fraction: float = option(
         "test-fraction", 0.2, "must lie strictly between 0 and 1", _open_fraction
     )
@@ -126,11 +143,16 @@ class DataConfig:
             raise ConfigError(
                 "data-path", self.path, "must name a WISDM_ar_v1.1_raw.txt file"
             )
-        if self.partitioner == "natural" and self.dataset != "wisdm":
+        if self.dataset == "text" and not self.path:
+            raise ConfigError(
+                "data-path", self.path, "must name a text or LEAF Shakespeare file"
+            )
+        if self.partitioner == "natural" and self.dataset not in NATURAL_ID_DATASETS:
             raise ConfigError(
                 "partitioner",
                 self.partitioner,
-                f"needs a dataset with natural ids (wisdm), not '{self.dataset}'",
+                "needs a dataset with natural ids "
+                f"({', '.join(NATURAL_ID_DATASETS)}), not '{self.dataset}'",
             )
 
 

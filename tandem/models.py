@@ -8,14 +8,21 @@ not fit) and its named default cut. Adding a model is one builder and one line
 in :data:`MODELS`; the run config's ``model`` choices are its keys (and
 ``auto``).
 
-=========  ==========================  ===========================  ===========
-name       for                         parameters (MNIST-1D / 28px)  default cut
-=========  ==========================  ===========================  ===========
-cnn1d      MNIST-1D, sensor windows    9,610 (1x40, 10 classes)      ``act1``
-cnn2d      28/32-px images             ~ 26k (1x28x28)               ``pool2``
-mlp        anything (flattened)        ~ 13k (1x40)                  ``act1``
-resnet18   CIFAR-sized images          ~ 11.2M (3x32x32)             ``layer2``
-=========  ==========================  ===========================  ===========
+===========  ============================  ===========================  ===========
+name         for                           parameters (MNIST-1D / 28px)  default cut
+===========  ============================  ===========================  ===========
+cnn1d        MNIST-1D, sensor windows      9,610 (1x40, 10 classes)      ``act1``
+cnn2d        28/32-px images               ~ 26k (1x28x28)               ``pool2``
+mlp          anything (flattened)          ~ 13k (1x40)                  ``act1``
+resnet18     CIFAR-sized images            ~ 11.2M (3x32x32)             ``layer2``
+transformer  byte tokens (pysource, text)  867,328 (vocab 256, T = 64)   ``block1``
+===========  ============================  ===========================  ===========
+
+``transformer`` (:mod:`tandem.transformer`) is a decoder-only language model
+for token data (``DataBundle.tokens``): ``(B, T)`` ids in, ``(B, T, vocab)``
+logits out; its default cut after the embedding and the first block sends
+``(B, T, 128)`` activations from the edge. ``model="auto"`` picks it for
+token data.
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ __all__ = [
 ]
 
 
-def default_model_for(input_shape: tuple[int, ...]) -> str:
-    """The model ``model=auto`` picks: ``cnn1d`` for (C, L), ``cnn2d`` for (C, H, W)."""
+def default_model_for(input_shape: tuple[int, ...], tokens: bool = False) -> str:
+    """The model ``model=auto`` picks: ``transformer`` for token ids, ``cnn1d``
+    for (C, L), ``cnn2d`` for (C, H, W), else ``mlp``."""
+    if tokens:
+        return "transformer"
     if len(input_shape) == 2:
         return "cnn1d"
     if len(input_shape) == 3:
@@ -157,6 +167,13 @@ def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     return resnet18(input_shape[0], num_classes)
 
 
+def _transformer(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    from tandem.transformer import transformer
+
+    _fits("transformer", len(input_shape) == 1, "(T,) token", input_shape)
+    return transformer(vocab=num_classes, context=input_shape[0])
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its builder and the stage SimulTrain cuts after."""
@@ -171,6 +188,7 @@ MODELS: dict[str, ModelEntry] = {
     "cnn2d": ModelEntry(_cnn2d, "pool2"),
     "mlp": ModelEntry(_mlp, "act1"),
     "resnet18": ModelEntry(_resnet18, "layer2"),
+    "transformer": ModelEntry(_transformer, "block1"),
 }
 #: Model name -> default cut (read from :data:`MODELS`).
 DEFAULT_CUTS = {name: entry.default_cut for name, entry in MODELS.items()}
@@ -188,11 +206,17 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int = 0,
+    *,
+    tokens: bool = False,
 ) -> nn.Sequential:
     """Build model ``name`` (or the ``auto`` pick) for inputs of ``input_shape``.
 
-    Inputs are channels first. Weights are initialised from a private generator
+    Inputs are channels first; ``tokens`` says they are token ids (``auto``
+    then picks the transformer). Weights are initialised from a private generator
     seeded with ``seed``, so every node and the server build the same initial
     model without touching torch's global RNG.
 
@@ -203,7 +227,7 @@ def build_model(
         (e.g. ``cnn2d`` on 1-D signals).
     """
     if name == "auto":
-        name = default_model_for(input_shape)
+        name = default_model_for(input_shape, tokens)
     entry = model_entry(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

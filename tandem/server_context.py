@@ -153,7 +153,11 @@ class ServerRun:
         """A fresh model as every node builds it (same seed, same weights)."""
         data = self.data()
         return build_model(
-            self.cfg.train.model, data.input_shape, data.num_classes, self.cfg.seed
+            self.cfg.train.model,
+            data.input_shape,
+            data.num_classes,
+            self.cfg.seed,
+            tokens=data.tokens,
         )
 
     @property

@@ -181,6 +181,8 @@ class Tracker:
                 parts.append(f"{label} {metrics[key]:.4f}")
         if "eval-accuracy" in metrics:
             parts.append(f"acc {metrics['eval-accuracy']:.2%}")
+        if "eval-perplexity" in metrics:
+            parts.append(f"ppl {metrics['eval-perplexity']:.2f}")
         if "bytes-up" in metrics:
             parts.append(f"up {_fmt_bytes(metrics['bytes-up'])}")
         if "bytes-down" in metrics:

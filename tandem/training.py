@@ -5,6 +5,15 @@ ships weights; SimulTrain runs the edge half and ships activations), never in
 how a batch is drawn, a loss computed or accuracy counted. Batches come from a
 :class:`BatchStream`, whose position (epoch, offset) is plain integers so a
 node can keep it in ``Context.state`` between messages.
+
+The loss is :func:`token_cross_entropy` for both kinds of data: a classifier's
+``(B, C)`` logits against ``(B,)`` labels, and a language model's
+``(B, T, V)`` logits against ``(B, T)`` next tokens, where every position is
+one prediction. Evaluation reports the mean loss per prediction, the top-1
+accuracy per prediction (next-token accuracy for sequences) and the
+perplexity ``exp(mean loss)``; for a classifier that is ``exp`` of its
+cross-entropy (1 for a perfect model, the number of classes for a uniform
+one), reported for every dataset so that every run has the same metrics.
 """
 
 from __future__ import annotations
@@ -28,8 +37,23 @@ __all__ = [
     "capped_steps",
     "evaluate",
     "make_optimizer",
+    "token_cross_entropy",
     "train_steps",
 ]
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy over every prediction: ``(..., V)`` logits, ``(...)`` targets.
+
+    ``(B, C)`` against ``(B,)`` is plain classification; ``(B, T, V)``
+    against ``(B, T)`` averages ``−log p(x_{t+1} | x_{≤t})`` over all ``B·T``
+    positions (``reduction="sum"``: their sum).
+    """
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction
+    )
 
 
 class BatchStream:
@@ -131,11 +155,28 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalStats:
-    """Loss and accuracy over a split."""
+    """Loss, accuracy and perplexity over a split.
+
+    ``loss`` and ``accuracy`` are per prediction (per token for sequences);
+    ``num_examples`` counts rows (sequences).
+    """
 
     loss: float
     accuracy: float
     num_examples: int
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``: 256 for a uniform model over bytes, 1 for a perfect one."""
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def as_metrics(self) -> dict[str, float]:
+        """``eval-loss``, ``eval-accuracy`` and ``eval-perplexity``."""
+        return {
+            "eval-loss": self.loss,
+            "eval-accuracy": self.accuracy,
+            "eval-perplexity": self.perplexity,
+        }
 
 
 def make_optimizer(
@@ -163,13 +204,14 @@ def train_steps(
     steps: int,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    loss_fn: Callable[
-        [torch.Tensor, torch.Tensor], torch.Tensor
-    ] = nn.functional.cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+        token_cross_entropy
+    ),
 ) -> TrainStats:
     """Run ``steps`` SGD steps on batches drawn from ``batches``.
 
-    Returns the mean training loss over the steps and the wall time they took.
+    Returns the mean training loss over the steps (per prediction) and the
+    wall time they took.
     """
     model.train()
     total_loss = 0.0
@@ -198,7 +240,11 @@ def train_steps(
 def evaluate(
     model: nn.Module, split: ArraySplit, device: torch.device, batch_size: int = 1024
 ) -> EvalStats:
-    """Mean cross-entropy and top-1 accuracy of ``model`` on ``split``."""
+    """Mean cross-entropy and top-1 accuracy per prediction of ``model`` on ``split``.
+
+    A prediction is a row (classification) or a position of a row (token
+    sequences, ``T`` per row).
+    """
     model.eval()
     total_loss = 0.0
     correct = 0
@@ -206,7 +252,8 @@ def evaluate(
         x = torch.from_numpy(split.x[start : start + batch_size]).to(device)
         y = torch.from_numpy(split.y[start : start + batch_size]).to(device)
         logits = model(x)
-        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        total_loss += float(token_cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == y).sum())
     n = len(split)
-    return EvalStats(total_loss / max(n, 1), correct / max(n, 1), n)
+    predictions = int(split.y.size)
+    return EvalStats(total_loss / max(predictions, 1), correct / max(predictions, 1), n)

@@ -1,8 +1,9 @@
 """Centralized baseline, edge side: hand the raw training data to the cloud once.
 
 One handler, message type ``query.upload``: the reply carries this node's
-training partition as two arrays, ``x`` (float32 samples) and ``y`` (int64
-labels), so the upload is counted at its real serialized size.
+training partition as two arrays, ``x`` (float32 samples, or int64 token
+ids) and ``y`` (int64 labels, or next tokens), so the upload is counted at
+its real serialized size.
 """
 
 from __future__ import annotations

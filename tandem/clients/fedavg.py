@@ -40,7 +40,11 @@ __all__ = ["HANDLERS", "evaluate_handler", "train_handler"]
 def _model_from(msg: Message, cfg: RunConfig) -> nn.Module:
     bundle = load_dataset(cfg.data)
     model = build_model(
-        cfg.train.model, bundle.input_shape, bundle.num_classes, cfg.seed
+        cfg.train.model,
+        bundle.input_shape,
+        bundle.num_classes,
+        cfg.seed,
+        tokens=bundle.tokens,
     )
     record = get_record(msg.content, KEY_ARRAYS, ArrayRecord)
     model.load_state_dict(arrays_to_state_dict(record, model))  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def load_node_split(
     bundle = load_dataset(data_cfg)
     rows = bundle.train if split == "train" else bundle.test
     idx = partition_indices(
-        rows.y,
+        rows.partition_labels,
         rows.groups,
         data_cfg.partitioner,
         node.num_partitions,

@@ -8,6 +8,11 @@ built by the entry of :data:`DATASETS` named by ``dataset``:
   (:mod:`.wisdm`), with users as natural ids.
 - ``mnist`` / ``cifar10``: torchvision datasets from a local root, downloaded
   only when ``data-download=true`` (:mod:`.vision`).
+- ``pysource``: next-byte windows of the running interpreter's standard
+  library, its top-level modules and packages as natural ids
+  (:mod:`.pysource`); no download.
+- ``text``: next-byte windows of ``data-path``, a plain-text file or LEAF
+  Shakespeare's JSON with speaking roles as natural ids (:mod:`.text`).
 
 Adding a source is one builder function ``(DataConfig) -> DataBundle`` and one
 line in :data:`DATASETS`; the run config's ``dataset`` choices are its keys.
@@ -67,12 +72,34 @@ def _cifar10(cfg: DataConfig) -> DataBundle:
     return load_torchvision("cifar10", cfg.path or "data", cfg.download)
 
 
+def _pysource(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.pysource import load_pysource
+
+    return load_pysource(
+        cfg.text_context, cfg.test_fraction, cfg.text_max_bytes, cfg.text_test_windows
+    )
+
+
+def _text(cfg: DataConfig) -> DataBundle:
+    from tandem.datasets.text import load_text
+
+    return load_text(
+        cfg.path,
+        cfg.text_context,
+        cfg.test_fraction,
+        cfg.text_max_bytes,
+        cfg.text_test_windows,
+    )
+
+
 #: Dataset name -> builder. The builders import their source only when called.
 DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
     "mnist1d": _mnist1d,
     "wisdm": _wisdm,
     "mnist": _mnist,
     "cifar10": _cifar10,
+    "pysource": _pysource,
+    "text": _text,
 }
 
 

@@ -11,6 +11,9 @@ it, and each partition is returned as the row indices it holds.
 - ``natural``: :class:`~flwr_datasets.partitioner.NaturalIdPartitioner` over the
   source's natural ids (WISDM users). With fewer nodes than ids, ids are dealt
   to nodes round-robin in sorted order, so each node holds whole users.
+- ``contiguous``: :class:`~flwr_datasets.partitioner.IidPartitioner` over
+  rows in source order (no shuffle): node ``i`` holds the ``i``-th contiguous
+  shard (e.g. of a plain-text file).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def partition_indices(
     groups : np.ndarray | None
         Natural ids (``natural`` scheme only), shape ``(N,)``.
     scheme : str
-        ``iid``, ``dirichlet`` or ``natural``.
+        ``iid``, ``dirichlet``, ``natural`` or ``contiguous``.
     num_partitions, partition_id : int
         How many partitions, and which one to return.
     alpha : float (default: 0.5)
@@ -118,10 +121,13 @@ def _all_partitions(
     )
 
     labels = np.frombuffer(key[0], dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
+    if scheme == "contiguous":
+        order = np.arange(len(labels))
+    else:
+        order = np.random.default_rng(seed).permutation(len(labels))
     columns: dict[str, np.ndarray] = {"index": order, "label": labels[order]}
 
-    if scheme == "iid":
+    if scheme in ("iid", "contiguous"):
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif scheme == "dirichlet":
         partitioner = DirichletPartitioner(
@@ -147,7 +153,9 @@ def _all_partitions(
         columns["node"] = np.array([node_of_id[int(g)] for g in groups[order]])
         partitioner = NaturalIdPartitioner(partition_by="node")
     else:
-        raise ConfigError("partitioner", scheme, "must be iid, dirichlet or natural")
+        raise ConfigError(
+            "partitioner", scheme, "must be iid, dirichlet, natural or contiguous"
+        )
 
     partitioner.dataset = Dataset.from_dict(columns)
     if scheme == "natural":

@@ -41,7 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from tandem.datasets import load_dataset
-from tandem.models import DEFAULT_CUTS, build_model, default_model_for
+from tandem.models import build_model, default_model_for, model_entry
 from tandem.network import assign_links
 from tandem.options import ConfigError, option
 from tandem.split import cut_keys, decode_cut, split_model
@@ -163,9 +163,9 @@ def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.M
     bundle = load_dataset(cfg.data)
     name = cfg.train.model
     if name == "auto":
-        name = default_model_for(bundle.input_shape)
+        name = default_model_for(bundle.input_shape, bundle.tokens)
     model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
-    cut = DEFAULT_CUTS[name] if opts.cut == "default" else opts.cut
+    cut = model_entry(name).default_cut if opts.cut == "default" else opts.cut
     return split_model(model, cut)
 
 
@@ -319,8 +319,9 @@ class EdgeReply:
 class Activations:
     """A checked chunk: float32 activations, labels and micro-batch sizes.
 
-    ``acts`` has shape ``(rows, *cut_shape)``; ``labels`` ``(rows,)``;
-    ``sizes`` ``(micro-batches,)`` with ``sizes.sum() == rows``.
+    ``acts`` has shape ``(rows, *cut_shape)``; ``labels`` ``(rows,)``, or
+    ``(rows, T)`` for token data; ``sizes`` ``(micro-batches,)`` with
+    ``sizes.sum() == rows``.
     """
 
     acts: np.ndarray
@@ -354,8 +355,13 @@ def read_activations(
     precision: str,
     num_classes: int,
     max_rows: int,
+    label_shape: tuple[int, ...] = (),
 ) -> Activations:
     """Validate an activations reply and decode it.
+
+    Labels are ``(rows, *label_shape)``: one per row for a classifier, one
+    per position (``(rows, T)``) for token sequences, whose activations are
+    ``(rows, T, D)``.
 
     Raises
     ------
@@ -378,9 +384,10 @@ def read_activations(
     if y.dtype != "int64" or sizes.dtype != "int64":
         raise PayloadError(f"dtypes y={y.dtype} sizes={sizes.dtype}")
     rows = y.shape[0] if y.shape else 0
-    if rows > max_rows or tuple(y.shape) != (rows,):
+    if rows > max_rows or tuple(y.shape) != (rows, *label_shape):
+        rest = "".join(f", {d}" for d in label_shape) or ","
         raise PayloadError(
-            f"labels of shape {tuple(y.shape)}, expected (<= {max_rows},)"
+            f"labels of shape {tuple(y.shape)}, expected (<= {max_rows}{rest})"
         )
     sizes_np = sizes.numpy()
     if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():

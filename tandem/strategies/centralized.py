@@ -33,8 +33,13 @@ def check_upload(
     input_shape: tuple[int, ...],
     num_classes: int,
     max_rows: int,
+    tokens: bool = False,
 ) -> ArraySplit:
     """Validate one raw-data upload; return it as an :class:`ArraySplit`.
+
+    ``x`` is float32 ``(n, *input_shape)`` and ``y`` int64 ``(n,)``; with
+    ``tokens``, ``x`` holds int64 token ids ``(n, T)`` in ``[0, num_classes)``
+    and ``y`` the next token of each position, of the same shape.
 
     Raises
     ------
@@ -46,13 +51,15 @@ def check_upload(
     if set(record) != {"x", "y"}:  # type: ignore[arg-type]
         raise PayloadError(f"upload arrays {sorted(record)}, expected x, y")  # type: ignore[arg-type]
     x, y = record["x"], record["y"]  # type: ignore[index]
-    if x.dtype != "float32" or y.dtype != "int64":
+    if x.dtype != ("int64" if tokens else "float32") or y.dtype != "int64":
         raise PayloadError(f"upload dtypes x={x.dtype} y={y.dtype}")
     rows = x.shape[0] if x.shape else 0
-    if tuple(x.shape[1:]) != tuple(input_shape) or tuple(y.shape) != (rows,):
+    label_shape = (rows, *input_shape) if tokens else (rows,)
+    if tuple(x.shape[1:]) != tuple(input_shape) or tuple(y.shape) != label_shape:
+        labels = f"(n, {', '.join(map(str, input_shape))})" if tokens else "(n,)"
         raise PayloadError(
             f"upload shapes x={tuple(x.shape)} y={tuple(y.shape)}, expected "
-            f"(n, {', '.join(map(str, input_shape))}) and (n,)"
+            f"(n, {', '.join(map(str, input_shape))}) and {labels}"
         )
     if not 1 <= rows <= max_rows:
         raise PayloadError(f"upload of {rows} rows outside [1, {max_rows}]")
@@ -61,6 +68,8 @@ def check_upload(
         raise PayloadError("upload holds NaN or Inf")
     if ys.min() < 0 or ys.max() >= num_classes:
         raise PayloadError(f"labels outside [0, {num_classes})")
+    if tokens and (xs.min() < 0 or xs.max() >= num_classes):
+        raise PayloadError(f"token ids outside [0, {num_classes})")
     return ArraySplit(np.ascontiguousarray(xs), np.ascontiguousarray(ys))
 
 
@@ -83,7 +92,11 @@ def run(srv: ServerRun) -> None:
             continue
         try:
             part = check_upload(
-                reply.content, data.input_shape, data.num_classes, len(data.train)
+                reply.content,
+                data.input_shape,
+                data.num_classes,
+                len(data.train),
+                tokens=data.tokens,
             )
         except PayloadError as err:
             srv.reject(1, node, str(err))
@@ -102,6 +115,7 @@ def run(srv: ServerRun) -> None:
     stream = BatchStream(pooled, cfg.train.batch_size, cfg.seed)
     steps = cfg.train.local_steps * len(parts)
     history = []
+    perplexity = float("nan")
     srv.report_round(0, _eval(model, data.test, device))
     for rnd in range(1, cfg.num_server_rounds + 1):
         srv.ledger.current_round = rnd
@@ -112,6 +126,7 @@ def run(srv: ServerRun) -> None:
             {"train-loss": stats.mean_loss, "cloud-seconds": time.perf_counter() - tick}
         )
         history.append(metrics["eval-accuracy"])
+        perplexity = metrics["eval-perplexity"]
         srv.report_round(rnd, metrics)
     torch.save(model.cpu().state_dict(), srv.tracker.run_dir / "model.pt")
     srv.tracker.finish(
@@ -123,6 +138,7 @@ def run(srv: ServerRun) -> None:
             "edges": len(parts),
             "final-accuracy": history[-1],
             "best-accuracy": max(history),
+            "final-perplexity": perplexity,
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "rejected-replies": srv.rejected(),
@@ -139,4 +155,4 @@ def _partition_id(content: RecordDict, node_id: int) -> int:
 
 def _eval(model: torch.nn.Module, test: ArraySplit, device: torch.device) -> dict:
     stats = evaluate(model, test, device)
-    return {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
+    return stats.as_metrics()

@@ -471,6 +471,7 @@ def run(
     train_metrics: dict[str, float] = {}
     client_eval: dict[str, float] = {}
     history: list[float] = []
+    history_ppl: list[float] = []
 
     resumed = _resume(srv, model)
     offset = 0 if resumed is None else resumed.round
@@ -491,10 +492,8 @@ def run(
         model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(model, test, device)
         history.append(stats.accuracy)
-        metrics: dict[str, float] = {
-            "eval-loss": stats.loss,
-            "eval-accuracy": stats.accuracy,
-        }
+        history_ppl.append(stats.perplexity)
+        metrics: dict[str, float] = stats.as_metrics()
         if server_round > 0:
             metrics["cloud-seconds"] = cloud_seconds
             metrics.update(train_metrics)
@@ -531,6 +530,7 @@ def run(
             "steps-per-edge": steps * cfg.num_server_rounds,
             "final-accuracy": history[-1],
             "best-accuracy": max(history),
+            "final-perplexity": history_ppl[-1],
             "bytes-up": srv.cumulative_bytes["bytes-up"],
             "bytes-down": srv.cumulative_bytes["bytes-down"],
             "rejected-replies": srv.rejected(),

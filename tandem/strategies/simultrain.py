@@ -73,7 +73,7 @@ from tandem.protocol.simultrain import (
 from tandem.schedules import ClockReport, Exchange, replay_pipeline, steady_exchanges
 from tandem.server_context import ServerRun
 from tandem.split import encode_cut, merge_delta, staleness_weight
-from tandem.training import evaluate
+from tandem.training import EvalStats, evaluate, token_cross_entropy
 from tandem.wire import PayloadError
 
 __all__ = ["SimulTrainCloud", "adapt_chunk", "run"]
@@ -159,9 +159,13 @@ class SimulTrainCloud:
         self.device = srv.device
         self.test = data.test
         self.num_classes = data.num_classes
+        self.label_shape = tuple(data.train.y.shape[1:])  # (T,) for token data
         edge, cloud = edge_model(cfg, opts)  # θ_e^c on CPU, θ_c on the device
         cloud.to(self.device)
-        self.cut_shape = tuple(edge(torch.zeros(1, *data.input_shape)).shape[1:])
+        example = torch.zeros((1, *data.input_shape), dtype=torch.float32)
+        if data.tokens:
+            example = example.long()
+        self.cut_shape = tuple(edge(example).shape[1:])
         self.max_rows = (opts.chunk or opts.max_chunk) * cfg.train.batch_size
 
         # --- state
@@ -325,6 +329,7 @@ class SimulTrainCloud:
                 self.opts.precision,
                 self.num_classes,
                 self.max_rows,
+                label_shape=self.label_shape,
             )
         except PayloadError as err:
             self.reject(track, str(err))
@@ -391,7 +396,7 @@ class SimulTrainCloud:
             )
             y = torch.from_numpy(chunk.labels[start : start + size]).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(self.cloud(a), y)
+            loss = token_cross_entropy(self.cloud(a), y)
             loss.backward()
             self.optimizer.step()
             grads.append(a.grad.detach().cpu().numpy().astype(np.float32))
@@ -436,19 +441,19 @@ class SimulTrainCloud:
         if every and self.period % every == 0:
             self.checkpoint()
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> EvalStats:
         """Evaluate ``θ_e^c ∘ θ_c`` on the test split and report the period."""
         self.full[0].load_state_dict(self.theta_ec)
         self.full[0].to(self.device)
         stats = evaluate(self.full, self.test, self.device)
         self.full[0].cpu()
-        metrics = {"eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
+        metrics: dict[str, float] = stats.as_metrics()
         if self.losses:
             metrics["train-loss"] = float(np.mean(self.losses))
         metrics["exchanges"] = len(self.exchanges)
         self.srv.report_round(self.period, metrics)
         self.losses = []
-        return stats.accuracy
+        return stats
 
     def checkpoint(self) -> None:
         """Save ``θ_c``, ``θ_e^c``, the cloud's momentum and the counters.
@@ -524,7 +529,8 @@ class SimulTrainCloud:
             {
                 "method": self.cfg.method,
                 "periods": self.period,
-                "final-accuracy": final,
+                "final-accuracy": final.accuracy,
+                "final-perplexity": final.perplexity,
                 "bytes-up": cum["bytes-up"],
                 "bytes-down": cum["bytes-down"],
                 "steps-per-edge": opts.steps,
