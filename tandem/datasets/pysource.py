@@ -226,8 +226,10 @@ def load_pysource(
     listing = corpus_files(root)
     if not listing:
         raise DataError(f"no Python source files under {root}")
+    # the cache follows every file's path, size and modification time
+    stamps = [(rel, size, (root / rel).stat().st_mtime_ns) for rel, size in listing]
     fingerprint = hashlib.sha256(
-        (str(root) + json.dumps(listing) + platform.python_version()).encode()
+        (str(root) + json.dumps(stamps) + platform.python_version()).encode()
     ).hexdigest()[:16]
     key = (
         f"pysource-v{_CACHE_VERSION}-{fingerprint}-c{context}"
