@@ -5,6 +5,7 @@ Examples::
     tandem bench fedavg --quick                       # CI-sized, under a minute
     tandem bench fedavg --profile 4g 5g --seeds 0 1 2 --out bench-out/fedavg
     tandem bench acesync --variants fullsync acesync --config acesync-c-min=0.6
+    tandem bench simultrain --dataset pysource --model transformer --quick
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tandem.bench.runner import (
     summarize,
 )
 from tandem.bench.suites import SUITES, Suite, per_profile
-from tandem.config import DataConfig
+from tandem.config import NATURAL_ID_DATASETS, DataConfig, parse_section
 from tandem.datasets import load_dataset
 from tandem.network import (
     CLOUD_T4,
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 QUICK = {"nodes": 3, "rounds": 2, "steps": 50, "mnist1d-samples": 1000}
+#: ``--quick`` sizes of the text datasets (bytes of text, test windows).
+QUICK_TEXT = {"text-max-bytes": 300_000, "text-test-windows": 256}
+#: Datasets of token sequences (next-token prediction).
+TEXT_DATASETS = ("pysource", "text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, help="SGD steps per node; rounds = steps / local steps"
     )
     p.add_argument(
-        "--dataset", default="mnist1d", help="mnist1d, wisdm, mnist, cifar10"
+        "--dataset",
+        default="mnist1d",
+        help="mnist1d, wisdm, mnist, cifar10, pysource (the stdlib's source, "
+        "next-byte), text (data-path: plain text or LEAF Shakespeare JSON)",
     )
-    p.add_argument("--data-path", default="", help="WISDM raw file or torchvision root")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="model for every variant: auto (cnn1d, cnn2d, or transformer for "
+        "pysource/text), cnn1d, cnn2d, mlp, resnet18, transformer",
+    )
+    p.add_argument(
+        "--data-path",
+        default="",
+        help="WISDM raw file, torchvision root, or the text dataset's file",
+    )
     p.add_argument("--samples", type=int, help="MNIST-1D size (train + test)")
     p.add_argument(
         "--quick",
@@ -217,10 +235,14 @@ def workload(
             rounds = QUICK["rounds"] if suite.steps is None else None
             steps = None if suite.steps is None else QUICK["steps"]
         extra["mnist1d-samples"] = QUICK["mnist1d-samples"]
+        if args.dataset in TEXT_DATASETS:
+            extra.update(QUICK_TEXT)
     if args.samples:
         extra["mnist1d-samples"] = args.samples
-    if args.dataset == "wisdm" and suite.defaults.get("partitioner") == "dirichlet":
-        extra["partitioner"] = "natural"  # non-IID by user, not by label draw
+    natural = args.dataset in NATURAL_ID_DATASETS
+    if natural and suite.defaults.get("partitioner") == "dirichlet":
+        # non-IID by user, module or role, not by a label draw
+        extra["partitioner"] = "natural"
     return nodes, rounds, steps, extra
 
 
@@ -245,6 +267,7 @@ def bench_options(args: argparse.Namespace, suite: Suite) -> BenchOptions:
         target=args.target,
         dataset=args.dataset,
         data_path=args.data_path,
+        model=args.model,
         extra=extra,
         edge=DeviceProfile(EDGE_RPI4.name, args.edge_gflops, EDGE_RPI4.source),
         cloud=DeviceProfile(CLOUD_T4.name, args.cloud_gflops, CLOUD_T4.source),
@@ -283,12 +306,17 @@ def assumptions(
     opts: BenchOptions, suite: Suite, results: Mapping[str, Any], argv: Sequence[str]
 ) -> dict[str, Any]:
     """What the results rest on: links, devices, data, sizes, clock, command."""
-    data_cfg = DataConfig(
-        dataset=opts.dataset,
-        path=opts.data_path,
-        mnist1d_samples=int(opts.extra.get("mnist1d-samples", 10000)),  # type: ignore[call-overload]
-    )
-    bundle = load_dataset(data_cfg)
+    flat = {
+        **suite.defaults,
+        **opts.extra,
+        "dataset": opts.dataset,
+        "data-path": opts.data_path,
+    }
+    bundle = load_dataset(parse_section(DataConfig, flat))
+    # the source's scalar figures (e.g. the interpreter and corpus hash)
+    source = {
+        k: v for k, v in bundle.report.items() if isinstance(v, str | int | float)
+    }
     return {
         "profile_names": list(opts.profiles),
         "profiles": {p: describe_profile(p) for p in opts.profiles},
@@ -312,7 +340,9 @@ def assumptions(
             "name": opts.dataset,
             "train": len(bundle.train),
             "test": len(bundle.test),
+            **source,
         },
+        "model": opts.model,
         "nodes": opts.nodes,
         "federation_config": federation_config(opts.nodes),
         "seeds": list(opts.seeds),

@@ -26,15 +26,18 @@ def _per(figures: dict[str, Any], profile: str, fmt: str) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per method, per-profile time columns.
 
-    Columns mirror the seeds' two tables: accuracy, bytes per step up and
-    down, emulated time per step and to the target accuracy, the
-    bandwidth-time product per step, and edge/cloud utilization.
+    Columns mirror the seeds' two tables: accuracy (and perplexity, when the
+    runs report it), bytes per step up and down, emulated time per step and
+    to the target accuracy, the bandwidth-time product per step, and
+    edge/cloud utilization.
     """
     profiles = results["assumptions"]["profile_names"]
     first = profiles[0]
+    ppl = _has_perplexity(results["methods"].values())
     head = [
         "method",
         "final accuracy",
+        *(["final perplexity"] if ppl else []),
         "up / step",
         "down / step",
         *[f"s / step ({p})" for p in profiles],
@@ -56,6 +59,7 @@ def format_table(results: dict[str, Any]) -> str:
         cells = [
             label,
             acc,
+            *([_perplexity(m)] if ppl else []),
             _kb(m["bytes_up_per_step"]),
             _kb(m["bytes_down_per_step"]),
             *[_per(m["emulated_seconds_per_step"], p, ".4f") for p in profiles],
@@ -66,6 +70,17 @@ def format_table(results: dict[str, Any]) -> str:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _has_perplexity(methods: Any) -> bool:
+    return any("final_perplexity" in m for m in methods)
+
+
+def _perplexity(m: dict[str, Any]) -> str:
+    """``mean ± SD`` of the final perplexity, "–" when not reported."""
+    if "final_perplexity" not in m:
+        return "–"
+    return f"{m['final_perplexity']:.3f} ± {m['final_perplexity_sd']:.3f}"
 
 
 def _pct(value: float | None) -> str:
@@ -88,10 +103,12 @@ def format_reference_table(results: dict[str, Any]) -> str:
         return ""
     profiles = results["assumptions"]["profile_names"]
     first = profiles[0]
+    ppl = _has_perplexity(ref["methods"].values())
     head = [
         "method",
         "final accuracy",
         f"Δ vs {ref['label']} (pt)",
+        *(["final perplexity", f"perplexity vs {ref['label']}"] if ppl else []),
         "last-3-rounds mean (Δ pt)",
         "uplink total",
         "downlink total",
@@ -111,6 +128,16 @@ def format_reference_table(results: dict[str, Any]) -> str:
             label,
             f"{m['final_accuracy']:.2%} ± {m['final_accuracy_sd']:.2%} (n={n})",
             "–" if gap is None else f"{100 * gap:+.2f}",
+            *(
+                [
+                    _perplexity(m),
+                    "–"
+                    if "perplexity_vs_reference" not in m
+                    else f"{m['perplexity_vs_reference']:.4f}x",
+                ]
+                if ppl
+                else []
+            ),
             f"{m['last3_accuracy']:.2%}"
             + (
                 f" ({100 * m['last3_minus_reference']:+.2f})"

@@ -48,6 +48,7 @@ class BenchOptions:
     steps: int | None = None
     dataset: str = "mnist1d"
     data_path: str = ""
+    model: str = "auto"
     extra: Mapping[str, object] = field(default_factory=dict)
     edge: DeviceProfile = EDGE_RPI4
     cloud: DeviceProfile = CLOUD_T4
@@ -121,7 +122,7 @@ def federation_config(nodes: int) -> dict[str, object]:
 
 
 def _overrides(opts: BenchOptions, suite: Suite, variant: Variant, seed: int) -> dict:
-    workload: dict[str, object] = {"dataset": opts.dataset}
+    workload: dict[str, object] = {"dataset": opts.dataset, "model": opts.model}
     if opts.data_path:
         workload["data-path"] = opts.data_path
     overrides: dict[str, object] = {
@@ -201,6 +202,19 @@ def _wait(
         time.sleep(0.5)
 
 
+def _perplexity_figures(per_seed: Sequence[float | None]) -> dict[str, Any]:
+    """``final_perplexity`` (mean over seeds), its SD and the per-seed values;
+    empty when a run did not report one (a run made before perplexity was)."""
+    if not per_seed or any(p is None for p in per_seed):
+        return {}
+    values = [float(p) for p in per_seed]  # type: ignore[arg-type]
+    return {
+        "final_perplexity": _mean(values),
+        "final_perplexity_sd": _sd(values),
+        "final_perplexity_per_seed": values,
+    }
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(statistics.fmean(values)) if values else float("nan")
 
@@ -263,6 +277,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
             methods[variant.label] = entry
             continue
         acc = [r.summary["final-accuracy"] for r in good]
+        ppl = [r.summary.get("final-perplexity") for r in good]
         up = [r.summary["bytes-up"] for r in good]
         down = [r.summary["bytes-down"] for r in good]
         per_edge = opts.steps_for(variant)
@@ -279,6 +294,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 "final_accuracy": _mean(acc),
                 "final_accuracy_sd": _sd(acc),
                 "final_accuracy_per_seed": acc,
+                **_perplexity_figures(ppl),
                 "bytes_up": _mean(up),
                 "bytes_down": _mean(down),
                 "bytes_up_per_step": _mean(up) / steps,
@@ -314,6 +330,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     {
                         "seed": r.seed,
                         "accuracy": [x["eval-accuracy"] for x in r.round_records],
+                        "perplexity": [
+                            x.get("eval-perplexity") for x in r.round_records
+                        ],
                         "bytes": [
                             x["cum-bytes-up"] + x["cum-bytes-down"]
                             for x in r.round_records
@@ -405,6 +424,11 @@ def _against_reference(
         row: dict[str, Any] = {
             "final_accuracy": entry["final_accuracy"],
             "final_accuracy_sd": entry["final_accuracy_sd"],
+            **{
+                k: entry[k]
+                for k in ("final_perplexity", "final_perplexity_sd")
+                if k in entry
+            },
             "last3_accuracy": _mean(tail),
             "last3_accuracy_per_seed": tail,
             "bytes_up": entry["bytes_up"],
@@ -419,6 +443,10 @@ def _against_reference(
             row["accuracy_minus_reference"] = (
                 entry["final_accuracy"] - ref["final_accuracy"]
             )
+            if "final_perplexity" in entry and "final_perplexity" in ref:
+                row["perplexity_vs_reference"] = (
+                    entry["final_perplexity"] / ref["final_perplexity"]
+                )
             row["bytes_up_vs_reference"] = entry["bytes_up"] / ref["bytes_up"]
             row["bytes_down_vs_reference"] = entry["bytes_down"] / ref["bytes_down"]
         for key in SUMMARY_FIGURES:

@@ -1,0 +1,57 @@
+"""The benchmark on next-token data: --model, text sizes, perplexity figures."""
+
+from __future__ import annotations
+
+import pytest
+from test_acesync_bench import SUITE, _run
+
+from tandem.bench.cli import build_parser, select_variants, workload
+from tandem.bench.report import format_reference_table, format_table
+from tandem.bench.runner import BenchOptions, _overrides, summarize
+from tandem.bench.suites import SUITES
+
+
+def test_model_and_text_workload_reach_every_variant(tmp_path):
+    args = build_parser().parse_args(
+        ["acesync", "--quick", "--dataset", "pysource", "--model", "transformer"]
+    )
+    _, _, _, extra = workload(args, SUITE)
+    assert extra["partitioner"] == "natural"  # whole modules, not a label draw
+    assert extra["text-max-bytes"] == 300_000 and extra["text-test-windows"] == 256
+    opts = BenchOptions(
+        out=tmp_path, dataset="pysource", model=args.model, extra=extra, nodes=3
+    )
+    for variant in SUITE.variants:
+        flat = _overrides(opts, SUITE, variant, seed=0)
+        assert flat["model"] == "transformer" and flat["dataset"] == "pysource"
+        assert flat["partitioner"] == "natural"
+    simul = build_parser().parse_args(["simultrain", "--dataset", "pysource"])
+    assert simul.model == "auto"
+    assert "partitioner" not in workload(simul, SUITES["simultrain"])[3]
+
+
+def test_final_perplexity_beside_final_accuracy(tmp_path):
+    v = {x.label: x for x in SUITE.variants}
+    opts = BenchOptions(out=tmp_path, profiles=("variable",), seeds=(0, 1), nodes=2)
+    runs = []
+    for seed, (full, ace) in enumerate([(10.0, 10.2), (12.0, 12.0)]):
+        runs += [
+            _run(v["fullsync"], seed, [0.1, 0.5], 1000, {"final-perplexity": full}),
+            _run(v["acesync"], seed, [0.1, 0.5], 300, {"final-perplexity": ace}),
+            _run(v["fedavg"], seed, [0.1, 0.5], 1000),  # an older run: no perplexity
+        ]
+    ran = select_variants(SUITE, ["fedavg", "fullsync", "acesync"], {})
+    results = summarize(ran, opts, runs)
+    ace = results["methods"]["acesync"]
+    assert ace["final_perplexity"] == pytest.approx(11.1)
+    assert ace["final_perplexity_per_seed"] == [10.2, 12.0]
+    assert ace["final_perplexity_sd"] == pytest.approx(((0.9**2) * 2) ** 0.5)
+    assert "final_perplexity" not in results["methods"]["fedavg"]
+    ref = results["reference"]["methods"]
+    assert ref["acesync"]["perplexity_vs_reference"] == pytest.approx(11.1 / 11.0)
+    assert "perplexity_vs_reference" not in ref["fedavg"]
+    results["assumptions"] = {"profile_names": ["variable"]}
+    table = format_table(results)
+    assert "final perplexity" in table.splitlines()[0]
+    assert "| 11.100 ± 1.273 |" in table and "| – |" in table
+    assert "1.0091x" in format_reference_table(results)
