@@ -64,6 +64,18 @@ def data_lines(report: Mapping[str, Any]) -> list[str]:
         f"data {report['dataset']}: {split('train')}; {split('test')}; "
         f"{report['num-classes']} classes in all"
     ]
+    if "corpus-sha256" in report:  # pysource: which interpreter, which files
+        lines.append(
+            f"data {report['dataset']}: Python {report['python-version']} stdlib, "
+            f"{report['files']} files ({report['files-test']} held out for test) "
+            f"of {report['units']} modules, {report['bytes-used']:,} bytes; "
+            f"corpus sha256 {report['corpus-sha256']}"
+        )
+    if "file-sha256" in report:  # text: which file
+        lines.append(
+            f"data {report['dataset']}: {report['format']} file, "
+            f"{report['file-bytes']:,} bytes, sha256 {report['file-sha256']}"
+        )
     if "records" in report:
         lines.append(
             f"data {report['dataset']}: {report['records']:,} records read, "

@@ -254,6 +254,20 @@ def test_leaf_shakespeare_is_partitioned_by_role(tmp_path):
     assert set(a.groups.tolist()) != set(b.groups.tolist())
 
 
+def test_the_data_report_names_the_interpreter_and_the_corpus(tmp_path):
+    from tandem.preflight import data_lines, data_report
+
+    root = tmp_path / "lib"
+    _fake_stdlib(root)
+    bundle = load_pysource(context=16, max_bytes=0, test_fraction=0.4, root=root)
+    report = data_report(bundle)
+    assert report["dataset"] == "pysource" and report["num-classes"] == 256
+    assert report["train"]["natural-ids"] + report["test"]["natural-ids"] >= 5
+    line = data_lines(report)[1]
+    assert f"Python {platform.python_version()} stdlib" in line
+    assert report["corpus-sha256"] in line and "8 files" in line
+
+
 def test_text_config_rules(tmp_path):
     with pytest.raises(ConfigError, match="data-path"):
         RunConfig.from_flat({"dataset": "text"})
