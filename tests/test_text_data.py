@@ -279,3 +279,35 @@ def test_text_config_rules(tmp_path):
     assert cfg.data.text_context == 64 and cfg.data.text_max_bytes == 2_000_000
     with pytest.raises(DataError, match="not found"):
         load_text(str(tmp_path / "missing.txt"))
+
+
+def _upload(x, y):
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from tandem.clients.centralized import KEY_DATA
+
+    return RecordDict({KEY_DATA: ArrayRecord({"x": Array(x), "y": Array(y)})})
+
+
+def test_centralized_uploads_of_byte_tokens():
+    from tandem.strategies.centralized import check_upload
+    from tandem.wire import PayloadError
+
+    x = np.array([[1, 2, 3], [4, 5, 255]], dtype=np.uint8)
+    y = np.array([[2, 3, 4], [5, 255, 0]], dtype=np.uint8)
+    got = check_upload(_upload(x, y), (3,), 256, 10, tokens=True)
+    assert got.x.dtype == np.int64 and got.y.tolist() == y.tolist()
+    got = check_upload(
+        _upload(x.astype(np.int64), y.astype(np.int64)), (3,), 256, 10, tokens=True
+    )
+    assert got.tokens and got.x.tolist() == x.tolist()
+    bad = [
+        (_upload(x.astype(np.float32), y), "dtypes"),
+        (_upload(x, y[:, 0].copy()), "shapes"),
+        (_upload(x.astype(np.int64) + 1, y.astype(np.int64)), "token ids outside"),
+    ]
+    for content, match in bad:
+        with pytest.raises(PayloadError, match=match):
+            check_upload(content, (3,), 256, 10, tokens=True)
+    with pytest.raises(PayloadError, match="dtypes"):  # classifiers keep theirs
+        check_upload(_upload(x, y[:, 0].copy()), (3,), 256, 10)

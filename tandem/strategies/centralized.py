@@ -38,8 +38,9 @@ def check_upload(
     """Validate one raw-data upload; return it as an :class:`ArraySplit`.
 
     ``x`` is float32 ``(n, *input_shape)`` and ``y`` int64 ``(n,)``; with
-    ``tokens``, ``x`` holds int64 token ids ``(n, T)`` in ``[0, num_classes)``
-    and ``y`` the next token of each position, of the same shape.
+    ``tokens``, ``x`` holds token ids ``(n, T)`` in ``[0, num_classes)`` and
+    ``y`` the next token of each position, of the same shape, both int64 or
+    both uint8 (byte tokens), returned as int64.
 
     Raises
     ------
@@ -51,7 +52,11 @@ def check_upload(
     if set(record) != {"x", "y"}:  # type: ignore[arg-type]
         raise PayloadError(f"upload arrays {sorted(record)}, expected x, y")  # type: ignore[arg-type]
     x, y = record["x"], record["y"]  # type: ignore[index]
-    if x.dtype != ("int64" if tokens else "float32") or y.dtype != "int64":
+    if tokens:
+        ok = x.dtype == y.dtype and x.dtype in ("int64", "uint8")
+    else:
+        ok = x.dtype == "float32" and y.dtype == "int64"
+    if not ok:
         raise PayloadError(f"upload dtypes x={x.dtype} y={y.dtype}")
     rows = x.shape[0] if x.shape else 0
     label_shape = (rows, *input_shape) if tokens else (rows,)
@@ -64,6 +69,8 @@ def check_upload(
     if not 1 <= rows <= max_rows:
         raise PayloadError(f"upload of {rows} rows outside [1, {max_rows}]")
     xs, ys = x.numpy(), y.numpy()
+    if tokens:
+        xs, ys = xs.astype(np.int64), ys.astype(np.int64)
     if not np.isfinite(xs).all():
         raise PayloadError("upload holds NaN or Inf")
     if ys.min() < 0 or ys.max() >= num_classes:
