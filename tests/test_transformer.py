@@ -127,3 +127,38 @@ def test_token_accuracy_counts_positions():
     y = np.array([[0, 1, 0, 0]], dtype=np.int64)  # 2 of 4 positions right
     stats = evaluate(Copy(), ArraySplit(x, y), torch.device("cpu"))
     assert stats.accuracy == 0.5
+
+
+def test_simultrain_checks_accept_sequence_activations_and_labels():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from tandem.strategies.simultrain import check_activations
+    from tandem.wire import PayloadError
+
+    acts = np.random.default_rng(1).normal(size=(4, 6, 8)).astype(np.float32)
+    encoded = encode_cut(acts, "int8", "a")
+
+    def reply(labels):
+        arrays = {k: Array(v) for k, v in encoded.items()}
+        arrays["y"] = Array(labels)
+        arrays["sizes"] = Array(np.array([2, 2], dtype=np.int64))
+        return RecordDict(
+            {
+                "meta": ConfigRecord({"v-e": 0, "base-v-c": 0}),
+                "acts": ArrayRecord(arrays),
+            }
+        )
+
+    targets = np.arange(24, dtype=np.int64).reshape(4, 6)
+    out, labels, _ = check_activations(
+        reply(targets), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
+    )
+    assert out.shape == (4, 6, 8) and labels.tolist() == targets.tolist()
+    with pytest.raises(PayloadError, match=r"expected \(<= 8, 6\)"):
+        check_activations(
+            reply(targets[:, 0].copy()), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
+        )
+    with pytest.raises(PayloadError, match="outside"):
+        check_activations(
+            reply(targets + 250), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
+        )
