@@ -6,7 +6,7 @@ import pytest
 from test_acesync_bench import SUITE, _run
 
 from tandem.bench.cli import build_parser, select_variants, workload
-from tandem.bench.report import format_reference_table, format_table
+from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, _overrides, summarize
 from tandem.bench.suites import SUITES
 
@@ -55,3 +55,12 @@ def test_final_perplexity_beside_final_accuracy(tmp_path):
     assert "final perplexity" in table.splitlines()[0]
     assert "| 11.100 ± 1.273 |" in table and "| – |" in table
     assert "1.0091x" in format_reference_table(results)
+    # an older run without perplexity curves: the accuracy plots only
+    names = [p.name for p in write_plots(results, tmp_path)]
+    assert "perplexity.png" not in names
+    for m in results["methods"].values():
+        for curve in m["curves"]:
+            curve["perplexity"] = [256.0, 20.0]
+    names = [p.name for p in write_plots(results, tmp_path)]
+    assert names[-1] == "perplexity.png"
+    assert (tmp_path / "perplexity.png").read_bytes()[:4] == b"\x89PNG"

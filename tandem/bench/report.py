@@ -158,7 +158,9 @@ def format_reference_table(results: dict[str, Any]) -> str:
 
 
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``accuracy_vs_time.png`` and ``accuracy_vs_bytes.png`` into ``out``."""
+    """Write ``accuracy_vs_time.png`` and ``accuracy_vs_bytes.png`` into ``out``
+    (with a reference, ``accuracy_vs_uplink.png``; when every run reported
+    perplexity, ``perplexity.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,4 +239,46 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         paths.append(out / "accuracy_vs_uplink.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    curves = [c for m in methods.values() for c in m["curves"]]
+    if curves and all(
+        c.get("perplexity") and None not in c["perplexity"] for c in curves
+    ):
+        paths.append(_perplexity_plot(results, methods, out))
     return paths
+
+
+def _perplexity_plot(
+    results: dict[str, Any], methods: dict[str, Any], out: Path
+) -> Path:
+    """``perplexity.png``: test perplexity (log scale) against emulated time
+    under the first profile a run was timed under, and against bytes."""
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_bytes) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, m in methods.items():
+        color = f"C{list(methods).index(label)}"
+        for i, curve in enumerate(m["curves"]):
+            style = {
+                "color": color,
+                "alpha": 0.9 if i == 0 else 0.35,
+                "label": label if i == 0 else None,
+            }
+            profile = next(iter(curve["emulated_seconds"]))
+            by_time.plot(
+                curve["emulated_seconds"][profile], curve["perplexity"], **style
+            )
+            by_bytes.plot(
+                [b / 1e6 for b in curve["bytes"]], curve["perplexity"], **style
+            )
+    by_time.set(xlabel="emulated seconds", ylabel="test perplexity", yscale="log")
+    by_bytes.set(xlabel="bytes up + down (MB)", ylabel="test perplexity")
+    by_bytes.set_yscale("log")
+    for ax in (by_time, by_bytes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['suite']}: perplexity vs emulated time and bytes")
+    fig.tight_layout()
+    path = out / "perplexity.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
