@@ -284,7 +284,7 @@ def test_text_config_rules(tmp_path):
 def _upload(x, y):
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    from tandem.clients.centralized import KEY_DATA
+    from tandem.protocol.centralized import KEY_DATA
 
     return RecordDict({KEY_DATA: ArrayRecord({"x": Array(x), "y": Array(y)})})
 

@@ -2,7 +2,8 @@
 
 The cloud sends one message of type :data:`MESSAGE_TYPE`; the node answers with
 its training split in the ArrayRecord :data:`KEY_DATA`, as two arrays, ``x``
-(float32 samples) and ``y`` (int64 labels).
+(float32 samples) and ``y`` (int64 labels); byte tokens as ``uint8`` ``x``
+and ``y`` of shape ``(n, T)`` (the next token of each position).
 """
 
 from __future__ import annotations
