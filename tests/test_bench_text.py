@@ -55,6 +55,10 @@ def test_final_perplexity_beside_final_accuracy(tmp_path):
     assert "final perplexity" in table.splitlines()[0]
     assert "| 11.100 ± 1.273 |" in table and "| – |" in table
     assert "1.0091x" in format_reference_table(results)
+    # time to fullsync's final perplexity: the curves come from round records
+    assert results["target_perplexity"] == pytest.approx(11.0)
+    assert "emulated_seconds_to_target_perplexity" in ace
+    assert "emulated_seconds_to_target_perplexity" not in results["methods"]["fedavg"]
     # an older run without perplexity curves: the accuracy plots only
     names = [p.name for p in write_plots(results, tmp_path)]
     assert "perplexity.png" not in names
@@ -64,3 +68,24 @@ def test_final_perplexity_beside_final_accuracy(tmp_path):
     names = [p.name for p in write_plots(results, tmp_path)]
     assert names[-1] == "perplexity.png"
     assert (tmp_path / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_to_a_perplexity_is_the_first_round_at_or_below_it():
+    from tandem.bench.runner import _time_to_target
+
+    def entry(*curves):
+        return {
+            "emulated_seconds": {"4g": 0.0},
+            "curves": [
+                {"emulated_seconds": {"4g": [0.0, 1.0, 2.0, 3.0]}, "perplexity": c}
+                for c in curves
+            ],
+        }
+
+    fast, slow = [256.0, 30.0, 12.0, 11.0], [256.0, 40.0, 13.0, 12.0]
+    assert _time_to_target(entry(fast, slow), 12.0, "perplexity") == {"4g": 2.5}
+    assert _time_to_target(entry(fast, slow), 11.5, "perplexity") == {"4g": None}
+    # round 0 (before training) never counts
+    assert _time_to_target(entry([1.0, 5.0, 2.0, 2.0]), 2.0, "perplexity") == {
+        "4g": 2.0
+    }

@@ -359,6 +359,19 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
     }
     if suite.reference is not None:
         out["reference"] = _against_reference(suite, methods, runs, target)
+        ref = methods.get(suite.reference, {})
+        if "final_perplexity" in ref:
+            # the time to the reference's own final perplexity (issue targets)
+            out["target_perplexity"] = ref["final_perplexity"]
+            for label, entry in methods.items():
+                if "final_perplexity" in entry:
+                    seconds = _time_to_target(
+                        entry, ref["final_perplexity"], "perplexity"
+                    )
+                    entry["emulated_seconds_to_target_perplexity"] = seconds
+                    row = out["reference"]["methods"].get(label)
+                    if row is not None:
+                        row["emulated_seconds_to_target_perplexity"] = seconds
     return out
 
 
@@ -484,9 +497,13 @@ def _final(entry: Mapping[str, Any]) -> float:
     return float(entry["final_accuracy"])
 
 
-def _time_to_target(entry: Mapping[str, Any], target: float) -> dict[str, Any]:
+def _time_to_target(
+    entry: Mapping[str, Any], target: float, curve_key: str = "accuracy"
+) -> dict[str, Any]:
     """Per profile: mean emulated seconds until the test accuracy first reached
-    ``target`` (``None`` unless every seed reached it)."""
+    ``target`` (``None`` unless every seed reached it); with ``curve_key =
+    "perplexity"``, until the test perplexity first fell to ``target`` or
+    below."""
     out: dict[str, Any] = {}
     for profile in entry["emulated_seconds"]:
         times = []
@@ -495,10 +512,11 @@ def _time_to_target(entry: Mapping[str, Any], target: float) -> dict[str, Any]:
                 t
                 for t, a in zip(
                     curve["emulated_seconds"][profile][1:],
-                    curve["accuracy"][1:],
+                    curve[curve_key][1:],
                     strict=False,
                 )
-                if a >= target
+                if a is not None
+                and (a <= target if curve_key == "perplexity" else a >= target)
             ]
             times.append(hits[0] if hits else None)
         reached = [t for t in times if t is not None]
