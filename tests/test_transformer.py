@@ -132,7 +132,7 @@ def test_token_accuracy_counts_positions():
 def test_simultrain_checks_accept_sequence_activations_and_labels():
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    from tandem.strategies.simultrain import check_activations
+    from tandem.protocol.simultrain import read_activations
     from tandem.wire import PayloadError
 
     acts = np.random.default_rng(1).normal(size=(4, 6, 8)).astype(np.float32)
@@ -150,15 +150,16 @@ def test_simultrain_checks_accept_sequence_activations_and_labels():
         )
 
     targets = np.arange(24, dtype=np.int64).reshape(4, 6)
-    out, labels, _ = check_activations(
+    chunk = read_activations(
         reply(targets), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
     )
-    assert out.shape == (4, 6, 8) and labels.tolist() == targets.tolist()
+    assert chunk.acts.shape == (4, 6, 8)
+    assert chunk.labels.tolist() == targets.tolist()
     with pytest.raises(PayloadError, match=r"expected \(<= 8, 6\)"):
-        check_activations(
+        read_activations(
             reply(targets[:, 0].copy()), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
         )
     with pytest.raises(PayloadError, match="outside"):
-        check_activations(
+        read_activations(
             reply(targets + 250), 0, 2, (6, 8), "int8", 256, 8, label_shape=(6,)
         )
