@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -45,11 +46,29 @@ def read_records(path: Path) -> list:
     return [pb.Record.FromString(raw) for raw in records]
 
 
+def finished_records(run_dir: Path, wait: float = 60.0) -> list:
+    """The records of the (single) offline run under ``run_dir``, once complete.
+
+    W&B's service process writes the file; on a loaded machine its last blocks
+    can land after ``wandb.finish()`` returns, so wait (up to ``wait`` seconds)
+    for the run's closing ``exit`` record.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+        records = read_records(path)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds:
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"W&B run file never closed; records: {kinds}")
+        time.sleep(0.2)
+
+
 def read_history(run_dir: Path) -> list[dict]:
     """Every ``wandb.log`` row of the (single) offline run under ``run_dir``."""
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     rows = []
-    for record in read_records(path):
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") != "history":
             continue
         row = {}
@@ -63,9 +82,8 @@ def read_history(run_dir: Path) -> list[dict]:
 def read_summary(run_dir: Path) -> dict:
     """The final W&B summary of the (single) offline run under ``run_dir``:
     every ``summary`` update applied in order."""
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     summary: dict = {}
-    for record in read_records(path):
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") != "summary":
             continue
         for item in record.summary.update:
