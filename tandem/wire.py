@@ -5,15 +5,27 @@ Everything that crosses the network is an ``ArrayRecord`` (numpy arrays),
 Before a payload touches a model it is checked against the model it is meant
 for: the same keys, shapes and dtypes, and only finite values. A bad payload
 raises :class:`PayloadError`, which names the key and what was wrong.
+
+An :class:`~flwr.app.Array` carries a declaration (``dtype``, ``shape``) and
+the bytes of an ``.npy`` file (``data``); nothing makes them agree. Every
+array that arrives is therefore read by :func:`read_array`, which parses the
+``.npy`` header itself (no pickle), refuses object and other non-numeric
+dtypes, checks that the header's dtype and shape equal the declaration (and
+what the receiver expects), and that the bytes after the header are exactly
+``prod(shape) · itemsize`` long, before it builds the array. A header that
+claims a huge shape is refused by that arithmetic, without allocating.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
 __all__ = [
@@ -26,6 +38,7 @@ __all__ = [
     "check_arrays",
     "get_record",
     "layout_of",
+    "read_array",
 ]
 
 KEY_ARRAYS = "arrays"
@@ -41,7 +54,18 @@ class PayloadError(ValueError):
     """A message payload that does not match what the receiver expects."""
 
 
-def get_record(content: RecordDict, key: str, kind: type) -> object:
+R = TypeVar("R")
+
+#: The dtype kinds an array on the wire may have: bool, signed and unsigned
+#: integers, floats and complex numbers (never objects, strings or records).
+NUMERIC_KINDS = frozenset("biufc")
+#: ``Array.stype`` of numpy-serialized arrays (the only kind accepted).
+NUMPY_STYPE = "numpy.ndarray"
+#: Largest ``.npy`` header read (numpy's own default limit).
+MAX_HEADER_BYTES = 10_000
+
+
+def get_record(content: RecordDict, key: str, kind: type[R]) -> R:
     """``content[key]``, checked to be a record of type ``kind``."""
     if key not in content:
         raise PayloadError(f"missing record '{key}' (have: {sorted(content.keys())})")
@@ -53,15 +77,132 @@ def get_record(content: RecordDict, key: str, kind: type) -> object:
     return record
 
 
+def _wire_dtype(value: object, what: str) -> np.dtype:
+    """``np.dtype(value)`` for a numeric dtype; else :class:`PayloadError`."""
+    try:
+        dtype = np.dtype(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, SyntaxError):
+        raise PayloadError(f"{what} dtype {value!r} is not a dtype") from None
+    if dtype.hasobject or dtype.kind not in NUMERIC_KINDS or dtype.fields:
+        raise PayloadError(f"{what} dtype {dtype} is not a numeric dtype")
+    return dtype
+
+
+def _wire_shape(value: object, what: str) -> tuple[int, ...]:
+    """``value`` as a shape of non-negative ints; else :class:`PayloadError`."""
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0
+        for d in value
+    ):
+        raise PayloadError(f"{what} shape {value!r} is not a shape")
+    return tuple(int(d) for d in value)
+
+
+def read_array(
+    array: Array,
+    key: str,
+    *,
+    shape: tuple[int | None, ...] | None = None,
+    dtype: str | None = None,
+    max_bytes: int | None = None,
+) -> np.ndarray:
+    """The ndarray an incoming ``Array`` holds, checked byte by byte.
+
+    Steps: (1) the declaration is a numeric dtype and a shape, and matches
+    ``dtype`` and ``shape`` if given (``None`` in ``shape`` matches any
+    length); (2) ``data`` starts with an ``.npy`` magic string and a header of
+    version 1.0 or 2.0, parsed without pickle; (3) the header's dtype and
+    shape equal the declaration; (4) the ``prod(shape) · itemsize`` bytes it
+    implies are at most ``max_bytes`` and exactly the bytes that follow the
+    header. Only then is the array built (a copy, so it is writable).
+
+    Parameters
+    ----------
+    array : Array
+        As it came out of a message.
+    key : str
+        Its name, for the error message.
+    shape : tuple of int or None, optional
+        The shape the receiver expects (``None`` for any length on an axis).
+    dtype : str, optional
+        The dtype the receiver expects.
+    max_bytes : int, optional
+        The most data bytes the receiver accepts.
+
+    Raises
+    ------
+    PayloadError
+        On any disagreement between declaration, header, bytes and
+        expectation; on object or other non-numeric dtypes; on a header that
+        cannot be parsed; on a size over ``max_bytes``.
+    """
+    what = f"array '{key}'"
+    if getattr(array, "stype", None) != NUMPY_STYPE:
+        raise PayloadError(f"{what} has stype {getattr(array, 'stype', None)!r}")
+    declared_dtype = _wire_dtype(array.dtype, f"{what} declared")
+    declared_shape = _wire_shape(array.shape, f"{what} declared")
+    if shape is not None and (
+        len(declared_shape) != len(shape)
+        or any(
+            e is not None and e != d for d, e in zip(declared_shape, shape, strict=True)
+        )
+    ):
+        raise PayloadError(
+            f"{what} has shape {declared_shape}, expected {tuple(shape)}"
+        )
+    if dtype is not None and declared_dtype != np.dtype(dtype):
+        raise PayloadError(f"{what} has dtype {declared_dtype}, expected {dtype}")
+    data = array.data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PayloadError(f"{what} data is a {type(data).__name__}, not bytes")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(stream, MAX_HEADER_BYTES)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(stream, MAX_HEADER_BYTES)
+        else:
+            raise PayloadError(f"{what} has npy version {version}")
+    except PayloadError:
+        raise
+    except Exception as err:  # numpy raises ValueError, SyntaxError, ...
+        raise PayloadError(f"{what}: bad npy header ({type(err).__name__})") from None
+    header_shape, fortran_order, header_dtype = header
+    header_shape = _wire_shape(header_shape, f"{what} npy header")
+    header_dtype = _wire_dtype(header_dtype, f"{what} npy header")
+    if header_dtype != declared_dtype or header_shape != declared_shape:
+        raise PayloadError(
+            f"{what} declares {declared_dtype} {declared_shape} but its bytes "
+            f"hold {header_dtype} {header_shape}"
+        )
+    count = math.prod(header_shape)  # Python ints: no overflow
+    nbytes = count * header_dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise PayloadError(f"{what} of {nbytes} bytes exceeds the {max_bytes} limit")
+    offset = stream.tell()
+    if len(data) - offset != nbytes:
+        raise PayloadError(
+            f"{what} holds {len(data) - offset} data bytes, its header implies {nbytes}"
+        )
+    flat = np.frombuffer(data, dtype=header_dtype, count=count, offset=offset)
+    order = "F" if fortran_order else "C"
+    return flat.reshape(header_shape, order=order).copy(order="C")
+
+
 def check_arrays(
     record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], str]]
 ) -> dict[str, np.ndarray]:
     """Check ``record`` against ``{key: (shape, dtype)}``; return its arrays.
 
+    Every array is read by :func:`read_array`: its bytes must agree with
+    its declaration and with ``expected``.
+
     Raises
     ------
     PayloadError
-        On missing or unknown keys, a shape or dtype mismatch, or NaN/Inf.
+        On missing or unknown keys, a shape or dtype mismatch (declared or in
+        the bytes), a malformed or object-dtype npy, or NaN/Inf.
     """
     missing = sorted(set(expected) - set(record))
     unknown = sorted(set(record) - set(expected))
@@ -69,17 +210,8 @@ def check_arrays(
         raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
     out: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in expected.items():
-        array = record[key]
-        if tuple(array.shape) != tuple(shape):
-            raise PayloadError(
-                f"array '{key}' has shape {tuple(array.shape)}, expected {tuple(shape)}"
-            )
-        if array.dtype != dtype:
-            raise PayloadError(
-                f"array '{key}' has dtype {array.dtype}, expected {dtype}"
-            )
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        values = read_array(record[key], key, shape=tuple(shape), dtype=dtype)
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
             raise PayloadError(f"array '{key}' holds NaN or Inf")
         out[key] = values
     return out

@@ -47,7 +47,7 @@ def _model_from(msg: Message, cfg: RunConfig) -> nn.Module:
         tokens=bundle.tokens,
     )
     record = get_record(msg.content, KEY_ARRAYS, ArrayRecord)
-    model.load_state_dict(arrays_to_state_dict(record, model))  # type: ignore[arg-type]
+    model.load_state_dict(arrays_to_state_dict(record, model))
     return model
 
 

@@ -43,7 +43,7 @@ from tandem.importance import (
 )
 from tandem.network import assign_links
 from tandem.options import option
-from tandem.wire import KEY_LOCAL_STEPS, PayloadError
+from tandem.wire import KEY_LOCAL_STEPS, PayloadError, read_array
 
 __all__ = [
     "EDGE_METRICS",
@@ -250,7 +250,7 @@ def read_predictor(content: RecordDict) -> ImportancePredictor:
     if "weights" not in record:
         raise PayloadError(f"record '{KEY_PREDICTOR}' has no 'weights'")
     try:
-        return unpack_predictor(record["weights"].numpy())
+        return unpack_predictor(read_array(record["weights"], "weights"))
     except PredictorError as err:
         raise PayloadError(str(err)) from None
 
@@ -263,7 +263,8 @@ def update_record(codecs: np.ndarray, payload: np.ndarray) -> ArrayRecord:
 def read_update(content: RecordDict) -> tuple[np.ndarray, np.ndarray]:
     """``(codecs, payload)`` of a reply's :data:`KEY_UPDATE` record.
 
-    Only the record's structure is checked here; the arrays are checked
+    Here the record's structure and each array's bytes
+    (:func:`~tandem.wire.read_array`) are checked; the arrays are checked
     against the plan by :func:`tandem.compression.packing.unpack_groups`.
 
     Raises
@@ -279,7 +280,9 @@ def read_update(content: RecordDict) -> tuple[np.ndarray, np.ndarray]:
             f"record '{KEY_UPDATE}' has arrays {sorted(record.keys())}, "
             "expected ['codecs', 'payload']"
         )
-    return record["codecs"].numpy(), record["payload"].numpy()
+    return read_array(record["codecs"], "codecs"), read_array(
+        record["payload"], "payload"
+    )
 
 
 def _codecs_ok(text: str) -> bool:
