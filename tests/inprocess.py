@@ -114,11 +114,21 @@ def run_inprocess(
     tamper: Callable[[int, Message], Message] | None = None,
     silent_after: Mapping[int, int] | None = None,
     late: Mapping[int, int] | None = None,
+    edges: InProcessGrid | None = None,
 ) -> tuple[list[dict], InProcessGrid]:
-    """Run a method's cloud side against ``nodes`` in-process edges."""
+    """Run a method's cloud side against ``nodes`` in-process edges.
+
+    ``edges``: a grid of an earlier run whose nodes (their ``Context``, e.g.
+    data stream positions) carry on, as SuperNodes do when only the
+    ServerApp restarts.
+    """
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     cfg = RunConfig.from_flat(flat)
     grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late)
+    if edges is not None:
+        for node, context in edges.contexts.items():
+            context.run_config = dict(flat)
+            grid.contexts[node] = context
     srv = ServerRun.open(cfg, grid, run_id=1)  # type: ignore[arg-type]
     get_method(cfg.method).run_server(srv)
     return read_jsonl(srv.tracker.path), grid

@@ -10,6 +10,8 @@ seconds and deterministically.
 from __future__ import annotations
 
 import math
+import time
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid, run_inprocess
 
+from tandem import accounting
 from tandem.compression.codecs import DEFAULT_OPTIONS, Option
 from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import split_groups
@@ -477,18 +480,32 @@ def test_a_silent_device_drops_out_and_a_new_one_joins(tmp_path):
     assert summary["final-accuracy"] > 0.2
 
 
-def test_measured_bandwidth_follows_real_transit_times(tmp_path):
+def test_measured_bandwidth_follows_real_transit_times(tmp_path, monkeypatch):
     """acesync-bandwidth=measured: B_k from each reply's transit time.
 
-    Node 2's replies are stamped as created 2 s before they arrive (a slow
-    uplink); node 1's arrive at once. Round 1 has no measurement (smallest
-    budget for all); from round 2 node 2 gets the lower bandwidth estimate
-    and the smaller budget.
+    The ledger's wall clock is a fake that ticks 1 µs per reading, and each
+    reply is stamped as created 2 s (node 2, a slow uplink) or 50 ms (node 1)
+    before the clock's reading: the transit times are exact, whatever the
+    load on the machine. Round 1 has no measurement (smallest budget for
+    all); from round 2 node 2 gets the lower bandwidth estimate and the
+    smaller budget.
     """
+    clock = {"now": 1.0e9}
+
+    def now() -> float:
+        clock["now"] += 1e-6
+        return clock["now"]
+
+    monkeypatch.setattr(
+        accounting,
+        "time",
+        types.SimpleNamespace(
+            time=now, perf_counter=time.perf_counter, sleep=time.sleep
+        ),
+    )
 
     def slow_uplink(node, reply):
-        if node == 2:
-            reply.metadata.created_at = reply.metadata.created_at - 2.0
+        reply.metadata.created_at = clock["now"] - (2.0 if node == 2 else 0.05)
         return reply
 
     config = {
@@ -504,5 +521,8 @@ def test_measured_bandwidth_follows_real_transit_times(tmp_path):
         fast, slow = plans[rnd, 1], plans[rnd, 2]
         # node 2: its reply's bytes over about 2 s
         assert 0 < slow["bandwidth-mbps"] < 0.1 < fast["bandwidth-mbps"]
+        # same reply sizes, transit 2 s against 50 ms
+        ratio = fast["bandwidth-mbps"] / slow["bandwidth-mbps"]
+        assert 30 < ratio < 50
         assert slow["budget"] < fast["budget"]
     assert records[-1]["rejected-replies"] == 0

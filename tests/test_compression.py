@@ -121,6 +121,13 @@ def test_full_is_exact_and_half_within_float16_rounding():
     )
 
 
+def test_sign_accepts_every_bit_of_the_last_elements():
+    # 10 signs: elements 8 and 9 are the top two bits of the second byte
+    payload = {**good("sign"), "signs": np.array([0, 0b1100_0000], np.uint8)}
+    decoded = decode("sign", payload, 10)
+    assert (decoded[:8] > 0).all() and (decoded[8:] < 0).all()
+
+
 def test_sign_by_hand_and_documented_scale():
     payload = encode("sign", np.array([1.0, -3.0, 0.0, 2.0], dtype=np.float32))
     assert payload["signs"].tolist() == [0b01000000]  # bit 1 = negative
@@ -247,6 +254,9 @@ HOSTILE = [
     ("sign", replaced("sign", scale=-np.ones(1, np.float32)), "negative"),
     ("sign", replaced("sign", signs=np.zeros(1, np.uint8)), "expected \\(2,\\)"),
     ("sign", replaced("sign", signs=np.array([0, 1], np.uint8)), "padding"),
+    # 10 signs: the second byte holds elements 8, 9 in its top two bits; the
+    # highest padding bit (0b0010_0000) is padding too
+    ("sign", replaced("sign", signs=np.array([0, 0b0010_0000], np.uint8)), "padding"),
     ("sign", replaced("sign", signs=np.zeros(2, np.int8)), "dtype int8"),
     ("int8", replaced("int8", levels=np.full(10, -128, np.int8)), "-128"),
     ("int8", replaced("int8", levels=np.zeros(10, np.uint8)), "dtype uint8"),
@@ -467,6 +477,10 @@ def test_compression_ratio_by_hand():
         (0.8 - 0.7 * math.exp(-1)) * 1000
     )
     assert byte_budget(1000, 1e12, **kw) == 800
+    # the floor, not the nearest integer: 0.1 × 1007 = 100.7 → 100, 0.8 × 1001 =
+    # 800.8 → 800
+    assert byte_budget(1007, 0.0, **kw) == 100
+    assert byte_budget(1001, 1e12, **kw) == 800
     # a deadline caps at what the link carries: 8000 bit/s for 0.5 s = 500 B
     kw = {"c_min": 0.0, "c_max": 0.5, "beta": 1e-9}
     assert byte_budget(10_000, 8000.0, deadline_s=0.5, **kw) == 500

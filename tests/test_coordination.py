@@ -34,6 +34,10 @@ def test_aggregation_weights_by_hand():
         reference_latency_s=1,
     )
     np.testing.assert_allclose(w, np.array([1, 1 / 3, 1 / 5]) / (1 + 1 / 3 + 1 / 5))
+    # a skewed case where the median (1 s) and the mean (3 s) differ:
+    # discounts 1, 1/2, 1/9 → weights 18/29, 9/29, 2/29
+    w = aggregation_weights(np.ones(3), np.ones(3), np.array([0.0, 1.0, 8.0]))
+    np.testing.assert_allclose(w, np.array([18, 9, 2]) / 29)
     # no latency at all: plain data-size weights, as in FedAvg
     w = aggregation_weights(np.array([1, 3]), np.ones(2), np.zeros(2))
     np.testing.assert_allclose(w, [0.25, 0.75])

@@ -5,13 +5,23 @@ keys, replayed or future versions) go through each strategy's real checks:
 FedAvg's aggregation, SimulTrain's activation check, and the compressed-update
 wrapper under ACE-Sync and its baselines (codec tables, packed payloads,
 metrics, records).
+Arrays are also forged at the byte level (:func:`forged`): an ``Array`` is a
+declaration plus the bytes of an ``.npy`` file, and a hostile sender controls
+both. Random bytes, truncated or corrupted headers, a declaration the bytes
+disagree with, object (pickle) dtypes and headers that claim a huge shape all
+go through each receive path.
 Properties: nothing but the domain error (``PayloadError``) ever escapes, a
-bad reply never reaches the global model, and every rejection is counted with
-a reason. Nothing in a message is ever unpickled or evaluated: records hold
-only arrays and scalars, and the checks read dtypes and shapes.
+bad reply never reaches the global model, every rejection is counted with a
+reason, and a reply that passes is averaged in exactly. Each generator mixes
+honest replies in, and each test checks that both outcomes occurred.
+Nothing in a message is ever unpickled or evaluated.
 """
 
 from __future__ import annotations
+
+import io
+import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -24,6 +34,7 @@ from hypothesis import strategies as st
 from tandem.compression.codecs import Option, option_table
 from tandem.protocol.acesync import EDGE_METRICS
 from tandem.protocol.simultrain import read_activations
+from tandem.split import encode_cut
 from tandem.strategies.compressed import CompressedUpdates
 from tandem.strategies.fedavg import CheckedFedAvg
 from tandem.wire import PayloadError
@@ -71,6 +82,63 @@ def array_records(draw):
     )
 
 
+def _npy(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=values.dtype.hasobject)
+    return buffer.getvalue()
+
+
+def _header(descr: str, shape: tuple[int, ...]) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+@st.composite
+def forged(draw, honest: np.ndarray):
+    """An ``Array`` that claims to be ``honest``'s dtype and shape; its bytes
+    are ``honest``'s own (sometimes) or hostile."""
+    dtype, shape = str(honest.dtype), tuple(honest.shape)
+    data = _npy(honest)
+    kind = draw(
+        st.sampled_from(
+            [
+                "honest",
+                "random",
+                "truncated",
+                "corrupted",
+                "mismatch",
+                "object",
+                "bomb",
+                "padded",
+            ]
+        )
+    )
+    if kind == "random":
+        data = draw(st.binary(max_size=200))
+    elif kind == "truncated":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif kind == "corrupted":  # a byte of the magic string or header changed
+        at = draw(st.integers(0, min(len(data), 128) - 1))
+        data = data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
+    elif kind == "mismatch":  # e.g. declares float32 (3,), carries float64 (7,)
+        data = _npy(draw(arrays()))
+    elif kind == "object":
+        data = _npy(np.array([None, "x", 1.5][: draw(st.integers(1, 3))], object))
+    elif kind == "bomb":  # a header claiming a huge array, few bytes after it
+        side = draw(st.integers(2**31, 2**62))
+        descr = np.lib.format.dtype_to_descr(honest.dtype)
+        bomb_shape = (side, *shape[1:])
+        data = _header(descr, bomb_shape) + draw(st.binary(max_size=64))
+        if draw(st.booleans()):  # declared consistently with its header
+            shape = bomb_shape
+    elif kind == "padded":
+        data = data + draw(st.binary(min_size=1, max_size=8))
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
 SCALARS = st.one_of(
     st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.booleans()
 )
@@ -82,6 +150,8 @@ METRIC_KEYS = st.sampled_from(
 
 @st.composite
 def fedavg_replies(draw):
+    if draw(st.booleans()):
+        return draw(tampered_fedavg_replies())
     content = RecordDict()
     if draw(st.booleans()):
         content["arrays"] = draw(array_records())
@@ -128,29 +198,85 @@ def _good() -> RecordDict:
     )
 
 
-@FUZZ
-@given(hostile=fedavg_replies())
-def test_fedavg_aggregation_ignores_any_hostile_reply(hostile):
-    rejected: list = []
-    strategy = CheckedFedAvg(
-        on_reject=lambda r, n, why: rejected.append((r, n, why)),
-        max_examples=100,
-        min_available_nodes=1,
+@st.composite
+def tampered_fedavg_replies(draw):
+    """The honest reply with its arrays forged, its values or its example
+    count changed: about a third pass every check."""
+    content = _good()
+    values = {
+        k: np.full(v.shape, draw(st.sampled_from([-2.0, 0.5, 3.0])), v.dtype)
+        for k, v in GLOBAL.items()
+    }
+    content["arrays"] = ArrayRecord(
+        {
+            k: draw(forged(v)) if draw(st.integers(0, 2)) == 0 else Array(v)
+            for k, v in values.items()
+        }
     )
-    strategy.expect(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, _good()), _reply(2, hostile)])
-    assert arrays is not None
-    if rejected:  # the hostile reply was dropped: the result is the good one's
-        assert len(rejected) == 1 and rejected[0][1] == 2 and rejected[0][2]
-        for k, v in GLOBAL.items():
-            np.testing.assert_array_equal(arrays[k].numpy(), np.ones_like(v))
-    else:  # it passed every check, so it is a well-formed, finite update
-        for k in GLOBAL:
-            assert np.isfinite(arrays[k].numpy()).all()
+    if draw(st.integers(0, 3)) == 0:
+        metrics = dict(content["metrics"])
+        metrics["num-examples"] = draw(st.one_of(st.integers(-3, 200), st.floats()))
+        content["metrics"] = MetricRecord(metrics)
+    return content
+
+
+def test_fedavg_aggregation_ignores_any_hostile_reply():
+    outcomes: Counter = Counter()
+    sent = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+
+    @FUZZ
+    @given(hostile=fedavg_replies())
+    def check(hostile):
+        rejected: list = []
+        strategy = CheckedFedAvg(
+            on_reject=lambda r, n, why: rejected.append((r, n, why)),
+            max_examples=100,
+            min_available_nodes=1,
+        )
+        strategy.expect(sent)
+        replies = [_reply(1, _good()), _reply(2, hostile)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        for k, v in GLOBAL.items():  # what was sent is untouched
+            np.testing.assert_array_equal(sent[k].numpy(), v)
+        if rejected:  # the hostile reply was dropped: the result is the good one's
+            outcomes["rejected"] += 1
+            assert len(rejected) == 1 and rejected[0][1] == 2 and rejected[0][2]
+            for k, v in GLOBAL.items():
+                np.testing.assert_array_equal(arrays[k].numpy(), np.ones_like(v))
+        else:  # it passed every check: averaged in by its example count
+            outcomes["accepted"] += 1
+            n = hostile["metrics"]["num-examples"]
+            for k in GLOBAL:
+                theirs = hostile["arrays"][k].numpy()
+                expected = (10 * 1.0 + n * theirs.astype(np.float64)) / (10 + n)
+                np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-6)
+
+    check()
+    assert outcomes["accepted"] >= 20 and outcomes["rejected"] >= 20, outcomes
 
 
 @st.composite
-def activation_replies(draw):
+def honest_activations(draw, precision: str):
+    """A reply the check accepts (version 3, 2 micro-batches), some of its
+    arrays forged."""
+    sizes = np.array(draw(st.lists(st.integers(1, 4), min_size=2, max_size=2)))
+    rows = int(sizes.sum())
+    acts = np.linspace(-1, 1, rows * 20, dtype=np.float32).reshape(rows, 4, 5)
+    parts = {k: v for k, v in encode_cut(acts, precision, "a").items()}
+    parts["y"] = np.arange(rows, dtype=np.int64) % 10
+    parts["sizes"] = sizes.astype(np.int64)
+    record = {
+        k: draw(forged(v)) if draw(st.integers(0, 2)) == 0 else Array(v)
+        for k, v in parts.items()
+    }
+    return RecordDict({"meta": ConfigRecord({"v-e": 3}), "acts": ArrayRecord(record)})
+
+
+@st.composite
+def activation_replies(draw, precision: str):
+    if draw(st.booleans()):
+        return draw(honest_activations(precision))
     content = RecordDict()
     if draw(st.booleans()):
         content["meta"] = ConfigRecord({"v-e": draw(SCALARS)})
@@ -159,18 +285,32 @@ def activation_replies(draw):
     return content
 
 
-@FUZZ
-@given(content=activation_replies(), precision=st.sampled_from(["float32", "int8"]))
-def test_simultrain_activation_check_raises_only_payload_errors(content, precision):
-    try:
-        chunk = read_activations(content, 3, 2, (4, 5), precision, 10, max_rows=8)
-        acts, labels, sizes = chunk.acts, chunk.labels, chunk.sizes
-    except PayloadError as err:
-        assert str(err)  # a reason
-    else:  # whatever passed is exactly what the cloud can train on
-        assert acts.dtype == np.float32 and np.isfinite(acts).all()
-        assert acts.shape[1:] == (4, 5) and len(acts) == len(labels) <= 8
-        assert labels.min() >= 0 and labels.max() < 10 and sizes.sum() == len(acts)
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_simultrain_activation_check_raises_only_payload_errors(precision):
+    outcomes: Counter = Counter()
+
+    @FUZZ
+    @given(content=activation_replies(precision))
+    def check(content):
+        try:
+            chunk = read_activations(content, 3, 2, (4, 5), precision, 10, max_rows=8)
+            acts, labels, sizes = chunk.acts, chunk.labels, chunk.sizes
+        except PayloadError as err:
+            outcomes["rejected"] += 1
+            assert str(err)  # a reason
+        else:  # whatever passed is exactly what the cloud can train on
+            outcomes["accepted"] += 1
+            assert acts.dtype == np.float32 and np.isfinite(acts).all()
+            assert acts.shape[1:] == (4, 5) and len(acts) == len(labels) <= 8
+            assert labels.min() >= 0 and labels.max() < 10
+            assert sizes.sum() == len(acts)
+            sent = content["acts"]
+            np.testing.assert_array_equal(labels, sent["y"].numpy())
+            if precision == "float32":
+                np.testing.assert_array_equal(acts, sent["a"].numpy())
+
+    check()
+    assert outcomes["accepted"] >= 10 and outcomes["rejected"] >= 20, outcomes
 
 
 # --------------------------------------------------------------------------- ACE-Sync
@@ -248,6 +388,8 @@ def update_records(draw):
     """The reply's update record: the honest one with parts replaced at random."""
     good = _good_update()["update"]
     parts = {"codecs": good["codecs"], "payload": good["payload"]}
+    if draw(st.integers(0, 3)) == 0:  # the honest arrays, their bytes forged
+        return ArrayRecord({k: draw(forged(a.numpy())) for k, a in parts.items()})
     if draw(st.integers(0, 2)) == 0:
         codes, payload = draw(coded_payloads())
         return ArrayRecord({"codecs": Array(codes), "payload": Array(payload)})
@@ -272,7 +414,7 @@ def compressed_replies(draw):
     if draw(st.booleans()):
         content["update"] = draw(update_records())
         if "payload" in content["update"]:  # consistent, to reach the decoders
-            size = content["update"]["payload"].numpy().size
+            size = math.prod(content["update"]["payload"].shape)  # as declared
             content["metrics"]["bytes-encoded"] = size
     if draw(st.booleans()):
         metrics = dict(content["metrics"])
@@ -288,20 +430,28 @@ def compressed_replies(draw):
     return content
 
 
-@FUZZ
-@given(hostile=compressed_replies())
-def test_compressed_aggregation_ignores_any_hostile_reply(hostile):
-    rejected: list = []
-    strategy = _wrapper(rejected)
-    good = _reply(1, _good_update())
-    arrays, _ = strategy.aggregate_train(1, [good, _reply(2, hostile)])
-    assert arrays is not None
-    assert strategy.stats.rejected == len(rejected)
-    if rejected:  # dropped: the result is the honest reply's alone, no trace
-        assert len(rejected) == 1 and rejected[0][1] == 2 and rejected[0][2]
-        for k, v in GLOBAL.items():
-            np.testing.assert_array_equal(arrays[k].numpy(), np.ones_like(v))
-        assert 2 not in strategy._caches
-    else:  # it passed every check: a well-formed, finite update
-        for k in GLOBAL:
-            assert np.isfinite(arrays[k].numpy()).all()
+def test_compressed_aggregation_ignores_any_hostile_reply():
+    outcomes: Counter = Counter()
+
+    @FUZZ
+    @given(hostile=compressed_replies())
+    def check(hostile):
+        rejected: list = []
+        strategy = _wrapper(rejected)
+        good = _reply(1, _good_update())
+        arrays, _ = strategy.aggregate_train(1, [good, _reply(2, hostile)])
+        assert arrays is not None
+        assert strategy.stats.rejected == len(rejected)
+        if rejected:  # dropped: the result is the honest reply's alone, no trace
+            outcomes["rejected"] += 1
+            assert len(rejected) == 1 and rejected[0][1] == 2 and rejected[0][2]
+            for k, v in GLOBAL.items():
+                np.testing.assert_array_equal(arrays[k].numpy(), np.ones_like(v))
+            assert 2 not in strategy._caches
+        else:  # it passed every check: a well-formed, finite update
+            outcomes["accepted"] += 1
+            for k in GLOBAL:
+                assert np.isfinite(arrays[k].numpy()).all()
+
+    check()
+    assert outcomes["accepted"] >= 10 and outcomes["rejected"] >= 20, outcomes

@@ -49,8 +49,10 @@ def test_within_classic_bound_of_brute_force_and_mostly_optimal():
         assert sel.value <= optimum + 1e-9
         assert sel.value >= optimum - largest - 1e-9
         exact += abs(sel.value - optimum) <= 1e-9
-    # measured 0.99 on this generator; a guard against regressions
-    assert exact / trials >= 0.9
+    # measured 595 of 600 (0.992) on this generator: losing a single optimum
+    # (e.g. a fill step that refuses an upgrade costing exactly the bytes
+    # left, which drops it to 593) fails
+    assert exact >= 595
 
 
 def test_budget_zero_defers_everything_and_ample_budget_takes_the_best():
@@ -85,6 +87,15 @@ def test_fill_uses_leftover_bytes_on_a_non_hull_option():
     # with 7 B the hull step does not fit, the fill takes the middle option
     costs = np.array([[0, 5, 10]])
     sel = select_options(np.array([1.0]), costs, np.array([0.0, 0.1, 1.0]), budget=7)
+    assert sel.choice.tolist() == [1]
+    assert (sel.cost, sel.value) == (5, 0.1)
+
+
+def test_fill_takes_an_upgrade_that_costs_exactly_the_bytes_left():
+    # as above with 5 B: the middle option uses every byte left after the hull
+    # (which climbs nothing), so it is taken
+    costs = np.array([[0, 5, 10]])
+    sel = select_options(np.array([1.0]), costs, np.array([0.0, 0.1, 1.0]), budget=5)
     assert sel.choice.tolist() == [1]
     assert (sel.cost, sel.value) == (5, 0.1)
 

@@ -74,6 +74,10 @@ def test_staleness_weight_and_merge():
     assert staleness_weight(0, 4) == 1.0
     assert staleness_weight(3, 4) == 0.25
     assert staleness_weight(5, 4) == 0.0
+    # the bound itself is kept, one past it is dropped
+    assert staleness_weight(4, 4) == 0.2
+    assert staleness_weight(0, 0) == 1.0
+    assert staleness_weight(1, 0) == 0.0
     with pytest.raises(ValueError):
         staleness_weight(-1, 4)
     base = {"w": torch.zeros(2)}

@@ -1,0 +1,108 @@
+"""SimulTrain's edge handler, driven message by message with a node Context.
+
+The forecast correction (seed 002) is checked through what the edge reports:
+the delta ``θ_e − base`` it sends on reconciliation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from tandem.client_app import dispatch
+from tandem.clients.simultrain import (
+    KEY_ACTS,
+    KEY_DELTA,
+    KEY_EDGE_PARAMS,
+    KEY_GRADS,
+    edge_model,
+)
+from tandem.config import RunConfig, parse_section
+from tandem.strategies.simultrain_options import SimulTrainOptions
+
+LR, EDGE_LR_SCALE, MOMENTUM, ALPHA = 0.05, 0.5, 0.9, 0.5
+RUN_CONFIG = {
+    "method": "simultrain",
+    "mnist1d-samples": 1000,
+    "batch-size": 8,
+    "lr": LR,
+    "momentum": MOMENTUM,
+    "simultrain-edge-lr-scale": EDGE_LR_SCALE,
+    "simultrain-alpha": ALPHA,
+    "simultrain-precision": "float32",
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _message(grad_for: int, want: int, grads=None, edge_params=None) -> Message:
+    content = RecordDict(
+        {"config": ConfigRecord({"grad-for": grad_for, "want": want, "v-c": 1})}
+    )
+    if grads is not None:
+        content[KEY_GRADS] = ArrayRecord({"g": Array(grads.astype(np.float32))})
+    if edge_params is not None:
+        content[KEY_EDGE_PARAMS] = edge_params
+    return Message(content=content, dst_node_id=7, message_type="train.simultrain")
+
+
+def _delta_after(forecast: str, zero_grad_step: bool) -> dict[str, np.ndarray]:
+    """The delta the edge reports after one (or two) steps.
+
+    Messages: forward chunks 0 and 1 at ``θ0``; then chunk 0's gradients
+    (random: ``θ1 = θ0 − η·∇``); then, if ``zero_grad_step``, chunk 1's
+    gradients, all zero, so that the step is the forecast term alone. The
+    last message also carries the cloud's copy, and the edge replies with
+    ``θ − θ0``.
+    """
+    run_config = {**RUN_CONFIG, "simultrain-forecast": forecast}
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+    cfg = RunConfig.from_flat(dict(run_config))
+    edge, _ = edge_model(cfg, parse_section(SimulTrainOptions, run_config))
+    params = ArrayRecord({k: Array(v.numpy()) for k, v in edge.state_dict().items()})
+    shapes = []
+    for _ in range(2):
+        reply = dispatch(_message(-1, 1), ctx)
+        shapes.append(reply.content[KEY_ACTS]["a"].shape)
+    grads = np.random.default_rng(0).normal(size=shapes[0])
+    last = 1 if zero_grad_step else 0
+    reply = dispatch(_message(0, 0, grads, None if last else params), ctx)
+    if zero_grad_step:
+        reply = dispatch(_message(1, 0, np.zeros(shapes[1]), params), ctx)
+    return {k: a.numpy() for k, a in reply.content[KEY_DELTA].items()}
+
+
+@pytest.mark.parametrize(
+    ("forecast", "sign"),
+    [
+        # stash: ∇̃ = ∇ + α·(θ1 − θ0), from the stashed θ0 to the current θ1
+        ("stash", +1),
+        # cloud-copy: ∇̃ = ∇ + α·(θ_e^c − θ_e) = ∇ + α·(θ0 − θ1) (the copy is θ0)
+        ("cloud-copy", -1),
+    ],
+)
+def test_forecast_carries_the_gradient_toward_the_right_version(forecast, sign):
+    """With a zero gradient the second step is momentum plus the forecast term.
+
+    ``v1 = (θ0 − θ1)/η``, ``θ2 = θ1 − η·(μ·v1 + ∇̃)``; with ``∇̃ = ±α·(θ1 − θ0)``
+    that is ``θ2 − θ0 = (θ1 − θ0)·(1 + μ ∓ η·α)``.
+    """
+    first = _delta_after(forecast, zero_grad_step=False)  # θ1 − θ0
+    second = _delta_after(forecast, zero_grad_step=True)  # θ2 − θ0
+    eta = LR * EDGE_LR_SCALE
+    factor = 1 + MOMENTUM - sign * eta * ALPHA
+    assert any(np.abs(d).max() > 1e-4 for d in first.values())  # the edge moved
+    for key, d1 in first.items():
+        np.testing.assert_allclose(second[key], d1 * factor, rtol=1e-4, atol=1e-7)
