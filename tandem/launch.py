@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -30,10 +31,56 @@ __all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+#: Lowest port :func:`free_port` hands out (above the registered services).
+PORT_FLOOR = 20000
+#: Ports this process has handed out: never twice.
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for port-0 binds and outgoing connections."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(v) for v in text.split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port that is free now, for a server started a moment later.
+
+    Binding port 0 and closing it is racy: the kernel hands the same
+    (ephemeral) port to the next port-0 bind or outgoing connection of any
+    process, e.g. another test's gRPC client, before the server binds it.
+    This picks a random free port *below* the ephemeral range instead, which
+    the kernel never hands out by itself, and never the same one twice in a
+    process; only another process picking at random can collide.
+    """
+    low, _ = _ephemeral_range()
+    if low - PORT_FLOOR >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(PORT_FLOOR, low)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    while True:  # no room below the ephemeral range: the racy fallback
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def format_run_config(overrides: Mapping[str, object]) -> str:
@@ -85,8 +132,8 @@ class FlowerHome:
     """
 
     home: Path
-    http_port: int = field(default_factory=_free_port)
-    control_port: int = field(default_factory=_free_port)
+    http_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
     app_dir: Path = PROJECT_ROOT
     connections: str | None = None
 
@@ -250,7 +297,7 @@ class LoopbackDeployment:
     secure: bool = False
     unregistered: int = 0
     node_config: str = ""
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen] = field(default_factory=list)
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls: TlsFiles | None = None
@@ -347,7 +394,7 @@ class LoopbackDeployment:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(_free_port()),
+                str(free_port()),
                 "--node-config",
                 f"{config} {self.node_config}".strip(),
             ],

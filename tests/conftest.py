@@ -1,8 +1,11 @@
 """Shared fixtures and hypothesis profiles.
 
 Hypothesis runs derandomized (the same examples on every run, so a failure in
-CI is a failure on every machine). ``HYPOTHESIS_PROFILE=explore`` draws fresh
-examples instead, for hunting new failures locally.
+CI is a failure on every machine), 300 examples per property unless a test
+sets its own. Profiles (``HYPOTHESIS_PROFILE=...`` or
+``--hypothesis-profile=...``): ``explore`` draws fresh examples, for hunting
+new failures locally; ``mutation`` runs 25 examples, for mutation testing
+(docs/mutation.md), where the suite runs once per mutant.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ import os
 import pytest
 from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, print_blob=True)
-settings.register_profile("explore", derandomize=False)
+settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True)
+settings.register_profile(
+    "explore", parent=settings.get_profile("ci"), derandomize=False
+)
+settings.register_profile(
+    "mutation", parent=settings.get_profile("ci"), max_examples=25
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

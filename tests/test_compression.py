@@ -516,7 +516,7 @@ def test_budget_value_errors():
         byte_budget(100, 1.0, deadline_s=-1.0, **kw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile's (tests/conftest.py)
 @given(
     full=st.integers(0, 10**10),
     b1=st.floats(0, 1e11),

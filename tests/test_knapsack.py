@@ -212,7 +212,7 @@ def instances(draw):
     return importance, costs, fidelity, budget
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile's (tests/conftest.py)
 @given(instances())
 def test_never_exceeds_the_budget(instance):
     importance, costs, fidelity, budget = instance
