@@ -67,7 +67,8 @@ def test_acesync_learns_within_its_budgets(tmp_path):
     full, _ = run_inprocess({**BASE, "method": "fullsync"}, nodes=4, out=tmp_path / "f")
     summary, reference = records[-1], full[-1]
     assert summary["rejected-replies"] == 0 and summary["accepted-replies"] == 12
-    assert summary["final-accuracy"] > 0.2  # chance is 0.1
+    # chance is 0.1; measured 0.30 (FullSync 0.31)
+    assert summary["final-accuracy"] > 0.25
     assert summary["final-accuracy"] > reference["final-accuracy"] - 0.1
     # eq. 5 on the default links: a fifth to a third of the float32 update
     assert 0.1 < summary["encoded-ratio"] < 0.4
@@ -115,7 +116,7 @@ def test_topk_sends_its_fixed_ratio(tmp_path):
     summary = records[-1]
     # 8 bytes (index + value) per kept entry: 2 x ratio of float32, up to rounding
     assert summary["encoded-ratio"] == pytest.approx(0.2, abs=0.01)
-    assert summary["final-accuracy"] > 0.2
+    assert summary["final-accuracy"] > 0.23  # measured 0.28, chance 0.1
 
 
 def test_fedavg_periodic_syncs_every_period_rounds_of_steps(tmp_path):
@@ -477,7 +478,7 @@ def test_a_silent_device_drops_out_and_a_new_one_joins(tmp_path):
     joined = {p["round"] for p in _events(records, "plan") if p["node-id"] == 4}
     assert joined and min(joined) > 1  # it took part once it was there
     assert grid.handled[4] >= len(joined)  # and answered
-    assert summary["final-accuracy"] > 0.2
+    assert summary["final-accuracy"] > 0.25  # measured 0.33, chance 0.1
 
 
 def test_measured_bandwidth_follows_real_transit_times(tmp_path, monkeypatch):

@@ -114,7 +114,7 @@ def test_simultrain_resumes_from_its_checkpoint(tmp_path):
     for node in (1, 2):
         steps = sum(e["micro-batches"] for e in exchanges if e["node-id"] == node)
         assert steps == 30 - state["steps-done"]
-    assert summary["final-accuracy"] > 0.1
+    assert summary["final-accuracy"] > 0.3  # measured 0.37, chance 0.1
 
 
 def test_acesync_resumes_with_its_policy_state(tmp_path):

@@ -43,7 +43,7 @@ def test_edges_learn_and_every_step_is_accounted(tmp_path):
     records, grid = run_inprocess(BASE, nodes=2, out=tmp_path)
     summary = records[-1]
     assert summary["event"] == "summary"
-    assert summary["final-accuracy"] > 0.3  # chance is 0.1
+    assert summary["final-accuracy"] > 0.34  # measured 0.41, chance 0.1
     assert summary["rejected-replies"] == 0 and summary["dropped-deltas"] == 0
     exchanges = _events(records, "exchange")
     assert summary["exchanges"] == len(exchanges) == sum(grid.handled.values())
@@ -76,7 +76,7 @@ def test_a_slow_edge_does_not_hold_back_a_fast_one(tmp_path):
     first_slow = order.index(2)
     assert first_slow >= 3  # the fast edge went on meanwhile
     assert order.count(1) == order.count(2) == 32  # both finished
-    assert records[-1]["final-accuracy"] > 0.3
+    assert records[-1]["final-accuracy"] > 0.3  # measured 0.36, chance 0.1
 
 
 def _hostile(kind):
@@ -112,7 +112,8 @@ def test_a_hostile_edge_is_rejected_and_the_others_go_on(tmp_path, kind, reason)
     # the honest edge finished all its steps and the model still learned
     honest = [e for e in _events(records, "exchange") if e["node-id"] == 1]
     assert sum(e["micro-batches"] for e in honest) == 60
-    assert np.isfinite(summary["final-accuracy"]) and summary["final-accuracy"] > 0.2
+    # measured 0.26 (one edge's data), chance 0.1
+    assert np.isfinite(summary["final-accuracy"]) and summary["final-accuracy"] > 0.22
 
 
 def test_staleness_beyond_the_bound_drops_the_delta(tmp_path):
@@ -142,7 +143,7 @@ def test_a_silent_edge_is_dropped_and_the_others_finish(tmp_path):
     assert rejected["node-id"] == 2 and "no reply within 0.5 s" in rejected["reason"]
     honest = [e for e in _events(records, "exchange") if e["node-id"] == 1]
     assert sum(e["micro-batches"] for e in honest) == 60
-    assert summary["final-accuracy"] > 0.3
+    assert summary["final-accuracy"] > 0.3  # measured 0.34, chance 0.1
 
 
 def test_a_late_node_joins_from_the_cloud_copy_and_catches_up(tmp_path, monkeypatch):
@@ -157,4 +158,5 @@ def test_a_late_node_joins_from_the_cloud_copy_and_catches_up(tmp_path, monkeypa
     assert sum(e["micro-batches"] for e in late) == 60  # it did all its steps
     first = next(e for e in _events(records, "exchange") if e["node-id"] == 3)
     assert first["bytes-down"] > 2 * 1000  # its first message carried θ_e^c
-    assert summary["rejected-replies"] == 0 and summary["final-accuracy"] > 0.3
+    # measured 0.46, chance 0.1
+    assert summary["rejected-replies"] == 0 and summary["final-accuracy"] > 0.38
