@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,19 @@ def test_fill_rejects_bad_inputs():
         cache_arrays({7: CachedUpdate(np.zeros(1), round=1)}, SIZES)
     with pytest.raises(ValueError, match="values, the group"):
         cache_arrays({1: CachedUpdate(np.zeros(2), round=1)}, SIZES)
+
+
+def test_divergence_names_what_is_wrong_and_sums_in_float64():
+    with pytest.raises(ValueError, match=r"^local and global_ must both be mappings"):
+        divergence(np.zeros(2), {"w": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"keys differ: \['b', 'c'\]$"):
+        divergence({"w": np.zeros(1), "b": np.zeros(1)}, {"w": np.zeros(1), "c": 0})
+    with pytest.raises(ValueError, match=r"^'vector': shapes"):
+        divergence(np.zeros(2), np.zeros(3))
+    with pytest.raises(ValueError, match=r"^'vector': non-finite values$"):
+        divergence(np.array([np.inf]), np.zeros(1))
+    # float32 inputs, float64 sums: 3e-4 in each of 10^6 entries, ‖·‖ = 0.3
+    # exactly (float32 accumulation drifts in the 7th digit)
+    x = np.full(10**6, 3e-4, np.float32)
+    expected = math.sqrt(10**6 * float(np.float32(3e-4)) ** 2)
+    assert divergence(x, np.zeros_like(x)) == pytest.approx(expected, rel=1e-12)

@@ -78,11 +78,17 @@ def test_staleness_weight_and_merge():
     assert staleness_weight(4, 4) == 0.2
     assert staleness_weight(0, 0) == 1.0
     assert staleness_weight(1, 0) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"^a staleness gap cannot be negative, got -1$"
+    ):
         staleness_weight(-1, 4)
     base = {"w": torch.zeros(2)}
     merged = merge_delta(base, {"w": torch.tensor([4.0, -8.0])}, 0.5, 2)
     torch.testing.assert_close(merged["w"], torch.tensor([1.0, -2.0]))
+    # one edge (or none known yet): the whole weighted delta
+    for edges in (1, 0):
+        merged = merge_delta(base, {"w": torch.tensor([4.0, -8.0])}, 0.5, edges)
+        torch.testing.assert_close(merged["w"], torch.tensor([2.0, -4.0]))
 
 
 def test_int8_rows_round_trip_within_half_a_step():

@@ -17,6 +17,7 @@ from tandem.wire import (
     arrays_to_state_dict,
     check_arrays,
     get_record,
+    layout_of,
     read_array,
 )
 
@@ -220,3 +221,10 @@ def test_complex_nan_is_refused():
 def test_get_record_returns_the_record():
     record = ConfigRecord({"a": 1})
     assert get_record(RecordDict({"config": record}), "config", ConfigRecord) is record
+
+
+def test_layout_of_a_trusted_record():
+    record = ArrayRecord(
+        {"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.zeros(4, np.int64))}
+    )
+    assert layout_of(record) == {"w": ((2, 3), "float32"), "n": ((4,), "int64")}
