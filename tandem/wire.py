@@ -137,8 +137,8 @@ def read_array(
         cannot be parsed; on a size over ``max_bytes``.
     """
     what = f"array '{key}'"
-    if getattr(array, "stype", None) != NUMPY_STYPE:
-        raise PayloadError(f"{what} has stype {getattr(array, 'stype', None)!r}")
+    if array.stype != NUMPY_STYPE:
+        raise PayloadError(f"{what} has stype {array.stype!r}")
     declared_dtype = _wire_dtype(array.dtype, f"{what} declared")
     declared_shape = _wire_shape(array.shape, f"{what} declared")
     if shape is not None and (
@@ -211,7 +211,7 @@ def check_arrays(
     out: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in expected.items():
         values = read_array(record[key], key, shape=tuple(shape), dtype=dtype)
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             raise PayloadError(f"array '{key}' holds NaN or Inf")
         out[key] = values
     return out

@@ -144,7 +144,10 @@ def test_version_2_headers_are_read():
         (_forged("floaty", (1,), b""), "declared dtype 'floaty' is not a dtype"),
         (_forged("float32", (-1,), b""), "declared shape (-1,) is not a shape"),
         (_forged("float32", (True,), b""), "is not a shape"),
-        (_forged("float32", (1,), b"", stype="torch.Tensor"), "has stype"),
+        (
+            _forged("float32", (1,), b"", stype="torch.Tensor"),
+            "has stype 'torch.Tensor'",
+        ),
         # truncated or padded data
         (_forged("float32", (3,), _npy(np.zeros(3, np.float32))[:-1]), "holds 11 data"),
         (
