@@ -194,3 +194,81 @@ def test_divergence_names_what_is_wrong_and_sums_in_float64():
     x = np.full(10**6, 3e-4, np.float32)
     expected = math.sqrt(10**6 * float(np.float32(3e-4)) ** 2)
     assert divergence(x, np.zeros_like(x)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_refresh_cache_copies_what_it_keeps():
+    update = np.array([1.0, 2.0])
+    cache = refresh_cache({}, {0: update}, server_round=3)
+    update[0] = 99.0  # the caller reuses its buffer
+    assert cache[0].update.tolist() == [1.0, 2.0] and cache[0].round == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([], [1.0], [0.0]), "num_examples must be a non-empty 1-D array, got (0,)"),
+        (([1], [-0.5], [0.0]), "reliability must be finite and non-negative"),
+        (([1], [1.5], [0.0]), "reliability must lie in [0, 1]"),
+        (([1], [1.0], [np.inf]), "latency_s must be finite and non-negative"),
+        (
+            ([0], [1.0], [0.0]),
+            "every device has zero weight (no examples or zero reliability): "
+            "nothing to aggregate",
+        ),
+    ],
+)
+def test_aggregation_weights_messages(args, message):
+    with pytest.raises(ValueError) as info:
+        aggregation_weights(*(np.array(a, dtype=float) for a in args))
+    assert str(info.value) == message
+
+
+def test_aggregation_weights_reference_and_small_totals():
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"^reference_latency_s must be > 0, got"):
+            aggregation_weights(
+                np.ones(1), np.ones(1), np.ones(1), reference_latency_s=bad
+            )
+    # a total below 1 is still a total: one device at half reliability
+    assert aggregation_weights(np.ones(1), np.array([0.5]), np.zeros(1)).tolist() == [
+        1.0
+    ]
+
+
+def test_sync_policy_limits_are_inclusive_and_named():
+    SyncPolicy(default_steps=4, min_steps=4, default_budget=2.0, max_budget=2.0)
+    for kwargs, message in [
+        (
+            {"default_steps": 4, "min_steps": 5},
+            "need 1 <= min_steps <= default_steps, got 5 and 4",
+        ),
+        (
+            {"default_budget": 0.0},
+            "need 0 < default_budget <= max_budget, got 0.0 and 4.0",
+        ),
+        (
+            {"default_budget": 5.0},
+            "need 0 < default_budget <= max_budget, got 5.0 and 4.0",
+        ),
+    ]:
+        with pytest.raises(ValueError) as info:
+            SyncPolicy(**kwargs)
+        assert str(info.value) == message
+
+
+def test_adjust_sync_checks_and_types():
+    policy = SyncPolicy(threshold=1.5, default_steps=8)
+    for args, message in [
+        (([], [], []), "divergences must be a non-empty 1-D array, got (0,)"),
+        (([1.0], [0], [1.0]), "local_steps must be integers >= 1"),
+        (([1.0], [1], [0.0]), "budget_scale must be finite and > 0"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            adjust_sync(*(np.array(a) for a in args), policy)
+        assert str(info.value) == message
+    decision = adjust_sync(
+        np.array([1.0, 1.0]), np.array([8, 2]), np.array([1.0, 2.0], np.float32), policy
+    )
+    assert decision.budget_scale.dtype == np.float64
+    assert decision.budget_scale.tolist() == [1.0, 1.0]
+    assert decision.local_steps.tolist() == [8, 4]

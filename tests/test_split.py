@@ -63,6 +63,11 @@ def test_forecast_and_reconciliation_by_hand():
     torch.testing.assert_close(
         forecast_gradients(grad, theta, cloud, 0.0)["w"], grad["w"]
     )
+    # a gap of 2: ∇ + 0.5·2 (the gap is multiplied, not divided)
+    far = {"w": torch.tensor([2.5, 2.5])}
+    torch.testing.assert_close(
+        forecast_gradients(grad, theta, far, 0.5)["w"], torch.tensor([2.0, -1.0])
+    )
     # (1 − 0.25)·θ + 0.25·θ^c
     torch.testing.assert_close(
         soft_reconcile(theta, cloud, 0.25)["w"], torch.tensor([0.75, 0.25])
@@ -123,3 +128,21 @@ def test_cut_codec_rejects_bad_arrays():
         decode_cut({**good, "g-scale": np.ones(3, np.float32)}, "int8", "g", (2, 3))
     with pytest.raises(ValueError, match="NaN or Inf"):
         decode_cut({"g": np.full((2, 3), np.nan, np.float32)}, "float32", "g", (2, 3))
+
+
+def test_int8_rows_edge_cases():
+    # small rows use their own scale (below 1 too); a zero row never divides
+    x = np.array([[0.5, -0.25], [0.0, 0.0], [3.0, 1.5]], dtype=np.float64)
+    with np.errstate(divide="raise", invalid="raise"):
+        q, scale = quantize_rows(x)
+    assert scale.dtype == np.float32 and scale.tolist() == [0.5, 0.0, 3.0]
+    assert q.tolist() == [[127, -64], [0, 0], [127, 64]]
+    np.testing.assert_allclose(dequantize_rows(q, scale), x, atol=0.5 * 3.0 / 127)
+    # rows of no features: scales of zero, float32
+    q, scale = quantize_rows(np.zeros((2, 0), np.float32))
+    assert q.shape == (2, 0) and scale.dtype == np.float32 and scale.tolist() == [0, 0]
+
+
+def test_encode_cut_names_the_bad_precision():
+    with pytest.raises(ValueError, match=r"^precision must be one of .*not 'int4'$"):
+        encode_cut(np.zeros((1, 2), np.float32), "int4", "a")
