@@ -265,14 +265,6 @@ def test_steady_seconds_is_the_lower_quartile_of_the_same_work():
     assert raw[-1].nodes[1].edge_seconds == 9.0
 
 
-def test_speed_factor_bounds():
-    edge = DeviceProfile("edge", 0.5, "test")
-    assert speed_factor(edge, 0.25) == 0.5  # figures below 1 are fine
-    for device, local in [(edge, 0.0), (DeviceProfile("x", 0.0, "test"), 1.0)]:
-        with pytest.raises(ValueError, match=r"^GFLOP/s figures must be > 0$"):
-            speed_factor(device, local)
-
-
 def test_link_description_by_hand():
     link = LinkProfile(
         "two-step",
