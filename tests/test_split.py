@@ -146,3 +146,21 @@ def test_int8_rows_edge_cases():
 def test_encode_cut_names_the_bad_precision():
     with pytest.raises(ValueError, match=r"^precision must be one of .*not 'int4'$"):
         encode_cut(np.zeros((1, 2), np.float32), "int4", "a")
+
+
+def test_decode_cut_edges():
+    # int8: a zero row (scale 0) and scales below 1 decode; a negative does not
+    q = np.array([[127, -127], [0, 0]], np.int8)
+    arrays = {"a": q, "a-scale": np.array([0.5, 0.0], np.float32)}
+    out = decode_cut(arrays, "int8", "a", (2, 2))
+    assert out.tolist() == [[0.5, -0.5], [0.0, 0.0]]
+    arrays["a-scale"] = np.array([0.5, -0.1], np.float32)
+    with pytest.raises(ValueError, match=r"^'a-scale' must be finite and >= 0$"):
+        decode_cut(arrays, "int8", "a", (2, 2))
+    arrays["a-scale"] = np.ones(3, np.float32)  # (3,) for 2 rows of 5
+    with pytest.raises(ValueError) as info:
+        decode_cut({**arrays, "a": np.zeros((2, 5), np.int8)}, "int8", "a", (2, 5))
+    assert str(info.value) == "'a-scale' is float32 (3,), expected float32 (2,)"
+    # float16 arrives as float16 and is handed on as float32
+    half = decode_cut({"a": np.ones((1, 3), np.float16)}, "float16", "a", (1, 3))
+    assert half.dtype == np.float32
