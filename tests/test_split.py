@@ -50,6 +50,19 @@ def test_split_by_name_and_errors():
         with pytest.raises(ConfigError) as info:
             split_model(model, bad)
         assert info.value.key == "simultrain-cut"
+    # the last stage but one is the last cut; numbers may come as text
+    edge, cloud = split_model(model, "6")
+    assert len(edge) == 7 and len(cloud) == 1
+    messages = {
+        "nope": "run config 'simultrain-cut' = 'nope': must name a stage: conv1, "
+        "act1, conv2, act2, conv3, act3, flatten, fc",
+        "-1": "run config 'simultrain-cut' = '-1': must leave both parts "
+        "non-empty: 0 <= cut < 7",
+    }
+    for bad, message in messages.items():
+        with pytest.raises(ConfigError) as info:
+            split_model(model, bad)
+        assert str(info.value) == message
 
 
 def test_forecast_and_reconciliation_by_hand():
