@@ -12,10 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from tandem.clients.acesync import EDGE_METRICS
 from tandem.coordination import aggregation_weights
+from tandem.protocol.acesync import EDGE_METRICS, AceSyncOptions
 from tandem.strategies.acesync import AceSync
-from tandem.strategies.acesync_options import AceSyncOptions
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 

@@ -12,15 +12,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from tandem.client_app import dispatch
-from tandem.clients.simultrain import (
+from tandem.config import RunConfig, parse_section
+from tandem.protocol.simultrain import (
     KEY_ACTS,
     KEY_DELTA,
     KEY_EDGE_PARAMS,
     KEY_GRADS,
+    SimulTrainOptions,
     edge_model,
 )
-from tandem.config import RunConfig, parse_section
-from tandem.strategies.simultrain_options import SimulTrainOptions
 
 LR, EDGE_LR_SCALE, MOMENTUM, ALPHA = 0.05, 0.5, 0.9, 0.5
 RUN_CONFIG = {
