@@ -45,7 +45,14 @@ from tandem.models import build_model, default_model_for, model_entry
 from tandem.network import assign_links
 from tandem.options import ConfigError, option
 from tandem.split import cut_keys, decode_cut, split_model
-from tandem.wire import KEY_CONFIG, KEY_METRICS, PayloadError, check_arrays, get_record
+from tandem.wire import (
+    KEY_CONFIG,
+    KEY_METRICS,
+    PayloadError,
+    check_arrays,
+    get_record,
+    read_array,
+)
 
 if TYPE_CHECKING:
     from tandem.config import RunConfig
@@ -177,7 +184,7 @@ def _int(record: ConfigRecord, key: str) -> int:
 
 
 def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
+    return {k: read_array(a, k) for k, a in record.items()}
 
 
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -389,21 +396,21 @@ def read_activations(
         raise PayloadError(
             f"labels of shape {tuple(y.shape)}, expected (<= {max_rows}{rest})"
         )
-    sizes_np = sizes.numpy()
+    sizes_np = read_array(sizes, "sizes", dtype="int64")
     if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
         raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
     if int(sizes_np.sum()) != rows:
         raise PayloadError("sizes and label rows disagree")
     try:
         acts = decode_cut(
-            {k: record[k].numpy() for k in cut_keys(precision, "a")},
+            {k: read_array(record[k], k) for k in cut_keys(precision, "a")},
             precision,
             "a",
             (rows, *cut_shape),
         )
     except ValueError as err:
         raise PayloadError(f"activations: {err}") from None
-    labels = y.numpy()
+    labels = read_array(y, "y", shape=(rows, *label_shape), dtype="int64")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise PayloadError(f"labels outside [0, {num_classes})")
     return Activations(acts, labels, sizes_np)

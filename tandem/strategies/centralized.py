@@ -23,7 +23,7 @@ from tandem.datasets import ArraySplit
 from tandem.protocol.centralized import KEY_DATA, MESSAGE_TYPE
 from tandem.server_context import ServerRun
 from tandem.training import BatchStream, evaluate, make_optimizer, train_steps
-from tandem.wire import KEY_NODE, PayloadError, get_record
+from tandem.wire import KEY_NODE, PayloadError, get_record, read_array
 
 __all__ = ["check_upload", "run"]
 
@@ -68,7 +68,7 @@ def check_upload(
         )
     if not 1 <= rows <= max_rows:
         raise PayloadError(f"upload of {rows} rows outside [1, {max_rows}]")
-    xs, ys = x.numpy(), y.numpy()
+    xs, ys = read_array(x, "x"), read_array(y, "y")  # bytes as declared
     if tokens:
         xs, ys = xs.astype(np.int64), ys.astype(np.int64)
     if not np.isfinite(xs).all():
