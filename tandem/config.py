@@ -229,6 +229,8 @@ class RunConfig:
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     #: The chosen method's own section (``None`` for a method without one).
     options: object | None = None
+    #: Every registered method's section, parsed and checked (see :meth:`section`).
+    sections: tuple[object, ...] = ()
 
     @property
     def seed(self) -> int:
@@ -254,7 +256,9 @@ class RunConfig:
         reject_unknown_keys(flat, all_keys())
         sections = {kind: parse_section(kind, flat) for kind in method_option_classes()}
         chosen = None if spec.options is None else sections[spec.options]
-        return dataclasses.replace(cfg, options=chosen)
+        return dataclasses.replace(
+            cfg, options=chosen, sections=tuple(sections.values())
+        )
 
     def options_as(self, kind: type[T]) -> T:
         """The chosen method's section, checked to be a ``kind``.
@@ -270,6 +274,20 @@ class RunConfig:
                 f"options, not {kind.__name__}"
             )
         return self.options
+
+    def section(self, kind: type[T]) -> T:
+        """Any registered method's parsed section, whatever the chosen method
+        (for checks of its keys that need more than the key itself).
+
+        Raises
+        ------
+        LookupError
+            If no parsed section is a ``kind``.
+        """
+        for section in self.sections:
+            if isinstance(section, kind):
+                return section
+        raise LookupError(f"no parsed option section of type {kind.__name__}")
 
     def as_flat(self) -> dict[str, Scalar]:
         """Every key with its effective value, the method's own included."""

@@ -20,10 +20,13 @@ import numpy as np
 from tandem.config import ConfigError, RunConfig
 from tandem.datasets import ArraySplit, DataBundle
 from tandem.failures import run_reporting_failure
+from tandem.protocol.simultrain import SimulTrainOptions
 from tandem.server_context import ServerRun
+from tandem.split import split_model
 
 __all__ = [
     "check_partitions",
+    "check_simultrain_cut",
     "data_lines",
     "data_report",
     "run_checked",
@@ -119,6 +122,23 @@ def check_partitions(cfg: RunConfig, bundle: DataBundle, nodes: int) -> None:
         )
 
 
+def check_simultrain_cut(srv: ServerRun) -> None:
+    """Check ``simultrain-cut`` against the run's model, whatever the method.
+
+    The key is a stage name or index of the model, so only the model can tell
+    whether it is valid; every key is checked on every run, so a FedAvg run
+    with a cut that names no stage stops here too.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and the model's stages.
+    """
+    cut = srv.cfg.section(SimulTrainOptions).cut
+    if cut != "default":
+        split_model(srv.build_model(), cut)
+
+
 def _check_before_training(srv: ServerRun) -> None:
     bundle = srv.data()
     report = data_report(bundle)
@@ -127,6 +147,7 @@ def _check_before_training(srv: ServerRun) -> None:
         srv.tracker.note(line)
     nodes = max(srv.cfg.min_nodes, len(list(srv.grid.get_node_ids())))
     check_partitions(srv.cfg, bundle, nodes)
+    check_simultrain_cut(srv)
 
 
 def run_checked(srv: ServerRun, run_server: Callable[[ServerRun], None]) -> None:

@@ -22,7 +22,12 @@ from tandem.failures import (
     stop_if_all_failed,
     tidy_reason,
 )
-from tandem.preflight import check_partitions, data_lines, data_report
+from tandem.preflight import (
+    check_partitions,
+    check_simultrain_cut,
+    data_lines,
+    data_report,
+)
 from tandem.tracking import Tracker, read_jsonl
 
 WHY = "run config 'num-partitions' = 10: must not exceed the 3 natural ids"
@@ -159,6 +164,27 @@ def test_more_nodes_than_natural_ids_fail_on_the_server():
         check_partitions(cfg, bundle, 10)
     iid = RunConfig.from_flat({"dataset": "wisdm", "data-path": "w.txt"})
     check_partitions(iid, bundle, 10)  # iid needs no natural ids
+
+
+class _Server:
+    """What check_simultrain_cut reads of a ServerRun: the config and the model."""
+
+    def __init__(self, flat: dict) -> None:
+        self.cfg = RunConfig.from_flat({"mnist1d-samples": 200, **flat})
+
+    def build_model(self):
+        from tandem.models import build_model
+
+        return build_model("cnn1d", (1, 40), 10, 0)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "acesync", "simultrain"])
+def test_a_cut_naming_no_stage_stops_any_method_before_training(method):
+    server = _Server({"method": method, "simultrain-cut": "nonexistent"})
+    with pytest.raises(ConfigError, match="'simultrain-cut' = 'nonexistent'"):
+        check_simultrain_cut(server)
+    for cut in ("default", "conv1", "1"):
+        check_simultrain_cut(_Server({"method": method, "simultrain-cut": cut}))
 
 
 def test_every_dataset_reports_samples_and_classes_per_split():
