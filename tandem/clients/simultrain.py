@@ -36,6 +36,7 @@ chunk keeps the delay at two steps whatever the chunk size.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,24 +55,33 @@ from tandem.clients.node import (
 )
 from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
+from tandem.frames import FrameError, decode_frame, encode_frame
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
+    SESSION_TYPE,
     CloudMessage,
     EdgeReply,
+    SessionStart,
     SimulTrainOptions,
     edge_model,
+    hello_frame,
+    read_message_frame,
+    reply_frame,
 )
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
+from tandem.streaming import Outbox, open_stream
 from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
     "HANDLERS",
     "EdgeState",
+    "StreamedEdge",
     "apply_gradients",
     "forward_chunk",
     "handler",
     "reconcile",
+    "session_handler",
     "sgd_step",
 ]
 
@@ -363,4 +373,195 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-HANDLERS = {MESSAGE_TYPE: handler}
+class StreamedEdge:
+    """An edge's stream session: up to W chunks in flight, the steps above.
+
+    Credit-based flow control: the session grants W credits; forwarding a
+    chunk spends one, the gradients of the oldest chunk in flight return it.
+    While credits are left the edge forwards the next chunk (step 3) and
+    queues its frame, which gRPC's thread sends while the edge goes on;
+    with none left it waits for gradients, applies them at the chunk's
+    stashed weights (step 1) and reconciles when ``θ_e^c`` comes with them
+    (step 2). The delta of a reconciliation rides on the next chunk's frame
+    (or a frame of its own when no chunk is left to send; the last one on
+    the reply that ends the session).
+
+    With W = 2 this is the message transport's schedule: chunk ``v + 2`` is
+    forwarded right after chunk ``v``'s gradients are applied.
+    """
+
+    def __init__(
+        self,
+        state: EdgeState,
+        edge: nn.Module,
+        split: ArraySplit,
+        batches: BatchStream,
+        opts: SimulTrainOptions,
+        cfg: RunConfig,
+        start: SessionStart,
+    ) -> None:
+        self.state = state
+        self.edge = edge
+        self.split = split
+        self.batches = batches
+        self.opts = opts
+        self.lr = cfg.train.lr * opts.edge_lr_scale
+        self.momentum = cfg.train.momentum
+        self.start = start
+        self.layout = layout_of(_record(state.theta))
+        self.pending: Tensors | None = None  # a delta not yet reported
+        self.compute = 0.0  # CPU seconds not yet reported
+        self.total_compute = 0.0
+        self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
+        self.seq = 0  # frames sent
+
+    def begin(self) -> None:
+        """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
+        state = self.state
+        received = {
+            k: torch.from_numpy(np.array(v)) for k, v in self.start.edge_params.items()
+        }
+        self.pending = reconcile(state, received, self.start.v_c, self.opts.lam)
+        state.fresh = False
+        state.stash = ArrayRecord()  # chunks of an earlier session are void
+        state.version = self.start.next_version
+
+    def _frame(self, chunk: Chunk | None, version: int) -> bytes:
+        delta = self.pending
+        self.pending = None
+        reply = EdgeReply(
+            version=version if chunk is not None else -1,
+            base_v_c=self.state.base_v_c,
+            compute_seconds=self.compute,
+            steps=self.state.steps,
+            delta=None if delta is None else {k: v.numpy() for k, v in delta.items()},
+            acts=None if chunk is None else chunk.acts,
+            labels=None if chunk is None else chunk.labels,
+            sizes=None if chunk is None else chunk.sizes,
+        )
+        self.total_compute += self.compute
+        self.compute = 0.0
+        data = encode_frame(reply_frame(reply, self.seq))
+        self.seq += 1
+        return data
+
+    def forward(self, want: int) -> bytes:
+        """Step 3 on the next chunk; its frame (spends a credit)."""
+        version = self.state.version
+        chunk = forward_chunk(
+            self.state, self.edge, self.split, self.batches, want, self.opts.precision
+        )
+        self.compute += chunk.seconds
+        self.in_flight.append(version)
+        return self._frame(chunk, version)
+
+    def receive(self, data: bytes) -> None:
+        """Steps 1 and 2 on a gradients frame (returns a credit).
+
+        Raises
+        ------
+        PayloadError
+            If the frame is malformed or not for the oldest chunk in flight.
+        """
+        try:
+            frame = decode_frame(data, self.start.max_frame)
+        except FrameError as err:
+            raise PayloadError(f"gradients frame: {err}") from None
+        msg = read_message_frame(frame, self.layout)
+        if not self.in_flight or msg.grad_for != self.in_flight[0]:
+            raise PayloadError(
+                f"gradients for chunk {msg.grad_for}, expected "
+                f"{self.in_flight[0] if self.in_flight else 'none'}"
+            )
+        self.in_flight.popleft()
+        self.compute += apply_gradients(
+            self.state,
+            self.edge,
+            self.split,
+            msg,
+            self.opts,
+            self.lr,
+            self.momentum,
+        )
+        if msg.edge_params is not None:
+            received = {
+                k: torch.from_numpy(np.array(v)) for k, v in msg.edge_params.items()
+            }
+            self.pending = reconcile(self.state, received, msg.v_c, self.opts.lam)
+
+    def run(self, node_id: int) -> None:
+        """Stream the session's chunks through (see the class docstring).
+
+        Raises
+        ------
+        RuntimeError
+            If the cloud ends the stream before every gradient came back.
+        grpc.RpcError
+            If the stream fails (refused, cancelled, unreachable).
+        """
+        start = self.start
+        outbox = Outbox()
+        outbox.put(encode_frame(hello_frame(node_id, start.secret)))
+        channel, responses = open_stream(
+            start.address, iter(outbox), start.max_frame, start.root_cert or None
+        )
+        try:
+            left = start.steps
+            while left > 0 or self.in_flight:
+                while left > 0 and len(self.in_flight) < start.window:
+                    want = min(start.chunk, left)
+                    outbox.put(self.forward(want))
+                    left -= want
+                if self.pending is not None and self.in_flight:
+                    outbox.put(self._frame(None, -1))  # a delta, no chunk left
+                data = next(responses, None)
+                if data is None:
+                    raise RuntimeError(
+                        f"the cloud closed the stream with {len(self.in_flight)} "
+                        "chunks in flight"
+                    )
+                self.receive(data)
+            outbox.close()
+            for _ in responses:  # the cloud ends its side after ours
+                raise RuntimeError("an unexpected frame after the last gradients")
+        finally:
+            outbox.close()
+            channel.close()
+
+    def reply(self) -> EdgeReply:
+        """The session's answer: the final delta and the compute not reported."""
+        delta = self.pending
+        self.total_compute += self.compute
+        return EdgeReply(
+            version=-1,
+            base_v_c=self.state.base_v_c,
+            compute_seconds=self.compute,
+            steps=self.state.steps,
+            delta=None if delta is None else {k: v.numpy() for k, v in delta.items()},
+        )
+
+
+def session_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Handle a ``train.simultrain_session`` message: one stream session."""
+    opts = cfg.options_as(SimulTrainOptions)
+    node = NodeConfig.from_node_config(context.node_config)
+    split = load_node_split(cfg, node, "train")
+    edge, _ = edge_model(cfg, opts)
+    state = EdgeState.load(context.state, _params(edge))
+    batches = restore_stream(
+        context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
+    )
+    start = SessionStart.from_content(msg.content, layout_of(_record(state.theta)))
+    session = StreamedEdge(state, edge, split, batches, opts, cfg, start)
+    session.begin()
+    try:
+        session.run(context.node_id)
+    finally:
+        state.save(context.state)
+        save_stream(context, batches)
+    reply = session.reply().to_content()
+    reply[KEY_NODE] = node_record(node)
+    return Message(content=reply, reply_to=msg)
+
+
+HANDLERS = {MESSAGE_TYPE: handler, SESSION_TYPE: session_handler}

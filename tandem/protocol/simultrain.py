@@ -41,6 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from tandem.datasets import load_dataset
+from tandem.frames import Frame
 from tandem.models import build_model, default_model_for, model_entry
 from tandem.network import assign_links
 from tandem.options import ConfigError, option
@@ -64,14 +65,22 @@ __all__ = [
     "KEY_GRADS",
     "KEY_META",
     "MESSAGE_TYPE",
+    "SESSION_TYPE",
     "Activations",
     "CloudMessage",
     "EdgeReply",
+    "SessionStart",
     "SimulTrainOptions",
     "edge_model",
+    "frame_content",
+    "hello_frame",
+    "message_frame",
     "read_activations",
     "read_compute_seconds",
     "read_delta",
+    "read_hello",
+    "read_message_frame",
+    "reply_frame",
 ]
 
 MESSAGE_TYPE = "train.simultrain"
@@ -100,6 +109,12 @@ def _link_spec(spec: str) -> bool:
     except ValueError as err:
         raise ConfigError(_LINK_KEY, spec, str(err)) from None
     return True
+
+
+def _address(address: str) -> bool:
+    """``host:port``, port in [0, 65535]."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) <= 65535)
 
 
 @dataclass(frozen=True)
@@ -159,6 +174,49 @@ class SimulTrainOptions:
     cloud_factor: float = option(
         "simultrain-cloud-factor", 1.0, "must be > 0", lambda f: f > 0
     )
+    transport: str = option(
+        "simultrain-transport", "message", choices=("message", "stream")
+    )
+    window: int = option(
+        "simultrain-window",
+        0,
+        "must be >= 0 (chunks in flight per edge on the stream; 0 = "
+        "min(2, max(1, staleness bound)))",
+        lambda n: n >= 0,
+    )
+    stream_bind: str = option(
+        "simultrain-stream-bind", "127.0.0.1:0", "must be host:port", _address
+    )
+    stream_advertise: str = option(
+        "simultrain-stream-advertise",
+        "",
+        "must be host:port, or empty (the bound address)",
+        lambda a: a == "" or _address(a),
+    )
+    stream_tls_cert: str = option("simultrain-stream-tls-cert", "")
+    stream_tls_key: str = option("simultrain-stream-tls-key", "")
+    stream_tls_ca: str = option("simultrain-stream-tls-ca", "")
+    stream_max_frame_mb: float = option(
+        "simultrain-stream-max-frame-mb",
+        64.0,
+        "must be > 0 (largest stream frame, MB)",
+        lambda f: f > 0,
+    )
+
+    @property
+    def in_flight(self) -> int:
+        """W: chunks an edge may have in flight on the stream."""
+        return self.window or min(2, max(1, self.staleness_bound))
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The frame bound in bytes (``simultrain-stream-max-frame-mb``)."""
+        return int(self.stream_max_frame_mb * 2**20)
+
+    @property
+    def stream_chunk(self) -> int:
+        """Micro-batches per chunk on the stream (the adaptive size is not used)."""
+        return self.chunk or self.max_chunk
 
 
 def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.Module]:
@@ -414,3 +472,216 @@ def read_activations(
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise PayloadError(f"labels outside [0, {num_classes})")
     return Activations(acts, labels, sizes_np)
+
+
+# ------------------------------------------------------------------ the stream
+#: The Flower message that starts an edge's stream session (control plane).
+SESSION_TYPE = "train.simultrain_session"
+KEY_SESSION = "session"
+#: Frame kinds (:mod:`tandem.frames`) of the stream (data plane).
+FRAME_HELLO = 1  # edge -> cloud, first: ints = (node id, 0, 0), array "secret"
+FRAME_CHUNK = 2  # edge -> cloud: an EdgeReply (a chunk and/or a delta)
+FRAME_GRADS = 3  # cloud -> edge: a CloudMessage (one chunk's gradients)
+_DELTA = "delta/"
+_EDGE = "edge/"
+
+
+@dataclass(frozen=True)
+class SessionStart:
+    """What the cloud's session message tells an edge (Flower records).
+
+    Attributes
+    ----------
+    address : str
+        ``host:port`` of the cloud's stream endpoint.
+    secret : bytes
+        This node's secret for this session; its first frame presents it.
+    window : int
+        W, chunks the edge may have in flight (its credits).
+    steps : int
+        Micro-batches to forward in this session.
+    chunk : int
+        Micro-batches per chunk (the last one may be smaller).
+    next_version : int
+        Version of the session's first chunk.
+    v_c : int
+        The cloud's step count when the session started.
+    edge_params : dict of str to ndarray
+        ``θ_e^c``: the edge reconciles with it before streaming (a fresh
+        node starts from it).
+    root_cert : bytes
+        PEM certificate the stream's TLS must chain to (empty: no TLS).
+    max_frame : int
+        Largest frame either way (bytes).
+    """
+
+    address: str
+    secret: bytes
+    window: int
+    steps: int
+    chunk: int
+    next_version: int
+    v_c: int
+    edge_params: dict[str, np.ndarray]
+    root_cert: bytes = b""
+    max_frame: int = 64 * 2**20
+
+    def to_content(self) -> RecordDict:
+        """The session message as Flower records."""
+        content = RecordDict()
+        content[KEY_EDGE_PARAMS] = _record(self.edge_params)
+        content[KEY_SESSION] = ConfigRecord(
+            {
+                "address": self.address,
+                "secret": self.secret,
+                "root-cert": self.root_cert,
+                "window": self.window,
+                "steps": self.steps,
+                "chunk": self.chunk,
+                "next-version": self.next_version,
+                "v-c": self.v_c,
+                "max-frame": self.max_frame,
+            }
+        )
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict, edge_layout: Layout) -> SessionStart:
+        """Read a session message; ``θ_e^c`` is checked against ``edge_layout``.
+
+        Raises
+        ------
+        PayloadError
+            On a missing record or field, or edge parameters that do not fit.
+        """
+        conf = get_record(content, KEY_SESSION, ConfigRecord)
+        params = check_arrays(
+            get_record(content, KEY_EDGE_PARAMS, ArrayRecord), edge_layout
+        )
+        address, secret, root = (
+            conf.get("address"),
+            conf.get("secret"),
+            conf.get("root-cert"),
+        )
+        if not isinstance(address, str) or not isinstance(secret, bytes):
+            raise PayloadError("session needs an address and a secret")
+        ints = {
+            k: _int(conf, k)
+            for k in ("window", "steps", "chunk", "next-version", "v-c", "max-frame")
+        }
+        if ints["window"] < 1 or ints["chunk"] < 1 or ints["steps"] < 0:
+            raise PayloadError(f"session window/chunk/steps {ints}")
+        return cls(
+            address,
+            secret,
+            ints["window"],
+            ints["steps"],
+            ints["chunk"],
+            ints["next-version"],
+            ints["v-c"],
+            params,
+            root if isinstance(root, bytes) else b"",
+            ints["max-frame"],
+        )
+
+
+def hello_frame(node: int, secret: bytes) -> Frame:
+    """The edge's first frame: its node id and the session's secret."""
+    return Frame(
+        FRAME_HELLO, 0, (node, 0, 0), 0.0, {"secret": np.frombuffer(secret, np.uint8)}
+    )
+
+
+def read_hello(frame: Frame) -> tuple[int, bytes]:
+    """``(node id, secret)`` of a hello frame.
+
+    Raises
+    ------
+    PayloadError
+        If it is not a hello frame or carries no byte string as secret.
+    """
+    secret = frame.arrays.get("secret")
+    if frame.kind != FRAME_HELLO or set(frame.arrays) != {"secret"}:
+        raise PayloadError(f"first frame of kind {frame.kind}, expected a hello")
+    if secret is None or secret.dtype != np.uint8 or secret.ndim != 1:
+        raise PayloadError("hello without a byte-string secret")
+    return frame.ints[0], secret.tobytes()
+
+
+def reply_frame(reply: EdgeReply, seq: int) -> Frame:
+    """An :class:`EdgeReply` as a chunk frame (arrays: ``a``…, ``y``, ``sizes``,
+    ``delta/<key>``; ints: version, base ``v-c``, steps; real: compute seconds).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    if reply.acts is not None:
+        if reply.labels is None or reply.sizes is None:
+            raise ValueError("activations need their labels and sizes")
+        arrays.update(reply.acts)
+        arrays["y"], arrays["sizes"] = reply.labels, reply.sizes
+    for k, v in (reply.delta or {}).items():
+        arrays[_DELTA + k] = v
+    ints = (reply.version, reply.base_v_c, reply.steps)
+    return Frame(FRAME_CHUNK, seq, ints, reply.compute_seconds, arrays)
+
+
+def frame_content(frame: Frame) -> RecordDict:
+    """A chunk frame as the records of the :class:`EdgeReply` it carries.
+
+    The result goes through the same readers as a Flower reply
+    (:func:`read_activations`, :func:`read_delta`, :func:`read_compute_seconds`).
+
+    Raises
+    ------
+    PayloadError
+        If it is not a chunk frame, or has activations without labels/sizes.
+    """
+    if frame.kind != FRAME_CHUNK:
+        raise PayloadError(f"frame of kind {frame.kind}, expected a chunk")
+    delta = {
+        k[len(_DELTA) :]: v for k, v in frame.arrays.items() if k.startswith(_DELTA)
+    }
+    rest = {k: v for k, v in frame.arrays.items() if not k.startswith(_DELTA)}
+    labels, sizes = rest.pop("y", None), rest.pop("sizes", None)
+    if (labels is None) != (sizes is None) or (labels is None) != (not rest):
+        raise PayloadError(f"chunk arrays {sorted(frame.arrays)}")
+    version, base_v_c, steps = frame.ints
+    return EdgeReply(
+        version,
+        base_v_c,
+        frame.real,
+        steps,
+        delta or None,
+        rest or None,
+        labels,
+        sizes,
+    ).to_content()
+
+
+def message_frame(message: CloudMessage, seq: int) -> Frame:
+    """A :class:`CloudMessage` as a gradients frame (arrays ``g``…, ``edge/<key>``;
+    ints: ``v-c``, ``want``, ``grad-for``).
+    """
+    arrays = dict(message.grads or {})
+    for k, v in (message.edge_params or {}).items():
+        arrays[_EDGE + k] = v
+    ints = (message.v_c, message.want, message.grad_for)
+    return Frame(FRAME_GRADS, seq, ints, 0.0, arrays)
+
+
+def read_message_frame(frame: Frame, edge_layout: Layout) -> CloudMessage:
+    """The :class:`CloudMessage` of a gradients frame, ``θ_e^c`` checked.
+
+    Raises
+    ------
+    PayloadError
+        If it is not a gradients frame or its edge parameters do not fit.
+    """
+    if frame.kind != FRAME_GRADS:
+        raise PayloadError(f"frame of kind {frame.kind}, expected gradients")
+    v_c, want, grad_for = frame.ints
+    params = {
+        k[len(_EDGE) :]: v for k, v in frame.arrays.items() if k.startswith(_EDGE)
+    }
+    grads = {k: v for k, v in frame.arrays.items() if not k.startswith(_EDGE)}
+    checked = check_arrays(_record(params), edge_layout) if params else None
+    return CloudMessage(v_c, want, grad_for, grads or None, checked)

@@ -351,6 +351,79 @@ class SimulTrainCloud:
         self.record(track, answered, bytes_up, time.perf_counter() - tick)
         self.end_period_if_due()
 
+    # ------------------------------------------------------------ the stream
+    def open_session(self, track: EdgeTrack) -> dict[str, np.ndarray]:
+        """``θ_e^c`` for an edge's stream session: it reconciles on it first."""
+        track.catch_up = False
+        track.steps_since_reconcile = 0
+        track.base_merges = self.merges
+        track.seq = track.next_version - 1
+        return {k: v.numpy() for k, v in self.theta_ec.items()}
+
+    def on_chunk(
+        self, track: EdgeTrack, content: RecordDict
+    ) -> tuple[CloudMessage | None, Activations | None]:
+        """Handle a chunk frame's records (a stream's steps 1, 2 and 4).
+
+        Everything is checked before anything changes: the compute metric,
+        the activations (version, ``want`` = the chunk size or the steps
+        left, shapes, dtypes, NaN/Inf, int8 scales, labels, rows) and the
+        delta. Then the delta is merged, ``θ_c`` trained on the chunk, and the
+        answer is the chunk's gradients at once (with ``θ_e^c`` when
+        reconciliation is due or it was the last chunk); ``None`` for a frame
+        that only carried a delta.
+
+        Raises
+        ------
+        PayloadError
+            On any failed check; the cloud's state is unchanged then.
+        """
+        opts = self.opts
+        seconds = read_compute_seconds(content)
+        want = min(opts.stream_chunk, opts.steps - track.steps_requested)
+        chunk = None
+        if KEY_ACTS in content:
+            if want <= 0:
+                raise PayloadError("a chunk after the session's last one")
+            chunk = read_activations(
+                content,
+                track.next_version,
+                want,
+                self.cut_shape,
+                opts.precision,
+                self.num_classes,
+                self.max_rows,
+                label_shape=self.label_shape,
+            )
+        delta = read_delta(content, self.edge_layout)
+        # --- checked: from here on the state changes
+        track.edge_seconds = seconds
+        if delta is not None:
+            self.merge_checked(track, delta)
+        if chunk is None:
+            return None, None
+        version = track.next_version
+        track.next_version += 1
+        track.seq = version
+        track.steps_requested += want
+        track.steps_since_reconcile += want
+        self.chunks_sent.append(want)
+        grads = self.train_chunk(chunk)
+        track.trained += want
+        final = track.steps_requested >= opts.steps
+        due = opts.reconcile_every > 0 and (
+            track.steps_since_reconcile >= opts.reconcile_every
+        )
+        params = None
+        if due or final:
+            params = {k: v.numpy() for k, v in self.theta_ec.items()}
+            track.steps_since_reconcile = 0
+            track.base_merges = self.merges
+        message = CloudMessage(
+            self.cloud_steps, 0, version, encode_cut(grads, opts.precision, "g"), params
+        )
+        return message, chunk
+
     # ------------------------------------------------------------ maths
     def merge(self, track: EdgeTrack, content: RecordDict) -> None:
         """Merge the reply's delta into ``θ_e^c``, weighted by staleness (step 1).
@@ -366,8 +439,11 @@ class SimulTrainCloud:
         except PayloadError as err:
             self.reject(track, f"delta: {err}")
             return
-        if checked is None:
-            return
+        if checked is not None:
+            self.merge_checked(track, checked)
+
+    def merge_checked(self, track: EdgeTrack, checked: dict[str, np.ndarray]) -> None:
+        """Merge a delta already checked against the edge layers (step 1)."""
         delta = {k: torch.from_numpy(np.array(v)) for k, v in checked.items()}
         gap = self.merges - track.base_merges
         edges = len(self.tracks)
@@ -643,8 +719,14 @@ class FlowerLoop:
 
 def run(srv: ServerRun) -> None:
     """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
-    cloud = SimulTrainCloud(srv, srv.options_as(SimulTrainOptions))
+    opts = srv.options_as(SimulTrainOptions)
+    cloud = SimulTrainCloud(srv, opts)
     cloud.resume()
     cloud.start(srv.wait_for_nodes(timeout=120.0))
-    FlowerLoop(srv, cloud).serve()
+    if opts.transport == "stream":
+        from tandem.strategies.simultrain_stream import StreamLoop
+
+        StreamLoop(srv, cloud).serve()
+    else:
+        FlowerLoop(srv, cloud).serve()
     cloud.finish()

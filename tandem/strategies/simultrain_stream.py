@@ -1,0 +1,315 @@
+"""SimulTrain's streaming transport (``simultrain-transport = "stream"``).
+
+Flower messages are the control plane, one gRPC stream per edge the data
+plane (:mod:`tandem.streaming`, frames of :mod:`tandem.frames`):
+
+1. The cloud serves a stream endpoint (``simultrain-stream-bind``, default
+   ``127.0.0.1:0``: loopback, any free port; advertised to the edges as
+   ``simultrain-stream-advertise``, default the bound address), with TLS when
+   ``simultrain-stream-tls-cert`` and ``-key`` are set.
+2. Each edge gets one Flower message (:data:`SESSION_TYPE`,
+   :class:`~tandem.protocol.simultrain.SessionStart`): the endpoint, a fresh
+   secret for this node and session, the root certificate to trust, W, the
+   steps and chunk size, and ``θ_e^c``.
+3. The edge opens one stream; its first frame presents its node id and the
+   secret (constant-time compare, one stream per secret). A wrong, missing,
+   replayed or another node's secret is refused (``UNAUTHENTICATED``),
+   counted as a rejected reply and logged.
+4. The edge streams chunks with up to W in flight; each stream is served by
+   its own thread, the cloud's state guarded by one lock around
+   :meth:`SimulTrainCloud.on_chunk`, which checks the chunk as a Flower reply
+   is checked, trains ``θ_c`` and answers with its gradients at once. A bad
+   frame is rejected and counted without touching the cloud's state, and the
+   edge's stream ends (the edge is dropped). Every frame's bytes go to the
+   byte ledger (``stream.chunk`` up, ``stream.grads`` down).
+5. The edge answers the session message at the end with its final delta,
+   merged like any other. A stream silent for ``reply-timeout`` seconds, or
+   an error reply, drops the edge; a node that connects later gets a session
+   and starts from ``θ_e^c``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from flwr.app import Message
+
+from tandem.options import ConfigError
+from tandem.failures import app_error
+from tandem.frames import FrameError, decode_frame, encode_frame
+from tandem.protocol.simultrain import (
+    SESSION_TYPE,
+    SessionStart,
+    frame_content,
+    message_frame,
+    read_compute_seconds,
+    read_delta,
+    read_hello,
+)
+from tandem.server_context import ServerRun
+from tandem.strategies import simultrain
+from tandem.strategies.simultrain import EdgeTrack, InFlight, SimulTrainCloud
+from tandem.streaming import ServerTls, SessionKeys, StreamServer
+from tandem.wire import PayloadError
+
+__all__ = ["STREAM_DOWN", "STREAM_UP", "StreamLoop", "server_tls"]
+
+#: Ledger message types of the stream's frames.
+STREAM_UP = "stream.chunk"
+STREAM_DOWN = "stream.grads"
+
+
+def server_tls(cert: str, key: str, ca: str) -> tuple[ServerTls | None, bytes]:
+    """The stream's TLS from ``simultrain-stream-tls-*``, and the root to send.
+
+    The edges are told to trust ``ca`` (default: the certificate itself).
+
+    Raises
+    ------
+    ConfigError
+        If only one of ``cert`` and ``key`` is given, or a file is unreadable.
+    """
+    if not cert and not key:
+        return None, b""
+    if not cert or not key:
+        raise ConfigError(
+            "simultrain-stream-tls-cert", cert, "needs simultrain-stream-tls-key too"
+        )
+    files = {}
+    for name, path in (("cert", cert), ("key", key), ("ca", ca or cert)):
+        try:
+            files[name] = Path(path).read_bytes()
+        except OSError as err:
+            raise ConfigError(f"simultrain-stream-tls-{name}", path, str(err)) from None
+    return ServerTls(files["cert"], files["key"]), files["ca"]
+
+
+@dataclass
+class Session:
+    """One edge's session: its Flower message and its stream."""
+
+    track: EdgeTrack
+    message_id: str
+    last_frame: float  # monotonic time of its last frame (or of the start)
+    context: grpc.ServicerContext | None = None
+    closed: bool = False
+
+
+class StreamLoop:
+    """The I/O loop of the stream transport (see the module docstring)."""
+
+    def __init__(self, srv: ServerRun, cloud: SimulTrainCloud) -> None:
+        opts = cloud.opts
+        self.srv = srv
+        self.cloud = cloud
+        self.opts = opts
+        self.lock = threading.Lock()  # guards the cloud and the sessions
+        self.keys = SessionKeys()
+        self.sessions: dict[int, Session] = {}  # node -> its current session
+        self.waiting: dict[str, Session] = {}  # session message id -> session
+        self.failed: list[tuple[Session, str]] = []  # bad streams, to drop
+        self.lost: set[int] = set()
+        self.grad_bytes: dict[tuple[int, int], int] = {}  # (node, chunk) -> bytes
+        self.refused = 0
+        tls, self.root_cert = server_tls(
+            opts.stream_tls_cert, opts.stream_tls_key, opts.stream_tls_ca
+        )
+        self.server = StreamServer(
+            self.handle, opts.stream_bind, opts.max_frame_bytes, tls
+        )
+        self.address = opts.stream_advertise or f"{self.server.host}:{self.server.port}"
+
+    # ------------------------------------------------------------ control plane
+    def open(self, track: EdgeTrack) -> None:
+        """Send the edge its session message (a fresh secret each time)."""
+        secret = self.keys.issue(track.node_id)
+        with self.lock:
+            params = self.cloud.open_session(track)
+            start = SessionStart(
+                address=self.address,
+                secret=secret,
+                window=self.opts.in_flight,
+                steps=max(self.opts.steps - track.steps_requested, 0),
+                chunk=self.opts.stream_chunk,
+                next_version=track.next_version,
+                v_c=self.cloud.cloud_steps,
+                edge_params=params,
+                root_cert=self.root_cert,
+                max_frame=self.opts.max_frame_bytes,
+            )
+        msg = Message(
+            content=start.to_content(),
+            dst_node_id=track.node_id,
+            message_type=SESSION_TYPE,
+        )
+        (message_id,) = list(self.srv.grid.push_messages([msg]))
+        session = Session(track, message_id, time.monotonic())
+        with self.lock:
+            self.sessions[track.node_id] = session
+            self.waiting[message_id] = session
+
+    def serve(self) -> None:
+        """Open every edge's session; run until every session has ended."""
+        self.server.start()
+        try:
+            for track in list(self.cloud.tracks.values()):
+                self.open(track)
+            next_scan = time.monotonic() + simultrain.JOIN_SCAN
+            while self.waiting:
+                replies = list(self.srv.grid.pull_messages(list(self.waiting)))
+                now = time.monotonic()
+                with self.lock:
+                    for session, reason in self.failed:
+                        self._drop(session, reason)
+                    self.failed.clear()
+                    self._drop_silent(now)
+                    for reply in replies:
+                        self._end(reply)
+                if now >= next_scan:
+                    self._admit_newcomers()
+                    next_scan = now + simultrain.JOIN_SCAN
+                if not replies:
+                    time.sleep(0.02)
+        finally:
+            self.server.stop(1.0)
+
+    def _end(self, reply: Message) -> None:
+        """An edge answered its session message: merge its final delta."""
+        session = self.waiting.pop(reply.metadata.reply_to_message_id, None)
+        if session is None or session.closed:
+            return
+        session.closed = True
+        track = session.track
+        if reply.has_error():
+            self._drop(session, f"error reply: {reply.error.reason}", app_error(reply))
+            return
+        if track.steps_requested < self.opts.steps:
+            self._drop(
+                session,
+                f"session ended after {track.steps_requested} of "
+                f"{self.opts.steps} steps",
+            )
+            return
+        try:
+            read_compute_seconds(reply.content)
+            delta = read_delta(reply.content, self.cloud.edge_layout)
+        except PayloadError as err:
+            self.cloud.reject(track, f"final delta: {err}")
+            return
+        if delta is not None:
+            self.cloud.merge_checked(track, delta)
+
+    def _drop(self, session: Session, reason: str, error: str | None = None) -> None:
+        session.closed = True
+        self.waiting.pop(session.message_id, None)
+        if session.context is not None:
+            session.context.cancel()
+        track = session.track
+        if self.cloud.tracks.get(track.node_id) is track:
+            self.lost.add(track.node_id)
+            self.cloud.drop(track, reason, error)
+
+    def _drop_silent(self, now: float) -> None:
+        timeout = self.srv.cfg.reply_timeout
+        for session in list(self.waiting.values()):
+            if now - session.last_frame > timeout:
+                self._drop(session, f"no frame within {timeout:g} s")
+
+    def _admit_newcomers(self) -> None:
+        online = set(self.srv.grid.get_node_ids())
+        with self.lock:
+            self.lost &= online
+            newcomers = sorted(online - set(self.cloud.tracks) - self.lost)
+            tracks = [self.cloud.join(node) for node in newcomers]
+        for track in tracks:
+            self.open(track)
+
+    # ------------------------------------------------------------ data plane
+    def _refuse(self, node: int, reason: str, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            self.refused += 1
+            self.srv.reject(self.cloud.period + 1, node, f"stream refused: {reason}")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "stream refused")
+
+    def handle(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Serve one stream: authenticate, then answer chunk after chunk."""
+        limit = self.opts.max_frame_bytes
+        try:
+            first = next(requests)
+            node, secret = read_hello(decode_frame(first, limit))
+        except StopIteration:
+            return
+        except (FrameError, PayloadError) as err:
+            self._refuse(-1, f"bad hello: {err}", context)
+            return
+        refusal = self.keys.admit(node, secret)
+        with self.lock:
+            session = self.sessions.get(node)
+            if refusal is None and (session is None or session.closed):
+                refusal = f"no open session for node {node}"
+            if refusal is None:
+                session.context = context
+                session.last_frame = time.monotonic()
+                self.srv.ledger.record(node, "up", "stream.hello", len(first))
+        if refusal is not None:
+            self._refuse(node, refusal, context)
+            return
+        seq = 0
+        for raw in requests:
+            data, reason = self._answer(session, raw, seq)
+            if reason is not None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+                return
+            if data is not None:
+                seq += 1
+                yield data
+
+    def _answer(
+        self, session: Session, raw: bytes, seq: int
+    ) -> tuple[bytes | None, str | None]:
+        """One frame in: ``(answer frame or None, reason it was refused or None)``."""
+        track = session.track
+        node = track.node_id
+        with self.lock:
+            if session.closed:
+                return None, "session closed"
+            session.last_frame = time.monotonic()
+            try:
+                content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
+                tick = time.perf_counter()
+                answer, chunk = self.cloud.on_chunk(track, content)
+                cloud_seconds = time.perf_counter() - tick
+            except (FrameError, PayloadError) as err:
+                reason = f"bad frame: {err}"
+                self.failed.append((session, reason))
+                session.closed = True
+                return None, reason
+            self.srv.ledger.record(node, "up", STREAM_UP, len(raw), track.edge_seconds)
+            if answer is None:
+                return None, None
+            data = encode_frame(message_frame(answer, seq))
+            self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
+            version = answer.grad_for
+            self.grad_bytes[(node, version)] = len(data)
+            earlier = version - self.opts.in_flight
+            self.cloud.record(
+                track,
+                InFlight(
+                    seq=version,
+                    bytes_down=self.grad_bytes.pop((node, earlier), 0),
+                    grads_from=earlier if earlier >= 0 else -1,
+                    want=len(chunk.sizes),
+                    final=False,
+                ),
+                len(raw),
+                cloud_seconds,
+            )
+            self.cloud.end_period_if_due()
+        return data, None

@@ -1,0 +1,226 @@
+"""gRPC plumbing of the streaming data plane: one bidirectional stream per session.
+
+No protobuf: the service has one generic stream-stream method
+(:data:`METHOD`) whose messages are raw bytes (the frames of
+:mod:`tandem.frames`), so nothing is generated or unpickled.
+
+- :class:`StreamServer` serves that method on ``bind`` (``host:port``; port 0
+  picks a free one), insecure or with TLS (:class:`ServerTls`), with gRPC's
+  message limits set to the frame bound.
+- :func:`open_stream` dials it from an edge, trusting only the root
+  certificate it was given when TLS is on.
+- :class:`Outbox` is the request side of a stream: frames put into it are
+  sent by gRPC's own thread while the caller computes the next ones.
+- :class:`SessionKeys` issues one fresh secret per node and session
+  (``secrets.token_bytes``) and checks the one a stream presents in constant
+  time (``hmac.compare_digest``); each secret opens one stream only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import queue
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+__all__ = [
+    "METHOD",
+    "SECRET_BYTES",
+    "Outbox",
+    "ServerTls",
+    "SessionKeys",
+    "StreamServer",
+    "open_stream",
+    "split_address",
+]
+
+SERVICE = "tandem.Stream"
+METHOD = f"/{SERVICE}/Session"
+SECRET_BYTES = 32
+
+#: A stream handler: the request frames in, the response frames out.
+Handler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
+
+
+def _limits(max_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+    ]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 hosts in brackets) as ``(host, port)``.
+
+    Raises
+    ------
+    ValueError
+        If there is no ``:port`` or the port is not an integer in [0, 65535].
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"'{address}' is not host:port")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM bytes of the server's certificate chain and private key."""
+
+    cert_chain: bytes
+    private_key: bytes
+
+
+class StreamServer:
+    """A gRPC server with one generic bidirectional method on raw bytes.
+
+    Parameters
+    ----------
+    handler : callable
+        ``handler(requests, context)`` yields the response frames of one stream;
+        each stream runs in its own thread of the server's pool.
+    bind : str
+        ``host:port`` to listen on (port 0: any free port, see :attr:`port`).
+    max_bytes : int
+        Largest message either way (gRPC refuses bigger ones).
+    tls : ServerTls, optional
+        Serve TLS with this certificate; insecure when absent.
+    workers : int (default: 64)
+        Threads, hence streams served at once.
+
+    Raises
+    ------
+    OSError
+        If ``bind`` cannot be bound.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        bind: str,
+        max_bytes: int,
+        tls: ServerTls | None = None,
+        workers: int = 64,
+    ) -> None:
+        host, _ = split_address(bind)
+        self.host = host
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tds"),
+            options=_limits(max_bytes),
+        )
+        method = grpc.stream_stream_rpc_method_handler(handler)
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {"Session": method})]
+        )
+        if tls is None:
+            port = self._server.add_insecure_port(bind)
+        else:
+            creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+            port = self._server.add_secure_port(bind, creds)
+        if not port:
+            raise OSError(f"cannot bind the stream server to {bind}")
+        self.port = port
+
+    def start(self) -> None:
+        """Start serving."""
+        self._server.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop; streams still open get ``grace`` seconds, then are cancelled."""
+        self._server.stop(grace).wait()
+
+
+def open_stream(
+    address: str,
+    requests: Iterator[bytes],
+    max_bytes: int,
+    root_cert: bytes | None = None,
+) -> tuple[grpc.Channel, Iterator[bytes]]:
+    """Open one stream to :data:`METHOD` at ``address``.
+
+    TLS when ``root_cert`` (PEM) is given: the server must present a
+    certificate that chains to it and names ``address``'s host.
+
+    Returns
+    -------
+    channel : grpc.Channel
+        Close it when the stream is done.
+    responses : iterator of bytes
+        The server's frames; raises :class:`grpc.RpcError` if the stream fails.
+    """
+    options = _limits(max_bytes)
+    if root_cert:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_cert)
+        channel = grpc.secure_channel(address, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    call = channel.stream_stream(METHOD)  # no (de)serializers: raw bytes
+    return channel, call(requests)
+
+
+class Outbox:
+    """The frames an edge sends: :meth:`put` them, :meth:`close` at the end.
+
+    Iterating yields them in order until closed; gRPC iterates it in its own
+    thread, so frames travel while the caller computes.
+    """
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def put(self, frame: bytes) -> None:
+        """Queue a frame for sending."""
+        self._queue.put(frame)
+
+    def close(self) -> None:
+        """End the request side of the stream after the queued frames."""
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            yield item  # type: ignore[misc]
+
+
+class SessionKeys:
+    """Per-node session secrets: fresh per session, each valid for one stream."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[int, bytes] = {}
+        self._used: set[int] = set()
+
+    def issue(self, node: int) -> bytes:
+        """A fresh secret for ``node``'s next session (the old one is void)."""
+        secret = secrets.token_bytes(SECRET_BYTES)
+        with self._lock:
+            self._keys[node] = secret
+            self._used.discard(node)
+        return secret
+
+    def admit(self, node: int, secret: bytes) -> str | None:
+        """Check a stream's claim; ``None`` if admitted, else why it is refused.
+
+        The comparison takes the same time whatever the bytes
+        (:func:`hmac.compare_digest`); an admitted secret is spent, so a
+        replay of it is refused.
+        """
+        with self._lock:
+            expected = self._keys.get(node)
+            if expected is None:
+                return f"no session for node {node}"
+            if not hmac.compare_digest(expected, bytes(secret)):
+                return f"wrong secret for node {node}"
+            if node in self._used:
+                return f"secret for node {node} already used"
+            self._used.add(node)
+            return None
