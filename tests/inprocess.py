@@ -8,16 +8,21 @@ becomes visible only after that many ``pull_messages`` calls, so a slow node
 really lags behind a fast one. ``tamper`` may rewrite a reply (hostile edge).
 ``silent_after`` makes a node stop answering after that many messages (a
 dropout); ``late`` adds nodes that connect only after that many polls.
+``threaded`` handles each message in its own thread as soon as it is pushed
+(all nodes at once, as on an engine; ``lag`` and ``silent_after`` then do not
+apply): for methods whose handlers stream for a long time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from tandem.client_app import dispatch
 from tandem.config import RunConfig
@@ -37,7 +42,11 @@ class InProcessGrid:
         tamper: Callable[[int, Message], Message] | None = None,
         silent_after: Mapping[int, int] | None = None,
         late: Mapping[int, int] | None = None,
+        threaded: bool = False,
     ) -> None:
+        self.threaded = threaded
+        self._done: dict[str, Message] = {}  # threaded: id -> reply
+        self._lock = threading.Lock()
         self.late = dict(late or {})
         total = nodes + len(self.late)
         self.contexts = {
@@ -65,12 +74,36 @@ class InProcessGrid:
         for msg in messages:
             msg_id = uuid.uuid4().hex
             msg.metadata.__dict__["_message_id"] = msg_id
-            self._pending[msg_id] = (self.lag.get(msg.metadata.dst_node_id, 0), msg)
             ids.append(msg_id)
+            if self.threaded:
+                threading.Thread(target=self._handle, args=(msg_id, msg)).start()
+                continue
+            self._pending[msg_id] = (self.lag.get(msg.metadata.dst_node_id, 0), msg)
         return ids
+
+    def _handle(self, msg_id: str, msg: Message) -> None:
+        node = msg.metadata.dst_node_id
+        try:
+            reply = dispatch(msg, self.contexts[node])
+        except Exception as err:  # an engine turns it into an error reply
+            reply = Message(
+                error=Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err)
+                ),
+                reply_to=msg,
+            )
+        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        if self.tamper is not None:
+            reply = self.tamper(node, reply)
+        with self._lock:
+            self.handled[node] += 1
+            self._done[msg_id] = reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         self.pulls += 1
+        if self.threaded:
+            with self._lock:
+                return [self._done.pop(i) for i in message_ids if i in self._done]
         replies = []
         for msg_id in list(message_ids):
             if msg_id not in self._pending:
@@ -115,16 +148,18 @@ def run_inprocess(
     silent_after: Mapping[int, int] | None = None,
     late: Mapping[int, int] | None = None,
     edges: InProcessGrid | None = None,
+    threaded: bool = False,
 ) -> tuple[list[dict], InProcessGrid]:
     """Run a method's cloud side against ``nodes`` in-process edges.
 
     ``edges``: a grid of an earlier run whose nodes (their ``Context``, e.g.
     data stream positions) carry on, as SuperNodes do when only the
-    ServerApp restarts.
+    ServerApp restarts. ``threaded``: every message is handled in a thread of
+    its own (see :class:`InProcessGrid`).
     """
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     cfg = RunConfig.from_flat(flat)
-    grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late)
+    grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late, threaded)
     if edges is not None:
         for node, context in edges.contexts.items():
             context.run_config = dict(flat)
