@@ -414,6 +414,7 @@ class StreamedEdge:
         self.total_compute = 0.0
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
+        self.node_id = -1  # set when the stream opens
 
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
@@ -500,6 +501,7 @@ class StreamedEdge:
             If the stream fails (refused, cancelled, unreachable).
         """
         start = self.start
+        self.node_id = node_id
         outbox = Outbox()
         outbox.put(encode_frame(hello_frame(node_id, start.secret)))
         channel, responses = open_stream(

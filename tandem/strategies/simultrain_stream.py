@@ -298,7 +298,10 @@ class StreamLoop:
             self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
             version = answer.grad_for
             self.grad_bytes[(node, version)] = len(data)
-            earlier = version - self.opts.in_flight
+            # the replay (schedules.replay_pipeline) has one message in flight
+            # per edge, whose gradients are two chunks old: W = 2 exactly; a
+            # deeper or shallower window is re-timed as W = 2
+            earlier = version - 2
             self.cloud.record(
                 track,
                 InFlight(

@@ -1,0 +1,445 @@
+"""SimulTrain's stream transport: auth, TLS, hostile frames, the pipeline's maths.
+
+The cloud's stream endpoint runs in-process (a real gRPC server on loopback,
+port 0); edges are the real session handler, driven by the in-process Grid
+(tests/inprocess.py) with one thread per node.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess import InProcessGrid, run_inprocess
+
+from tandem.accounting import ByteLedger, MeteredGrid
+from tandem.certs import make_tls_files
+from tandem.clients.node import NodeConfig, load_node_split
+from tandem.config import RunConfig, section_values
+from tandem.frames import Frame, encode_frame
+from tandem.protocol.simultrain import (
+    EdgeReply,
+    SessionStart,
+    edge_model,
+    hello_frame,
+    reply_frame,
+)
+from tandem.server_context import ServerRun
+from tandem.split import encode_cut
+from tandem.strategies import simultrain
+from tandem.strategies.simultrain import SimulTrainCloud
+from tandem.strategies.simultrain_stream import StreamLoop
+from tandem.streaming import Outbox, SessionKeys, open_stream
+from tandem.tracking import Tracker, read_jsonl
+from tandem.training import BatchStream
+
+BASE = {
+    "method": "simultrain",
+    "mnist1d-samples": 2000,
+    "simultrain-chunk": 2,
+    "simultrain-steps": 60,
+    "simultrain-eval-every": 30,
+    "simultrain-transport": "stream",
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _events(records, kind):
+    return [r for r in records if r["event"] == kind]
+
+
+# ------------------------------------------------------------------ the endpoint
+class Endpoint:
+    """A cloud with its stream loop serving, and the sessions it opened."""
+
+    def __init__(self, tmp_path, extra=None, nodes=2):
+        flat = {
+            "output-dir": str(tmp_path),
+            "min-nodes": nodes,
+            **BASE,
+            **(extra or {}),
+        }
+        cfg = RunConfig.from_flat(flat)
+        self.grid = InProcessGrid(flat, nodes)
+        options = cfg.method_options(flat)
+        self.tracker = Tracker(
+            cfg.tracking,
+            run_name="simultrain-1",
+            group="1",
+            config={**cfg.as_flat(), **section_values(options)},
+            total_rounds=1,
+        )
+        ledger = ByteLedger()
+        self.srv = ServerRun(
+            grid=MeteredGrid(self.grid, ledger),  # type: ignore[arg-type]
+            ledger=ledger,
+            cfg=cfg,
+            options=options,
+            tracker=self.tracker,
+            context=Context(1, 0, {}, RecordDict(), dict(flat)),
+        )
+        self.cloud = SimulTrainCloud(self.srv, options)
+        self.cloud.start(list(range(1, nodes + 1)))
+        self.loop = StreamLoop(self.srv, self.cloud)
+        self.loop.server.start()
+        self.starts = {}
+        for node, track in self.cloud.tracks.items():
+            self.loop.open(track)
+            msg = next(
+                m
+                for _, m in self.grid._pending.values()
+                if m.metadata.dst_node_id == node
+            )
+            self.starts[node] = SessionStart.from_content(
+                msg.content, self.cloud.edge_layout
+            )
+        self.theta_c = [p.detach().clone() for p in self.cloud.cloud.parameters()]
+
+    def stream(self, frames, node=1, root=None):
+        """Send ``frames``, close; the frames answered (raises RpcError)."""
+        outbox = Outbox()
+        for frame in frames:
+            outbox.put(frame if isinstance(frame, bytes) else encode_frame(frame))
+        outbox.close()
+        start = self.starts[node]
+        channel, responses = open_stream(
+            start.address, iter(outbox), start.max_frame, root
+        )
+        try:
+            return list(responses)
+        finally:
+            channel.close()
+
+    def untouched(self):
+        now = list(self.cloud.cloud.parameters())
+        return self.cloud.cloud_steps == 0 and all(
+            torch.equal(a, b) for a, b in zip(now, self.theta_c, strict=True)
+        )
+
+    def close(self):
+        self.loop.server.stop(0)
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    ep = Endpoint(tmp_path)
+    yield ep
+    ep.close()
+
+
+def _code(err):
+    return err.value.code()
+
+
+def test_wrong_other_nodes_missing_and_replayed_secrets_are_refused(endpoint):
+    ep = endpoint
+    one, two = ep.starts[1].secret, ep.starts[2].secret
+    assert one != two and len(one) == 32
+    attempts = [
+        [hello_frame(1, bytes(32))],  # wrong
+        [hello_frame(1, two)],  # node 2's secret on node 1's stream
+        [hello_frame(1, one[:-1])],  # truncated
+        [Frame(2, arrays={"secret": np.frombuffer(one, np.uint8)})],  # not a hello
+        [hello_frame(7, one)],  # a node without a session
+        [b"not a frame"],
+    ]
+    for frames in attempts:
+        with pytest.raises(grpc.RpcError) as err:
+            ep.stream(frames)
+        assert _code(err) == grpc.StatusCode.UNAUTHENTICATED
+    assert ep.stream([hello_frame(1, one)]) == []  # admitted, then closed
+    with pytest.raises(grpc.RpcError) as err:  # the same secret again
+        ep.stream([hello_frame(1, one)])
+    assert _code(err) == grpc.StatusCode.UNAUTHENTICATED
+    assert ep.loop.refused == len(attempts) + 1 == ep.srv.rejected()
+    reasons = [r["reason"] for r in _events(read_jsonl(ep.tracker.path), "rejected")]
+    assert reasons[:2] == [
+        "stream refused: wrong secret for node 1",
+        "stream refused: wrong secret for node 1",
+    ]
+    assert reasons[-1] == "stream refused: secret for node 1 already used"
+    assert ep.untouched()
+
+
+def test_session_keys_by_hand():
+    keys = SessionKeys()
+    first = keys.issue(1)
+    assert keys.admit(1, first) is None
+    assert keys.admit(1, first) == "secret for node 1 already used"
+    second = keys.issue(1)  # a new session: a new secret, the old one void
+    assert keys.admit(1, first) == "wrong secret for node 1"
+    assert keys.admit(1, second) is None
+    assert keys.admit(2, second) == "no session for node 2"
+
+
+def _chunk_frame(ep, node=1, version=0, **change):
+    """A well-formed first chunk of 2 micro-batches (float32), then ``change``."""
+    rows = 2 * ep.srv.cfg.train.batch_size
+    acts = np.zeros((rows, *ep.cloud.cut_shape), np.float32)
+    reply = {
+        "version": version,
+        "base_v_c": 0,
+        "compute_seconds": 0.01,
+        "steps": 2,
+        "acts": encode_cut(acts, ep.cloud.opts.precision, "a"),
+        "labels": np.zeros(rows, np.int64),
+        "sizes": np.array([rows // 2, rows // 2], np.int64),
+        **change,
+    }
+    return reply_frame(EdgeReply(**reply), 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"version": 5}, "chunk version 5, expected 0"),
+        ({"labels": np.full(64, 10, np.int64)}, "labels outside"),
+        ({"sizes": np.array([64], np.int64)}, "micro-batch sizes"),
+        ({"compute_seconds": float("nan")}, "compute-seconds"),
+        ({"acts": {"a": np.zeros((64, 1), np.int8)}}, "activation keys"),
+        ("nan", "activations"),
+        ("scale", "a-scale"),
+        ("big", "at most"),
+        ("delta", "array keys differ"),
+    ],
+)
+def test_a_bad_frame_is_refused_and_counted_without_touching_the_cloud(
+    endpoint, change, reason
+):
+    ep = endpoint
+    if change == "nan":
+        good = _chunk_frame(ep)
+        arrays = dict(good.arrays)
+        arrays["a"] = np.array(arrays["a"])
+        arrays["a-scale"] = np.array(arrays["a-scale"])
+        arrays["a-scale"][3] = np.nan
+        frame = Frame(good.kind, good.seq, good.ints, good.real, arrays)
+        reason = "a-scale"
+    elif change == "scale":
+        good = _chunk_frame(ep)
+        arrays = {**good.arrays, "a-scale": np.full(64, -1.0, np.float32)}
+        frame = Frame(good.kind, good.seq, good.ints, good.real, arrays)
+    elif change == "big":
+        frame = _chunk_frame(ep)
+        ep.loop.opts = ep.cloud.opts.__class__(stream_max_frame_mb=0.001)
+    elif change == "delta":
+        frame = _chunk_frame(ep, delta={"nope": np.zeros(2, np.float32)})
+    else:
+        frame = _chunk_frame(ep, **change)
+    with pytest.raises(grpc.RpcError) as err:
+        ep.stream([hello_frame(1, ep.starts[1].secret), frame])
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in err.value.details()
+    assert ep.untouched()
+    (session, why) = ep.loop.failed[0]
+    assert session.track.node_id == 1 and reason in why
+    with ep.loop.lock:  # what the loop does next: the edge is dropped, counted
+        ep.loop._drop(session, why)
+    assert ep.srv.rejected() == 1 and 1 not in ep.cloud.tracks
+    assert ep.untouched()
+
+
+def test_a_good_frame_is_answered_with_its_gradients(endpoint):
+    ep = endpoint
+    (answer,) = ep.stream([hello_frame(1, ep.starts[1].secret), _chunk_frame(ep)])
+    assert ep.cloud.cloud_steps == 2 and not ep.untouched()
+    ups = [t for t in ep.srv.ledger.transfers if t.direction == "up"]
+    assert [t.message_type for t in ups] == ["stream.hello", "stream.chunk"]
+    (down,) = [t for t in ep.srv.ledger.transfers if t.message_type == "stream.grads"]
+    assert down.nbytes == len(answer)
+
+
+def test_a_tls_stream_with_generated_certificates(tmp_path):
+    tls = make_tls_files(tmp_path / "certs")
+    extra = {
+        "simultrain-stream-tls-cert": str(tls.server_cert),
+        "simultrain-stream-tls-key": str(tls.server_key),
+        "simultrain-stream-tls-ca": str(tls.ca_cert),
+    }
+    ep = Endpoint(tmp_path, extra)
+    try:
+        start = ep.starts[1]
+        assert start.root_cert == tls.ca_cert.read_bytes()
+        (answer,) = ep.stream(
+            [hello_frame(1, start.secret), _chunk_frame(ep)], root=start.root_cert
+        )
+        assert answer[:4] == b"TDMF"
+        assert ep.cloud.cloud_steps == 2
+        # plain text against the TLS port, or trusting another CA, fails
+        other = make_tls_files(tmp_path / "other")
+        for root in (None, other.ca_cert.read_bytes()):
+            with pytest.raises(grpc.RpcError) as err:
+                ep.stream([hello_frame(2, ep.starts[2].secret)], node=2, root=root)
+            assert _code(err) == grpc.StatusCode.UNAVAILABLE
+        assert (
+            ep.stream([hello_frame(2, ep.starts[2].secret)], 2, start.root_cert) == []
+        )
+    finally:
+        ep.close()
+
+
+# ------------------------------------------------------------------ whole runs
+def _capture(monkeypatch):
+    clouds = []
+    finish = SimulTrainCloud.finish
+
+    def keep(self):
+        clouds.append(self)
+        finish(self)
+
+    monkeypatch.setattr(SimulTrainCloud, "finish", keep)
+    return clouds
+
+
+def test_edges_stream_concurrently_and_learn(tmp_path):
+    records, grid = run_inprocess(BASE, nodes=2, out=tmp_path, threaded=True)
+    summary = records[-1]
+    assert summary["rejected-replies"] == 0 and summary["dropped-edges"] == 0
+    rounds = _events(records, "round")
+    assert rounds[-1]["eval-loss"] < rounds[0]["eval-loss"] - 0.5
+    assert summary["final-accuracy"] > 0.3  # chance is 0.1
+    assert grid.handled == {1: 1, 2: 1}  # one session message each
+    exchanges = _events(records, "exchange")
+    for node in (1, 2):
+        mine = [e for e in exchanges if e["node-id"] == node]
+        assert [e["seq"] for e in mine] == list(range(30))
+        # W = 2: chunk v is forwarded after the gradients of chunk v - 2
+        assert [e["grads-from"] for e in mine] == [-1, -1, *range(28)]
+    # both edges were in flight at once: their exchanges interleave
+    order = [e["node-id"] for e in exchanges]
+    last_of_1 = len(order) - 1 - order[::-1].index(1)
+    assert order.index(2) < last_of_1 and order.index(1) < len(order) - 30
+
+
+def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypatch):
+    # chunk 1, W 1, float32, the edge at the cloud's rate, no reconciliation
+    # until the end: each micro-batch is forwarded, trained and back-propagated
+    # before the next, at the same weights: momentum SGD on the whole model
+    clouds = _capture(monkeypatch)
+    config = {
+        **BASE,
+        "simultrain-chunk": 1,
+        "simultrain-window": 1,
+        "simultrain-steps": 12,
+        "simultrain-precision": "float32",
+        "simultrain-edge-lr-scale": 1.0,
+        "simultrain-reconcile-every": 0,
+        "simultrain-eval-every": 100,
+    }
+    records, grid = run_inprocess(config, nodes=1, out=tmp_path, threaded=True)
+    (cloud,) = clouds
+    cfg = RunConfig.from_flat({"output-dir": str(tmp_path), **config})
+    opts = cfg.method_options({**config})
+    edge, top = edge_model(cfg, opts)
+    model = torch.nn.Sequential(edge, top)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
+    )
+    node = NodeConfig.from_node_config(grid.contexts[1].node_config)
+    split = load_node_split(cfg, node, "train")
+    batches = BatchStream(split, cfg.train.batch_size, node.stream_seed(cfg.seed))
+    for _ in range(12):
+        idx = batches.next_indices()
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(split.x[idx])), torch.from_numpy(split.y[idx])
+        )
+        loss.backward()
+        optimizer.step()
+    for k, v in top.state_dict().items():
+        torch.testing.assert_close(cloud.cloud.state_dict()[k], v, rtol=0, atol=1e-6)
+    # the final delta (θ_e − θ_e at the start) merged into θ_e^c gives θ_e
+    for k, v in edge.state_dict().items():
+        torch.testing.assert_close(cloud.theta_ec[k], v, rtol=0, atol=1e-6)
+    assert records[-1]["rejected-replies"] == 0
+
+
+def test_w_2_does_what_the_message_transport_does(tmp_path, monkeypatch):
+    # the message transport forwards chunk v + 2 right after applying chunk
+    # v's gradients; the stream with W = 2 does the same: the same θ_c, θ_e^c
+    clouds = _capture(monkeypatch)
+    config = {
+        **BASE,
+        "simultrain-window": 2,
+        "simultrain-steps": 20,
+        "simultrain-precision": "float32",
+        "simultrain-reconcile-every": 0,
+        "simultrain-eval-every": 100,
+    }
+    run_inprocess(config, nodes=1, out=tmp_path / "s", threaded=True)
+    run_inprocess(
+        {**config, "simultrain-transport": "message"}, nodes=1, out=tmp_path / "m"
+    )
+    stream, message = clouds
+    assert stream.cloud_steps == message.cloud_steps == 20
+    for k, v in message.cloud.state_dict().items():
+        torch.testing.assert_close(stream.cloud.state_dict()[k], v, rtol=0, atol=1e-6)
+    for k, v in message.theta_ec.items():
+        torch.testing.assert_close(stream.theta_ec[k], v, rtol=0, atol=1e-6)
+
+
+def test_an_edge_whose_stream_breaks_is_dropped_and_the_others_finish(
+    tmp_path, monkeypatch
+):
+    from tandem.clients import simultrain as edge_side
+
+    receive = edge_side.StreamedEdge.receive
+
+    def breaks(self, data):
+        if self.node_id == 2 and self.state.steps > 20:
+            raise ConnectionError("link lost")
+        receive(self, data)
+
+    monkeypatch.setattr(edge_side.StreamedEdge, "receive", breaks)
+    records, _ = run_inprocess(BASE, nodes=2, out=tmp_path, threaded=True)
+    summary = records[-1]
+    assert summary["dropped-edges"] == 1 and summary["rejected-replies"] == 1
+    (dropped,) = _events(records, "dropped")
+    assert dropped["node-id"] == 2 and "link lost" in dropped["reason"]
+    honest = [e for e in _events(records, "exchange") if e["node-id"] == 1]
+    assert sum(e["micro-batches"] for e in honest) == 60
+    assert summary["final-accuracy"] > 0.3
+
+
+def test_a_silent_stream_is_dropped_after_the_timeout(tmp_path, monkeypatch):
+    from tandem.clients import simultrain as edge_side
+
+    receive = edge_side.StreamedEdge.receive
+    silent = []
+
+    def hangs(self, data):
+        if self.node_id == 2 and self.state.steps > 20 and not silent:
+            silent.append(self)
+            time.sleep(3.0)  # longer than reply-timeout: the cloud gives up
+        receive(self, data)
+
+    monkeypatch.setattr(edge_side.StreamedEdge, "receive", hangs)
+    config = {**BASE, "reply-timeout": 1.0}
+    records, _ = run_inprocess(config, nodes=2, out=tmp_path, threaded=True)
+    summary = records[-1]
+    assert summary["dropped-edges"] == 1
+    (dropped,) = _events(records, "dropped")
+    assert "no frame within 1 s" in dropped["reason"]
+    assert summary["final-accuracy"] > 0.3
+
+
+def test_a_late_node_streams_from_the_cloud_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(simultrain, "JOIN_SCAN", 0.0)
+    records, grid = run_inprocess(
+        BASE, nodes=2, out=tmp_path, late={3: 5}, threaded=True
+    )
+    summary = records[-1]
+    assert summary["joined-edges"] == 1 and summary["rejected-replies"] == 0
+    late = [e for e in _events(records, "exchange") if e["node-id"] == 3]
+    assert sum(e["micro-batches"] for e in late) == 60
+    assert grid.handled[3] == 1
