@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 
@@ -150,7 +151,5 @@ def test_random_bytes_only_ever_raise_frame_error():
             for at in rng.integers(0, len(data), rng.integers(1, 6)):
                 data[at] = rng.integers(0, 256)
             data = bytes(data)
-        try:
+        with contextlib.suppress(FrameError):  # anything else fails the test
             decode_frame(data, LIMIT)
-        except FrameError:
-            pass

@@ -19,6 +19,7 @@ from inprocess import InProcessGrid, run_inprocess
 
 from tandem.accounting import ByteLedger, MeteredGrid
 from tandem.certs import make_tls_files
+from tandem.checkpoint import load_checkpoint
 from tandem.clients.node import NodeConfig, load_node_split
 from tandem.config import RunConfig, section_values
 from tandem.frames import Frame, encode_frame
@@ -443,3 +444,28 @@ def test_a_late_node_streams_from_the_cloud_copy(tmp_path, monkeypatch):
     late = [e for e in _events(records, "exchange") if e["node-id"] == 3]
     assert sum(e["micro-batches"] for e in late) == 60
     assert grid.handled[3] == 1
+
+
+def test_a_stream_run_checkpoints_and_resumes(tmp_path):
+    config = {
+        **BASE,
+        "mnist1d-samples": 1000,
+        "simultrain-steps": 30,
+        "simultrain-eval-every": 10,
+        "checkpoint-every": 2,  # periods 1, 2, 3: only period 2 is saved
+    }
+    run_inprocess(config, nodes=2, out=tmp_path / "a", threaded=True)
+    ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
+    _, state = load_checkpoint(ckpt)
+    assert state["period"] == 2 and 10 <= state["steps-done"] < 30
+    resumed, _ = run_inprocess(
+        {**config, "resume": str(ckpt)}, nodes=2, out=tmp_path / "b", threaded=True
+    )
+    assert _events(resumed, "round")[0]["round"] == 2
+    summary = resumed[-1]
+    assert summary["rejected-replies"] == 0 and summary["dropped-edges"] == 0
+    exchanges = _events(resumed, "exchange")
+    for node in (1, 2):
+        steps = sum(e["micro-batches"] for e in exchanges if e["node-id"] == node)
+        assert steps == 30 - state["steps-done"]
+    assert summary["final-accuracy"] > 0.1

@@ -41,7 +41,9 @@ replays them from there.
 its methods take and give SimulTrain's protocol messages
 (:mod:`tandem.protocol.simultrain`) and do not depend on how they travel.
 :class:`FlowerLoop` carries them as Flower messages over the Grid (timeouts,
-dropouts, late joiners) and :func:`run` wires the two.
+dropouts, late joiners), :class:`~tandem.strategies.simultrain_stream.StreamLoop`
+on one gRPC stream per edge (``simultrain-transport = "stream"``, with
+:meth:`SimulTrainCloud.on_chunk`), and :func:`run` wires them.
 """
 
 from __future__ import annotations
