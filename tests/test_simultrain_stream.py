@@ -153,6 +153,8 @@ def test_wrong_other_nodes_missing_and_replayed_secrets_are_refused(endpoint):
         [Frame(2, arrays={"secret": np.frombuffer(one, np.uint8)})],  # not a hello
         [hello_frame(7, one)],  # a node without a session
         [b"not a frame"],
+        [hello_frame(1, b"")],  # an empty secret
+        [],  # none at all
     ]
     for frames in attempts:
         with pytest.raises(grpc.RpcError) as err:
@@ -170,6 +172,21 @@ def test_wrong_other_nodes_missing_and_replayed_secrets_are_refused(endpoint):
     ]
     assert reasons[-1] == "stream refused: secret for node 1 already used"
     assert ep.untouched()
+
+
+def test_a_stream_that_never_says_who_it_is_is_cut_off(endpoint, monkeypatch):
+    from tandem.strategies import simultrain_stream
+
+    monkeypatch.setattr(simultrain_stream, "HELLO_SECONDS", 0.3)
+    outbox = Outbox()  # never closed, nothing sent: it would hold a thread
+    channel, responses = open_stream(endpoint.starts[1].address, iter(outbox), 1024)
+    with pytest.raises(grpc.RpcError) as err:
+        list(responses)
+    channel.close()
+    assert _code(err) == grpc.StatusCode.CANCELLED
+    time.sleep(0.2)
+    assert endpoint.loop.refused == 1 == endpoint.srv.rejected()
+    assert endpoint.untouched()
 
 
 def test_session_keys_by_hand():

@@ -59,6 +59,8 @@ from tandem.wire import PayloadError
 
 __all__ = ["STREAM_DOWN", "STREAM_UP", "StreamLoop", "server_tls"]
 
+#: Seconds a new stream may take to present its secret.
+HELLO_SECONDS = 10.0
 #: Ledger message types of the stream's frames.
 STREAM_UP = "stream.chunk"
 STREAM_DOWN = "stream.grads"
@@ -241,14 +243,24 @@ class StreamLoop:
     ) -> Iterator[bytes]:
         """Serve one stream: authenticate, then answer chunk after chunk."""
         limit = self.opts.max_frame_bytes
+        # a stream holds a server thread: one that does not say who it is
+        # within HELLO_SECONDS is cancelled
+        watchdog = threading.Timer(HELLO_SECONDS, context.cancel)
+        watchdog.start()
         try:
             first = next(requests)
             node, secret = read_hello(decode_frame(first, limit))
-        except StopIteration:
+        except StopIteration:  # closed without presenting a secret
+            self._refuse(-1, "no hello frame", context)
             return
         except (FrameError, PayloadError) as err:
             self._refuse(-1, f"bad hello: {err}", context)
             return
+        except grpc.RpcError:  # cancelled by the watchdog
+            self._refuse(-1, f"no hello within {HELLO_SECONDS:g} s", context)
+            return
+        finally:
+            watchdog.cancel()
         refusal = self.keys.admit(node, secret)
         with self.lock:
             session = self.sessions.get(node)
