@@ -117,6 +117,14 @@ def _address(address: str) -> bool:
     return bool(sep and host and port.isdigit() and int(port) <= 65535)
 
 
+_PATH = "must be empty or a file path (PEM, read on the ServerApp's machine)"
+
+
+def _path(path: str) -> bool:
+    """Empty, or a plausible path: not blank, no NUL or line breaks."""
+    return path == "" or (bool(path.strip()) and not any(c in path for c in "\0\n\r"))
+
+
 @dataclass(frozen=True)
 class SimulTrainOptions:
     """SimulTrain settings (keys ``simultrain-*``), checked when parsed."""
@@ -193,9 +201,9 @@ class SimulTrainOptions:
         "must be host:port, or empty (the bound address)",
         lambda a: a == "" or _address(a),
     )
-    stream_tls_cert: str = option("simultrain-stream-tls-cert", "")
-    stream_tls_key: str = option("simultrain-stream-tls-key", "")
-    stream_tls_ca: str = option("simultrain-stream-tls-ca", "")
+    stream_tls_cert: str = option("simultrain-stream-tls-cert", "", _PATH, _path)
+    stream_tls_key: str = option("simultrain-stream-tls-key", "", _PATH, _path)
+    stream_tls_ca: str = option("simultrain-stream-tls-ca", "", _PATH, _path)
     stream_max_frame_mb: float = option(
         "simultrain-stream-max-frame-mb",
         64.0,
