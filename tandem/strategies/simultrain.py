@@ -116,6 +116,15 @@ class InFlight:
     final: bool  # the last message: it delivers the last chunk's gradients
 
 
+@dataclass(frozen=True)
+class ChunkAnswer:
+    """The cloud's answer to a streamed chunk, and what it cost."""
+
+    message: CloudMessage  # the chunk's gradients (and θ_e^c when due)
+    micro_batches: int
+    cloud_seconds: float  # measured compute of θ_c on the chunk
+
+
 @dataclass
 class EdgeTrack:
     """The cloud's view of one edge."""
@@ -362,9 +371,7 @@ class SimulTrainCloud:
         track.seq = track.next_version - 1
         return {k: v.numpy() for k, v in self.theta_ec.items()}
 
-    def on_chunk(
-        self, track: EdgeTrack, content: RecordDict
-    ) -> tuple[CloudMessage | None, Activations | None]:
+    def on_chunk(self, track: EdgeTrack, content: RecordDict) -> ChunkAnswer | None:
         """Handle a chunk frame's records (a stream's steps 1, 2 and 4).
 
         Everything is checked before anything changes: the compute metric,
@@ -373,7 +380,7 @@ class SimulTrainCloud:
         delta. Then the delta is merged, ``θ_c`` trained on the chunk, and the
         answer is the chunk's gradients at once (with ``θ_e^c`` when
         reconciliation is due or it was the last chunk); ``None`` for a frame
-        that only carried a delta.
+        that only carried a delta (:class:`ChunkAnswer` otherwise).
 
         Raises
         ------
@@ -403,14 +410,16 @@ class SimulTrainCloud:
         if delta is not None:
             self.merge_checked(track, delta)
         if chunk is None:
-            return None, None
+            return None
         version = track.next_version
         track.next_version += 1
         track.seq = version
         track.steps_requested += want
         track.steps_since_reconcile += want
         self.chunks_sent.append(want)
+        tick = time.perf_counter()
         grads = self.train_chunk(chunk)
+        seconds = time.perf_counter() - tick
         track.trained += want
         final = track.steps_requested >= opts.steps
         due = opts.reconcile_every > 0 and (
@@ -424,7 +433,7 @@ class SimulTrainCloud:
         message = CloudMessage(
             self.cloud_steps, 0, version, encode_cut(grads, opts.precision, "g"), params
         )
-        return message, chunk
+        return ChunkAnswer(message, want, seconds)
 
     # ------------------------------------------------------------ maths
     def merge(self, track: EdgeTrack, content: RecordDict) -> None:

@@ -295,9 +295,7 @@ class StreamLoop:
             session.last_frame = time.monotonic()
             try:
                 content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
-                tick = time.perf_counter()
-                answer, chunk = self.cloud.on_chunk(track, content)
-                cloud_seconds = time.perf_counter() - tick
+                answer = self.cloud.on_chunk(track, content)
             except (FrameError, PayloadError) as err:
                 reason = f"bad frame: {err}"
                 self.failed.append((session, reason))
@@ -306,9 +304,9 @@ class StreamLoop:
             self.srv.ledger.record(node, "up", STREAM_UP, len(raw), track.edge_seconds)
             if answer is None:
                 return None, None
-            data = encode_frame(message_frame(answer, seq))
+            data = encode_frame(message_frame(answer.message, seq))
             self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
-            version = answer.grad_for
+            version = answer.message.grad_for
             self.grad_bytes[(node, version)] = len(data)
             # the replay (schedules.replay_pipeline) has one message in flight
             # per edge, whose gradients are two chunks old: W = 2 exactly; a
@@ -320,11 +318,11 @@ class StreamLoop:
                     seq=version,
                     bytes_down=self.grad_bytes.pop((node, earlier), 0),
                     grads_from=earlier if earlier >= 0 else -1,
-                    want=len(chunk.sizes),
+                    want=answer.micro_batches,
                     final=False,
                 ),
                 len(raw),
-                cloud_seconds,
+                answer.cloud_seconds,
             )
             self.cloud.end_period_if_due()
         return data, None
