@@ -382,6 +382,71 @@ def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypat
     assert records[-1]["rejected-replies"] == 0
 
 
+def test_w_3_in_flight_with_weight_stashing_by_hand(tmp_path, monkeypatch):
+    # W = 3, chunks of 1, float32, no reconciliation until the end. By hand:
+    # the cloud trains the chunks in their order (momentum SGD at lr); the
+    # edge forwards 3 chunks at θ_e, stashing θ_e with each; then, per chunk
+    # back, it back-propagates the chunk's cut gradients at the stashed
+    # weights w, adds the forecast α·(θ_e − w) and takes a momentum-SGD step
+    # at lr × edge-lr-scale, and forwards the next chunk
+    clouds = _capture(monkeypatch)
+    steps, window, alpha = 10, 3, 0.5
+    config = {
+        **BASE,
+        "simultrain-chunk": 1,
+        "simultrain-window": window,
+        "simultrain-steps": steps,
+        "simultrain-precision": "float32",
+        "simultrain-alpha": alpha,
+        "simultrain-reconcile-every": 0,
+        "simultrain-eval-every": 100,
+    }
+    records, grid = run_inprocess(config, nodes=1, out=tmp_path, threaded=True)
+    (cloud,) = clouds
+    exchanges = _events(records, "exchange")
+    assert [e["seq"] for e in exchanges] == list(range(steps))
+
+    cfg = RunConfig.from_flat({"output-dir": str(tmp_path), **config})
+    opts = cfg.method_options(config)
+    edge, top = edge_model(cfg, opts)
+    stash_edge, _ = edge_model(cfg, opts)
+    lr, beta = cfg.train.lr, cfg.train.momentum
+    edge_opt = torch.optim.SGD(edge.parameters(), lr=lr * 0.5, momentum=beta)
+    cloud_opt = torch.optim.SGD(top.parameters(), lr=lr, momentum=beta)
+    node = NodeConfig.from_node_config(grid.contexts[1].node_config)
+    split = load_node_split(cfg, node, "train")
+    batches = BatchStream(split, cfg.train.batch_size, node.stream_seed(cfg.seed))
+    in_flight = []  # (inputs, stashed weights, cut gradients), oldest first
+    forwarded = 0
+    while forwarded < steps or in_flight:
+        while forwarded < steps and len(in_flight) < window:
+            idx = batches.next_indices()
+            x = torch.from_numpy(split.x[idx])
+            w = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+            with torch.no_grad():
+                a = edge(x)
+            a.requires_grad_(True)
+            cloud_opt.zero_grad()
+            torch.nn.functional.cross_entropy(
+                top(a), torch.from_numpy(split.y[idx])
+            ).backward()
+            cloud_opt.step()
+            in_flight.append((x, w, a.grad.detach().clone()))
+            forwarded += 1
+        x, w, g = in_flight.pop(0)
+        stash_edge.load_state_dict(w)
+        stash_edge.zero_grad()
+        stash_edge(x).backward(g)
+        stashed_grads = dict(stash_edge.named_parameters())
+        for k, p in edge.named_parameters():
+            p.grad = stashed_grads[k].grad + alpha * (p.detach() - w[k])
+        edge_opt.step()
+    for k, v in top.state_dict().items():
+        torch.testing.assert_close(cloud.cloud.state_dict()[k], v, rtol=0, atol=1e-6)
+    for k, v in edge.state_dict().items():
+        torch.testing.assert_close(cloud.theta_ec[k], v, rtol=0, atol=1e-6)
+
+
 def test_w_2_does_what_the_message_transport_does(tmp_path, monkeypatch):
     # the message transport forwards chunk v + 2 right after applying chunk
     # v's gradients; the stream with W = 2 does the same: the same θ_c, θ_e^c
