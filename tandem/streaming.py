@@ -10,7 +10,8 @@ No protobuf: the service has one generic stream-stream method
 - :func:`open_stream` dials it from an edge, trusting only the root
   certificate it was given when TLS is on.
 - :class:`Outbox` is the request side of a stream: frames put into it are
-  sent by gRPC's own thread while the caller computes the next ones.
+  sent by gRPC's own thread while the caller computes the next ones;
+  :class:`Inbox` the response side, with a deadline on every wait.
 - :class:`SessionKeys` issues one fresh secret per node and session
   (``secrets.token_bytes``) and checks the one a stream presents in constant
   time (``hmac.compare_digest``); each secret opens one stream only.
@@ -31,6 +32,7 @@ import grpc
 __all__ = [
     "METHOD",
     "SECRET_BYTES",
+    "Inbox",
     "Outbox",
     "ServerTls",
     "SessionKeys",
@@ -189,6 +191,51 @@ class Outbox:
             if item is self._END:
                 return
             yield item  # type: ignore[misc]
+
+
+class Inbox:
+    """The frames an edge receives, with a deadline on each wait.
+
+    A thread drains the stream's responses into a queue, so :meth:`get` can
+    give up after ``timeout`` seconds: an edge never hangs on a cloud that
+    went silent (a stalled ServerApp or a dead link that TCP has not noticed).
+    """
+
+    _END = object()
+
+    def __init__(self, responses: Iterator[bytes]) -> None:
+        self._responses = responses
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        threading.Thread(target=self._pump, daemon=True, name="tdr").start()
+
+    def _pump(self) -> None:
+        try:
+            for frame in self._responses:
+                self._queue.put(frame)
+            self._queue.put(self._END)
+        except grpc.RpcError as err:
+            self._queue.put(err)
+
+    def get(self, timeout: float) -> bytes | None:
+        """The next frame; ``None`` when the server has ended the stream.
+
+        Raises
+        ------
+        TimeoutError
+            If none came within ``timeout`` seconds (the stream is cancelled).
+        grpc.RpcError
+            If the stream failed.
+        """
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            self._responses.cancel()  # type: ignore[attr-defined]
+            raise TimeoutError(
+                f"no frame from the cloud within {timeout:g} s"
+            ) from None
+        if isinstance(item, grpc.RpcError):
+            raise item
+        return None if item is self._END else item  # type: ignore[return-value]
 
 
 class SessionKeys:

@@ -35,7 +35,7 @@ from tandem.split import encode_cut
 from tandem.strategies import simultrain
 from tandem.strategies.simultrain import SimulTrainCloud
 from tandem.strategies.simultrain_stream import StreamLoop
-from tandem.streaming import Outbox, SessionKeys, open_stream
+from tandem.streaming import Outbox, SessionKeys, StreamServer, open_stream
 from tandem.tracking import Tracker, read_jsonl
 from tandem.training import BatchStream
 
@@ -551,3 +551,55 @@ def test_a_stream_run_checkpoints_and_resumes(tmp_path):
         steps = sum(e["micro-batches"] for e in exchanges if e["node-id"] == node)
         assert steps == 30 - state["steps-done"]
     assert summary["final-accuracy"] > 0.1
+
+
+def test_an_edge_gives_up_on_a_mute_cloud_after_the_timeout(tmp_path):
+    from tandem.clients.simultrain import EdgeState, StreamedEdge
+
+    frames = []
+
+    def mute(requests, context):  # reads every frame, answers none
+        for raw in requests:
+            frames.append(raw)
+            if len(frames) == 3:  # hello and two chunks: the edge now waits
+                time.sleep(5)
+        return iter(())
+
+    server = StreamServer(mute, "127.0.0.1:0", 1 << 24)
+    server.start()
+    try:
+        config = {**BASE, "output-dir": str(tmp_path), "reply-timeout": 0.5}
+        cfg = RunConfig.from_flat(config)
+        opts = cfg.method_options(config)
+        edge, _ = edge_model(cfg, opts)
+        params = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+        node = NodeConfig.from_node_config({"partition-id": 0, "num-partitions": 1})
+        split = load_node_split(cfg, node, "train")
+        start = SessionStart(
+            address=f"127.0.0.1:{server.port}",
+            secret=bytes(32),
+            window=2,
+            steps=8,
+            chunk=2,
+            next_version=0,
+            v_c=0,
+            edge_params={k: v.numpy() for k, v in params.items()},
+            max_frame=1 << 24,
+        )
+        session = StreamedEdge(
+            EdgeState.load(RecordDict(), params),
+            edge,
+            split,
+            BatchStream(split, cfg.train.batch_size, 0),
+            opts,
+            cfg,
+            start,
+        )
+        session.begin()
+        tick = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"within 0\.5 s"):
+            session.run(1)
+        assert time.monotonic() - tick < 4  # it did not wait for the cloud
+        assert len(frames) == 3 and list(session.in_flight) == [0, 1]
+    finally:
+        server.stop(0)

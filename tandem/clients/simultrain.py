@@ -69,7 +69,7 @@ from tandem.protocol.simultrain import (
     reply_frame,
 )
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
-from tandem.streaming import Outbox, open_stream
+from tandem.streaming import Inbox, Outbox, open_stream
 from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
@@ -407,6 +407,7 @@ class StreamedEdge:
         self.opts = opts
         self.lr = cfg.train.lr * opts.edge_lr_scale
         self.momentum = cfg.train.momentum
+        self.timeout = cfg.reply_timeout  # longest wait for the cloud (s)
         self.start = start
         self.layout = layout_of(_record(state.theta))
         self.pending: Tensors | None = None  # a delta not yet reported
@@ -497,6 +498,8 @@ class StreamedEdge:
         ------
         RuntimeError
             If the cloud ends the stream before every gradient came back.
+        TimeoutError
+            If the cloud sends nothing for ``reply-timeout`` seconds.
         grpc.RpcError
             If the stream fails (refused, cancelled, unreachable).
         """
@@ -504,9 +507,10 @@ class StreamedEdge:
         self.node_id = node_id
         outbox = Outbox()
         outbox.put(encode_frame(hello_frame(node_id, start.secret)))
-        channel, responses = open_stream(
+        channel, stream = open_stream(
             start.address, iter(outbox), start.max_frame, start.root_cert or None
         )
+        inbox = Inbox(stream)
         try:
             left = start.steps
             while left > 0 or self.in_flight:
@@ -516,7 +520,7 @@ class StreamedEdge:
                     left -= want
                 if self.pending is not None and self.in_flight:
                     outbox.put(self._frame(None, -1))  # a delta, no chunk left
-                data = next(responses, None)
+                data = inbox.get(self.timeout)
                 if data is None:
                     raise RuntimeError(
                         f"the cloud closed the stream with {len(self.in_flight)} "
@@ -524,7 +528,7 @@ class StreamedEdge:
                     )
                 self.receive(data)
             outbox.close()
-            for _ in responses:  # the cloud ends its side after ours
+            if inbox.get(self.timeout) is not None:  # the cloud ends after us
                 raise RuntimeError("an unexpected frame after the last gradients")
         finally:
             outbox.close()
