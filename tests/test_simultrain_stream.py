@@ -603,3 +603,24 @@ def test_an_edge_gives_up_on_a_mute_cloud_after_the_timeout(tmp_path):
         assert len(frames) == 3 and list(session.in_flight) == [0, 1]
     finally:
         server.stop(0)
+
+
+def test_half_a_tls_setting_or_a_missing_file_stops_the_run(tmp_path):
+    from tandem.config import ConfigError
+    from tandem.strategies.simultrain_stream import server_tls
+
+    tls = make_tls_files(tmp_path)
+    assert server_tls("", "", "") == (None, b"")
+    with pytest.raises(ConfigError, match="needs simultrain-stream-tls-key"):
+        server_tls(str(tls.server_cert), "", "")
+    with pytest.raises(ConfigError, match="simultrain-stream-tls-ca"):
+        server_tls(str(tls.server_cert), str(tls.server_key), str(tmp_path / "no"))
+    served, root = server_tls(str(tls.server_cert), str(tls.server_key), "")
+    assert root == tls.server_cert.read_bytes()  # pinned: the certificate itself
+    assert served.private_key == tls.server_key.read_bytes()
+    with pytest.raises(ConfigError, match="simultrain-stream-tls-cert"):
+        run_inprocess(
+            {**BASE, "simultrain-stream-tls-cert": str(tls.server_cert)},
+            nodes=1,
+            out=tmp_path / "run",
+        )

@@ -733,11 +733,12 @@ def run(srv: ServerRun) -> None:
     opts = srv.options_as(SimulTrainOptions)
     cloud = SimulTrainCloud(srv, opts)
     cloud.resume()
-    cloud.start(srv.wait_for_nodes(timeout=120.0))
-    if opts.transport == "stream":
+    if opts.transport == "stream":  # binds its port now: a bad setting stops here
         from tandem.strategies.simultrain_stream import StreamLoop
 
-        StreamLoop(srv, cloud).serve()
+        loop: FlowerLoop | StreamLoop = StreamLoop(srv, cloud)
     else:
-        FlowerLoop(srv, cloud).serve()
+        loop = FlowerLoop(srv, cloud)
+    cloud.start(srv.wait_for_nodes(timeout=120.0))
+    loop.serve()
     cloud.finish()

@@ -274,14 +274,17 @@ class StreamLoop:
             self._refuse(node, refusal, context)
             return
         seq = 0
-        for raw in requests:
-            data, reason = self._answer(session, raw, seq)
-            if reason is not None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-                return
-            if data is not None:
-                seq += 1
-                yield data
+        try:
+            for raw in requests:
+                data, reason = self._answer(session, raw, seq)
+                if reason is not None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+                    return
+                if data is not None:
+                    seq += 1
+                    yield data
+        except grpc.RpcError:  # cancelled: the edge was dropped meanwhile
+            return
 
     def _answer(
         self, session: Session, raw: bytes, seq: int
