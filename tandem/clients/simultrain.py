@@ -387,7 +387,8 @@ class StreamedEdge:
     the reply that ends the session).
 
     With W = 2 this is the message transport's schedule: chunk ``v + 2`` is
-    forwarded right after chunk ``v``'s gradients are applied.
+    forwarded right after chunk ``v``'s gradients are applied. Every wait for
+    the cloud gives up after ``reply-timeout`` seconds.
     """
 
     def __init__(
