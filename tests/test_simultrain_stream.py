@@ -319,10 +319,15 @@ def _capture(monkeypatch):
     return clouds
 
 
-def test_edges_stream_concurrently_and_learn(tmp_path):
+def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
+    clouds = _capture(monkeypatch)
     records, grid = run_inprocess(BASE, nodes=2, out=tmp_path, threaded=True)
     summary = records[-1]
     assert summary["rejected-replies"] == 0 and summary["dropped-edges"] == 0
+    # R = 4 steps, chunks of 2: θ_e^c goes with every second chunk's
+    # gradients (15 per edge, the last at the end); each edge reconciles and
+    # reports a delta (on its next chunk, alone, or on the session's reply)
+    assert clouds[0].merges == 2 * 15 and summary["dropped-deltas"] == 0
     rounds = _events(records, "round")
     assert rounds[-1]["eval-loss"] < rounds[0]["eval-loss"] - 0.5
     assert summary["final-accuracy"] > 0.3  # chance is 0.1
