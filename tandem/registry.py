@@ -109,7 +109,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             name="simultrain",
             summary="Split training streaming cut-layer activations, pipelined.",
-            server="tandem.strategies.simultrain:run",
+            server="tandem.strategies.simultrain_run:run",
             client="tandem.clients.simultrain:HANDLERS",
             options_ref="tandem.protocol.simultrain:SimulTrainOptions",
         ),

@@ -13,19 +13,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid, run_inprocess
 
-from tandem.accounting import ByteLedger, MeteredGrid
 from tandem.certs import make_tls_files
 from tandem.checkpoint import load_checkpoint
 from tandem.clients.node import NodeConfig, load_node_split
-from tandem.config import RunConfig, section_values
+from tandem.config import RunConfig
 from tandem.frames import Frame, encode_frame
 from tandem.protocol.simultrain import (
     EdgeReply,
     SessionStart,
+    SimulTrainOptions,
     edge_model,
     hello_frame,
     reply_frame,
@@ -36,7 +36,7 @@ from tandem.strategies import simultrain
 from tandem.strategies.simultrain import SimulTrainCloud
 from tandem.strategies.simultrain_stream import StreamLoop
 from tandem.streaming import Outbox, SessionKeys, StreamServer, open_stream
-from tandem.tracking import Tracker, read_jsonl
+from tandem.tracking import read_jsonl
 from tandem.training import BatchStream
 
 BASE = {
@@ -72,23 +72,9 @@ class Endpoint:
         }
         cfg = RunConfig.from_flat(flat)
         self.grid = InProcessGrid(flat, nodes)
-        options = cfg.method_options(flat)
-        self.tracker = Tracker(
-            cfg.tracking,
-            run_name="simultrain-1",
-            group="1",
-            config={**cfg.as_flat(), **section_values(options)},
-            total_rounds=1,
-        )
-        ledger = ByteLedger()
-        self.srv = ServerRun(
-            grid=MeteredGrid(self.grid, ledger),  # type: ignore[arg-type]
-            ledger=ledger,
-            cfg=cfg,
-            options=options,
-            tracker=self.tracker,
-            context=Context(1, 0, {}, RecordDict(), dict(flat)),
-        )
+        self.srv = ServerRun.open(cfg, self.grid, run_id=1)  # type: ignore[arg-type]
+        self.tracker = self.srv.tracker
+        options = cfg.options_as(SimulTrainOptions)
         self.cloud = SimulTrainCloud(self.srv, options)
         self.cloud.start(list(range(1, nodes + 1)))
         self.loop = StreamLoop(self.srv, self.cloud)
@@ -362,7 +348,7 @@ def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypat
     records, grid = run_inprocess(config, nodes=1, out=tmp_path, threaded=True)
     (cloud,) = clouds
     cfg = RunConfig.from_flat({"output-dir": str(tmp_path), **config})
-    opts = cfg.method_options({**config})
+    opts = cfg.options_as(SimulTrainOptions)
     edge, top = edge_model(cfg, opts)
     model = torch.nn.Sequential(edge, top)
     optimizer = torch.optim.SGD(
@@ -412,7 +398,7 @@ def test_w_3_in_flight_with_weight_stashing_by_hand(tmp_path, monkeypatch):
     assert [e["seq"] for e in exchanges] == list(range(steps))
 
     cfg = RunConfig.from_flat({"output-dir": str(tmp_path), **config})
-    opts = cfg.method_options(config)
+    opts = cfg.options_as(SimulTrainOptions)
     edge, top = edge_model(cfg, opts)
     stash_edge, _ = edge_model(cfg, opts)
     lr, beta = cfg.train.lr, cfg.train.momentum
@@ -575,7 +561,7 @@ def test_an_edge_gives_up_on_a_mute_cloud_after_the_timeout(tmp_path):
     try:
         config = {**BASE, "output-dir": str(tmp_path), "reply-timeout": 0.5}
         cfg = RunConfig.from_flat(config)
-        opts = cfg.method_options(config)
+        opts = cfg.options_as(SimulTrainOptions)
         edge, _ = edge_model(cfg, opts)
         params = {k: v.detach().clone() for k, v in edge.state_dict().items()}
         node = NodeConfig.from_node_config({"partition-id": 0, "num-partitions": 1})
@@ -611,7 +597,7 @@ def test_an_edge_gives_up_on_a_mute_cloud_after_the_timeout(tmp_path):
 
 
 def test_half_a_tls_setting_or_a_missing_file_stops_the_run(tmp_path):
-    from tandem.config import ConfigError
+    from tandem.options import ConfigError
     from tandem.strategies.simultrain_stream import server_tls
 
     tls = make_tls_files(tmp_path)

@@ -43,7 +43,8 @@ its methods take and give SimulTrain's protocol messages
 :class:`FlowerLoop` carries them as Flower messages over the Grid (timeouts,
 dropouts, late joiners), :class:`~tandem.strategies.simultrain_stream.StreamLoop`
 on one gRPC stream per edge (``simultrain-transport = "stream"``, with
-:meth:`SimulTrainCloud.on_chunk`), and :func:`run` wires them.
+:meth:`SimulTrainCloud.on_chunk`), and
+:func:`tandem.strategies.simultrain_run.run` wires them.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ from tandem.split import encode_cut, merge_delta, staleness_weight
 from tandem.training import EvalStats, evaluate, token_cross_entropy
 from tandem.wire import PayloadError
 
-__all__ = ["SimulTrainCloud", "adapt_chunk", "run"]
+__all__ = ["FlowerLoop", "SimulTrainCloud", "adapt_chunk"]
 
 #: Seconds between looks for SuperNodes that connected after the start.
 JOIN_SCAN = 2.0
@@ -726,19 +727,3 @@ class FlowerLoop:
         self.lost &= online  # a lost node no longer listed may come back
         for node in sorted(online - set(self.cloud.tracks) - self.lost):
             self.send(self.cloud.join(node))
-
-
-def run(srv: ServerRun) -> None:
-    """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
-    opts = srv.options_as(SimulTrainOptions)
-    cloud = SimulTrainCloud(srv, opts)
-    cloud.resume()
-    if opts.transport == "stream":  # binds its port now: a bad setting stops here
-        from tandem.strategies.simultrain_stream import StreamLoop
-
-        loop: FlowerLoop | StreamLoop = StreamLoop(srv, cloud)
-    else:
-        loop = FlowerLoop(srv, cloud)
-    cloud.start(srv.wait_for_nodes(timeout=120.0))
-    loop.serve()
-    cloud.finish()

@@ -39,9 +39,9 @@ from pathlib import Path
 import grpc
 from flwr.app import Message
 
-from tandem.options import ConfigError
 from tandem.failures import app_error
 from tandem.frames import FrameError, decode_frame, encode_frame
+from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
     SESSION_TYPE,
     SessionStart,
