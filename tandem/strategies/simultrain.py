@@ -153,7 +153,7 @@ class SimulTrainCloud:
     :meth:`next_message` makes an edge's next :class:`CloudMessage` and
     :meth:`on_reply` handles its answer's records, whatever carried them; the
     caller says how many bytes each message took (:meth:`sent`) and supplies
-    the function that sends. :func:`run` drives it with Flower messages.
+    the function that sends. :class:`FlowerLoop` drives it with Flower messages.
 
     One reply is handled (:meth:`on_reply`) in the steps of the module
     docstring: :meth:`merge` its delta, check its activations, send the edge
