@@ -77,7 +77,10 @@ def test_round_methods_learn_the_corpus(tmp_path, method, extra):
     assert data["config"]["dataset"] == "pysource"
 
 
-def test_simultrain_learns_the_corpus_through_int8_sequence_activations(tmp_path):
+@pytest.mark.parametrize("transport", ["message", "stream"])
+def test_simultrain_learns_the_corpus_through_int8_sequence_activations(
+    tmp_path, transport
+):
     run = {
         **BASE,
         "method": "simultrain",
@@ -85,8 +88,11 @@ def test_simultrain_learns_the_corpus_through_int8_sequence_activations(tmp_path
         "simultrain-eval-every": 20,
         "simultrain-chunk": 2,
         "simultrain-precision": "int8",
+        "simultrain-transport": transport,
     }
-    records, _ = run_inprocess(run, nodes=2, out=tmp_path)
+    records, _ = run_inprocess(
+        run, nodes=2, out=tmp_path, threaded=transport == "stream"
+    )
     summary = records[-1]
     ppl = _perplexities(records)
     assert 200 < ppl[0] < 320
