@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -116,16 +117,24 @@ def encode_frame(frame: Frame) -> bytes:
     return b"".join(parts)
 
 
+#: Held while numpy parses an npy header. The cloud checks frames and records
+#: of many edges at once, one thread per stream, and a header parse raced with
+#: another thread's was seen to fail with a SystemError on honest bytes; the
+#: parse takes microseconds, so it is serialized (here and in tandem.wire).
+NPY_HEADER_LOCK = threading.Lock()
+
+
 def _read_npy(name: str, data: memoryview) -> np.ndarray:
     """One array from its ``.npy`` bytes, checked; a read-only view of ``data``."""
     stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version != (1, 0):
-            raise ValueError(f"npy format {version}, expected (1, 0)")
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(
-            stream, max_header_size=1024
-        )
+        with NPY_HEADER_LOCK:
+            version = np.lib.format.read_magic(stream)
+            if version != (1, 0):
+                raise ValueError(f"npy format {version}, expected (1, 0)")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+                stream, max_header_size=1024
+            )
     except Exception as err:  # numpy's parser raises many kinds on hostile bytes
         raise FrameError(f"array '{name}': bad npy header ({err})") from None
     if fortran or str(dtype) not in DTYPES or dtype.byteorder == ">":

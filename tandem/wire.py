@@ -28,6 +28,8 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
+from tandem.frames import NPY_HEADER_LOCK
+
 __all__ = [
     "KEY_ARRAYS",
     "KEY_CONFIG",
@@ -157,13 +159,14 @@ def read_array(
         raise PayloadError(f"{what} data is a {type(data).__name__}, not bytes")
     stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            header = np.lib.format.read_array_header_1_0(stream, MAX_HEADER_BYTES)
-        elif version == (2, 0):
-            header = np.lib.format.read_array_header_2_0(stream, MAX_HEADER_BYTES)
-        else:
-            raise PayloadError(f"{what} has npy version {version}")
+        with NPY_HEADER_LOCK:  # numpy's header parse is not safe across threads
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(stream, MAX_HEADER_BYTES)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(stream, MAX_HEADER_BYTES)
+            else:
+                raise PayloadError(f"{what} has npy version {version}")
     except PayloadError:
         raise
     except Exception as err:  # numpy raises ValueError, SyntaxError, ...

@@ -329,16 +329,29 @@ def forward_chunk(
     return Chunk(encode_cut(acts.numpy(), precision, "a"), split.y[idx], sizes, seconds)
 
 
-def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Handle one ``train.simultrain`` message (see the module docstring)."""
+_NodeSetup = tuple[
+    SimulTrainOptions, NodeConfig, ArraySplit, nn.Module, EdgeState, BatchStream
+]
+
+
+def _node_setup(context: Context, cfg: RunConfig) -> _NodeSetup:
+    """What every SimulTrain message needs on the node: the options, the
+    node's config and training split, the edge layers, the edge state kept in
+    ``Context.state`` and the node's batch stream, restored where it stopped."""
     opts = cfg.options_as(SimulTrainOptions)
     node = NodeConfig.from_node_config(context.node_config)
     split = load_node_split(cfg, node, "train")
     edge, _ = edge_model(cfg, opts)
     state = EdgeState.load(context.state, _params(edge))
-    stream = restore_stream(
+    batches = restore_stream(
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
+    return opts, node, split, edge, state, batches
+
+
+def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Handle one ``train.simultrain`` message (see the module docstring)."""
+    opts, node, split, edge, state, stream = _node_setup(context, cfg)
     request = CloudMessage.from_content(msg.content, layout_of(_record(state.theta)))
     compute = 0.0  # CPU seconds of the edge's own maths (backward, forward)
     if request.grad_for >= 0:
@@ -550,14 +563,7 @@ class StreamedEdge:
 
 def session_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Handle a ``train.simultrain_session`` message: one stream session."""
-    opts = cfg.options_as(SimulTrainOptions)
-    node = NodeConfig.from_node_config(context.node_config)
-    split = load_node_split(cfg, node, "train")
-    edge, _ = edge_model(cfg, opts)
-    state = EdgeState.load(context.state, _params(edge))
-    batches = restore_stream(
-        context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
-    )
+    opts, node, split, edge, state, batches = _node_setup(context, cfg)
     start = SessionStart.from_content(msg.content, layout_of(_record(state.theta)))
     session = StreamedEdge(state, edge, split, batches, opts, cfg, start)
     session.begin()
