@@ -279,75 +279,71 @@ def _mask(sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- codecs
-class Full(Codec):
+class _Dense(Codec):
+    """Every value in the layout's one ``values`` dtype: ``itemsize·n`` bytes.
+
+    Subclasses give :meth:`cast`, the values in that dtype.
+    """
+
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (float32) in the wire dtype; may be ``x`` itself."""
+        raise NotImplementedError
+
+    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        return {"values": sizes}
+
+    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
+        values = self.cast(x)
+        return {"values": x.copy() if values is x else values}
+
+    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return np.array(arrays["values"], dtype=np.float32)
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        groups: np.ndarray,
+        ratio: float | None,
+        decoded: np.ndarray,
+    ) -> list[list[np.ndarray]]:
+        values = self.cast(x)
+        wire = self.layout["values"].newbyteorder("<")
+        raw = np.ascontiguousarray(values, dtype=wire).view(np.uint8)
+        width = wire.itemsize
+        mask = _mask(sizes, groups)
+        decoded[mask] = values[mask]
+        return [
+            [raw[width * starts[i] : width * (starts[i] + sizes[i])]]
+            for i in groups.tolist()
+        ]
+
+
+class Full(_Dense):
     """float32 values, ``4n`` bytes, exact."""
 
     name = "full"
     layout: ClassVar[dict[str, np.dtype]] = {"values": np.dtype(np.float32)}
 
-    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
-        return {"values": sizes}
-
     def fidelity(self, ratio: float | None) -> float:
         return 1.0
 
-    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
-        return {"values": x.copy()}
-
-    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
-        return np.array(arrays["values"], dtype=np.float32)
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        raw = np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
-        mask = _mask(sizes, groups)
-        decoded[mask] = x[mask]
-        return [
-            [raw[4 * starts[i] : 4 * (starts[i] + sizes[i])]] for i in groups.tolist()
-        ]
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        return x
 
 
-class Half(Codec):
+class Half(_Dense):
     """float16 values, ``2n`` bytes, saturating at ±65504."""
 
     name = "half"
     layout: ClassVar[dict[str, np.dtype]] = {"values": np.dtype(np.float16)}
 
-    def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
-        return {"values": sizes}
-
     def fidelity(self, ratio: float | None) -> float:
         return FIDELITY_HALF
 
-    def encode(self, x: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
-        return {"values": np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)}
-
-    def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
-        return np.array(arrays["values"], dtype=np.float32)
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        half = np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
-        raw = half.astype("<f2").view(np.uint8)
-        mask = _mask(sizes, groups)
-        decoded[mask] = half[mask]
-        return [
-            [raw[2 * starts[i] : 2 * (starts[i] + sizes[i])]] for i in groups.tolist()
-        ]
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
 
 
 class Int8(Codec):
