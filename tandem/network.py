@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.options import ConfigError
+
 __all__ = [
     "PRESETS",
     "BandwidthEstimator",
@@ -868,3 +870,22 @@ class BandwidthEstimator:
             self.estimate_mbps += self.smoothing * (observed - self.estimate_mbps)
         self.observations += 1
         return self.estimate_mbps
+
+
+def link_option_check(key: str) -> Callable[[str], bool]:
+    """A run-config ``check`` for the link spec under ``key``.
+
+    It parses the spec with the same parser that times the run's links
+    (:func:`assign_links`), so the config accepts exactly what the run can use.
+    The returned function gives ``True``, or raises :class:`ConfigError`
+    naming ``key``, the spec and the parser's reason.
+    """
+
+    def check(spec: str) -> bool:
+        try:
+            assign_links([0], spec)
+        except ValueError as err:
+            raise ConfigError(key, spec, str(err)) from None
+        return True
+
+    return check

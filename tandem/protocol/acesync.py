@@ -41,7 +41,7 @@ from tandem.importance import (
     predictor_from_arrays,
     predictor_to_arrays,
 )
-from tandem.network import assign_links
+from tandem.network import link_option_check
 from tandem.options import option
 from tandem.wire import KEY_LOCAL_STEPS, PayloadError, read_array
 
@@ -293,14 +293,6 @@ def _codecs_ok(text: str) -> bool:
     return True
 
 
-def _link_ok(spec: str) -> bool:
-    try:
-        assign_links([0], spec)
-    except ValueError:
-        return False
-    return True
-
-
 def _fraction(x: float) -> bool:
     return 0.0 <= x <= 1.0
 
@@ -427,10 +419,7 @@ class AceSyncOptions:
         "acesync-max-budget-scale", 2.0, "must be >= 1", lambda f: f >= 1
     )
     link: str = option(
-        "acesync-link",
-        "variable",
-        "must be a link preset (4g, 5g, lan, wifi, variable) or mix:a,b,...",
-        _link_ok,
+        "acesync-link", "variable", check=link_option_check("acesync-link")
     )
     edge_factor: float = option(
         "acesync-edge-factor", 1.0, "must be > 0", lambda f: f > 0

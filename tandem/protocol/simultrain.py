@@ -43,8 +43,8 @@ from torch import nn
 from tandem.datasets import load_dataset
 from tandem.frames import Frame
 from tandem.models import build_model, default_model_for, model_entry
-from tandem.network import assign_links
-from tandem.options import ConfigError, option
+from tandem.network import link_option_check
+from tandem.options import option
 from tandem.split import cut_keys, decode_cut, split_model
 from tandem.wire import (
     KEY_CONFIG,
@@ -94,21 +94,6 @@ KEY_META = "meta"
 Layout = Mapping[str, tuple[tuple[int, ...], str]]
 
 _LINK_KEY = "simultrain-link"
-
-
-def _link_spec(spec: str) -> bool:
-    """Check ``simultrain-link`` with the parser that times the run's links.
-
-    Raises
-    ------
-    ConfigError
-        With the parser's reason, if it refuses the spec.
-    """
-    try:
-        assign_links([0], spec)
-    except ValueError as err:
-        raise ConfigError(_LINK_KEY, spec, str(err)) from None
-    return True
 
 
 def _address(address: str) -> bool:
@@ -175,7 +160,7 @@ class SimulTrainOptions:
     eval_every: int = option(
         "simultrain-eval-every", 50, "must be >= 1 (steps per edge)", lambda n: n >= 1
     )
-    link: str = option(_LINK_KEY, "4g", check=_link_spec)
+    link: str = option(_LINK_KEY, "4g", check=link_option_check(_LINK_KEY))
     edge_factor: float = option(
         "simultrain-edge-factor", 1.0, "must be > 0", lambda f: f > 0
     )
