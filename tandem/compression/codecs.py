@@ -101,6 +101,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "Option",
+    "RowError",
     "codec_for",
     "codec_rule",
     "decode",
@@ -132,6 +133,23 @@ _MAX_SIZE = 2**32  # indices travel as uint32
 
 class CodecError(ValueError):
     """A payload (or codec request) that cannot be encoded or decoded as asked."""
+
+
+class RowError(CodecError):
+    """A bad payload among many decoded at once (:meth:`Codec.decode_rows`).
+
+    Attributes
+    ----------
+    row : int
+        The row (group among those decoded together) that was bad.
+    reason : str
+        What was wrong, as :func:`decode` would say it.
+    """
+
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"row {row}: {reason}")
+        self.row = int(row)
+        self.reason = reason
 
 
 def _check_size(size: int) -> int:
@@ -241,6 +259,42 @@ class Codec:
     ) -> None:
         """The codec's own value rules (default: none)."""
 
+    def decode_rows(
+        self, rows: np.ndarray, size: int, ratio: float | None
+    ) -> np.ndarray:
+        """Check and decode ``k`` received payloads of groups of ``size``.
+
+        ``rows`` is uint8 ``(k, L)``, row ``r`` one group's wire bytes
+        (``L = nbytes(size, ratio)``, as the codec table implies). Returns
+        float32 ``(k, size)``, what :func:`decode` returns for each row,
+        after the same checks. The default cuts each row into its arrays
+        and calls :func:`decode`; a codec may vectorize it (same values,
+        same rules).
+
+        Raises
+        ------
+        RowError
+            Naming the bad row and the rule it broke.
+        """
+        lengths = {
+            key: int(count)
+            for key, count in self.lengths(np.asarray(size, np.int64), ratio).items()
+        }
+        max_k = self.max_k(size, ratio)
+        out = np.empty((rows.shape[0], size), dtype=np.float32)
+        for r in range(rows.shape[0]):
+            raw, offset, arrays = rows[r].tobytes(), 0, {}
+            for key, count in lengths.items():
+                native = self.layout[key]
+                wire = wire_dtype(native)
+                arrays[key] = np.frombuffer(raw, wire, count, offset).astype(native)
+                offset += count * wire.itemsize
+            try:
+                out[r] = decode(self.name, arrays, size, max_k=max_k)
+            except CodecError as err:
+                raise RowError(r, str(err)) from None
+        return out
+
     def encode_groups(
         self,
         x: np.ndarray,
@@ -278,6 +332,32 @@ def _mask(sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.repeat(chosen, sizes)
 
 
+def _first_row(bad: np.ndarray) -> int | None:
+    """The first True of a row mask ``(k,)``, or None."""
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def _check_finite_rows(kind: str, key: str, values: np.ndarray) -> None:
+    """:class:`RowError` for the first row of ``values`` ``(k, L)`` holding NaN
+    or Inf (one float64 sum first: finite inputs cannot overflow it)."""
+    if values.size and not np.isfinite(values.sum(dtype=np.float64)):
+        row = _first_row(~np.isfinite(values).all(axis=1))
+        raise RowError(row or 0, f"{kind} '{key}' holds NaN or Inf")
+
+
+def _scale_rows(kind: str, rows: np.ndarray, at: int) -> np.ndarray:
+    """The float32 scale in bytes ``[at, at + 4)`` of every row, checked finite
+    and non-negative (as :func:`_check_payload` and :func:`_check_scale`)."""
+    raw = np.ascontiguousarray(rows[:, at : at + 4])
+    scale = raw.view(wire_dtype(np.float32)).reshape(rows.shape[0])
+    scale = scale.astype(np.float32, copy=False)
+    _check_finite_rows(kind, "scale", scale[:, None])
+    row = _first_row(scale < 0)
+    if row is not None:
+        raise RowError(row, f"{kind} 'scale' is negative ({scale[row]})")
+    return scale
+
+
 # --------------------------------------------------------------------------- codecs
 class _Dense(Codec):
     """Every value in the layout's one ``values`` dtype: ``itemsize·n`` bytes.
@@ -298,6 +378,13 @@ class _Dense(Codec):
 
     def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         return np.array(arrays["values"], dtype=np.float32)
+
+    def decode_rows(
+        self, rows: np.ndarray, size: int, ratio: float | None
+    ) -> np.ndarray:
+        values = np.ascontiguousarray(rows).view(wire_dtype(self.layout["values"]))
+        _check_finite_rows(self.name, "values", values)
+        return values.astype(np.float32)
 
     def encode_groups(
         self,
@@ -346,6 +433,9 @@ class Half(_Dense):
         return np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
 
 
+_INT8_RULE = "int8 'levels' holds -128; levels lie in [-127, 127]"
+
+
 class Int8(Codec):
     """int8 levels ``rint(127·x/a)`` and the scale ``a = max|x|``, ``n + 4`` bytes."""
 
@@ -378,7 +468,18 @@ class Int8(Codec):
         _check_scale(self.name, arrays)
         levels = arrays["levels"]
         if levels.size and int(levels.min()) < -127:
-            raise CodecError("int8 'levels' holds -128; levels lie in [-127, 127]")
+            raise CodecError(_INT8_RULE)
+
+    def decode_rows(
+        self, rows: np.ndarray, size: int, ratio: float | None
+    ) -> np.ndarray:
+        scale = _scale_rows(self.name, rows, size)
+        levels = rows[:, :size].view(np.int8)
+        if levels.size and int(levels.min()) < -127:
+            raise RowError(_first_row((levels == -128).any(axis=1)) or 0, _INT8_RULE)
+        # int8_values, row by row: level · (a / 127) in float32
+        step = (scale / np.float32(127.0))[:, None]
+        return np.multiply(levels, step, dtype=np.float32)
 
     def encode_groups(
         self,
@@ -405,6 +506,9 @@ class Int8(Codec):
             ]
             for i in groups.tolist()
         ]
+
+
+_SIGN_RULE = "sign 'signs' has padding bits set past the last element"
 
 
 class Sign(Codec):
@@ -443,7 +547,20 @@ class Sign(Codec):
         _check_scale(self.name, arrays)
         signs = arrays["signs"]
         if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
-            raise CodecError("sign 'signs' has padding bits set past the last element")
+            raise CodecError(_SIGN_RULE)
+
+    def decode_rows(
+        self, rows: np.ndarray, size: int, ratio: float | None
+    ) -> np.ndarray:
+        width = (size + 7) // 8
+        scale = _scale_rows(self.name, rows, width)
+        bits = rows[:, :width]
+        if size % 8:
+            row = _first_row(bits[:, -1] & np.uint8((1 << (8 - size % 8)) - 1) != 0)
+            if row is not None:
+                raise RowError(row, _SIGN_RULE)
+        negative = np.unpackbits(bits, axis=1, count=size).view(bool)
+        return np.where(negative, -scale[:, None], scale[:, None])
 
     def encode_groups(
         self,
@@ -527,6 +644,32 @@ class TopK(Codec):
             )
         if np.unique(indices).size != k:
             raise CodecError("topk 'indices' has duplicated indices")
+
+    def decode_rows(
+        self, rows: np.ndarray, size: int, ratio: float | None
+    ) -> np.ndarray:
+        count, k = self.max_k(size, ratio) or 0, rows.shape[0]
+        rows = np.ascontiguousarray(rows)
+        indices = rows[:, : 4 * count].copy().view(wire_dtype(np.uint32))
+        values = rows[:, 4 * count :].copy().view(wire_dtype(np.float32))
+        _check_finite_rows(self.name, "values", values)
+        out = np.zeros((k, size), dtype=np.float32)
+        if not count:
+            return out
+        top = indices.max(axis=1)
+        row = _first_row(top >= size)
+        if row is not None:
+            raise RowError(
+                row,
+                f"topk 'indices' has index {int(top[row])} out of range "
+                f"for size {size}",
+            )
+        ordered = np.sort(indices, axis=1)
+        row = _first_row((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if row is not None:
+            raise RowError(row, "topk 'indices' has duplicated indices")
+        np.put_along_axis(out, indices.astype(np.int64), values, axis=1)
+        return out
 
 
 class Defer(Codec):

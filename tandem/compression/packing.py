@@ -41,12 +41,19 @@ import numpy as np
 from tandem.compression.codecs import (
     CodecError,
     Option,
-    decode,
+    RowError,
     option_table,
     wire_dtype,
 )
+from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
 
-__all__ = ["encode_packed", "pack_groups", "split_groups", "unpack_groups"]
+__all__ = [
+    "encode_packed",
+    "pack_groups",
+    "split_groups",
+    "unpack_flat",
+    "unpack_groups",
+]
 
 
 def pack_groups(
@@ -97,6 +104,46 @@ def pack_groups(
     return choice.astype(np.uint8), stream
 
 
+def _group_costs(
+    codecs: np.ndarray,
+    payload: np.ndarray,
+    sizes: np.ndarray,
+    options: Sequence[Option],
+    max_bytes: int | None,
+) -> np.ndarray:
+    """The structural checks of :func:`split_groups`; each group's payload
+    bytes ``(n,)`` int64 as the table implies them."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = sizes.size
+    if not isinstance(codecs, np.ndarray) or codecs.dtype != np.uint8:
+        raise CodecError(f"codec table must be a uint8 array, got {_describe(codecs)}")
+    if codecs.shape != (n,):
+        raise CodecError(f"codec table has shape {codecs.shape}, expected ({n},)")
+    if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8:
+        raise CodecError(f"payload must be a uint8 array, got {_describe(payload)}")
+    if payload.ndim != 1:
+        raise CodecError(f"payload has shape {payload.shape}, expected 1-D")
+    if n and int(codecs.max()) >= len(options):
+        bad = int(np.flatnonzero(codecs >= len(options))[0])
+        raise CodecError(
+            f"group {bad}: codec index {int(codecs[bad])} out of range "
+            f"for {len(options)} options"
+        )
+    costs, _ = option_table(options, sizes)
+    chosen = costs[np.arange(n), codecs.astype(np.int64)]
+    implied = int(chosen.sum())
+    if max_bytes is not None and implied > max_bytes:
+        raise CodecError(
+            f"the codec table asks for {implied} payload bytes, more than the "
+            f"budget of {max_bytes} bytes"
+        )
+    if payload.size != implied:
+        raise CodecError(
+            f"payload has {payload.size} bytes; the codec table implies {implied}"
+        )
+    return chosen
+
+
 def split_groups(
     codecs: np.ndarray,
     payload: np.ndarray,
@@ -131,32 +178,7 @@ def split_groups(
         Naming what was wrong.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
-    n = sizes.size
-    if not isinstance(codecs, np.ndarray) or codecs.dtype != np.uint8:
-        raise CodecError(f"codec table must be a uint8 array, got {_describe(codecs)}")
-    if codecs.shape != (n,):
-        raise CodecError(f"codec table has shape {codecs.shape}, expected ({n},)")
-    if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8:
-        raise CodecError(f"payload must be a uint8 array, got {_describe(payload)}")
-    if payload.ndim != 1:
-        raise CodecError(f"payload has shape {payload.shape}, expected 1-D")
-    if n and int(codecs.max()) >= len(options):
-        bad = int(np.flatnonzero(codecs >= len(options))[0])
-        raise CodecError(
-            f"group {bad}: codec index {int(codecs[bad])} out of range "
-            f"for {len(options)} options"
-        )
-    costs, _ = option_table(options, sizes)
-    implied = int(costs[np.arange(n), codecs.astype(np.int64)].sum()) if n else 0
-    if max_bytes is not None and implied > max_bytes:
-        raise CodecError(
-            f"the codec table asks for {implied} payload bytes, more than the "
-            f"budget of {max_bytes} bytes"
-        )
-    if payload.size != implied:
-        raise CodecError(
-            f"payload has {payload.size} bytes; the codec table implies {implied}"
-        )
+    _group_costs(codecs, payload, sizes, options, max_bytes)
     raw = payload.tobytes()
     offset = 0
     groups: list[dict[str, np.ndarray]] = []
@@ -174,6 +196,74 @@ def split_groups(
     return groups
 
 
+def unpack_flat(
+    codecs: np.ndarray,
+    payload: np.ndarray,
+    sizes: np.ndarray,
+    options: Sequence[Option],
+    *,
+    max_bytes: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check and decode a packed update into one flat vector, vectorized.
+
+    The same checks and values as :func:`split_groups` followed by
+    :func:`~tandem.compression.codecs.decode` on every group, run once per
+    (option, group size) instead of once per group: the groups of one option
+    and one size all take ``L`` bytes, so their payloads are cut out of the
+    stream as one ``(k, L)`` matrix (:func:`~tandem.compression.rows.get_rows`)
+    and checked and decoded by
+    :meth:`~tandem.compression.codecs.Codec.decode_rows`.
+
+    Parameters
+    ----------
+    codecs, payload, sizes, options, max_bytes
+        As in :func:`split_groups`.
+    labels : Sequence[str] or None (default: None)
+        Group names for error messages (e.g. ``ParamGroup.key``).
+
+    Returns
+    -------
+    decoded : np.ndarray
+        ``(N,)`` float32, ``N = Σ sizes``: every sent group's values, zeros
+        in the others.
+    sent : np.ndarray
+        ``(n,)`` bool: the groups whose codec sends a payload (not ``defer``).
+
+    Raises
+    ------
+    CodecError
+        From the structural checks, or naming a group whose payload breaks a
+        rule (the first such group found; with several bad groups it need
+        not be the first in group order).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    widths = _group_costs(codecs, payload, sizes, options, max_bytes)
+    starts = exclusive_cumsum(sizes)
+    offsets = exclusive_cumsum(widths)
+    decoded = np.zeros(int(sizes.sum()), dtype=np.float32)
+    sent = np.zeros(sizes.size, dtype=bool)
+    codes = codecs.astype(np.int64)
+    for j in np.flatnonzero(np.bincount(codes, minlength=len(options))).tolist():
+        option = options[j]
+        if not option.codec.layout:  # nothing sent (defer)
+            continue
+        chosen = np.flatnonzero(codes == j)
+        sent[chosen] = True
+        chosen_sizes = sizes[chosen]
+        for size in np.unique(chosen_sizes).tolist():
+            groups = chosen[chosen_sizes == size]
+            rows = get_rows(payload, offsets[groups], int(widths[groups[0]]))
+            try:
+                values = option.codec.decode_rows(rows, size, option.ratio)
+            except RowError as err:
+                group = int(groups[err.row])
+                name = labels[group] if labels is not None else str(group)
+                raise CodecError(f"group {name}: {err.reason}") from None
+            put_rows(decoded, starts[groups], values)
+    return decoded, sent
+
+
 def unpack_groups(
     codecs: np.ndarray,
     payload: np.ndarray,
@@ -185,7 +275,8 @@ def unpack_groups(
 ) -> list[np.ndarray | None]:
     """Check and decode a packed update: one float32 ``(n_i,)`` per sent group.
 
-    Deferred groups come back as ``None`` (nothing was sent for them).
+    Deferred groups come back as ``None`` (nothing was sent for them). The
+    groups are views of one fresh array (:func:`unpack_flat`).
 
     Parameters
     ----------
@@ -197,26 +288,18 @@ def unpack_groups(
     Raises
     ------
     CodecError
-        From :func:`split_groups` or from
-        :func:`~tandem.compression.codecs.decode`, prefixed with the group.
+        From :func:`split_groups`'s checks or from a codec's value rules,
+        prefixed with the group.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
-    groups = split_groups(codecs, payload, sizes, options, max_bytes=max_bytes)
-    out: list[np.ndarray | None] = []
-    for i, (arrays, size, c) in enumerate(
-        zip(groups, sizes.tolist(), codecs.tolist(), strict=True)
-    ):
-        option = options[c]
-        if not option.codec.layout:  # nothing sent (defer)
-            out.append(None)
-            continue
-        max_k = option.codec.max_k(size, option.ratio)
-        try:
-            out.append(decode(option.kind, arrays, size, max_k=max_k))
-        except CodecError as err:
-            name = labels[i] if labels is not None else str(i)
-            raise CodecError(f"group {name}: {err}") from None
-    return out
+    decoded, sent = unpack_flat(
+        codecs, payload, sizes, options, max_bytes=max_bytes, labels=labels
+    )
+    parts = np.split(decoded, exclusive_cumsum(sizes)[1:]) if sizes.size else []
+    return [
+        part if is_sent else None
+        for part, is_sent in zip(parts, sent.tolist(), strict=True)
+    ]
 
 
 def _describe(value: object) -> str:

@@ -19,6 +19,8 @@ Steps of :func:`compress_update` (numbered as in
 
 from __future__ import annotations
 
+import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -225,6 +227,21 @@ class CompressedUpdate:
     groups_sent: float
 
 
+class _StageClock:
+    """Adds the thread CPU seconds since the last lap to ``stages[name]`` (if given)."""
+
+    def __init__(self, stages: MutableMapping[str, float] | None) -> None:
+        self.stages = stages
+        self.last = time.thread_time() if stages is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.stages is None:
+            return
+        now = time.thread_time()
+        self.stages[name] = self.stages.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def _importance(
     compensated: np.ndarray,
     weights: np.ndarray,
@@ -283,6 +300,8 @@ def compress_update(
     plan: RoundPlan,
     layout: GroupLayout,
     predictor: ImportancePredictor | None = None,
+    *,
+    stages: MutableMapping[str, float] | None = None,
 ) -> CompressedUpdate:
     """Steps 3-7 of the module docstring on one flat update; updates ``state``.
 
@@ -300,6 +319,11 @@ def compress_update(
         The model's groups.
     predictor : ImportancePredictor or None
         Needed when ``plan.importance == "predictor"``.
+    stages : MutableMapping[str, float] or None (default: None)
+        If given, the CPU seconds of the calling thread
+        (``time.thread_time``) of each step are added
+        under ``feedback``, ``importance``, ``knapsack``, ``encode``, ``sent``
+        and ``residual`` (what ``tandem bench codecs`` reports).
 
     Raises
     ------
@@ -307,29 +331,36 @@ def compress_update(
         If the budget is below the cheapest choice (no zero-cost option), or
         the plan asks for a predictor and none is given.
     """
+    clock = _StageClock(stages)
     # 3. error feedback (eq. 7)
     compensated = compensate(update, state.residual, plan.gamma)
+    clock.lap("feedback")
     # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
     importance, energy = _importance(
         compensated, weights, state, plan, layout, predictor
     )
+    clock.lap("importance")
     # 5. knapsack within the budget
     costs, fidelity = option_table(plan.codecs, layout.sizes)
     try:
         selection = select_options(importance, costs, fidelity, budget=plan.budget)
     except ValueError as err:
         raise CodecError(f"budget {plan.budget} bytes: {err}") from None
+    clock.lap("knapsack")
     # 6. encode and pack (eq. 6 for sign); sent = what the cloud will see
     codes, payload, decoded = encode_packed(
         compensated, layout.sizes, selection.choice, plan.codecs
     )
+    clock.lap("encode")
     is_defer = np.array([option.kind == "defer" for option in plan.codecs])
     deferred = is_defer[selection.choice]
     sent = _sent_and_cache(decoded, deferred, state, plan, layout)
+    clock.lap("sent")
     # 7. error feedback: e ← g̃ − sent (sent + e == g̃, nothing is lost)
     state.residual = compensated - sent
     total = float(energy.sum())
     lost = float(np.dot(state.residual, state.residual))
+    clock.lap("residual")
     return CompressedUpdate(
         codecs=codes,
         payload=payload,
