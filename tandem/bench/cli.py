@@ -6,6 +6,7 @@ Examples::
     tandem bench fedavg --profile 4g 5g --seeds 0 1 2 --out bench-out/fedavg
     tandem bench acesync --variants fullsync acesync --config acesync-c-min=0.6
     tandem bench simultrain --dataset pysource --model transformer --quick
+    tandem bench codecs                               # codec throughput, one core
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tandem bench",
         description="Run methods side by side as real Flower simulation runs.",
     )
-    p.add_argument("suite", choices=sorted(SUITES), help="what to compare")
+    p.add_argument(
+        "suite",
+        choices=sorted(SUITES),
+        help="what to compare (or 'codecs': tandem bench codecs --help)",
+    )
     p.add_argument(
         "--profile",
         nargs="+",
@@ -395,6 +400,11 @@ def print_report(results: Mapping[str, Any], suite: Suite, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["codecs"]:  # not a suite of runs: in-process timings
+        from tandem.bench.codecs import main as codecs_main
+
+        return codecs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # a terminated benchmark still stops its SuperLink (the runner's finally)

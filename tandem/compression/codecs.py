@@ -190,9 +190,10 @@ class Codec:
     and the lengths (:meth:`nbytes`). The generic checks of a received payload
     (keys, dtypes, 1-D, finite floats, exact lengths unless
     :attr:`variable_length`) are done by :func:`decode`; :meth:`check` adds
-    the codec's own value rules. :meth:`encode_groups` encodes many groups of
-    one vector at once (the default loops over :meth:`encode`; a codec may
-    vectorize it, giving the same bytes).
+    the codec's own value rules. :meth:`encode_rows` and :meth:`decode_rows`
+    encode and decode many groups of one size at once (the defaults loop
+    over :meth:`encode` and :func:`decode`; a codec may vectorize them,
+    giving the same bytes and values).
 
     Attributes
     ----------
@@ -295,6 +296,36 @@ class Codec:
                 raise RowError(r, str(err)) from None
         return out
 
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encode ``k`` groups of one size at once.
+
+        ``rows`` is float32 ``(k, n)``, finite, one group per row. Returns
+        ``(wire, decoded)``: uint8 ``(k, L)``, each row the group's payload
+        arrays as little-endian bytes in :attr:`layout` order (``L =
+        nbytes(n, ratio)``), and float32 ``(k, n)``, what the receiver
+        decodes. The default calls :meth:`encode` and :meth:`expand` per
+        row; a codec may vectorize it (the same bytes).
+        """
+        k, size = rows.shape
+        width = int(self.nbytes(np.asarray(size, dtype=np.int64), ratio))
+        wire = np.empty((k, width), dtype=np.uint8)
+        decoded = np.empty((k, size), dtype=np.float32)
+        for r in range(k):
+            payload = self.encode(rows[r], ratio)
+            wire[r] = np.concatenate(
+                [
+                    np.ascontiguousarray(payload[key], dtype=wire_dtype(dt)).view(
+                        np.uint8
+                    )
+                    for key, dt in self.layout.items()
+                ]
+                or [np.zeros(0, np.uint8)]
+            )
+            decoded[r] = self.expand(payload, size)
+        return wire, decoded
+
     def encode_groups(
         self,
         x: np.ndarray,
@@ -308,28 +339,17 @@ class Codec:
 
         Writes what the receiver decodes into ``decoded`` (same shape as
         ``x``) for those groups and returns, per group in ``groups``, its
-        payload arrays as uint8 views in :attr:`layout` order.
+        payload bytes (uint8, all of its arrays in :attr:`layout` order).
+        Kept for callers of the per-group form; :meth:`encode_rows` is what
+        :func:`~tandem.compression.packing.encode_packed` uses.
         """
         parts = []
         for i in groups.tolist():
             start, size = int(starts[i]), int(sizes[i])
-            payload = self.encode(x[start : start + size], ratio)
-            parts.append(
-                [
-                    np.ascontiguousarray(payload[key], dtype=wire_dtype(dt)).view(
-                        np.uint8
-                    )
-                    for key, dt in self.layout.items()
-                ]
-            )
-            decoded[start : start + size] = self.expand(payload, size)
+            wire, values = self.encode_rows(x[None, start : start + size], ratio)
+            parts.append([wire[0]])
+            decoded[start : start + size] = values[0]
         return parts
-
-
-def _mask(sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    chosen = np.zeros(sizes.size, dtype=bool)
-    chosen[groups] = True
-    return np.repeat(chosen, sizes)
 
 
 def _first_row(bad: np.ndarray) -> int | None:
@@ -379,32 +399,20 @@ class _Dense(Codec):
     def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         return np.array(arrays["values"], dtype=np.float32)
 
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        values = self.cast(rows)
+        wire = np.ascontiguousarray(values, dtype=wire_dtype(self.layout["values"]))
+        decoded = rows.copy() if values is rows else values.astype(np.float32)
+        return wire.view(np.uint8), decoded
+
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
     ) -> np.ndarray:
         values = np.ascontiguousarray(rows).view(wire_dtype(self.layout["values"]))
         _check_finite_rows(self.name, "values", values)
         return values.astype(np.float32)
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        values = self.cast(x)
-        wire = self.layout["values"].newbyteorder("<")
-        raw = np.ascontiguousarray(values, dtype=wire).view(np.uint8)
-        width = wire.itemsize
-        mask = _mask(sizes, groups)
-        decoded[mask] = values[mask]
-        return [
-            [raw[width * starts[i] : width * (starts[i] + sizes[i])]]
-            for i in groups.tolist()
-        ]
 
 
 class Full(_Dense):
@@ -470,6 +478,27 @@ class Int8(Codec):
         if levels.size and int(levels.min()) < -127:
             raise CodecError(_INT8_RULE)
 
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k, size = rows.shape
+        wire = np.empty((k, size + 4), dtype=np.uint8)
+        scale = np.zeros(k, dtype=np.float32)
+        work = np.abs(rows)
+        if size:
+            np.max(work, axis=1, out=scale)
+        wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
+        # int8_levels row by row, in place: rint(x / a · 127); |x| <= a keeps
+        # every level in [-127, 127], so its clip changes nothing here
+        safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
+        np.divide(rows, safe, out=work)
+        np.multiply(work, np.float32(127.0), out=work)
+        np.rint(work, out=work)
+        levels = wire[:, :size].view(np.int8)
+        np.copyto(levels, work, casting="unsafe")
+        step = (scale / np.float32(127.0))[:, None]
+        return wire, np.multiply(levels, step, dtype=np.float32)
+
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
     ) -> np.ndarray:
@@ -480,32 +509,6 @@ class Int8(Codec):
         # int8_values, row by row: level · (a / 127) in float32
         step = (scale / np.float32(127.0))[:, None]
         return np.multiply(levels, step, dtype=np.float32)
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        # a trailing zero keeps every start a valid index (see Sign)
-        peaks = np.maximum.reduceat(np.append(np.abs(x), np.float32(0.0)), starts)
-        peaks[sizes == 0] = 0.0  # float32 already: x is float32
-        peak_bytes = peaks.astype("<f4").view(np.uint8)
-        element_peak = np.repeat(peaks, sizes)
-        levels = int8_levels(x, element_peak)
-        level_bytes = levels.view(np.uint8)
-        mask = _mask(sizes, groups)
-        decoded[mask] = int8_values(levels[mask], element_peak[mask])
-        return [
-            [
-                level_bytes[starts[i] : starts[i] + sizes[i]],
-                peak_bytes[4 * i : 4 * i + 4],
-            ]
-            for i in groups.tolist()
-        ]
 
 
 _SIGN_RULE = "sign 'signs' has padding bits set past the last element"
@@ -549,6 +552,22 @@ class Sign(Codec):
         if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
             raise CodecError(_SIGN_RULE)
 
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k, size = rows.shape
+        width = (size + 7) // 8
+        wire = np.empty((k, width + 4), dtype=np.uint8)
+        negative = rows < 0
+        wire[:, :width] = np.packbits(negative, axis=1)
+        # mean|x| per row, summed in float64 as Sign.encode does
+        scale = np.zeros(k, dtype=np.float32)
+        if size:
+            sums = np.abs(rows, dtype=np.float64).sum(axis=1)
+            scale[:] = sums / size
+        wire[:, width:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
+        return wire, np.where(negative, -scale[:, None], scale[:, None])
+
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
     ) -> np.ndarray:
@@ -561,36 +580,6 @@ class Sign(Codec):
                 raise RowError(row, _SIGN_RULE)
         negative = np.unpackbits(bits, axis=1, count=size).view(bool)
         return np.where(negative, -scale[:, None], scale[:, None])
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        negative = x < 0
-        aligned_bits = np.packbits(negative)  # right for groups on byte bounds
-        # a trailing zero keeps every start a valid index, even for an empty
-        # last group; reduceat gives an empty group the next element: zero it
-        sums = np.add.reduceat(np.append(np.abs(x, dtype=np.float64), 0.0), starts)
-        sums[sizes == 0] = 0.0
-        scale = (sums / np.maximum(sizes, 1)).astype(np.float32)
-        scale_bytes = scale.astype("<f4").view(np.uint8)
-        mask = _mask(sizes, groups)
-        magnitude = np.repeat(scale, sizes)
-        decoded[mask] = np.where(negative[mask], -magnitude[mask], magnitude[mask])
-        parts = []
-        for i in groups.tolist():
-            start, stop = int(starts[i]), int(starts[i] + sizes[i])
-            if start % 8 == 0 and (stop - start) % 8 == 0:
-                bits = aligned_bits[start // 8 : stop // 8]
-            else:
-                bits = np.packbits(negative[start:stop])
-            parts.append([bits, scale_bytes[4 * i : 4 * i + 4]])
-        return parts
 
 
 class TopK(Codec):
@@ -645,6 +634,30 @@ class TopK(Codec):
         if np.unique(indices).size != k:
             raise CodecError("topk 'indices' has duplicated indices")
 
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k, size = rows.shape
+        count = self.max_k(size, ratio) or 0
+        wire = np.empty((k, 8 * count), dtype=np.uint8)
+        decoded = np.zeros((k, size), dtype=np.float32)
+        if not count:
+            return wire, decoded
+        # _topk_indices row by row: the `count` largest |x|, ties to lower
+        # indices, ascending
+        magnitude = np.abs(rows)
+        threshold = np.partition(magnitude, size - count, axis=1)[:, size - count]
+        above = magnitude > threshold[:, None]
+        at = magnitude == threshold[:, None]
+        room = count - above.sum(axis=1)
+        keep = above | (at & (np.cumsum(at, axis=1) <= room[:, None]))
+        indices = np.nonzero(keep)[1].reshape(k, count)
+        values = np.take_along_axis(rows, indices, axis=1)
+        wire[:, : 4 * count] = indices.astype("<u4").view(np.uint8)
+        wire[:, 4 * count :] = values.astype("<f4").view(np.uint8)
+        np.put_along_axis(decoded, indices, values, axis=1)
+        return wire, decoded
+
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
     ) -> np.ndarray:
@@ -690,16 +703,11 @@ class Defer(Codec):
     def expand(self, arrays: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         return np.zeros(size, dtype=np.float32)
 
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        return [[] for _ in groups.tolist()]
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k, size = rows.shape
+        return np.zeros((k, 0), np.uint8), np.zeros((k, size), np.float32)
 
 
 def _check_scale(kind: str, arrays: Mapping[str, np.ndarray]) -> None:

@@ -7,8 +7,9 @@ Flower imports.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -24,6 +25,27 @@ __all__ = ["GroupLayout"]
 
 #: Column of the density feature in :func:`structural_features`.
 _DENSITY = STRUCTURAL_FEATURES.index("density")
+
+
+class _GroupKeys(Sequence[str]):
+    """``groups[i].key``, computed when read."""
+
+    def __init__(self, groups: Sequence[ParamGroup]) -> None:
+        self._groups = groups
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [g.key for g in self._groups[index]]
+        return self._groups[index].key
 
 
 @dataclass(frozen=True)
@@ -110,9 +132,10 @@ class GroupLayout:
         return 4 * self.total
 
     @property
-    def labels(self) -> list[str]:
-        """``ParamGroup.key`` of each group, for messages."""
-        return [g.key for g in self.groups]
+    def labels(self) -> Sequence[str]:
+        """``ParamGroup.key`` of each group, for messages (made when read:
+        building all of them costs more than decoding an update)."""
+        return _GroupKeys(self.groups)
 
     def flat(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         """The float tensors of ``arrays`` as one float32 vector ``(N,)``.

@@ -204,6 +204,7 @@ def unpack_flat(
     *,
     max_bytes: int | None = None,
     labels: Sequence[str] | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check and decode a packed update into one flat vector, vectorized.
 
@@ -221,12 +222,15 @@ def unpack_flat(
         As in :func:`split_groups`.
     labels : Sequence[str] or None (default: None)
         Group names for error messages (e.g. ``ParamGroup.key``).
+    out : np.ndarray or None (default: None)
+        A float32 ``(N,)`` buffer to decode into (reused across replies, it
+        saves an allocation per reply); its values are overwritten.
 
     Returns
     -------
     decoded : np.ndarray
-        ``(N,)`` float32, ``N = Σ sizes``: every sent group's values, zeros
-        in the others.
+        ``(N,)`` float32, ``N = Σ sizes`` (``out`` if given): every sent
+        group's values, zeros in the others.
     sent : np.ndarray
         ``(n,)`` bool: the groups whose codec sends a payload (not ``defer``).
 
@@ -241,7 +245,13 @@ def unpack_flat(
     widths = _group_costs(codecs, payload, sizes, options, max_bytes)
     starts = exclusive_cumsum(sizes)
     offsets = exclusive_cumsum(widths)
-    decoded = np.zeros(int(sizes.sum()), dtype=np.float32)
+    total = int(sizes.sum())
+    if out is None:
+        decoded = np.zeros(total, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != (total,):
+        raise ValueError(f"out must be float32 of shape ({total},)")
+    else:
+        decoded = out
     sent = np.zeros(sizes.size, dtype=bool)
     codes = codecs.astype(np.int64)
     for j in np.flatnonzero(np.bincount(codes, minlength=len(options))).tolist():
@@ -261,6 +271,8 @@ def unpack_flat(
                 name = labels[group] if labels is not None else str(group)
                 raise CodecError(f"group {name}: {err.reason}") from None
             put_rows(decoded, starts[groups], values)
+    if out is not None and not sent.all():
+        decoded[np.repeat(~sent, sizes)] = 0.0
     return decoded, sent
 
 
@@ -322,28 +334,6 @@ def _check_packed_inputs(
         raise CodecError("x holds NaN or Inf")
 
 
-def _encode_by_option(
-    x: np.ndarray,
-    starts: np.ndarray,
-    sizes: np.ndarray,
-    choice: np.ndarray,
-    options: Sequence[Option],
-    decoded: np.ndarray,
-) -> list[list[np.ndarray]]:
-    """Each used option's :meth:`~tandem.compression.codecs.Codec.encode_groups`
-    over its groups; the byte parts of every group, in group order."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(sizes.size)]
-    for j in np.unique(choice).tolist():
-        groups = np.flatnonzero(choice == j)
-        option = options[j]
-        encoded = option.codec.encode_groups(
-            x, starts, sizes, groups, option.ratio, decoded
-        )
-        for i, group_parts in zip(groups.tolist(), encoded, strict=True):
-            parts[i] = group_parts
-    return parts
-
-
 def encode_packed(
     x: np.ndarray,
     sizes: np.ndarray,
@@ -353,14 +343,15 @@ def encode_packed(
     """Encode every group of a flat vector and pack them, vectorized.
 
     The same bytes as calling :func:`~tandem.compression.codecs.encode` on
-    each group and :func:`pack_groups` on the results. With a few hundred
-    groups the per-group route costs more than the arithmetic; here each
-    option's codec encodes all its groups at once
-    (:meth:`~tandem.compression.codecs.Codec.encode_groups`: float16
-    rounding, int8 levels under per-group ``max|x|`` by
-    ``np.maximum.reduceat``, sign bits, per-group ``mean|x|`` by
-    ``np.add.reduceat``, run once over the whole vector; ``topk`` groups
-    one by one), and the groups' bytes are then joined in group order.
+    each group and :func:`pack_groups` on the results. With thousands of
+    groups the per-group route costs far more than the arithmetic; here the
+    groups of one option and one size are encoded at once, as the rows of a
+    ``(k, n)`` matrix (:meth:`~tandem.compression.codecs.Codec.encode_rows`:
+    float16 rounding, int8 levels under each row's ``max|x|``, sign bits and
+    each row's ``mean|x|``, top-k by a per-row partition), and their wire
+    bytes are written straight to their offsets in the stream
+    (:func:`~tandem.compression.rows.put_rows`): no per-group arrays, no
+    join. The offsets follow from the codec table, as on the receiving side.
 
     Parameters
     ----------
@@ -392,9 +383,22 @@ def encode_packed(
     sizes = np.asarray(sizes, dtype=np.int64)
     choice = np.asarray(choice, dtype=np.int64)
     _check_packed_inputs(x, sizes, choice, options)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    costs, _ = option_table(options, sizes)
+    widths = costs[np.arange(sizes.size), choice]
+    starts = exclusive_cumsum(sizes)
+    offsets = exclusive_cumsum(widths)
+    stream = np.empty(int(widths.sum()), dtype=np.uint8)
     decoded = np.zeros_like(x)
-    parts = _encode_by_option(x, starts, sizes, choice, options, decoded)
-    flat = [part for group in parts for part in group]
-    stream = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
-    return choice.astype(np.uint8), stream.astype(np.uint8, copy=False), decoded
+    for j in np.flatnonzero(np.bincount(choice, minlength=len(options))).tolist():
+        option = options[j]
+        if not option.codec.layout:  # defer: no bytes, zeros decoded
+            continue
+        chosen = np.flatnonzero(choice == j)
+        chosen_sizes = sizes[chosen]
+        for size in np.unique(chosen_sizes).tolist():
+            groups = chosen[chosen_sizes == size]
+            rows = get_rows(x, starts[groups], size)
+            wire, values = option.codec.encode_rows(rows, option.ratio)
+            put_rows(stream, offsets[groups], wire)
+            put_rows(decoded, starts[groups], values)
+    return choice.astype(np.uint8), stream, decoded

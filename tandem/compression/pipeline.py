@@ -31,6 +31,7 @@ from tandem.compression.feedback import compensate
 from tandem.compression.knapsack import select_options
 from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import encode_packed
+from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
 from tandem.importance import (
     ImportancePredictor,
     magnitude_scores,
@@ -43,6 +44,7 @@ __all__ = [
     "EdgeMemory",
     "RoundPlan",
     "compress_update",
+    "fill_deferred",
     "fill_unsent",
 ]
 
@@ -109,6 +111,95 @@ def fill_unsent(
     age = server_round - cache_round
     factor = np.where(cache_round >= 0, float(decay) ** np.maximum(age, 0), 0.0)
     return (np.repeat(factor, sizes) * cache).astype(np.float32)
+
+
+def fill_deferred(
+    update: np.ndarray,
+    sent: np.ndarray,
+    cache: np.ndarray,
+    cache_round: np.ndarray,
+    sizes: np.ndarray,
+    server_round: int,
+    decay: float,
+) -> None:
+    """The cloud's ``û_k`` in place: stand-ins in the groups not sent, and the
+    cache refreshed with the groups sent.
+
+    For every group with ``sent[i]`` False, ``update`` gets the value of
+    :func:`fill_unsent` (``decay^a · u_i``, zeros if never received); for every
+    group sent, ``cache`` takes ``update``'s values and ``cache_round`` the
+    round. Only the groups not sent are multiplied, so a round with nothing
+    deferred costs one copy into the cache.
+
+    Parameters
+    ----------
+    update : np.ndarray
+        ``(N,)`` float32: the decoded groups (e.g. from
+        :func:`~tandem.compression.packing.unpack_flat`); changed in place.
+    sent : np.ndarray
+        ``(n,)`` bool: the groups the node sent.
+    cache, cache_round, sizes, server_round, decay
+        As in :func:`fill_unsent`; ``cache`` and ``cache_round`` are changed
+        in place.
+
+    Raises
+    ------
+    ValueError
+        As :func:`fill_unsent`, or if ``update`` or ``sent`` has another shape.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if np.shape(update) != np.shape(cache) or np.shape(sent) != sizes.shape:
+        raise ValueError(
+            f"update {np.shape(update)}, sent {np.shape(sent)} and cache "
+            f"{np.shape(cache)} disagree with sizes {sizes.shape}"
+        )
+    unsent = ~np.asarray(sent, dtype=bool)
+    if unsent.any():
+        rows = np.flatnonzero(unsent)
+        starts = exclusive_cumsum(sizes)
+        stand_in = fill_unsent(
+            _pick(cache, starts, sizes, rows),
+            np.asarray(cache_round)[rows],
+            sizes[rows],
+            server_round,
+            decay,
+        )
+        _place(update, starts, sizes, rows, stand_in)
+        kept = np.repeat(unsent, sizes)
+        np.copyto(cache, update, where=~kept)
+    else:
+        np.copyto(cache, update)
+    cache_round[~unsent] = server_round
+
+
+def _pick(
+    flat: np.ndarray, starts: np.ndarray, sizes: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """Groups ``rows`` of ``flat``, back to back."""
+    out = np.empty(int(sizes[rows].sum()), dtype=flat.dtype)
+    _place(out, exclusive_cumsum(sizes[rows]), sizes[rows], None, flat, starts[rows])
+    return out
+
+
+def _place(
+    flat: np.ndarray,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    rows: np.ndarray | None,
+    values: np.ndarray,
+    value_starts: np.ndarray | None = None,
+) -> None:
+    """Copy groups of ``values`` (back to back, or at ``value_starts``) into
+    ``flat`` at ``starts[rows]``, once per group size."""
+    if rows is not None:
+        starts, sizes = starts[rows], sizes[rows]
+    if value_starts is None:
+        value_starts = exclusive_cumsum(sizes)
+    for size in np.unique(sizes).tolist():
+        same = sizes == size
+        put_rows(flat, starts[same], get_rows(values, value_starts[same], size))
 
 
 class RoundPlan(Protocol):
