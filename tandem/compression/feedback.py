@@ -41,4 +41,7 @@ def compensate(
     e = np.asarray(residual, dtype=np.float32)
     if e.shape != g.shape:
         raise ValueError(f"residual has shape {e.shape}, the update {g.shape}")
-    return g + np.float32(_check_gamma(gamma)) * e
+    gamma = _check_gamma(gamma)
+    if gamma == 1.0:  # 1·e == e exactly: one pass instead of two
+        return g + e
+    return g + np.float32(gamma) * e
