@@ -1,0 +1,302 @@
+"""The fast codec paths equal their per-group references; the codec bench runs.
+
+The references are the per-group functions the fast paths replaced:
+``encode`` per group + ``pack_groups`` for :func:`encode_packed`,
+``split_groups`` + ``decode`` per group for :func:`unpack_flat`,
+:func:`fill_unsent` for :func:`fill_deferred`, one ``np.add.reduceat`` over
+the whole vector for the blocked group sums. Inputs are seeded; groups share
+sizes so that every (codec, size) class holds many rows, interleaved.
+No timings are asserted (speed is the bench's job).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tandem.bench import codecs as codec_bench
+from tandem.compression.codecs import (
+    DEFAULT_OPTIONS,
+    Codec,
+    CodecError,
+    Option,
+    decode,
+    encode,
+)
+from tandem.compression.layout import GroupLayout
+from tandem.compression.packing import (
+    encode_packed,
+    pack_groups,
+    split_groups,
+    unpack_flat,
+    unpack_groups,
+)
+from tandem.compression.pipeline import (
+    EdgeMemory,
+    compress_update,
+    fill_deferred,
+    fill_unsent,
+)
+from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
+from tandem.importance import STRUCTURAL_FEATURES
+from tandem.protocol.acesync import AceSyncOptions, EdgePlan
+
+OPTIONS = (*DEFAULT_OPTIONS, Option("topk", 0.5))
+
+
+def _case(seed: int, n: int = 60):
+    """Sizes from a few values (many groups per size), values with ties."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 1, 7, 8, 13, 64], size=n)
+    x = rng.laplace(size=int(sizes.sum())) * rng.choice([1e-6, 1.0, 1e4])
+    if seed % 2:  # coarse values: ties for top-k, equal magnitudes for sign
+        x = np.round(x * 4 / np.abs(x).max(initial=1.0)) if x.size else x
+    choice = rng.integers(0, len(OPTIONS), size=n)
+    return sizes, x.astype(np.float32), choice
+
+
+def _reference_pack(x, sizes, choice):
+    starts = exclusive_cumsum(sizes)
+    payloads = [
+        encode(OPTIONS[c].kind, x[s : s + z], ratio=OPTIONS[c].ratio)
+        for s, z, c in zip(starts, sizes, choice, strict=True)
+    ]
+    return pack_groups(payloads, choice, OPTIONS)
+
+
+def _reference_unpack(codes, payload, sizes):
+    groups = split_groups(codes, payload, sizes, OPTIONS)
+    out = []
+    for arrays, size, c in zip(groups, sizes.tolist(), codes.tolist(), strict=True):
+        option = OPTIONS[c]
+        if not option.codec.layout:
+            out.append(None)
+            continue
+        out.append(
+            decode(
+                option.kind, arrays, size, max_k=option.codec.max_k(size, option.ratio)
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_encode_packed_gives_the_per_group_bytes_and_values(seed):
+    sizes, x, choice = _case(seed)
+    codes, reference = _reference_pack(x, sizes, choice)
+    codes2, payload, decoded = encode_packed(x, sizes, choice, OPTIONS)
+    np.testing.assert_array_equal(codes2, codes)
+    np.testing.assert_array_equal(payload, reference)
+    starts = exclusive_cumsum(sizes)
+    for s, z, c in zip(starts, sizes, choice, strict=True):
+        option = OPTIONS[c]
+        expected = option.codec.expand(
+            encode(option.kind, x[s : s + z], ratio=option.ratio), int(z)
+        )
+        np.testing.assert_array_equal(decoded[s : s + z], expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_unpack_flat_equals_decode_per_group(seed):
+    sizes, x, choice = _case(seed)
+    codes, payload = _reference_pack(x, sizes, choice)
+    reference = _reference_unpack(codes, payload, sizes)
+    flat, sent = unpack_flat(codes, payload, sizes, OPTIONS)
+    assert flat.dtype == np.float32 and flat.shape == (int(sizes.sum()),)
+    np.testing.assert_array_equal(sent, [r is not None for r in reference])
+    for s, z, r in zip(exclusive_cumsum(sizes), sizes, reference, strict=True):
+        expected = np.zeros(z, np.float32) if r is None else r
+        np.testing.assert_array_equal(flat[s : s + z], expected)
+    # into a reused buffer: the same, deferred groups zeroed
+    buffer = np.full(flat.shape, 7.0, np.float32)
+    again, _ = unpack_flat(codes, payload, sizes, OPTIONS, out=buffer)
+    assert again is buffer
+    np.testing.assert_array_equal(buffer, flat)
+    for got, want in zip(
+        unpack_groups(codes, payload, sizes, OPTIONS), reference, strict=True
+    ):
+        assert (got is None) == (want is None)
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_the_default_row_methods_equal_the_vectorized_ones():
+    """Codec's per-row defaults (what a new codec gets) == each built-in's."""
+    rng = np.random.default_rng(3)
+    for option in OPTIONS:
+        codec = option.codec
+        for size in (0, 5, 16):
+            rows = rng.laplace(size=(9, size)).astype(np.float32)
+            wire, values = codec.encode_rows(rows, option.ratio)
+            wire0, values0 = Codec.encode_rows(codec, rows, option.ratio)
+            np.testing.assert_array_equal(wire, wire0)
+            np.testing.assert_array_equal(values, values0)
+            if codec.layout:
+                back = codec.decode_rows(wire, size, option.ratio)
+                back0 = Codec.decode_rows(codec, wire, size, option.ratio)
+                np.testing.assert_array_equal(back, back0)
+                np.testing.assert_array_equal(back, values)
+
+
+def _class_of_int8(groups: int = 50, size: int = 16):
+    sizes = np.full(groups, size)
+    x = np.random.default_rng(5).laplace(size=groups * size).astype(np.float32)
+    choice = np.where(np.arange(groups) % 3 == 0, 5, 2)  # int8 and sign, mixed
+    codes, payload, _ = encode_packed(x, sizes, choice, OPTIONS)
+    offsets = exclusive_cumsum(
+        [size + 4 if c == 2 else size // 8 + 4 for c in choice.tolist()]
+    )
+    return sizes, codes, payload, offsets
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda p, o: p.__setitem__(o, 0x80), "holds -128"),  # a level of -128
+        (
+            lambda p, o: p.__setitem__(slice(o + 16, o + 20), [0, 0, 0x80, 0xBF]),
+            "is negative",
+        ),
+        (
+            lambda p, o: p.__setitem__(slice(o + 16, o + 20), [0, 0, 0xC0, 0x7F]),
+            "NaN or Inf",
+        ),
+    ],
+    ids=["level", "negative-scale", "nan-scale"],
+)
+def test_a_bad_group_among_many_of_its_class_is_named(edit, reason):
+    sizes, codes, payload, offsets = _class_of_int8()
+    bad = 37  # an int8 group (37 % 3 != 0), mid-class
+    payload = payload.copy()
+    edit(payload, int(offsets[bad]))
+    labels = [f"g{i}" for i in range(sizes.size)]
+    with pytest.raises(CodecError, match=f"group g{bad}: int8 .*{reason}"):
+        unpack_flat(codes, payload, sizes, OPTIONS, labels=labels)
+
+
+def test_sign_padding_and_topk_duplicates_are_named_in_a_class():
+    sizes = np.full(20, 13)
+    x = np.random.default_rng(6).laplace(size=260).astype(np.float32)
+    choice = np.full(20, OPTIONS.index(Option("sign")))
+    codes, payload, _ = encode_packed(x, sizes, choice, OPTIONS)
+    payload = payload.copy()
+    payload[11 * 6 + 1] |= 1  # group 11's second sign byte: a padding bit
+    with pytest.raises(CodecError, match="group 11: sign 'signs' has padding"):
+        unpack_flat(codes, payload, sizes, OPTIONS)
+    choice = np.full(20, OPTIONS.index(Option("topk", 0.5)))  # k = 6 of 13
+    codes, payload, _ = encode_packed(x, sizes, choice, OPTIONS)
+    payload = payload.copy()
+    payload[9 * 48 + 4 : 9 * 48 + 8] = payload[9 * 48 : 9 * 48 + 4]
+    with pytest.raises(CodecError, match="group 9: topk 'indices' has duplicated"):
+        unpack_flat(codes, payload, sizes, OPTIONS)
+    payload[9 * 48 : 9 * 48 + 4] = [13, 0, 0, 0]
+    with pytest.raises(CodecError, match="group 9: topk 'indices' has index 13"):
+        unpack_flat(codes, payload, sizes, OPTIONS)
+
+
+def test_rows_are_cut_and_written_back_at_their_offsets():
+    flat = np.arange(20, dtype=np.float32)
+    np.testing.assert_array_equal(
+        get_rows(flat, np.array([0, 7, 12]), 3), [[0, 1, 2], [7, 8, 9], [12, 13, 14]]
+    )
+    assert get_rows(flat, np.array([4, 6, 8]), 2).base is not None  # a view
+    put_rows(flat, np.array([1, 10]), np.array([[-1, -2], [-3, -4]], np.float32))
+    assert flat[:4].tolist() == [0, -1, -2, 3] and flat[9:13].tolist() == [
+        9,
+        -3,
+        -4,
+        12,
+    ]
+    np.testing.assert_array_equal(exclusive_cumsum(np.array([3, 4, 5])), [0, 3, 7])
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_fill_deferred_equals_fill_unsent_and_refreshes_the_cache(decay):
+    rng = np.random.default_rng(8)
+    sizes = rng.choice([1, 4, 9], size=30)
+    total = int(sizes.sum())
+    cache = rng.normal(size=total).astype(np.float32)
+    rounds = rng.integers(-1, 5, size=30)
+    sent = rng.random(30) < 0.6
+    decoded = rng.normal(size=total).astype(np.float32)
+    update, new_cache, new_rounds = decoded.copy(), cache.copy(), rounds.copy()
+    fill_deferred(update, sent, new_cache, new_rounds, sizes, 6, decay)
+    stand_in = fill_unsent(cache, rounds, sizes, 6, decay)
+    sent_elements = np.repeat(sent, sizes)
+    np.testing.assert_array_equal(update, np.where(sent_elements, decoded, stand_in))
+    np.testing.assert_array_equal(new_cache, np.where(sent_elements, decoded, cache))
+    np.testing.assert_array_equal(new_rounds, np.where(sent, 6, rounds))
+    with pytest.raises(ValueError, match="decay must be in"):
+        fill_deferred(update, sent, new_cache, new_rounds, sizes, 6, 1.5)
+
+
+def test_blocked_group_sums_equal_one_reduceat():
+    rng = np.random.default_rng(9)
+    shapes = {"a.weight": (300, 257), "a.bias": (257,), "b.weight": (129, 1001)}
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    layout = GroupLayout.from_arrays(arrays, 256)
+    v = layout.flat(arrays) * np.float32(3.7)
+    v[::5] = 0.0
+    assert v.size > 4 * (1 << 15)
+    np.testing.assert_array_equal(
+        layout.group_sq_norms(v),
+        np.add.reduceat(np.square(v, dtype=np.float64), layout.starts),
+    )
+    nonzero = np.add.reduceat((v != 0).astype(np.float64), layout.starts)
+    features = layout.structural(v)
+    density = STRUCTURAL_FEATURES.index("density")
+    expected = np.clip(nonzero / np.maximum(layout.sizes, 1), 0, 1)
+    np.testing.assert_array_equal(features[:, density], expected.astype(features.dtype))
+
+
+def test_compress_update_reports_its_steps():
+    opts = AceSyncOptions()
+    arrays = {"w": np.random.default_rng(1).normal(size=(40, 30)).astype(np.float32)}
+    layout = GroupLayout.from_arrays(arrays, 64)
+    plan = EdgePlan(
+        budget=2000,
+        codecs=opts.options,
+        chunk=64,
+        gamma=1.0,
+        importance="magnitude",
+        fill_decay=opts.fill_decay,
+        history=opts.history,
+        local_steps=1,
+        server_round=1,
+    )
+    stages: dict[str, float] = {}
+    update = layout.flat(arrays)
+    memory = EdgeMemory.fresh(layout, opts.history)
+    out = compress_update(update, update, memory, plan, layout, stages=stages)
+    assert set(stages) == set(codec_bench.ENCODE_STAGES)
+    assert all(v >= 0 for v in stages.values())
+    assert out.encoded_bytes <= 2000
+
+
+def test_codec_bench_quick_writes_its_results(tmp_path, capsys):
+    assert codec_bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    tiny = results["cases"]["tiny"]
+    arrays = codec_bench.model_arrays(codec_bench.CASES["tiny"], 0)
+    assert tiny["parameters"] == sum(a.size for a in arrays.values())
+    assert tiny["float32_bytes"] == 4 * tiny["parameters"]
+    assert 0 < tiny["budget_bytes"] < tiny["float32_bytes"]
+    assert sum(tiny["codec_mix"].values()) == 2 * tiny["groups"]  # 2 rounds
+    assert set(tiny["encode"]["stages_seconds"]) == set(codec_bench.ENCODE_STAGES)
+    assert set(tiny["decode"]["stages_seconds"]) == set(codec_bench.DECODE_STAGES)
+    for side in ("encode", "decode"):
+        assert tiny[side]["gb_per_s"] == pytest.approx(
+            tiny["float32_bytes"] / tiny[side]["seconds"] / 1e9
+        )
+    assert tiny["cloud_round"]["devices"] == 4
+    assert results["assumptions"]["threads"]["torch"] == 1
+    assert "| tiny |" in capsys.readouterr().out
+
+
+def test_the_bench_cli_routes_codecs(tmp_path):
+    from tandem.bench.cli import main
+
+    assert main(["codecs", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").exists()
