@@ -25,6 +25,7 @@ from tandem.compression.codecs import (
     decode,
     encode,
 )
+from tandem.compression.int8 import int8_levels, int8_values
 from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import (
     encode_packed,
@@ -300,3 +301,17 @@ def test_the_bench_cli_routes_codecs(tmp_path):
 
     assert main(["codecs", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.json").exists()
+
+
+def test_int8_rows_keep_the_formula_bit_for_bit():
+    """``rint(x / a · 127)`` exactly, not ``x · (127 / a)``: on these 2^20
+    Laplace values the two round one level apart at least once."""
+    rows = np.random.default_rng(0).laplace(size=(4096, 256)).astype(np.float32)
+    scale = np.abs(rows).max(axis=1, keepdims=True)
+    shortcut = np.rint(rows * (np.float32(127.0) / scale))
+    assert (np.rint(rows / scale * np.float32(127.0)) != shortcut).any()
+    wire, values = Option("int8").codec.encode_rows(rows, None)
+    levels = int8_levels(rows, scale)
+    np.testing.assert_array_equal(wire[:, :256].view(np.int8), levels)
+    np.testing.assert_array_equal(wire[:, 256:].copy().view("<f4"), scale)
+    np.testing.assert_array_equal(values, int8_values(levels, scale))
