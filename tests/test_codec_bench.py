@@ -26,6 +26,7 @@ from tandem.compression.codecs import (
     encode,
 )
 from tandem.compression.int8 import int8_levels, int8_values
+from tandem.compression.knapsack import _stable_argsort
 from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import (
     encode_packed,
@@ -315,3 +316,13 @@ def test_int8_rows_keep_the_formula_bit_for_bit():
     np.testing.assert_array_equal(wire[:, :256].view(np.int8), levels)
     np.testing.assert_array_equal(wire[:, 256:].copy().view("<f4"), scale)
     np.testing.assert_array_equal(values, int8_values(levels, scale))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_knapsack_sort_is_the_stable_one(ties):
+    rng = np.random.default_rng(11)
+    key = rng.normal(size=5000)
+    if ties:  # equal keys must stay in index order
+        key = np.round(key, 1)
+        key[::7] = -0.0
+    np.testing.assert_array_equal(_stable_argsort(key), np.argsort(key, kind="stable"))

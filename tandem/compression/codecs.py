@@ -493,9 +493,8 @@ class Int8(Codec):
         safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
         np.divide(rows, safe, out=work)
         np.multiply(work, np.float32(127.0), out=work)
-        np.rint(work, out=work)
         levels = wire[:, :size].view(np.int8)
-        np.copyto(levels, work, casting="unsafe")
+        np.rint(work, out=levels, casting="unsafe")
         step = (scale / np.float32(127.0))[:, None]
         return wire, np.multiply(levels, step, dtype=np.float32)
 

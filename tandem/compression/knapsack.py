@@ -174,6 +174,16 @@ def _scan(
     return taken, room
 
 
+def _stable_argsort(key: np.ndarray) -> np.ndarray:
+    """``np.argsort(key, kind="stable")``: a plain (SIMD) sort when ``key`` has
+    no ties, where every sort gives the same order; the stable one otherwise."""
+    order = np.argsort(key)
+    ordered = key[order]
+    if np.isnan(ordered[-1:]).any() or (ordered[1:] == ordered[:-1]).any():
+        return np.argsort(key, kind="stable")
+    return order
+
+
 def select_options(
     importance: np.ndarray,
     costs: np.ndarray,
@@ -245,8 +255,9 @@ def select_options(
     eff = np.minimum.accumulate(eff, axis=1)
 
     # 3. all increments by efficiency (ties: group, then position), in order
-    group, pos = np.nonzero(valid)
-    ordering = np.lexsort((pos, group, -eff[group, pos]))
+    group, pos = np.nonzero(valid)  # already in (group, position) order, so a
+    # stable sort on efficiency alone breaks its ties by group, then position
+    ordering = _stable_argsort(-eff[group, pos])
     group, pos = group[ordering], pos[ordering]
     inc_cost, inc_value = d_cost[group, pos], d_value[group, pos]
     taken, room = _scan(group, inc_cost, budget - base, n)
