@@ -69,7 +69,7 @@ from flwr.supercore import log
 from tandem.accounting import payload_bytes
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.layout import GroupLayout
-from tandem.compression.packing import unpack_groups
+from tandem.compression.packing import unpack_flat
 from tandem.compression.pipeline import fill_unsent
 from tandem.coordination import CachedUpdate, cache_arrays, refresh_cache
 from tandem.failures import app_errors, stop_if_all_failed
@@ -521,8 +521,8 @@ class CompressedUpdates(Strategy):
             raise PayloadError(f"no train message was sent to node {node} this round")
         nbytes, metrics = self._validate(msg.content, plan, layout)
         codes, payload = read_update(msg.content)
-        received = self._decode_groups(codes, payload, plan, layout, metrics)
-        update, sent = self._fill(node, received, layout, server_round)
+        decoded, received = self._decode_groups(codes, payload, plan, layout, metrics)
+        update, sent = self._fill(node, decoded, received, layout, server_round)
         return DecodedUpdate(
             node,
             update,
@@ -582,10 +582,11 @@ class CompressedUpdates(Strategy):
         plan: EdgePlan,
         layout: GroupLayout,
         metrics: Mapping[str, float],
-    ) -> dict[int, np.ndarray]:
-        """Group index → decoded update, for the groups sent."""
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """``(decoded (N,) float32, group index → decoded update)``, for the
+        groups sent (views of ``decoded``; zeros in the others)."""
         try:
-            chunks = unpack_groups(
+            decoded, sent = unpack_flat(
                 codes,
                 payload,
                 layout.sizes,
@@ -600,26 +601,28 @@ class CompressedUpdates(Strategy):
                 f"metric 'bytes-encoded' = {metrics['bytes-encoded']:g}, "
                 f"the payload has {payload.size}"
             )
-        return {i: c for i, c in enumerate(chunks) if c is not None}
+        chunks = np.split(decoded, layout.starts[1:])
+        return decoded, {i: chunks[i] for i in np.flatnonzero(sent).tolist()}
 
     def _fill(
         self,
         node: int,
+        decoded: np.ndarray,
         received: Mapping[int, np.ndarray],
         layout: GroupLayout,
         server_round: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(û_k (N,) float32, sent (n,) bool)``: the received groups, and
         for the others the stand-ins of :func:`fill_unsent` from the node's
-        cache (what the edge mirrored when it chose to defer)."""
+        cache (what the edge mirrored when it chose to defer). With every
+        group received, ``û_k`` is ``decoded`` and the cache is not read."""
         sent = np.zeros(len(layout.groups), dtype=bool)
         sent[list(received)] = True
+        if sent.all():
+            return decoded, sent
         cache, rounds = cache_arrays(self._caches.get(node, {}), layout.sizes)
         update = fill_unsent(cache, rounds, layout.sizes, server_round, self.fill_decay)
-        for i, values in received.items():
-            start = layout.starts[i]
-            update[start : start + layout.sizes[i]] = values
-        return update, sent
+        return np.where(np.repeat(sent, layout.sizes), decoded, update), sent
 
     def decode_replies(
         self, server_round: int, replies: Iterable[Message]
