@@ -251,6 +251,12 @@ def test_blocked_group_sums_equal_one_reduceat():
     density = STRUCTURAL_FEATURES.index("density")
     expected = np.clip(nonzero / np.maximum(layout.sizes, 1), 0, 1)
     np.testing.assert_array_equal(features[:, density], expected.astype(features.dtype))
+    dense = np.abs(v) + np.float32(1.0)  # no zero weight: the shortcut
+    nonzero = np.add.reduceat((dense != 0).astype(np.float64), layout.starts)
+    expected = np.clip(nonzero / np.maximum(layout.sizes, 1), 0, 1)
+    np.testing.assert_array_equal(
+        layout.structural(dense)[:, density], expected.astype(features.dtype)
+    )
 
 
 def test_compress_update_reports_its_steps():
@@ -302,6 +308,16 @@ def test_the_bench_cli_routes_codecs(tmp_path):
 
     assert main(["codecs", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.json").exists()
+
+
+def test_int8_scale_of_zeros_is_plus_zero():
+    rows = np.array([[0.0, -0.0, 0.0], [-0.0, -0.0, -0.0], [1.0, -3.0, 2.0]])
+    rows = rows.astype(np.float32)
+    wire, _ = Option("int8").codec.encode_rows(rows, None)
+    for r in range(3):
+        reference = encode("int8", rows[r])["scale"].astype("<f4").view(np.uint8)
+        np.testing.assert_array_equal(wire[r, 3:], reference)
+    assert wire[:2, 3:].tolist() == [[0, 0, 0, 0]] * 2
 
 
 def test_int8_rows_keep_the_formula_bit_for_bit():

@@ -484,10 +484,11 @@ class Int8(Codec):
         k, size = rows.shape
         wire = np.empty((k, size + 4), dtype=np.uint8)
         scale = np.zeros(k, dtype=np.float32)
-        work = np.abs(rows)
-        if size:
-            np.max(work, axis=1, out=scale)
+        if size:  # max|x| as max(max x, −min x): no |x| array; + 0 turns −0 to +0
+            np.maximum(rows.max(axis=1), -rows.min(axis=1), out=scale)
+            scale += np.float32(0.0)
         wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
+        work = np.empty_like(rows)
         # int8_levels row by row, in place: rint(x / a · 127); |x| <= a keeps
         # every level in [-127, 127], so its clip changes nothing here
         safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]

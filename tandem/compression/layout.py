@@ -218,12 +218,15 @@ class GroupLayout:
 
         ``density`` is the fraction of nonzero global weights in each group.
         """
+        weights = np.asarray(weights)
+        features = self.dense_structural.copy()
+        if np.count_nonzero(weights) == weights.size:  # dense: every group 1
+            return features
         nonzero = _group_sums(
             lambda part: (part != 0).astype(np.float64),
-            np.asarray(weights),
+            weights,
             self.starts,
             self.sizes,
         )
-        features = self.dense_structural.copy()
         features[:, _DENSITY] = np.clip(nonzero / np.maximum(self.sizes, 1), 0, 1)
         return features
