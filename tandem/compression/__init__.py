@@ -8,6 +8,8 @@
   fidelities; hostile payloads rejected.
 - :mod:`.int8`: the int8 quantization formula (codec and activations).
 - :mod:`.packing`: all of a node's groups as one codec table and one stream.
+- :mod:`.rows`: groups of one size as the rows of a matrix (the vectorized
+  encode and decode).
 - :mod:`.feedback`: error feedback ``g̃ = g + γ·e`` (eq. 7).
 - :mod:`.pipeline`: one round of compression at the edge and the fill of
   unsent groups, shared by edge and cloud.

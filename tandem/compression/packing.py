@@ -23,13 +23,26 @@ receiver (from its own model) and the codec table fixes every length (``4n``
 full, ``2n`` half, ``n`` int8 levels and one scale, ``⌈n/8⌉`` sign bits and
 one scale, ``k = topk_count(n, r)``
 indices and values for top-k, nothing for defer), so
-``B = Σ_i encoded_nbytes(option_i, n_i)`` exactly. :func:`unpack_groups`
-checks the table and that equality, then hands every group's arrays to
-:func:`~tandem.compression.codecs.decode`, which checks values (index range,
-duplicates, NaN/Inf, scale sign, padding bits). A malformed payload raises
-:class:`~tandem.compression.codecs.CodecError` naming the group and the rule;
-in particular a scale "of the wrong shape" can only appear as a stream of the
-wrong length and is rejected as such.
+``B = Σ_i encoded_nbytes(option_i, n_i)`` exactly. :func:`unpack_flat`
+checks the table and that equality, then has every group's bytes checked and
+decoded with the rules of :func:`~tandem.compression.codecs.decode` (index
+range, duplicates, NaN/Inf, scale sign, padding bits). A malformed payload
+raises :class:`~tandem.compression.codecs.CodecError` naming the group and
+the rule; in particular a scale "of the wrong shape" can only appear as a
+stream of the wrong length and is rejected as such.
+
+Speed: both directions work once per (option, group size), not once per
+group. All groups of one option and one size take the same ``L`` bytes, so
+their payloads are the rows of a ``(k, L)`` matrix cut from (or written to)
+the stream at offsets that follow from the table
+(:mod:`~tandem.compression.rows`), and their values the rows of a ``(k, n)``
+matrix of the flat update; each codec encodes and decodes such matrices
+(:meth:`~tandem.compression.codecs.Codec.encode_rows`,
+:meth:`~tandem.compression.codecs.Codec.decode_rows`) with the same bytes
+and values as its per-group :func:`~tandem.compression.codecs.encode` and
+:func:`~tandem.compression.codecs.decode`. On a 4M-parameter update in
+groups of 256 that is a handful of numpy passes instead of 16,000 Python
+iterations (``tandem bench codecs``).
 """
 
 from __future__ import annotations

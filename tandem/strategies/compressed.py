@@ -16,8 +16,9 @@ the wire on the way up.
   replies with two arrays: a codec table and a packed byte stream.
 - ``aggregate_train``: each reply is checked and decoded
   (:meth:`CompressedUpdates.decode_replies`: records, size, codec table,
-  exact payload length, bytes within the budget, every group through
-  :func:`~tandem.compression.codecs.decode`, metrics); a bad reply is
+  exact payload length, bytes within the budget, every group under the
+  rules of :func:`~tandem.compression.codecs.decode`
+  (:func:`~tandem.compression.packing.unpack_flat`), metrics); a bad reply is
   reported through ``on_reject`` with the reason and dropped, touching
   nothing (no cache, no weight, no model). Groups a node did not send are
   filled from its cached history, ``decay^age · u_i``
