@@ -314,7 +314,7 @@ def measure_case(
     aggregate = np.empty(layout.total, dtype=np.float32)
     total = torch.from_numpy(aggregate)  # Σ ω_d û_d in one fused pass per reply
     round_seconds: list[float] = []
-    round_stages = dict.fromkeys((*DECODE_STAGES, "aggregate"), 0.0)
+    per_round: list[dict[str, float]] = []
     for _ in range(round_repeats):
         stages = dict.fromkeys((*DECODE_STAGES, "aggregate"), 0.0)
         tick = time.thread_time()
@@ -328,8 +328,10 @@ def measure_case(
             total.add_(torch.from_numpy(update), alpha=float(omega[device]))
             stages["aggregate"] += time.thread_time() - lap
         round_seconds.append(time.thread_time() - tick)
-        if round_seconds[-1] == min(round_seconds):
-            round_stages = stages
+        per_round.append(stages)
+    middle = sorted(range(round_repeats), key=round_seconds.__getitem__)[
+        (round_repeats - 1) // 2
+    ]
 
     encode_s, decode_s = _median(encode_total), _median(decode_total)
     return {
@@ -359,7 +361,7 @@ def measure_case(
         "cloud_round": {
             "devices": devices,
             "seconds": _median(round_seconds),
-            "stages_seconds": round_stages,
+            "stages_seconds": per_round[middle],  # of the (lower) median round
             "rounds": round_repeats,
             "distinct_replies": len(replies),
         },
