@@ -468,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.processor() or platform.machine(),
             "numpy": np.__version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "tandem bench codecs "
-            + " ".join(sys.argv[3:] if argv is None else argv),
+            "command": " ".join(
+                ["tandem bench codecs", *(sys.argv[3:] if argv is None else argv)]
+            ),
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
