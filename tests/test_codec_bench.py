@@ -25,6 +25,7 @@ from tandem.compression.codecs import (
     decode,
     encode,
 )
+from tandem.compression.groups import unflatten
 from tandem.compression.int8 import int8_levels, int8_values
 from tandem.compression.knapsack import _stable_argsort
 from tandem.compression.layout import GroupLayout
@@ -342,3 +343,20 @@ def test_the_knapsack_sort_is_the_stable_one(ties):
         key = np.round(key, 1)
         key[::7] = -0.0
     np.testing.assert_array_equal(_stable_argsort(key), np.argsort(key, kind="stable"))
+
+
+def test_unflat_equals_unflatten_of_the_groups():
+    rng = np.random.default_rng(12)
+    shapes = {"a": (5, 7), "b": (), "c": (0,), "d": (300,), "e": (3, 2, 4)}
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    layout = GroupLayout.from_arrays(arrays, 16)
+    v = rng.normal(size=layout.total).astype(np.float32)
+    fast = layout.unflat(v)
+    reference = unflatten(np.split(v, layout.starts[1:]), layout.groups)
+    assert list(fast) == list(reference)
+    for key, value in reference.items():
+        assert fast[key].shape == value.shape and fast[key].dtype == np.float32
+        np.testing.assert_array_equal(fast[key], value)
+    assert not any(np.shares_memory(a, v) for a in fast.values())  # fresh
+    with pytest.raises(ValueError, match="vector has shape"):
+        layout.unflat(v[:-1])

@@ -14,7 +14,7 @@ from typing import overload
 
 import numpy as np
 
-from tandem.compression.groups import ParamGroup, group_sizes, make_groups, unflatten
+from tandem.compression.groups import ParamGroup, group_sizes, make_groups
 from tandem.importance import (
     STRUCTURAL_FEATURES,
     GroupMeta,
@@ -188,9 +188,28 @@ class GroupLayout:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def unflat(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        """Inverse of :meth:`flat`: float32 tensors by name."""
-        chunks = np.split(np.asarray(vector, dtype=np.float32), self.starts[1:])
-        return unflatten(chunks, self.groups)
+        """Inverse of :meth:`flat`: float32 tensors by name (fresh arrays).
+
+        The groups tile each tensor in order (:func:`make_groups`), so each
+        tensor is one slice of the vector: no pass over the groups.
+
+        Raises
+        ------
+        ValueError
+            If ``vector`` is not of shape ``(N,)``.
+        """
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.total,):
+            raise ValueError(
+                f"vector has shape {vector.shape}, expected ({self.total},)"
+            )
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            size = math.prod(shape)
+            out[key] = vector[offset : offset + size].reshape(shape).copy()
+            offset += size
+        return out
 
     def group_rms(self, vector: np.ndarray) -> np.ndarray:
         """Root mean square of each group of a flat vector, ``(n,)`` float64."""
