@@ -360,3 +360,17 @@ def test_unflat_equals_unflatten_of_the_groups():
     assert not any(np.shares_memory(a, v) for a in fast.values())  # fresh
     with pytest.raises(ValueError, match="vector has shape"):
         layout.unflat(v[:-1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats, --devices"),
+        (["--bandwidth", "-1"], "--bandwidth"),
+    ],
+)
+def test_the_codec_bench_refuses_bad_options(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        codec_bench.main([*argv, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tandem bench codecs``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.devices, args.round_repeats = (
             ["tiny"],
@@ -441,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             4,
             1,
         )
+    if min(args.repeats, args.devices, args.round_repeats) < 1:
+        parser.error("--repeats, --devices and --round-repeats must be >= 1")
+    if not args.bandwidth >= 0:
+        parser.error(f"--bandwidth must be >= 0 Mbit/s, got {args.bandwidth}")
     pin_one_thread()
     cases = {
         name: measure_case(
