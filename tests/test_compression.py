@@ -558,3 +558,34 @@ def test_int8_codec_and_int8_activations_share_one_formula():
         np.testing.assert_array_equal(
             back[i].reshape(-1), decode("int8", payload, row.size)
         )
+
+
+def test_edge_memory_round_trips_and_resizes_its_history():
+    layout = GroupLayout.from_arrays({"w": np.zeros(6, np.float32)}, 3)  # 2 groups
+    rng = np.random.default_rng(3)
+    memory = EdgeMemory(
+        rng.normal(size=6).astype(np.float32),
+        np.arange(6, dtype=np.float64).reshape(3, 2),  # rows 0, 1, 2 (oldest first)
+        rng.normal(size=6).astype(np.float32),
+        np.array([4, -1], np.int64),
+    )
+    arrays = memory.to_arrays()
+    assert set(arrays) == {"residual", "history", "cache", "cache-round"}
+    back = EdgeMemory.from_arrays(arrays, layout, history=3)
+    for name in ("residual", "history", "cache", "cache_round"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(memory, name))
+    # a shorter history keeps the most recent rows; a longer one pads zeros
+    # in front (the oldest end)
+    np.testing.assert_array_equal(
+        EdgeMemory.from_arrays(arrays, layout, history=2).history, [[2, 3], [4, 5]]
+    )
+    longer = EdgeMemory.from_arrays(arrays, layout, history=4).history
+    np.testing.assert_array_equal(longer, [[0, 0], [0, 1], [2, 3], [4, 5]])
+    assert longer.dtype == np.float64
+    # saved for another layout: fresh memory
+    other = GroupLayout.from_arrays({"w": np.zeros(6, np.float32)}, 2)  # 3 groups
+    fresh = EdgeMemory.from_arrays(arrays, other, history=2)
+    np.testing.assert_array_equal(fresh.cache_round, [-1, -1, -1])
+    assert not fresh.residual.any() and fresh.history.shape == (2, 3)
+    longer_model = GroupLayout.from_arrays({"w": np.zeros(9, np.float32)}, 3)
+    assert EdgeMemory.from_arrays(arrays, longer_model, 2).residual.shape == (9,)
