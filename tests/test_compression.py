@@ -626,5 +626,6 @@ def test_layout_flat_rms_and_structure_by_hand():
     )
     with pytest.raises(ValueError, match=r"no tensor 'conv\.bias'"):
         layout.flat({"conv.weight": arrays["conv.weight"]})
-    with pytest.raises(ValueError, match=r"'conv\.bias'\] has shape \(3,\), not \(2,\)"):
+    bad_shape = r"'conv\.bias'\] has shape \(3,\), not \(2,\)"
+    with pytest.raises(ValueError, match=bad_shape):
         layout.flat({**arrays, "conv.bias": np.zeros(3, np.float32)})
