@@ -300,7 +300,8 @@ def test_decode_checks_max_k_and_size():
         decode("topk", payload, 10, max_k=2)
     with pytest.raises(CodecError, match="size must"):
         decode("defer", {}, -1)
-    assert decode("defer", {}, 3).tolist() == [0.0, 0.0, 0.0]
+    deferred = decode("defer", {}, 3)
+    assert deferred.tolist() == [0.0, 0.0, 0.0] and deferred.dtype == np.float32
 
 
 def test_decode_returns_a_fresh_array():
