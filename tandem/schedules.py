@@ -38,7 +38,7 @@ import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tandem.network import LinkProfile, VirtualClock
+from tandem.network import LinkProfile, Task, VirtualClock
 
 __all__ = [
     "ClockReport",
@@ -86,12 +86,16 @@ class ClockReport:
         Emulated time of the whole run.
     utilization : dict
         Busy share of the run per resource kind (edge, up, down, cloud).
+    tasks : tuple of Task (default: ())
+        The emulated timeline: every download, compute and upload in the
+        order it was scheduled, with its resource and start/end times (s).
     """
 
     mode: str
     round_end: tuple[float, ...]
     total_seconds: float
     utilization: dict[str, float]
+    tasks: tuple[Task, ...] = ()
 
 
 def steady_seconds(samples: Sequence[float]) -> float:
@@ -145,7 +149,9 @@ def replay_sync_rounds(
         agg = clock.compute("cloud", rnd.cloud_seconds, arrivals, "aggregate")
         previous = agg.end
         ends.append(agg.end)
-    return ClockReport("retimed", tuple(ends), clock.now, clock.utilization())
+    return ClockReport(
+        "retimed", tuple(ends), clock.now, clock.utilization(), tuple(clock.tasks)
+    )
 
 
 def _number(rec: Mapping[str, object], key: str, default: float | None = None) -> float:
@@ -320,7 +326,9 @@ def replay_pipeline(
     ends = [cloud_end[(ex.node, ex.seq)] for ex in exchanges]
     prefix = list(itertools.accumulate(ends, max))
     round_end = tuple(prefix[m - 1] if m > 0 else 0.0 for m in marks)
-    return ClockReport("retimed", round_end, clock.now, clock.utilization())
+    return ClockReport(
+        "retimed", round_end, clock.now, clock.utilization(), tuple(clock.tasks)
+    )
 
 
 def steady_exchanges(exchanges: Sequence[Exchange]) -> list[Exchange]:

@@ -32,9 +32,10 @@ from tandem.compression import (
     topk_count,
     unflatten,
 )
-from tandem.compression.codecs import CODECS
+from tandem.compression.codecs import CODECS, payload_lengths
 from tandem.compression.layout import GroupLayout
 from tandem.compression.pipeline import EdgeMemory, compress_update
+from tandem.importance import STRUCTURAL_FEATURES
 
 RATIOS = {"topk": 0.1}
 
@@ -208,6 +209,9 @@ def test_encoded_nbytes_is_exact(kind):
             assert set(payload) == set(payload_keys(kind))
             nbytes = sum(a.nbytes for a in payload.values())
             assert encoded_nbytes(kind, size, ratio=ratio) == nbytes, (size, ratio)
+            lengths = payload_lengths(kind, size, ratio=ratio)
+            assert list(lengths) == list(payload_keys(kind))
+            assert lengths == {k: a.size for k, a in payload.items()}, (size, ratio)
 
 
 def test_option_table_matches_encoded_nbytes():
@@ -296,7 +300,8 @@ def test_decode_checks_max_k_and_size():
         decode("topk", payload, 10, max_k=2)
     with pytest.raises(CodecError, match="size must"):
         decode("defer", {}, -1)
-    assert decode("defer", {}, 3).tolist() == [0.0, 0.0, 0.0]
+    deferred = decode("defer", {}, 3)
+    assert deferred.tolist() == [0.0, 0.0, 0.0] and deferred.dtype == np.float32
 
 
 def test_decode_returns_a_fresh_array():
@@ -558,3 +563,70 @@ def test_int8_codec_and_int8_activations_share_one_formula():
         np.testing.assert_array_equal(
             back[i].reshape(-1), decode("int8", payload, row.size)
         )
+
+
+def test_edge_memory_round_trips_and_resizes_its_history():
+    layout = GroupLayout.from_arrays({"w": np.zeros(6, np.float32)}, 3)  # 2 groups
+    rng = np.random.default_rng(3)
+    memory = EdgeMemory(
+        rng.normal(size=6).astype(np.float32),
+        np.arange(6, dtype=np.float64).reshape(3, 2),  # rows 0, 1, 2 (oldest first)
+        rng.normal(size=6).astype(np.float32),
+        np.array([4, -1], np.int64),
+    )
+    arrays = memory.to_arrays()
+    assert set(arrays) == {"residual", "history", "cache", "cache-round"}
+    back = EdgeMemory.from_arrays(arrays, layout, history=3)
+    for name in ("residual", "history", "cache", "cache_round"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(memory, name))
+    # a shorter history keeps the most recent rows; a longer one pads zeros
+    # in front (the oldest end)
+    np.testing.assert_array_equal(
+        EdgeMemory.from_arrays(arrays, layout, history=2).history, [[2, 3], [4, 5]]
+    )
+    longer = EdgeMemory.from_arrays(arrays, layout, history=4).history
+    np.testing.assert_array_equal(longer, [[0, 0], [0, 1], [2, 3], [4, 5]])
+    assert longer.dtype == np.float64
+    # saved for another layout: fresh memory
+    other = GroupLayout.from_arrays({"w": np.zeros(6, np.float32)}, 2)  # 3 groups
+    fresh = EdgeMemory.from_arrays(arrays, other, history=2)
+    np.testing.assert_array_equal(fresh.cache_round, [-1, -1, -1])
+    assert not fresh.residual.any() and fresh.history.shape == (2, 3)
+    longer_model = GroupLayout.from_arrays({"w": np.zeros(9, np.float32)}, 3)
+    assert EdgeMemory.from_arrays(arrays, longer_model, 2).residual.shape == (9,)
+
+
+def test_layout_flat_rms_and_structure_by_hand():
+    arrays = {
+        "conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "conv.bias": np.array([3.0, 4.0], np.float32),
+        "steps": np.array([7], np.int64),  # not a float tensor: not in the layout
+    }
+    layout = GroupLayout.from_arrays(arrays, 4)  # weight -> 4 + 2, bias -> 2
+    assert layout.keys == ("conv.weight", "conv.bias") and layout.total == 8
+    assert layout.sizes.tolist() == [4, 2, 2] and layout.starts.tolist() == [0, 4, 6]
+    flat = layout.flat(arrays)
+    assert flat.dtype == np.float32
+    np.testing.assert_array_equal(flat, [0, 1, 2, 3, 4, 5, 3, 4])
+    back = layout.unflat(flat)
+    assert set(back) == {"conv.weight", "conv.bias"}
+    np.testing.assert_array_equal(back["conv.weight"], arrays["conv.weight"])
+    assert back["conv.weight"].dtype == np.float32
+    # RMS per group: sqrt((0+1+4+9)/4), sqrt((16+25)/2), sqrt((9+16)/2)
+    np.testing.assert_allclose(
+        layout.group_rms(flat), [np.sqrt(14 / 4), np.sqrt(41 / 2), np.sqrt(25 / 2)]
+    )
+    np.testing.assert_allclose(layout.group_sq_norms(flat), [14, 41, 25])
+    # density: nonzero share per group; the rest is the model's dense features
+    features = layout.structural(np.array([0, 0, 2, 0, 1, 1, 0, 5], np.float32))
+    density = features[:, STRUCTURAL_FEATURES.index("density")]
+    np.testing.assert_allclose(density, [0.25, 1.0, 0.5])
+    others = [i for i, f in enumerate(STRUCTURAL_FEATURES) if f != "density"]
+    np.testing.assert_array_equal(
+        features[:, others], layout.dense_structural[:, others]
+    )
+    with pytest.raises(ValueError, match=r"no tensor 'conv\.bias'"):
+        layout.flat({"conv.weight": arrays["conv.weight"]})
+    bad_shape = r"'conv\.bias'\] has shape \(3,\), not \(2,\)"
+    with pytest.raises(ValueError, match=bad_shape):
+        layout.flat({**arrays, "conv.bias": np.zeros(3, np.float32)})

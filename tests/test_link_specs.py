@@ -16,6 +16,8 @@ from tandem.network import (
     link_label,
     parse_link,
     parse_rates,
+    preset,
+    variable_link,
 )
 
 
@@ -176,3 +178,10 @@ def test_acesync_sends_less_on_a_slower_custom_link(tmp_path, monkeypatch):
         assert {p["bandwidth-mbps"] for p in plans} == {50.0 if link == "4g" else 2.0}
         up[link] = records[-1]["bytes-up"]
     assert up["2mbit/8mbit/120ms"] < up["4g"]  # eq. 5: a smaller budget
+
+
+def test_preset_is_parse_link_with_its_seed_and_labels_are_bounded():
+    assert preset("variable") == variable_link(0)
+    assert preset("variable", 3) == variable_link(3) != variable_link(0)
+    assert link_label("x" * 500) == "x" * 200
+    assert link_label("2mbit/8mbit/120ms") == "2mbit/8mbit/120ms"

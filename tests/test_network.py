@@ -17,6 +17,7 @@ from tandem.network import (
     assign_links,
     load_fedscale_capacity,
     load_trace_csv,
+    measure_local_gflops,
     preset,
     variable_link,
 )
@@ -105,6 +106,74 @@ def test_fedavg_rounds_retime_by_hand():
     assert report.mode == "retimed"
     assert report.round_end == pytest.approx((4.75, 9.5))
     assert report.total_seconds == pytest.approx(9.5)
+
+
+def test_fedavg_replay_timeline_and_utilization_by_hand():
+    links = {1: _unit_link(), 2: LinkProfile.fixed("half", 4, 4, 0)}  # 1 MB = 2 s
+    rounds = [SyncRound(1, {1: NodeRound(MB, 1.0, MB), 2: NodeRound(MB, 0.5, MB)}, 1)]
+    report = replay_sync_rounds(rounds, links, edge_factor=2.0, cloud_factor=0.5)
+    timeline = [
+        (t.name, t.resource, round(t.start, 9), round(t.end, 9)) for t in report.tasks
+    ]
+    # node 1: down [0, 1], train 1 s x 2 = [1, 3], up [3, 4]; node 2: down
+    # [0, 2], train [2, 3], up [3, 5]; the cloud aggregates 1 s x 0.5 at 5
+    assert timeline == [
+        ("model", "down:1", 0, 1),
+        ("train", "edge:1", 1, 3),
+        ("update", "up:1", 3, 4),
+        ("model", "down:2", 0, 2),
+        ("train", "edge:2", 2, 3),
+        ("update", "up:2", 3, 5),
+        ("aggregate", "cloud", 5, 5.5),
+    ]
+    # busy shares of [0, 5.5], averaged over the two nodes per kind
+    assert report.utilization == pytest.approx(
+        {"down": 1.5 / 5.5, "edge": 1.5 / 5.5, "up": 1.5 / 5.5, "cloud": 0.5 / 5.5}
+    )
+
+
+def test_replays_draw_jitter_from_their_seed():
+    jittery = {1: LinkProfile.fixed("jit", 8, 8, 0, jitter_ms=500)}
+    rounds = [SyncRound(r, {1: NodeRound(MB, 1.0, MB)}, 0.0) for r in (1, 2, 3)]
+    chain = _chain(1)
+
+    def by_hand(seed: int) -> float:
+        # the same order of transfers on a clock of that seed
+        clock = VirtualClock(jittery, seed=seed)
+        done = 0.0
+        for _ in rounds:
+            down = clock.transfer(1, "down", MB, [done])
+            train = clock.compute("edge:1", 1.0, [down.end])
+            done = clock.transfer(1, "up", MB, [train.end]).end
+        return done
+
+    for seed in (0, 1):
+        report = replay_sync_rounds(rounds, jittery, seed=seed)
+        assert report.total_seconds == pytest.approx(by_hand(seed))
+    assert by_hand(0) != pytest.approx(by_hand(1))
+    assert replay_sync_rounds(rounds, jittery).total_seconds == pytest.approx(
+        by_hand(0)
+    )
+    pipe = [replay_pipeline(chain, jittery, seed=s).total_seconds for s in (0, 0, 1)]
+    assert pipe[0] == pipe[1] != pipe[2]
+    assert replay_pipeline(chain, jittery).total_seconds == pipe[0]
+
+
+def test_pipeline_replay_timeline_and_utilization_by_hand():
+    report = replay_pipeline(_chain(1), {1: _unit_link()}, cloud_factor=2.0)
+    names = [(t.name, t.resource) for t in report.tasks]
+    assert names[:4] == [
+        ("grads", "down:1"),
+        ("edge", "edge:1"),
+        ("acts", "up:1"),
+        ("grads", "down:1"),
+    ]
+    assert ("cloud", "cloud") in names and len(names) == 3 * 3 + 3
+    # the cloud computed 3 x 0.5 s x 2
+    cloud = sum(t.seconds for t in report.tasks if t.resource == "cloud")
+    assert cloud == pytest.approx(3.0)
+    assert report.utilization["cloud"] == pytest.approx(3.0 / report.total_seconds)
+    assert set(report.utilization) == {"down", "edge", "up", "cloud"}
 
 
 def test_sync_rounds_from_metrics_records():
@@ -280,3 +349,30 @@ def test_link_description_by_hand():
         "rtt_ms": [20.0, 50.0],
         "jitter_ms": 3.0,
     }
+
+
+def test_gflops_probe_counts_2n3_flops_per_product_and_restores_threads(monkeypatch):
+    import time
+
+    import torch
+
+    ticks = iter([10.0, 10.5])  # the timed loop takes 0.5 s on a fake clock
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.get_num_threads())
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    try:
+        gflops = measure_local_gflops(size=8, repeats=5, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    # 5 products of 8x8 matrices: 5 * 2 * 8**3 FLOP in 0.5 s
+    assert gflops == pytest.approx(5 * 2 * 8**3 / 0.5 / 1e9)
+    assert seen == [1] * 6  # one warm-up product, then 5 timed, on 1 thread
