@@ -77,7 +77,7 @@ def _device(spec: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
-PARTITIONERS = ("iid", "dirichlet", "natural", "contiguous")
+PARTITIONERS = ("iid", "dirichlet", "natural", "contiguous", "grouped")
 #: Datasets whose rows carry natural ids (users, modules, speaking roles).
 NATURAL_ID_DATASETS = ("wisdm", "pysource", "text")
 
@@ -136,9 +136,22 @@ class DataConfig:
     dirichlet_alpha: float = option(
         "dirichlet-alpha", 0.5, "must be > 0 (Dirichlet concentration)", _positive
     )
+    partition_groups: int = option(
+        "partition-groups",
+        2,
+        "must be >= 1 (groups of the grouped split)",
+        lambda n: n >= 1,
+    )
     seed: int = option("seed", 0, "must be >= 0", _non_negative)
 
     def __post_init__(self) -> None:
+        if self.partitioner == "grouped" and self.dataset in NATURAL_ID_DATASETS:
+            raise ConfigError(
+                "partitioner",
+                self.partitioner,
+                "needs a dataset with class labels and no natural ids "
+                f"(not '{self.dataset}'; use partitioner natural there)",
+            )
         if self.dataset == "wisdm" and not self.path:
             raise ConfigError(
                 "data-path", self.path, "must name a WISDM_ar_v1.1_raw.txt file"

@@ -116,5 +116,14 @@ def dataset_builder(name: str) -> Callable[[DataConfig], DataBundle]:
 
 @lru_cache(maxsize=4)
 def load_dataset(cfg: DataConfig) -> DataBundle:
-    """Load the configured source (cached per process)."""
-    return dataset_builder(cfg.dataset)(cfg)
+    """Load the configured source (cached per process).
+
+    With ``partitioner="grouped"`` the rows are dealt to groups and
+    relabelled per group (:func:`~tandem.datasets.grouped.grouped_bundle`).
+    """
+    bundle = dataset_builder(cfg.dataset)(cfg)
+    if cfg.partitioner == "grouped":
+        from tandem.datasets.grouped import grouped_bundle
+
+        bundle = grouped_bundle(bundle, cfg.partition_groups, cfg.seed)
+    return bundle

@@ -14,6 +14,10 @@ it, and each partition is returned as the row indices it holds.
 - ``contiguous``: :class:`~flwr_datasets.partitioner.IidPartitioner` over
   rows in source order (no shuffle): node ``i`` holds the ``i``-th contiguous
   shard (e.g. of a plain-text file).
+- ``grouped``: the rows carry a group id (:mod:`.grouped`); partition ``p``
+  belongs to group ``p mod G`` and holds an
+  :class:`~flwr_datasets.partitioner.IidPartitioner` share of that group's
+  rows, shuffled with the run seed.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ def partition_indices(
     labels : np.ndarray
         ``int64`` labels of the training split, shape ``(N,)``.
     groups : np.ndarray | None
-        Natural ids (``natural`` scheme only), shape ``(N,)``.
+        Natural ids (``natural``) or group ids in ``[0, G)`` (``grouped``),
+        shape ``(N,)``.
     scheme : str
-        ``iid``, ``dirichlet``, ``natural`` or ``contiguous``.
+        ``iid``, ``dirichlet``, ``natural``, ``contiguous`` or ``grouped``.
     num_partitions, partition_id : int
         How many partitions, and which one to return.
     alpha : float (default: 0.5)
@@ -121,6 +126,8 @@ def _all_partitions(
     )
 
     labels = np.frombuffer(key[0], dtype=np.int64)
+    if scheme == "grouped":
+        return _grouped_partitions(key[1], num_partitions, seed)
     if scheme == "contiguous":
         order = np.arange(len(labels))
     else:
@@ -154,7 +161,9 @@ def _all_partitions(
         partitioner = NaturalIdPartitioner(partition_by="node")
     else:
         raise ConfigError(
-            "partitioner", scheme, "must be iid, dirichlet, natural or contiguous"
+            "partitioner",
+            scheme,
+            "must be iid, dirichlet, natural, contiguous or grouped",
         )
 
     partitioner.dataset = Dataset.from_dict(columns)
@@ -172,3 +181,40 @@ def _all_partitions(
     except ValueError as err:  # Dirichlet could not satisfy its constraints
         raise ConfigError("dirichlet-alpha", alpha, f"cannot partition: {err}") from err
     return parts
+
+
+def _grouped_partitions(
+    groups_bytes: bytes | None, num_partitions: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Partition ``p``: an IID share of group ``p mod G``'s rows."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    if groups_bytes is None:
+        raise ConfigError("partitioner", "grouped", "needs rows with group ids")
+    groups = np.frombuffer(groups_bytes, dtype=np.int64)
+    count = int(groups.max()) + 1
+    if num_partitions < count:
+        raise ConfigError(
+            "num-partitions",
+            num_partitions,
+            f"must be at least the {count} groups of the grouped split",
+        )
+    order = np.random.default_rng(seed).permutation(len(groups))
+    parts: list[np.ndarray] = [np.zeros(0, np.int64)] * num_partitions
+    for g in range(count):
+        rows = order[groups[order] == g]
+        members = list(range(g, num_partitions, count))
+        if len(rows) < len(members):
+            raise ConfigError(
+                "num-partitions",
+                num_partitions,
+                f"group {g} has {len(rows)} rows for {len(members)} partitions",
+            )
+        partitioner = IidPartitioner(num_partitions=len(members))
+        partitioner.dataset = Dataset.from_dict({"index": rows})
+        for i, pid in enumerate(members):
+            parts[pid] = np.sort(
+                np.asarray(partitioner.load_partition(i)["index"], np.int64)
+            )
+    return tuple(parts)

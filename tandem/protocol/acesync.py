@@ -369,7 +369,16 @@ class AceSyncOptions:
         Weight of the link profile (log bandwidth) beside the update direction
         when clustering; 0 clusters by updates alone.
     personalize_rounds : int
-        Rounds of training within each cluster after the global rounds.
+        Rounds of training within each cluster after the global rounds
+        (without ``personalize``).
+    personalize : bool
+        Clusters that shape training (:mod:`tandem.hierarchy`): every round
+        aggregates device → cluster → global, and each device trains from
+        its cluster's model; the final report compares every device's
+        accuracy with its cluster's model and with the global model.
+    recluster_every : int
+        With ``personalize``: rounds between cluster estimates (the first
+        round is one).
     topk_ratio : float
         Kept fraction of the ``topk`` baseline.
     period : int
@@ -441,6 +450,10 @@ class AceSyncOptions:
     )
     personalize_rounds: int = option(
         "acesync-personalize-rounds", 2, "must be >= 0", lambda n: n >= 0
+    )
+    personalize: bool = option("acesync-personalize", False)
+    recluster_every: int = option(
+        "acesync-recluster-every", 5, "must be >= 1 (rounds)", lambda n: n >= 1
     )
     topk_ratio: float = option(
         "acesync-topk-ratio", 0.15, "must lie in (0, 1]", lambda r: 0 < r <= 1

@@ -64,13 +64,25 @@ the cluster; then every device evaluates the global model and its cluster's
 on its own test share, and the summary reports both means. Those rounds'
 bytes are reported apart (``personal-bytes-*``), not in the training totals.
 
+With ``acesync-personalize`` the clusters shape training instead
+(:mod:`tandem.hierarchy`, hooks in the "clusters" section of :class:`AceSync`):
+every ``acesync-recluster-every`` rounds, from the first, devices are
+clustered by where their models end up relative to the new global model;
+each device then trains from its cluster's model, each round aggregates
+device → cluster → global (eq. 8 at both levels), and after the last round
+every device evaluates its cluster's model and the global model on its own
+test share (no refinement rounds).
+
 Events in ``metrics.jsonl``: ``plan`` (budget, bandwidth, ``c``, steps per
 device), ``sync`` (divergence, trigger, next steps and budget scale),
-``acesync`` (per-round cloud figures), ``personalize``.
+``acesync`` (per-round cloud figures), ``clusters`` (with
+``acesync-personalize``: clusters, sizes, labels and the gap between the
+hierarchical aggregate and the global model, per round), ``personalize``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -85,9 +97,11 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from scipy.stats import spearmanr
 
+from tandem.accounting import payload_bytes
 from tandem.clustering import (
     choose_n_clusters,
     cluster_average,
@@ -103,6 +117,7 @@ from tandem.coordination import (
     aggregation_weights,
     divergence,
 )
+from tandem.hierarchy import ClusterTracker
 from tandem.importance import (
     ImportancePredictor,
     importance_labels,
@@ -217,6 +232,18 @@ class AceSync(CompressedUpdates):
         # internal state: the importance predictor and what it learns from
         self.predictor = ImportancePredictor(alpha=options.alpha, seed=self.seed)
         self.magnitudes: dict[int, np.ndarray] = {}
+        # internal state: clusters that shape training (acesync-personalize)
+        self.hierarchy = (
+            ClusterTracker(
+                max_clusters=options.max_clusters,
+                clusters=options.clusters,
+                every=options.recluster_every,
+                seed=self.seed,
+            )
+            if options.personalize and options.clusters != 1
+            else None
+        )
+        self._bases: dict[int, np.ndarray] = {}  # node -> flat model sent
         # stats
         self.triggered = 0
         self.round_figures: list[dict[str, float]] = []
@@ -377,6 +404,7 @@ class AceSync(CompressedUpdates):
         current: np.ndarray,
     ) -> None:
         """Divergence control (eq. 9) and predictor training (eqs. 3-4)."""
+        self._fold_clusters(server_round, updates, previous, current)
         layout = self._require_layout()
         nodes = [u.node_id for u in updates]
         figures: dict[str, float] = {"round": server_round}
@@ -455,6 +483,73 @@ class AceSync(CompressedUpdates):
         self.round_figures.append(figures)
         self.on_event("acesync", figures)
 
+    # ------------------------------------------------------------------ clusters
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """The wrapper's messages; with clusters, each node gets its cluster's model."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._bases = {}
+        if self.hierarchy is None:
+            return messages
+        layout = self._require_layout()
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            base = self.hierarchy.base(node)
+            if base is None:
+                continue
+            self._bases[node] = base.astype(np.float32)
+            msg.content[KEY_ARRAYS] = _record_of(
+                layout, self._current_arrays, self._bases[node]
+            )
+            self.bytes_down[node] = payload_bytes(msg.content)
+        return messages
+
+    def rebuild(
+        self, decoded: DecodedUpdate, weight: float, base: np.ndarray
+    ) -> RecordDict:
+        """The device's model ``b_k + û_k`` for the inner strategy's average.
+
+        A device that trained from its cluster's model ``b_k`` is handed on
+        as ``θ + ((b_k − θ) + û_k)``, so the inner FedAvg's weighted mean is
+        the hierarchical aggregate (:func:`tandem.hierarchy.hierarchical_round`).
+        """
+        own = self._bases.get(decoded.node_id)
+        if own is not None:
+            decoded = dataclasses.replace(decoded, update=(own - base) + decoded.update)
+        return super().rebuild(decoded, weight, base)
+
+    def _fold_clusters(
+        self,
+        server_round: int,
+        updates: Sequence[DecodedUpdate],
+        previous: np.ndarray,
+        current: np.ndarray,
+    ) -> None:
+        """Cluster models from this round's replies; re-cluster when due."""
+        if self.hierarchy is None:
+            return
+        nodes = [u.node_id for u in updates]
+        done = self.hierarchy.step(
+            server_round,
+            nodes,
+            np.stack([self._bases.get(n, previous) for n in nodes]),
+            np.stack([u.update for u in updates]),
+            np.array([self.last_weights[n] for n in nodes]),
+        )
+        gap = np.max(np.abs(np.asarray(done["global"]) - current.astype(np.float64)))
+        self.on_event(
+            "clusters",
+            {
+                "round": server_round,
+                "clusters": done["clusters"],
+                "reclustered": done["reclustered"],
+                "cluster-sizes": done["cluster-sizes"],
+                "labels": {str(n): c for n, c in self.hierarchy.labels.items()},
+                "hierarchical-gap": float(gap),
+            },
+        )
+
     # ------------------------------------------------------------------ checkpoint
     def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The wrapper's state plus the policy's: what a resumed run needs.
@@ -495,6 +590,10 @@ class AceSync(CompressedUpdates):
                 "triggered": self.triggered,
             }
         )
+        if self.hierarchy is not None:
+            for c, model in self.hierarchy.models.items():
+                arrays[f"cluster-model/{c}"] = model
+            state["cluster-labels"] = per_node(self.hierarchy.labels)
         return arrays, state
 
     def restore_state(
@@ -530,6 +629,15 @@ class AceSync(CompressedUpdates):
         self.clock._free = {k: float(v) for k, v in state["clock-free"].items()}
         self.clock._rng.bit_generator.state = state["clock-rng"]
         self.triggered = int(state["triggered"])
+        if self.hierarchy is not None and "cluster-labels" in state:
+            self.hierarchy.restore(
+                per_node("cluster-labels", int),
+                {
+                    int(k.split("/")[1]): v
+                    for k, v in arrays.items()
+                    if k.startswith("cluster-model/")
+                },
+            )
 
     # ------------------------------------------------------------------ stats
     def acesync_stats(self) -> dict[str, float | int]:
@@ -702,6 +810,66 @@ def _mean_over(accuracy: Mapping[int, float], nodes: Sequence[int]) -> float:
     return float(np.mean([accuracy[n] for n in nodes])) if nodes else float("nan")
 
 
+def _per_device(
+    global_acc: Mapping[int, float],
+    cluster_acc: Mapping[int, float],
+    nodes: Sequence[int],
+) -> dict[str, object]:
+    """Each device's accuracy with the global and with its cluster's model."""
+    return {
+        "personal-device-accuracy-global": {str(n): global_acc[n] for n in nodes},
+        "personal-device-accuracy-cluster": {str(n): cluster_acc[n] for n in nodes},
+    }
+
+
+def _trained_clusters(
+    srv: ServerRun, strategy: AceSync, final: ArrayRecord
+) -> dict[str, object]:
+    """With ``acesync-personalize``: evaluate the clusters training shaped.
+
+    Every device that has a cluster evaluates the final global model and its
+    cluster's model on its own test share (a device of a single cluster
+    uses the global model for both).
+    """
+    tracker, layout = strategy.hierarchy, strategy.layout
+    if tracker is None or layout is None:
+        return {}
+    nodes = sorted(tracker.labels)
+    if not nodes:
+        return {}
+    ledger = srv.ledger
+    eval_round = ledger.current_round
+    template = {key: a.numpy() for key, a in final.items()}
+    own = {
+        n: _record_of(layout, template, base.astype(np.float32))
+        for n in nodes
+        if (base := tracker.base(n)) is not None
+    }
+    global_acc = _evaluate(srv, dict.fromkeys(nodes, final), eval_round)
+    cluster_acc = {**global_acc, **(_evaluate(srv, own, eval_round) if own else {})}
+    both = sorted(set(global_acc) & set(cluster_acc))
+    count = max(tracker.count, 1)
+    return {
+        "personal-in-training": True,
+        "personal-clusters": count,
+        "personal-cluster-estimates": tracker.estimates,
+        "personal-cluster-sizes": np.bincount(
+            list(tracker.labels.values()), minlength=count
+        ).tolist(),
+        "personal-cluster-labels": {str(n): c for n, c in tracker.labels.items()},
+        "personal-rounds": 0,
+        "personal-devices": len(both),
+        "personal-accuracy-global": _mean_over(global_acc, both),
+        "personal-accuracy-cluster": _mean_over(cluster_acc, both),
+        "personal-devices-improved": int(
+            sum(cluster_acc[n] > global_acc[n] for n in both)
+        ),
+        **_per_device(global_acc, cluster_acc, both),
+        "personal-bytes-up": ledger.totals(eval_round)["bytes-up"],
+        "personal-bytes-down": ledger.totals(eval_round)["bytes-down"],
+    }
+
+
 def personalize(
     srv: ServerRun, strategy: AceSync, final: ArrayRecord
 ) -> dict[str, object]:
@@ -730,6 +898,8 @@ def personalize(
         or fewer than two devices).
     """
     opts: AceSyncOptions = strategy.options
+    if strategy.hierarchy is not None and strategy.layout is not None:
+        return _trained_clusters(srv, strategy, final)
     updates = strategy.last_updates
     if opts.clusters == 1 or len(updates) < 2 or strategy.layout is None:
         return {}
@@ -780,6 +950,7 @@ def personalize(
         "personal-devices-improved": int(
             sum(cluster_acc[n] > global_acc[n] for n in both)
         ),
+        **_per_device(global_acc, cluster_acc, both),
         "personal-hierarchical-gap": global_gap,
         "personal-bytes-up": after["bytes-up"],
         "personal-bytes-down": after["bytes-down"],
