@@ -346,6 +346,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 ],
             }
         )
+        personal = _personal_figures(good)
+        if personal:
+            entry["personalization"] = personal
         methods[variant.label] = entry
     target = _target_accuracy(methods, opts.target, suite)
     for entry in methods.values():
@@ -376,6 +379,46 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
 
 
 #: Run-summary entries averaged over seeds into ``results.json`` when present.
+def _personal_figures(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """Per-device accuracy of the global and the cluster models, per seed.
+
+    Empty unless every run reports it (ACE-Sync's ``personal-*`` summary).
+    """
+    keys = ("personal-accuracy-global", "personal-accuracy-cluster")
+    if not runs or not all(k in r.summary for r in runs for k in keys):
+        return {}
+    per_seed = {
+        k: [float(r.summary[k]) for r in runs] for k in (*keys, "personal-clusters")
+    }
+    gain = [
+        c - g
+        for g, c in zip(
+            per_seed["personal-accuracy-global"],
+            per_seed["personal-accuracy-cluster"],
+            strict=True,
+        )
+    ]
+    return {
+        "seeds": [r.seed for r in runs],
+        "clusters_per_seed": [int(c) for c in per_seed["personal-clusters"]],
+        "global_accuracy": _mean(per_seed["personal-accuracy-global"]),
+        "global_accuracy_per_seed": per_seed["personal-accuracy-global"],
+        "cluster_accuracy": _mean(per_seed["personal-accuracy-cluster"]),
+        "cluster_accuracy_per_seed": per_seed["personal-accuracy-cluster"],
+        "cluster_minus_global": _mean(gain),
+        "cluster_minus_global_sd": _sd(gain),
+        "per_device": [
+            {
+                "seed": r.seed,
+                "global": r.summary.get("personal-device-accuracy-global"),
+                "cluster": r.summary.get("personal-device-accuracy-cluster"),
+                "labels": r.summary.get("personal-cluster-labels"),
+            }
+            for r in runs
+        ],
+    }
+
+
 SUMMARY_FIGURES = (
     "overhead-share",
     "overhead-share-with-decode",

@@ -179,6 +179,37 @@ SUITES: dict[str, Suite] = {
         reference="fullsync",
         overhead_width=128,
     ),
+    "acesync-grouped": Suite(
+        name="acesync-grouped",
+        description=(
+            "ACE-Sync with clusters that shape training (acesync-personalize: "
+            "device -> cluster -> global every round, each device trains from "
+            "its cluster's model) against plain ACE-Sync, on a grouped split "
+            "whose groups label the same signals differently; every device "
+            "evaluates the global model and its cluster's on its own test share"
+        ),
+        variants=(
+            Variant(
+                "acesync",
+                {
+                    "method": "acesync",
+                    "local-steps": 50,
+                    "acesync-personalize-rounds": 0,
+                },
+                link_option="acesync-link",
+            ),
+            Variant(
+                "acesync-personal",
+                {"method": "acesync", "local-steps": 50, "acesync-personalize": True},
+                link_option="acesync-link",
+            ),
+        ),
+        defaults={"partitioner": "grouped", "partition-groups": 3},
+        nodes=10,
+        rounds=None,
+        steps=1050,
+        profiles=("variable",),
+    ),
 }
 
 
