@@ -117,3 +117,33 @@ def test_personalize_is_off_by_default(tmp_path, monkeypatch):
             np.array_equal(sent[(round_, 1)], sent[(round_, n)]) for n in (2, 3, 4)
         )
     assert "personal-in-training" not in records[-1]
+
+
+def test_a_personalized_reply_is_averaged_as_its_devices_model():
+    """``rebuild`` hands the inner FedAvg ``b_k + û_k`` (cluster model + update)."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from tandem.protocol.acesync import AceSyncOptions
+    from tandem.strategies.acesync import AceSync
+    from tandem.strategies.compressed import DecodedUpdate
+
+    strategy = AceSync(
+        FedAvg(), options=AceSyncOptions(personalize=True), local_steps=1
+    )
+    theta = {"w": np.array([1.0, 2.0, 3.0], np.float32), "step": np.array(4)}
+    strategy.set_arrays(ArrayRecord({k: Array(v) for k, v in theta.items()}))
+    own = np.array([0.5, -1.0, 2.0], np.float32)  # node 7's cluster model
+    strategy._bases = {7: own}
+    update = np.array([0.25, 0.5, -0.75], np.float32)
+
+    def reply(node):
+        decoded = DecodedUpdate(
+            node, update, np.ones(1, bool), {}, {"num-examples": 10.0}, 0, None
+        )
+        record = strategy.rebuild(decoded, 0.5, strategy.current)
+        return record[strategy.strategy.arrayrecord_key]
+
+    np.testing.assert_array_equal(reply(7)["w"].numpy(), [0.75, -0.5, 1.25])
+    np.testing.assert_array_equal(reply(8)["w"].numpy(), [1.25, 2.5, 2.25])
+    assert int(reply(7)["step"].numpy()) == 4  # not a float tensor: as sent
