@@ -147,3 +147,24 @@ def test_a_personalized_reply_is_averaged_as_its_devices_model():
     np.testing.assert_array_equal(reply(7)["w"].numpy(), [0.75, -0.5, 1.25])
     np.testing.assert_array_equal(reply(8)["w"].numpy(), [1.25, 2.5, 2.25])
     assert int(reply(7)["step"].numpy()) == 4  # not a float tensor: as sent
+
+
+def test_clusters_and_their_models_survive_a_checkpoint():
+    from flwr.serverapp.strategy import FedAvg
+
+    from tandem.protocol.acesync import AceSyncOptions
+    from tandem.strategies.acesync import AceSync
+
+    def fresh():
+        return AceSync(
+            FedAvg(), options=AceSyncOptions(personalize=True), local_steps=1
+        )
+
+    before = fresh()
+    before.hierarchy.restore({3: 0, 5: 1}, {0: np.ones(4), 1: np.arange(4.0)})
+    arrays, state = before.checkpoint_state()
+    after = fresh()
+    after.restore_state(arrays, state)
+    assert after.hierarchy.labels == {3: 0, 5: 1}
+    np.testing.assert_array_equal(after.hierarchy.base(5), np.arange(4.0))
+    np.testing.assert_array_equal(after.hierarchy.base(3), np.ones(4))
