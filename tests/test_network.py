@@ -376,3 +376,21 @@ def test_gflops_probe_counts_2n3_flops_per_product_and_restores_threads(monkeypa
     # 5 products of 8x8 matrices: 5 * 2 * 8**3 FLOP in 0.5 s
     assert gflops == pytest.approx(5 * 2 * 8**3 / 0.5 / 1e9)
     assert seen == [1] * 6  # one warm-up product, then 5 timed, on 1 thread
+
+
+def test_a_message_waits_for_the_gradients_it_carries():
+    # the cloud takes 4 s per chunk (0.5 s x 8): chunk 0's gradients are ready
+    # at 2 + 4 = 6, after reply 1 arrived (4), so message 2 leaves at 6
+    report = replay_pipeline(_chain(1), {1: _unit_link()}, cloud_factor=8.0)
+    grads = [round(t.start, 9) for t in report.tasks if t.name == "grads"]
+    assert grads == [0.0, 2.0, 6.0]
+    # chunk 1 on the cloud [6, 10], chunk 2 arrives at 9 and waits: [10, 14]
+    assert report.total_seconds == pytest.approx(14.0)
+
+
+def test_pipeline_marks_and_single_message_chains():
+    only = [Exchange(1, 0, 0, 1.0, MB, 0.5)]
+    report = replay_pipeline(only, {1: _unit_link()}, marks=(0, 1))
+    # nothing is done at mark 0; the one exchange ends at 1 + 1 + 0.5
+    assert report.round_end == pytest.approx((0.0, 2.5))
+    assert [t.name for t in report.tasks] == ["grads", "edge", "acts", "cloud"]

@@ -81,3 +81,18 @@ def test_sync_rounds_read_typed_fields():
     assert rnd.nodes[5].bytes_down == 8 and rnd.nodes[5].edge_seconds == 0.0
     with pytest.raises(ValueError, match="'bytes-up'"):
         sync_rounds_from_records([{**records[0], "bytes-up": "4"}])
+
+
+def test_gradients_from_chunk_zero_count_as_applied_when_steadied():
+    # node 1, 1 micro-batch: messages carrying gradients (of chunk 0 or of
+    # chunk 3) are one kind; the first message (none, -1) is its own kind
+    exchanges = [
+        Exchange(1, 0, 0, 9.0, 20, 0.1, grads_from=-1),
+        Exchange(1, 1, 10, 1.0, 20, 0.1, grads_from=0),
+        Exchange(1, 2, 10, 1.0, 20, 0.1, grads_from=0),
+        Exchange(1, 3, 10, 5.0, 20, 0.1, grads_from=3),
+        Exchange(1, 4, 10, 5.0, 20, 0.1, grads_from=3),
+    ]
+    steady = steady_exchanges(exchanges)
+    # kind "applied": the lower quartile of 1, 1, 5, 5 is 1.0
+    assert [ex.edge_seconds for ex in steady] == [9.0, 1.0, 1.0, 1.0, 1.0]
