@@ -21,13 +21,14 @@ from tandem.certs import make_tls_files
 from tandem.checkpoint import load_checkpoint
 from tandem.clients.node import NodeConfig, load_node_split
 from tandem.config import RunConfig
-from tandem.frames import Frame, encode_frame
+from tandem.frames import Frame, decode_frame, encode_frame
 from tandem.protocol.simultrain import (
     EdgeReply,
     SessionStart,
     SimulTrainOptions,
     edge_model,
     hello_frame,
+    read_hello,
     reply_frame,
 )
 from tandem.server_context import ServerRun
@@ -184,6 +185,21 @@ def test_session_keys_by_hand():
     assert keys.admit(1, first) == "wrong secret for node 1"
     assert keys.admit(1, second) is None
     assert keys.admit(2, second) == "no session for node 2"
+
+
+@pytest.mark.parametrize("node", [0, 1, 2**63 - 1, 2**63, 18175264750980615280])
+def test_a_hello_carries_any_unsigned_64_bit_node_id(node):
+    # Flower's node ids fill all 64 bits; the frame's ints are signed int64
+    raw = encode_frame(hello_frame(node, b"k" * 32))
+    assert read_hello(decode_frame(raw, 1 << 20)) == (node, b"k" * 32)
+    if node >= 2**63:  # the same 64 bits, read as a signed integer
+        assert decode_frame(raw, 1 << 20).ints[0] == node - 2**64
+
+
+@pytest.mark.parametrize("node", [-1, 2**64])
+def test_a_hello_refuses_a_node_id_outside_64_bits(node):
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        hello_frame(node, b"k" * 32)
 
 
 def _chunk_frame(ep, node=1, version=0, **change):

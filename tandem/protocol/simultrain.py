@@ -578,15 +578,31 @@ class SessionStart:
         )
 
 
+#: Flower's node ids are unsigned 64-bit integers; a frame's ints are signed.
+_NODE_SPAN = 1 << 64
+
+
 def hello_frame(node: int, secret: bytes) -> Frame:
-    """The edge's first frame: its node id and the session's secret."""
+    """The edge's first frame: its node id and the session's secret.
+
+    The node id (Flower's, an unsigned 64-bit integer) travels as the int64
+    with the same 64 bits (two's complement); :func:`read_hello` reads it back.
+
+    Raises
+    ------
+    ValueError
+        If ``node`` is not in [0, 2**64).
+    """
+    if not 0 <= node < _NODE_SPAN:
+        raise ValueError(f"node id {node} is not an unsigned 64-bit integer")
+    signed = node - _NODE_SPAN if node >= _NODE_SPAN // 2 else node
     return Frame(
-        FRAME_HELLO, 0, (node, 0, 0), 0.0, {"secret": np.frombuffer(secret, np.uint8)}
+        FRAME_HELLO, 0, (signed, 0, 0), 0.0, {"secret": np.frombuffer(secret, np.uint8)}
     )
 
 
 def read_hello(frame: Frame) -> tuple[int, bytes]:
-    """``(node id, secret)`` of a hello frame.
+    """``(node id, secret)`` of a hello frame (the node id unsigned again).
 
     Raises
     ------
@@ -598,7 +614,7 @@ def read_hello(frame: Frame) -> tuple[int, bytes]:
         raise PayloadError(f"first frame of kind {frame.kind}, expected a hello")
     if secret is None or secret.dtype != np.uint8 or secret.ndim != 1:
         raise PayloadError("hello without a byte-string secret")
-    return frame.ints[0], secret.tobytes()
+    return frame.ints[0] % _NODE_SPAN, secret.tobytes()
 
 
 def reply_frame(reply: EdgeReply, seq: int) -> Frame:
