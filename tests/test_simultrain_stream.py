@@ -523,6 +523,48 @@ def test_a_silent_stream_is_dropped_after_the_timeout(tmp_path, monkeypatch):
     assert summary["final-accuracy"] > 0.3
 
 
+def test_sessions_that_an_engine_runs_in_turns_all_stream(tmp_path, monkeypatch):
+    # An engine with fewer ClientApps at once than edges (Flower's simulation
+    # engine on few CPUs) starts node 2's session only once node 1's is over,
+    # much later than reply-timeout: node 2 waits while node 1 streams.
+    import threading
+
+    from tandem.clients import simultrain as edge_side
+    from tandem.protocol.simultrain import SESSION_TYPE
+
+    handle, receive = edge_side.session_handler, edge_side.StreamedEdge.receive
+    first_done = threading.Event()
+    began = {}
+
+    def slow(self, data):  # node 1 streams for about 30 x 0.25 s
+        if self.node_id == 1:
+            time.sleep(0.25)
+        receive(self, data)
+
+    def in_turns(msg, context, cfg):
+        if context.node_id == 2:
+            assert first_done.wait(120)
+        began[context.node_id] = time.monotonic()
+        try:
+            return handle(msg, context, cfg)
+        finally:
+            if context.node_id == 1:
+                first_done.set()
+
+    monkeypatch.setattr(edge_side.StreamedEdge, "receive", slow)
+    monkeypatch.setitem(edge_side.HANDLERS, SESSION_TYPE, in_turns)
+    config = {**BASE, "reply-timeout": 3.0}
+    records, _ = run_inprocess(config, nodes=2, out=tmp_path, threaded=True)
+    summary = records[-1]
+    assert summary["dropped-edges"] == 0 and summary["rejected-replies"] == 0
+    for node in (1, 2):
+        done = [e for e in _events(records, "exchange") if e["node-id"] == node]
+        assert sum(e["micro-batches"] for e in done) == 60
+    order = [e["node-id"] for e in _events(records, "exchange")]
+    assert order == sorted(order)  # in turns: node 1's exchanges, then node 2's
+    assert began[2] - began[1] > 3.0  # node 2 began after reply-timeout
+
+
 def test_a_late_node_streams_from_the_cloud_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(simultrain, "JOIN_SCAN", 0.0)
     records, grid = run_inprocess(

@@ -26,6 +26,11 @@ plane (:mod:`tandem.streaming`, frames of :mod:`tandem.frames`):
    merged like any other. A stream silent for ``reply-timeout`` seconds, or
    an error reply, drops the edge; a node that connects later gets a session
    and starts from ``θ_e^c``.
+6. A session whose stream has not opened yet waits while other streams send
+   frames: an engine that runs fewer ClientApps at once than there are edges
+   (the simulation engine with fewer CPUs than edges) starts the sessions in
+   turns. It is dropped once no stream at all has sent a frame for
+   ``reply-timeout`` seconds since its session began.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ class Session:
     track: EdgeTrack
     message_id: str
     last_frame: float  # monotonic time of its last frame (or of the start)
-    context: grpc.ServicerContext | None = None
+    context: grpc.ServicerContext | None = None  # set once its stream is open
     closed: bool = False
 
 
@@ -118,6 +123,7 @@ class StreamLoop:
         self.lost: set[int] = set()
         self.grad_bytes: dict[tuple[int, int], int] = {}  # (node, chunk) -> bytes
         self.refused = 0
+        self.last_frame = time.monotonic()  # of any stream (or of the start)
         tls, self.root_cert = server_tls(
             opts.stream_tls_cert, opts.stream_tls_key, opts.stream_tls_ca
         )
@@ -217,9 +223,14 @@ class StreamLoop:
             self.cloud.drop(track, reason, error)
 
     def _drop_silent(self, now: float) -> None:
+        """Drop streams silent for ``reply-timeout`` s, and sessions whose
+        stream never opened while no stream at all sent a frame that long."""
         timeout = self.srv.cfg.reply_timeout
         for session in list(self.waiting.values()):
-            if now - session.last_frame > timeout:
+            last = session.last_frame
+            if session.context is None:  # not streaming yet: maybe queued
+                last = max(last, self.last_frame)
+            if now - last > timeout:
                 self._drop(session, f"no frame within {timeout:g} s")
 
     def _admit_newcomers(self) -> None:
@@ -268,7 +279,7 @@ class StreamLoop:
                 refusal = f"no open session for node {node}"
             if refusal is None:
                 session.context = context
-                session.last_frame = time.monotonic()
+                session.last_frame = self.last_frame = time.monotonic()
                 self.srv.ledger.record(node, "up", "stream.hello", len(first))
         if refusal is not None:
             self._refuse(node, refusal, context)
@@ -295,7 +306,7 @@ class StreamLoop:
         with self.lock:
             if session.closed:
                 return None, "session closed"
-            session.last_frame = time.monotonic()
+            session.last_frame = self.last_frame = time.monotonic()
             try:
                 content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
                 answer = self.cloud.on_chunk(track, content)
