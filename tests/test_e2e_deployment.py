@@ -3,7 +3,10 @@
 Started on free ports inside the test and torn down afterwards, even on
 failure. Every method runs for real (a fresh ClientApp process per message)
 and must learn. One deployment runs with TLS and SuperNode authentication and
-must refuse a SuperNode whose key was never registered.
+must refuse a SuperNode whose key was never registered. SimulTrain also runs
+on its stream transport (plain and with TLS: the ClientApp of each edge
+streams for its whole session), and an edge killed mid-stream is dropped
+while the others finish.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ def secure_deployment(tmp_path_factory):
     yield from _deploy(tmp_path_factory.mktemp("secure"), secure=True, unregistered=1)
 
 
-def _run(dep, tmp_path, method):
+#: SimulTrain on its stream: 32 steps per edge, chunks of 4 (the max-chunk)
+STREAM = {
+    "simultrain-transport": "stream",
+    "simultrain-steps": 32,
+    "simultrain-eval-every": 16,
+}
+
+
+def _run(dep, tmp_path, method, extra=None):
     cli = FlowerHome(tmp_path / "cli", connections=dep.connections)
     out = tmp_path / "runs"
     status = cli.run(
@@ -54,6 +65,7 @@ def _run(dep, tmp_path, method):
             "mnist1d-samples": 2000,
             "output-dir": str(out),
             **RUNS[method],
+            **(extra or {}),
         },
         connection="deploy",
         timeout=300,
@@ -89,6 +101,91 @@ def test_tls_and_node_auth_refuse_an_unregistered_node(secure_deployment, tmp_pa
     assert "Failed to activate SuperNode" in intruder
     superlink = (dep.root / "superlink.log").read_text()
     assert "activate-node" in superlink and "2004" in superlink
+
+
+def _streamed(records, tls):
+    """The run's chunks went through the stream: every chunk frame answered."""
+    (stream,) = _events(records, "stream")
+    assert stream["tls"] is tls and stream["refused"] == 0
+    assert stream["address"].startswith("127.0.0.1:")
+    exchanges = _events(records, "exchange")
+    assert stream["frames-down"] == len(exchanges) == 2 * 32 // 4
+    assert stream["frames-up"] >= len(exchanges) + 2  # and one hello per edge
+    summary = records[-1]
+    assert summary["dropped-edges"] == 0 and summary["rejected-replies"] == 0
+    assert summary["steps-per-edge"] == 32
+
+
+def test_simultrain_streams_on_the_deployment_engine(deployment, tmp_path):
+    _, records = _run(deployment, tmp_path, "simultrain", STREAM)
+    _learned(records)
+    _streamed(records, tls=False)
+
+
+def test_simultrain_streams_over_tls(secure_deployment, tmp_path):
+    tls = secure_deployment.tls  # the SuperLink's CA and certificate
+    keys = {
+        "simultrain-stream-tls-cert": str(tls.server_cert),
+        "simultrain-stream-tls-key": str(tls.server_key),
+        "simultrain-stream-tls-ca": str(tls.ca_cert),
+    }
+    _, records = _run(secure_deployment, tmp_path, "simultrain", {**STREAM, **keys})
+    _learned(records)
+    _streamed(records, tls=True)
+
+
+def test_an_edge_killed_mid_stream_is_dropped_and_the_others_finish(tmp_path):
+    deploy = _deploy(tmp_path / "deploy", num_nodes=3)
+    dep = next(deploy)
+    steps = 300
+    try:
+        cli = FlowerHome(tmp_path / "cli", connections=dep.connections)
+        out = tmp_path / "runs"
+        run_id = cli.submit(
+            {
+                "method": "simultrain",
+                "mnist1d-samples": 2000,
+                "output-dir": str(out),
+                **STREAM,
+                "simultrain-steps": steps,
+                "simultrain-chunk": 1,
+                "simultrain-eval-every": 100,
+                "reply-timeout": 60,
+            },
+            connection="deploy",
+        )
+        metrics = out / f"simultrain-{run_id}" / "metrics.jsonl"
+
+        def streaming(records):
+            ids = dep.node_ids("node2")
+            return bool(ids) and ids[0] in _exchanged(records)
+
+        # node2 streams: its ClientApp (and its SuperNode) die at once
+        _follow(metrics, streaming)
+        dep.kill_node("node2")
+        (victim,) = dep.node_ids("node2")
+        status = cli.wait(run_id, timeout=400, connection="deploy")
+        logs = "\n".join(p.read_text()[-1500:] for p in dep.root.glob("*.log"))
+        assert status.ok, f"{status.status}: {status.details}\n{logs}"
+        records = read_jsonl(metrics)
+    finally:
+        next(deploy, None)  # tear down
+    summary = records[-1]
+    (dropped,) = _events(records, "dropped")
+    assert dropped["node-id"] == victim and summary["dropped-edges"] == 1
+    done = _exchanged(records)
+    assert done[victim] < steps  # killed mid-stream
+    assert sorted(done.values())[1:] == [steps, steps]  # the others finished
+    rounds = _events(records, "round")
+    assert rounds[-1]["eval-accuracy"] > rounds[0]["eval-accuracy"] + 0.1
+
+
+def _exchanged(records):
+    """Micro-batches each node streamed, by node id."""
+    done = {}
+    for e in _events(records, "exchange"):
+        done[e["node-id"]] = done.get(e["node-id"], 0) + e["micro-batches"]
+    return done
 
 
 # A SuperNode killed mid-run (SIGKILL: no goodbye to the SuperLink) and started

@@ -344,6 +344,16 @@ def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
     order = [e["node-id"] for e in exchanges]
     last_of_1 = len(order) - 1 - order[::-1].index(1)
     assert order.index(2) < last_of_1 and order.index(1) < len(order) - 30
+    # the stream event adds up the real frames: 30 chunks per edge, each
+    # answered by one gradients frame; up also the two hellos (and any frame
+    # that carries a delta alone), each chunk frame as its exchange counted it
+    (stream,) = _events(records, "stream")
+    assert stream["address"].startswith("127.0.0.1:") and stream["tls"] is False
+    assert stream["refused"] == 0 and stream["frames-down"] == 60
+    assert 62 <= stream["frames-up"] <= 62 + 30
+    hellos = 2 * len(encode_frame(hello_frame(1, bytes(32))))
+    assert stream["bytes-up"] >= sum(e["bytes-up"] for e in exchanges) + hellos
+    assert summary["bytes-up"] > stream["bytes-up"]  # and the session replies
 
 
 def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypatch):

@@ -62,11 +62,12 @@ from tandem.strategies.simultrain import EdgeTrack, InFlight, SimulTrainCloud
 from tandem.streaming import ServerTls, SessionKeys, StreamServer
 from tandem.wire import PayloadError
 
-__all__ = ["STREAM_DOWN", "STREAM_UP", "StreamLoop", "server_tls"]
+__all__ = ["STREAM_DOWN", "STREAM_HELLO", "STREAM_UP", "StreamLoop", "server_tls"]
 
 #: Seconds a new stream may take to present its secret.
 HELLO_SECONDS = 10.0
 #: Ledger message types of the stream's frames.
+STREAM_HELLO = "stream.hello"
 STREAM_UP = "stream.chunk"
 STREAM_DOWN = "stream.grads"
 
@@ -185,6 +186,33 @@ class StreamLoop:
                     time.sleep(0.02)
         finally:
             self.server.stop(1.0)
+        self.srv.tracker.log_event("stream", self.summary())
+
+    def summary(self) -> dict[str, object]:
+        """The ``stream`` event: the endpoint and what crossed it.
+
+        ``frames-up``/``-down`` and ``bytes-up``/``-down`` add up the byte
+        ledger's stream frames (hello and chunk frames up, gradient frames
+        down: their real sizes); ``refused`` counts streams refused at their
+        hello.
+        """
+        up = [
+            t.nbytes
+            for t in self.srv.ledger.transfers
+            if t.message_type in (STREAM_HELLO, STREAM_UP)
+        ]
+        down = [
+            t.nbytes for t in self.srv.ledger.transfers if t.message_type == STREAM_DOWN
+        ]
+        return {
+            "address": self.address,
+            "tls": bool(self.root_cert),
+            "refused": self.refused,
+            "frames-up": len(up),
+            "frames-down": len(down),
+            "bytes-up": sum(up),
+            "bytes-down": sum(down),
+        }
 
     def _end(self, reply: Message) -> None:
         """An edge answered its session message: merge its final delta."""
@@ -280,7 +308,7 @@ class StreamLoop:
             if refusal is None:
                 session.context = context
                 session.last_frame = self.last_frame = time.monotonic()
-                self.srv.ledger.record(node, "up", "stream.hello", len(first))
+                self.srv.ledger.record(node, "up", STREAM_HELLO, len(first))
         if refusal is not None:
             self._refuse(node, refusal, context)
             return
