@@ -354,6 +354,7 @@ def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
     hellos = 2 * len(encode_frame(hello_frame(1, bytes(32))))
     assert stream["bytes-up"] >= sum(e["bytes-up"] for e in exchanges) + hellos
     assert summary["bytes-up"] > stream["bytes-up"]  # and the session replies
+    assert 0 < stream["seconds"] < summary["wall-seconds"]
 
 
 def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypatch):

@@ -125,6 +125,7 @@ class StreamLoop:
         self.grad_bytes: dict[tuple[int, int], int] = {}  # (node, chunk) -> bytes
         self.refused = 0
         self.last_frame = time.monotonic()  # of any stream (or of the start)
+        self.first_hello: float | None = None  # when the first stream opened
         tls, self.root_cert = server_tls(
             opts.stream_tls_cert, opts.stream_tls_key, opts.stream_tls_ca
         )
@@ -194,7 +195,9 @@ class StreamLoop:
         ``frames-up``/``-down`` and ``bytes-up``/``-down`` add up the byte
         ledger's stream frames (hello and chunk frames up, gradient frames
         down: their real sizes); ``refused`` counts streams refused at their
-        hello.
+        hello; ``seconds`` is the streaming phase, from the first stream's
+        hello to the last frame of any stream (the run's wall time less the
+        engine's start of the ClientApps and the last evaluation).
         """
         up = [
             t.nbytes
@@ -212,6 +215,9 @@ class StreamLoop:
             "frames-down": len(down),
             "bytes-up": sum(up),
             "bytes-down": sum(down),
+            "seconds": 0.0
+            if self.first_hello is None
+            else self.last_frame - self.first_hello,
         }
 
     def _end(self, reply: Message) -> None:
@@ -308,6 +314,8 @@ class StreamLoop:
             if refusal is None:
                 session.context = context
                 session.last_frame = self.last_frame = time.monotonic()
+                if self.first_hello is None:
+                    self.first_hello = self.last_frame
                 self.srv.ledger.record(node, "up", STREAM_HELLO, len(first))
         if refusal is not None:
             self._refuse(node, refusal, context)
