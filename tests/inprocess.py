@@ -152,12 +152,18 @@ def run_inprocess(
 ) -> tuple[list[dict], InProcessGrid]:
     """Run a method's cloud side against ``nodes`` in-process edges.
 
+    Without ``threaded`` the grid handles one message at a time, inside
+    ``pull_messages``, so SimulTrain runs on its message transport unless
+    ``run_config`` sets ``simultrain-transport``.
+
     ``edges``: a grid of an earlier run whose nodes (their ``Context``, e.g.
     data stream positions) carry on, as SuperNodes do when only the
     ServerApp restarts. ``threaded``: every message is handled in a thread of
     its own (see :class:`InProcessGrid`).
     """
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
+    if not threaded:  # one message at a time: SimulTrain on messages unless asked
+        flat.setdefault("simultrain-transport", "message")
     cfg = RunConfig.from_flat(flat)
     grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late, threaded)
     if edges is not None:

@@ -22,7 +22,11 @@ pytestmark = pytest.mark.e2e
 
 RUNS = {
     "fedavg": {"num-server-rounds": 2},
-    "simultrain": {"simultrain-steps": 16, "simultrain-eval-every": 8},
+    "simultrain": {  # on messages here; the stream is tested below
+        "simultrain-transport": "message",
+        "simultrain-steps": 16,
+        "simultrain-eval-every": 8,
+    },
     "acesync": {"num-server-rounds": 2},
 }
 
@@ -195,6 +199,7 @@ def _exchanged(records):
 # unavailable" error; reply-timeout bounds every wait in any case.
 CRASH_RUNS = {
     "simultrain": {
+        "simultrain-transport": "message",
         "simultrain-steps": 24,  # six exchanges per edge: node2 dies mid-run
         "simultrain-chunk": 4,
         "simultrain-eval-every": 8,

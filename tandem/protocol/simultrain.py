@@ -168,7 +168,7 @@ class SimulTrainOptions:
         "simultrain-cloud-factor", 1.0, "must be > 0", lambda f: f > 0
     )
     transport: str = option(
-        "simultrain-transport", "message", choices=("message", "stream")
+        "simultrain-transport", "stream", choices=("message", "stream")
     )
     window: int = option(
         "simultrain-window",
