@@ -8,7 +8,8 @@ parameter groups it chose.
   reliability and latency (:func:`aggregation_weights`).
 - Divergence (seed eq. 9): ``D_k(t) = ‖θ_k(t) − θ(t)‖₂`` (:func:`divergence`);
   past a threshold the cloud raises the device's sync frequency
-  (:func:`adjust_sync`).
+  (:func:`adjust_sync`): by its local steps and byte budget, or by how many
+  rounds pass between its syncs (:func:`adjust_intervals`, :func:`due_devices`).
 - Untransmitted groups are filled from cached history: the cloud keeps the
   last update of each group per device (:func:`refresh_cache`) and fills with
   :func:`~tandem.compression.pipeline.fill_unsent` on :func:`cache_arrays`,
@@ -17,19 +18,23 @@ parameter groups it chose.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "CachedUpdate",
+    "IntervalDecision",
+    "IntervalPolicy",
     "SyncDecision",
     "SyncPolicy",
+    "adjust_intervals",
     "adjust_sync",
     "aggregation_weights",
     "cache_arrays",
     "divergence",
+    "due_devices",
     "refresh_cache",
 ]
 
@@ -283,6 +288,150 @@ def adjust_sync(
         triggered=triggered,
         threshold=tau,
     )
+
+
+@dataclass(frozen=True)
+class IntervalPolicy:
+    """Dynamic synchronization (seed eq. 9): how many rounds pass between a
+    device's syncs.
+
+    A device with interval ``r`` is sent the model every ``r`` rounds and
+    trains ``r`` rounds' worth of local steps in between, so every device
+    keeps its share of the training while stable ones exchange less often.
+
+    Attributes
+    ----------
+    threshold : float (default: 1.5)
+        A device drifts when its divergence per round,
+        ``D_k / r_k``, exceeds ``threshold · median_j (D_j / r_j)``.
+    stable : float (default: 0.75)
+        A device is stable when ``D_k / r_k <= stable · median_j (D_j / r_j)``
+        (must not exceed ``threshold``).
+    min_interval : int (default: 1)
+        Shortest interval (rounds): every round.
+    max_interval : int (default: 2)
+        Longest interval (rounds).
+    """
+
+    threshold: float = 1.5
+    stable: float = 0.75
+    min_interval: int = 1
+    max_interval: int = 2
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"threshold must be > 0, got {self.threshold}")
+        if not 0 <= self.stable <= self.threshold:
+            raise ValueError(
+                f"need 0 <= stable <= threshold, got {self.stable} and {self.threshold}"
+            )
+        if not 1 <= self.min_interval <= self.max_interval:
+            raise ValueError(
+                "need 1 <= min_interval <= max_interval, got "
+                f"{self.min_interval} and {self.max_interval}"
+            )
+
+
+@dataclass(frozen=True)
+class IntervalDecision:
+    """Next sync interval per device, from :func:`adjust_intervals`.
+
+    Attributes
+    ----------
+    intervals : np.ndarray
+        Shape ``(K,)``, int64: rounds until each device's next sync.
+    triggered : np.ndarray
+        Shape ``(K,)``, bool: devices past the threshold (sync sooner).
+    stable : np.ndarray
+        Shape ``(K,)``, bool: devices at or below the stable line (sync later).
+    threshold : float
+        The absolute threshold on ``D_k / r_k`` that was applied.
+    """
+
+    intervals: np.ndarray
+    triggered: np.ndarray
+    stable: np.ndarray
+    threshold: float
+
+
+def adjust_intervals(
+    divergences: np.ndarray, intervals: np.ndarray, policy: IntervalPolicy
+) -> IntervalDecision:
+    """Shorten the sync interval of drifting devices, lengthen stable ones' (eq. 9).
+
+    Steps:
+
+    1. Divergence per round of each device, ``ρ_k = D_k / r_k``: a device
+       that trained ``r_k`` rounds' worth of steps since its last sync has
+       drifted about ``r_k`` times as far, which must not count against it.
+    2. ``τ = threshold · median(ρ)``; drifting: ``ρ_k > τ``; stable:
+       ``ρ_k <= stable · median(ρ)``.
+    3. Drifting: ``r_k ← max(min_interval, ⌊r_k / 2⌋)`` (sync sooner,
+       multiplicative decrease). Stable: ``r_k ← min(max_interval, r_k + 1)``
+       (additive increase). Others keep ``r_k`` (within the bounds).
+
+    Parameters
+    ----------
+    divergences : np.ndarray
+        Shape ``(K,)``: ``D_k`` of seed eq. 9 (:func:`divergence`), of the
+        devices that synced this round.
+    intervals : np.ndarray
+        Shape ``(K,)``: the interval each of them had (integers ``>= 1``).
+    policy : IntervalPolicy
+        Thresholds and bounds.
+    """
+    d = _vector("divergences", divergences)
+    r = np.asarray(intervals)
+    if r.shape != d.shape:
+        raise ValueError(
+            "divergences and intervals must have one entry per device, got "
+            f"{d.shape} and {r.shape}"
+        )
+    if not np.issubdtype(r.dtype, np.integer) or np.any(r < 1):
+        raise ValueError("intervals must be integers >= 1")
+    if np.any(d < 0) or not np.all(np.isfinite(d)):
+        raise ValueError("divergences must be finite and >= 0")
+    r = r.astype(np.int64)
+    # 1. divergence per round
+    rho = d / r
+    # 2. thresholds
+    median = float(np.median(rho))
+    tau = policy.threshold * median
+    triggered = rho > tau
+    stable = (rho <= policy.stable * median) & ~triggered
+    # 3. AIMD within the bounds
+    shorter = np.maximum(policy.min_interval, r // 2)
+    longer = np.minimum(policy.max_interval, r + 1)
+    kept = np.clip(r, policy.min_interval, policy.max_interval)
+    return IntervalDecision(
+        intervals=np.where(triggered, shorter, np.where(stable, longer, kept)),
+        triggered=triggered,
+        stable=stable,
+        threshold=tau,
+    )
+
+
+def due_devices(
+    server_round: int,
+    nodes: Sequence[int],
+    last_sync: Mapping[int, int],
+    intervals: Mapping[int, int],
+) -> list[int]:
+    """The devices due to sync in ``server_round``, in the order of ``nodes``.
+
+    Device ``k`` is due when ``server_round − last_sync[k] >= intervals[k]``;
+    one that never synced (not in ``last_sync``) is always due, and an
+    interval not given is 1. If no device is due, those that will be due
+    soonest are (a round never stands empty).
+    """
+    if not nodes:
+        return []
+    wait = {
+        n: last_sync[n] + intervals.get(n, 1) - server_round if n in last_sync else 0
+        for n in nodes
+    }
+    soonest = min(max(w, 0) for w in wait.values())
+    return [n for n in nodes if wait[n] <= soonest]
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 
 from tandem.compression.codecs import Option
+from tandem.compression.downlink import model_digest
 from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.protocol.acesync import EDGE_METRICS, KEY_UPDATE, update_record
 from tandem.strategies.compressed import CompressedUpdates
@@ -84,6 +85,8 @@ def _reply(strategy, node, client, examples, memory=None):
         "steps": plan.local_steps,
         "bytes-budget": plan.budget,
         "bytes-encoded": out.encoded_bytes,
+        # an honest edge: the digest of the model it was sent
+        "model-digest": model_digest(strategy.current),
     }
     content = RecordDict(
         {

@@ -19,7 +19,17 @@ model) by the compressed update.
 Per round (seed 004; :func:`tandem.compression.pipeline.compress_update`
 holds steps 3-7):
 
-1. Train ``local-steps`` SGD steps from the global weights ``θ``
+0. The model. A message carries either the whole model or, with the
+   compressed downlink, the delta since the version the edge holds
+   (:class:`~tandem.protocol.acesync.DownlinkHeader`, record
+   :data:`~tandem.protocol.acesync.KEY_DOWNLINK`): the edge checks that it
+   holds exactly that version, checks and decodes every group, and only then
+   adds the delta (:func:`~tandem.compression.downlink.apply_downlink`); a
+   bad downlink raises :class:`~tandem.wire.PayloadError` before anything
+   changes, so the reply carries the error and the cloud counts it (and
+   sends the full model next time). The model it now holds is kept in
+   ``Context.state`` (:data:`MODEL_KEY`, :data:`MODEL_VERSION_KEY`).
+1. Train ``local-steps`` SGD steps from that model ``θ``
    (:func:`tandem.training.train_steps`, the loop every method shares).
 2. The update ``g = θ_k − θ`` over every float tensor, cut into groups
    (:class:`~tandem.compression.layout.GroupLayout`, eq. 1).
@@ -46,7 +56,9 @@ holds steps 3-7):
 7. New residual ``e ← g̃ − sent``: what the cloud did not
    get, or got in excess from the cached stand-in, is carried to the next
    round.
-8. Reply with the two arrays, the metrics and the node record.
+8. Reply with the two arrays, the metrics (with ``model-digest``, the
+   :func:`~tandem.compression.downlink.model_digest` of ``θ``: the cloud
+   compares it with its record of the device's model) and the node record.
 
 Time for steps 2-8 is reported as ``overhead-seconds`` next to the training
 compute (``train-compute-seconds``); ``compute-seconds`` (what the virtual
@@ -75,12 +87,16 @@ from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients import fedavg
 from tandem.clients.node import KEY_NODE
 from tandem.compression.codecs import CodecError
+from tandem.compression.downlink import apply_downlink, model_digest
 from tandem.compression.layout import GroupLayout
 from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.config import RunConfig
 from tandem.protocol.acesync import (
+    KEY_DOWNLINK,
     KEY_UPDATE,
+    DownlinkHeader,
     EdgePlan,
+    read_downlink,
     read_predictor,
     update_record,
 )
@@ -89,6 +105,7 @@ from tandem.wire import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS, PayloadError, get_r
 __all__ = [
     "HANDLERS",
     "compression_mod",
+    "held_model",
     "load_memory",
     "save_memory",
     "train_handler",
@@ -97,6 +114,116 @@ __all__ = [
 #: Where the edge keeps residuals, magnitude history and its mirror of the
 #: cloud's cache, in ``Context.state``.
 STATE_KEY = "acesync.edge"
+#: The model the edge holds (every tensor), in ``Context.state``.
+MODEL_KEY = "acesync.model"
+#: Its version (``{"version": int}``), in ``Context.state``.
+MODEL_VERSION_KEY = "acesync.model-version"
+
+
+def held_model(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:
+    """The model the edge holds and its version (``(None, -1)`` if none)."""
+    record = context.state.array_records.get(MODEL_KEY)
+    meta = context.state.config_records.get(MODEL_VERSION_KEY)
+    if record is None or meta is None:
+        return None, -1
+    return _numpy(record), int(meta["version"])  # type: ignore[arg-type]
+
+
+def _hold(context: Context, model: dict[str, np.ndarray], version: int) -> None:
+    context.state[MODEL_KEY] = ArrayRecord(
+        {k: Array(np.require(v, requirements="C")) for k, v in model.items()}
+    )
+    context.state[MODEL_VERSION_KEY] = ConfigRecord({"version": int(version)})
+
+
+def _delta_model(
+    msg: Message, context: Context, plan: EdgePlan, header: DownlinkHeader
+) -> dict[str, np.ndarray]:
+    """The model after applying a compressed downlink, every check first."""
+    held, version = held_model(context)
+    if held is None:
+        raise PayloadError(
+            f"downlink delta applies to version {header.base}; this node holds no model"
+        )
+    if version != header.base:
+        raise PayloadError(
+            f"downlink delta applies to version {header.base}; this node holds "
+            f"version {version}"
+        )
+    codes, payload = read_downlink(msg.content)  # type: ignore[misc]
+    layout = GroupLayout.from_arrays(held, plan.chunk)
+    # the arrays record carries only the tensors outside the groups
+    rest = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
+    expected = [k for k in held if k not in layout.keys]
+    if sorted(rest) != sorted(expected):
+        raise PayloadError(
+            f"record '{KEY_ARRAYS}' of a delta has arrays {sorted(rest)}, "
+            f"expected {sorted(expected)}"
+        )
+    for key, value in rest.items():
+        if value.dtype != held[key].dtype or value.shape != held[key].shape:
+            raise PayloadError(
+                f"array '{key}' is {value.dtype}{value.shape}, the model's is "
+                f"{held[key].dtype}{held[key].shape}"
+            )
+    try:
+        flat = apply_downlink(
+            layout.flat(held),
+            codes,
+            payload,
+            options=plan.codecs,
+            layout=layout,
+            max_bytes=header.budget,
+        )
+    except CodecError as err:
+        raise PayloadError(f"downlink: {err}") from None
+    tensors = layout.unflat(flat)
+    return {
+        k: tensors[k].astype(v.dtype).reshape(v.shape) if k in tensors else rest[k]
+        for k, v in held.items()
+    }
+
+
+def receive_model(msg: Message, context: Context, plan: EdgePlan) -> Message:
+    """Step 0: the message with the model the edge now holds in ``arrays``.
+
+    A full model is taken as sent; a delta is checked and applied
+    (:func:`_delta_model`). The model and its version are stored in
+    ``Context.state`` only when everything checked out.
+
+    Raises
+    ------
+    PayloadError
+        Naming what is wrong (header, version, records, arrays, groups).
+    """
+    conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
+    header = DownlinkHeader.from_config(conf)  # type: ignore[arg-type]
+    has_delta = KEY_DOWNLINK in msg.content.array_records
+    if header.full:
+        if has_delta:
+            raise PayloadError(
+                f"a full-model message (base -1) carries record '{KEY_DOWNLINK}'"
+            )
+        model = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
+        _hold(context, model, header.version)
+        return msg
+    if not has_delta:
+        raise PayloadError(
+            f"train config asks for a delta on version {header.base}; the message "
+            f"has no record '{KEY_DOWNLINK}'"
+        )
+    model = _delta_model(msg, context, plan, header)
+    _hold(context, model, header.version)
+    content = RecordDict(
+        {
+            key: value
+            for key, value in msg.content.items()
+            if key not in (KEY_DOWNLINK, KEY_ARRAYS)
+        }
+    )
+    content[KEY_ARRAYS] = ArrayRecord({k: Array(v) for k, v in model.items()})
+    msg.content = content
+    return msg
 
 
 def load_memory(context: Context, layout: GroupLayout, history: int) -> EdgeMemory:
@@ -147,6 +274,7 @@ def compression_mod(
     conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
     plan = EdgePlan.from_config(conf)  # type: ignore[arg-type]
     predictor = read_predictor(msg.content) if plan.importance == "predictor" else None
+    msg = receive_model(msg, context, plan)  # 0. the model, full or a delta
     reply = call_next(msg, context)  # 1. local training
     if reply.has_error():
         return reply
@@ -181,6 +309,7 @@ def compression_mod(
         "groups-sent": out.groups_sent,
         "update-norm": float(np.linalg.norm(update.astype(np.float64))),
         "residual-norm": float(np.linalg.norm(memory.residual.astype(np.float64))),
+        "model-digest": model_digest(weights),
     }
     content = RecordDict(
         {

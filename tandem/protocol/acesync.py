@@ -3,12 +3,18 @@
 What crosses the wire each round, and how each side builds and reads it:
 
 - down, the train message: the global arrays, a config record carrying an
-  :class:`EdgePlan` (:meth:`EdgePlan.to_config` / :meth:`EdgePlan.from_config`),
-  and, when the cloud ranks groups with its predictor, the record
-  :data:`KEY_PREDICTOR` (:func:`predictor_record` / :func:`read_predictor`);
+  :class:`EdgePlan` (:meth:`EdgePlan.to_config` / :meth:`EdgePlan.from_config`)
+  and a :class:`DownlinkHeader`, and, when the cloud ranks groups with its
+  predictor, the record :data:`KEY_PREDICTOR` (:func:`predictor_record` /
+  :func:`read_predictor`). With a compressed downlink the arrays record holds
+  only the tensors outside the groups (integers), and the record
+  :data:`KEY_DOWNLINK` the packed delta since the version the edge holds
+  (:func:`downlink_record` / :func:`read_downlink`);
 - up, the reply: the record :data:`KEY_UPDATE` with the codec table and the
   packed payload (:func:`update_record` / :func:`read_update`), the metrics
-  :data:`EDGE_METRICS` and the node record.
+  :data:`EDGE_METRICS` (``model-digest``: the
+  :func:`~tandem.compression.downlink.model_digest` of the model the edge
+  trained from) and the node record.
 
 The run-config keys ``acesync-*`` are :class:`AceSyncOptions`, read once by
 the ServerApp; the edges get what they need from each round's message.
@@ -48,12 +54,16 @@ from tandem.wire import KEY_LOCAL_STEPS, PayloadError, read_array
 __all__ = [
     "EDGE_METRICS",
     "IMPORTANCE_SOURCES",
+    "KEY_DOWNLINK",
     "KEY_PREDICTOR",
     "KEY_UPDATE",
     "AceSyncOptions",
+    "DownlinkHeader",
     "EdgePlan",
+    "downlink_record",
     "pack_predictor",
     "predictor_record",
+    "read_downlink",
     "read_predictor",
     "read_update",
     "unpack_predictor",
@@ -66,6 +76,9 @@ KEY_UPDATE = "update"
 #: Message record holding the importance predictor: ``weights`` float32, the
 #: predictor's tensors flattened in ``state_dict`` order.
 KEY_PREDICTOR = "predictor"
+#: Message record holding a compressed downlink delta: ``codecs`` uint8 (n,),
+#: ``payload`` uint8 (B,), the uplink's packed format.
+KEY_DOWNLINK = "downlink"
 #: Sources of the per-group importance score.
 IMPORTANCE_SOURCES = ("predictor", "magnitude", "uniform")
 #: Metric keys of a reply (the cloud checks the set exactly).
@@ -84,6 +97,7 @@ EDGE_METRICS = frozenset(
         "groups-sent",
         "update-norm",
         "residual-norm",
+        "model-digest",
     }
 )
 
@@ -96,6 +110,10 @@ _IMPORTANCE = "acesync-importance"
 _DECAY = "acesync-fill-decay"
 _HISTORY = "acesync-history"
 _ROUND = "server-round"
+# Train-config keys of a DownlinkHeader.
+_DOWN_VERSION = "acesync-down-version"
+_DOWN_BASE = "acesync-down-base"
+_DOWN_BUDGET = "acesync-down-budget"
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,98 @@ class EdgePlan:
             ),  # type: ignore[arg-type]
             server_round=get(_ROUND, int, "must be >= 0", lambda r: r >= 0),  # type: ignore[arg-type]
         )
+
+
+@dataclass(frozen=True)
+class DownlinkHeader:
+    """What a train message says about the model it carries (config record).
+
+    Attributes
+    ----------
+    version : int
+        The model version the edge holds once it has applied the message
+        (the round the cloud sent it in).
+    base : int
+        ``-1`` for a full model; else the version the delta in
+        :data:`KEY_DOWNLINK` applies to (the edge must hold exactly it).
+    budget : int
+        Most payload bytes the delta may take (0 for a full model).
+    """
+
+    version: int
+    base: int = -1
+    budget: int = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether the message carries the whole model."""
+        return self.base < 0
+
+    def to_config(self) -> dict[str, int]:
+        """The header as train-config entries."""
+        return {
+            _DOWN_VERSION: int(self.version),
+            _DOWN_BASE: int(self.base),
+            _DOWN_BUDGET: int(self.budget),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> DownlinkHeader:
+        """Read and check a header; a message without one carries a full model
+        of version ``server-round`` (a plain FedAvg message).
+
+        Raises
+        ------
+        PayloadError
+            Naming the key that breaks its rule.
+        """
+        if _DOWN_VERSION not in config:
+            round_ = config.get(_ROUND, 0)
+            return cls(version=round_ if isinstance(round_, int) else 0)
+        values = {}
+        for key, low in ((_DOWN_VERSION, 0), (_DOWN_BASE, -1), (_DOWN_BUDGET, 0)):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PayloadError(
+                    f"train config '{key}' = {value!r}: must be an integer >= {low}"
+                )
+            values[key] = value
+        header = cls(values[_DOWN_VERSION], values[_DOWN_BASE], values[_DOWN_BUDGET])
+        if header.base > header.version:
+            raise PayloadError(
+                f"train config '{_DOWN_BASE}' = {header.base} is after "
+                f"'{_DOWN_VERSION}' = {header.version}"
+            )
+        return header
+
+
+def downlink_record(codecs: np.ndarray, payload: np.ndarray) -> ArrayRecord:
+    """The :data:`KEY_DOWNLINK` record: codec table and packed delta."""
+    return ArrayRecord({"codecs": Array(codecs), "payload": Array(payload)})
+
+
+def read_downlink(content: RecordDict) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(codecs, payload)`` of a message's :data:`KEY_DOWNLINK` record, or
+    ``None`` if it has none; each array's bytes checked by
+    :func:`~tandem.wire.read_array` (the values by
+    :func:`~tandem.compression.downlink.apply_downlink`).
+
+    Raises
+    ------
+    PayloadError
+        If the record holds other arrays or an array's bytes are malformed.
+    """
+    record = content.array_records.get(KEY_DOWNLINK)
+    if record is None:
+        return None
+    if set(record.keys()) != {"codecs", "payload"}:
+        raise PayloadError(
+            f"record '{KEY_DOWNLINK}' has arrays {sorted(record.keys())}, "
+            "expected ['codecs', 'payload']"
+        )
+    return read_array(record["codecs"], "codecs"), read_array(
+        record["payload"], "payload"
+    )
 
 
 def _predictor_shapes() -> dict[str, tuple[int, ...]]:
@@ -333,20 +443,46 @@ class AceSyncOptions:
         ``eq8`` (data size × reliability × latency discount, seed eq. 8) or
         ``examples`` (data size alone, as FedAvg).
     divergence_threshold : float
-        Seed eq. 9: a device whose ``D_k`` exceeds this multiple of the median
-        is synced more often next round; 0 turns divergence control off.
+        Seed eq. 9: a device whose divergence (per round of local steps
+        with ``interval``) exceeds this multiple of the median is synced
+        more often; 0 turns divergence control off (every device syncs every
+        round).
     sync_action : str
-        What "sync more often" means: ``budget`` (double the byte budget:
-        the device's next update loses less), ``steps`` (halve its local
-        steps) or ``both``. ``budget`` is the default: in synchronous rounds
-        fewer steps also shrink a drifting device's share of the progress,
-        which on label-skewed data biases the model (on the benchmark's
-        workload, in-process, 3 seeds: 91.6% final accuracy with ``budget``,
-        89.1% with ``both``, 92.0% for FullSync; noise is about ±1 point).
+        What "sync more often" means. ``interval`` (the default, dynamic
+        synchronization): each device syncs every ``r_k`` rounds and trains
+        ``r_k`` rounds' worth of local steps in between; a drifting device's
+        ``r_k`` halves, a stable one's grows by one, within
+        [``min_interval``, ``max_interval``]
+        (:func:`~tandem.coordination.adjust_intervals`), and a round sends
+        only to the devices that are due. ``budget`` (double the byte
+        budget: the device's next update loses less), ``steps`` (halve its
+        local steps) or ``both``: every device syncs every round. In
+        synchronous rounds fewer steps also shrink a drifting device's share
+        of the progress, which on label-skewed data biases the model (on the
+        benchmark's workload, in-process, 3 seeds: 91.6% final accuracy with
+        ``budget``, 89.1% with ``both``, 92.0% for FullSync; noise is about
+        ±1 point); ``interval`` keeps every device's share of the steps.
+    stable_ratio : float
+        ``interval``: a device whose divergence per round is at most this
+        multiple of the median syncs less often.
+    min_interval, max_interval : int
+        ``interval``: bounds on a device's sync interval (rounds).
     min_steps : int
-        Floor on a tightened device's local steps.
+        Floor on a tightened device's local steps (``steps``, ``both``).
     max_budget_scale : float
-        Cap on a tightened device's budget multiplier.
+        Cap on a tightened device's budget multiplier (``budget``, ``both``).
+    downlink : str
+        ``compressed``: each device is sent the delta since the model it
+        holds, chosen by importance and knapsack within its downlink budget
+        (:mod:`tandem.compression.downlink`); ``full``: the whole model every
+        time.
+    down_c_min, down_c_max : float
+        Eq. 5 on the device's downlink bandwidth: the downlink budget is
+        ``(1 − c)·4N`` bytes, less the round's broadcast records (the
+        predictor).
+    down_max_age : int
+        A device last synced more than this many rounds ago gets the full
+        model.
     link : str
         Link spec for nodes that declare none (``assign_links``: a preset,
         ``variable``, or ``mix:4g,5g,...``), seeded with the run's seed.
@@ -421,11 +557,37 @@ class AceSyncOptions:
         lambda t: t >= 0,
     )
     sync_action: str = option(
-        "acesync-sync-action", "budget", choices=("budget", "both", "steps")
+        "acesync-sync-action",
+        "interval",
+        choices=("interval", "budget", "both", "steps"),
+    )
+    stable_ratio: float = option(
+        "acesync-stable-ratio",
+        0.75,
+        "must be >= 0 (multiple of the median divergence per round)",
+        lambda r: r >= 0,
+    )
+    min_interval: int = option(
+        "acesync-min-interval", 1, "must be >= 1 (rounds)", lambda n: n >= 1
+    )
+    max_interval: int = option(
+        "acesync-max-interval", 2, "must be >= 1 (rounds)", lambda n: n >= 1
     )
     min_steps: int = option("acesync-min-steps", 10, "must be >= 1", lambda n: n >= 1)
     max_budget_scale: float = option(
         "acesync-max-budget-scale", 2.0, "must be >= 1", lambda f: f >= 1
+    )
+    downlink: str = option(
+        "acesync-downlink", "compressed", choices=("compressed", "full")
+    )
+    down_c_min: float = option(
+        "acesync-down-c-min", 0.70, "must lie in [0, 1]", _fraction
+    )
+    down_c_max: float = option(
+        "acesync-down-c-max", 0.95, "must lie in [0, 1]", _fraction
+    )
+    down_max_age: int = option(
+        "acesync-down-max-age", 4, "must be >= 1 (rounds)", lambda n: n >= 1
     )
     link: str = option(
         "acesync-link", "variable", check=link_option_check("acesync-link")
@@ -468,6 +630,34 @@ class AceSyncOptions:
         if self.c_min > self.c_max:
             raise ConfigError(
                 "acesync-c-max", self.c_max, f"must be >= acesync-c-min ({self.c_min})"
+            )
+        if self.down_c_min > self.down_c_max:
+            raise ConfigError(
+                "acesync-down-c-max",
+                self.down_c_max,
+                f"must be >= acesync-down-c-min ({self.down_c_min})",
+            )
+        if self.min_interval > self.max_interval:
+            raise ConfigError(
+                "acesync-max-interval",
+                self.max_interval,
+                f"must be >= acesync-min-interval ({self.min_interval})",
+            )
+        if self.divergence_threshold > 0 and self.stable_ratio > (
+            self.divergence_threshold
+        ):
+            raise ConfigError(
+                "acesync-stable-ratio",
+                self.stable_ratio,
+                "must not exceed acesync-divergence-threshold "
+                f"({self.divergence_threshold})",
+            )
+        if self.down_max_age < self.max_interval:
+            raise ConfigError(
+                "acesync-down-max-age",
+                self.down_max_age,
+                f"must be >= acesync-max-interval ({self.max_interval}): a device "
+                "that syncs on schedule must not be too stale",
             )
         if not math.isfinite(self.beta):
             raise ConfigError("acesync-beta", self.beta, "must be finite")

@@ -45,14 +45,34 @@ Per round, for the ``K`` sampled devices:
    round's weights); before fitting, its squared error and rank correlation
    on the new labels are logged beside the magnitude score's, so the event
    log says whether it predicts better than the ablation.
-5. **Divergence, eq. 9.** ``D_k = ‖θ_k − θ_{t+1}‖₂`` with ``θ_k = θ_t + û_k``
-   the device's model as the cloud reconstructed it and ``θ_{t+1}`` the new
-   global model (:func:`~tandem.coordination.divergence`). A device with
-   ``D_k > acesync-divergence-threshold × median D`` syncs more often next
-   round: its budget scale doubles (not above ``acesync-max-budget-scale``)
-   and/or (``acesync-sync-action``) its local steps halve (not below
-   ``acesync-min-steps``); others relax one step back toward the defaults
+5. **Divergence, eq. 9.** ``D_k = ‖θ_k − θ_{t+1}‖₂`` with ``θ_k = θ̂_k + û_k``
+   the device's model as the cloud reconstructed it (``θ̂_k`` the model it
+   was sent) and ``θ_{t+1}`` the new global model
+   (:func:`~tandem.coordination.divergence`). With ``acesync-sync-action =
+   interval`` (the default, dynamic synchronization) each device syncs every
+   ``r_k`` rounds and trains ``r_k × local-steps`` steps per sync; a device
+   whose ``D_k / r_k`` exceeds ``acesync-divergence-threshold`` × the median
+   gets ``r_k`` halved, one at or below ``acesync-stable-ratio`` × the median
+   gets ``r_k + 1``, within [``acesync-min-interval``,
+   ``acesync-max-interval``] (:func:`~tandem.coordination.adjust_intervals`);
+   a round sends only to the devices that are due
+   (:func:`~tandem.coordination.due_devices`). The other actions keep every
+   device in every round: a device past the threshold gets its budget scale
+   doubled (``budget``, not above ``acesync-max-budget-scale``) and/or its
+   local steps halved (``steps``, not below ``acesync-min-steps``); others
+   relax one step back toward the defaults
    (:func:`~tandem.coordination.adjust_sync`).
+6. **Downlink** (``acesync-downlink = compressed``). The cloud keeps a record
+   ``θ̂_k`` of each device's model and sends it the delta ``θ_t − θ̂_k``
+   selected by the same importance + knapsack machinery
+   (:func:`~tandem.compression.downlink.compress_downlink`) within its
+   downlink budget: eq. 5 with ``acesync-down-c-min``/``-c-max`` on its
+   downlink bandwidth (the emulated link's, or with measured bandwidth the
+   uplink estimate), less the bytes of the round's broadcast (the
+   predictor). What is not sent stays in ``θ_t − θ̂_k`` for the next sync
+   (error feedback with ``γ = 1``). A device that is new (or after a resume),
+   last synced more than ``acesync-down-max-age`` rounds ago, failed to
+   answer, or whose ``model-digest`` disagreed gets the full model.
 
 After the last round (:func:`personalize`): devices are clustered by their
 last updates (k-means on update directions, optionally with their link's
@@ -109,13 +129,22 @@ from tandem.clustering import (
     hierarchical_aggregate,
 )
 from tandem.compression.budget import byte_budget, compression_ratio
-from tandem.compression.codecs import option_table
+from tandem.compression.codecs import CodecError, option_table
+from tandem.compression.downlink import (
+    DeviceReplica,
+    compress_downlink,
+    model_digest,
+    needs_full,
+)
 from tandem.compression.layout import GroupLayout
 from tandem.coordination import (
+    IntervalPolicy,
     SyncPolicy,
+    adjust_intervals,
     adjust_sync,
     aggregation_weights,
     divergence,
+    due_devices,
 )
 from tandem.hierarchy import ClusterTracker
 from tandem.importance import (
@@ -133,9 +162,12 @@ from tandem.network import (
     parse_link,
 )
 from tandem.protocol.acesync import (
+    KEY_DOWNLINK,
     KEY_PREDICTOR,
     AceSyncOptions,
+    DownlinkHeader,
     EdgePlan,
+    downlink_record,
     pack_predictor,
     predictor_record,
     unpack_predictor,
@@ -218,6 +250,16 @@ class AceSync(CompressedUpdates):
             if options.divergence_threshold > 0
             else None
         )
+        self.interval_policy = (
+            IntervalPolicy(
+                threshold=options.divergence_threshold,
+                stable=options.stable_ratio,
+                min_interval=options.min_interval,
+                max_interval=options.max_interval,
+            )
+            if options.divergence_threshold > 0 and options.sync_action == "interval"
+            else None
+        )
         # internal state: the network as the cloud emulates it
         self.links: dict[int, LinkProfile] = {}
         self.clock = VirtualClock(self.links, options.edge_factor, 1.0, self.seed)
@@ -229,6 +271,11 @@ class AceSync(CompressedUpdates):
         self.delivered: dict[int, int] = {}
         self.steps: dict[int, int] = {}
         self.budget_scale: dict[int, float] = {}
+        self.intervals: dict[int, int] = {}
+        self.last_sync: dict[int, int] = {}
+        # internal state: the cloud's record of each device's model (downlink)
+        self.replicas: dict[int, DeviceReplica] = {}
+        self._broadcast_bytes: tuple[int, int] = (-1, 0)  # (round, bytes)
         # internal state: the importance predictor and what it learns from
         self.predictor = ImportancePredictor(alpha=options.alpha, seed=self.seed)
         self.magnitudes: dict[int, np.ndarray] = {}
@@ -307,7 +354,7 @@ class AceSync(CompressedUpdates):
             )
             scale = self.budget_scale.get(node, 1.0)
             budget = min(cap, math.floor(base * scale))
-            steps = self.steps.get(node, self.local_steps)
+            steps = self.steps.get(node, self.local_steps) * self.intervals.get(node, 1)
             plans[node] = self.make_plan(server_round, budget, steps)
             self.on_event(
                 "plan",
@@ -321,9 +368,126 @@ class AceSync(CompressedUpdates):
                     "budget": budget,
                     "budget-scale": scale,
                     "local-steps": steps,
+                    "interval": self.intervals.get(node, 1),
                 },
             )
         return plans
+
+    def select(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
+        """With dynamic synchronization, the devices due this round
+        (:func:`~tandem.coordination.due_devices`); else all."""
+        if self.interval_policy is None:
+            return list(node_ids)
+        due = due_devices(server_round, node_ids, self.last_sync, self.intervals)
+        for node in due:
+            self.last_sync[node] = server_round
+        return due
+
+    def downlink_budget(self, node: int, broadcast_bytes: int) -> int:
+        """Eq. 5 on the device's downlink bandwidth, less the broadcast bytes."""
+        layout = self._require_layout()
+        o = self.options
+        if o.bandwidth == "measured":
+            mbps = self.bandwidth_mbps(node)
+        else:
+            mbps = float(self.links[node].down.at(self.round_start))
+        budget = byte_budget(
+            layout.full_bytes,
+            mbps * 1e6,
+            c_min=o.down_c_min,
+            c_max=o.down_c_max,
+            beta=o.beta,
+        )
+        return max(0, budget - broadcast_bytes)
+
+    def _round_broadcast_bytes(self, server_round: int, content: RecordDict) -> int:
+        if self._broadcast_bytes[0] != server_round:
+            records = RecordDict(
+                {k: content[k] for k in self.broadcast_keys() if k in content}
+            )
+            self._broadcast_bytes = (server_round, payload_bytes(records))
+        return self._broadcast_bytes[1]
+
+    def broadcast_keys(self) -> tuple[str, ...]:
+        """Records :meth:`broadcast` adds."""
+        return (KEY_PREDICTOR,) if self.importance == "predictor" else ()
+
+    def downlink(
+        self, server_round: int, node: int, content: RecordDict, plan: EdgePlan
+    ) -> tuple[RecordDict, int]:
+        """The whole model, or the compressed delta since the device's version."""
+        layout = self._require_layout()
+        current = self._require_current()
+        replica = self.replicas.get(node)
+        compressed = self.options.downlink == "compressed"
+        if (
+            compressed
+            and replica is not None
+            and not needs_full(replica, server_round, self.options.down_max_age)
+        ):
+            base = replica.version
+            budget = self.downlink_budget(
+                node, self._round_broadcast_bytes(server_round, content)
+            )
+            try:
+                out = compress_downlink(
+                    current,
+                    replica,
+                    budget=budget,
+                    codecs=self.codecs,
+                    layout=layout,
+                    server_round=server_round,
+                    importance=self.importance,
+                    predictor=self.predictor
+                    if self.importance == "predictor"
+                    else None,
+                )
+            except CodecError:
+                out = None  # no option fits the budget: send the whole model
+            if out is not None:
+                header = DownlinkHeader(server_round, base, budget)
+                content[KEY_CONFIG] = ConfigRecord(
+                    {**dict(content[KEY_CONFIG]), **header.to_config()}  # type: ignore[dict-item]
+                )
+                content[KEY_ARRAYS] = ArrayRecord(
+                    {
+                        k: Array(np.require(v, requirements="C"))
+                        for k, v in self._current_arrays.items()
+                        if k not in layout.keys
+                    }
+                )
+                content[KEY_DOWNLINK] = downlink_record(out.codecs, out.payload)
+                self.stats.delta_sends += 1
+                self.stats.down_encoded_bytes += out.encoded_bytes
+                self.stats.down_full_bytes += layout.full_bytes
+                self.on_event(
+                    "downlink",
+                    {
+                        "round": server_round,
+                        "node-id": node,
+                        "base": base,
+                        "budget": budget,
+                        "bytes-encoded": out.encoded_bytes,
+                        "kept-fraction": out.kept_fraction,
+                        "residual-norm": out.residual_norm,
+                    },
+                )
+                return content, model_digest(replica.model)
+        if compressed:
+            content[KEY_CONFIG] = ConfigRecord(
+                {
+                    **dict(content[KEY_CONFIG]),  # type: ignore[dict-item]
+                    **DownlinkHeader(server_round).to_config(),
+                }
+            )
+            self.replicas[node] = DeviceReplica.full(
+                current, server_round, layout, self.history
+            )
+        return super().downlink(server_round, node, content, plan)
+
+    def forget(self, node: int) -> None:
+        """The device gets the full model next time."""
+        self.replicas.pop(node, None)
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """The predictor's weights, when the edges score with it."""
@@ -409,12 +573,31 @@ class AceSync(CompressedUpdates):
         nodes = [u.node_id for u in updates]
         figures: dict[str, float] = {"round": server_round}
         # 1. eq. 9 and the sync decision
-        d = np.array([divergence(previous + u.update, current) for u in updates])
+        d = np.array(
+            [
+                divergence(
+                    (
+                        self.replicas[u.node_id].model
+                        if u.node_id in self.replicas
+                        else previous
+                    )
+                    + u.update,
+                    current,
+                )
+                for u in updates
+            ]
+        )
         steps = np.array([self.steps.get(n, self.local_steps) for n in nodes])
         scale = np.array([self.budget_scale.get(n, 1.0) for n in nodes])
         triggered = np.zeros(len(nodes), dtype=bool)
         threshold = float("nan")
-        if self.policy is not None and len(nodes) >= 2:
+        if self.interval_policy is not None and len(nodes) >= 2:
+            intervals = np.array([self.intervals.get(n, 1) for n in nodes])
+            chosen = adjust_intervals(d, intervals, self.interval_policy)
+            triggered, threshold = chosen.triggered, chosen.threshold
+            for i, node in enumerate(nodes):
+                self.intervals[node] = int(chosen.intervals[i])
+        elif self.policy is not None and len(nodes) >= 2:
             decision = adjust_sync(d, steps, scale, self.policy)
             triggered, threshold = decision.triggered, decision.threshold
             action = self.options.sync_action
@@ -435,6 +618,7 @@ class AceSync(CompressedUpdates):
                     "triggered": bool(triggered[i]),
                     "next-local-steps": self.steps.get(node, self.local_steps),
                     "next-budget-scale": self.budget_scale.get(node, 1.0),
+                    "next-interval": self.intervals.get(node, 1),
                 },
             )
         figures["divergence-median"] = float(np.median(d))
@@ -557,10 +741,12 @@ class AceSync(CompressedUpdates):
         Kept: the predictor's weights, each device's magnitude history,
         reliability counts, latency, local steps, budget scale, bandwidth
         estimate and link, the cloud clock (per-resource free times and its
-        jitter generator's state), and the trigger count. The edges'
+        jitter generator's state), sync intervals and last syncs, and the
+        trigger count. The edges'
         error-feedback residuals live on the edges (in the run's
         ``Context``) and are not part of it: a resumed run's edges start
-        with empty residuals.
+        with empty residuals. Nor is the record of each device's model: a
+        resumed cloud sends every device the full model first.
         """
         arrays, state = super().checkpoint_state()
         arrays["predictor"] = pack_predictor(self.predictor)
@@ -577,6 +763,8 @@ class AceSync(CompressedUpdates):
                 "delivered": per_node(self.delivered),
                 "steps": per_node(self.steps),
                 "budget-scale": per_node(self.budget_scale),
+                "intervals": per_node(self.intervals),
+                "last-sync": per_node(self.last_sync),
                 "latency": per_node(self.latency),
                 "estimators": per_node(
                     {
@@ -624,6 +812,10 @@ class AceSync(CompressedUpdates):
         self.delivered = per_node("delivered", int)
         self.steps = per_node("steps", int)
         self.budget_scale = per_node("budget-scale", float)
+        # older checkpoints have no intervals: every device is due at once
+        self.intervals = per_node("intervals", int) if "intervals" in state else {}
+        self.last_sync = per_node("last-sync", int) if "last-sync" in state else {}
+        self.replicas = {}  # a resumed cloud sends every device the full model
         self.latency = per_node("latency", float)
         self.round_start = float(state["round-start"])
         self.clock._free = {k: float(v) for k, v in state["clock-free"].items()}

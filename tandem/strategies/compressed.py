@@ -30,10 +30,15 @@ the wire on the way up.
   ``Σ_k ω_k (θ + û_k) = θ + Σ_k ω_k û_k`` (seed 004, eq. 8), FedAdam its
   adaptive step on the same pseudo-gradient, and so on.
 
-Subclasses decide the policy through five hooks, each a no-op or neutral by
-default: :meth:`~CompressedUpdates.plan` (budget and local steps per node;
+Subclasses decide the policy through eight hooks, each a no-op or neutral by
+default: :meth:`~CompressedUpdates.select` (which of the sampled nodes
+train this round; default: all), :meth:`~CompressedUpdates.plan` (budget
+and local steps per node;
 default: no byte limit, the run's local steps), :meth:`~CompressedUpdates.broadcast`
-(extra records for every message), :meth:`~CompressedUpdates.received`
+(extra records for every message), :meth:`~CompressedUpdates.downlink`
+(what a node's message carries of the model; default: the whole model),
+:meth:`~CompressedUpdates.forget` (a node's model is no longer known: an
+error, a missing reply or a digest mismatch), :meth:`~CompressedUpdates.received`
 (bookkeeping on the decoded replies), :meth:`~CompressedUpdates.weights`
 (``ω``; default: data size, as FedAvg) and :meth:`~CompressedUpdates.observe`
 (after aggregation). :class:`tandem.strategies.acesync.AceSync` is ACE-Sync's
@@ -43,6 +48,13 @@ The weight ``ω_k`` is written into the rewritten reply's metric named by the
 inner strategy's ``weighted_by_key`` as ``ω_k · Σ_j n_j`` ("effective
 examples"): with data-size weights that is ``n_k`` itself, so a wrapper whose
 codecs keep everything (``full`` only) reproduces the inner strategy.
+
+Every reply carries ``model-digest``, the digest of the model the node
+trained from (:func:`~tandem.compression.downlink.model_digest`); the cloud
+compares it with the digest of what it believes the node holds (the model
+sent, or its record of the node's model after a compressed delta). A
+mismatch rejects the reply, is counted, and :meth:`~CompressedUpdates.forget`
+the node.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ from flwr.supercore import log
 
 from tandem.accounting import payload_bytes
 from tandem.compression.codecs import CodecError, Option, option_table
+from tandem.compression.downlink import model_digest
 from tandem.compression.layout import GroupLayout
 from tandem.compression.packing import unpack_flat
 from tandem.compression.pipeline import fill_unsent
@@ -166,6 +179,14 @@ class CompressionStats:
         Cloud time spent checking and decoding replies.
     steps : int
         SGD steps of all accepted replies.
+    full_sends, delta_sends : int
+        Train messages that carried the whole model, and a compressed delta.
+    down_encoded_bytes, down_full_bytes : int
+        Sums over delta sends of the payload bytes and of the float32 size
+        of the model.
+    digest_mismatches : int
+        Replies whose ``model-digest`` differed from the cloud's record of
+        the device's model (rejected; the device gets the full model next).
     """
 
     replies: int = 0
@@ -178,6 +199,11 @@ class CompressionStats:
     overhead_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    full_sends: int = 0
+    delta_sends: int = 0
+    down_encoded_bytes: int = 0
+    down_full_bytes: int = 0
+    digest_mismatches: int = 0
 
     def as_summary(self) -> dict[str, float | int]:
         """Run-summary entries (bytes, ratios, seconds, shares)."""
@@ -200,6 +226,12 @@ class CompressionStats:
             if compute
             else float("nan"),
             "edge-steps": self.steps,
+            "downlink-full-sends": self.full_sends,
+            "downlink-delta-sends": self.delta_sends,
+            "downlink-encoded-ratio": self.down_encoded_bytes / self.down_full_bytes
+            if self.down_full_bytes
+            else float("nan"),
+            "downlink-digest-mismatches": self.digest_mismatches,
         }
 
 
@@ -352,6 +384,7 @@ class CompressedUpdates(Strategy):
         self.current: np.ndarray | None = None  # flat θ sent this round
         self._current_arrays: dict[str, np.ndarray] = {}
         self._plans: dict[int, EdgePlan] = {}
+        self._expected: dict[int, int] = {}  # node -> digest of its model
         self._caches: dict[int, dict[int, CachedUpdate]] = {}
         self.bytes_down: dict[int, int] = {}
         self.last_updates: dict[int, DecodedUpdate] = {}
@@ -381,9 +414,24 @@ class CompressedUpdates(Strategy):
             for node in node_ids
         }
 
+    def select(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
+        """The sampled nodes that train this round (default: all of them)."""
+        return list(node_ids)
+
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """Records added to every train message this round (default: none)."""
         return {}
+
+    def downlink(
+        self, server_round: int, node: int, content: RecordDict, plan: EdgePlan
+    ) -> tuple[RecordDict, int]:
+        """A node's message content as sent, and the digest of the model the
+        node will hold after applying it (default: the whole model, as built)."""
+        self.stats.full_sends += 1
+        return content, model_digest(self._require_current())
+
+    def forget(self, node: int) -> None:
+        """The node's model is no longer known (default: nothing to do)."""
 
     def received(self, server_round: int, updates: Sequence[DecodedUpdate]) -> None:
         """Bookkeeping on the accepted replies before aggregation (default: none)."""
@@ -419,6 +467,11 @@ class CompressedUpdates(Strategy):
             server_round=int(server_round),
         )
 
+    def _require_current(self) -> np.ndarray:
+        if self.current is None:
+            raise RuntimeError("configure_train must run before the model is known")
+        return self.current
+
     def _require_layout(self) -> GroupLayout:
         if self.layout is None:
             raise RuntimeError("configure_train must run before the layout is known")
@@ -445,6 +498,7 @@ class CompressedUpdates(Strategy):
     ) -> dict[int, EdgePlan]:
         """Plan the round for ``node_ids`` and remember the plans for decoding."""
         self._plans = dict(self.plan(server_round, list(node_ids), config))
+        self._expected = {}
         return self._plans
 
     def content(
@@ -492,13 +546,20 @@ class CompressedUpdates(Strategy):
         messages = list(
             self.strategy.configure_train(server_round, arrays, config, grid)
         )
+        chosen = set(
+            self.select(server_round, [m.metadata.dst_node_id for m in messages])
+        )
+        messages = [m for m in messages if m.metadata.dst_node_id in chosen]
         plans = self.prepare(
             server_round, [m.metadata.dst_node_id for m in messages], config
         )
         for msg in messages:
             node = msg.metadata.dst_node_id
             inner_config = msg.content[self.strategy.configrecord_key]
-            msg.content = self.content(server_round, plans[node], arrays, inner_config)
+            content = self.content(server_round, plans[node], arrays, inner_config)
+            msg.content, self._expected[node] = self.downlink(
+                server_round, node, content, plans[node]
+            )
             self.bytes_down[node] = payload_bytes(msg.content)
         return messages
 
@@ -521,6 +582,15 @@ class CompressedUpdates(Strategy):
         if plan is None:
             raise PayloadError(f"no train message was sent to node {node} this round")
         nbytes, metrics = self._validate(msg.content, plan, layout)
+        expected = self._expected.get(node)
+        if expected is not None and metrics["model-digest"] != expected:
+            self.stats.digest_mismatches += 1
+            self.forget(node)
+            raise PayloadError(
+                f"metric 'model-digest' = {metrics['model-digest']:.0f}: the node "
+                f"trained from another model than the cloud's record of it "
+                f"(digest {expected}); it gets the full model next"
+            )
         codes, payload = read_update(msg.content)
         decoded, received = self._decode_groups(codes, payload, plan, layout, metrics)
         update, sent = self._fill(node, decoded, received, layout, server_round)
@@ -703,6 +773,8 @@ class CompressedUpdates(Strategy):
         if self.on_dropout is not None:
             for node, why in missing_replies(self._plans, replies).items():
                 self.on_dropout(server_round, node, why)
+        for node in missing_replies(self._plans, replies):
+            self.forget(node)
         stop_if_all_failed(server_round, self._plans, app_errors(self._plans, replies))
         updates, messages = self.decode_replies(server_round, replies)
         if not updates:
