@@ -150,8 +150,10 @@ def _delta_model(
             f"downlink delta applies to version {header.base}; this node holds "
             f"version {version}"
         )
-    codes, payload = read_downlink(msg.content)  # type: ignore[misc]
     layout = GroupLayout.from_arrays(held, plan.chunk)
+    codes, payload = read_downlink(  # type: ignore[misc]
+        msg.content, groups=len(layout.groups), max_bytes=header.budget
+    )
     # the arrays record carries only the tensors outside the groups
     rest = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
     expected = [k for k in held if k not in layout.keys]

@@ -283,10 +283,13 @@ def downlink_record(codecs: np.ndarray, payload: np.ndarray) -> ArrayRecord:
     return ArrayRecord({"codecs": Array(codecs), "payload": Array(payload)})
 
 
-def read_downlink(content: RecordDict) -> tuple[np.ndarray, np.ndarray] | None:
+def read_downlink(
+    content: RecordDict, *, groups: int | None = None, max_bytes: int | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """``(codecs, payload)`` of a message's :data:`KEY_DOWNLINK` record, or
     ``None`` if it has none; each array's bytes checked by
-    :func:`~tandem.wire.read_array` (the values by
+    :func:`~tandem.wire.read_array` (at most ``groups`` codec entries and
+    ``max_bytes`` payload bytes, before either is read; the values by
     :func:`~tandem.compression.downlink.apply_downlink`).
 
     Raises
@@ -302,8 +305,8 @@ def read_downlink(content: RecordDict) -> tuple[np.ndarray, np.ndarray] | None:
             f"record '{KEY_DOWNLINK}' has arrays {sorted(record.keys())}, "
             "expected ['codecs', 'payload']"
         )
-    return read_array(record["codecs"], "codecs"), read_array(
-        record["payload"], "payload"
+    return read_array(record["codecs"], "codecs", max_bytes=groups), read_array(
+        record["payload"], "payload", max_bytes=max_bytes
     )
 
 
