@@ -138,6 +138,11 @@ def test_reference_target_rounds_and_bytes(tmp_path):
     assert ref["fullsync"]["rounds_to_target"] == 3
     assert ref["acesync"]["rounds_to_target"] == 2
     assert ref["acesync"]["bytes_up_vs_reference"] == pytest.approx(0.28)
+    # total = up + down: 4 rounds x 2 nodes x (280 + 1000) against (1000 + 1000)
+    assert results["methods"]["acesync"]["bytes_total"] == 4 * 2 * 1280
+    assert results["methods"]["acesync"]["bytes_total_per_seed"] == [10240, 10240]
+    assert ref["acesync"]["bytes_total"] == 10240
+    assert ref["acesync"]["bytes_total_vs_reference"] == pytest.approx(0.64)
     assert ref["acesync"]["accuracy_minus_reference"] == pytest.approx(-0.001)
     assert ref["acesync"]["overhead_share"] == pytest.approx(0.035)
     assert ref["topk"]["rounds_to_target"] is None  # never reached 0.89
@@ -149,6 +154,7 @@ def test_reference_target_rounds_and_bytes(tmp_path):
     assert ref["fedavg-periodic"]["rounds_to_target_per_seed"] == [3.0, 3.0]
     table = format_reference_table(results)
     assert "| acesync |" in table and "0.280x" in table and "not reached" in table
+    assert "total vs fullsync" in table and "0.640x" in table
     assert "| acesync |" in format_table(
         {**results, "assumptions": {"profile_names": ["variable"]}}
     )

@@ -128,6 +128,7 @@ def test_acesync_resumes_with_its_policy_state(tmp_path):
         "acesync-clusters": 1,
         "acesync-personalize-rounds": 0,
         "acesync-divergence-threshold": 1.05,  # some devices get scaled budgets
+        "acesync-sync-action": "budget",
     }
     first, _ = run_inprocess(config, nodes=3, out=tmp_path / "a")
     ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
@@ -154,6 +155,11 @@ def test_acesync_resumes_with_its_policy_state(tmp_path):
         )
 
     assert plans(resumed) == plans(first) and len(plans(first)) == 3
+    # the uninterrupted run sent compressed deltas in round 3; the resumed
+    # cloud has no record of the devices' models and sends them in full
+    deltas = [r for r in first if r["event"] == "downlink" and r["round"] == 3]
+    assert {r["node-id"] for r in deltas} == {1, 2, 3}
+    assert not [r for r in resumed if r["event"] == "downlink"]
     assert {r["round"] for r in resumed if r["event"] == "plan"} == {3}
     # the predictor the resumed run broadcast is the one the first run trained
     scores = [r for r in resumed if r["event"] == "acesync"]

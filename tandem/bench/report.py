@@ -92,7 +92,8 @@ def format_reference_table(results: dict[str, Any]) -> str:
 
     Columns: final accuracy and its gap to the reference (points), the mean
     of the last three rounds and its gap, total
-    uplink and downlink bytes and their ratio to the reference's, rounds
+    uplink, downlink and total bytes and the uplink and total ratios to the
+    reference's, rounds
     (in the reference's rounds) and emulated seconds to reach the target
     (the reference's final accuracy minus the margin), and the edge overhead
     of selection + encoding as a share of local training compute. Empty when
@@ -112,7 +113,9 @@ def format_reference_table(results: dict[str, Any]) -> str:
         "last-3-rounds mean (Δ pt)",
         "uplink total",
         "downlink total",
+        "total bytes",
         f"uplink vs {ref['label']}",
+        f"total vs {ref['label']}",
         f"rounds to {ref['target_accuracy']:.2%}",
         f"s to {ref['target_accuracy']:.2%} ({first})",
         "overhead / training",
@@ -146,9 +149,13 @@ def format_reference_table(results: dict[str, Any]) -> str:
             ),
             _kb(m["bytes_up"]),
             _kb(m["bytes_down"]),
+            _kb(m["bytes_total"]),
             "–"
             if "bytes_up_vs_reference" not in m
             else f"{m['bytes_up_vs_reference']:.3f}x",
+            "–"
+            if "bytes_total_vs_reference" not in m
+            else f"{m['bytes_total_vs_reference']:.3f}x",
             "not reached" if rounds is None else f"{rounds:.1f}",
             _opt(seconds, ".1f"),
             _pct(share),

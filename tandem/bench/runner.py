@@ -297,6 +297,8 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 **_perplexity_figures(ppl),
                 "bytes_up": _mean(up),
                 "bytes_down": _mean(down),
+                "bytes_total": _mean(up) + _mean(down),
+                "bytes_total_per_seed": [u + d for u, d in zip(up, down, strict=True)],
                 "bytes_up_per_step": _mean(up) / steps,
                 "bytes_down_per_step": _mean(down) / steps,
                 "emulated_seconds": {
@@ -489,6 +491,7 @@ def _against_reference(
             "last3_accuracy_per_seed": tail,
             "bytes_up": entry["bytes_up"],
             "bytes_down": entry["bytes_down"],
+            "bytes_total": entry["bytes_total"],
             "rounds_to_target": _mean(reached)
             if len(reached) == len(per_seed)
             else None,
@@ -505,6 +508,7 @@ def _against_reference(
                 )
             row["bytes_up_vs_reference"] = entry["bytes_up"] / ref["bytes_up"]
             row["bytes_down_vs_reference"] = entry["bytes_down"] / ref["bytes_down"]
+            row["bytes_total_vs_reference"] = entry["bytes_total"] / ref["bytes_total"]
         for key in SUMMARY_FIGURES:
             values = [r.summary[key] for r in good if r.summary.get(key) is not None]
             if values:
