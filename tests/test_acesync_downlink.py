@@ -459,3 +459,36 @@ def test_due_devices():
     # nobody due: the soonest are
     assert due_devices(5, [3], last, intervals) == [3]
     assert due_devices(5, [], last, intervals) == []
+
+
+def test_downlink_budget_is_eq5_on_the_downlink_less_the_broadcast():
+    """4g: 50 Mbit/s down; c = 0.70 + 0.25·exp(−0.02·50) = 0.791970; 1,000
+    float32 parameters: ⌊(1 − c)·4000⌋ = 832 bytes, less the broadcast."""
+    options = AceSyncOptions(importance="magnitude", link="4g")
+    cloud = AceSync(FedAvg(), options=options, local_steps=5, seed=0)
+    cloud.set_arrays(ArrayRecord({"w": Array(np.zeros(1000, np.float32))}))
+    cloud.prepare(1, [1], ConfigRecord({"local-steps": 5}))  # assigns the link
+    assert cloud.downlink_budget(1, 0) == 832
+    assert cloud.downlink_budget(1, 100) == 732
+    assert cloud.downlink_budget(1, 10**6) == 0
+
+
+def test_read_downlink_refuses_other_arrays():
+    from tandem.protocol.acesync import read_downlink
+
+    content = RecordDict(
+        {
+            KEY_DOWNLINK: ArrayRecord(
+                {
+                    "codecs": Array(np.zeros(3, np.uint8)),
+                    "payload": Array(np.zeros(4, np.uint8)),
+                    "extra": Array(np.zeros(1, np.uint8)),
+                }
+            )
+        }
+    )
+    with pytest.raises(PayloadError, match="expected \\['codecs', 'payload'\\]"):
+        read_downlink(content)
+    assert read_downlink(RecordDict()) is None
+    # a plain message (no header) carries a full model of its round
+    assert DownlinkHeader.from_config({"server-round": 3}) == DownlinkHeader(3)
