@@ -168,12 +168,19 @@ def sync_rounds_from_records(
     """Rebuild :class:`SyncRound` s from a run's ``metrics.jsonl`` records.
 
     With ``steady``, compute times are steadied (:func:`steady_seconds`): per
-    node for the edges, over all rounds for the cloud.
+    node and local-step count for the edges (a run whose ``plan`` events give
+    each node's ``local-steps`` per round, e.g. ACE-Sync's dynamic
+    synchronization, where a device trains one or several rounds' worth of
+    steps per sync; else per node), over all rounds for the cloud.
     """
     parts: list[tuple[int, int, int, float, int]] = []  # round, node, down, s, up
     cloud: dict[int, float] = {}
+    steps: dict[tuple[int, int], float] = {}  # (round, node) -> local steps
     for rec in records:
-        if rec.get("event") == "bytes":
+        if rec.get("event") == "plan" and "local-steps" in rec:
+            key = (int(_number(rec, "round")), int(_number(rec, "node-id")))
+            steps[key] = _number(rec, "local-steps")
+        elif rec.get("event") == "bytes":
             parts.append(
                 (
                     int(_number(rec, "round")),
@@ -189,7 +196,7 @@ def sync_rounds_from_records(
             )
     edge = [p[3] for p in parts]
     if steady and parts:
-        edge = _steadied(edge, [p[1] for p in parts])
+        edge = _steadied(edge, [(p[1], steps.get((p[0], p[1]))) for p in parts])
     if steady and cloud:
         cloud = dict(
             zip(cloud, _steadied(list(cloud.values()), [0] * len(cloud)), strict=True)

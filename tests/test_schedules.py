@@ -96,3 +96,31 @@ def test_gradients_from_chunk_zero_count_as_applied_when_steadied():
     steady = steady_exchanges(exchanges)
     # kind "applied": the lower quartile of 1, 1, 5, 5 is 1.0
     assert [ex.edge_seconds for ex in steady] == [9.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_sync_rounds_steady_each_step_count_apart():
+    """A device that trains two rounds' worth of steps in some syncs (ACE-Sync's
+    dynamic synchronization): its compute is steadied per step count, so a
+    double round keeps its double time (steadied per node alone, the lower
+    quartile of 1, 1, 1, 2, 2 would charge every round 1 s)."""
+    records = []
+    for rnd, (steps, seconds) in enumerate(
+        [(50, 1.0), (100, 2.0), (50, 1.0), (100, 2.0), (50, 1.0)], start=1
+    ):
+        records += [
+            {"event": "plan", "round": rnd, "node-id": 1, "local-steps": steps},
+            {
+                "event": "bytes",
+                "round": rnd,
+                "node-id": 1,
+                "bytes-down": 8,
+                "bytes-up": 4,
+                "edge-seconds": seconds,
+            },
+            {"event": "round", "round": rnd, "cloud-seconds": 0.0},
+        ]
+    rounds = sync_rounds_from_records(records)
+    assert [r.nodes[1].edge_seconds for r in rounds] == [1.0, 2.0, 1.0, 2.0, 1.0]
+    # without plan events: one kind per node
+    plain = [r for r in records if r["event"] != "plan"]
+    assert {r.nodes[1].edge_seconds for r in sync_rounds_from_records(plain)} == {1.0}
