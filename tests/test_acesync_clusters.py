@@ -108,7 +108,14 @@ def test_clusters_shape_training_on_the_grouped_split(tmp_path, monkeypatch):
 
 def test_personalize_is_off_by_default(tmp_path, monkeypatch):
     sent = _record_sent(monkeypatch)
-    config = {**CONFIG, "num-server-rounds": 2, "acesync-personalize-rounds": 0}
+    # full models on the downlink, so every message shows the model it sends
+    # (a compressed downlink sends each device a delta of its own)
+    config = {
+        **CONFIG,
+        "num-server-rounds": 2,
+        "acesync-personalize-rounds": 0,
+        "acesync-downlink": "full",
+    }
     del config["acesync-personalize"]
     records, _ = run_inprocess(config, nodes=4, out=tmp_path)
     assert not [r for r in records if r["event"] == "clusters"]

@@ -419,7 +419,9 @@ class AceSync(CompressedUpdates):
         layout = self._require_layout()
         current = self._require_current()
         replica = self.replicas.get(node)
-        compressed = self.options.downlink == "compressed"
+        # with clusters in training (acesync-personalize) each device is sent
+        # its cluster's model in full (configure_train); not compressed yet
+        compressed = self.options.downlink == "compressed" and self.hierarchy is None
         if (
             compressed
             and replica is not None
@@ -686,6 +688,7 @@ class AceSync(CompressedUpdates):
             msg.content[KEY_ARRAYS] = _record_of(
                 layout, self._current_arrays, self._bases[node]
             )
+            self._expected[node] = model_digest(self._bases[node])
             self.bytes_down[node] = payload_bytes(msg.content)
         return messages
 
