@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -10,10 +11,12 @@ from tandem.clients.node import NodeConfig
 from tandem.config import ConfigError
 from tandem.network import (
     PRESETS,
+    Trace,
     TraceError,
     assign_links,
     encode_link,
     link_label,
+    load_link_trace,
     parse_link,
     parse_rates,
     preset,
@@ -185,3 +188,53 @@ def test_preset_is_parse_link_with_its_seed_and_labels_are_bounded():
     assert preset("variable", 3) == variable_link(3) != variable_link(0)
     assert link_label("x" * 500) == "x" * 200
     assert link_label("2mbit/8mbit/120ms") == "2mbit/8mbit/120ms"
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("# only a comment\n\n", r"link\.csv: no rows"),
+        ("time,up,down,latency\n0,1,1,1\n", r"link\.csv:1: header \['time', 'up', "),
+        ("time,up,down,rtt\n0,1,1,1\n5,1,1\n", r"link\.csv:3: expected 4 columns"),
+        ("5,1,1,10\n9,1,1,10\n", r"link\.csv: the first time must be 0, got 5\.0"),
+        ("0,1,1,10\n5,-1,1,10\n", r"link\.csv: row .*need finite values, rates >= 0"),
+        ("0,1,1,10\n5,1,1,-10\n", r"link\.csv: row .*rates >= 0"),
+        ("0,1,1,10\n5,1,1,inf\n", r"link\.csv: row .*need finite"),
+        ("0,1,1,10\n0,1,1,10\n", r"link\.csv: times must increase strictly"),
+    ],
+)
+def test_each_malformed_link_trace_is_named(tmp_path, body, why):
+    path = tmp_path / "link.csv"
+    path.write_text(body)
+    with pytest.raises(TraceError, match=why):
+        parse_link(f"trace:{path}")
+
+
+def test_link_trace_rows_comments_blanks_and_period(tmp_path):
+    path = tmp_path / "link.csv"
+    # spaces in header names, an indented comment, a row of empty cells, a
+    # zero rate (allowed: the link stalls)
+    path.write_text(
+        "time s,up mbps,down mbps,rtt ms\n0,2,8,100\n   # x\n,,,\n"
+        "10,0,4,50\n20,1,4,50\n"
+    )
+    link = parse_link(f"trace:{path}")
+    assert link.name == f"trace:{path}"
+    assert link.up.times == (0.0, 10.0, 20.0) and link.up.values == (2.0, 0.0, 1.0)
+    assert link.rtt.values == pytest.approx((0.1, 0.05, 0.05))
+    # the trace repeats after its last step plus the mean step: 20 + 10
+    assert link.up.period == link.down.period == link.rtt.period == 30.0
+    one = tmp_path / "one.csv"
+    one.write_text("0,2,8,100\n")
+    assert parse_link(f"trace:{one}").up.period == math.inf
+
+
+def test_fedscale_csv_is_a_link_trace_too(tmp_path):
+    caps = tmp_path / "caps.csv"
+    caps.write_text("client_id,computation,communication\nx,1,4000\ny,1,1000\n")
+    first = parse_link(f"trace:{caps}")  # index 0: the first client
+    assert first.name == f"trace:{caps}#x"
+    assert first.up.at(0) == first.down.at(0) == pytest.approx(4.0)
+    assert first.rtt == Trace.constant(0.0)
+    assert parse_link(f"trace:{caps}", index=3).name == f"trace:{caps}#y"
+    assert load_link_trace(caps).name == f"trace:{caps}#x"  # index 0 by default

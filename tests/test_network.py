@@ -394,3 +394,31 @@ def test_pipeline_marks_and_single_message_chains():
     # nothing is done at mark 0; the one exchange ends at 1 + 1 + 0.5
     assert report.round_end == pytest.approx((0.0, 2.5))
     assert [t.name for t in report.tasks] == ["grads", "edge", "acts", "cloud"]
+
+
+def test_gflops_probe_defaults_and_its_private_generator(monkeypatch):
+    import time
+
+    import torch
+
+    ticks = iter([0.0, 2.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    shapes: list[tuple[int, ...]] = []
+    firsts: list[float] = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        shapes.append((*a.shape, *b.shape, torch.get_num_threads()))
+        firsts.append(float(a[0, 0]))
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+    # defaults: 256 x 256 matrices, 20 timed products (+1 warm-up), 1 thread
+    assert measure_local_gflops() == pytest.approx(20 * 2 * 256**3 / 2.0 / 1e9)
+    assert shapes == [(256, 256, 256, 256, 1)] * 21
+    # the matrices come from a private generator seeded 0, not the global one
+    assert torch.equal(torch.get_rng_state(), global_state)
+    expected = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    assert firsts[0] == float(expected[0, 0])
