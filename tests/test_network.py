@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -244,7 +245,7 @@ def test_one_chunk_in_flight_replays_strictly_serial_by_hand():
     assert [t.end for t in busy] == pytest.approx(ends)
     timeline = [(t.start, t.end) for t in busy]
     # one chunk in flight: each task starts when the one before it ended
-    assert all(b[0] == a[1] for a, b in zip(timeline, timeline[1:], strict=False))
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(timeline))
     # the same work pipelined (gradients two chunks old) ends at 7.5 s
     assert replay_pipeline(_chain(1), {1: _unit_link()}).total_seconds == 7.5
     # two serial edges share the cloud first come, first served: edge 2's
