@@ -14,7 +14,9 @@ run is timed under any number of link profiles:
   arrives, sending the next message (with the gradients of an *earlier* chunk)
   before it computes on the chunk just received. Replies are played in virtual
   arrival order, so the shared cloud serves them first come, first served on
-  the emulated timeline.
+  the emulated timeline. With one chunk in flight (``splitsync``: each
+  message carries the gradients of the chunk just received) the same replay
+  is strictly serial per edge.
 
 What is replayed is what the run recorded: the bytes of every message and the
 measured compute seconds of every step. The learning itself ran in real
@@ -294,6 +296,13 @@ def replay_pipeline(
     each reply, in virtual arrival order, the cloud first sends message
     ``i + 1`` and then computes on reply ``i`` (FIFO on the one cloud).
 
+    When message ``i + 1`` carries the gradients of exchange ``i`` itself
+    (``grads_from = i``: one chunk in flight, the ``splitsync`` baseline),
+    the cloud computes on reply ``i`` first and the message leaves when that
+    ends: per chunk, strictly in series, uplink, cloud, downlink, edge, with
+    nothing of that edge overlapping (T_seq = T_send + T_forward +
+    T_backward + T_recv, the sequential round-trip time of seed 000).
+
     Parameters
     ----------
     exchanges : sequence of Exchange
@@ -314,7 +323,13 @@ def replay_pipeline(
     def launch(ex: Exchange, ready: float) -> None:
         after = [ready]
         if ex.grads_from >= 0:
-            after.append(cloud_end[(ex.node, ex.grads_from)])
+            computed = cloud_end.get((ex.node, ex.grads_from))
+            if computed is None:
+                raise ValueError(
+                    f"exchange {ex.seq} of node {ex.node} carries the gradients "
+                    f"of exchange {ex.grads_from}, which is not computed before it"
+                )
+            after.append(computed)
         down = clock.transfer(ex.node, "down", ex.bytes_down, after, "grads")
         work = clock.compute(f"edge:{ex.node}", ex.edge_seconds, [down.end], "edge")
         up = clock.transfer(ex.node, "up", ex.bytes_up, [work.end], "acts")
@@ -326,10 +341,13 @@ def replay_pipeline(
     while pending:
         at, _, node, seq = heapq.heappop(pending)
         following = chains[node].get(seq + 1)
-        if following is not None:
-            launch(following, at)
+        serial = following is not None and following.grads_from == seq
+        if following is not None and not serial:
+            launch(following, at)  # the edge works while the cloud computes
         work = clock.compute("cloud", chains[node][seq].cloud_seconds, [at], "cloud")
         cloud_end[(node, seq)] = work.end
+        if serial:  # one chunk in flight: its own gradients go back
+            launch(following, at)
     ends = [cloud_end[(ex.node, ex.seq)] for ex in exchanges]
     prefix = list(itertools.accumulate(ends, max))
     round_end = tuple(prefix[m - 1] if m > 0 else 0.0 for m in marks)

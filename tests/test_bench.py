@@ -112,6 +112,7 @@ def test_bench_simultrain_quick(tmp_path):
         "syncsgd",
         "fedavg-5",
         "simultrain",
+        "splitsync",
         "simultrain-alpha0",
         "simultrain-no-reconcile",
     }

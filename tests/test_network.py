@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -217,6 +218,54 @@ def test_pipeline_replay_by_hand():
     both = [ex for pair in zip(_chain(1), _chain(2), strict=True) for ex in pair]
     shared = replay_pipeline(both, {1: _unit_link(), 2: _unit_link()}, marks=(2,))
     assert shared.round_end == pytest.approx((3.0,))
+
+
+def _serial_chain(node: int) -> list[Exchange]:
+    # splitsync: message k carries the gradients of chunk k - 1 (1 MB down);
+    # edge 1 s, 1 MB up, cloud 0.5 s per chunk, as in _chain
+    return [
+        Exchange(node, 0, 0, 1.0, MB, 0.5),
+        Exchange(node, 1, MB, 1.0, MB, 0.5, grads_from=0),
+        Exchange(node, 2, MB, 1.0, MB, 0.5, grads_from=1),
+    ]
+
+
+def test_one_chunk_in_flight_replays_strictly_serial_by_hand():
+    report = replay_pipeline(_serial_chain(1), {1: _unit_link()}, marks=(1, 3))
+    # edge [0, 1], up [1, 2], cloud [2, 2.5]; message 1 leaves with chunk 0's
+    # gradients only then: down [2.5, 3.5], edge [3.5, 4.5], up [4.5, 5.5],
+    # cloud [5.5, 6]; message 2: down [6, 7], edge [7, 8], up [8, 9],
+    # cloud [9, 9.5]. Per chunk after the first: 1 + 1 + 1 + 0.5 = 3.5 s
+    assert report.total_seconds == pytest.approx(9.5)
+    assert report.round_end == pytest.approx((2.5, 9.5))
+    busy = [t for t in report.tasks if t.end > t.start]  # message 0: 0 s down
+    names = ["edge", "acts", "cloud"] + ["grads", "edge", "acts", "cloud"] * 2
+    assert [t.name for t in busy] == names
+    ends = [1.0, 2.0, 2.5, 3.5, 4.5, 5.5, 6.0, 7.0, 8.0, 9.0, 9.5]
+    assert [t.end for t in busy] == pytest.approx(ends)
+    timeline = [(t.start, t.end) for t in busy]
+    # one chunk in flight: each task starts when the one before it ended
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(timeline))
+    # the same work pipelined (gradients two chunks old) ends at 7.5 s
+    assert replay_pipeline(_chain(1), {1: _unit_link()}).total_seconds == 7.5
+    # two serial edges share the cloud first come, first served: edge 2's
+    # chunk 0 arrives with edge 1's at 2 s and waits for the cloud until 2.5
+    both = [
+        ex
+        for pair in zip(_serial_chain(1), _serial_chain(2), strict=True)
+        for ex in pair
+    ]
+    shared = replay_pipeline(both, {1: _unit_link(), 2: _unit_link()})
+    assert shared.total_seconds == pytest.approx(10.0)
+
+
+def test_gradients_from_a_later_exchange_are_refused_by_name():
+    ahead = [
+        Exchange(1, 0, 0, 1.0, MB, 0.5),
+        Exchange(1, 1, MB, 1.0, MB, 0.5, grads_from=1),
+    ]
+    with pytest.raises(ValueError, match="exchange 1 of node 1 carries the gradients"):
+        replay_pipeline(ahead, {1: _unit_link()})
 
 
 def test_pipeline_exchanges_from_records():

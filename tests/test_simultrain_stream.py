@@ -398,6 +398,37 @@ def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypat
     for k, v in edge.state_dict().items():
         torch.testing.assert_close(cloud.theta_ec[k], v, rtol=0, atol=1e-6)
     assert records[-1]["rejected-replies"] == 0
+    # recorded for the replay as one chunk in flight: message v carries the
+    # gradients of chunk v - 1 (strictly serial, as splitsync is timed)
+    exchanges = _events(records, "exchange")
+    assert [e["grads-from"] for e in exchanges] == [-1, *range(11)]
+
+
+def test_w_1_does_the_same_on_both_transports(tmp_path, monkeypatch):
+    # splitsync on the message transport: each message carries the gradients
+    # of the chunk just received, so the edge waits for them as on the stream
+    clouds = _capture(monkeypatch)
+    config = {
+        **BASE,
+        "simultrain-window": 1,
+        "simultrain-alpha": 0.0,
+        "simultrain-steps": 20,
+        "simultrain-precision": "float32",
+        "simultrain-eval-every": 100,
+    }
+    run_inprocess(config, nodes=1, out=tmp_path / "s", threaded=True)
+    records, _ = run_inprocess(
+        {**config, "simultrain-transport": "message"}, nodes=1, out=tmp_path / "m"
+    )
+    stream, message = clouds
+    assert stream.cloud_steps == message.cloud_steps == 20
+    for k, v in message.cloud.state_dict().items():
+        torch.testing.assert_close(stream.cloud.state_dict()[k], v, rtol=0, atol=1e-6)
+    for k, v in message.theta_ec.items():
+        torch.testing.assert_close(stream.theta_ec[k], v, rtol=0, atol=1e-6)
+    # 10 chunks of 2, then a message that only delivers the last gradients
+    exchanges = _events(records, "exchange")
+    assert [e["grads-from"] for e in exchanges] == [-1, *range(10)]
 
 
 def test_w_3_in_flight_with_weight_stashing_by_hand(tmp_path, monkeypatch):

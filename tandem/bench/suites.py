@@ -117,6 +117,19 @@ SUITES: dict[str, Suite] = {
                 {"method": "simultrain", "simultrain-eval-every": 50},
                 schedule="pipeline",
             ),
+            # split learning without the pipeline: the same model, cut, chunk
+            # and precision, one chunk in flight (the edge waits for each
+            # chunk's gradients before it forwards the next), no forecast
+            Variant(
+                "splitsync",
+                {
+                    "method": "simultrain",
+                    "simultrain-eval-every": 50,
+                    "simultrain-window": 1,
+                    "simultrain-alpha": 0.0,
+                },
+                schedule="pipeline",
+            ),
             Variant(
                 "simultrain-alpha0",
                 {

@@ -400,8 +400,10 @@ class StreamedEdge:
     the reply that ends the session).
 
     With W = 2 this is the message transport's schedule: chunk ``v + 2`` is
-    forwarded right after chunk ``v``'s gradients are applied. Every wait for
-    the cloud gives up after ``reply-timeout`` seconds.
+    forwarded right after chunk ``v``'s gradients are applied. With W = 1
+    (the ``splitsync`` baseline) chunk ``v + 1`` is forwarded only after
+    chunk ``v``'s gradients are applied: no overlap. Every wait for the cloud
+    gives up after ``reply-timeout`` seconds.
     """
 
     def __init__(

@@ -173,8 +173,8 @@ class SimulTrainOptions:
     window: int = option(
         "simultrain-window",
         0,
-        "must be >= 0 (chunks in flight per edge on the stream; 0 = "
-        "min(2, max(1, staleness bound)))",
+        "must be >= 0 (chunks in flight per edge; 0 = min(2, max(1, staleness "
+        "bound)); 1 = one at a time, no overlap: splitsync)",
         lambda n: n >= 0,
     )
     stream_bind: str = option(
@@ -198,7 +198,14 @@ class SimulTrainOptions:
 
     @property
     def in_flight(self) -> int:
-        """W: chunks an edge may have in flight on the stream."""
+        """W: chunks an edge may have in flight.
+
+        On the stream, the edge's credits. W = 1 is split learning without
+        the pipeline (the ``splitsync`` baseline): the edge waits for each
+        chunk's gradients before it forwards the next, on either transport
+        (the message transport otherwise has W = 2: each message carries the
+        gradients of the chunk before the one just received).
+        """
         return self.window or min(2, max(1, self.staleness_bound))
 
     @property

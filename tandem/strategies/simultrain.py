@@ -24,6 +24,10 @@ reply carrying the activations of chunk ``v`` from edge ``k``, the cloud:
    steps ``θ_c`` at once (one momentum-SGD step per micro-batch), and keeps
    the gradients at the cut for edge ``k``'s next message.
 
+With one chunk in flight (``simultrain-window = 1``, the ``splitsync``
+baseline) steps 3 and 4 swap: the next message carries the gradients of
+chunk ``v`` itself, so the edge waits for them (no overlap).
+
 **Chunk size.** ``simultrain-chunk = 0`` adapts it per edge to the measured
 exchange (:func:`adapt_chunk`), up to ``simultrain-max-chunk``; a positive
 value fixes it.
@@ -355,12 +359,16 @@ class SimulTrainCloud:
                 answered.want,
                 self.opts.max_chunk,
             )
-        send(track)  # the edge works while the cloud computes
+        serial = self.opts.in_flight == 1  # splitsync: this chunk's gradients next
+        if not serial:
+            send(track)  # the edge works while the cloud computes
         tick = time.perf_counter()
         track.grads[version] = self.train_chunk(chunk)
         track.grads_seq[version] = answered.seq
         track.trained += len(chunk.sizes)
         self.record(track, answered, bytes_up, time.perf_counter() - tick)
+        if serial:
+            send(track)
         self.end_period_if_due()
 
     # ------------------------------------------------------------ the stream

@@ -359,9 +359,10 @@ class StreamLoop:
             version = answer.message.grad_for
             self.grad_bytes[(node, version)] = len(data)
             # the replay (schedules.replay_pipeline) has one message in flight
-            # per edge, whose gradients are two chunks old: W = 2 exactly; a
-            # deeper or shallower window is re-timed as W = 2
-            earlier = version - 2
+            # per edge, whose gradients are W chunks old: W = 1 (splitsync: the
+            # edge waits for each chunk's gradients) and W = 2 exactly; a
+            # deeper window is re-timed as W = 2
+            earlier = version - min(self.opts.in_flight, 2)
             self.cloud.record(
                 track,
                 InFlight(

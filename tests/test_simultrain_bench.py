@@ -1,0 +1,131 @@
+"""The SimulTrain suite's variants, and its ``splitsync`` baseline, without runs.
+
+``splitsync`` is SimulTrain with the pipeline switched off: the same model,
+cut, chunk and precision, one chunk in flight, no forecast. These tests check
+what the suite asks for and how ``results.json`` times it, on hand-made
+records (the end-to-end bench run is in ``test_bench.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tandem.bench.cli import select_variants
+from tandem.bench.runner import BenchOptions, RunRecord, summarize
+from tandem.bench.suites import SUITES
+from tandem.config import RunConfig
+from tandem.launch import RunStatus
+from tandem.protocol.simultrain import SimulTrainOptions
+from tandem.schedules import Exchange
+
+SUITE = SUITES["simultrain"]
+MB = 1_000_000
+#: 1 MB takes 1 s each way, plus half of the 100 ms RTT
+LINK = "8mbit/8mbit/100ms"
+
+
+def _options(label: str) -> SimulTrainOptions:
+    (variant,) = [v for v in SUITE.variants if v.label == label]
+    flat = {**SUITE.defaults, **variant.overrides}
+    return RunConfig.from_flat(flat).options_as(SimulTrainOptions)
+
+
+def test_the_suite_has_splitsync_beside_simultrain_and_its_baselines():
+    labels = [v.label for v in SUITE.variants]
+    assert {"simultrain", "splitsync", "syncsgd", "centralized"} <= set(labels)
+    assert len(labels) == len(set(labels))
+    (split,) = [v for v in SUITE.variants if v.label == "splitsync"]
+    assert split.overrides["method"] == "simultrain"
+    assert split.schedule == "pipeline"  # re-timed by replay_pipeline
+    assert split.link_option == ""  # its traffic does not read the link
+    chosen = select_variants(SUITE, ["simultrain", "splitsync", "syncsgd"], {})
+    assert [v.label for v in chosen.variants] == ["syncsgd", "simultrain", "splitsync"]
+
+
+def test_splitsync_is_simultrain_with_one_chunk_in_flight_and_no_forecast():
+    pipe, split = _options("simultrain"), _options("splitsync")
+    assert pipe.in_flight == 2 and split.in_flight == 1
+    assert pipe.alpha == 0.5 and split.alpha == 0.0
+    # the same model, cut, chunk and precision; nothing else differs
+    assert (split.cut, split.stream_chunk, split.precision) == (
+        pipe.cut,
+        pipe.stream_chunk,
+        pipe.precision,
+    )
+    assert dataclasses.replace(split, window=pipe.window, alpha=pipe.alpha) == pipe
+
+
+def _exchanges(serial: bool) -> list[dict]:
+    # three chunks of one micro-batch, 1 MB up each; the gradients of chunk k
+    # go down (1 MB) on message k + 1 (serial) or k + 2 (pipelined)
+    lag = 1 if serial else 2
+    return [
+        {
+            "event": "exchange",
+            **Exchange(
+                node=1,
+                seq=k,
+                bytes_down=MB if k >= lag else 0,
+                edge_seconds=0.01,
+                bytes_up=MB,
+                cloud_seconds=0.01,
+                grads_from=k - lag if k >= lag else -1,
+                micro_batches=1,
+            ).to_record(),
+        }
+        for k in range(3)
+    ]
+
+
+def _run(variant, serial: bool) -> RunRecord:
+    records = [
+        {
+            "event": "round",
+            "round": 0,
+            "eval-accuracy": 0.1,
+            "cum-bytes-up": 0,
+            "cum-bytes-down": 0,
+        },
+        *_exchanges(serial),
+        {
+            "event": "round",
+            "round": 1,
+            "eval-accuracy": 0.5,
+            "exchanges": 3,
+            "cum-bytes-up": 3 * MB,
+            "cum-bytes-down": (3 - (1 if serial else 2)) * MB,
+        },
+        {
+            "event": "summary",
+            "final-accuracy": 0.5,
+            "bytes-up": 3 * MB,
+            "bytes-down": (3 - (1 if serial else 2)) * MB,
+            "wall-seconds": 1.0,
+        },
+    ]
+    status = RunStatus(f"{variant.label}-0", "finished:completed", "", 1.0)
+    return RunRecord(variant, 0, status, records, 2)
+
+
+def test_results_time_splitsync_serial_and_simultrain_pipelined(tmp_path):
+    suite = select_variants(SUITE, ["simultrain", "splitsync"], {})
+    v = {x.label: x for x in suite.variants}
+    # no GFLOP/s given: compute counts 0, only the link is timed
+    opts = BenchOptions(out=tmp_path, profiles=(LINK,), nodes=1, steps=3)
+    runs = [_run(v["simultrain"], serial=False), _run(v["splitsync"], serial=True)]
+    methods = summarize(suite, opts, runs)["methods"]
+    assert set(methods) == {"simultrain", "splitsync"}
+    split = methods["splitsync"]
+    assert split["method"] == "simultrain" and split["schedule"] == "pipeline"
+    assert split["overrides"]["simultrain-window"] == 1
+    # serial: down 0 B (0.05), up (1.05) -> 1.1; down chunk 0's gradients and
+    # up chunk 1 -> 3.2; down chunk 1's and up chunk 2 -> 5.3 s, 3 steps
+    assert split["emulated_seconds"][LINK] == pytest.approx(5.3)
+    assert split["emulated_seconds_per_step"][LINK] == pytest.approx(5.3 / 3)
+    # pipelined: reply 0 at 1.1; message 1 (no gradients) at once, reply 1 at
+    # 2.2; message 2 with chunk 0's gradients, reply 2 at 2.2 + 2.1 = 4.3 s
+    pipe = methods["simultrain"]
+    assert pipe["emulated_seconds"][LINK] == pytest.approx(4.3)
+    assert split["steps_per_edge"] == pipe["steps_per_edge"] == 3
