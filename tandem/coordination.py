@@ -389,8 +389,6 @@ def adjust_intervals(
         )
     if not np.issubdtype(r.dtype, np.integer) or np.any(r < 1):
         raise ValueError("intervals must be integers >= 1")
-    if np.any(d < 0) or not np.all(np.isfinite(d)):
-        raise ValueError("divergences must be finite and >= 0")
     r = r.astype(np.int64)
     # 1. divergence per round
     rho = d / r

@@ -272,3 +272,45 @@ def test_adjust_sync_checks_and_types():
     assert decision.budget_scale.dtype == np.float64
     assert decision.budget_scale.tolist() == [1.0, 1.0]
     assert decision.local_steps.tolist() == [8, 4]
+
+
+def test_sync_intervals_at_their_boundaries_by_hand():
+    from tandem.coordination import IntervalPolicy, adjust_intervals, due_devices
+
+    policy = IntervalPolicy(threshold=1.5, stable=0.75, min_interval=1, max_interval=8)
+    # rho = D / r = [0, 1.5, 3, 3, 4.5, 12 / 6]: median 2.5 -> tau = 3.75,
+    # stable at rho <= 1.875
+    d = np.array([0.0, 1.5, 3.0, 6.0, 4.5, 12.0])
+    r = np.array([1, 1, 1, 2, 1, 6])
+    out = adjust_intervals(d, r, policy)
+    assert out.threshold == pytest.approx(3.75)
+    assert out.triggered.tolist() == [False, False, False, False, True, False]
+    assert out.stable.tolist() == [True, True, False, False, False, False]
+    assert out.intervals.tolist() == [2, 2, 1, 2, 1, 6]
+    # exactly at tau: not drifting; exactly at stable * median: stable; a
+    # drifting interval of 6 halves to 3
+    edge = adjust_intervals(
+        np.array([3.0, 2.0, 2.0, 1.5, 36.0]), np.array([1, 1, 1, 1, 6]), policy
+    )
+    assert edge.threshold == pytest.approx(3.0)
+    assert edge.triggered.tolist() == [False, False, False, False, True]
+    assert edge.stable.tolist() == [False, False, False, True, False]
+    assert edge.intervals.tolist() == [1, 1, 1, 2, 3]
+    # intervals outside the bounds are brought back within them
+    tight = IntervalPolicy(threshold=10.0, stable=0.0, min_interval=2, max_interval=3)
+    kept = adjust_intervals(np.ones(3), np.array([1, 3, 9]), tight)
+    assert kept.intervals.tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match=r"^intervals must be integers >= 1$"):
+        adjust_intervals(np.ones(2), np.array([1.0, 2.0]), policy)
+    with pytest.raises(
+        ValueError, match=r"^divergences must be finite and non-negative$"
+    ):
+        adjust_intervals(np.array([1.0, -0.5]), np.array([1, 1]), policy)
+    with pytest.raises(
+        ValueError, match=r"^divergences must be finite and non-negative$"
+    ):
+        adjust_intervals(np.array([1.0, np.nan]), np.array([1, 1]), policy)
+    with pytest.raises(ValueError, match=r"^divergences and intervals must have one"):
+        adjust_intervals(np.ones(2), np.array([1, 1, 1]), policy)
+    # an interval not given is 1: synced in round 4, due again in round 5
+    assert due_devices(5, [7, 8], {7: 4, 8: 4}, {8: 2}) == [7]
