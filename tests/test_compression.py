@@ -630,3 +630,13 @@ def test_layout_flat_rms_and_structure_by_hand():
     bad_shape = r"'conv\.bias'\] has shape \(3,\), not \(2,\)"
     with pytest.raises(ValueError, match=bad_shape):
         layout.flat({**arrays, "conv.bias": np.zeros(3, np.float32)})
+
+
+def test_flatten_gives_float32_copies():
+    arrays = {"w": np.arange(6, dtype=np.float64).reshape(2, 3)}
+    groups = make_groups({"w": (2, 3)}, 4)
+    chunks = flatten(arrays, groups)
+    assert [c.dtype for c in chunks] == [np.float32, np.float32]
+    assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5]]
+    chunks[0][0] = 99  # a copy: the model is untouched
+    assert arrays["w"][0, 0] == 0

@@ -11,6 +11,7 @@ from tandem.clients.node import NodeConfig
 from tandem.config import ConfigError
 from tandem.network import (
     PRESETS,
+    LinkProfile,
     Trace,
     TraceError,
     assign_links,
@@ -238,3 +239,15 @@ def test_fedscale_csv_is_a_link_trace_too(tmp_path):
     assert first.rtt == Trace.constant(0.0)
     assert parse_link(f"trace:{caps}", index=3).name == f"trace:{caps}#y"
     assert load_link_trace(caps).name == f"trace:{caps}#x"  # index 0 by default
+
+
+def test_encode_link_needs_shared_steps_and_repeats_constants():
+    steps = Trace((0.0, 5.0), (2.0, 1.0), 10.0)
+    link = LinkProfile("mix", steps, Trace.constant(8.0), Trace.constant(0.1))
+    assert encode_link(link) == "table:0,2,8,100;5,1,8,100"
+    other_times = Trace((0.0, 4.0), (8.0, 4.0), 10.0)
+    with pytest.raises(ValueError, match="link 'bad': traces do not share their steps"):
+        encode_link(LinkProfile("bad", steps, other_times, Trace.constant(0.1)))
+    other_period = Trace((0.0, 5.0), (8.0, 4.0), 12.0)
+    with pytest.raises(ValueError, match="do not share their steps"):
+        encode_link(LinkProfile("bad", steps, other_period, Trace.constant(0.1)))

@@ -326,31 +326,6 @@ class Codec:
             decoded[r] = self.expand(payload, size)
         return wire, decoded
 
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        groups: np.ndarray,
-        ratio: float | None,
-        decoded: np.ndarray,
-    ) -> list[list[np.ndarray]]:
-        """Encode groups ``groups`` of the flat ``x`` into wire bytes.
-
-        Writes what the receiver decodes into ``decoded`` (same shape as
-        ``x``) for those groups and returns, per group in ``groups``, its
-        payload bytes (uint8, all of its arrays in :attr:`layout` order).
-        Kept for callers of the per-group form; :meth:`encode_rows` is what
-        :func:`~tandem.compression.packing.encode_packed` uses.
-        """
-        parts = []
-        for i in groups.tolist():
-            start, size = int(starts[i]), int(sizes[i])
-            wire, values = self.encode_rows(x[None, start : start + size], ratio)
-            parts.append([wire[0]])
-            decoded[start : start + size] = values[0]
-        return parts
-
 
 def _first_row(bad: np.ndarray) -> int | None:
     """The first True of a row mask ``(k,)``, or None."""
