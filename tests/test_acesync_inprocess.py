@@ -574,3 +574,36 @@ def test_a_digest_mismatch_is_rejected_and_the_device_gets_the_full_model(tmp_pa
         (2, 1), (2, 2), (2, 3), (3, 1), (3, 3), (4, 1), (4, 2), (4, 3)
     }  # fmt: skip
     assert summary["downlink-full-sends"] == 4 and summary["downlink-delta-sends"] == 8
+
+
+def test_a_downlink_too_slow_to_keep_up_resynchronizes_with_the_full_model(tmp_path):
+    # 0.1 Mbit/s: the downlink budget delivers ~2/3 of one round's change and
+    # less as the model moves; without the kept-share floor each device's
+    # model drifts from the cloud's and the run diverges (eval-loss 2.3 ->
+    # above 3 by round 6); with it the cloud sends the full model instead
+    run = {
+        "method": "acesync",
+        "mnist1d-samples": 2000,
+        "num-server-rounds": 6,
+        "acesync-link": "0.1mbit/0.1mbit/0ms",
+    }
+
+    def losses_and_summary(extra, out):
+        records, _ = run_inprocess({**run, **extra}, 3, out)
+        losses = [r["eval-loss"] for r in records if r.get("event") == "round"]
+        return losses, records[-1]
+
+    guarded, summary = losses_and_summary({}, tmp_path / "guarded")
+    assert summary["downlink-kept-fallbacks"] >= 6
+    assert summary["downlink-delta-sends"] >= 3
+    assert guarded[-1] < guarded[0] - 0.5
+    unguarded, summary = losses_and_summary(
+        {"acesync-down-min-kept": 0.0}, tmp_path / "unguarded"
+    )
+    assert summary["downlink-kept-fallbacks"] == 0
+    assert unguarded[-1] > guarded[-1] + 1.0
+
+
+def test_the_kept_share_floor_is_a_share():
+    with pytest.raises(ConfigError, match="acesync-down-min-kept"):
+        RunConfig.from_flat({"method": "acesync", "acesync-down-min-kept": 1.5})

@@ -446,6 +446,10 @@ class AceSync(CompressedUpdates):
                 )
             except CodecError:
                 out = None  # no option fits the budget: send the whole model
+            if out is not None and out.kept_fraction < self.options.down_min_kept:
+                # the budget cannot keep up with the model: resynchronize
+                self.stats.kept_fallbacks += 1
+                out = None
             if out is not None:
                 header = DownlinkHeader(server_round, base, budget)
                 content[KEY_CONFIG] = ConfigRecord(

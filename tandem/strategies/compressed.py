@@ -187,6 +187,9 @@ class CompressionStats:
     digest_mismatches : int
         Replies whose ``model-digest`` differed from the cloud's record of
         the device's model (rejected; the device gets the full model next).
+    kept_fallbacks : int
+        Compressed downlinks replaced by the full model because they would
+        have delivered less than ``acesync-down-min-kept`` of the gap.
     """
 
     replies: int = 0
@@ -204,6 +207,7 @@ class CompressionStats:
     down_encoded_bytes: int = 0
     down_full_bytes: int = 0
     digest_mismatches: int = 0
+    kept_fallbacks: int = 0
 
     def as_summary(self) -> dict[str, float | int]:
         """Run-summary entries (bytes, ratios, seconds, shares)."""
@@ -232,6 +236,7 @@ class CompressionStats:
             if self.down_full_bytes
             else float("nan"),
             "downlink-digest-mismatches": self.digest_mismatches,
+            "downlink-kept-fallbacks": self.kept_fallbacks,
         }
 
 
