@@ -199,7 +199,8 @@ def _move(cloud, delta):
 
 
 def test_cloud_sends_full_to_new_then_deltas_then_full_when_stale_or_forgotten():
-    cloud = _cloud(**{"down_max_age": 2, "max_interval": 2})
+    # (the kept-share floor off: this checks the version rules alone)
+    cloud = _cloud(**{"down_max_age": 2, "max_interval": 2, "down_min_kept": 0.0})
     content, digest = _send(cloud, 1)
     assert KEY_DOWNLINK not in content  # new device: the whole model
     assert DownlinkHeader.from_config(content["config"]).full
@@ -221,6 +222,22 @@ def test_cloud_sends_full_to_new_then_deltas_then_full_when_stale_or_forgotten()
     content, _ = _send(cloud, 6)
     assert KEY_DOWNLINK not in content
     assert cloud.stats.full_sends == 3 and cloud.stats.delta_sends == 1
+
+
+def test_a_delta_below_the_kept_share_floor_becomes_the_full_model():
+    rng = np.random.default_rng(5)
+    for floor, delta_sends in ((0.0, 1), (1.0, 0)):
+        cloud = _cloud(down_min_kept=floor)
+        _send(cloud, 1)
+        _move(cloud, rng.normal(size=MODEL["fc.weight"].shape).astype(np.float32))
+        content, digest = _send(cloud, 2)
+        # floor 1.0: no lossy delta is enough, so the whole model goes
+        assert (KEY_DOWNLINK in content) == (delta_sends == 1)
+        assert cloud.stats.delta_sends == delta_sends
+        assert cloud.stats.kept_fallbacks == 1 - delta_sends
+        if not delta_sends:
+            assert digest == model_digest(cloud.current)
+            assert cloud.replicas[1].version == 2
 
 
 def test_full_downlink_option_always_sends_the_model():
