@@ -8,6 +8,7 @@ import pytest
 
 from tandem.schedules import (
     Exchange,
+    NodeRound,
     exchanges_from_records,
     steady_exchanges,
     sync_rounds_from_records,
@@ -124,3 +125,23 @@ def test_sync_rounds_steady_each_step_count_apart():
     # without plan events: one kind per node
     plain = [r for r in records if r["event"] != "plan"]
     assert {r.nodes[1].edge_seconds for r in sync_rounds_from_records(plain)} == {1.0}
+
+
+def test_only_plan_events_give_local_steps():
+    # the run's summary also has a "local-steps" field; it is not a plan
+    records = [
+        {"event": "round", "round": 0},
+        {"event": "plan", "round": 1, "node-id": 5, "local-steps": 50},
+        {
+            "event": "bytes",
+            "round": 1,
+            "node-id": 5,
+            "bytes-down": 10,
+            "bytes-up": 20,
+            "edge-seconds": 0.5,
+        },
+        {"event": "round", "round": 1, "cloud-seconds": 0.1},
+        {"event": "summary", "method": "acesync", "local-steps": 50},
+    ]
+    (rnd,) = sync_rounds_from_records(records)
+    assert rnd.nodes[5] == NodeRound(10, 0.5, 20)
