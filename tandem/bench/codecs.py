@@ -254,14 +254,9 @@ def measure_case(
     n = len(layout.groups)
 
     def plan_for(server_round: int) -> EdgePlan:
-        return EdgePlan(
+        return EdgePlan.from_options(
+            options,
             budget=budget,
-            codecs=options.options,
-            chunk=options.chunk,
-            gamma=options.gamma,
-            importance="predictor",
-            fill_decay=options.fill_decay,
-            history=options.history,
             local_steps=1,
             server_round=server_round,
         )

@@ -100,14 +100,9 @@ def measure_overhead(
                 model, iter(stream), local_steps, optimizer, torch.device("cpu")
             )
             train.append(stats.compute_seconds)
-            plan = EdgePlan(
+            plan = EdgePlan.from_options(
+                options,
                 budget=budget,
-                codecs=options.options,
-                chunk=options.chunk,
-                gamma=options.gamma,
-                importance="predictor",
-                fill_decay=options.fill_decay,
-                history=options.history,
                 local_steps=local_steps,
                 server_round=round_,
             )

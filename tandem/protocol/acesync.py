@@ -153,6 +153,29 @@ class EdgePlan:
     local_steps: int
     server_round: int
 
+    @classmethod
+    def from_options(
+        cls,
+        options: AceSyncOptions,
+        *,
+        budget: int,
+        local_steps: int,
+        server_round: int,
+        importance: str = "predictor",
+    ) -> EdgePlan:
+        """A plan with the codec settings of ``options``."""
+        return cls(
+            budget=int(budget),
+            codecs=options.options,
+            chunk=options.chunk,
+            gamma=options.gamma,
+            importance=importance,
+            fill_decay=options.fill_decay,
+            history=options.history,
+            local_steps=int(local_steps),
+            server_round=int(server_round),
+        )
+
     def to_config(self) -> dict[str, int | float | str]:
         """The plan as train-config entries."""
         return {
