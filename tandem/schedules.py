@@ -9,14 +9,18 @@ run is timed under any number of link profiles:
 - **Synchronous rounds** (FedAvg and its relatives, :func:`replay_sync_rounds`):
   the cloud sends to every node, each trains, each replies, the cloud
   aggregates once all replies are in.
-- **Pipelined exchanges** (SimulTrain, :func:`replay_pipeline`): each edge has
-  one message in flight; the cloud answers an edge as soon as its reply
-  arrives, sending the next message (with the gradients of an *earlier* chunk)
-  before it computes on the chunk just received. Replies are played in virtual
+- **Pipelined exchanges** (SimulTrain, :func:`replay_pipeline`). On the
+  message transport each edge has one message in flight; the cloud answers an
+  edge as soon as its reply arrives, sending the next message (with the
+  gradients of an *earlier* chunk) before it computes on the chunk just
+  received. On the stream an edge has up to W chunks in flight (its credits):
+  the gradients of a chunk leave as soon as the cloud has computed them, and
+  the edge forwards chunk ``v + W`` once chunk ``v``'s gradients are in, so
+  W chunks travel, wait and compute at once. Replies are played in virtual
   arrival order, so the shared cloud serves them first come, first served on
   the emulated timeline. With one chunk in flight (``splitsync``: each
-  message carries the gradients of the chunk just received) the same replay
-  is strictly serial per edge.
+  message carries the gradients of the chunk just received) the replay is
+  strictly serial per edge on either transport.
 
 What is replayed is what the run recorded: the bytes of every message and the
 measured compute seconds of every step. The learning itself ran in real
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +53,7 @@ __all__ = [
     "NodeRound",
     "SyncRound",
     "exchanges_from_records",
+    "pipeline_window",
     "replay_pipeline",
     "replay_sync_rounds",
     "steady_exchanges",
@@ -98,6 +104,22 @@ class ClockReport:
     total_seconds: float
     utilization: dict[str, float]
     tasks: tuple[Task, ...] = ()
+
+    @property
+    def efficiency(self) -> float:
+        """Bound / achieved: the busiest resource's busy time over the run's.
+
+        No schedule of this work can end before its busiest resource (one
+        edge, one link direction, the cloud) has done its share, so 1.0 is a
+        perfect pipeline; 0.25 is four stages run one after the other. 0.0
+        for an empty timeline.
+        """
+        if self.total_seconds <= 0:
+            return 0.0
+        busy: dict[str, float] = {}
+        for task in self.tasks:
+            busy[task.resource] = busy.get(task.resource, 0.0) + task.seconds
+        return max(busy.values(), default=0.0) / self.total_seconds
 
 
 def steady_seconds(samples: Sequence[float]) -> float:
@@ -235,6 +257,11 @@ class Exchange:
         cannot leave before that computation ends.
     micro_batches : int
         Micro-batches the message asked the edge to forward (0: none).
+    window : int
+        0: the message transport (message ``seq`` leaves when reply
+        ``seq − 1`` has arrived); W ≥ 1: the stream with W credits (the
+        gradients of ``grads_from`` leave as soon as the cloud has computed
+        them, and the edge forwards chunk ``seq`` once they are in).
     """
 
     node: int
@@ -245,6 +272,7 @@ class Exchange:
     cloud_seconds: float
     grads_from: int = -1
     micro_batches: int = 0
+    window: int = 0
 
     def to_record(self) -> dict[str, int | float]:
         """The ``exchange`` event's fields."""
@@ -257,11 +285,12 @@ class Exchange:
             "cloud-seconds": self.cloud_seconds,
             "grads-from": self.grads_from,
             "micro-batches": self.micro_batches,
+            "window": self.window,
         }
 
     @classmethod
     def from_record(cls, rec: Mapping[str, object]) -> Exchange:
-        """Inverse of :meth:`to_record` (``micro-batches`` may be absent: 0).
+        """Inverse of :meth:`to_record` (absent ``micro-batches``, ``window``: 0).
 
         Raises
         ------
@@ -277,6 +306,7 @@ class Exchange:
             cloud_seconds=float(_number(rec, "cloud-seconds")),
             grads_from=int(_number(rec, "grads-from")),
             micro_batches=int(_number(rec, "micro-batches", 0)),
+            window=int(_number(rec, "window", 0)),
         )
 
 
@@ -290,18 +320,27 @@ def replay_pipeline(
 ) -> ClockReport:
     """Re-time a pipelined run (SimulTrain) on the virtual clock.
 
-    Per edge ``k`` and message ``i``: the message leaves when reply ``i − 1``
-    has arrived (at once, ``i = 0``) and the gradients it carries are
-    computed; the edge computes once it has arrived; the reply follows. On
-    each reply, in virtual arrival order, the cloud first sends message
-    ``i + 1`` and then computes on reply ``i`` (FIFO on the one cloud).
+    Each exchange is: its message down (after what it depends on), the
+    edge's compute once it has arrived, the reply up; the cloud computes on
+    each reply in virtual arrival order (FIFO on the one cloud). What an
+    exchange ``i`` of an edge depends on:
 
-    When message ``i + 1`` carries the gradients of exchange ``i`` itself
-    (``grads_from = i``: one chunk in flight, the ``splitsync`` baseline),
-    the cloud computes on reply ``i`` first and the message leaves when that
-    ends: per chunk, strictly in series, uplink, cloud, downlink, edge, with
-    nothing of that edge overlapping (T_seq = T_send + T_forward +
-    T_backward + T_recv, the sequential round-trip time of seed 000).
+    - **message transport** (``window = 0``): reply ``i − 1`` has arrived (at
+      once, ``i = 0``) and the gradients it carries are computed. On each
+      reply the cloud first sends message ``i + 1`` and then computes on
+      reply ``i``: one message in flight per edge.
+    - **stream** (``window = W ≥ 1``): only the gradients it carries
+      (``grads_from``, chunk ``i − W``) are computed, at once for the first W
+      chunks; so W chunks are in flight and the next ones wait for credits.
+      The edge's, the links' and the cloud's tasks each run in order on their
+      resource.
+
+    When exchange ``i`` carries the gradients of exchange ``i − 1`` itself
+    (one chunk in flight: the ``splitsync`` baseline), the cloud computes on
+    reply ``i − 1`` first and the message leaves when that ends: per chunk,
+    strictly in series, uplink, cloud, downlink, edge, with nothing of that
+    edge overlapping (T_seq = T_send + T_forward + T_backward + T_recv, the
+    sequential round-trip time of seed 000).
 
     Parameters
     ----------
@@ -311,14 +350,27 @@ def replay_pipeline(
         Exchange counts (prefixes of ``exchanges``) at which the run
         reported; ``round_end[j]`` is the emulated time by which the cloud had
         finished every exchange of the first ``marks[j]``.
+
+    Raises
+    ------
+    ValueError
+        If an exchange carries the gradients of one that is not computed
+        before it.
     """
     clock = VirtualClock(links, edge_factor, cloud_factor, seed)
     chains: dict[int, dict[int, Exchange]] = {}
     for ex in exchanges:
         chains.setdefault(ex.node, {})[ex.seq] = ex
+    waiting: dict[tuple[int, int], list[Exchange]] = {}  # stream: on its gradients
+    for node in sorted(chains):
+        for seq in sorted(chains[node]):
+            ex = chains[node][seq]
+            if ex.window and ex.grads_from >= 0:
+                waiting.setdefault((node, ex.grads_from), []).append(ex)
     cloud_end: dict[tuple[int, int], float] = {}
     pending: list[tuple[float, int, int, int]] = []
     order = itertools.count()
+    launched: set[tuple[int, int]] = set()
 
     def launch(ex: Exchange, ready: float) -> None:
         after = [ready]
@@ -334,26 +386,79 @@ def replay_pipeline(
         work = clock.compute(f"edge:{ex.node}", ex.edge_seconds, [down.end], "edge")
         up = clock.transfer(ex.node, "up", ex.bytes_up, [work.end], "acts")
         heapq.heappush(pending, (up.end, next(order), ex.node, ex.seq))
+        launched.add((ex.node, ex.seq))
 
     for node in sorted(chains):
-        if 0 in chains[node]:
-            launch(chains[node][0], 0.0)
+        for seq in sorted(chains[node]):
+            ex = chains[node][seq]
+            if ex.window and ex.grads_from < 0:
+                launch(ex, 0.0)  # a stream's first W chunks
+            elif not ex.window and seq == min(chains[node]):
+                launch(ex, 0.0)
     while pending:
         at, _, node, seq = heapq.heappop(pending)
+        this = chains[node][seq]
         following = chains[node].get(seq + 1)
+        if this.window:
+            work = clock.compute("cloud", this.cloud_seconds, [at], "cloud")
+            cloud_end[(node, seq)] = work.end
+            for ex in waiting.pop((node, seq), ()):
+                launch(ex, work.end)
+            continue
         serial = following is not None and following.grads_from == seq
-        if following is not None and not serial:
+        if following is not None and not following.window and not serial:
             launch(following, at)  # the edge works while the cloud computes
-        work = clock.compute("cloud", chains[node][seq].cloud_seconds, [at], "cloud")
+        work = clock.compute("cloud", this.cloud_seconds, [at], "cloud")
         cloud_end[(node, seq)] = work.end
-        if serial:  # one chunk in flight: its own gradients go back
+        if serial and not following.window:  # one chunk in flight
             launch(following, at)
+    for ex in exchanges:
+        if (ex.node, ex.seq) not in launched:
+            raise ValueError(
+                f"exchange {ex.seq} of node {ex.node} never leaves: it waits for "
+                f"exchange {ex.seq - 1 if not ex.window else ex.grads_from}, "
+                "which is not in the run"
+            )
     ends = [cloud_end[(ex.node, ex.seq)] for ex in exchanges]
     prefix = list(itertools.accumulate(ends, max))
     round_end = tuple(prefix[m - 1] if m > 0 else 0.0 for m in marks)
     return ClockReport(
         "retimed", round_end, clock.now, clock.utilization(), tuple(clock.tasks)
     )
+
+
+def pipeline_window(link: LinkProfile, bytes_up: int, bytes_down: int, cap: int) -> int:
+    """W: the chunks an edge keeps in flight to fill ``link`` (its credits).
+
+    One chunk goes around the loop in ``L + c_e + c_c``: ``L = d_up + d_down``
+    (the one-way times of its activations up and its gradients down, each
+    RTT/2 plus the transfer, at the link's rate and RTT at t = 0) and the
+    edge's and the cloud's compute. A full pipeline finishes one chunk per
+    ``B``, its slowest stage, so it needs ``W ≥ (L + c_e + c_c) / B`` chunks in
+    flight (Little's law: the bandwidth-delay product counted in chunks).
+    Compute is unknown when a session opens, but ``B ≥ max(b, c_e, c_c)``
+    with ``b = max(transfer up, transfer down)``, so ``W = ⌈L / b⌉ + 2`` is
+    always enough. It is clipped to ``[1, cap]`` (``cap``: the staleness
+    bound, which W chunks in flight must respect).
+
+    Parameters
+    ----------
+    link : LinkProfile
+        The edge's link.
+    bytes_up, bytes_down : int
+        One chunk's activations and gradients on the wire (bytes).
+    cap : int
+        The largest W allowed (>= 1).
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, not {cap}")
+    up = link.one_way_seconds("up", bytes_up, 0.0)
+    down = link.one_way_seconds("down", bytes_down, 0.0)
+    half_rtt = link.rtt.at(0.0) / 2
+    busy = max(up, down) - half_rtt
+    if busy <= 0:  # nothing to send: the delay alone, no chunk fills it
+        return cap
+    return max(1, min(cap, math.ceil((up + down) / busy) + 2))
 
 
 def steady_exchanges(exchanges: Sequence[Exchange]) -> list[Exchange]:

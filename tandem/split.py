@@ -21,6 +21,7 @@ the model is cut into an edge part ``f_e(·; θ_e)`` and a cloud part
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -142,6 +143,21 @@ def encode_cut(x: np.ndarray, precision: str, key: str) -> dict[str, np.ndarray]
             f"precision must be one of {CUT_PRECISIONS}, not {precision!r}"
         )
     return {key: x.astype(precision)}
+
+
+def cut_bytes(sample_shape: tuple[int, ...], rows: int, precision: str) -> int:
+    """Bytes of :func:`encode_cut`'s arrays for ``rows`` samples of ``sample_shape``.
+
+    ``rows · 4·d``, ``rows · 2·d`` or ``rows · (d + 4)`` for float32, float16
+    and int8, ``d`` the numbers per sample (array headers not counted).
+    """
+    d = math.prod(sample_shape)
+    per_row = {"float32": 4 * d, "float16": 2 * d, "int8": d + 4}.get(precision)
+    if per_row is None:
+        raise ValueError(
+            f"precision must be one of {CUT_PRECISIONS}, not {precision!r}"
+        )
+    return rows * per_row
 
 
 def cut_keys(precision: str, key: str) -> set[str]:

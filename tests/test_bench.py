@@ -125,6 +125,7 @@ def test_bench_simultrain_quick(tmp_path):
         assert m["emulated_seconds_per_step"]["4g"] > 0, label
         assert m["bytes_up_per_step"] > 0, label
         assert set(m["bandwidth_time_product_per_step"]) == {"4g", "5g"}
+        assert all(0 < e <= 1 for e in m["pipeline_efficiency"].values()), label
         assert set(m["emulated_seconds_to_target"]) == {"4g", "5g"}
     split = results["methods"]["simultrain"]
     assert split["schedule"] == "pipeline"

@@ -27,6 +27,7 @@ from tandem.schedules import (
     NodeRound,
     SyncRound,
     exchanges_from_records,
+    pipeline_window,
     replay_pipeline,
     replay_sync_rounds,
     steady_seconds,
@@ -257,6 +258,81 @@ def test_one_chunk_in_flight_replays_strictly_serial_by_hand():
     ]
     shared = replay_pipeline(both, {1: _unit_link(), 2: _unit_link()})
     assert shared.total_seconds == pytest.approx(10.0)
+
+
+def _stream_chain(node: int, chunks: int, window: int) -> list[Exchange]:
+    # the stream with W credits: chunk k's frame brings the gradients of chunk
+    # k - W (1 MB down; none for the first W); edge 1 s, 1 MB up, cloud 0.5 s
+    return [
+        Exchange(
+            node,
+            k,
+            MB if k >= window else 0,
+            1.0,
+            MB,
+            0.5,
+            grads_from=k - window if k >= window else -1,
+            window=window,
+        )
+        for k in range(chunks)
+    ]
+
+
+def test_stream_replay_keeps_w_chunks_in_flight_by_hand():
+    link = {1: _unit_link()}
+    # W = 1: per chunk after the first, down 1 + edge 1 + up 1 + cloud 0.5
+    serial = replay_pipeline(_stream_chain(1, 8, 1), link)
+    assert serial.total_seconds == pytest.approx(2.5 + 7 * 3.5)
+    # W = 2: chunks 0 and 1 leave at once (edge [0, 1], [1, 2]; up [1, 2],
+    # [2, 3]; cloud [2, 2.5], [3, 3.5]); chunk 2 leaves with chunk 0's
+    # gradients at 2.5: down [2.5, 3.5], edge [3.5, 4.5], up [4.5, 5.5]; the
+    # loop of 3.5 s carries 2 chunks: one per 1.75 s, the last cloud ends at 14
+    two = replay_pipeline(_stream_chain(1, 8, 2), link, marks=(1, 8))
+    assert two.total_seconds == pytest.approx(14.0)
+    assert two.round_end == pytest.approx((2.5, 14.0))
+    edge = [t for t in two.tasks if t.resource == "edge:1"]
+    assert [t.start for t in edge[:4]] == pytest.approx([0.0, 1.0, 3.5, 4.5])
+    # W = 4 >= 3.5 s / 1 s: the edge never waits ([0, 8]); the last chunk's
+    # up [8, 9] and cloud [9, 9.5]
+    four = replay_pipeline(_stream_chain(1, 8, 4), link)
+    assert four.total_seconds == pytest.approx(9.5)
+    busy = sorted(t.start for t in four.tasks if t.resource == "edge:1")
+    assert busy == pytest.approx([float(k) for k in range(8)])
+    assert four.utilization["edge"] == pytest.approx(8 / 9.5)
+    # bound / achieved: the busiest resource (edge and uplink, 8 s each)
+    assert four.efficiency == pytest.approx(8 / 9.5)
+    assert two.efficiency == pytest.approx(8 / 14.0)
+    assert serial.efficiency == pytest.approx(8 / 27.0)
+    # the same records read back from metrics lines replay the same
+    records = [{"event": "exchange", **ex.to_record()} for ex in _stream_chain(1, 8, 4)]
+    again, _ = exchanges_from_records(records, steady=False)
+    assert replay_pipeline(again, link).total_seconds == pytest.approx(9.5)
+
+
+def test_a_stream_exchange_waiting_for_missing_gradients_is_named():
+    broken = _stream_chain(1, 4, 2)
+    del broken[0]  # chunk 2 waits for chunk 0's gradients, never computed
+    with pytest.raises(ValueError, match="exchange 2 of node 1 never leaves"):
+        replay_pipeline(broken, {1: _unit_link()})
+
+
+def test_pipeline_window_fills_the_bandwidth_delay_product():
+    unit = _unit_link()
+    # no delay: a chunk's loop is 1 s up + 1 s down over 1 s per chunk, + 2
+    assert pipeline_window(unit, MB, MB, 8) == 4
+    # 4g: 50 Mbit/s, 30 ms RTT; 170 kB each way takes 15 + 27.2 ms:
+    # ceil(84.4 / 27.2) + 2 = 6; 1.7 kB (0.272 ms): ceil(30.544 / 0.272) + 2 = 115
+    four_g = LinkProfile.fixed("4g", 50, 50, 30)
+    assert pipeline_window(four_g, 170_000, 170_000, 8) == 6
+    assert pipeline_window(four_g, 1_700, 1_700, 200) == 115
+    assert pipeline_window(four_g, 1_700, 1_700, 8) == 8  # the staleness bound
+    # the slower direction sets the pace: 1 MB up over 1 Mbit/s is 8 s
+    slow_up = LinkProfile.fixed("asym", 1, 8, 0)
+    assert pipeline_window(slow_up, MB, MB, 8) == 4  # ceil(9 / 8) + 2
+    assert pipeline_window(four_g, 0, 0, 3) == 3  # delay only: the cap
+    assert pipeline_window(unit, MB, MB, 1) == 1
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        pipeline_window(unit, MB, MB, 0)
 
 
 def test_gradients_from_a_later_exchange_are_refused_by_name():

@@ -129,6 +129,31 @@ def _code(err):
     return err.value.code()
 
 
+FAR = "8mbit/8mbit/10000ms"
+
+
+@pytest.mark.parametrize(
+    ("extra", "window"),
+    [
+        # no delay, the same rate both ways: ceil((b + b) / b) + 2, any b
+        ({"simultrain-link": "8mbit/8mbit/0ms"}, 4),
+        # the slower uplink sets the pace: ceil((8b + b) / 8b) + 2
+        ({"simultrain-link": "1mbit/8mbit/0ms"}, 4),
+        # a 10 s RTT holds more chunks than the staleness bound allows
+        ({"simultrain-link": FAR}, 8),
+        ({"simultrain-link": FAR, "simultrain-staleness-bound": 3}, 3),
+        ({"simultrain-link": FAR, "simultrain-window": 2}, 2),
+        ({"simultrain-staleness-bound": 0}, 1),
+    ],
+)
+def test_each_session_gets_the_window_its_link_needs(tmp_path, extra, window):
+    ep = Endpoint(tmp_path, extra)
+    try:
+        assert ep.starts[1].window == ep.starts[2].window == window
+    finally:
+        ep.close()
+
+
 def test_wrong_other_nodes_missing_and_replayed_secrets_are_refused(endpoint):
     ep = endpoint
     one, two = ep.starts[1].secret, ep.starts[2].secret
@@ -341,8 +366,11 @@ def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
     for node in (1, 2):
         mine = [e for e in exchanges if e["node-id"] == node]
         assert [e["seq"] for e in mine] == list(range(30))
-        # W = 2: chunk v is forwarded after the gradients of chunk v - 2
-        assert [e["grads-from"] for e in mine] == [-1, -1, *range(28)]
+        # W from the default 4g link: its 30 ms RTT holds more chunks of 64
+        # int8 rows (3.3 ms each at 50 Mbit/s) than the staleness bound, 8;
+        # chunk v is forwarded after the gradients of chunk v - 8
+        assert {e["window"] for e in mine} == {8}
+        assert [e["grads-from"] for e in mine] == [-1] * 8 + list(range(22))
     # both edges were in flight at once: their exchanges interleave
     order = [e["node-id"] for e in exchanges]
     last_of_1 = len(order) - 1 - order[::-1].index(1)

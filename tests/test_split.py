@@ -9,6 +9,7 @@ import torch
 from tandem.config import ConfigError
 from tandem.models import DEFAULT_CUTS, build_model
 from tandem.split import (
+    cut_bytes,
     cut_keys,
     decode_cut,
     dequantize_rows,
@@ -128,6 +129,10 @@ def test_cut_codec_round_trip_and_bytes(precision):
     assert set(arrays) == cut_keys(precision, "a")
     per_sample = {"float32": 24, "float16": 12, "int8": 6 + 4}[precision]
     assert sum(a.nbytes for a in arrays.values()) == 2 * per_sample
+    # the estimate a stream session's window is sized by: (T, d) rows too
+    assert cut_bytes((6,), 2, precision) == 2 * per_sample
+    tokens = encode_cut(np.ones((3, 4, 5), np.float32), precision, "a")
+    assert cut_bytes((4, 5), 3, precision) == sum(a.nbytes for a in tokens.values())
     back = decode_cut(arrays, precision, "a", (2, 6))
     tolerance = {"float32": 0, "float16": 1e-3, "int8": 1 / 254 + 1e-7}[precision]
     assert np.abs(back - x).max() <= tolerance
@@ -159,6 +164,8 @@ def test_int8_rows_edge_cases():
 def test_encode_cut_names_the_bad_precision():
     with pytest.raises(ValueError, match=r"^precision must be one of .*not 'int4'$"):
         encode_cut(np.zeros((1, 2), np.float32), "int4", "a")
+    with pytest.raises(ValueError, match=r"^precision must be one of .*not 'int4'$"):
+        cut_bytes((2,), 1, "int4")
 
 
 def test_decode_cut_edges():

@@ -367,6 +367,11 @@ def assumptions(
         "bandwidth_time_product_per_step": (
             "(bytes up + down per step) x emulated seconds per step, in byte-seconds"
         ),
+        "pipeline_efficiency": (
+            "bound / achieved: the busiest resource's (one edge, one link "
+            "direction, the cloud) busy time / the emulated run time; 1 = a "
+            "perfect pipeline"
+        ),
         "target_accuracy": results["target_accuracy"],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "tandem bench " + " ".join(argv),

@@ -28,8 +28,8 @@ def format_table(results: dict[str, Any]) -> str:
 
     Columns mirror the seeds' two tables: accuracy (and perplexity, when the
     runs report it), bytes per step up and down, emulated time per step and
-    to the target accuracy, the bandwidth-time product per step, and
-    edge/cloud utilization.
+    to the target accuracy, the bandwidth-time product per step, the
+    pipeline efficiency (bound / achieved) and edge/cloud utilization.
     """
     profiles = results["assumptions"]["profile_names"]
     first = profiles[0]
@@ -43,6 +43,7 @@ def format_table(results: dict[str, Any]) -> str:
         *[f"s / step ({p})" for p in profiles],
         *[f"s to {results['target_accuracy']:.0%} ({p})" for p in profiles],
         f"BTP / step ({first})",
+        *[f"pipeline eff. ({p})" for p in profiles],
         f"edge / cloud busy ({first})",
         "wall s",
     ]
@@ -65,6 +66,7 @@ def format_table(results: dict[str, Any]) -> str:
             *[_per(m["emulated_seconds_per_step"], p, ".4f") for p in profiles],
             *[_per(m["emulated_seconds_to_target"], p, ".2f") for p in profiles],
             "–" if btp is None else f"{btp / 1000:,.1f} KB·s",
+            *[_per(m.get("pipeline_efficiency", {}), p, ".2f") for p in profiles],
             "–" if util is None else f"{util['edge']:.0%} / {util['cloud']:.0%}",
             f"{m['wall_seconds']:.1f}",
         ]

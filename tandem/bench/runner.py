@@ -248,6 +248,7 @@ def _emulate(run: RunRecord, profile: str, opts: BenchOptions) -> dict[str, Any]
         "total": report.total_seconds,
         "round_end": list(report.round_end),
         "utilization": report.utilization,
+        "efficiency": report.efficiency,
     }
 
 
@@ -310,6 +311,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 },
                 "steps_per_edge": per_edge,
                 "emulated_seconds_per_step": per_step,
+                "pipeline_efficiency": {
+                    p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
+                },
                 "bandwidth_time_product_per_step": {
                     p: traffic * t for p, t in per_step.items()
                 },

@@ -173,8 +173,10 @@ class SimulTrainOptions:
     window: int = option(
         "simultrain-window",
         0,
-        "must be >= 0 (chunks in flight per edge; 0 = min(2, max(1, staleness "
-        "bound)); 1 = one at a time, no overlap: splitsync)",
+        "must be >= 0 (chunks in flight per edge; 0 = auto: on the stream, "
+        "enough to fill the link's bandwidth-delay product within the staleness "
+        "bound, on the message transport min(2, max(1, staleness bound)); "
+        "1 = one at a time, no overlap: splitsync)",
         lambda n: n >= 0,
     )
     stream_bind: str = option(
@@ -198,13 +200,15 @@ class SimulTrainOptions:
 
     @property
     def in_flight(self) -> int:
-        """W: chunks an edge may have in flight.
+        """W on the message transport (the stream's default W is per link).
 
-        On the stream, the edge's credits. W = 1 is split learning without
-        the pipeline (the ``splitsync`` baseline): the edge waits for each
-        chunk's gradients before it forwards the next, on either transport
-        (the message transport otherwise has W = 2: each message carries the
-        gradients of the chunk before the one just received).
+        W = 1 is split learning without the pipeline (the ``splitsync``
+        baseline): the edge waits for each chunk's gradients before it
+        forwards the next, on either transport (the message transport
+        otherwise has W = 2: each message carries the gradients of the chunk
+        before the one just received). On the stream, W is the edge's
+        credits: ``simultrain-window``, or with 0 the window that fills its
+        link (:func:`tandem.schedules.pipeline_window`).
         """
         return self.window or min(2, max(1, self.staleness_bound))
 

@@ -119,6 +119,7 @@ class InFlight:
     grads_from: int  # exchange whose gradients it carries (-1: none)
     want: int  # micro-batches it asks for
     final: bool  # the last message: it delivers the last chunk's gradients
+    window: int = 0  # the stream's W (0: a Flower message, one in flight)
 
 
 @dataclass(frozen=True)
@@ -519,6 +520,7 @@ class SimulTrainCloud:
             cloud_seconds=cloud_seconds,
             grads_from=answered.grads_from,
             micro_batches=answered.want,
+            window=answered.window,
         )
         self.exchanges.append(exchange)
         self.srv.tracker.log_event("exchange", exchange.to_record())

@@ -46,6 +46,7 @@ from flwr.app import Message
 
 from tandem.failures import app_error
 from tandem.frames import FrameError, decode_frame, encode_frame
+from tandem.network import assign_links
 from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
     SESSION_TYPE,
@@ -56,7 +57,9 @@ from tandem.protocol.simultrain import (
     read_delta,
     read_hello,
 )
+from tandem.schedules import pipeline_window
 from tandem.server_context import ServerRun
+from tandem.split import cut_bytes
 from tandem.strategies import simultrain
 from tandem.strategies.simultrain import EdgeTrack, InFlight, SimulTrainCloud
 from tandem.streaming import ServerTls, SessionKeys, StreamServer
@@ -104,6 +107,8 @@ class Session:
     track: EdgeTrack
     message_id: str
     last_frame: float  # monotonic time of its last frame (or of the start)
+    window: int = 1  # W: the edge's credits
+    first_version: int = 0  # the version of the session's first chunk
     context: grpc.ServicerContext | None = None  # set once its stream is open
     closed: bool = False
 
@@ -138,12 +143,13 @@ class StreamLoop:
     def open(self, track: EdgeTrack) -> None:
         """Send the edge its session message (a fresh secret each time)."""
         secret = self.keys.issue(track.node_id)
+        window = self.window(track.node_id)
         with self.lock:
             params = self.cloud.open_session(track)
             start = SessionStart(
                 address=self.address,
                 secret=secret,
-                window=self.opts.in_flight,
+                window=window,
                 steps=max(self.opts.steps - track.steps_requested, 0),
                 chunk=self.opts.stream_chunk,
                 next_version=track.next_version,
@@ -158,10 +164,32 @@ class StreamLoop:
             message_type=SESSION_TYPE,
         )
         (message_id,) = list(self.srv.grid.push_messages([msg]))
-        session = Session(track, message_id, time.monotonic())
+        session = Session(
+            track, message_id, time.monotonic(), window, start.next_version
+        )
         with self.lock:
             self.sessions[track.node_id] = session
             self.waiting[message_id] = session
+
+    def window(self, node: int) -> int:
+        """W for ``node``'s session: ``simultrain-window``, or from its link.
+
+        With ``simultrain-window = 0``, W fills the node's link (the one the
+        replay gives it, :func:`~tandem.schedules.pipeline_window`) for a
+        chunk's activations and gradients at the run's precision, within the
+        staleness bound.
+        """
+        opts = self.opts
+        if opts.window:
+            return opts.window
+        nodes = sorted({*self.cloud.tracks, node})
+        link = assign_links(nodes, opts.link, self.srv.cfg.seed)[node]
+        nbytes = cut_bytes(
+            self.cloud.cut_shape,
+            opts.stream_chunk * self.srv.cfg.train.batch_size,
+            opts.precision,
+        )
+        return pipeline_window(link, nbytes, nbytes, max(1, opts.staleness_bound))
 
     def serve(self) -> None:
         """Open every edge's session; run until every session has ended."""
@@ -358,19 +386,20 @@ class StreamLoop:
             self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
             version = answer.message.grad_for
             self.grad_bytes[(node, version)] = len(data)
-            # the replay (schedules.replay_pipeline) has one message in flight
-            # per edge, whose gradients are W chunks old: W = 1 (splitsync: the
-            # edge waits for each chunk's gradients) and W = 2 exactly; a
-            # deeper window is re-timed as W = 2
-            earlier = version - min(self.opts.in_flight, 2)
+            # the edge forwarded this chunk once the gradients of the chunk W
+            # before it were in (its credits): what the replay
+            # (schedules.replay_pipeline) makes it wait for
+            window = session.window
+            earlier = version - window
             self.cloud.record(
                 track,
                 InFlight(
                     seq=version,
                     bytes_down=self.grad_bytes.pop((node, earlier), 0),
-                    grads_from=earlier if earlier >= 0 else -1,
+                    grads_from=earlier if earlier >= session.first_version else -1,
                     want=answer.micro_batches,
                     final=False,
+                    window=window,
                 ),
                 len(raw),
                 answer.cloud_seconds,
