@@ -309,9 +309,23 @@ class LinkProfile:
         ``RTT(start)/2 + transfer``, the transfer integrated over the bandwidth
         trace (bandwidth in Mbit/s -> bit/s).
         """
+        return self.delay_seconds(start, rng) + self.transfer_seconds(
+            direction, nbytes, start
+        )
+
+    def transfer_seconds(self, direction: str, nbytes: int, start: float) -> float:
+        """Seconds the link is busy putting ``nbytes`` on the wire from ``start``.
+
+        The bandwidth trace of ``direction`` (Mbit/s -> bit/s) integrated.
+        """
         trace = self.up if direction == "up" else self.down
-        megabits = nbytes * BITS_PER_BYTE / MEGA
-        seconds = self.rtt.at(start) / 2 + trace.integrate_until(start, megabits)
+        return trace.integrate_until(start, nbytes * BITS_PER_BYTE / MEGA)
+
+    def delay_seconds(
+        self, start: float, rng: np.random.Generator | None = None
+    ) -> float:
+        """One-way propagation from ``start``: RTT/2 plus a jitter draw (if any)."""
+        seconds = self.rtt.at(start) / 2
         if self.jitter > 0 and rng is not None:
             seconds += max(0.0, float(rng.normal(0.0, self.jitter)))
         return seconds
@@ -710,19 +724,58 @@ def measure_local_gflops(size: int = 256, repeats: int = 20, threads: int = 1) -
 
 
 # --------------------------------------------------------------------------- clock
+@dataclass
+class LinkPacer:
+    """One direction of one link, frame after frame: when each arrives.
+
+    A link puts one frame on the wire at a time (its transfer, at the
+    trace's rate); frames already sent propagate at once (RTT/2 each, plus
+    jitter), so a frame sent while another is still in the air only waits
+    for the other's transfer, not for its delay. The virtual clock times
+    transfers with it, and the stream's real-time mode paces real frames.
+    """
+
+    link: LinkProfile
+    direction: str
+    rng: np.random.Generator | None = None
+    free: float = 0.0  # when the wire is free again (s)
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("up", "down"):
+            raise ValueError(
+                f"direction must be 'up' or 'down', not {self.direction!r}"
+            )
+
+    def send(self, nbytes: int, ready: float) -> tuple[float, float, float]:
+        """Send ``nbytes`` once ``ready``: ``(start, end of transfer, arrival)``."""
+        start = max(ready, self.free)
+        self.free = start + self.link.transfer_seconds(self.direction, nbytes, start)
+        return start, self.free, self.free + self.link.delay_seconds(start, self.rng)
+
+
 @dataclass(frozen=True)
 class Task:
-    """One scheduled task: what ran where, from when to when."""
+    """One scheduled task: what ran where, from when to when.
+
+    ``held`` is how long the task kept its resource (a transfer holds its
+    link for its transfer, not while it propagates); ``None``: all of it.
+    """
 
     name: str
     resource: str
     start: float
     end: float
+    held: float | None = None
 
     @property
     def seconds(self) -> float:
         """Duration."""
         return self.end - self.start
+
+    @property
+    def busy(self) -> float:
+        """Seconds its resource was busy with it."""
+        return self.seconds if self.held is None else self.held
 
 
 @dataclass
@@ -752,6 +805,7 @@ class VirtualClock:
     seed: int = 0
     tasks: list[Task] = field(default_factory=list)
     _free: dict[str, float] = field(default_factory=dict)
+    _pacers: dict[str, LinkPacer] = field(default_factory=dict)
     _rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -793,16 +847,22 @@ class VirtualClock:
         after: Iterable[float] = (),
         name: str = "transfer",
     ) -> Task:
-        """Send ``nbytes`` over ``node``'s link, ``up`` or ``down``."""
+        """Send ``nbytes`` over ``node``'s link, ``up`` or ``down``.
+
+        The task ends when the bytes arrive (:class:`LinkPacer`: it holds the
+        link for its transfer; its RTT/2 overlaps the next frame's transfer).
+        """
         if direction not in ("up", "down"):
             raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
-        link = self.links[node]
-        return self._schedule(
-            name,
-            f"{direction}:{node}",
-            after,
-            lambda t: link.one_way_seconds(direction, nbytes, t, self._rng),
-        )
+        resource = f"{direction}:{node}"
+        pacer = self._pacers.get(resource)
+        if pacer is None:
+            pacer = LinkPacer(self.links[node], direction, self._rng)
+            self._pacers[resource] = pacer
+        start, sent, arrival = pacer.send(nbytes, max([0.0, *after]))
+        task = Task(name, resource, start, arrival, held=sent - start)
+        self.tasks.append(task)
+        return task
 
     @property
     def now(self) -> float:
@@ -819,11 +879,8 @@ class VirtualClock:
             return {}
         busy: dict[str, float] = {}
         for task in self.tasks:
-            busy[task.resource] = (
-                busy.get(task.resource, 0.0)
-                + min(task.end, horizon)
-                - min(task.start, horizon)
-            )
+            held = min(task.start + task.busy, horizon) - min(task.start, horizon)
+            busy[task.resource] = busy.get(task.resource, 0.0) + held
         kinds: dict[str, list[float]] = {}
         for resource, seconds in busy.items():
             kinds.setdefault(resource.split(":")[0], []).append(seconds / horizon)

@@ -118,7 +118,7 @@ class ClockReport:
             return 0.0
         busy: dict[str, float] = {}
         for task in self.tasks:
-            busy[task.resource] = busy.get(task.resource, 0.0) + task.seconds
+            busy[task.resource] = busy.get(task.resource, 0.0) + task.busy
         return max(busy.values(), default=0.0) / self.total_seconds
 
 

@@ -11,6 +11,7 @@ import pytest
 from tandem.network import (
     PRESETS,
     BandwidthEstimator,
+    LinkPacer,
     LinkProfile,
     Trace,
     TraceError,
@@ -314,6 +315,29 @@ def test_a_stream_exchange_waiting_for_missing_gradients_is_named():
     del broken[0]  # chunk 2 waits for chunk 0's gradients, never computed
     with pytest.raises(ValueError, match="exchange 2 of node 1 never leaves"):
         replay_pipeline(broken, {1: _unit_link()})
+
+
+def test_a_link_carries_one_transfer_at_a_time_while_frames_propagate_together():
+    far = LinkProfile.fixed("far", 8, 8, 2000)  # 1 MB: 1 s on the wire, 1 s away
+    pacer = LinkPacer(far, "up")
+    assert pacer.send(MB, 0.0) == pytest.approx((0.0, 1.0, 2.0))
+    # sent at once too: waits for the wire (1 s), not for the first's arrival
+    assert pacer.send(MB, 0.0) == pytest.approx((1.0, 2.0, 3.0))
+    assert pacer.send(MB, 5.0) == pytest.approx((5.0, 6.0, 7.0))  # an idle link
+    with pytest.raises(ValueError, match="direction must be 'up' or 'down'"):
+        LinkPacer(far, "sideways")
+    # the clock: two frames up at once, the link held 1 s by each
+    clock = VirtualClock({1: far})
+    a, b = clock.transfer(1, "up", MB), clock.transfer(1, "up", MB)
+    assert (a.end, b.start, b.end, b.busy) == pytest.approx((2.0, 1.0, 3.0, 1.0))
+    assert clock.utilization() == pytest.approx({"up": 2.0 / 3.0})
+    # a stream with W = 4 over it: the four first chunks' 0-byte messages
+    # arrive together after 1 s, the edge forwards them back to back; chunk 0
+    # goes up [2, 3] + 1 s, the cloud [4, 4.5], its gradients down [4.5, 5.5]
+    # + 1 s: chunk 4 starts at 6.5 (a loop of 6.5 s needs W = 7 here)
+    report = replay_pipeline(_stream_chain(1, 8, 4), {1: far})
+    edge = sorted(t.start for t in report.tasks if t.resource == "edge:1")
+    assert edge[:5] == pytest.approx([1.0, 2.0, 3.0, 4.0, 6.5])
 
 
 def test_pipeline_window_fills_the_bandwidth_delay_product():
