@@ -11,7 +11,8 @@ No protobuf: the service has one generic stream-stream method
   certificate it was given when TLS is on.
 - :class:`Outbox` is the request side of a stream: frames put into it are
   sent by gRPC's own thread while the caller computes the next ones;
-  :class:`Inbox` the response side, with a deadline on every wait.
+  :class:`Inbox` the response side, with a deadline on every wait. Both
+  can pace their frames to an emulated link (real-time mode, :data:`Pace`).
 - :class:`SessionKeys` issues one fresh secret per node and session
   (``secrets.token_bytes``) and checks the one a stream presents in constant
   time (``hmac.compare_digest``); each secret opens one stream only.
@@ -23,6 +24,7 @@ import hmac
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ __all__ = [
     "SECRET_BYTES",
     "Inbox",
     "Outbox",
+    "Pace",
     "ServerTls",
     "SessionKeys",
     "StreamServer",
@@ -165,21 +168,36 @@ def open_stream(
     return channel, call(requests)
 
 
+#: Real-time pacing: given a frame's size, the ``time.monotonic()`` instant
+#: it may be delivered (an emulated link's arrival time).
+Pace = Callable[[int], float]
+
+
+def _wait_until(deadline: float) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
 class Outbox:
     """The frames an edge sends: :meth:`put` them, :meth:`close` at the end.
 
     Iterating yields them in order until closed; gRPC iterates it in its own
-    thread, so frames travel while the caller computes.
+    thread, so frames travel while the caller computes. With ``pace`` (real
+    time mode), a frame is timed when it is put and handed to gRPC only at
+    the instant ``pace`` gives (its arrival on the emulated link).
     """
 
     _END = object()
 
-    def __init__(self) -> None:
+    def __init__(self, pace: Pace | None = None) -> None:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pace = pace
 
     def put(self, frame: bytes) -> None:
         """Queue a frame for sending."""
-        self._queue.put(frame)
+        deadline = self._pace(len(frame)) if self._pace is not None else 0.0
+        self._queue.put((deadline, frame))
 
     def close(self) -> None:
         """End the request side of the stream after the queued frames."""
@@ -190,7 +208,9 @@ class Outbox:
             item = self._queue.get()
             if item is self._END:
                 return
-            yield item  # type: ignore[misc]
+            deadline, frame = item  # type: ignore[misc]
+            _wait_until(deadline)
+            yield frame
 
 
 class Inbox:
@@ -203,15 +223,17 @@ class Inbox:
 
     _END = object()
 
-    def __init__(self, responses: Iterator[bytes]) -> None:
+    def __init__(self, responses: Iterator[bytes], pace: Pace | None = None) -> None:
         self._responses = responses
+        self._pace = pace
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         threading.Thread(target=self._pump, daemon=True, name="tdr").start()
 
     def _pump(self) -> None:
         try:
             for frame in self._responses:
-                self._queue.put(frame)
+                deadline = self._pace(len(frame)) if self._pace is not None else 0.0
+                self._queue.put((deadline, frame))
             self._queue.put(self._END)
         except grpc.RpcError as err:
             self._queue.put(err)
@@ -235,7 +257,11 @@ class Inbox:
             ) from None
         if isinstance(item, grpc.RpcError):
             raise item
-        return None if item is self._END else item  # type: ignore[return-value]
+        if item is self._END:
+            return None
+        deadline, frame = item  # type: ignore[misc]
+        _wait_until(deadline)  # real time: its arrival on the emulated link
+        return frame  # type: ignore[no-any-return]
 
 
 class SessionKeys:

@@ -97,6 +97,7 @@ def test_bench_simultrain_quick(tmp_path):
             "--profile",
             "4g",
             "5g",
+            "--realtime",
             "--out",
             str(out),
         ],
@@ -107,27 +108,40 @@ def test_bench_simultrain_quick(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
+    # SimulTrain's W follows the link: it runs under each profile (its
+    # ablations under the first only); the others (splitsync: W = 1 on any
+    # link) are re-timed under both
     labels = {
-        "centralized",
-        "syncsgd",
-        "fedavg-5",
-        "simultrain",
-        "splitsync",
-        "simultrain-alpha0",
-        "simultrain-no-reconcile",
+        "centralized": {"4g", "5g"},
+        "syncsgd": {"4g", "5g"},
+        "fedavg-5": {"4g", "5g"},
+        "simultrain@4g": {"4g"},
+        "simultrain@5g": {"5g"},
+        "splitsync": {"4g", "5g"},
+        "simultrain-alpha0": {"4g"},
+        "simultrain-no-reconcile": {"4g"},
     }
-    assert set(results["methods"]) == labels
+    assert set(results["methods"]) == set(labels)
     for label in labels:
         assert f"| {label} |" in proc.stdout
     for label, m in results["methods"].items():
         assert m["steps_per_edge"] == 50, label
-        assert set(m["emulated_seconds_per_step"]) == {"4g", "5g"}
+        assert set(m["emulated_seconds_per_step"]) == labels[label]
         assert m["emulated_seconds_per_step"]["4g"] > 0, label
         assert m["bytes_up_per_step"] > 0, label
-        assert set(m["bandwidth_time_product_per_step"]) == {"4g", "5g"}
+        assert set(m["bandwidth_time_product_per_step"]) == labels[label]
         assert all(0 < e <= 1 for e in m["pipeline_efficiency"].values()), label
-        assert set(m["emulated_seconds_to_target"]) == {"4g", "5g"}
-    split = results["methods"]["simultrain"]
+        assert set(m["emulated_seconds_to_target"]) == labels[label]
+    # --realtime: every stream run paced to its profile's link; its wall
+    # time per step is reported beside the replay's
+    for label in ("simultrain@4g", "simultrain@5g"):
+        m = results["methods"][label]
+        (profile,) = labels[label]
+        assert set(m["realtime_seconds_per_step"]) == {profile}
+        assert m["realtime_seconds_per_step"][profile] > 0
+    for label in ("syncsgd", "splitsync"):  # not streamed / not per profile
+        assert "realtime_seconds_per_step" not in results["methods"][label]
+    split = results["methods"]["simultrain@4g"]
     assert split["schedule"] == "pipeline"
     # the emulated timeline ends with the last exchange, after every report
     curve = split["curves"][0]

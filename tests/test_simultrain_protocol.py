@@ -158,13 +158,16 @@ def test_good_links_pass(link):
 
 
 def test_every_option_but_the_cut_has_a_rule():
-    # the cut depends on the model: split_model checks it before any training
+    # the cut depends on the model: split_model checks it before any training;
+    # a boolean's rule is its type
     unchecked = [
         f.metadata["key"]
         for f in dataclasses.fields(SimulTrainOptions)
         if f.metadata["check"] is None and f.metadata["choices"] is None
     ]
-    assert unchecked == ["simultrain-cut"]
+    assert unchecked == ["simultrain-cut", "simultrain-realtime"]
+    with pytest.raises(ConfigError, match="simultrain-realtime"):
+        RunConfig.from_flat({"simultrain-realtime": "yes"})
 
 
 # ------------------------------------------------------------------ edge step

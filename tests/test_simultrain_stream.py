@@ -22,6 +22,7 @@ from tandem.checkpoint import load_checkpoint
 from tandem.clients.node import NodeConfig, load_node_split
 from tandem.config import RunConfig
 from tandem.frames import Frame, decode_frame, encode_frame
+from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
     EdgeReply,
     SessionStart,
@@ -39,6 +40,7 @@ from tandem.strategies.simultrain_stream import StreamLoop
 from tandem.streaming import Outbox, SessionKeys, StreamServer, open_stream
 from tandem.tracking import read_jsonl
 from tandem.training import BatchStream
+from tandem.wire import PayloadError
 
 BASE = {
     "method": "simultrain",
@@ -366,11 +368,12 @@ def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
     for node in (1, 2):
         mine = [e for e in exchanges if e["node-id"] == node]
         assert [e["seq"] for e in mine] == list(range(30))
-        # W from the default 4g link: its 30 ms RTT holds more chunks of 64
-        # int8 rows (3.3 ms each at 50 Mbit/s) than the staleness bound, 8;
-        # chunk v is forwarded after the gradients of chunk v - 8
-        assert {e["window"] for e in mine} == {8}
-        assert [e["grads-from"] for e in mine] == [-1] * 8 + list(range(22))
+        # W from the default 4g link: a chunk is 64 int8 rows of 32 x 40 + 4
+        # bytes (82,176 B, 13.15 ms at 50 Mbit/s) each way, and 30 ms RTT:
+        # ceil((30 + 2 x 13.15) / 13.15) + 2 = 7; chunk v is forwarded after
+        # the gradients of chunk v - 7
+        assert {e["window"] for e in mine} == {7}
+        assert [e["grads-from"] for e in mine] == [-1] * 7 + list(range(23))
     # both edges were in flight at once: their exchanges interleave
     order = [e["node-id"] for e in exchanges]
     last_of_1 = len(order) - 1 - order[::-1].index(1)
@@ -745,4 +748,76 @@ def test_half_a_tls_setting_or_a_missing_file_stops_the_run(tmp_path):
             {**BASE, "simultrain-stream-tls-cert": str(tls.server_cert)},
             nodes=1,
             out=tmp_path / "run",
+        )
+
+
+# ------------------------------------------------------------------ real time
+def test_paced_frames_leave_in_order_and_not_before_their_arrival():
+    now = time.monotonic()
+    outbox = Outbox(pace=lambda n: now + 0.2 if n == 3 else now)  # 3 bytes: late
+    for frame in (b"abc", b"de", b"f"):
+        outbox.put(frame)
+    outbox.close()
+    tick = time.monotonic()
+    seen = []
+    for frame in outbox:
+        seen.append((frame, time.monotonic() - tick))
+    assert [f for f, _ in seen] == [b"abc", b"de", b"f"]  # FIFO, as on a link
+    assert seen[0][1] >= 0.19  # held until its arrival time
+
+
+def test_link_paces_match_the_link_pacer():
+    from tandem.clients.simultrain import link_paces
+    from tandem.network import encode_link, parse_link
+
+    assert link_paces("") == (None, None)
+    with pytest.raises(PayloadError, match="session link"):
+        link_paces("9g")
+    # 1 MB takes 1 s on the wire at 8 Mbit/s and arrives 2 s later (4 s RTT):
+    # a second frame put at once arrives one transfer after the first
+    up, down = link_paces(encode_link(parse_link("8mbit/8mbit/4000ms")))
+    first, second = up(1_000_000), up(1_000_000)
+    assert second - first == pytest.approx(1.0, abs=1e-6)
+    assert first - time.monotonic() == pytest.approx(3.0, abs=0.1)
+    assert down(0) - time.monotonic() == pytest.approx(2.0, abs=0.1)  # its own wire
+
+
+def test_the_session_message_carries_the_link_and_refuses_a_bad_one():
+    start = SessionStart("h:1", bytes(32), 2, 8, 2, 0, 0, {}, link="table:0,8,8,40")
+    back = SessionStart.from_content(start.to_content(), {})
+    assert back.link == "table:0,8,8,40" and back.window == 2
+    content = start.to_content()
+    content["session"]["link"] = 7
+    with pytest.raises(PayloadError, match="session link is int"):
+        SessionStart.from_content(content, {})
+
+
+def test_real_time_streams_wait_for_the_link(tmp_path):
+    # W = 1 over a 200 ms RTT: each of the 4 chunks of an edge waits for its
+    # gradients (100 ms down) and goes up (100 ms), so the last chunk arrives
+    # at least 3 x 200 ms after the first; unpaced it takes milliseconds
+    run = {
+        **BASE,
+        "simultrain-steps": 8,
+        "simultrain-eval-every": 8,
+        "simultrain-window": 1,
+        "simultrain-link": "100mbit/100mbit/200ms",
+        "simultrain-realtime": True,
+    }
+    records, _ = run_inprocess(run, nodes=2, out=tmp_path, threaded=True)
+    (stream,) = _events(records, "stream")
+    assert stream["realtime"] is True and stream["windows"] == [1]
+    assert stream["session-seconds"] >= 0.6
+    summary = records[-1]
+    assert summary["dropped-edges"] == 0 and summary["rejected-replies"] == 0
+    # the replay of the same run (4 serial loops of 200 ms and more)
+    assert summary["emulated-seconds"] >= 0.8
+
+
+def test_real_time_needs_the_stream(tmp_path):
+    with pytest.raises(ConfigError, match="needs simultrain-transport"):
+        run_inprocess(
+            {**BASE, "simultrain-transport": "message", "simultrain-realtime": True},
+            nodes=2,
+            out=tmp_path,
         )

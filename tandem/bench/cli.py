@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run-config values (TOML, as in flwr run -c) for every variant, "
         "e.g. acesync-c-min=0.6; 'method' cannot be changed",
     )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="SimulTrain's streams paced to each profile's link and its edges "
+        "slowed to the edge device, so each run's wall time is its emulated "
+        "time (realtime_seconds_per_step beside the replay's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -262,6 +269,11 @@ def bench_options(args: argparse.Namespace, suite: Suite) -> BenchOptions:
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
         extra["acesync-edge-factor"] = round(local_edge / args.edge_gflops, 6)
+    if args.realtime:
+        # the streams run at the emulated devices' speed, as the replay times
+        extra["simultrain-realtime"] = True
+        extra["simultrain-edge-factor"] = round(local_edge / args.edge_gflops, 6)
+        extra["simultrain-cloud-factor"] = round(local_cloud / args.cloud_gflops, 6)
     return BenchOptions(
         out=args.out,
         profiles=tuple(args.profile),
@@ -366,6 +378,13 @@ def assumptions(
         "emulated_seconds_per_step": "emulated run time / SGD steps per edge",
         "bandwidth_time_product_per_step": (
             "(bytes up + down per step) x emulated seconds per step, in byte-seconds"
+        ),
+        "realtime_seconds_per_step": (
+            "real-time mode (--realtime): the longest stream's wall time, from "
+            "its hello to its last frame, / SGD steps per edge; frames "
+            "paced to the profile's link, edges slowed to the edge device (a "
+            "cloud faster than this machine cannot be emulated: its compute "
+            "counts at this machine's speed)"
         ),
         "pipeline_efficiency": (
             "bound / achieved: the busiest resource's (one edge, one link "

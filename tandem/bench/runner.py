@@ -252,6 +252,29 @@ def _emulate(run: RunRecord, profile: str, opts: BenchOptions) -> dict[str, Any]
     }
 
 
+def _realtime_figures(
+    good: Sequence[RunRecord], variant: Variant, per_edge: int
+) -> dict[str, Any]:
+    """``realtime_seconds_per_step`` of a variant's real-time stream runs.
+
+    The ``stream`` event's longest session (its hello to its last frame) /
+    steps per edge, under the profile the variant ran on; nothing when its
+    runs were not paced (or not streamed).
+    """
+    seconds = [
+        rec["session-seconds"]
+        for r in good
+        for rec in r.records
+        if rec["event"] == "stream" and rec.get("realtime")
+    ]
+    if not seconds or variant.profile is None:
+        return {}
+    return {
+        "realtime_seconds_per_step": {variant.profile: _mean(seconds) / per_edge},
+        "realtime_seconds_per_seed": {variant.profile: seconds},
+    }
+
+
 def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
     """Aggregate runs over seeds into the ``results.json`` structure."""
     methods: dict[str, Any] = {}
@@ -311,6 +334,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 },
                 "steps_per_edge": per_edge,
                 "emulated_seconds_per_step": per_step,
+                **_realtime_figures(good, variant, per_edge),
                 "pipeline_efficiency": {
                     p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
                 },

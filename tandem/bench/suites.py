@@ -38,6 +38,9 @@ class Variant:
     profile : str | None
         The profile this variant's runs were made under (set by
         :func:`per_profile`), or ``None``: re-timed under every profile.
+    first_profile_only : bool
+        A link-reading variant run under the first profile only (an ablation
+        whose question is not timing).
     """
 
     label: str
@@ -45,6 +48,7 @@ class Variant:
     schedule: str = "sync"
     link_option: str = ""
     profile: str | None = None
+    first_profile_only: bool = False
 
     def __post_init__(self) -> None:
         method = self.overrides.get("method")
@@ -112,10 +116,13 @@ SUITES: dict[str, Suite] = {
             Variant("centralized", {"method": "centralized", "local-steps": 50}),
             Variant("syncsgd", {"method": "syncsgd", "local-steps": 1}),
             Variant("fedavg-5", {"method": "fedavg", "local-steps": 5}),
+            # W follows the link (simultrain-window = 0), so SimulTrain runs
+            # under each profile (its ablations under the first only)
             Variant(
                 "simultrain",
                 {"method": "simultrain", "simultrain-eval-every": 50},
                 schedule="pipeline",
+                link_option="simultrain-link",
             ),
             # split learning without the pipeline: the same model, cut, chunk
             # and precision, one chunk in flight (the edge waits for each
@@ -128,7 +135,7 @@ SUITES: dict[str, Suite] = {
                     "simultrain-window": 1,
                     "simultrain-alpha": 0.0,
                 },
-                schedule="pipeline",
+                schedule="pipeline",  # W = 1 whatever the link: re-timed
             ),
             Variant(
                 "simultrain-alpha0",
@@ -138,6 +145,8 @@ SUITES: dict[str, Suite] = {
                     "simultrain-alpha": 0.0,
                 },
                 schedule="pipeline",
+                link_option="simultrain-link",
+                first_profile_only=True,
             ),
             Variant(
                 "simultrain-no-reconcile",
@@ -147,6 +156,8 @@ SUITES: dict[str, Suite] = {
                     "simultrain-reconcile-every": 0,
                 },
                 schedule="pipeline",
+                link_option="simultrain-link",
+                first_profile_only=True,
             ),
         ),
         nodes=2,
@@ -230,8 +241,9 @@ def per_profile(suite: Suite, profiles: Sequence[str]) -> Suite:
     """``suite`` with each link-reading variant made once per profile.
 
     A variant with a ``link_option`` becomes one variant per profile, with
-    that option set to the profile and ``profile`` recording it; its label
-    gets ``@<profile>`` when there is more than one profile. Variants whose
+    that option set to the profile and ``profile`` recording it (the first
+    profile only for a ``first_profile_only`` variant); its label gets
+    ``@<profile>`` when it runs under more than one profile. Variants whose
     traffic does not depend on the link are kept as they are (re-timed
     under every profile after their one run).
     """
@@ -240,10 +252,9 @@ def per_profile(suite: Suite, profiles: Sequence[str]) -> Suite:
         if not variant.link_option or variant.profile is not None:
             variants.append(variant)
             continue
-        for profile in profiles:
-            label = (
-                variant.label if len(profiles) == 1 else f"{variant.label}@{profile}"
-            )
+        mine = profiles[:1] if variant.first_profile_only else profiles
+        for profile in mine:
+            label = variant.label if len(mine) == 1 else f"{variant.label}@{profile}"
             variants.append(
                 dataclasses.replace(
                     variant,

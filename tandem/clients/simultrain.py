@@ -35,6 +35,7 @@ chunk keeps the delay at two steps whatever the chunk size.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ from tandem.clients.node import (
 from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
 from tandem.frames import FrameError, decode_frame, encode_frame
+from tandem.network import LinkPacer, parse_link
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
     SESSION_TYPE,
@@ -69,7 +71,7 @@ from tandem.protocol.simultrain import (
     reply_frame,
 )
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
-from tandem.streaming import Inbox, Outbox, open_stream
+from tandem.streaming import Inbox, Outbox, Pace, open_stream
 from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
@@ -386,6 +388,40 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
+def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
+    """Real-time mode: pace the stream's frames up and down to the link ``spec``.
+
+    Each direction is a :class:`~tandem.network.LinkPacer` on the emulated
+    link's clock, which starts now: a frame put at ``t`` arrives when the
+    pacer says (transfers one at a time, propagation overlapping), as on the
+    replay's virtual clock. An empty ``spec``: no pacing.
+
+    Raises
+    ------
+    PayloadError
+        If ``spec`` is not a link.
+    """
+    if not spec:
+        return None, None
+    try:
+        link = parse_link(spec)
+    except ValueError as err:
+        raise PayloadError(f"session link: {err}") from None
+    t0 = time.monotonic()
+
+    def pace(direction: str) -> Pace:
+        pacer = LinkPacer(link, direction)
+        lock = threading.Lock()  # the down pacer is fed by the inbox's thread
+
+        def arrival(nbytes: int) -> float:
+            with lock:
+                return t0 + pacer.send(nbytes, time.monotonic() - t0)[2]
+
+        return arrival
+
+    return pace("up"), pace("down")
+
+
 class StreamedEdge:
     """An edge's stream session: up to W chunks in flight, the steps above.
 
@@ -463,12 +499,18 @@ class StreamedEdge:
         self.seq += 1
         return data
 
+    def _slow_down(self, seconds: float) -> None:
+        """Real-time mode: stretch ``seconds`` of compute to the emulated edge's."""
+        if self.start.link and self.opts.edge_factor > 1:
+            time.sleep((self.opts.edge_factor - 1) * seconds)
+
     def forward(self, want: int) -> bytes:
         """Step 3 on the next chunk; its frame (spends a credit)."""
         version = self.state.version
         chunk = forward_chunk(
             self.state, self.edge, self.split, self.batches, want, self.opts.precision
         )
+        self._slow_down(chunk.seconds)
         self.compute += chunk.seconds
         self.in_flight.append(version)
         return self._frame(chunk, version)
@@ -492,7 +534,7 @@ class StreamedEdge:
                 f"{self.in_flight[0] if self.in_flight else 'none'}"
             )
         self.in_flight.popleft()
-        self.compute += apply_gradients(
+        seconds = apply_gradients(
             self.state,
             self.edge,
             self.split,
@@ -501,6 +543,8 @@ class StreamedEdge:
             self.lr,
             self.momentum,
         )
+        self._slow_down(seconds)
+        self.compute += seconds
         if msg.edge_params is not None:
             received = {
                 k: torch.from_numpy(np.array(v)) for k, v in msg.edge_params.items()
@@ -521,12 +565,13 @@ class StreamedEdge:
         """
         start = self.start
         self.node_id = node_id
-        outbox = Outbox()
+        up, down = link_paces(start.link)
+        outbox = Outbox(up)
         outbox.put(encode_frame(hello_frame(node_id, start.secret)))
         channel, stream = open_stream(
             start.address, iter(outbox), start.max_frame, start.root_cert or None
         )
-        inbox = Inbox(stream)
+        inbox = Inbox(stream, down)
         try:
             left = start.steps
             while left > 0 or self.in_flight:

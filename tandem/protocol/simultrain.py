@@ -191,6 +191,7 @@ class SimulTrainOptions:
     stream_tls_cert: str = option("simultrain-stream-tls-cert", "", _PATH, _path)
     stream_tls_key: str = option("simultrain-stream-tls-key", "", _PATH, _path)
     stream_tls_ca: str = option("simultrain-stream-tls-ca", "", _PATH, _path)
+    realtime: bool = option("simultrain-realtime", False)
     stream_max_frame_mb: float = option(
         "simultrain-stream-max-frame-mb",
         64.0,
@@ -517,6 +518,10 @@ class SessionStart:
         PEM certificate the stream's TLS must chain to (empty: no TLS).
     max_frame : int
         Largest frame either way (bytes).
+    link : str
+        Real-time mode (``simultrain-realtime``): the edge's link
+        (:func:`tandem.network.encode_link`), which paces its frames both
+        ways; empty: frames go as fast as the network takes them.
     """
 
     address: str
@@ -529,6 +534,7 @@ class SessionStart:
     edge_params: dict[str, np.ndarray]
     root_cert: bytes = b""
     max_frame: int = 64 * 2**20
+    link: str = ""
 
     def to_content(self) -> RecordDict:
         """The session message as Flower records."""
@@ -545,6 +551,7 @@ class SessionStart:
                 "next-version": self.next_version,
                 "v-c": self.v_c,
                 "max-frame": self.max_frame,
+                "link": self.link,
             }
         )
         return content
@@ -575,6 +582,9 @@ class SessionStart:
         }
         if ints["window"] < 1 or ints["chunk"] < 1 or ints["steps"] < 0:
             raise PayloadError(f"session window/chunk/steps {ints}")
+        link = conf.get("link", "")
+        if not isinstance(link, str):
+            raise PayloadError(f"session link is {type(link).__name__}, not text")
         return cls(
             address,
             secret,
@@ -586,6 +596,7 @@ class SessionStart:
             params,
             root if isinstance(root, bytes) else b"",
             ints["max-frame"],
+            link,
         )
 
 

@@ -11,6 +11,7 @@ choice between them lives here, above both.
 
 from __future__ import annotations
 
+from tandem.options import ConfigError
 from tandem.protocol.simultrain import SimulTrainOptions
 from tandem.server_context import ServerRun
 from tandem.strategies.simultrain import FlowerLoop, SimulTrainCloud
@@ -22,6 +23,12 @@ __all__ = ["run"]
 def run(srv: ServerRun) -> None:
     """Run SimulTrain until every edge has taken ``simultrain-steps`` steps."""
     opts = srv.options_as(SimulTrainOptions)
+    if opts.realtime and opts.transport != "stream":
+        raise ConfigError(
+            "simultrain-realtime",
+            True,
+            'paces the stream: needs simultrain-transport="stream"',
+        )
     cloud = SimulTrainCloud(srv, opts)
     cloud.resume()
     if opts.transport == "stream":  # binds its port now: a bad setting stops here

@@ -46,7 +46,7 @@ from flwr.app import Message
 
 from tandem.failures import app_error
 from tandem.frames import FrameError, decode_frame, encode_frame
-from tandem.network import assign_links
+from tandem.network import LinkProfile, assign_links, encode_link
 from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
     SESSION_TYPE,
@@ -111,6 +111,7 @@ class Session:
     first_version: int = 0  # the version of the session's first chunk
     context: grpc.ServicerContext | None = None  # set once its stream is open
     closed: bool = False
+    hello: float | None = None  # monotonic time its stream presented its secret
 
 
 class StreamLoop:
@@ -138,12 +139,21 @@ class StreamLoop:
             self.handle, opts.stream_bind, opts.max_frame_bytes, tls
         )
         self.address = opts.stream_advertise or f"{self.server.host}:{self.server.port}"
+        #: one chunk's activations (and gradients) on the wire, estimated
+        self.chunk_bytes = cut_bytes(
+            cloud.cut_shape,
+            opts.stream_chunk * srv.cfg.train.batch_size,
+            opts.precision,
+        )
 
     # ------------------------------------------------------------ control plane
     def open(self, track: EdgeTrack) -> None:
         """Send the edge its session message (a fresh secret each time)."""
         secret = self.keys.issue(track.node_id)
-        window = self.window(track.node_id)
+        link = self.link(track.node_id)
+        window = self.opts.window or pipeline_window(
+            link, self.chunk_bytes, self.chunk_bytes, max(1, self.opts.staleness_bound)
+        )
         with self.lock:
             params = self.cloud.open_session(track)
             start = SessionStart(
@@ -157,6 +167,7 @@ class StreamLoop:
                 edge_params=params,
                 root_cert=self.root_cert,
                 max_frame=self.opts.max_frame_bytes,
+                link=encode_link(link) if self.opts.realtime else "",
             )
         msg = Message(
             content=start.to_content(),
@@ -171,25 +182,16 @@ class StreamLoop:
             self.sessions[track.node_id] = session
             self.waiting[message_id] = session
 
-    def window(self, node: int) -> int:
-        """W for ``node``'s session: ``simultrain-window``, or from its link.
+    def link(self, node: int) -> LinkProfile:
+        """``node``'s link: the one the replay gives it (``simultrain-link``).
 
-        With ``simultrain-window = 0``, W fills the node's link (the one the
-        replay gives it, :func:`~tandem.schedules.pipeline_window`) for a
-        chunk's activations and gradients at the run's precision, within the
-        staleness bound.
+        It sizes the session's window (``simultrain-window = 0``:
+        :func:`~tandem.schedules.pipeline_window`, for a chunk's activations
+        and gradients at the run's precision, within the staleness bound) and,
+        in real-time mode, paces the session's frames.
         """
-        opts = self.opts
-        if opts.window:
-            return opts.window
         nodes = sorted({*self.cloud.tracks, node})
-        link = assign_links(nodes, opts.link, self.srv.cfg.seed)[node]
-        nbytes = cut_bytes(
-            self.cloud.cut_shape,
-            opts.stream_chunk * self.srv.cfg.train.batch_size,
-            opts.precision,
-        )
-        return pipeline_window(link, nbytes, nbytes, max(1, opts.staleness_bound))
+        return assign_links(nodes, self.opts.link, self.srv.cfg.seed)[node]
 
     def serve(self) -> None:
         """Open every edge's session; run until every session has ended."""
@@ -225,8 +227,17 @@ class StreamLoop:
         down: their real sizes); ``refused`` counts streams refused at their
         hello; ``seconds`` is the streaming phase, from the first stream's
         hello to the last frame of any stream (the run's wall time less the
-        engine's start of the ClientApps and the last evaluation).
+        engine's start of the ClientApps and the last evaluation);
+        ``session-seconds`` the longest stream, from its hello to its last
+        frame (the edges' ClientApps may start apart: the makespan had they
+        started together); ``windows`` each edge's W; ``realtime``: frames
+        paced to the links (``simultrain-realtime``).
         """
+        spans = [
+            s.last_frame - s.hello
+            for s in self.sessions.values()
+            if s.hello is not None
+        ]
         up = [
             t.nbytes
             for t in self.srv.ledger.transfers
@@ -246,6 +257,9 @@ class StreamLoop:
             "seconds": 0.0
             if self.first_hello is None
             else self.last_frame - self.first_hello,
+            "session-seconds": max(spans, default=0.0),
+            "windows": sorted({s.window for s in self.sessions.values()}),
+            "realtime": self.opts.realtime,
         }
 
     def _end(self, reply: Message) -> None:
@@ -342,6 +356,7 @@ class StreamLoop:
             if refusal is None:
                 session.context = context
                 session.last_frame = self.last_frame = time.monotonic()
+                session.hello = session.last_frame
                 if self.first_hello is None:
                     self.first_hello = self.last_frame
                 self.srv.ledger.record(node, "up", STREAM_HELLO, len(first))
@@ -374,6 +389,10 @@ class StreamLoop:
             try:
                 content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
                 answer = self.cloud.on_chunk(track, content)
+                if answer is not None and self.opts.realtime:
+                    # the one cloud, at the emulated cloud's speed (only slower)
+                    stretch = self.opts.cloud_factor - 1
+                    time.sleep(max(stretch, 0.0) * answer.cloud_seconds)
             except (FrameError, PayloadError) as err:
                 reason = f"bad frame: {err}"
                 self.failed.append((session, reason))
