@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 
 from tandem.network import (
@@ -447,6 +448,48 @@ def test_variable_links_stay_in_the_seed_ranges_and_are_seeded():
     assert min(link.up.values) >= 5.0 and max(link.up.values) <= 200.0
     assert min(link.rtt.values) >= 0.010 and max(link.rtt.values) <= 0.300
     assert variable_link(3) == link and variable_link(4) != link
+
+
+def _walk_by_hand(rng, lo, hi, n):
+    # seed 004's range as a reflected random walk in log space, step by step
+    x = rng.uniform(math.log(lo), math.log(hi))
+    out = []
+    for _ in range(n):
+        x = x + rng.normal(0.0, 0.25)
+        while not math.log(lo) <= x <= math.log(hi):
+            x = 2 * math.log(lo) - x if x < math.log(lo) else 2 * math.log(hi) - x
+        out.append(math.exp(x))
+    return out
+
+
+def test_variable_link_is_the_reflected_log_walk_by_hand():
+    rng = np.random.default_rng(7)
+    bandwidth = _walk_by_hand(rng, 5.0, 200.0, 600)
+    rtt = [v / 1000 for v in _walk_by_hand(rng, 10.0, 300.0, 600)]
+    link = variable_link(7)  # one step a second for 600 s, then it repeats
+    assert link.name == "variable-7" and link.up == link.down
+    assert link.up.times == tuple(float(i) for i in range(600))
+    assert link.up.period == 600.0 and link.rtt.period == 600.0
+    np.testing.assert_allclose(link.up.values, bandwidth, rtol=1e-12)
+    np.testing.assert_allclose(link.rtt.values, rtt, rtol=1e-12)
+    # 10 s in steps of 2 s: 5 steps, the same draws
+    short = variable_link(7, duration=10.0, step=2.0)
+    assert short.up.times == (0.0, 2.0, 4.0, 6.0, 8.0) and short.up.period == 10.0
+    rng = np.random.default_rng(7)
+    np.testing.assert_allclose(short.up.values, _walk_by_hand(rng, 5, 200, 5))
+    assert len(variable_link(7, duration=0.5).up.values) == 1  # at least one step
+
+
+def test_assign_links_seeds_each_node_and_refuses_an_empty_mix():
+    # a mapping's spec is parsed with seed + index and its index (a trace's
+    # client): variable links differ per node and follow the seed
+    mapped = assign_links([5, 6], {5: "variable", 6: "variable"}, seed=2)
+    assert mapped[5] == variable_link(2) and mapped[6] == variable_link(3)
+    assert assign_links([5, 6], "variable")[6] == variable_link(1)  # seed 0 + 1
+    with pytest.raises(ValueError, match=r"^empty link mix 'mix: ,'$"):
+        assign_links([1], "mix: ,")
+    with pytest.raises(ValueError, match="unknown link profile '3g'"):
+        assign_links([1], "mix:4g,3g")  # a bad member fails if no node draws it
 
 
 def test_assign_links_by_name_mix_and_mapping():
