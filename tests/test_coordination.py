@@ -314,3 +314,57 @@ def test_sync_intervals_at_their_boundaries_by_hand():
         adjust_intervals(np.ones(2), np.array([1, 1, 1]), policy)
     # an interval not given is 1: synced in round 4, due again in round 5
     assert due_devices(5, [7, 8], {7: 4, 8: 4}, {8: 2}) == [7]
+
+
+def test_interval_policy_limits_are_inclusive_and_named():
+    from tandem.coordination import IntervalPolicy
+
+    # stable == threshold and min_interval == max_interval are allowed
+    IntervalPolicy(threshold=1.0, stable=1.0, min_interval=3, max_interval=3)
+    IntervalPolicy(threshold=1.0, stable=0.0)
+    for kwargs, message in [
+        ({"threshold": 0.0, "stable": 0.0}, "threshold must be > 0, got 0.0"),
+        ({"threshold": math.inf}, "threshold must be > 0, got inf"),
+        ({"threshold": math.nan}, "threshold must be > 0, got nan"),
+        ({"stable": 2.0}, "need 0 <= stable <= threshold, got 2.0 and 1.5"),
+        ({"stable": -0.5}, "need 0 <= stable <= threshold, got -0.5 and 1.5"),
+        (
+            {"min_interval": 3, "max_interval": 2},
+            "need 1 <= min_interval <= max_interval, got 3 and 2",
+        ),
+        (
+            {"min_interval": 0},
+            "need 1 <= min_interval <= max_interval, got 0 and 2",
+        ),
+    ]:
+        with pytest.raises(ValueError) as info:
+            IntervalPolicy(**kwargs)
+        assert str(info.value) == message
+
+
+def test_cache_arrays_types_shapes_and_last_index():
+    # values are float32 and rounds int64 whatever the cached dtypes; a cached
+    # update of any shape is flattened into its group's slot
+    cache = {
+        0: CachedUpdate(np.array([[1.0, 2.0], [3.0, 4.0]]), round=2),
+        2: CachedUpdate(np.array([[5.0], [6.0]], np.float16), round=7),
+    }
+    values, rounds = cache_arrays(cache, [4, 1, 2])
+    assert values.dtype == np.float32 and rounds.dtype == np.int64
+    assert values.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0]
+    assert rounds.tolist() == [2, -1, 7]
+    # the first index past the end is outside too
+    with pytest.raises(ValueError) as info:
+        cache_arrays({4: CachedUpdate(np.zeros(3), round=1)}, SIZES)
+    assert str(info.value) == "cache has group index 4 outside [0, 4)"
+
+
+def test_aggregation_weights_are_float64_for_float32_inputs():
+    # the inputs are read as float64: float32 inputs give the float64 weights
+    w = aggregation_weights(
+        np.array([1, 1, 1], np.float32),
+        np.array([1.0, 1.0, 1.0], np.float32),
+        np.array([0.0, 0.0, 0.0], np.float32),
+    )
+    assert w.dtype == np.float64
+    assert w.tolist() == [1 / 3, 1 / 3, 1 / 3]

@@ -258,3 +258,36 @@ def test_arrays_for_another_hidden_width_are_rejected():
     with pytest.raises(PredictorError, match="shape"):
         predictor_from_arrays(arrays)
     assert predictor_from_arrays(arrays, hidden=8) is not None
+
+
+def test_hostile_arrays_rules_are_exact():
+    # the rule each refusal states, word for word, and kept on the error
+    keys = sorted(predictor_to_arrays(ImportancePredictor()))
+    for kind, rule in [
+        ("unknown", f"unknown key (expected: {keys})"),
+        ("missing", "missing"),
+        ("list", "is a list, not an ndarray"),
+        ("float64", "dtype float64, expected float32"),
+        ("shape", "shape (16, 7), expected (16, 8)"),
+        ("nan", "has non-finite values"),
+        ("alpha", "must be in [0, 1], got 2.0"),
+    ]:
+        arrays, key = _hostile(kind)
+        with pytest.raises(PredictorError) as info:
+            predictor_from_arrays(arrays)
+        assert info.value.rule == rule
+        assert str(info.value) == f"predictor array '{key}': {rule}"
+
+
+def test_alpha_bounds_are_inclusive_and_arrays_are_copies():
+    # α = 0 and α = 1 (the two single-branch ablations) load
+    for alpha in (0.0, 1.0):
+        arrays = predictor_to_arrays(ImportancePredictor(alpha=alpha))
+        assert float(predictor_from_arrays(arrays).alpha) == alpha
+    # the exported arrays do not share memory with the module they came from
+    predictor = ImportancePredictor(alpha=0.3, seed=1)
+    arrays = predictor_to_arrays(predictor)
+    arrays["alpha"][0] = 1.0
+    arrays["temporal_variance.weight"][0, 0] = 42.0
+    assert float(predictor.alpha) == pytest.approx(0.3)
+    assert float(predictor.temporal_variance.weight) != 42.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -251,3 +252,90 @@ def test_encode_link_needs_shared_steps_and_repeats_constants():
     other_period = Trace((0.0, 5.0), (8.0, 4.0), 12.0)
     with pytest.raises(ValueError, match="do not share their steps"):
         encode_link(LinkProfile("bad", steps, other_period, Trace.constant(0.1)))
+
+
+def test_rates_spec_messages_name_the_spec_and_the_part():
+    # each part's message names the whole spec, the part and its units
+    for spec, message in [
+        ("2mb/8mbit/10ms", "uplink '2mb' is not a number with a unit "),
+        ("2mbit/8/10ms", "downlink '8' is not a number with a unit "),
+        ("2mbit/8mbit/10", "RTT '10' is not a number with a unit "),
+    ]:
+        units = "(ms, s)" if message.startswith("RTT") else "(kbit, mbit, gbit)"
+        expected = f"link spec {spec!r}: {message}{units}"
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+            parse_rates(spec)
+    with pytest.raises(
+        ValueError, match=r"^link spec '1mbit/0mbit/10ms': bandwidths must be > 0$"
+    ):
+        parse_rates("1mbit/0mbit/10ms")
+    # a downlink below 1 Mbit/s is fine
+    assert parse_rates("1mbit/500kbit/10ms") == (1.0, 0.5, pytest.approx(0.01))
+
+
+def test_parse_link_messages_seed_and_length_bound(tmp_path):
+    assert parse_link("variable") == variable_link(0)  # seed 0 by default
+    known = "4g, 5g, lan, wifi, variable"
+    expected = (
+        f"unknown link profile '3g' (known: {known}; or UP/DOWN/RTT such as "
+        "2mbit/8mbit/120ms, or trace:<file>)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        parse_link("3g")
+    # at most 65536 characters: one more is refused before parsing
+    with pytest.raises(ValueError, match=r"^unknown link profile 'xxx"):
+        parse_link("x" * 65536)
+    with pytest.raises(
+        ValueError, match=r"^link spec of 65537 characters \(at most 65536\)$"
+    ):
+        parse_link("x" * 65537)
+    # a missing file: the OS's reason alone, not the errno and path again
+    spec = f"trace:{tmp_path / 'missing.csv'}"
+    with pytest.raises(TraceError) as info:
+        parse_link(spec)
+    assert str(info.value) == f"link spec {spec!r}: No such file or directory"
+
+
+def test_inline_table_messages():
+    with pytest.raises(
+        ValueError,
+        match=r"^link spec table row '0,1,2': expected t,up_mbps,down_mbps,rtt_ms$",
+    ):
+        parse_link("table:0,1,2")
+    with pytest.raises(
+        ValueError, match=r"^link spec table: the first time must be 0, got 5\.0$"
+    ):
+        parse_link("table:5,1,1,10")
+
+
+def test_link_trace_layout_details(tmp_path):
+    path = tmp_path / "link.csv"
+    where = re.escape(str(path))
+    # a two-column trace is named after its file
+    path.write_text("0,10\n1,20\n")
+    assert parse_link(f"trace:{path}").name == f"trace:{path}"
+    # a first row with a number first is data, whatever its other cells
+    path.write_text("0,fast,8,100\n")
+    with pytest.raises(TraceError, match=rf"^{where}:1: not numbers"):
+        load_link_trace(path)
+    # a header with an empty name names no column
+    path.write_text("time,up,down,\n0,1,1,10\n")
+    with pytest.raises(TraceError, match=rf"^{where}:1: header .* must name time"):
+        load_link_trace(path)
+    # a header and no rows
+    path.write_text("time,up,down,rtt\n")
+    with pytest.raises(TraceError, match=rf"^{where}: no rows$"):
+        load_link_trace(path)
+
+
+def test_link_option_check_accepts_what_the_run_parses():
+    from tandem.network import link_option_check
+
+    check = link_option_check("simultrain-link")
+    assert check("4g") is True and check("mix:4g,2mbit/8mbit/120ms") is True
+    with pytest.raises(ConfigError) as info:
+        check("3g")
+    err = info.value
+    assert (err.key, err.value) == ("simultrain-link", "3g")
+    assert err.rule.startswith("unknown link profile '3g' (known: 4g, 5g")
+    assert str(err).startswith("run config 'simultrain-link' = '3g': unknown link")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -616,3 +617,185 @@ def test_gflops_probe_defaults_and_its_private_generator(monkeypatch):
     assert torch.equal(torch.get_rng_state(), global_state)
     expected = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     assert firsts[0] == float(expected[0, 0])
+
+
+def test_trace_step_boundaries_and_exact_integration_by_hand():
+    # the next boundary strictly after t: a periodic trace counts whole
+    # periods, a non-periodic one from 0, a single step repeating each period
+    periodic = Trace((0.0, 1.0), (0.0, 10.0), period=2.0)
+    assert [periodic._next_change(t) for t in (0.0, 0.5, 2.5, 3.0)] == [
+        1.0,
+        1.0,
+        3.0,
+        4.0,
+    ]
+    assert Trace((0.0, 5.0), (1.0, 2.0))._next_change(2.0) == 5.0
+    assert Trace((0.0, 5.0), (1.0, 2.0))._next_change(7.0) == math.inf
+    assert Trace((0.0,), (5.0,), period=2.0)._next_change(3.0) == 4.0
+    assert Trace.constant(5.0)._next_change(3.0) == math.inf
+    # rates below 1 Mbit/s count: 1 Mbit at 0.5 Mbit/s is 2 s; 0.5 Mbit in
+    # [0, 1] then 2 Mbit at 2 Mbit/s is 2 s
+    assert Trace.constant(0.5).integrate_until(0.0, 1.0) == 2.0
+    assert Trace((0.0, 1.0), (0.5, 2.0)).integrate_until(0.0, 2.5) == 2.0
+    # nothing to send takes no time, even on a stalled link
+    assert Trace.constant(0.0).integrate_until(5.0, 0.0) == 0.0
+    with pytest.raises(
+        ValueError, match=r"^a zero-bandwidth link never delivers the message$"
+    ):
+        Trace.constant(0).integrate_until(0.0, 1.0)
+
+
+def test_trace_validation_messages_and_constants():
+    # each malformed trace is refused with its own message
+    cases = [
+        (((), ()), r"^a trace needs as many times as values, at least one$"),
+        (((0.0, 1.0), (1.0,)), r"^a trace needs as many times as values, at least"),
+        (((1.0,), (1.0,)), r"^a trace starts at time 0, not 1\.0$"),
+        (((0.0, 2.0, 2.0), (1.0,) * 3), r"^trace times must increase strictly$"),
+        (((0.0, 2.0, 1.0), (1.0,) * 3), r"^trace times must increase strictly$"),
+        (((0.0,), (-1.0,)), r"^trace values must be finite and >= 0$"),
+        (((0.0,), (math.inf,)), r"^trace values must be finite and >= 0$"),
+        (((0.0, 1.0), (1.0, 1.0), 1.0), r"^the period must exceed the last step's"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Trace(*args)
+    # a zero value, a value below 1 and a period just past the last step are fine
+    assert Trace((0.0, 1.0), (0.0, 0.5), 1.5).at(1.2) == 0.5
+    assert Trace((0.0, 1.0, 3.0), (1.0, 2.0, 3.0)).at(2.0) == 2.0
+    assert Trace.constant(7) == Trace((0.0,), (7.0,), math.inf)
+    # LinkProfile.fixed: Mbit/s as given, milliseconds to seconds, no jitter
+    link = LinkProfile.fixed("f", 3, 4, 250)
+    assert link == LinkProfile(
+        "f", Trace.constant(3), Trace.constant(4), Trace.constant(0.25), 0.0
+    )
+    assert LinkProfile.fixed("j", 1, 1, 0, jitter_ms=20).jitter == 0.02
+
+
+def test_jitter_is_drawn_from_the_given_generator_only():
+    # no generator: no jitter, RTT/2 + 1 MB over 100 Mbit/s
+    wifi = PRESETS["wifi"]
+    assert wifi.one_way_seconds("up", MB, 0.0) == pytest.approx(0.0825, abs=1e-12)
+    # with one: RTT/2 + max(0, N(0, jitter)), the first draw of seed 0 being
+    # positive; a jitter-free link draws nothing from a shared generator
+    jittery = LinkProfile.fixed("j", 8, 8, 30, jitter_ms=500)
+    draw = np.random.default_rng(0).normal(0.0, 0.5)
+    assert draw > 0
+    rng = np.random.default_rng(0)
+    assert _unit_link().delay_seconds(0.0, rng) == 0.0
+    assert jittery.delay_seconds(0.0, rng) == pytest.approx(0.015 + draw, abs=1e-12)
+    rng = np.random.default_rng(0)
+    assert jittery.one_way_seconds("up", MB, 0.0, rng) == pytest.approx(
+        1.015 + draw, abs=1e-12
+    )
+
+
+def test_clock_defaults_directions_and_utilization_horizons():
+    asym = LinkProfile.fixed("asym", 1, 8, 0)  # 1 MB: 8 s up, 1 s down
+    clock = VirtualClock({0: asym})
+    up, down = clock.transfer(0, "up", MB), clock.transfer(0, "down", MB)
+    assert (up.name, up.resource, up.seconds) == ("transfer", "up:0", 8.0)
+    assert (down.name, down.resource, down.seconds) == ("transfer", "down:0", 1.0)
+    with pytest.raises(
+        ValueError, match=r"^direction must be 'up' or 'down', not 'sideways'$"
+    ):
+        clock.transfer(0, "sideways", MB)
+    clock = VirtualClock({})
+    edge = clock.compute("edge:0", 1.0)
+    assert (edge.name, edge.start, edge.end) == ("compute", 0.0, 1.0)
+    clock.compute("cloud", 4.0)
+    # busy shares of [0, until]; until defaults to the makespan (4 s)
+    assert clock.utilization() == {"edge": 0.25, "cloud": 1.0}
+    assert clock.utilization(until=2.0) == {"edge": 0.5, "cloud": 1.0}
+    assert clock.utilization(until=0.5) == {"edge": 1.0, "cloud": 1.0}
+    assert clock.utilization(until=0.0) == {}
+    assert VirtualClock({}).utilization() == {}
+
+
+def test_estimator_updates_by_hand_and_ignores_empty_transfers():
+    # the first observation is taken as is: 1 MB in 0.4 s (no RTT) = 20 Mbit/s
+    est = BandwidthEstimator()
+    assert est.observe(0, 1.0) == 0.0  # nothing yet, nothing sent: 0
+    assert est.observe(MB, 0.4) == pytest.approx(20.0)
+    # then estimate += 0.3 * (observed - estimate): 1 byte in 8 us = 1 Mbit/s
+    assert est.observe(1, 8e-6) == pytest.approx(20.0 + 0.3 * (1.0 - 20.0))
+    assert est.observations == 2
+    # no bytes, or no time left once the RTT share is removed: unchanged
+    assert est.observe(0, 1.0) == pytest.approx(14.3)
+    assert est.observe(1000, 0.01, rtt=0.02) == pytest.approx(14.3)
+    assert est.observe(1000, 0.01, rtt=0.04) == pytest.approx(14.3)
+    assert est.observations == 2
+    # a starting estimate is smoothed from the first observation: 5 -> 6.5
+    seeded = BandwidthEstimator(smoothing=0.3, initial_mbps=5.0)
+    assert seeded.observe(MB, 0.8) == pytest.approx(5.0 + 0.3 * (10.0 - 5.0))
+    # smoothing 1 follows each observation; above 1 is refused
+    full = BandwidthEstimator(smoothing=1.0, initial_mbps=5.0)
+    assert full.observe(MB, 0.8) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match=r"^smoothing must lie in \(0, 1\], got 1\.5$"):
+        BandwidthEstimator(smoothing=1.5)
+
+
+def test_csv_trace_edge_cases(tmp_path):
+    path = tmp_path / "t.csv"
+    # indented comments and rows of empty cells are skipped; zero and
+    # sub-1 Mbit/s rates are allowed; two rows repeat after 2 x 1 s
+    path.write_text("0,0\n  # a comment\n,\n1,0.5\n")
+    trace = load_trace_csv(path)
+    assert trace.times == (0.0, 1.0) and trace.values == (0.0, 0.5)
+    assert trace.period == 2.0
+    path.write_text("0,7\n")  # one row: constant
+    assert load_trace_csv(path) == Trace((0.0,), (7.0,), math.inf)
+    # a first row with a number first is data, not a header
+    path.write_text("0,fast\n1,5\n")
+    with pytest.raises(TraceError, match=rf"^{re.escape(str(path))}:1: not numbers"):
+        load_trace_csv(path)
+    path.write_text("0,1\n0,2\n")  # a repeated time
+    with pytest.raises(TraceError, match=r":2: time 0\.0 does not increase$"):
+        load_trace_csv(path)
+    path.write_text("time_s,mbps\n")
+    with pytest.raises(TraceError, match=rf"^{re.escape(str(path))}: no rows$"):
+        load_trace_csv(path)
+
+
+def test_fedscale_capacity_entries_by_hand(tmp_path):
+    js = tmp_path / "cap.json"
+    where = re.escape(str(js))
+    # 0.5 kbit/s is a (slow) capacity; an entry that is not an object, a
+    # string, NaN, zero or negative capacity is refused naming the client
+    js.write_text(json.dumps({"a": {"communication": 0.5}}))
+    assert load_fedscale_capacity(js)["a"].at(0) == pytest.approx(0.0005)
+    for entry, shown in [
+        (5, "None"),
+        ({"communication": "fast"}, "'fast'"),
+        ({"communication": math.nan}, "nan"),
+        ({"communication": 0}, "0"),
+        ({}, "None"),
+    ]:
+        js.write_text(json.dumps({"a": entry}))
+        message = rf"^{where}: client a: bad 'communication' {shown}$"
+        with pytest.raises(TraceError, match=message):
+            load_fedscale_capacity(js)
+    js.write_text("[1, 2]")
+    with pytest.raises(
+        TraceError, match=rf"^{where}: expected an object of client id -> capacity$"
+    ):
+        load_fedscale_capacity(js)
+    cs = tmp_path / "cap.csv"
+    where = re.escape(str(cs))
+    # a first row whose last cell is a number is data (its computation blank)
+    cs.write_text("7,,2000\n8,1,0.5\n")
+    caps = load_fedscale_capacity(cs)
+    assert list(caps) == ["7", "8"]
+    assert caps["7"].at(0) == 2.0 and caps["8"].at(0) == pytest.approx(0.0005)
+    for row, line, why in [
+        ("9,1,0", 2, "communication must be > 0 kbit/s"),
+        ("9,1,-5", 2, "communication must be > 0 kbit/s"),
+        ("9,1,inf", 2, "communication must be > 0 kbit/s"),
+        ("9,1", 2, "expected 'client_id,computation,communication'"),
+    ]:
+        cs.write_text(f"client_id,computation,communication\n{row}\n")
+        with pytest.raises(TraceError, match=rf"^{where}:{line}: {why}$"):
+            load_fedscale_capacity(cs)
+    cs.write_text("client_id,computation,communication\n")
+    with pytest.raises(TraceError, match=rf"^{where}: no clients$"):
+        load_fedscale_capacity(cs)

@@ -11,6 +11,7 @@ from tandem.schedules import (
     NodeRound,
     exchanges_from_records,
     steady_exchanges,
+    steady_seconds,
     sync_rounds_from_records,
 )
 
@@ -145,3 +146,47 @@ def test_only_plan_events_give_local_steps():
     ]
     (rnd,) = sync_rounds_from_records(records)
     assert rnd.nodes[5] == NodeRound(10, 0.5, 20)
+
+
+def test_steady_seconds_refuses_no_samples():
+    with pytest.raises(ValueError, match=r"^no samples$"):
+        steady_seconds([])
+
+
+def test_sync_rounds_defaults_and_steadying_by_hand():
+    def part(rnd, node, seconds):
+        return {
+            "event": "bytes",
+            "round": rnd,
+            "node-id": node,
+            "bytes-down": 8,
+            "bytes-up": 4,
+            "edge-seconds": seconds,
+        }
+
+    # two nodes with the same bytes keep their own compute (steadied per
+    # node); round 1's event has no cloud-seconds (0 s), round 2 no "round"
+    # event (cloud 0 s), round 3 no bytes (no nodes)
+    records = [
+        part(1, 1, 1.0),
+        part(1, 2, 3.0),
+        {"event": "round", "round": 1},
+        part(2, 1, 1.0),
+        part(2, 2, 3.0),
+        {"event": "round", "round": 3, "cloud-seconds": 0.0},
+    ]
+    rounds = sync_rounds_from_records(records)
+    assert [r.round for r in rounds] == [1, 2, 3]
+    assert [r.cloud_seconds for r in rounds] == [0.0, 0.0, 0.0]
+    assert rounds[2].nodes == {}
+    assert [r.nodes[2].edge_seconds for r in rounds[:2]] == [3.0, 3.0]
+    assert [r.nodes[1].edge_seconds for r in rounds[:2]] == [1.0, 1.0]
+    # the cloud's seconds are steadied over rounds, and only when asked
+    clouds = [
+        {"event": "round", "round": r, "cloud-seconds": s}
+        for r, s in enumerate([1.0, 1.0, 1.0, 9.0], start=1)
+    ]
+    steady = [r.cloud_seconds for r in sync_rounds_from_records(clouds)]
+    assert steady == [1.0] * 4
+    raw = sync_rounds_from_records(clouds, steady=False)
+    assert [r.cloud_seconds for r in raw] == [1.0, 1.0, 1.0, 9.0]

@@ -231,3 +231,21 @@ def test_layout_of_a_trusted_record():
         {"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.zeros(4, np.int64))}
     )
     assert layout_of(record) == {"w": ((2, 3), "float32"), "n": ((4,), "int64")}
+
+
+def test_read_array_messages_name_the_type_and_the_header():
+    # data that is not bytes is named by its type; numpy's own header error is
+    # named by its class; a header shape numpy accepts but is negative is refused
+    # by our own shape check, which says it came from the npy header
+    not_bytes = Array(np.zeros(2, np.float32))
+    not_bytes.data = "abcd"
+    with pytest.raises(PayloadError, match=r"^array 'k' data is a str, not bytes$"):
+        read_array(not_bytes, "k")
+    with pytest.raises(
+        PayloadError, match=r"^array 'k': bad npy header \(ValueError\)$"
+    ):
+        read_array(_forged("float32", (3,), b""), "k")
+    negative = _forged("float32", (1,), _header("<f4", (-1,)) + b"\0" * 4)
+    message = "array 'k' npy header shape (-1,) is not a shape"
+    with pytest.raises(PayloadError, match=f"^{re.escape(message)}$"):
+        read_array(negative, "k")
