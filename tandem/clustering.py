@@ -185,7 +185,7 @@ def choose_n_clusters(
         raise ValueError(f"min_silhouette must be in [-1, 1], got {min_silhouette}")
     points = _embed(updates, profiles, profile_weight)
     best_k, best_score = 1, -np.inf
-    for k in range(2, min(max_clusters, updates.shape[1] - 1) + 1):
+    for k in range(2, min(max_clusters, updates.shape[0] - 1) + 1):
         labels = cluster_devices(
             updates, k, seed=seed, profiles=profiles, profile_weight=profile_weight
         )

@@ -126,7 +126,10 @@ def test_cluster_average_checks_name_what_is_wrong():
             "weights must be finite and non-negative",
         ),
         ((weights, np.array([0, 1, -1, 0])), "labels must be non-negative integers"),
-        ((weights, np.array([0.0, 1.0, 1.0, 0.0])), "labels must be non-negative integers"),
+        (
+            (weights, np.array([0.0, 1.0, 1.0, 0.0])),
+            "labels must be non-negative integers",
+        ),
         # labels up to 3 need 4 clusters: 3 is one short
         ((weights, labels, 3), "n_clusters = 3 but labels go up to 3"),
     ]:
@@ -181,6 +184,14 @@ def test_embed_by_hand():
     updates = np.array([[3.0, 4.0], [0.0, 0.0], [0.3, 0.4], [0.0, -2.0]])
     unit = [[0.6, 0.8], [0.0, 0.0], [0.6, 0.8], [0.0, -1.0]]
     np.testing.assert_allclose(_embed(updates, None, 1.0), unit, rtol=1e-15)
+    # zero rows are written as zeros, not left as whatever memory held (a
+    # size at which numpy reuses a freed, dirty buffer for the result)
+    for shape in [(8, 32), (4, 64), (3, 200)]:
+        many = np.random.default_rng(0).normal(size=shape)
+        many[[0, -1]] = 0.0
+        out = _embed(many, None, 1.0)
+        assert not out[[0, -1]].any()
+        np.testing.assert_allclose(np.linalg.norm(out[1:-1], axis=1), 1.0)
     # profile columns standardized each on its own (mean, population std); a
     # constant column gives zeros; the block is scaled by weight / sqrt(p) = 3/2
     profiles = np.array(
@@ -197,7 +208,8 @@ def test_embed_by_hand():
     )
     np.testing.assert_array_equal(_embed(updates, profiles, 0.0)[:, 2:], 0.0)
     np.testing.assert_array_equal(
-        _embed(updates, profiles, 0.5), _embed(updates, profiles, 1.0) * [1, 1, *[0.5] * 4]
+        _embed(updates, profiles, 0.5),
+        _embed(updates, profiles, 1.0) * [1, 1, *[0.5] * 4],
     )
 
 
@@ -290,8 +302,9 @@ def test_profile_weight_defaults_to_one_and_reaches_the_silhouette():
     by_updates, by_profiles = [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]
     assert cluster_devices(updates, 2, seed=0, profiles=profiles).tolist() == by_updates
     assert (
-        cluster_devices(updates, 2, seed=0, profiles=profiles, profile_weight=2.0)
-        .tolist()
+        cluster_devices(
+            updates, 2, seed=0, profiles=profiles, profile_weight=2.0
+        ).tolist()
         == by_profiles
     )
     # k = 2 only: silhouette 0.52 at weight 1 (the default), 0.62 at weight 2;
@@ -317,3 +330,44 @@ def test_choose_n_clusters_bounds_by_hand():
     # never more clusters than max_clusters, even when three are planted
     updates, _ = _planted(0)
     assert choose_n_clusters(updates, 2, seed=0) == 2
+
+
+def test_choose_n_clusters_tries_each_k_as_cluster_devices(monkeypatch):
+    # every k from 2 to K − 1 (capped by max_clusters) is clustered by
+    # cluster_devices with the caller's seed, profiles and weight
+    import tandem.clustering as clustering
+
+    calls = []
+    real = clustering.cluster_devices
+
+    def spy(updates, k, **kwargs):
+        calls.append((k, kwargs))
+        return real(updates, k, **kwargs)
+
+    monkeypatch.setattr(clustering, "cluster_devices", spy)
+    updates, profiles = _profile_tradeoff()
+    choose_n_clusters(updates, 10, seed=3, profiles=profiles, profile_weight=2.0)
+    assert [k for k, _ in calls] == [2, 3, 4, 5, 6, 7]
+    for _, kwargs in calls:
+        assert kwargs["seed"] == 3 and kwargs["profile_weight"] == 2.0
+        assert kwargs["profiles"] is profiles
+    calls.clear()
+    choose_n_clusters(updates, 4, seed=3)
+    assert [k for k, _ in calls] == [2, 3, 4]
+
+
+def test_kmeans_runs_on_one_thread(monkeypatch):
+    # the documented single-thread limit around k-means (speed on busy cores)
+    import tandem.clustering as clustering
+
+    limits = []
+    real = clustering.threadpool_limits
+
+    def spy(**kwargs):
+        limits.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(clustering, "threadpool_limits", spy)
+    updates, _ = _planted(0)
+    cluster_devices(updates, 3, seed=0)
+    assert limits == [{"limits": 1}]

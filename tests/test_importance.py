@@ -290,4 +290,4 @@ def test_alpha_bounds_are_inclusive_and_arrays_are_copies():
     arrays["alpha"][0] = 1.0
     arrays["temporal_variance.weight"][0, 0] = 42.0
     assert float(predictor.alpha) == pytest.approx(0.3)
-    assert float(predictor.temporal_variance.weight) != 42.0
+    assert predictor.temporal_variance.weight.item() != 42.0
