@@ -143,6 +143,10 @@ def test_bench_simultrain_quick(tmp_path):
         (profile,) = labels[label]
         assert set(m["realtime_seconds_per_step"]) == {profile}
         assert m["realtime_seconds_per_step"][profile] > 0
+        # the replay with the cloud at this machine's speed, which real time
+        # runs at: no faster than the replay with the emulated T4
+        host = m["replay_host_cloud_seconds_per_step"][profile]
+        assert host >= m["emulated_seconds_per_step"][profile] > 0
     for label in ("syncsgd", "splitsync"):  # not streamed / not per profile
         assert "realtime_seconds_per_step" not in results["methods"][label]
     split = results["methods"]["simultrain@4g"]

@@ -386,6 +386,10 @@ def assumptions(
             "cloud faster than this machine cannot be emulated: its compute "
             "counts at this machine's speed)"
         ),
+        "replay_host_cloud_seconds_per_step": (
+            "the real-time runs replayed with the cloud at this machine's speed "
+            "(factor max(1, cloud factor)): what real time is compared with"
+        ),
         "pipeline_efficiency": (
             "bound / achieved: the busiest resource's (one edge, one link "
             "direction, the cloud) busy time / the emulated run time; 1 = a "

@@ -9,6 +9,7 @@ events on the virtual clock under each link profile.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import statistics
@@ -253,25 +254,37 @@ def _emulate(run: RunRecord, profile: str, opts: BenchOptions) -> dict[str, Any]
 
 
 def _realtime_figures(
-    good: Sequence[RunRecord], variant: Variant, per_edge: int
+    good: Sequence[RunRecord], variant: Variant, per_edge: int, opts: BenchOptions
 ) -> dict[str, Any]:
     """``realtime_seconds_per_step`` of a variant's real-time stream runs.
 
     The ``stream`` event's longest session (its hello to its last frame) /
     steps per edge, under the profile the variant ran on; nothing when its
-    runs were not paced (or not streamed).
+    runs were not paced (or not streamed). Beside it,
+    ``replay_host_cloud_seconds_per_step``: the same runs replayed with the
+    cloud at this machine's speed (factor ``max(1, cloud factor)``), which is
+    all real time can emulate of a faster cloud: the like-for-like check of
+    the replay's schedule.
     """
-    seconds = [
-        rec["session-seconds"]
+    paced = [
+        (r, rec["session-seconds"])
         for r in good
         for rec in r.records
         if rec["event"] == "stream" and rec.get("realtime")
     ]
-    if not seconds or variant.profile is None:
+    if not paced or variant.profile is None:
         return {}
+    host_cloud = dataclasses.replace(
+        opts, local_gflops_cloud=max(opts.local_gflops_cloud, opts.cloud.gflops)
+    )
+    replayed = [_emulate(r, variant.profile, host_cloud)["total"] for r, _ in paced]
+    seconds = [s for _, s in paced]
     return {
         "realtime_seconds_per_step": {variant.profile: _mean(seconds) / per_edge},
         "realtime_seconds_per_seed": {variant.profile: seconds},
+        "replay_host_cloud_seconds_per_step": {
+            variant.profile: _mean(replayed) / per_edge
+        },
     }
 
 
@@ -334,7 +347,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 },
                 "steps_per_edge": per_edge,
                 "emulated_seconds_per_step": per_step,
-                **_realtime_figures(good, variant, per_edge),
+                **_realtime_figures(good, variant, per_edge, opts),
                 "pipeline_efficiency": {
                     p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
                 },
