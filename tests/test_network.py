@@ -549,8 +549,9 @@ def test_gflops_probe_counts_2n3_flops_per_product_and_restores_threads(monkeypa
 
     import torch
 
-    ticks = iter([10.0, 10.5])  # the timed loop takes 0.5 s on a fake clock
-    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    ticks = iter([10.0, 10.5])  # the timed loop takes 0.5 s of thread CPU time
+    monkeypatch.setattr(time, "thread_time", lambda: next(ticks))
+    monkeypatch.setattr(time, "perf_counter", lambda: 1 / 0)  # not the wall
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen: list[int] = []
@@ -569,6 +570,12 @@ def test_gflops_probe_counts_2n3_flops_per_product_and_restores_threads(monkeypa
     # 5 products of 8x8 matrices: 5 * 2 * 8**3 FLOP in 0.5 s
     assert gflops == pytest.approx(5 * 2 * 8**3 / 0.5 / 1e9)
     assert seen == [1] * 6  # one warm-up product, then 5 timed, on 1 thread
+    # several threads: the wall clock (their CPU seconds add up)
+    walls = iter([3.0, 3.25])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(walls))
+    monkeypatch.setattr(time, "thread_time", lambda: 1 / 0)
+    gflops = measure_local_gflops(size=8, repeats=5, threads=2)
+    assert gflops == pytest.approx(5 * 2 * 8**3 / 0.25 / 1e9)
 
 
 def test_a_message_waits_for_the_gradients_it_carries():
@@ -595,7 +602,7 @@ def test_gflops_probe_defaults_and_its_private_generator(monkeypatch):
     import torch
 
     ticks = iter([0.0, 2.0])
-    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(time, "thread_time", lambda: next(ticks))
     shapes: list[tuple[int, ...]] = []
     firsts: list[float] = []
     real_matmul = torch.Tensor.__matmul__
