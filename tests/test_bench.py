@@ -131,7 +131,7 @@ def test_bench_simultrain_quick(tmp_path):
     for label, m in results["methods"].items():
         assert m["steps_per_edge"] == 50, label
         assert set(m["emulated_seconds_per_step"]) == labels[label]
-        assert m["emulated_seconds_per_step"]["4g"] > 0, label
+        assert all(t > 0 for t in m["emulated_seconds_per_step"].values()), label
         assert m["bytes_up_per_step"] > 0, label
         assert set(m["bandwidth_time_product_per_step"]) == labels[label]
         assert all(0 < e <= 1 for e in m["pipeline_efficiency"].values()), label
