@@ -250,6 +250,14 @@ class _SpyScores:
         self.calls.append((predictor, temporal, structural))
         return self.scores
 
+    def check_one_call(self, predictor, history, structural):
+        """Called once, with ``predictor`` and the features of ``history``
+        and of ``structural``."""
+        [(given, temporal, seen)] = self.calls
+        assert given is predictor
+        np.testing.assert_array_equal(temporal, temporal_features(history))
+        np.testing.assert_array_equal(seen, structural)
+
 
 def test_compress_update_scores_with_the_predictor(monkeypatch):
     """The predictor gets the updated history and the *global weights'*
@@ -270,10 +278,7 @@ def test_compress_update_scores_with_the_predictor(monkeypatch):
         predictor,
     )
     assert out.codecs.tolist() == [1, 0]
-    [(given, temporal, structural)] = spy.calls
-    assert given is predictor
-    np.testing.assert_array_equal(temporal, temporal_features(state.history))
-    np.testing.assert_array_equal(structural, layout.structural(weights))
+    spy.check_one_call(predictor, state.history, layout.structural(weights))
 
 
 def test_compress_update_kept_fraction_and_groups_sent_by_hand():
@@ -428,10 +433,7 @@ def test_compress_downlink_scores_with_the_predictor(monkeypatch):
         predictor=predictor,
     )
     assert out.codecs.tolist() == [0, 1]
-    [(given, temporal, structural)] = spy.calls
-    assert given is predictor
-    np.testing.assert_array_equal(temporal, temporal_features(replica.history))
-    np.testing.assert_array_equal(structural, layout.structural(target))
+    spy.check_one_call(predictor, replica.history, layout.structural(target))
 
 
 def test_apply_downlink_checks_held_model_budget_and_names_groups():
