@@ -918,21 +918,29 @@ def _cluster_models(
     final: ArrayRecord,
 ) -> tuple[dict[int, np.ndarray], float]:
     """Step 3 of :func:`personalize`: ``θ_T + ū_c`` per cluster, and the gap
-    between the hierarchical aggregate and the final global model."""
+    between the hierarchical aggregate and the final global model.
+
+    ``nodes`` are the devices with a recent update (a device on a longer sync
+    interval brings the one from its last sync). The gap is the identity
+    check of eq. 8 over the devices of the last round only: their weighted
+    updates, aggregated cluster by cluster, rebuild the final model.
+    """
     count = int(labels.max()) + 1
-    omega = np.array([strategy.last_weights[n] for n in nodes])
+    omega = np.array([strategy.recent_updates[n][1] for n in nodes])
     averages = cluster_average(matrix, omega, labels, count)
     base = strategy.current.astype(np.float64)  # θ the last round started from
     final_flat = layout.flat({key: a.numpy() for key, a in final.items()})
-    gap = float(
-        np.max(
-            np.abs(
-                base
-                + hierarchical_aggregate(averages.means, averages.weights)
-                - final_flat
-            )
+    last = np.array([n in strategy.last_updates for n in nodes])
+    gap = 0.0
+    if last.any():
+        in_last = cluster_average(
+            matrix[last],
+            np.array([strategy.last_weights[n] for n in np.asarray(nodes)[last]]),
+            labels[last],
+            count,
         )
-    )
+        rebuilt = base + hierarchical_aggregate(in_last.means, in_last.weights)
+        gap = float(np.max(np.abs(rebuilt - final_flat)))
     models = {c: (base + averages.means[c]).astype(np.float32) for c in range(count)}
     return models, gap
 
@@ -1076,7 +1084,9 @@ def personalize(
 
     Steps (the module docstring has the why):
 
-    1. Updates ``û_k`` of the last round, one row per device; optionally the
+    1. Each device's most recent update ``û_k`` (from the last round it
+       synced in: dynamic sync lets a device skip rounds), one row per
+       device; optionally the
        log of each device's bandwidth estimate as a profile column.
     2. ``k`` by silhouette (``acesync-clusters = 0``) or as given; k-means
        (:func:`_cluster_labels`).
@@ -1099,13 +1109,13 @@ def personalize(
     opts: AceSyncOptions = strategy.options
     if strategy.hierarchy is not None and strategy.layout is not None:
         return _trained_clusters(srv, strategy, final)
-    updates = strategy.last_updates
-    if opts.clusters == 1 or len(updates) < 2 or strategy.layout is None:
+    recent = strategy.recent_updates
+    if opts.clusters == 1 or len(recent) < 2 or strategy.layout is None:
         return {}
     layout = strategy.layout
-    nodes = sorted(updates)
-    # 1-3. clusters and their models
-    matrix = np.stack([updates[n].update for n in nodes]).astype(np.float64)
+    nodes = sorted(recent)
+    # 1-3. clusters and their models (each device's most recent update)
+    matrix = np.stack([recent[n][0].update for n in nodes]).astype(np.float64)
     labels = _cluster_labels(strategy, nodes, matrix)
     count = int(labels.max()) + 1
     models, global_gap = _cluster_models(strategy, layout, nodes, matrix, labels, final)

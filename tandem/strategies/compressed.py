@@ -394,6 +394,10 @@ class CompressedUpdates(Strategy):
         self.bytes_down: dict[int, int] = {}
         self.last_updates: dict[int, DecodedUpdate] = {}
         self.last_weights: dict[int, float] = {}
+        #: Each device's most recent accepted update and its ``ω`` (a device on
+        #: a longer sync interval keeps the one from its last sync; a device
+        #: that missed a reply is dropped).
+        self.recent_updates: dict[int, tuple[DecodedUpdate, float]] = {}
         #: Rounds done before this strategy started (a resumed run): Flower
         #: counts its rounds from 1, plans and caches use the run's rounds.
         self.round_offset = 0
@@ -780,6 +784,7 @@ class CompressedUpdates(Strategy):
                 self.on_dropout(server_round, node, why)
         for node in missing_replies(self._plans, replies):
             self.forget(node)
+            self.recent_updates.pop(node, None)
         stop_if_all_failed(server_round, self._plans, app_errors(self._plans, replies))
         updates, messages = self.decode_replies(server_round, replies)
         if not updates:
@@ -801,6 +806,9 @@ class CompressedUpdates(Strategy):
         self.last_weights = {
             u.node_id: float(w) for u, w in zip(updates, omega, strict=True)
         }
+        self.recent_updates.update(
+            (u.node_id, (u, float(w))) for u, w in zip(updates, omega, strict=True)
+        )
         if arrays is not None:
             current = self._require_layout().flat(
                 {k: a.numpy() for k, a in arrays.items()}
