@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
+from tandem.compression import packing as packing_module
 from tandem.compression.codecs import (
     DEFAULT_OPTIONS,
     Codec,
@@ -24,6 +25,7 @@ from tandem.compression.codecs import (
     Option,
     decode,
     encode,
+    option_table,
 )
 from tandem.compression.groups import unflatten
 from tandem.compression.int8 import int8_levels, int8_values
@@ -99,6 +101,41 @@ def test_encode_packed_gives_the_per_group_bytes_and_values(seed):
             encode(option.kind, x[s : s + z], ratio=option.ratio), int(z)
         )
         np.testing.assert_array_equal(decoded[s : s + z], expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_encoded_in_place_give_the_per_group_bytes_and_residual(seed, monkeypatch):
+    """Runs of consecutive groups of one class (encoded from views, in
+    blocks that split them) and the gathered rest give the per-group bytes
+    and values; the residual is ``x − decoded`` in every encoded group and
+    ``x`` elsewhere (deferred groups)."""
+    monkeypatch.setattr(packing_module, "_RUN", 3)
+    monkeypatch.setattr(packing_module, "_BLOCK", 40)
+    sizes, x, _ = _case(seed, n=120)
+    rng = np.random.default_rng(seed)
+    runs = rng.integers(1, 9, size=120)  # runs of 1 to 8 groups, one codec each
+    choice = np.repeat(rng.integers(0, len(OPTIONS), size=120), runs)[:120]
+    codes, reference = _reference_pack(x, sizes, choice)
+    expected = np.concatenate(
+        [np.zeros(0, np.float32)]
+        + [
+            OPTIONS[c].codec.expand(
+                encode(OPTIONS[c].kind, x[s : s + z], ratio=OPTIONS[c].ratio), int(z)
+            )
+            for s, z, c in zip(exclusive_cumsum(sizes), sizes, choice, strict=True)
+        ]
+    )
+    costs, _ = option_table(OPTIONS, sizes)
+    residual = x.copy()
+    codes2, payload, decoded = packing_module._encode_packed(
+        x, sizes.astype(np.int64), choice, OPTIONS, costs, residual=residual
+    )
+    np.testing.assert_array_equal(codes2, codes)
+    np.testing.assert_array_equal(payload, reference)
+    np.testing.assert_array_equal(decoded, expected)
+    assert np.signbit(decoded).tolist() == np.signbit(expected).tolist()
+    sends = np.repeat([bool(OPTIONS[c].codec.layout) for c in choice], sizes)
+    np.testing.assert_array_equal(residual, np.where(sends, x - decoded, x))
 
 
 @pytest.mark.parametrize("seed", range(12))

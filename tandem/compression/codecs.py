@@ -326,6 +326,23 @@ class Codec:
             decoded[r] = self.expand(payload, size)
         return wire, decoded
 
+    def encode_rows_into(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+    ) -> None:
+        """:meth:`encode_rows` written into ``wire`` ``(k, L)`` uint8 and
+        ``decoded`` ``(k, n)`` float32 (e.g. views of the packed stream and of
+        the flat update, so that consecutive groups need no copies). The
+        default copies :meth:`encode_rows`' result; a codec may write in place
+        (the same bytes and values). ``rows`` must not overlap either output.
+        """
+        values, expanded = self.encode_rows(rows, ratio)
+        wire[...] = values
+        decoded[...] = expanded
+
 
 def _first_row(bad: np.ndarray) -> int | None:
     """The first True of a row mask ``(k,)``, or None."""
@@ -458,21 +475,34 @@ class Int8(Codec):
     ) -> tuple[np.ndarray, np.ndarray]:
         k, size = rows.shape
         wire = np.empty((k, size + 4), dtype=np.uint8)
+        decoded = np.empty((k, size), dtype=np.float32)
+        self.encode_rows_into(rows, ratio, wire, decoded)
+        return wire, decoded
+
+    def encode_rows_into(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+    ) -> None:
+        k, size = rows.shape
         scale = np.zeros(k, dtype=np.float32)
         if size:  # max|x| as max(max x, −min x): no |x| array; + 0 turns −0 to +0
             np.maximum(rows.max(axis=1), -rows.min(axis=1), out=scale)
             scale += np.float32(0.0)
         wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
-        work = np.empty_like(rows)
-        # int8_levels row by row, in place: rint(x / a · 127); |x| <= a keeps
-        # every level in [-127, 127], so its clip changes nothing here
+        # int8_levels row by row, in place in `decoded`: rint(x / a · 127) in
+        # float32; |x| <= a keeps every level in [-127, 127], so its clip
+        # changes nothing here and the whole numbers cast to int8 exactly
         safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-        np.divide(rows, safe, out=work)
-        np.multiply(work, np.float32(127.0), out=work)
-        levels = wire[:, :size].view(np.int8)
-        np.rint(work, out=levels, casting="unsafe")
-        step = (scale / np.float32(127.0))[:, None]
-        return wire, np.multiply(levels, step, dtype=np.float32)
+        np.divide(rows, safe, out=decoded)
+        np.multiply(decoded, np.float32(127.0), out=decoded)
+        np.rint(decoded, out=decoded)
+        decoded += np.float32(0.0)  # −0 to +0, as the level 0 decodes
+        np.copyto(wire[:, :size].view(np.int8), decoded, casting="unsafe")
+        # int8_values: level · (a / 127) in float32
+        np.multiply(decoded, (scale / np.float32(127.0))[:, None], out=decoded)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

@@ -362,9 +362,12 @@ def encode_packed(
     ``(k, n)`` matrix (:meth:`~tandem.compression.codecs.Codec.encode_rows`:
     float16 rounding, int8 levels under each row's ``max|x|``, sign bits and
     each row's ``mean|x|``, top-k by a per-row partition), and their wire
-    bytes are written straight to their offsets in the stream
-    (:func:`~tandem.compression.rows.put_rows`): no per-group arrays, no
-    join. The offsets follow from the codec table, as on the receiving side.
+    bytes are written straight to their offsets in the stream: a run of
+    consecutive groups is encoded in place, from a view of ``x`` into views
+    of the stream and of ``decoded``, the other groups are gathered and
+    scattered (:func:`~tandem.compression.rows.put_rows`); no per-group
+    arrays, no join. The offsets follow from the codec table, as on the
+    receiving side.
 
     Parameters
     ----------
@@ -397,21 +400,106 @@ def encode_packed(
     choice = np.asarray(choice, dtype=np.int64)
     _check_packed_inputs(x, sizes, choice, options)
     costs, _ = option_table(options, sizes)
-    widths = costs[np.arange(sizes.size), choice]
+    return _encode_packed(x, sizes, choice, options, costs)
+
+
+def _encode_packed(
+    x: np.ndarray,
+    sizes: np.ndarray,
+    choice: np.ndarray,
+    options: Sequence[Option],
+    costs: np.ndarray,
+    residual: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`encode_packed` on checked inputs (``costs`` from
+    :func:`~tandem.compression.codecs.option_table`); with ``residual`` (e.g.
+    ``x`` itself), also ``x − decoded`` into ``residual`` in every encoded
+    group, while the group is in the CPU cache (the others keep their values).
+
+    Each (option, size) class is encoded block by block (:data:`_BLOCK`
+    elements): a run of at least :data:`_RUN` consecutive groups lies back to
+    back both in ``x`` and in the stream, so it is encoded in place, from a
+    view of ``x`` into views of the stream and of ``decoded``
+    (:meth:`~tandem.compression.codecs.Codec.encode_rows_into`); the groups of
+    shorter runs are gathered and scattered (:mod:`~tandem.compression.rows`).
+    """
+    n = sizes.size
+    widths = costs[np.arange(n), choice]
     starts = exclusive_cumsum(sizes)
     offsets = exclusive_cumsum(widths)
     stream = np.empty(int(widths.sum()), dtype=np.uint8)
-    decoded = np.zeros_like(x)
+    decoded = np.empty_like(x)
+    sends = np.array([bool(option.codec.layout) for option in options])
+    if n and not sends[choice].all():  # defer: no bytes, zeros decoded
+        decoded[np.repeat(~sends[choice], sizes)] = 0.0
     for j in np.flatnonzero(np.bincount(choice, minlength=len(options))).tolist():
-        option = options[j]
-        if not option.codec.layout:  # defer: no bytes, zeros decoded
+        if not sends[j]:
             continue
+        option = options[j]
         chosen = np.flatnonzero(choice == j)
         chosen_sizes = sizes[chosen]
         for size in np.unique(chosen_sizes).tolist():
             groups = chosen[chosen_sizes == size]
-            rows = get_rows(x, starts[groups], size)
-            wire, values = option.codec.encode_rows(rows, option.ratio)
-            put_rows(stream, offsets[groups], wire)
-            put_rows(decoded, starts[groups], values)
+            _encode_class(
+                x,
+                groups,
+                size,
+                int(widths[groups[0]]),
+                option,
+                starts,
+                offsets,
+                (stream, decoded, residual),
+            )
     return choice.astype(np.uint8), stream, decoded
+
+
+#: Elements per block of :func:`_encode_packed` (a block's rows, bytes and
+#: values stay in the CPU cache through the codec's passes).
+_BLOCK = 1 << 17
+#: Fewest consecutive groups of one class that :func:`_encode_packed` encodes
+#: in place; the groups of shorter runs are gathered.
+_RUN = 128
+
+
+def _encode_class(
+    x: np.ndarray,
+    groups: np.ndarray,
+    size: int,
+    width: int,
+    option: Option,
+    starts: np.ndarray,
+    offsets: np.ndarray,
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+) -> None:
+    """Encode ``groups`` (ascending, all of ``size`` elements and ``width``
+    bytes with ``option``) into ``outputs`` = (stream, decoded, residual)."""
+    stream, decoded, residual = outputs
+    codec, ratio = option.codec, option.ratio
+    per = max(1, _BLOCK // max(size, 1))
+    bounds = np.flatnonzero(np.diff(groups, prepend=-2, append=-2) != 1)
+    lengths = np.diff(bounds)
+    for lo, hi in zip(
+        bounds[:-1][lengths >= _RUN].tolist(),
+        bounds[1:][lengths >= _RUN].tolist(),
+        strict=True,
+    ):
+        for a in range(lo, hi, per):
+            k = min(per, hi - a)
+            first = int(groups[a])
+            at, byte = int(starts[first]), int(offsets[first])
+            part = slice(at, at + k * size)
+            rows = x[part].reshape(k, size)
+            values = decoded[part].reshape(k, size)
+            wire = stream[byte : byte + k * width].reshape(k, width)
+            codec.encode_rows_into(rows, ratio, wire, values)
+            if residual is not None:
+                np.subtract(rows, values, out=residual[part].reshape(k, size))
+    rest = groups[np.repeat(lengths < _RUN, lengths)]
+    for a in range(0, rest.size, per):
+        block = rest[a : a + per]
+        rows = get_rows(x, starts[block], size)
+        wire, values = codec.encode_rows(rows, ratio)
+        put_rows(stream, offsets[block], wire)
+        put_rows(decoded, starts[block], values)
+        if residual is not None:
+            put_rows(residual, starts[block], rows - values)

@@ -30,7 +30,7 @@ from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.feedback import compensate
 from tandem.compression.knapsack import select_options
 from tandem.compression.layout import GroupLayout
-from tandem.compression.packing import encode_packed
+from tandem.compression.packing import _encode_packed, encode_packed
 from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
 from tandem.importance import (
     ImportancePredictor,
@@ -333,6 +333,26 @@ class _StageClock:
         self.last = now
 
 
+def _compensate(update: np.ndarray, residual: np.ndarray, gamma: float) -> np.ndarray:
+    """Step 3, :func:`compensate` without its finiteness pass when ``update``
+    and ``residual`` are float32 vectors of one shape and ``0 <= γ <= 1``
+    (:func:`compress_update` checks ``g̃`` through its energy); otherwise
+    :func:`compensate` itself."""
+    if (
+        isinstance(update, np.ndarray)
+        and isinstance(residual, np.ndarray)
+        and update.dtype == residual.dtype == np.float32
+        and update.ndim == 1
+        and update.shape == residual.shape
+        and isinstance(gamma, int | float)
+        and 0.0 <= gamma <= 1.0
+    ):
+        if gamma == 1.0:  # as compensate: 1·e == e exactly
+            return update + residual
+        return update + np.float32(gamma) * residual
+    return compensate(update, residual, gamma)
+
+
 def _importance(
     compensated: np.ndarray,
     weights: np.ndarray,
@@ -340,9 +360,14 @@ def _importance(
     plan: RoundPlan,
     layout: GroupLayout,
     predictor: ImportancePredictor | None,
+    *,
+    energy: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Step 4: ``(I, ‖g̃_i‖²)`` per group; appends this round's RMS to history."""
-    energy = layout.group_sq_norms(compensated)
+    """Step 4: ``(I, ‖g̃_i‖²)`` per group; appends this round's RMS to history.
+
+    ``energy``, if given, is ``layout.group_sq_norms(compensated)``."""
+    if energy is None:
+        energy = layout.group_sq_norms(compensated)
     rms = np.sqrt(energy / np.maximum(layout.sizes, 1))
     state.history = np.vstack([state.history[1:], rms[None, :]])
     if plan.importance == "predictor":
@@ -423,12 +448,16 @@ def compress_update(
         the plan asks for a predictor and none is given.
     """
     clock = _StageClock(stages)
-    # 3. error feedback (eq. 7)
-    compensated = compensate(update, state.residual, plan.gamma)
+    # 3. error feedback (eq. 7); g̃ is checked finite through its energy below
+    compensated = _compensate(update, state.residual, plan.gamma)
     clock.lap("feedback")
     # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
+    energy = layout.group_sq_norms(compensated)
+    finite = bool(np.isfinite(energy.sum()))  # a NaN or Inf in g̃ spreads to it
+    if not finite:  # compensate's own checks and message first
+        compensate(update, state.residual, plan.gamma)
     importance, energy = _importance(
-        compensated, weights, state, plan, layout, predictor
+        compensated, weights, state, plan, layout, predictor, energy=energy
     )
     clock.lap("importance")
     # 5. knapsack within the budget
@@ -438,17 +467,36 @@ def compress_update(
     except ValueError as err:
         raise CodecError(f"budget {plan.budget} bytes: {err}") from None
     clock.lap("knapsack")
-    # 6. encode and pack (eq. 6 for sign); sent = what the cloud will see
-    codes, payload, decoded = encode_packed(
-        compensated, layout.sizes, selection.choice, plan.codecs
-    )
+    # 6. encode and pack (eq. 6 for sign); sent = what the cloud will see.
+    # 7.  e ← g̃ − sent is written over g̃ (a fresh array) as each encoded
+    # group is packed; the deferred groups' below, once sent is known
+    if finite:
+        codes, payload, decoded = _encode_packed(
+            compensated,
+            layout.sizes,
+            selection.choice,
+            plan.codecs,
+            costs,
+            residual=compensated,
+        )
+    else:  # encode_packed's checks
+        codes, payload, decoded = encode_packed(
+            compensated, layout.sizes, selection.choice, plan.codecs
+        )
     clock.lap("encode")
     is_defer = np.array([option.kind == "defer" for option in plan.codecs])
     deferred = is_defer[selection.choice]
     sent = _sent_and_cache(decoded, deferred, state, plan, layout)
     clock.lap("sent")
     # 7. error feedback: e ← g̃ − sent (sent + e == g̃, nothing is lost)
-    state.residual = compensated - sent
+    if deferred.any():
+        np.subtract(
+            compensated,
+            sent,
+            out=compensated,
+            where=np.repeat(deferred, layout.sizes),
+        )
+    state.residual = compensated
     total = float(energy.sum())
     lost = float(np.dot(state.residual, state.residual))
     clock.lap("residual")
