@@ -162,6 +162,46 @@ def test_vectorized_scan_equals_the_plain_loop(monkeypatch):
         assert got.choice.tolist() == choice.tolist()
 
 
+def _per_row_hulls(costs, values):
+    order = np.lexsort((-values, costs), axis=1)
+    cost_s = np.take_along_axis(costs, order, axis=1)
+    value_s = np.take_along_axis(values, order, axis=1)
+    return (order, cost_s, value_s, *knapsack._upper_hulls(cost_s, value_s))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_template_rows_sort_and_climb_as_the_per_row_way(seed, monkeypatch):
+    """Rows done from a template (groups of a few sizes, one fidelity per
+    option, with zero and tiny or huge importances, equal fidelities and
+    equal costs) get the per-row order and hull, and the same selection as
+    with no template at all."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    sizes = rng.choice(rng.integers(0, 600, size=int(rng.integers(1, 12))), size=n)
+    options = (*DEFAULT_OPTIONS, *DEFAULT_OPTIONS[:2])  # repeated options: ties
+    costs, fidelity = option_table(options, sizes)
+    if seed % 3 == 0:  # near-equal fidelities, costs equal in places
+        fidelity = fidelity + rng.choice([0.0, 1e-16, 2e-16], size=fidelity.size)
+        costs[:, 3] = costs[:, 4]
+    importance = rng.exponential(size=n) * 10.0 ** rng.integers(-200, 200, size=n)
+    importance[rng.random(n) < 0.2] = 0.0
+    values = importance[:, None] * fidelity
+    order, cost_s, value_s, hull, length = knapsack._sorted_hulls(costs, values)
+    order0, cost0, value0, hull0, length0 = _per_row_hulls(costs, values)
+    np.testing.assert_array_equal(order, order0)
+    np.testing.assert_array_equal(cost_s, cost0)
+    np.testing.assert_array_equal(value_s, value0)
+    np.testing.assert_array_equal(length, length0)
+    for row in range(n):
+        assert hull[row, : length[row]].tolist() == hull0[row, : length0[row]].tolist()
+    budget = int(rng.integers(0, int(costs.max(axis=1).sum()) + 2))
+    got = select_options(importance, costs, fidelity, budget=budget)
+    monkeypatch.setattr(knapsack, "_TEMPLATES", 0)
+    want = select_options(importance, costs, fidelity, budget=budget)
+    assert got.choice.tolist() == want.choice.tolist()
+    assert (got.cost, got.value) == (want.cost, want.value)
+
+
 def test_empty_problem():
     sel = select_options(
         np.zeros(0), np.zeros((0, 3), dtype=np.int64), np.ones(3), budget=5
