@@ -173,7 +173,8 @@ def open_stream(
 Pace = Callable[[int], float]
 
 
-def _wait_until(deadline: float) -> None:
+def wait_until(deadline: float) -> None:
+    """Sleep until ``deadline`` on :func:`time.monotonic`'s clock (if ahead)."""
     delay = deadline - time.monotonic()
     if delay > 0:
         time.sleep(delay)
@@ -209,7 +210,7 @@ class Outbox:
             if item is self._END:
                 return
             deadline, frame = item  # type: ignore[misc]
-            _wait_until(deadline)
+            wait_until(deadline)
             yield frame
 
 
@@ -260,7 +261,7 @@ class Inbox:
         if item is self._END:
             return None
         deadline, frame = item  # type: ignore[misc]
-        _wait_until(deadline)  # real time: its arrival on the emulated link
+        wait_until(deadline)  # real time: its arrival on the emulated link
         return frame  # type: ignore[no-any-return]
 
 

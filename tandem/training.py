@@ -179,6 +179,13 @@ class EvalStats:
         }
 
 
+def cpu_clock() -> Callable[[], float]:
+    """The clock that times this thread's compute: CPU time of the thread
+    (``time.thread_time``) when torch computes on that one thread, else wall
+    time (torch's other threads work for it too)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def make_optimizer(
     model: nn.Module, lr: float, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
@@ -217,7 +224,7 @@ def train_steps(
     total_loss = 0.0
     seen = 0
     step_seconds = []
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = cpu_clock()
     start = time.perf_counter()
     for _ in range(steps):
         tick = clock()

@@ -821,3 +821,72 @@ def test_real_time_needs_the_stream(tmp_path):
             nodes=2,
             out=tmp_path,
         )
+
+
+# ------------------------------------------------------------ what is charged
+def _burning(fn, seconds):
+    """``fn`` after ``seconds`` of this thread's CPU time."""
+
+    def slow(*args, **kwargs):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        return fn(*args, **kwargs)
+
+    return slow
+
+
+def test_the_clouds_compute_covers_decoding_and_encoding_the_frames(
+    endpoint, monkeypatch
+):
+    import tandem.strategies.simultrain_stream as loop
+
+    ep = endpoint
+    monkeypatch.setattr(loop, "decode_frame", _burning(loop.decode_frame, 0.03))
+    monkeypatch.setattr(loop, "encode_frame", _burning(loop.encode_frame, 0.03))
+    ep.stream([hello_frame(1, ep.starts[1].secret), _chunk_frame(ep)])
+    (exchange,) = ep.cloud.exchanges
+    # two micro-batches of f_c take milliseconds; the frames' 60 ms are in
+    assert 0.06 <= exchange.cloud_seconds < 1.0
+
+
+def test_the_edges_compute_covers_its_codecs_and_frames(tmp_path, monkeypatch):
+    import tandem.clients.simultrain as edge
+
+    clouds = _capture(monkeypatch)
+    monkeypatch.setattr(edge, "encode_cut", _burning(edge.encode_cut, 0.02))
+    monkeypatch.setattr(edge, "decode_frame", _burning(edge.decode_frame, 0.03))
+    run = {**BASE, "simultrain-steps": 8, "simultrain-window": 2}
+    run_inprocess(run, nodes=1, out=tmp_path, threaded=True)
+    (cloud,) = clouds
+    seconds = [ex.edge_seconds for ex in cloud.exchanges]
+    assert len(seconds) == 4  # chunks of 2
+    # the first two frames carry a forward pass each (its int8 encoding
+    # included); each later one also the gradients frame received before it
+    assert all(0.02 <= s < 0.5 for s in seconds[:2])
+    assert all(0.05 <= s < 0.5 for s in seconds[2:])
+
+
+def test_real_time_stretches_steady_work_to_the_edge_device(monkeypatch):
+    import tandem.clients.simultrain as edge
+
+    deadlines = []
+    monkeypatch.setattr(edge, "wait_until", deadlines.append)
+    session = edge.StreamedEdge.__new__(edge.StreamedEdge)
+    session.steady = {}
+    session.opts = SimulTrainOptions(edge_factor=10.0)
+    session.start = type("Start", (), {"link": "4g"})()
+    for seconds in (0.5, 0.01, 0.01, 0.01, 0.01):  # a cold first pass, then steady
+        session._slow_down("fwd", 100.0, seconds)
+    session._slow_down("rcv", 100.0, 0.002)  # its own kind
+    # 10 x the lower quartile so far (the median of fewer than four)
+    assert deadlines == pytest.approx(
+        [105.0, 102.55, 100.1, 100.1, 100.1, 100.02], abs=1e-9
+    )
+    # not in real time, or an edge as fast as this machine: no wait
+    session.start = type("Start", (), {"link": ""})()
+    session._slow_down("fwd", 0.0, 1.0)
+    session.start = type("Start", (), {"link": "4g"})()
+    session.opts = SimulTrainOptions(edge_factor=1.0)
+    session._slow_down("fwd", 0.0, 1.0)
+    assert len(deadlines) == 6

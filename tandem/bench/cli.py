@@ -382,7 +382,8 @@ def assumptions(
         "realtime_seconds_per_step": (
             "real-time mode (--realtime): the longest stream's wall time, from "
             "its hello to its last frame, / SGD steps per edge; frames "
-            "paced to the profile's link, edges slowed to the edge device (a "
+            "paced to the profile's link, each piece of edge work stretched to "
+            "edge factor x its steady CPU time, as the replay charges it (a "
             "cloud faster than this machine cannot be emulated: its compute "
             "counts at this machine's speed)"
         ),

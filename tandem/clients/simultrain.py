@@ -35,10 +35,11 @@ chunk keeps the delay at two steps whatever the chunk size.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,9 @@ from tandem.protocol.simultrain import (
     read_message_frame,
     reply_frame,
 )
+from tandem.schedules import steady_seconds
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
-from tandem.streaming import Inbox, Outbox, Pace, open_stream
+from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
 from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
@@ -88,6 +90,9 @@ __all__ = [
 ]
 
 _S = "simultrain."
+#: Real-time mode: the recent CPU times per kind of edge work a steady
+#: time is taken from.
+STEADY_WINDOW = 64
 
 Tensors = dict[str, torch.Tensor]
 
@@ -241,6 +246,7 @@ def apply_gradients(
     PayloadError
         If the chunk is not stashed or the gradients do not fit it.
     """
+    tick = time.thread_time()  # the whole step, decoding the gradients included
     prefix = f"c{msg.grad_for}/"
     stash = state.stash
     if prefix + "idx" not in stash:
@@ -256,7 +262,6 @@ def apply_gradients(
         if k.startswith(prefix + "w.")
     }
     edge.load_state_dict(stashed)
-    tick = time.thread_time()
     edge.zero_grad(set_to_none=True)
     edge(torch.from_numpy(split.x[idx])).backward(torch.from_numpy(g / len(sizes)))
     grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
@@ -267,10 +272,9 @@ def apply_gradients(
     state.theta, state.momentum = sgd_step(
         state.theta, grads, state.momentum, lr, momentum
     )
-    seconds = time.thread_time() - tick
     for k in [k for k in stash if k.startswith(prefix)]:
         del stash[k]
-    return seconds
+    return time.thread_time() - tick
 
 
 def reconcile(
@@ -312,14 +316,18 @@ def forward_chunk(
     want: int,
     precision: str,
 ) -> Chunk:
-    """Step 3: forward ``want`` micro-batches at ``θ_e``; stash inputs and weights."""
+    """Step 3: forward ``want`` micro-batches at ``θ_e``; stash inputs and weights.
+
+    The chunk's ``seconds`` are the CPU time of all of it: the forward pass,
+    the stash and the activations' encoding (int8 or half), as the edge
+    device runs all of it.
+    """
+    tick = time.thread_time()
     edge.load_state_dict(state.theta)
     batches = [stream.next_indices() for _ in range(want)]
     idx = np.concatenate(batches)
-    tick = time.thread_time()
     with torch.no_grad():
         acts = edge(torch.from_numpy(split.x[idx]))
-    seconds = time.thread_time() - tick
     sizes = np.array([len(b) for b in batches], dtype=np.int64)
     prefix = f"c{state.version}/"
     state.stash[prefix + "idx"] = Array(idx.astype(np.int64))
@@ -328,7 +336,8 @@ def forward_chunk(
         state.stash[prefix + "w." + k] = Array(v.numpy())
     state.steps += want
     state.version += 1
-    return Chunk(encode_cut(acts.numpy(), precision, "a"), split.y[idx], sizes, seconds)
+    encoded = encode_cut(acts.numpy(), precision, "a")
+    return Chunk(encoded, split.y[idx], sizes, time.thread_time() - tick)
 
 
 _NodeSetup = tuple[
@@ -465,6 +474,7 @@ class StreamedEdge:
         self.pending: Tensors | None = None  # a delta not yet reported
         self.compute = 0.0  # CPU seconds not yet reported
         self.total_compute = 0.0
+        self.steady: dict[Hashable, deque[float]] = {}  # real time: CPU s per kind
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
         self.node_id = -1  # set when the stream opens
@@ -499,21 +509,57 @@ class StreamedEdge:
         self.seq += 1
         return data
 
-    def _slow_down(self, seconds: float) -> None:
-        """Real-time mode: stretch ``seconds`` of compute to the emulated edge's."""
-        if self.start.link and self.opts.edge_factor > 1:
-            time.sleep((self.opts.edge_factor - 1) * seconds)
+    def _slow_down(self, kind: Hashable, began: float, seconds: float) -> None:
+        """Real-time mode: let work that began at ``began`` end when the
+        emulated edge would have finished it.
+
+        The edge device takes ``edge-factor`` times this machine's *steady*
+        CPU time for the work: the lower quartile of the ``kind``'s times so
+        far (:func:`~tandem.schedules.steady_seconds`, the replay's rule), so
+        that a descheduled moment of this machine is not stretched tenfold.
+        The deadline is on the wall clock from ``began``: time this machine
+        lost to other processes meanwhile is absorbed, not added.
+        """
+        if not self.start.link or self.opts.edge_factor <= 1:
+            return
+        history = self.steady.setdefault(kind, deque(maxlen=STEADY_WINDOW))
+        history.append(seconds)
+        wait_until(began + self.opts.edge_factor * steady_seconds(list(history)))
+
+    def _warm_up(self, rows: int) -> None:
+        """Real-time mode: one forward and backward pass off the record.
+
+        A process's first backward pass costs hundreds of times a steady one
+        (torch's lazy set-up); stretched by the edge factor it would stall
+        the stream for seconds that the replay, which times steady steps,
+        never charges. A copy of the edge model runs it on a chunk's worth of
+        rows before the stream opens; nothing of it is kept.
+        """
+        model = copy.deepcopy(self.edge)
+        x = torch.from_numpy(self.split.x[: max(rows, 1)])
+        out = model(x)
+        out.backward(torch.ones_like(out))
+        encode_cut(out.detach().numpy(), self.opts.precision, "a")
 
     def forward(self, want: int) -> bytes:
-        """Step 3 on the next chunk; its frame (spends a credit)."""
+        """Step 3 on the next chunk; its frame (spends a credit).
+
+        The edge's compute is all of its work on the chunk: the forward pass,
+        the stash, the activations' encoding and the frame's.
+        """
+        began = time.monotonic()
         version = self.state.version
         chunk = forward_chunk(
             self.state, self.edge, self.split, self.batches, want, self.opts.precision
         )
-        self._slow_down(chunk.seconds)
         self.compute += chunk.seconds
         self.in_flight.append(version)
-        return self._frame(chunk, version)
+        tick = time.thread_time()
+        data = self._frame(chunk, version)
+        framing = time.thread_time() - tick
+        self.compute += framing  # reported with the next frame
+        self._slow_down(("forward", want), began, chunk.seconds + framing)
+        return data
 
     def receive(self, data: bytes) -> None:
         """Steps 1 and 2 on a gradients frame (returns a credit).
@@ -523,6 +569,7 @@ class StreamedEdge:
         PayloadError
             If the frame is malformed or not for the oldest chunk in flight.
         """
+        began, tick = time.monotonic(), time.thread_time()  # decoding, steps 1, 2
         try:
             frame = decode_frame(data, self.start.max_frame)
         except FrameError as err:
@@ -534,7 +581,7 @@ class StreamedEdge:
                 f"{self.in_flight[0] if self.in_flight else 'none'}"
             )
         self.in_flight.popleft()
-        seconds = apply_gradients(
+        apply_gradients(
             self.state,
             self.edge,
             self.split,
@@ -543,13 +590,14 @@ class StreamedEdge:
             self.lr,
             self.momentum,
         )
-        self._slow_down(seconds)
-        self.compute += seconds
         if msg.edge_params is not None:
             received = {
                 k: torch.from_numpy(np.array(v)) for k, v in msg.edge_params.items()
             }
             self.pending = reconcile(self.state, received, msg.v_c, self.opts.lam)
+        seconds = time.thread_time() - tick
+        self.compute += seconds
+        self._slow_down(("receive", msg.edge_params is not None), began, seconds)
 
     def run(self, node_id: int) -> None:
         """Stream the session's chunks through (see the class docstring).
@@ -565,6 +613,8 @@ class StreamedEdge:
         """
         start = self.start
         self.node_id = node_id
+        if start.link:
+            self._warm_up(start.chunk * self.batches.batch_size)
         up, down = link_paces(start.link)
         outbox = Outbox(up)
         outbox.put(encode_frame(hello_frame(node_id, start.secret)))

@@ -124,11 +124,11 @@ class InFlight:
 
 @dataclass(frozen=True)
 class ChunkAnswer:
-    """The cloud's answer to a streamed chunk, and what it cost."""
+    """The cloud's answer to a streamed chunk (the stream loop times the
+    cloud's work on it, frames included)."""
 
     message: CloudMessage  # the chunk's gradients (and θ_e^c when due)
     micro_batches: int
-    cloud_seconds: float  # measured compute of θ_c on the chunk
 
 
 @dataclass
@@ -427,9 +427,7 @@ class SimulTrainCloud:
         track.steps_requested += want
         track.steps_since_reconcile += want
         self.chunks_sent.append(want)
-        tick = time.perf_counter()
         grads = self.train_chunk(chunk)
-        seconds = time.perf_counter() - tick
         track.trained += want
         final = track.steps_requested >= opts.steps
         due = opts.reconcile_every > 0 and (
@@ -443,7 +441,7 @@ class SimulTrainCloud:
         message = CloudMessage(
             self.cloud_steps, 0, version, encode_cut(grads, opts.precision, "g"), params
         )
-        return ChunkAnswer(message, want, seconds)
+        return ChunkAnswer(message, want)
 
     # ------------------------------------------------------------ maths
     def merge(self, track: EdgeTrack, content: RecordDict) -> None:

@@ -63,6 +63,7 @@ from tandem.split import cut_bytes
 from tandem.strategies import simultrain
 from tandem.strategies.simultrain import EdgeTrack, InFlight, SimulTrainCloud
 from tandem.streaming import ServerTls, SessionKeys, StreamServer
+from tandem.training import cpu_clock
 from tandem.wire import PayloadError
 
 __all__ = ["STREAM_DOWN", "STREAM_HELLO", "STREAM_UP", "StreamLoop", "server_tls"]
@@ -386,13 +387,13 @@ class StreamLoop:
             if session.closed:
                 return None, "session closed"
             session.last_frame = self.last_frame = time.monotonic()
+            # the cloud's compute on a chunk is all of its work on the frames:
+            # decoding and checks, f_c's steps, encoding the answer
+            clock = cpu_clock()
+            tick = clock()
             try:
                 content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
                 answer = self.cloud.on_chunk(track, content)
-                if answer is not None and self.opts.realtime:
-                    # the one cloud, at the emulated cloud's speed (only slower)
-                    stretch = self.opts.cloud_factor - 1
-                    time.sleep(max(stretch, 0.0) * answer.cloud_seconds)
             except (FrameError, PayloadError) as err:
                 reason = f"bad frame: {err}"
                 self.failed.append((session, reason))
@@ -402,6 +403,11 @@ class StreamLoop:
             if answer is None:
                 return None, None
             data = encode_frame(message_frame(answer.message, seq))
+            cloud_seconds = clock() - tick
+            if self.opts.realtime:
+                # the one cloud, at the emulated cloud's speed (only slower)
+                stretch = self.opts.cloud_factor - 1
+                time.sleep(max(stretch, 0.0) * cloud_seconds)
             self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
             version = answer.message.grad_for
             self.grad_bytes[(node, version)] = len(data)
@@ -421,7 +427,7 @@ class StreamLoop:
                     window=window,
                 ),
                 len(raw),
-                answer.cloud_seconds,
+                cloud_seconds,
             )
             self.cloud.end_period_if_due()
         return data, None
