@@ -517,6 +517,8 @@ class Int8(Codec):
 
 
 _SIGN_RULE = "sign 'signs' has padding bits set past the last element"
+#: +1 and −1, by sign bit.
+_SIGNS = np.array([1.0, -1.0], dtype=np.float32)
 
 
 class Sign(Codec):
@@ -561,8 +563,20 @@ class Sign(Codec):
         self, rows: np.ndarray, ratio: float | None
     ) -> tuple[np.ndarray, np.ndarray]:
         k, size = rows.shape
+        wire = np.empty((k, (size + 7) // 8 + 4), dtype=np.uint8)
+        decoded = np.empty((k, size), dtype=np.float32)
+        self.encode_rows_into(rows, ratio, wire, decoded)
+        return wire, decoded
+
+    def encode_rows_into(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+    ) -> None:
+        k, size = rows.shape
         width = (size + 7) // 8
-        wire = np.empty((k, width + 4), dtype=np.uint8)
         negative = rows < 0
         wire[:, :width] = np.packbits(negative, axis=1)
         # mean|x| per row, summed in float64 as Sign.encode does
@@ -571,7 +585,8 @@ class Sign(Codec):
             sums = np.abs(rows, dtype=np.float64).sum(axis=1)
             scale[:] = sums / size
         wire[:, width:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
-        return wire, np.where(negative, -scale[:, None], scale[:, None])
+        # −a where negative, else +a: ±1 times a is exact (and −0 for a = 0)
+        np.multiply(_SIGNS[negative.view(np.uint8)], scale[:, None], out=decoded)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

@@ -225,12 +225,19 @@ class GroupLayout:
         """
         if not self.total:
             return np.square(vector, dtype=np.float64)
-        return _group_sums(
-            lambda part: np.square(part, dtype=np.float64),
-            vector,
-            self.starts,
-            self.sizes,
-        )
+        buffer = np.empty(0, dtype=np.float64)
+
+        def squares(part: np.ndarray) -> np.ndarray:
+            # np.square(part, dtype=np.float64) in one reused buffer: the
+            # float64 copy is exact, its square rounded once, as there
+            nonlocal buffer
+            if buffer.size < part.size:
+                buffer = np.empty(part.size, dtype=np.float64)
+            out = buffer[: part.size]
+            np.copyto(out, part)
+            return np.multiply(out, out, out=out)
+
+        return _group_sums(squares, vector, self.starts, self.sizes)
 
     def structural(self, weights: np.ndarray) -> np.ndarray:
         """Structural features ``(n, 8)`` (:func:`structural_features`).

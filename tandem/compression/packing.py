@@ -458,7 +458,7 @@ def _encode_packed(
 _BLOCK = 1 << 17
 #: Fewest consecutive groups of one class that :func:`_encode_packed` encodes
 #: in place; the groups of shorter runs are gathered.
-_RUN = 128
+_RUN = 64
 
 
 def _encode_class(
