@@ -208,6 +208,10 @@ class FlowerHome:
             run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
         )
 
+    def logs(self, run_id: str, connection: str = "local") -> str:
+        """The run's log as the SuperLink kept it (``flwr log --show``)."""
+        return self.flwr("log", run_id, connection, "--show")
+
     def wait(
         self,
         run_id: str,

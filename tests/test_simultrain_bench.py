@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from tandem.bench.cli import select_variants
-from tandem.bench.runner import BenchOptions, RunRecord, summarize
+from tandem.bench.runner import BenchOptions, RunRecord, _keep_log, summarize
 from tandem.bench.suites import SUITES
 from tandem.config import RunConfig
 from tandem.launch import RunStatus
@@ -129,3 +129,26 @@ def test_results_time_splitsync_serial_and_simultrain_pipelined(tmp_path):
     pipe = methods["simultrain"]
     assert pipe["emulated_seconds"][LINK] == pytest.approx(4.3)
     assert split["steps_per_edge"] == pipe["steps_per_edge"] == 3
+
+
+def test_a_failed_runs_flower_log_is_kept_and_said(tmp_path, capsys):
+    class Home:
+        def __init__(self, text=None):
+            self.text, self.asked = text, []
+
+        def logs(self, run_id):
+            self.asked.append(run_id)
+            if self.text is None:
+                raise RuntimeError("flwr log exited 1")
+            return self.text
+
+    home = Home("Traceback ...\nDataError: text file not found\n")
+    _keep_log(home, "42", tmp_path / "run-42", "simultrain, seed 3")
+    assert home.asked == ["42"]
+    kept = tmp_path / "run-42" / "flwr.log"
+    assert kept.read_text().endswith("DataError: text file not found\n")
+    said = capsys.readouterr().err
+    assert "run 42 (simultrain, seed 3) failed" in said and str(kept) in said
+    # a log that cannot be had says why, in the same place
+    _keep_log(Home(), "43", tmp_path / "run-43", "splitsync, seed 0")
+    assert "flwr log exited 1" in (tmp_path / "run-43" / "flwr.log").read_text()

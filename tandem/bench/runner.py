@@ -13,6 +13,8 @@ import dataclasses
 import math
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +163,8 @@ def run_suite(
                 status = _wait(home, run_id, metrics / "metrics.jsonl", opts, progress)
                 path = metrics / "metrics.jsonl"
                 records = read_jsonl(path) if path.exists() else []
+                if not status.ok:
+                    _keep_log(home, run_id, metrics, f"{variant.label}, seed {seed}")
                 results.append(
                     RunRecord(variant, seed, status, records, opts.rounds_for(variant))
                 )
@@ -168,6 +172,20 @@ def run_suite(
         home.stop_superlink()
         shutil.rmtree(home.home, ignore_errors=True)
     return results
+
+
+def _keep_log(home: FlowerHome, run_id: str, folder: Path, what: str) -> None:
+    """A failed run's Flower log (its traceback) into ``folder/flwr.log``,
+    said on stderr: the SuperLink that holds it is removed after the suite."""
+    try:
+        text = home.logs(run_id)
+    except (RuntimeError, subprocess.SubprocessError) as err:
+        text = f"flwr log failed: {err}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "flwr.log").write_text(text)
+    print(
+        f"run {run_id} ({what}) failed; its log: {folder / 'flwr.log'}", file=sys.stderr
+    )
 
 
 def _wait(
