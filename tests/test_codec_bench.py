@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
+from tandem.compression import layout as layout_module
 from tandem.compression import packing as packing_module
+from tandem.compression import pipeline as pipeline_module
 from tandem.compression.codecs import (
     DEFAULT_OPTIONS,
     Codec,
@@ -295,6 +297,66 @@ def test_blocked_group_sums_equal_one_reduceat():
     np.testing.assert_array_equal(
         layout.structural(dense)[:, density], expected.astype(features.dtype)
     )
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
+def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatch):
+    """Compensated and squared block by block (blocks of 100 elements here),
+    a round gives the bytes, values, residual and history of the two steps
+    apart (no blocks); a NaN in the update is refused with the same message,
+    and an overflow of ``g + γ·e`` raises as it did."""
+    monkeypatch.setattr(layout_module, "_BLOCK", 100)
+    opts = AceSyncOptions()
+    rng = np.random.default_rng(int(gamma * 10))
+    arrays = {
+        "a.weight": rng.normal(size=(30, 20)).astype(np.float32),
+        "a.bias": rng.normal(size=7).astype(np.float32),
+        "b.weight": rng.normal(size=(9, 40)).astype(np.float32),
+    }
+    layout = GroupLayout.from_arrays(arrays, 16)
+    weights = layout.flat(arrays)
+    plan = EdgePlan(
+        budget=900,
+        codecs=opts.options,
+        chunk=16,
+        gamma=gamma,
+        importance="magnitude",
+        fill_decay=opts.fill_decay,
+        history=opts.history,
+        local_steps=1,
+        server_round=2,
+    )
+
+    def rounds(blocks):
+        if not blocks:
+            monkeypatch.setattr(pipeline_module, "_blocks", lambda *a: None)
+        memory = EdgeMemory.fresh(layout, opts.history)
+        memory.residual = rng_residual.copy()
+        outs = [compress_update(u, weights, memory, plan, layout) for u in updates]
+        return outs, memory
+
+    draw = np.random.default_rng(7)
+    updates = [draw.laplace(size=layout.total).astype(np.float32) for _ in range(3)]
+    rng_residual = draw.normal(size=layout.total).astype(np.float32)
+    (fast, memory), (slow, reference) = rounds(True), rounds(False)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a.payload, b.payload)
+        assert a.sent.tobytes() == b.sent.tobytes()
+        assert a.kept_fraction == b.kept_fraction
+    assert memory.residual.tobytes() == reference.residual.tobytes()
+    assert memory.history.tobytes() == reference.history.tobytes()
+    monkeypatch.undo()
+    monkeypatch.setattr(layout_module, "_BLOCK", 100)
+    bad = updates[0].copy()
+    bad[5] = np.nan
+    with pytest.raises(CodecError, match="x holds NaN or Inf"):
+        compress_update(bad, weights, EdgeMemory.fresh(layout, 2), plan, layout)
+    huge = np.full(layout.total, 3e38, np.float32)
+    memory = EdgeMemory.fresh(layout, 2)
+    memory.residual = huge.copy()
+    if gamma > 0:
+        with pytest.raises(ValueError, match="latest must be finite"):
+            compress_update(huge, weights, memory, plan, layout)
 
 
 def test_compress_update_reports_its_steps():

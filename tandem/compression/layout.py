@@ -6,7 +6,6 @@ Flower imports.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,17 +45,43 @@ def _group_sums(
     the temporaries shrink. With an empty group (where ``reduceat`` reads the
     next group's first term) the whole vector is taken at once.
     """
-    total = vector.size
-    if total <= _BLOCK or (sizes == 0).any():
+    blocks = _blocks(starts, sizes, vector.size)
+    if blocks is None:
         return np.add.reduceat(terms(vector), starts)
-    first = np.searchsorted(starts, np.arange(0, total, _BLOCK), side="right") - 1
-    edges = np.append(np.unique(first), starts.size).tolist()
     out = np.empty(starts.size, dtype=np.float64)
-    for g0, g1 in itertools.pairwise(edges):
-        lo = int(starts[g0])
-        hi = int(starts[g1]) if g1 < starts.size else total
+    for g0, g1, lo, hi in blocks:
         np.add.reduceat(terms(vector[lo:hi]), starts[g0:g1] - lo, out=out[g0:g1])
     return out
+
+
+def _float64_squares() -> Callable[[np.ndarray], np.ndarray]:
+    """``np.square(part, dtype=np.float64)``, in one buffer reused from call to
+    call (the float64 copy is exact and its square rounded once, as there)."""
+    buffer = np.empty(0, dtype=np.float64)
+
+    def squares(part: np.ndarray) -> np.ndarray:
+        nonlocal buffer
+        if buffer.size < part.size:
+            buffer = np.empty(part.size, dtype=np.float64)
+        out = buffer[: part.size]
+        np.copyto(out, part)
+        return np.multiply(out, out, out=out)
+
+    return squares
+
+
+def _blocks(
+    starts: np.ndarray, sizes: np.ndarray, total: int
+) -> list[tuple[int, int, int, int]] | None:
+    """The blocks of :func:`_group_sums`: ``(g0, g1, lo, hi)``, groups
+    ``g0:g1`` covering elements ``lo:hi``; None for the whole vector at once
+    (at most one block, or an empty group)."""
+    if total <= _BLOCK or (sizes == 0).any():
+        return None
+    first = np.searchsorted(starts, np.arange(0, total, _BLOCK), side="right") - 1
+    edges = np.append(np.unique(first), starts.size).tolist()
+    bounds = [*starts[edges[:-1]].tolist(), total]
+    return list(zip(edges[:-1], edges[1:], bounds[:-1], bounds[1:], strict=True))
 
 
 class _GroupKeys(Sequence[str]):
@@ -225,19 +250,7 @@ class GroupLayout:
         """
         if not self.total:
             return np.square(vector, dtype=np.float64)
-        buffer = np.empty(0, dtype=np.float64)
-
-        def squares(part: np.ndarray) -> np.ndarray:
-            # np.square(part, dtype=np.float64) in one reused buffer: the
-            # float64 copy is exact, its square rounded once, as there
-            nonlocal buffer
-            if buffer.size < part.size:
-                buffer = np.empty(part.size, dtype=np.float64)
-            out = buffer[: part.size]
-            np.copyto(out, part)
-            return np.multiply(out, out, out=out)
-
-        return _group_sums(squares, vector, self.starts, self.sizes)
+        return _group_sums(_float64_squares(), vector, self.starts, self.sizes)
 
     def structural(self, weights: np.ndarray) -> np.ndarray:
         """Structural features ``(n, 8)`` (:func:`structural_features`).

@@ -29,7 +29,7 @@ import numpy as np
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.feedback import compensate
 from tandem.compression.knapsack import select_options
-from tandem.compression.layout import GroupLayout
+from tandem.compression.layout import GroupLayout, _blocks, _float64_squares
 from tandem.compression.packing import _encode_packed, encode_packed
 from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
 from tandem.importance import (
@@ -333,12 +333,39 @@ class _StageClock:
         self.last = now
 
 
-def _compensate(update: np.ndarray, residual: np.ndarray, gamma: float) -> np.ndarray:
-    """Step 3, :func:`compensate` without its finiteness pass when ``update``
-    and ``residual`` are float32 vectors of one shape and ``0 <= γ <= 1``
-    (:func:`compress_update` checks ``g̃`` through its energy); otherwise
-    :func:`compensate` itself."""
-    if (
+def _feedback(
+    update: np.ndarray, residual: np.ndarray, gamma: float, layout: GroupLayout
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3, ``g̃ = g + γ·e`` (:func:`_compensate`), and step 4's
+    ``‖g̃_i‖²`` per group (``layout.group_sq_norms(g̃)``), in one pass: each
+    block of the group sums is compensated and squared while in the CPU
+    cache. The same values as the two steps apart."""
+    blocks = None
+    if _plain(update, residual, gamma) and update.shape == (layout.total,):
+        blocks = _blocks(layout.starts, layout.sizes, layout.total)
+    if blocks is None:
+        compensated = _compensate(update, residual, gamma)
+        return compensated, layout.group_sq_norms(compensated)
+    factor = np.float32(gamma)
+    compensated = np.empty(layout.total, dtype=np.float32)
+    energy = np.empty(layout.starts.size, dtype=np.float64)
+    squares = _float64_squares()
+    for g0, g1, lo, hi in blocks:
+        part = compensated[lo:hi]
+        if gamma == 1.0:  # as compensate: 1·e == e exactly
+            np.add(update[lo:hi], residual[lo:hi], out=part)
+        else:
+            np.multiply(residual[lo:hi], factor, out=part)
+            np.add(update[lo:hi], part, out=part)
+        np.add.reduceat(squares(part), layout.starts[g0:g1] - lo, out=energy[g0:g1])
+    return compensated, energy
+
+
+def _plain(update: np.ndarray, residual: np.ndarray, gamma: float) -> bool:
+    """Float32 vectors of one shape and ``0 <= γ <= 1``: what
+    :func:`compensate` takes without a conversion, and without an error
+    other than a NaN or Inf in ``g``."""
+    return (
         isinstance(update, np.ndarray)
         and isinstance(residual, np.ndarray)
         and update.dtype == residual.dtype == np.float32
@@ -346,7 +373,15 @@ def _compensate(update: np.ndarray, residual: np.ndarray, gamma: float) -> np.nd
         and update.shape == residual.shape
         and isinstance(gamma, int | float)
         and 0.0 <= gamma <= 1.0
-    ):
+    )
+
+
+def _compensate(update: np.ndarray, residual: np.ndarray, gamma: float) -> np.ndarray:
+    """Step 3, :func:`compensate` without its finiteness pass when ``update``
+    and ``residual`` are float32 vectors of one shape and ``0 <= γ <= 1``
+    (:func:`compress_update` checks ``g̃`` through its energy); otherwise
+    :func:`compensate` itself."""
+    if _plain(update, residual, gamma):
         if gamma == 1.0:  # as compensate: 1·e == e exactly
             return update + residual
         return update + np.float32(gamma) * residual
@@ -439,7 +474,10 @@ def compress_update(
         If given, the CPU seconds of the calling thread
         (``time.thread_time``) of each step are added
         under ``feedback``, ``importance``, ``knapsack``, ``encode``, ``sent``
-        and ``residual`` (what ``tandem bench codecs`` reports).
+        and ``residual`` (what ``tandem bench codecs`` reports). The groups'
+        energies ``‖g̃_i‖²`` are taken in the feedback pass (under
+        ``feedback``), and the residual ``g̃ − sent`` of the encoded groups
+        as they are packed (under ``encode``).
 
     Raises
     ------
@@ -448,11 +486,11 @@ def compress_update(
         the plan asks for a predictor and none is given.
     """
     clock = _StageClock(stages)
-    # 3. error feedback (eq. 7); g̃ is checked finite through its energy below
-    compensated = _compensate(update, state.residual, plan.gamma)
+    # 3. error feedback (eq. 7), with step 4's energies ‖g̃_i‖² in the same
+    # pass; g̃ is checked finite through them
+    compensated, energy = _feedback(update, state.residual, plan.gamma, layout)
     clock.lap("feedback")
     # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
-    energy = layout.group_sq_norms(compensated)
     finite = bool(np.isfinite(energy.sum()))  # a NaN or Inf in g̃ spreads to it
     if not finite:  # compensate's own checks and message first
         compensate(update, state.residual, plan.gamma)
