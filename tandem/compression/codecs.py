@@ -488,9 +488,9 @@ class Int8(Codec):
     ) -> None:
         k, size = rows.shape
         scale = np.zeros(k, dtype=np.float32)
-        if size:  # max|x| as max(max x, −min x): no |x| array; + 0 turns −0 to +0
-            np.maximum(rows.max(axis=1), -rows.min(axis=1), out=scale)
-            scale += np.float32(0.0)
+        if size:  # max|x|, |x| in `decoded` for now (+0, never −0)
+            np.abs(rows, out=decoded)
+            np.max(decoded, axis=1, out=scale)
         wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
         # int8_levels row by row, in place in `decoded`: rint(x / a · 127) in
         # float32; |x| <= a keeps every level in [-127, 127], so its clip
