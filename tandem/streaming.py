@@ -227,6 +227,9 @@ class Inbox:
     def __init__(self, responses: Iterator[bytes], pace: Pace | None = None) -> None:
         self._responses = responses
         self._pace = pace
+        #: The last frame's arrival on the emulated link (monotonic seconds;
+        #: 0 unpaced).
+        self.arrival = 0.0
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         threading.Thread(target=self._pump, daemon=True, name="tdr").start()
 
@@ -262,6 +265,7 @@ class Inbox:
             return None
         deadline, frame = item  # type: ignore[misc]
         wait_until(deadline)  # real time: its arrival on the emulated link
+        self.arrival = deadline
         return frame  # type: ignore[no-any-return]
 
 

@@ -766,6 +766,19 @@ def test_paced_frames_leave_in_order_and_not_before_their_arrival():
     assert seen[0][1] >= 0.19  # held until its arrival time
 
 
+def test_a_paced_inbox_hands_frames_out_at_their_arrival():
+    from tandem.streaming import Inbox
+
+    now = time.monotonic()
+    arrivals = iter([now + 0.15, now + 0.05])
+    inbox = Inbox(iter([b"abc", b"de"]), pace=lambda n: next(arrivals))
+    assert inbox.arrival == 0.0
+    assert inbox.get(5.0) == b"abc"
+    assert time.monotonic() >= now + 0.15 and inbox.arrival == now + 0.15
+    assert inbox.get(5.0) == b"de" and inbox.arrival == now + 0.05
+    assert inbox.get(5.0) is None  # the stream ended
+
+
 def test_link_paces_match_the_link_pacer():
     from tandem.clients.simultrain import link_paces
     from tandem.network import encode_link, parse_link
@@ -873,20 +886,26 @@ def test_real_time_stretches_steady_work_to_the_edge_device(monkeypatch):
     deadlines = []
     monkeypatch.setattr(edge, "wait_until", deadlines.append)
     session = edge.StreamedEdge.__new__(edge.StreamedEdge)
-    session.steady = {}
+    session.steady, session.free_at = {}, None
     session.opts = SimulTrainOptions(edge_factor=10.0)
     session.start = type("Start", (), {"link": "4g"})()
-    for seconds in (0.5, 0.01, 0.01, 0.01, 0.01):  # a cold first pass, then steady
-        session._slow_down("fwd", 100.0, seconds)
-    session._slow_down("rcv", 100.0, 0.002)  # its own kind
+    # back-to-back forward passes: each starts when the edge is free (the
+    # first when it began); a cold first pass, then steady ones
+    session._slow_down("fwd", 100.0, 0.5)
+    for seconds in (0.01, 0.01, 0.01, 0.01):
+        session._slow_down("fwd", 0.0, seconds)
     # 10 x the lower quartile so far (the median of fewer than four)
-    assert deadlines == pytest.approx(
-        [105.0, 102.55, 100.1, 100.1, 100.1, 100.02], abs=1e-9
-    )
+    assert deadlines == pytest.approx([105.0, 107.55, 107.65, 107.75, 107.85])
+    # gradients that arrive after the edge is free start it then ...
+    session._slow_down("rcv", 110.0, 0.002)  # its own kind
+    assert deadlines[-1] == pytest.approx(110.02)
+    # ... and gradients already there, once it is free
+    session._slow_down("rcv", 50.0, 0.002)
+    assert deadlines[-1] == pytest.approx(110.04)
     # not in real time, or an edge as fast as this machine: no wait
     session.start = type("Start", (), {"link": ""})()
     session._slow_down("fwd", 0.0, 1.0)
     session.start = type("Start", (), {"link": "4g"})()
     session.opts = SimulTrainOptions(edge_factor=1.0)
     session._slow_down("fwd", 0.0, 1.0)
-    assert len(deadlines) == 6
+    assert len(deadlines) == 7

@@ -475,6 +475,8 @@ class StreamedEdge:
         self.compute = 0.0  # CPU seconds not yet reported
         self.total_compute = 0.0
         self.steady: dict[Hashable, deque[float]] = {}  # real time: CPU s per kind
+        self.free_at: float | None = None  # real time: the emulated edge's
+        self.arrival = 0.0  # real time: the last gradients frame's arrival
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
         self.node_id = -1  # set when the stream opens
@@ -509,22 +511,27 @@ class StreamedEdge:
         self.seq += 1
         return data
 
-    def _slow_down(self, kind: Hashable, began: float, seconds: float) -> None:
-        """Real-time mode: let work that began at ``began`` end when the
-        emulated edge would have finished it.
+    def _slow_down(self, kind: Hashable, ready: float, seconds: float) -> None:
+        """Real-time mode: end a piece of work when the emulated edge would.
 
-        The edge device takes ``edge-factor`` times this machine's *steady*
-        CPU time for the work: the lower quartile of the ``kind``'s times so
-        far (:func:`~tandem.schedules.steady_seconds`, the replay's rule), so
-        that a descheduled moment of this machine is not stretched tenfold.
-        The deadline is on the wall clock from ``began``: time this machine
-        lost to other processes meanwhile is absorbed, not added.
+        The emulated edge starts the piece once it is free and its input is
+        there (``ready``: when the piece began, or the gradients frame's
+        arrival on the emulated link) and takes ``edge-factor`` times this
+        machine's *steady* CPU time for it: the lower quartile of the
+        ``kind``'s times so far (:func:`~tandem.schedules.steady_seconds`,
+        the replay's rule), so that a moment this machine was descheduled is
+        not stretched tenfold. The edge waits until that end on the wall
+        clock. What this machine adds between pieces (a late wake-up, the
+        loop, the other threads) is absorbed by the next deadline rather
+        than added to it, as long as this machine keeps up.
         """
         if not self.start.link or self.opts.edge_factor <= 1:
             return
         history = self.steady.setdefault(kind, deque(maxlen=STEADY_WINDOW))
         history.append(seconds)
-        wait_until(began + self.opts.edge_factor * steady_seconds(list(history)))
+        begin = ready if self.free_at is None else max(self.free_at, ready)
+        self.free_at = begin + self.opts.edge_factor * steady_seconds(list(history))
+        wait_until(self.free_at)
 
     def _warm_up(self, rows: int) -> None:
         """Real-time mode: one forward and backward pass off the record.
@@ -558,7 +565,9 @@ class StreamedEdge:
         data = self._frame(chunk, version)
         framing = time.thread_time() - tick
         self.compute += framing  # reported with the next frame
-        self._slow_down(("forward", want), began, chunk.seconds + framing)
+        # its input (a credit) is there as soon as the edge is free
+        ready = began if self.free_at is None else self.free_at
+        self._slow_down(("forward", want), ready, chunk.seconds + framing)
         return data
 
     def receive(self, data: bytes) -> None:
@@ -569,7 +578,7 @@ class StreamedEdge:
         PayloadError
             If the frame is malformed or not for the oldest chunk in flight.
         """
-        began, tick = time.monotonic(), time.thread_time()  # decoding, steps 1, 2
+        tick = time.thread_time()  # all of it: decoding, steps 1 and 2
         try:
             frame = decode_frame(data, self.start.max_frame)
         except FrameError as err:
@@ -597,7 +606,8 @@ class StreamedEdge:
             self.pending = reconcile(self.state, received, msg.v_c, self.opts.lam)
         seconds = time.thread_time() - tick
         self.compute += seconds
-        self._slow_down(("receive", msg.edge_params is not None), began, seconds)
+        kind = ("receive", msg.edge_params is not None)
+        self._slow_down(kind, self.arrival, seconds)
 
     def run(self, node_id: int) -> None:
         """Stream the session's chunks through (see the class docstring).
@@ -632,6 +642,7 @@ class StreamedEdge:
                 if self.pending is not None and self.in_flight:
                     outbox.put(self._frame(None, -1))  # a delta, no chunk left
                 data = inbox.get(self.timeout)
+                self.arrival = inbox.arrival
                 if data is None:
                     raise RuntimeError(
                         f"the cloud closed the stream with {len(self.in_flight)} "
