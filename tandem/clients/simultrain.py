@@ -126,9 +126,10 @@ class EdgeState:
         ``θ_e − base``.
     momentum : dict of str to Tensor
         SGD's momentum buffer per parameter (absent before the first step).
-    stash : ArrayRecord
+    stash : dict of str to ndarray
         Per chunk in flight ``c{v}/``: row indices ``idx``, micro-batch
-        ``sizes`` and the weights ``w.*`` it was forwarded at.
+        ``sizes``, the cut's shape ``cut`` and the weights ``w.*`` it was
+        forwarded at (plain arrays in memory; a record only in ``Context``).
     version : int
         Version of the next chunk to forward.
     steps : int
@@ -143,7 +144,7 @@ class EdgeState:
     theta_cloud: Tensors
     base: Tensors
     momentum: Tensors
-    stash: ArrayRecord
+    stash: dict[str, np.ndarray]
     version: int = 0
     steps: int = 0
     base_v_c: int = 0
@@ -162,7 +163,10 @@ class EdgeState:
             or dict(theta),
             base=_tensors(state.array_records.get(_S + "base")) or dict(theta),
             momentum=_tensors(state.array_records.get(_S + "momentum")),
-            stash=state.array_records.get(_S + "stash") or ArrayRecord(),
+            stash={
+                k: a.numpy()
+                for k, a in (state.array_records.get(_S + "stash") or {}).items()
+            },
             version=counters.get("v-e", 0),
             steps=counters.get("steps", 0),
             base_v_c=counters.get("base-v-c", 0),
@@ -175,7 +179,9 @@ class EdgeState:
         state[_S + "edge-cloud"] = _record(self.theta_cloud)
         state[_S + "base"] = _record(self.base)
         state[_S + "momentum"] = _record(self.momentum)
-        state[_S + "stash"] = self.stash
+        state[_S + "stash"] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in self.stash.items()}
+        )
         state[_S + "meta"] = ConfigRecord(
             {"v-e": self.version, "steps": self.steps, "base-v-c": self.base_v_c}
         )
@@ -251,13 +257,16 @@ def apply_gradients(
     stash = state.stash
     if prefix + "idx" not in stash:
         raise PayloadError(f"gradients for chunk {msg.grad_for}, which is not stashed")
-    idx = stash[prefix + "idx"].numpy()
-    sizes = stash[prefix + "sizes"].numpy()
-    with torch.no_grad():
-        cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
+    idx = stash[prefix + "idx"]
+    sizes = stash[prefix + "sizes"]
+    if prefix + "cut" in stash:
+        cut = tuple(int(n) for n in stash[prefix + "cut"])
+    else:  # a stash from before the cut's shape was kept
+        with torch.no_grad():
+            cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
     g = msg.gradients(opts.precision, (len(idx), *cut))
     stashed = {
-        k[len(prefix) + 2 :]: torch.from_numpy(np.array(stash[k].numpy()))
+        k[len(prefix) + 2 :]: torch.from_numpy(stash[k])
         for k in stash
         if k.startswith(prefix + "w.")
     }
@@ -330,10 +339,11 @@ def forward_chunk(
         acts = edge(torch.from_numpy(split.x[idx]))
     sizes = np.array([len(b) for b in batches], dtype=np.int64)
     prefix = f"c{state.version}/"
-    state.stash[prefix + "idx"] = Array(idx.astype(np.int64))
-    state.stash[prefix + "sizes"] = Array(sizes)
+    state.stash[prefix + "idx"] = idx.astype(np.int64)
+    state.stash[prefix + "sizes"] = sizes
+    state.stash[prefix + "cut"] = np.array(acts.shape[1:], dtype=np.int64)
     for k, v in state.theta.items():
-        state.stash[prefix + "w." + k] = Array(v.numpy())
+        state.stash[prefix + "w." + k] = v.numpy().copy()
     state.steps += want
     state.version += 1
     encoded = encode_cut(acts.numpy(), precision, "a")
@@ -489,7 +499,7 @@ class StreamedEdge:
         }
         self.pending = reconcile(state, received, self.start.v_c, self.opts.lam)
         state.fresh = False
-        state.stash = ArrayRecord()  # chunks of an earlier session are void
+        state.stash = {}  # chunks of an earlier session are void
         state.version = self.start.next_version
 
     def _frame(self, chunk: Chunk | None, version: int) -> bytes:
