@@ -2,7 +2,7 @@
 
 Hand-computed values, exact messages and dtypes of the pure compression
 modules (pipeline, downlink, layout, codecs, knapsack, groups, int8, feedback,
-budget): each test names what it pins down.
+budget, packing, rows): each test names what it pins down.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tandem.compression.codecs import (
     RowError,
     decode,
     encode,
+    option_table,
     register,
     unregister,
 )
@@ -42,6 +43,7 @@ from tandem.compression.int8 import quantize_rows
 from tandem.compression.layout import GroupLayout, _group_sums
 from tandem.compression.packing import (
     encode_packed,
+    pack_groups,
     split_groups,
     unpack_flat,
     unpack_groups,
@@ -52,6 +54,7 @@ from tandem.compression.pipeline import (
     fill_deferred,
     fill_unsent,
 )
+from tandem.compression.rows import get_rows, put_rows
 from tandem.importance import (
     STRUCTURAL_FEATURES,
     GroupMeta,
@@ -962,3 +965,106 @@ def test_split_groups_checks_the_budget_and_describes_non_arrays():
         CodecError, match=exactly("payload must be a uint8 array, got int64 array")
     ):
         split_groups(codes, payload.astype(np.int64), sizes, FULL_OR_DEFER)
+
+
+def test_pack_groups_checks_its_inputs_exactly():
+    one = {"values": np.array([1.0], np.float32)}
+    # 256 options fit the uint8 table, 257 do not
+    many = (Option("full"),) * 256
+    codes, payload = pack_groups([one], [255], many)
+    assert codes.dtype == np.uint8 and codes.tolist() == [255]
+    assert payload.tobytes() == np.array([1.0], "<f4").tobytes()
+    with pytest.raises(
+        CodecError, match=exactly("at most 256 options fit a uint8 table, got 257")
+    ):
+        pack_groups([one], [0], (*many, Option("full")))
+    with pytest.raises(
+        CodecError, match=exactly("choice has shape (1,), expected (2,)")
+    ):
+        pack_groups([one, one], [0], FULL_OR_DEFER)
+    for choice in ([-1], [2]):
+        with pytest.raises(
+            CodecError, match=exactly("choice out of range for 2 options")
+        ):
+            pack_groups([one], choice, FULL_OR_DEFER)
+    with pytest.raises(
+        CodecError,
+        match=exactly(
+            "group 1: int8 payload has keys ['levels'], expected ['levels', 'scale']"
+        ),
+    ):
+        pack_groups(
+            [one, {"levels": np.zeros(1, np.int8)}],
+            [0, 1],
+            (Option("full"), Option("int8")),
+        )
+
+
+def test_unpack_flat_checks_the_payload_shape_and_the_out_buffer():
+    sizes = np.array([1, 2])
+    codes, payload, _ = encode_packed(
+        np.array([1, 2, 3], np.float32), sizes, np.array([0, 1]), FULL_OR_DEFER
+    )
+    with pytest.raises(
+        CodecError, match=exactly("payload has shape (2, 2), expected 1-D")
+    ):
+        unpack_flat(codes, payload.reshape(2, 2), sizes, FULL_OR_DEFER)
+    for out in (np.zeros(3), np.zeros(4, np.float32)):  # wrong dtype, wrong shape
+        with pytest.raises(
+            ValueError, match=exactly("out must be float32 of shape (3,)")
+        ):
+            unpack_flat(codes, payload, sizes, FULL_OR_DEFER, out=out)
+    out = np.full(3, 7.0, np.float32)
+    decoded, sent = unpack_flat(codes, payload, sizes, FULL_OR_DEFER, out=out)
+    assert decoded is out and decoded.tolist() == [1.0, 0.0, 0.0]
+    assert sent.tolist() == [True, False]
+
+
+def test_option_table_checks_sizes_and_its_dtypes():
+    options = (Option("full"), Option("int8"), Option("defer"))
+    # any integer dtype; costs are int64 bytes, fidelities float64
+    costs, values = option_table(options, np.array([3, 0], dtype=np.uint8))
+    assert costs.dtype == np.int64 and values.dtype == np.float64
+    np.testing.assert_array_equal(costs, [[12, 7, 0], [0, 4, 0]])
+    np.testing.assert_array_equal(values, [1.0, 0.998, 0.0])
+    costs, _ = option_table(options, np.array([2**32 - 1]))  # the largest size
+    np.testing.assert_array_equal(costs, [[4 * (2**32 - 1), 2**32 + 3, 0]])
+    assert option_table(options, np.array([]))[0].shape == (0, 3)
+    for sizes, dtype in (
+        (np.array([1.0, 2.0]), "float64"),
+        (np.ones((1, 2), int), "int64"),
+    ):
+        with pytest.raises(
+            ValueError, match=exactly(f"sizes must be a 1-D integer array, got {dtype}")
+        ):
+            option_table(options, sizes)
+    for size in (-1, 2**32):
+        with pytest.raises(
+            ValueError, match=exactly("sizes must satisfy 0 <= size < 2**32")
+        ):
+            option_table(options, np.array([size]))
+
+
+# ------------------------------------------------------------------------- rows
+
+
+def test_get_rows_empty_overlapping_and_out_of_order():
+    flat = np.arange(12.0)
+    empty = get_rows(flat, np.zeros(0, np.int64), 3)
+    assert empty.shape == (0, 3) and empty.dtype == flat.dtype
+    # not consecutive: the first two have first and last starts evenly spaced
+    for starts in ([0, 1, 6], [0, 9, 6], [6, 2, 0], [3, 3, 3]):
+        rows = get_rows(flat, np.array(starts, np.int64), 3)
+        np.testing.assert_array_equal(rows, [flat[s : s + 3] for s in starts])
+
+
+def test_put_rows_writes_scattered_rows_in_place():
+    flat = np.zeros(10, np.float32)
+    rows = np.array([[1, 2], [3, 4], [5, 6]], np.float32)
+    put_rows(flat, np.array([8, 0, 4], np.int64), rows)  # the last window too
+    np.testing.assert_array_equal(flat, [3, 4, 0, 0, 5, 6, 0, 0, 1, 2])
+    put_rows(flat, np.array([2, 6], np.int64), rows[:2] + 10)
+    np.testing.assert_array_equal(flat, [3, 4, 11, 12, 5, 6, 13, 14, 1, 2])
+    put_rows(flat, np.zeros(0, np.int64), np.zeros((0, 2), np.float32))
+    put_rows(flat, np.array([3, 5], np.int64), np.zeros((2, 0), np.float32))
+    np.testing.assert_array_equal(flat, [3, 4, 11, 12, 5, 6, 13, 14, 1, 2])
