@@ -344,6 +344,21 @@ class Codec:
         decoded[...] = expanded
 
 
+class _InPlace(Codec):
+    """A codec that writes its rows in place (:meth:`encode_rows_into`);
+    :meth:`encode_rows` gives it fresh outputs of the payload's width."""
+
+    def encode_rows(
+        self, rows: np.ndarray, ratio: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k, size = rows.shape
+        width = int(self.nbytes(np.asarray(size, dtype=np.int64), ratio))
+        wire = np.empty((k, width), dtype=np.uint8)
+        decoded = np.empty((k, size), dtype=np.float32)
+        self.encode_rows_into(rows, ratio, wire, decoded)
+        return wire, decoded
+
+
 def _first_row(bad: np.ndarray) -> int | None:
     """The first True of a row mask ``(k,)``, or None."""
     return int(np.argmax(bad)) if bad.any() else None
@@ -436,7 +451,7 @@ class Half(_Dense):
 _INT8_RULE = "int8 'levels' holds -128; levels lie in [-127, 127]"
 
 
-class Int8(Codec):
+class Int8(_InPlace):
     """int8 levels ``rint(127·x/a)`` and the scale ``a = max|x|``, ``n + 4`` bytes."""
 
     name = "int8"
@@ -469,15 +484,6 @@ class Int8(Codec):
         levels = arrays["levels"]
         if levels.size and int(levels.min()) < -127:
             raise CodecError(_INT8_RULE)
-
-    def encode_rows(
-        self, rows: np.ndarray, ratio: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        k, size = rows.shape
-        wire = np.empty((k, size + 4), dtype=np.uint8)
-        decoded = np.empty((k, size), dtype=np.float32)
-        self.encode_rows_into(rows, ratio, wire, decoded)
-        return wire, decoded
 
     def encode_rows_into(
         self,
@@ -521,7 +527,7 @@ _SIGN_RULE = "sign 'signs' has padding bits set past the last element"
 _SIGNS = np.array([1.0, -1.0], dtype=np.float32)
 
 
-class Sign(Codec):
+class Sign(_InPlace):
     """Sign bits and the scale ``mean|x|`` (eq. 6), ``⌈n/8⌉ + 4`` bytes."""
 
     name = "sign"
@@ -558,15 +564,6 @@ class Sign(Codec):
         signs = arrays["signs"]
         if size % 8 and signs[-1] & ((1 << (8 - size % 8)) - 1):
             raise CodecError(_SIGN_RULE)
-
-    def encode_rows(
-        self, rows: np.ndarray, ratio: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        k, size = rows.shape
-        wire = np.empty((k, (size + 7) // 8 + 4), dtype=np.uint8)
-        decoded = np.empty((k, size), dtype=np.float32)
-        self.encode_rows_into(rows, ratio, wire, decoded)
-        return wire, decoded
 
     def encode_rows_into(
         self,
