@@ -152,3 +152,61 @@ def test_a_failed_runs_flower_log_is_kept_and_said(tmp_path, capsys):
     # a log that cannot be had says why, in the same place
     _keep_log(Home(), "43", tmp_path / "run-43", "splitsync, seed 0")
     assert "flwr log exited 1" in (tmp_path / "run-43" / "flwr.log").read_text()
+
+
+def test_the_runs_metrics_are_archived_beside_the_results(tmp_path):
+    import tarfile
+
+    from tandem.bench.cli import archive_metrics
+
+    assert archive_metrics(tmp_path) is None  # no runs: nothing to keep
+    for run, files in {
+        "simultrain-1": {
+            "metrics.jsonl": '{"event": "summary"}\n',
+            "checkpoint.npz": "x",
+        },
+        "syncsgd-2": {"metrics.jsonl": '{"event": "round"}\n', "flwr.log": "Traceback"},
+    }.items():
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        for name, text in files.items():
+            (tmp_path / "runs" / run / name).write_text(text)
+    path = archive_metrics(tmp_path)
+    assert path == tmp_path / "runs-metrics.tar.gz"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [
+            "runs/simultrain-1/metrics.jsonl",
+            "runs/syncsgd-2/flwr.log",
+            "runs/syncsgd-2/metrics.jsonl",
+        ]  # checkpoints stay out
+        assert all(m.mtime == 0 for m in members)
+        data = tar.extractfile("runs/simultrain-1/metrics.jsonl").read()
+        assert data == b'{"event": "summary"}\n'
+
+
+def test_the_tables_regenerate_from_a_committed_results_json(capsys, tmp_path):
+    import json
+    from pathlib import Path
+
+    from tandem.bench.cli import report_main
+    from tandem.bench.report import format_reference_table, format_table
+
+    path = (
+        Path(__file__).parents[1]
+        / "docs"
+        / "bench"
+        / "acesync-downlink"
+        / "results.json"
+    )
+    results = json.loads(path.read_text())
+    assert report_main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(format_table(results))
+    assert format_reference_table(results) in printed
+    assert "| acesync |" in printed and "against fullsync" in printed
+    bad = tmp_path / "results.json"
+    bad.write_text('{"suite": "nope"}')
+    with pytest.raises(SystemExit) as exit_:
+        report_main([str(bad)])
+    assert exit_.value.code == 2
+    assert "not a suite's results.json" in capsys.readouterr().err

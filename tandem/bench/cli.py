@@ -18,6 +18,7 @@ import json
 import math
 import signal
 import sys
+import tarfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -427,6 +428,57 @@ def print_report(results: Mapping[str, Any], suite: Suite, out: Path) -> None:
         print(f"plot:    {path}")
 
 
+def report_main(argv: list[str]) -> int:
+    """``tandem bench report RESULTS.json``: print a finished suite's tables.
+
+    The README's tables are this output, so each can be regenerated from
+    the committed ``results.json`` without running anything.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tandem bench report",
+        description="Print a finished suite's tables from its results.json.",
+    )
+    parser.add_argument("results", type=Path, help="a suite's results.json")
+    args = parser.parse_args(argv)
+    try:
+        results = json.loads(args.results.read_text())
+        suite = SUITES[results["suite"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"{args.results}: not a suite's results.json ({err!r})")
+    print(format_table(results))
+    reference = format_reference_table(results)
+    if reference:
+        print(
+            f"\nagainst {suite.reference} (target: its final accuracy - "
+            f"{100 * suite.reference_margin:g} pt):\n{reference}"
+        )
+    return 0
+
+
+def archive_metrics(out: Path) -> Path | None:
+    """Every run's ``metrics.jsonl`` (and a failed run's ``flwr.log``) under
+    ``out/runs`` in one gzipped tar, ``out/runs-metrics.tar.gz``, small enough
+    to commit beside ``results.json`` so each figure can be re-derived from
+    its runs (the run folders themselves, with checkpoints, are not kept).
+    ``None`` when there is no run folder."""
+    runs = out / "runs"
+    files = sorted(
+        p for p in runs.glob("*/*") if p.name in ("metrics.jsonl", "flwr.log")
+    )
+    if not files:
+        return None
+
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
+    path = out / "runs-metrics.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for file in files:
+            tar.add(file, arcname=str(file.relative_to(out)), filter=plain)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tandem bench`` and ``python -m tandem.bench``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -434,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         from tandem.bench.codecs import main as codecs_main
 
         return codecs_main(argv[1:])
+    if argv[:1] == ["report"]:  # the tables again, from a results.json
+        return report_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # a terminated benchmark still stops its SuperLink (the runner's finally)
@@ -459,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
     print_report(results, suite, args.out)
+    archive = archive_metrics(args.out)
+    if archive is not None:
+        print(f"metrics: {archive}")
     failed = [k for k, m in results["methods"].items() if m.get("failed")]
     return 1 if failed else 0
 
