@@ -148,12 +148,18 @@ SUITES: dict[str, Suite] = {
                 link_option="simultrain-link",
                 first_profile_only=True,
             ),
+            # no reconciliation (seed 001's ablation): every R steps each
+            # edge still reports its delta, so the cloud's copy of the edge
+            # layers (what evaluation uses) follows the edges, but no edge
+            # is pulled toward it (lambda = 0): their staleness is what is
+            # left. (R = 0 would stop the reports too and leave the copy at
+            # its initial value until the end.)
             Variant(
                 "simultrain-no-reconcile",
                 {
                     "method": "simultrain",
                     "simultrain-eval-every": 50,
-                    "simultrain-reconcile-every": 0,
+                    "simultrain-lambda": 0.0,
                 },
                 schedule="pipeline",
                 link_option="simultrain-link",
