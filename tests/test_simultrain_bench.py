@@ -210,3 +210,31 @@ def test_the_tables_regenerate_from_a_committed_results_json(capsys, tmp_path):
         report_main([str(bad)])
     assert exit_.value.code == 2
     assert "not a suite's results.json" in capsys.readouterr().err
+
+
+def test_the_raw_cloud_replay_charges_each_chunk_as_it_ran(tmp_path):
+    from tandem.bench.runner import _emulate
+    from tandem.network import DeviceProfile
+
+    suite = select_variants(SUITE, ["splitsync"], {})
+    (variant,) = suite.variants
+    run = _run(variant, serial=True)  # the cloud takes 10 ms on each chunk
+    # ... but 1 s on the last one here (this machine was busy)
+    (last,) = [r for r in run.records if r.get("seq") == 2]
+    last["cloud-seconds"] = 1.0
+    same = DeviceProfile("here", 1.0, "")
+    opts = BenchOptions(
+        out=tmp_path,
+        profiles=(LINK,),
+        nodes=1,
+        steps=3,
+        edge=same,
+        cloud=same,
+        local_gflops_edge=1.0,
+        local_gflops_cloud=1.0,
+    )
+    steady = _emulate(run, LINK, opts)["total"]
+    raw = _emulate(run, LINK, opts, raw_cloud=True)["total"]
+    # three chunks in series: the steadied cloud charges 10 ms (the median of
+    # fewer than four) for the last chunk, the raw one its 1 s
+    assert raw - steady == pytest.approx(1.0 - 0.01)

@@ -392,6 +392,11 @@ def assumptions(
             "the real-time runs replayed with the cloud at this machine's speed "
             "(factor max(1, cloud factor)): what real time is compared with"
         ),
+        "replay_host_cloud_raw_seconds_per_step": (
+            "the same, with the cloud's compute per chunk as measured (not "
+            "steadied): the one cloud shares this machine's cores with the "
+            "edges, and real time pays its every delay"
+        ),
         "pipeline_efficiency": (
             "bound / achieved: the busiest resource's (one edge, one link "
             "direction, the cloud) busy time / the emulated run time; 1 = a "
