@@ -8,8 +8,10 @@ the model is cut into an edge part ``f_e(·; θ_e)`` and a cloud part
   in the seeds: a first-order correction of a gradient computed at an older
   version ``w^(e)`` toward the newer version ``w^(c)``, which cancels the
   first-order staleness bias without recomputing a forward pass.
-- Soft reconciliation every R steps (seed 002):
-  ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c``.
+- Soft reconciliation every R micro-batches: seed 002 names "a soft
+  reconciliation step every R iterations" and its fragment breaks off
+  before the formula; the convex pull ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c``,
+  λ = 0.8 and R = 4 are our choices.
 - Staleness-weighted merge of edge deltas into ``θ_e^c`` (our choice; the
   seeds leave it open):
   ``θ_e^c ← θ_e^c + s(τ_k)·Δ_k / K`` with ``s(τ) = 1 / (1 + τ)`` for a gap
@@ -90,7 +92,8 @@ def forecast_gradients(
 def soft_reconcile(
     theta_e: Params, theta_e_cloud: Params, lam: float
 ) -> dict[str, torch.Tensor]:
-    """``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` per tensor (seed 002)."""
+    """``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` per tensor (our form of seed 002's
+    soft reconciliation, whose formula the fragment does not give)."""
     return {k: (1 - lam) * theta_e[k] + lam * theta_e_cloud[k] for k in theta_e}
 
 

@@ -26,11 +26,13 @@ of the next delta, stashes, version, data position) lives in
 ``Context.state`` and survives between messages on both engines.
 
 **Why one step per chunk, and the smaller edge rate.** The gradients of a
-chunk arrive two messages after its forward pass, so every edge step is
-delayed. Measured on MNIST-1D (900 steps, one edge, cut at ``act2``):
-momentum SGD at the full rate with a 2-step delay fell to chance (9%); at a
-tenth of the rate it reached 86% (91.5% without delay). Stepping once per
-chunk keeps the delay at two steps whatever the chunk size.
+chunk arrive two messages after its forward pass on the message transport,
+and up to W chunks after it on the stream, so every edge step is delayed.
+Measured on MNIST-1D on the message transport (900 steps, one edge, cut at
+``act2``): momentum SGD at the full rate with a 2-step delay fell to chance
+(9%); at a tenth of the rate it reached 86% (91.5% without delay). Stepping
+once per chunk keeps the delay at two steps (W on the stream) whatever the
+chunk size. The rate was not re-tuned for the stream's deeper window.
 """
 
 from __future__ import annotations
@@ -291,9 +293,9 @@ def reconcile(
 ) -> Tensors | None:
     """Step 2: pull ``θ_e`` toward the cloud's copy; return the delta to report.
 
-    ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` (seed 002) after reporting
-    ``Δ = θ_e − base``. A node that has handled no message yet starts from
-    ``θ_e^c`` and reports nothing (None).
+    ``θ_e ← (1 − λ)·θ_e + λ·θ_e^c`` (our form of seed 002's soft
+    reconciliation) after reporting ``Δ = θ_e − base``. A node that has
+    handled no message yet starts from ``θ_e^c`` and reports nothing (None).
     """
     delta = None
     state.theta_cloud = theta_cloud
