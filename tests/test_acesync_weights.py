@@ -89,3 +89,16 @@ def test_reliability_scales_the_weights():
     # the reliability term moves them: without it node 2 would weigh more
     unreliable = aggregation_weights(np.full(2, 10.0), np.ones(2), latency)
     assert got[1] < unreliable[1] - 0.05
+
+
+def test_undefined_rank_correlations_average_to_nan_without_a_warning():
+    import math
+    import warnings
+
+    from tandem.strategies.acesync import _mean_defined
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(_mean_defined([float("nan"), float("nan")]))
+        assert math.isnan(_mean_defined([]))
+        assert _mean_defined([float("nan"), 0.5, 1.0]) == 0.75

@@ -189,6 +189,13 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def _mean_defined(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is (a rank
+    correlation is undefined on a constant vector)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 class AceSync(CompressedUpdates):
     """ACE-Sync's policy around a Flower FedAvg-family strategy (see module).
 
@@ -645,21 +652,18 @@ class AceSync(CompressedUpdates):
         features = np.vstack(temporal)
         stacked = np.vstack([structural] * len(updates))
         y = np.tile(labels, len(updates))
-        figures["magnitude-rank-corr"] = float(
-            np.nanmean([_spearman(t[:, 0], labels) for t in temporal])
+        figures["magnitude-rank-corr"] = _mean_defined(
+            [_spearman(t[:, 0], labels) for t in temporal]
         )
         if self.importance == "predictor":
             predicted = predict_importance(self.predictor, features, stacked)
             figures["predictor-mse-before"] = float(np.mean((predicted - y) ** 2))
-            figures["predictor-rank-corr"] = float(
-                np.nanmean(
-                    [
-                        _spearman(
-                            predicted[i * labels.size : (i + 1) * labels.size], labels
-                        )
-                        for i in range(len(updates))
-                    ]
-                )
+            size = labels.size
+            figures["predictor-rank-corr"] = _mean_defined(
+                [
+                    _spearman(predicted[i * size : (i + 1) * size], labels)
+                    for i in range(len(updates))
+                ]
             )
             if self.options.predictor_steps > 0:
                 figures["predictor-mse-after"] = train_predictor(
@@ -849,7 +853,7 @@ class AceSync(CompressedUpdates):
         ):
             values = [f[key] for f in self.round_figures if key in f]
             if values:
-                out[key] = float(np.nanmean(values))
+                out[key] = _mean_defined(values)
                 out[f"{key}-last"] = float(values[-1])
         return out
 
