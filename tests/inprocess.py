@@ -43,16 +43,18 @@ class InProcessGrid:
         silent_after: Mapping[int, int] | None = None,
         late: Mapping[int, int] | None = None,
         threaded: bool = False,
+        id_base: int = 0,
     ) -> None:
         self.threaded = threaded
         self._done: dict[str, Message] = {}  # threaded: id -> reply
         self._lock = threading.Lock()
         self.late = dict(late or {})
         total = nodes + len(self.late)
+        # node ids 1..N, or id_base + 1.. (Flower's ids are unsigned 64-bit)
         self.contexts = {
-            node: Context(
+            id_base + node: Context(
                 run_id=1,
-                node_id=node,
+                node_id=id_base + node,
                 node_config={"partition-id": node - 1, "num-partitions": total},
                 state=RecordDict(),
                 run_config=dict(run_config),
@@ -149,6 +151,7 @@ def run_inprocess(
     late: Mapping[int, int] | None = None,
     edges: InProcessGrid | None = None,
     threaded: bool = False,
+    id_base: int = 0,
 ) -> tuple[list[dict], InProcessGrid]:
     """Run a method's cloud side against ``nodes`` in-process edges.
 
@@ -159,13 +162,16 @@ def run_inprocess(
     ``edges``: a grid of an earlier run whose nodes (their ``Context``, e.g.
     data stream positions) carry on, as SuperNodes do when only the
     ServerApp restarts. ``threaded``: every message is handled in a thread of
-    its own (see :class:`InProcessGrid`).
+    its own (see :class:`InProcessGrid`). ``id_base``: node ids start after
+    it (e.g. ``2**63`` for ids past int64, as Flower's can be).
     """
     flat = {"output-dir": str(out), "min-nodes": nodes, **run_config}
     if not threaded:  # one message at a time: SimulTrain on messages unless asked
         flat.setdefault("simultrain-transport", "message")
     cfg = RunConfig.from_flat(flat)
-    grid = InProcessGrid(flat, nodes, lag, tamper, silent_after, late, threaded)
+    grid = InProcessGrid(
+        flat, nodes, lag, tamper, silent_after, late, threaded, id_base
+    )
     if edges is not None:
         for node, context in edges.contexts.items():
             context.run_config = dict(flat)

@@ -934,12 +934,15 @@ def _cluster_models(
     averages = cluster_average(matrix, omega, labels, count)
     base = strategy.current.astype(np.float64)  # θ the last round started from
     final_flat = layout.flat({key: a.numpy() for key, a in final.items()})
+    # node ids are unsigned 64-bit: kept as Python ints, never a numpy array
     last = np.array([n in strategy.last_updates for n in nodes])
     gap = 0.0
     if last.any():
         in_last = cluster_average(
             matrix[last],
-            np.array([strategy.last_weights[n] for n in np.asarray(nodes)[last]]),
+            np.array(
+                [strategy.last_weights[n] for n in nodes if n in strategy.last_updates]
+            ),
             labels[last],
             count,
         )
