@@ -29,6 +29,7 @@ from tandem.schedules import (
     exchanges_from_records,
     replay_pipeline,
     replay_sync_rounds,
+    steady_exchanges,
     sync_rounds_from_records,
 )
 from tandem.tracking import read_jsonl
@@ -248,9 +249,9 @@ def _emulate(
     """The run re-timed under ``profile``; with ``raw_cloud`` (a pipelined
     run) the cloud's compute as measured per chunk, not steadied."""
     if run.variant.schedule == "pipeline":
-        exchanges, marks = exchanges_from_records(run.records)
+        raw, marks = exchanges_from_records(run.records, steady=False)
+        exchanges = steady_exchanges(raw)
         if raw_cloud:
-            raw, _ = exchanges_from_records(run.records, steady=False)
             exchanges = [
                 dataclasses.replace(ex, cloud_seconds=r.cloud_seconds)
                 for ex, r in zip(exchanges, raw, strict=True)

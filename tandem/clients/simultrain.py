@@ -261,11 +261,7 @@ def apply_gradients(
         raise PayloadError(f"gradients for chunk {msg.grad_for}, which is not stashed")
     idx = stash[prefix + "idx"]
     sizes = stash[prefix + "sizes"]
-    if prefix + "cut" in stash:
-        cut = tuple(int(n) for n in stash[prefix + "cut"])
-    else:  # a stash from before the cut's shape was kept
-        with torch.no_grad():
-            cut = edge(torch.from_numpy(split.x[idx[:1]])).shape[1:]
+    cut = tuple(int(n) for n in stash[prefix + "cut"])
     g = msg.gradients(opts.precision, (len(idx), *cut))
     stashed = {
         k[len(prefix) + 2 :]: torch.from_numpy(stash[k])
