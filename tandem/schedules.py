@@ -427,7 +427,13 @@ def replay_pipeline(
     )
 
 
-def pipeline_window(link: LinkProfile, bytes_up: int, bytes_down: int, cap: int) -> int:
+def pipeline_window(
+    link: LinkProfile,
+    bytes_up: int,
+    bytes_down: int,
+    cap: int,
+    edge_seconds: float | None = None,
+) -> int:
     """W: the chunks an edge keeps in flight to fill ``link`` (its credits).
 
     One chunk goes around the loop in ``L + c_e + c_c``: ``L = d_up + d_down``
@@ -436,10 +442,21 @@ def pipeline_window(link: LinkProfile, bytes_up: int, bytes_down: int, cap: int)
     edge's and the cloud's compute. A full pipeline finishes one chunk per
     ``B``, its slowest stage, so it needs ``W ≥ (L + c_e + c_c) / B`` chunks in
     flight (Little's law: the bandwidth-delay product counted in chunks).
-    Compute is unknown when a session opens, but ``B ≥ max(b, c_e, c_c)``
-    with ``b = max(transfer up, transfer down)``, so ``W = ⌈L / b⌉ + 2`` is
-    always enough. It is clipped to ``[1, cap]`` (``cap``: the staleness
-    bound, which W chunks in flight must respect).
+
+    - **Compute unknown** (the cloud, when a session opens): ``B ≥ max(b,
+      c_e, c_c)`` with ``b = max(transfer up, transfer down)``, so
+      ``W = ⌈L / b⌉ + 2`` is always enough. It is the session's cap.
+    - **The edge's compute known** (``edge_seconds``: the edge's time per
+      chunk on the emulated device, measured before its stream opens):
+      ``W = ⌈(L + c_e) / max(b, c_e)⌉``. The cloud's ``c_c`` is left out (the
+      edge cannot know it; the cloud is the fast side, and its queue shows
+      up as a longer loop, not a missing credit). Where the edge is the
+      slowest stage this is ``1 + ⌈L / c_e⌉``, often far below the first
+      rule: every credit beyond it only adds staleness (chunks forwarded on
+      older weights), not speed.
+
+    Either is clipped to ``[1, cap]`` (``cap``: the staleness bound, which W
+    chunks in flight must respect, or the cloud's W).
 
     Parameters
     ----------
@@ -449,6 +466,13 @@ def pipeline_window(link: LinkProfile, bytes_up: int, bytes_down: int, cap: int)
         One chunk's activations and gradients on the wire (bytes).
     cap : int
         The largest W allowed (>= 1).
+    edge_seconds : float, optional
+        The edge's compute per chunk (seconds, >= 0), when known.
+
+    Raises
+    ------
+    ValueError
+        If ``cap < 1`` or ``edge_seconds < 0``.
     """
     if cap < 1:
         raise ValueError(f"cap must be >= 1, not {cap}")
@@ -456,9 +480,16 @@ def pipeline_window(link: LinkProfile, bytes_up: int, bytes_down: int, cap: int)
     down = link.one_way_seconds("down", bytes_down, 0.0)
     half_rtt = link.rtt.at(0.0) / 2
     busy = max(up, down) - half_rtt
-    if busy <= 0:  # nothing to send: the delay alone, no chunk fills it
+    if edge_seconds is None:
+        if busy <= 0:  # nothing to send: the delay alone, no chunk fills it
+            return cap
+        return max(1, min(cap, math.ceil((up + down) / busy) + 2))
+    if not edge_seconds >= 0:
+        raise ValueError(f"edge_seconds must be >= 0, not {edge_seconds}")
+    stage = max(busy, edge_seconds)
+    if stage <= 0:  # neither compute nor transfer: the delay alone
         return cap
-    return max(1, min(cap, math.ceil((up + down) / busy) + 2))
+    return max(1, min(cap, math.ceil((up + down + edge_seconds) / stage)))
 
 
 def steady_exchanges(exchanges: Sequence[Exchange]) -> list[Exchange]:

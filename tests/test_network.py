@@ -361,6 +361,25 @@ def test_pipeline_window_fills_the_bandwidth_delay_product():
         pipeline_window(unit, MB, MB, 0)
 
 
+def test_pipeline_window_with_the_edges_compute_adds_no_idle_credit():
+    four_g = LinkProfile.fixed("4g", 50, 50, 30)
+    # 170 kB each way: L = 2 x (15 + 27.2) = 84.4 ms, b = 27.2 ms
+    # an edge at 62 ms per chunk is the slowest stage: ceil(146.4 / 62) = 3
+    # (the compute-blind rule gives 6: three credits of staleness, no speed)
+    assert pipeline_window(four_g, 170_000, 170_000, 8, 0.062) == 3
+    # at 100 ms: ceil(184.4 / 100) = 2; at 10 ms the link is the stage:
+    # ceil(94.4 / 27.2) = 4
+    assert pipeline_window(four_g, 170_000, 170_000, 8, 0.1) == 2
+    assert pipeline_window(four_g, 170_000, 170_000, 8, 0.01) == 4
+    # an edge far slower than the loop keeps one chunk in flight... plus the
+    # one it computes: ceil((84.4 + 1000) / 1000) = 2
+    assert pipeline_window(four_g, 170_000, 170_000, 8, 1.0) == 2
+    assert pipeline_window(four_g, 170_000, 170_000, 2, 0.01) == 2  # the cap
+    assert pipeline_window(four_g, 0, 0, 3, 0.0) == 3  # nothing takes time
+    with pytest.raises(ValueError, match="edge_seconds must be >= 0"):
+        pipeline_window(four_g, 1, 1, 3, -1.0)
+
+
 def test_gradients_from_a_later_exchange_are_refused_by_name():
     ahead = [
         Exchange(1, 0, 0, 1.0, MB, 0.5),

@@ -270,11 +270,13 @@ def bench_options(args: argparse.Namespace, suite: Suite) -> BenchOptions:
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
         extra["acesync-edge-factor"] = round(local_edge / args.edge_gflops, 6)
+    if any(v.overrides.get("method") == "simultrain" for v in suite.variants):
+        # each edge sizes its window on the emulated edge's compute
+        extra["simultrain-edge-factor"] = round(local_edge / args.edge_gflops, 6)
+        extra["simultrain-cloud-factor"] = round(local_cloud / args.cloud_gflops, 6)
     if args.realtime:
         # the streams run at the emulated devices' speed, as the replay times
         extra["simultrain-realtime"] = True
-        extra["simultrain-edge-factor"] = round(local_edge / args.edge_gflops, 6)
-        extra["simultrain-cloud-factor"] = round(local_cloud / args.cloud_gflops, 6)
     return BenchOptions(
         out=args.out,
         profiles=tuple(args.profile),

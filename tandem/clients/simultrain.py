@@ -73,7 +73,7 @@ from tandem.protocol.simultrain import (
     read_message_frame,
     reply_frame,
 )
-from tandem.schedules import steady_seconds
+from tandem.schedules import pipeline_window, steady_seconds
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
 from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
 from tandem.training import BatchStream
@@ -95,6 +95,8 @@ _S = "simultrain."
 #: Real-time mode: the recent CPU times per kind of edge work a steady
 #: time is taken from.
 STEADY_WINDOW = 64
+#: Forward and backward passes before a stream opens (the first is cold).
+WARM_UP_PASSES = 3
 
 Tensors = dict[str, torch.Tensor]
 
@@ -442,8 +444,11 @@ def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
 class StreamedEdge:
     """An edge's stream session: up to W chunks in flight, the steps above.
 
-    Credit-based flow control: the session grants W credits; forwarding a
-    chunk spends one, the gradients of the oldest chunk in flight return it.
+    Credit-based flow control: the session grants W credits (with
+    ``simultrain-window = 0`` the edge keeps only as many as fill the
+    pipeline given its compute measured before the stream opens, and says so
+    in its hello frame: :meth:`_window`); forwarding a chunk spends one, the
+    gradients of the oldest chunk in flight return it.
     While credits are left the edge forwards the next chunk (step 3) and
     queues its frame, which gRPC's thread sends while the edge goes on;
     with none left it waits for gradients, applies them at the chunk's
@@ -488,6 +493,7 @@ class StreamedEdge:
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
         self.node_id = -1  # set when the stream opens
+        self.window = start.window  # W kept in flight, set when the stream opens
 
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
@@ -533,7 +539,7 @@ class StreamedEdge:
         loop, the other threads) is absorbed by the next deadline rather
         than added to it, as long as this machine keeps up.
         """
-        if not self.start.link or self.opts.edge_factor <= 1:
+        if not self.opts.realtime or self.opts.edge_factor <= 1:
             return
         history = self.steady.setdefault(kind, deque(maxlen=STEADY_WINDOW))
         history.append(seconds)
@@ -541,20 +547,51 @@ class StreamedEdge:
         self.free_at = begin + self.opts.edge_factor * steady_seconds(list(history))
         wait_until(self.free_at)
 
-    def _warm_up(self, rows: int) -> None:
-        """Real-time mode: one forward and backward pass off the record.
+    def _warm_up(self, rows: int) -> tuple[float, int]:
+        """Passes off the record: ``(the edge's compute per chunk, bytes)``.
 
         A process's first backward pass costs hundreds of times a steady one
         (torch's lazy set-up); stretched by the edge factor it would stall
-        the stream for seconds that the replay, which times steady steps,
-        never charges. A copy of the edge model runs it on a chunk's worth of
-        rows before the stream opens; nothing of it is kept.
+        a real-time stream for seconds that the replay, which times steady
+        steps, never charges. A copy of the edge model runs
+        :data:`WARM_UP_PASSES` forward and backward passes (with the
+        activations' encoding) on a chunk's worth of rows before the stream
+        opens; nothing of it is kept. The fastest pass after the first, times
+        ``simultrain-edge-factor``, is the emulated edge's compute per chunk
+        (:meth:`_window` sizes W on it), and the activations' encoded size is
+        a chunk's bytes each way.
         """
         model = copy.deepcopy(self.edge)
         x = torch.from_numpy(self.split.x[: max(rows, 1)])
-        out = model(x)
-        out.backward(torch.ones_like(out))
-        encode_cut(out.detach().numpy(), self.opts.precision, "a")
+        seconds = []
+        for _ in range(WARM_UP_PASSES):
+            tick = time.thread_time()
+            out = model(x)
+            out.backward(torch.ones_like(out))
+            encoded = encode_cut(out.detach().numpy(), self.opts.precision, "a")
+            seconds.append(time.thread_time() - tick)
+        nbytes = sum(int(a.nbytes) for a in encoded.values())
+        return self.opts.edge_factor * min(seconds[1:]), nbytes
+
+    def _window(self, edge_seconds: float, nbytes: int) -> int:
+        """W for this session: the session's (the cap), or with
+        ``simultrain-window = 0`` the fewest chunks that keep the pipeline
+        full on the session's link given the edge's compute per chunk
+        (:func:`~tandem.schedules.pipeline_window`).
+
+        Raises
+        ------
+        PayloadError
+            If the session's link is not a link.
+        """
+        start = self.start
+        if self.opts.window or not start.link:
+            return start.window
+        try:
+            link = parse_link(start.link)
+        except ValueError as err:
+            raise PayloadError(f"session link: {err}") from None
+        return pipeline_window(link, nbytes, nbytes, start.window, edge_seconds)
 
     def forward(self, want: int) -> bytes:
         """Step 3 on the next chunk; its frame (spends a credit).
@@ -631,11 +668,11 @@ class StreamedEdge:
         """
         start = self.start
         self.node_id = node_id
-        if start.link:
-            self._warm_up(start.chunk * self.batches.batch_size)
-        up, down = link_paces(start.link)
+        window = self._window(*self._warm_up(start.chunk * self.batches.batch_size))
+        self.window = window
+        up, down = link_paces(start.link if self.opts.realtime else "")
         outbox = Outbox(up)
-        outbox.put(encode_frame(hello_frame(node_id, start.secret)))
+        outbox.put(encode_frame(hello_frame(node_id, start.secret, window)))
         channel, stream = open_stream(
             start.address, iter(outbox), start.max_frame, start.root_cert or None
         )
@@ -643,7 +680,7 @@ class StreamedEdge:
         try:
             left = start.steps
             while left > 0 or self.in_flight:
-                while left > 0 and len(self.in_flight) < start.window:
+                while left > 0 and len(self.in_flight) < window:
                     want = min(start.chunk, left)
                     outbox.put(self.forward(want))
                     left -= want

@@ -484,7 +484,7 @@ def read_activations(
 SESSION_TYPE = "train.simultrain_session"
 KEY_SESSION = "session"
 #: Frame kinds (:mod:`tandem.frames`) of the stream (data plane).
-FRAME_HELLO = 1  # edge -> cloud, first: ints = (node id, 0, 0), array "secret"
+FRAME_HELLO = 1  # edge -> cloud, first: ints = (node id, W, 0), array "secret"
 FRAME_CHUNK = 2  # edge -> cloud: an EdgeReply (a chunk and/or a delta)
 FRAME_GRADS = 3  # cloud -> edge: a CloudMessage (one chunk's gradients)
 _DELTA = "delta/"
@@ -502,7 +502,9 @@ class SessionStart:
     secret : bytes
         This node's secret for this session; its first frame presents it.
     window : int
-        W, chunks the edge may have in flight (its credits).
+        W, chunks the edge may have in flight (its credits): the cap; with
+        ``simultrain-window = 0`` the edge may keep fewer in flight, and says
+        how many in its hello frame.
     steps : int
         Micro-batches to forward in this session.
     chunk : int
@@ -519,9 +521,10 @@ class SessionStart:
     max_frame : int
         Largest frame either way (bytes).
     link : str
-        Real-time mode (``simultrain-realtime``): the edge's link
-        (:func:`tandem.network.encode_link`), which paces its frames both
-        ways; empty: frames go as fast as the network takes them.
+        The edge's link as the run assumes it (``simultrain-link``,
+        :func:`tandem.network.encode_link`): the edge sizes its W on it and,
+        in real-time mode (``simultrain-realtime``), paces its frames both
+        ways by it; empty: none assumed.
     """
 
     address: str
@@ -604,39 +607,52 @@ class SessionStart:
 _NODE_SPAN = 1 << 64
 
 
-def hello_frame(node: int, secret: bytes) -> Frame:
-    """The edge's first frame: its node id and the session's secret.
+def hello_frame(node: int, secret: bytes, window: int = 0) -> Frame:
+    """The edge's first frame: its node id, the session's secret and its W.
 
     The node id (Flower's, an unsigned 64-bit integer) travels as the int64
     with the same 64 bits (two's complement); :func:`read_hello` reads it back.
+    ``window`` is the W the edge will keep in flight, at most the session's
+    (:func:`tandem.schedules.pipeline_window` with the edge's measured
+    compute); 0: the session's.
 
     Raises
     ------
     ValueError
-        If ``node`` is not in [0, 2**64).
+        If ``node`` is not in [0, 2**64) or ``window`` is negative.
     """
     if not 0 <= node < _NODE_SPAN:
         raise ValueError(f"node id {node} is not an unsigned 64-bit integer")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, not {window}")
     signed = node - _NODE_SPAN if node >= _NODE_SPAN // 2 else node
     return Frame(
-        FRAME_HELLO, 0, (signed, 0, 0), 0.0, {"secret": np.frombuffer(secret, np.uint8)}
+        FRAME_HELLO,
+        0,
+        (signed, window, 0),
+        0.0,
+        {"secret": np.frombuffer(secret, np.uint8)},
     )
 
 
-def read_hello(frame: Frame) -> tuple[int, bytes]:
-    """``(node id, secret)`` of a hello frame (the node id unsigned again).
+def read_hello(frame: Frame) -> tuple[int, bytes, int]:
+    """``(node id, secret, window)`` of a hello frame (the node id unsigned
+    again; window 0: the session's).
 
     Raises
     ------
     PayloadError
-        If it is not a hello frame or carries no byte string as secret.
+        If it is not a hello frame, carries no byte string as secret, or a
+        negative window.
     """
     secret = frame.arrays.get("secret")
     if frame.kind != FRAME_HELLO or set(frame.arrays) != {"secret"}:
         raise PayloadError(f"first frame of kind {frame.kind}, expected a hello")
     if secret is None or secret.dtype != np.uint8 or secret.ndim != 1:
         raise PayloadError("hello without a byte-string secret")
-    return frame.ints[0] % _NODE_SPAN, secret.tobytes()
+    if frame.ints[1] < 0:
+        raise PayloadError(f"hello with window {frame.ints[1]}")
+    return frame.ints[0] % _NODE_SPAN, secret.tobytes(), frame.ints[1]
 
 
 def reply_frame(reply: EdgeReply, seq: int) -> Frame:

@@ -168,7 +168,7 @@ class StreamLoop:
                 edge_params=params,
                 root_cert=self.root_cert,
                 max_frame=self.opts.max_frame_bytes,
-                link=encode_link(link) if self.opts.realtime else "",
+                link=encode_link(link),
             )
         msg = Message(
             content=start.to_content(),
@@ -337,7 +337,7 @@ class StreamLoop:
         watchdog.start()
         try:
             first = next(requests)
-            node, secret = read_hello(decode_frame(first, limit))
+            node, secret, window = read_hello(decode_frame(first, limit))
         except StopIteration:  # closed without presenting a secret
             self._refuse(-1, "no hello frame", context)
             return
@@ -354,7 +354,12 @@ class StreamLoop:
             session = self.sessions.get(node)
             if refusal is None and (session is None or session.closed):
                 refusal = f"no open session for node {node}"
+            if refusal is None and window > session.window:
+                refusal = f"window {window} above the session's {session.window}"
             if refusal is None:
+                # the edge keeps W in flight: its own, sized on its measured
+                # compute (0: the session's); the replay follows the same W
+                session.window = window or session.window
                 session.context = context
                 session.last_frame = self.last_frame = time.monotonic()
                 session.hello = session.last_frame
