@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 __all__ = [
@@ -339,6 +338,8 @@ def importance_labels(
         n = magnitudes.size
         if n <= 1:
             return np.ones(n)
+        from scipy.stats import rankdata  # a second to import: only when ranked
+
         return (rankdata(magnitudes) - 1) / (n - 1)
     if method == "max":
         top = magnitudes.max(initial=0.0)

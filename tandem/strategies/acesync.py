@@ -119,7 +119,6 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from scipy.stats import spearmanr
 
 from tandem.accounting import payload_bytes
 from tandem.clustering import (
@@ -186,6 +185,8 @@ BANDWIDTH_SMOOTHING = 0.3
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
+    from scipy.stats import spearmanr  # a second to import: only when needed
+
     return float(spearmanr(a, b).statistic)
 
 
