@@ -12,7 +12,7 @@ from tandem.bench.cli import (
     select_variants,
     workload,
 )
-from tandem.bench.report import format_table, write_plots
+from tandem.bench.report import format_sensitivity_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, summarize
 from tandem.bench.suites import SUITES, per_profile
 
@@ -88,3 +88,40 @@ def test_quick_workload_of_a_step_suite():
     nodes, rounds, steps, extra = workload(args, SUITE)
     assert (nodes, rounds, steps) == (3, None, 50)
     assert extra == {"mnist1d-samples": 1000}
+
+
+def test_headline_ratios_are_re_timed_at_half_and_twice_the_edge_factor(tmp_path):
+    suite = per_profile(
+        select_variants(SUITE, ["fullsync", "acesync"], {}), ["2mbit/8mbit/120ms"]
+    )
+    v = {x.label: x for x in suite.variants}
+    # edge factor 1 (8 GFLOP/s here, 8 on the device); the cloud's compute 0
+    opts = BenchOptions(
+        out=tmp_path,
+        profiles=("2mbit/8mbit/120ms",),
+        nodes=2,
+        rounds=1,
+        local_gflops_edge=8.0,
+    )
+    runs = [
+        _run(v["fullsync"], 0, [0.1, 0.5], 10_000),
+        _run(v["acesync"], 0, [0.1, 0.5], 1_000),
+    ]
+    results = summarize(suite, opts, runs)
+    # one round of 50 steps: 1,000 B down (1 ms + 60 ms), 10 ms x k of edge
+    # compute, then the upload: 10,000 B at 2 Mbit/s is 40 ms + 60 ms, and
+    # 1,000 B 4 ms + 60 ms; so (125 + 10k) / (161 + 10k) ms
+    full = results["methods"]["fullsync"]
+    by_k = full["emulated_seconds_per_step_by_edge_factor"]["2mbit/8mbit/120ms"]
+    assert by_k == pytest.approx({"0.5": 0.166 / 50, "1": 0.171 / 50, "2": 0.181 / 50})
+    (row,) = results["sensitivity"]
+    assert (row["numerator"], row["denominator"]) == ("acesync", "fullsync")
+    assert row["profile"] == "2mbit/8mbit/120ms"
+    assert row["ratio_by_edge_factor"] == pytest.approx(
+        {"0.5": 0.130 / 0.166, "1": 0.135 / 0.171, "2": 0.145 / 0.181}
+    )
+    table = format_sensitivity_table(results)
+    assert "| acesync / fullsync | 2mbit/8mbit/120ms | 0.783x | 0.789x | 0.801x |" in (
+        table
+    )
+    assert format_sensitivity_table({"sensitivity": []}) == ""

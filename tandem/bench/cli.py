@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from tandem.bench.report import format_reference_table, format_table, write_plots
+from tandem.bench.report import (
+    format_reference_table,
+    format_sensitivity_table,
+    format_table,
+    write_plots,
+)
 from tandem.bench.runner import (
     BenchOptions,
     RunRecord,
@@ -379,6 +384,11 @@ def assumptions(
         ),
         "bytes_per_step": "total bytes / (nodes x SGD steps per edge)",
         "emulated_seconds_per_step": "emulated run time / SGD steps per edge",
+        "emulated_seconds_per_step_by_edge_factor": (
+            "the same runs re-timed with the measured edge factor x0.5, x1 and "
+            "x2 (cloud factor and links unchanged); 'sensitivity' gives the "
+            "suite's headline ratios from them"
+        ),
         "bandwidth_time_product_per_step": (
             "(bytes up + down per step) x emulated seconds per step, in byte-seconds"
         ),
@@ -410,16 +420,29 @@ def assumptions(
     }
 
 
+def format_tables(results: dict[str, Any], suite: Suite) -> str:
+    """A suite's tables: per method, against its reference, and the headline
+    ratios' sensitivity to the edge factor (each when the results have it)."""
+    parts = [format_table(results)]
+    reference = format_reference_table(results)
+    if reference:
+        parts.append(
+            f"against {suite.reference} (target: its final accuracy - "
+            f"{100 * suite.reference_margin:g} pt):\n{reference}"
+        )
+    sensitivity = format_sensitivity_table(results)
+    if sensitivity:
+        parts.append(
+            "headline ratios with the measured edge factor scaled (the same "
+            f"runs re-timed):\n{sensitivity}"
+        )
+    return "\n\n".join(parts)
+
+
 def print_report(results: Mapping[str, Any], suite: Suite, out: Path) -> None:
     """The tables, the overhead probe, and where the results and plots are."""
     plots = write_plots(dict(results), out)
-    print(format_table(dict(results)))
-    reference = format_reference_table(dict(results))
-    if reference:
-        print(
-            f"\nagainst {suite.reference} (target: its final accuracy - "
-            f"{100 * suite.reference_margin:g} pt):\n{reference}"
-        )
+    print(format_tables(dict(results), suite))
     probe = results.get("overhead_probe")
     if probe:
         print(
@@ -452,13 +475,7 @@ def report_main(argv: list[str]) -> int:
         suite = SUITES[results["suite"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         parser.error(f"{args.results}: not a suite's results.json ({err!r})")
-    print(format_table(results))
-    reference = format_reference_table(results)
-    if reference:
-        print(
-            f"\nagainst {suite.reference} (target: its final accuracy - "
-            f"{100 * suite.reference_margin:g} pt):\n{reference}"
-        )
+    print(format_tables(results, suite))
     return 0
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_reference_table", "format_table", "write_plots"]
+__all__ = [
+    "format_reference_table",
+    "format_sensitivity_table",
+    "format_table",
+    "write_plots",
+]
 
 
 def _kb(n: float) -> str:
@@ -161,6 +166,27 @@ def format_reference_table(results: dict[str, Any]) -> str:
             "not reached" if rounds is None else f"{rounds:.1f}",
             _opt(seconds, ".1f"),
             _pct(share),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_sensitivity_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the suite's headline time ratios (seconds per
+    step, numerator / denominator) with the measured edge factor x0.5, x1 and
+    x2; empty when the results have none."""
+    rows_in = results.get("sensitivity") or []
+    if not rows_in:
+        return ""
+    scales = list(rows_in[0]["ratio_by_edge_factor"])
+    head = ["ratio (s / step)", "profile", *[f"edge factor x{k}" for k in scales]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows_in:
+        ratios = r["ratio_by_edge_factor"]
+        cells = [
+            f"{r['numerator']} / {r['denominator']}",
+            r["profile"],
+            *[f"{ratios[k]:.3f}x" for k in scales],
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

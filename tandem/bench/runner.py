@@ -38,6 +38,8 @@ __all__ = ["BenchOptions", "RunRecord", "federation_config", "run_suite", "summa
 
 #: Seconds between ``flwr list`` calls while a run is going.
 LIST_EVERY = 15.0
+#: Multiples of the measured edge factor the sensitivity figures re-time at.
+EDGE_FACTOR_SCALES = (0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,13 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         per_step = {
             p: _mean([e["total"] for e in v]) / per_edge for p, v in emulated.items()
         }
+        by_factor = {
+            p: {
+                f"{k:g}": _per_step_at(good, p, opts, k, per_edge)
+                for k in EDGE_FACTOR_SCALES
+            }
+            for p in profiles
+        }
         traffic = (_mean(up) + _mean(down)) / steps
         entry.update(
             {
@@ -386,6 +395,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 },
                 "steps_per_edge": per_edge,
                 "emulated_seconds_per_step": per_step,
+                "emulated_seconds_per_step_by_edge_factor": by_factor,
                 **_realtime_figures(good, variant, per_edge, opts),
                 "pipeline_efficiency": {
                     p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
@@ -441,6 +451,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         "description": suite.description,
         "target_accuracy": target,
         "methods": methods,
+        "sensitivity": sensitivity(suite, methods),
     }
     if suite.reference is not None:
         out["reference"] = _against_reference(suite, methods, runs, target)
@@ -458,6 +469,69 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     if row is not None:
                         row["emulated_seconds_to_target_perplexity"] = seconds
     return out
+
+
+def _scaled_edge(opts: BenchOptions, scale: float) -> BenchOptions:
+    """``opts`` with the edge factor times ``scale`` (an edge device
+    ``1 / scale`` times as fast as the one assumed)."""
+    return dataclasses.replace(opts, local_gflops_edge=opts.local_gflops_edge * scale)
+
+
+def _per_step_at(
+    good: Sequence[RunRecord],
+    profile: str,
+    opts: BenchOptions,
+    scale: float,
+    steps: int,
+) -> float:
+    """Emulated seconds per step of ``good`` with the edge factor x ``scale``."""
+    scaled = _scaled_edge(opts, scale)
+    return _mean([_emulate(r, profile, scaled)["total"] for r in good]) / steps
+
+
+def _at_profile(methods: Mapping[str, Any], label: str, profile: str) -> Any:
+    """The entry of ``label`` under ``profile``: ``label@profile`` for a
+    variant run once per profile, else ``label`` (re-timed under each)."""
+    return methods.get(f"{label}@{profile}", methods.get(label))
+
+
+def _profiles_of(methods: Mapping[str, Any], label: str) -> set[str]:
+    """The profiles ``label`` was timed under (as itself or ``label@<p>``)."""
+    found: set[str] = set()
+    for name, entry in methods.items():
+        if entry.get("failed") or name.split("@")[0] != label:
+            continue
+        found |= set(entry.get("emulated_seconds_per_step_by_edge_factor", {}))
+    return found
+
+
+def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The suite's headline time ratios at edge factor x0.5, x1 and x2.
+
+    One row per ``(numerator, denominator)`` of ``suite.headline`` and
+    profile both were timed under: the ratio of their emulated seconds per
+    step with the measured edge factor scaled by each of
+    :data:`EDGE_FACTOR_SCALES` (the same recorded runs re-timed; the
+    cloud's factor and the links unchanged). It shows how much of a ratio
+    rests on the assumed edge device: x2 is an edge twice as slow as the
+    calibration says. A pipelined run's window W was chosen for x1.
+    """
+    rows = []
+    for num, den in suite.headline:
+        for profile in sorted(_profiles_of(methods, num) & _profiles_of(methods, den)):
+            fa = _at_profile(methods, num, profile)
+            fb = _at_profile(methods, den, profile)
+            a = fa["emulated_seconds_per_step_by_edge_factor"][profile]
+            b = fb["emulated_seconds_per_step_by_edge_factor"][profile]
+            rows.append(
+                {
+                    "numerator": num,
+                    "denominator": den,
+                    "profile": profile,
+                    "ratio_by_edge_factor": {k: a[k] / b[k] for k in a},
+                }
+            )
+    return rows
 
 
 #: Run-summary entries averaged over seeds into ``results.json`` when present.

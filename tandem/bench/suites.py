@@ -95,6 +95,10 @@ class Suite:
     #: Width of a cnn1d on which ACE-Sync's edge overhead is also timed
     #: in-process (0: no probe); see :mod:`tandem.bench.overhead`.
     overhead_width: int = 0
+    #: The suite's headline time ratios ``(numerator, denominator)``, by
+    #: variant label (a per-profile variant ``x`` is ``x@<profile>``): the
+    #: sensitivity table gives each at edge factor x0.5, x1 and x2.
+    headline: tuple[tuple[str, str], ...] = ()
 
 
 SUITES: dict[str, Suite] = {
@@ -169,6 +173,7 @@ SUITES: dict[str, Suite] = {
         nodes=2,
         rounds=None,
         steps=300,
+        headline=(("simultrain", "syncsgd"), ("simultrain", "splitsync")),
     ),
     "acesync": Suite(
         name="acesync",
@@ -208,6 +213,7 @@ SUITES: dict[str, Suite] = {
         profiles=("variable",),
         reference="fullsync",
         overhead_width=128,
+        headline=(("acesync", "fullsync"),),
     ),
     "acesync-grouped": Suite(
         name="acesync-grouped",
