@@ -125,3 +125,67 @@ def test_headline_ratios_are_re_timed_at_half_and_twice_the_edge_factor(tmp_path
         table
     )
     assert format_sensitivity_table({"sensitivity": []}) == ""
+
+
+def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsys):
+    import dataclasses
+    import json
+    import shutil
+
+    from tandem.bench.cli import (
+        archive_metrics,
+        assumptions,
+        bench_options,
+        build_parser,
+        main,
+    )
+    from tandem.launch import RunStatus
+
+    command = [
+        "acesync",
+        "--profile",
+        "2mbit/8mbit/120ms",
+        "--variants",
+        "fullsync",
+        "acesync",
+        "--rounds",
+        "1",
+        "--nodes",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    suite = per_profile(
+        select_variants(SUITE, ["fullsync", "acesync"], {}), ["2mbit/8mbit/120ms"]
+    )
+    v = {x.label: x for x in suite.variants}
+    opts = bench_options(build_parser().parse_args(command), suite, (8.0, 100.0))
+    runs = []
+    for i, (label, seed, up) in enumerate(
+        [("fullsync", 0, 10_000), ("fullsync", 1, 9_000), ("acesync", 0, 1_000)]
+    ):
+        run = _run(v[label], seed, [0.1, 0.4 + seed / 10], up)
+        status = RunStatus(str(100 + i), run.status.status, "", 1.0)
+        runs.append(dataclasses.replace(run, status=status))
+        folder = tmp_path / "runs" / f"{label}-{100 + i}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in run.records)
+        )
+    results = summarize(suite, opts, runs)
+    results["assumptions"] = assumptions(opts, suite, results, command)
+    assert archive_metrics(tmp_path) is not None
+    shutil.rmtree(tmp_path / "runs")  # only the archive is committed
+    older = json.loads(json.dumps(results))  # as an older summary wrote it
+    del older["sensitivity"]
+    for entry in older["methods"].values():
+        del entry["emulated_seconds_per_step_by_edge_factor"]
+    (tmp_path / "results.json").write_text(json.dumps(older))
+    assert main(["rederive", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["methods"] == json.loads(json.dumps(results["methods"]))
+    assert again["sensitivity"] == results["sensitivity"] != []
+    assert again["methods"]["fullsync"]["final_accuracy_per_seed"] == [0.4, 0.5]
+    assert again["assumptions"]["devices"] == results["assumptions"]["devices"]
+    assert "rederived" in again["assumptions"]
+    assert "| acesync / fullsync | 2mbit/8mbit/120ms |" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import shlex
 import signal
 import sys
 import tarfile
@@ -42,6 +43,7 @@ from tandem.bench.runner import (
 from tandem.bench.suites import SUITES, Suite, per_profile
 from tandem.config import NATURAL_ID_DATASETS, DataConfig, parse_section
 from tandem.datasets import load_dataset
+from tandem.launch import RunStatus
 from tandem.network import (
     CLOUD_T4,
     EDGE_RPI4,
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "suite",
         choices=sorted(SUITES),
-        help="what to compare (or 'codecs': tandem bench codecs --help)",
+        help="what to compare (or 'codecs': tandem bench codecs --help; 'report "
+        "RESULTS.json': its tables; 'rederive FOLDER': results.json from its runs)",
     )
     p.add_argument(
         "--profile",
@@ -264,13 +267,25 @@ def workload(
     return nodes, rounds, steps, extra
 
 
-def bench_options(args: argparse.Namespace, suite: Suite) -> BenchOptions:
-    """The benchmark's options: workload, devices, measured local GFLOP/s."""
+def bench_options(
+    args: argparse.Namespace,
+    suite: Suite,
+    local: tuple[float, float] | None = None,
+) -> BenchOptions:
+    """The benchmark's options: workload, devices, measured local GFLOP/s.
+
+    ``local``: this machine's GFLOP/s per ClientApp core and for the
+    ServerApp as already measured (re-deriving finished runs); by default
+    ``--local-gflops`` or measured now.
+    """
     nodes, rounds, steps, extra = workload(args, suite)
-    local_edge = args.local_gflops or measure_local_gflops(threads=1)
-    local_cloud = args.local_gflops or measure_local_gflops(
-        threads=torch.get_num_threads()
-    )
+    if local is not None:
+        local_edge, local_cloud = local
+    else:
+        local_edge = args.local_gflops or measure_local_gflops(threads=1)
+        local_cloud = args.local_gflops or measure_local_gflops(
+            threads=torch.get_num_threads()
+        )
     if any(v.overrides.get("method") == "acesync" for v in suite.variants):
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
@@ -479,6 +494,98 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
+def rederive_main(argv: list[str]) -> int:
+    """``tandem bench rederive FOLDER``: a suite's results again from its runs.
+
+    Reads ``FOLDER/results.json`` (the command and the device calibration
+    the runs were made under) and every run's ``metrics.jsonl`` from
+    ``FOLDER/runs-metrics.tar.gz``, summarizes the runs as the suite did,
+    writes ``FOLDER/results.json`` again (the ``created`` time and the
+    in-process overhead probe kept, ``rederived`` added) and prints the
+    tables. A figure the summary gained after the runs were made is so
+    derived from the same runs, without running anything.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tandem bench rederive",
+        description="Re-summarize a finished suite from its committed metrics.",
+    )
+    parser.add_argument("folder", type=Path, help="a suite's output folder")
+    args = parser.parse_args(argv)
+    try:
+        old = json.loads((args.folder / "results.json").read_text())
+        command = shlex.split(old["assumptions"]["command"])[2:]
+        devices = old["assumptions"]["devices"]
+        local = (
+            float(devices["local_gflops_per_clientapp_core"]),
+            float(devices["local_gflops_serverapp"]),
+        )
+        records = _archived_records(args.folder / "runs-metrics.tar.gz")
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as err:
+        parser.error(f"{args.folder}: not a finished suite's folder ({err!r})")
+    bench_args = build_parser().parse_args(command)
+    bench_args.out = args.folder
+    if bench_args.profile is None:
+        bench_args.profile = list(SUITES[bench_args.suite].profiles or ("4g", "5g"))
+    suite = select_variants(
+        SUITES[bench_args.suite],
+        bench_args.variants,
+        parse_config_items(bench_args.config),
+    )
+    suite = per_profile(suite, bench_args.profile)
+    # each variant as it ran (a suite's definition may have changed since)
+    suite = dataclasses.replace(
+        suite,
+        variants=tuple(
+            dataclasses.replace(v, overrides=old["methods"][v.label]["overrides"])
+            for v in suite.variants
+        ),
+    )
+    opts = bench_options(bench_args, suite, local)
+    runs = [
+        RunRecord(
+            variant,
+            int(run["seed"]),
+            RunStatus(run["run_id"], run["status"], run["details"], 0.0),
+            records.get(run["run_id"], []),
+            opts.rounds_for(variant),
+        )
+        for variant in suite.variants
+        for run in old["methods"][variant.label]["runs"]
+    ]
+    results = summarize(suite, opts, runs)
+    if "overhead_probe" in old:
+        results["overhead_probe"] = old["overhead_probe"]
+    results["assumptions"] = {
+        **assumptions(opts, suite, results, command),
+        "created": old["assumptions"].get("created"),
+        "rederived": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    (args.folder / "results.json").write_text(
+        json.dumps(results, indent=2, default=_json)
+    )
+    print(format_tables(results, suite))
+    print(f"\nresults: {args.folder / 'results.json'}")
+    return 0
+
+
+def _archived_records(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each run's records in an :func:`archive_metrics` file, by run id (its
+    folder is ``runs/<method>-<run id>``)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) != 3 or parts[2] != "metrics.jsonl" or not member.isfile():
+                continue
+            data = tar.extractfile(member)
+            if data is None:
+                continue
+            text = data.read().decode("utf-8")
+            run_id = parts[1].rsplit("-", 1)[-1]
+            found[run_id] = [json.loads(x) for x in text.splitlines() if x.strip()]
+    return found
+
+
 def archive_metrics(out: Path) -> Path | None:
     """Every run's ``metrics.jsonl`` (and a failed run's ``flwr.log``) under
     ``out/runs`` in one gzipped tar, ``out/runs-metrics.tar.gz``, small enough
@@ -512,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         return codecs_main(argv[1:])
     if argv[:1] == ["report"]:  # the tables again, from a results.json
         return report_main(argv[1:])
+    if argv[:1] == ["rederive"]:  # results.json again, from the runs' metrics
+        return rederive_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # a terminated benchmark still stops its SuperLink (the runner's finally)
