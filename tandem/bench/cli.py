@@ -399,6 +399,13 @@ def assumptions(
         ),
         "bytes_per_step": "total bytes / (nodes x SGD steps per edge)",
         "emulated_seconds_per_step": "emulated run time / SGD steps per edge",
+        "emulated_seconds_per_step_flop_model": (
+            "the same runs re-timed under the FLOP-count device model: each "
+            "piece of compute = max(measured - F / local GFLOP/s, 0) + F / device "
+            "GFLOP/s, F its FLOPs by torch's FLOP counter (matrix products and "
+            "convolutions, forward and backward); the overhead is charged as "
+            "measured here (tandem/bench/flops.py)"
+        ),
         "emulated_seconds_per_step_by_edge_factor": (
             "the same runs re-timed with the measured edge factor x0.5, x1 and "
             "x2 (cloud factor and links unchanged); 'sensitivity' gives the "

@@ -174,12 +174,18 @@ def format_reference_table(results: dict[str, Any]) -> str:
 def format_sensitivity_table(results: dict[str, Any]) -> str:
     """A Markdown table of the suite's headline time ratios (seconds per
     step, numerator / denominator) with the measured edge factor x0.5, x1 and
-    x2; empty when the results have none."""
+    x2, and under the FLOP-count device model; empty when the results have
+    none."""
     rows_in = results.get("sensitivity") or []
     if not rows_in:
         return ""
     scales = list(rows_in[0]["ratio_by_edge_factor"])
-    head = ["ratio (s / step)", "profile", *[f"edge factor x{k}" for k in scales]]
+    head = [
+        "ratio (s / step)",
+        "profile",
+        *[f"edge factor x{k}" for k in scales],
+        "FLOP-count model",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows_in:
         ratios = r["ratio_by_edge_factor"]
@@ -187,6 +193,7 @@ def format_sensitivity_table(results: dict[str, Any]) -> str:
             f"{r['numerator']} / {r['denominator']}",
             r["profile"],
             *[f"{ratios[k]:.3f}x" for k in scales],
+            f"{r['ratio_flop_model']:.3f}x" if "ratio_flop_model" in r else "–",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

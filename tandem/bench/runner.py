@@ -10,6 +10,8 @@ events on the virtual clock under each link profile.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import shutil
 import statistics
@@ -22,6 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem.bench.flops import (
+    RowFlops,
+    exchanges_on_device,
+    rounds_on_device,
+    row_flops_for,
+)
 from tandem.bench.suites import Suite, Variant
 from tandem.launch import FlowerHome, RunStatus
 from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
@@ -246,10 +254,23 @@ def _sd(values: Sequence[float]) -> float:
 
 
 def _emulate(
-    run: RunRecord, profile: str, opts: BenchOptions, raw_cloud: bool = False
+    run: RunRecord,
+    profile: str,
+    opts: BenchOptions,
+    raw_cloud: bool = False,
+    flop_model: bool = False,
 ) -> dict[str, Any]:
     """The run re-timed under ``profile``; with ``raw_cloud`` (a pipelined
-    run) the cloud's compute as measured per chunk, not steadied."""
+    run) the cloud's compute as measured per chunk, not steadied; with
+    ``flop_model`` compute on the devices by the FLOP-count model
+    (:mod:`tandem.bench.flops`) instead of the measured-time factors."""
+    host = (opts.local_gflops_edge, opts.local_gflops_cloud)
+    device = (opts.edge.gflops, opts.cloud.gflops)
+    # uncalibrated (no GFLOP/s here): compute counts 0 in either model
+    flop_model = flop_model and min(host) > 0
+    edge_factor, cloud_factor = (
+        (1.0, 1.0) if flop_model else (opts.edge_factor, opts.cloud_factor)
+    )
     if run.variant.schedule == "pipeline":
         raw, marks = exchanges_from_records(run.records, steady=False)
         exchanges = steady_exchanges(raw)
@@ -258,22 +279,24 @@ def _emulate(
                 dataclasses.replace(ex, cloud_seconds=r.cloud_seconds)
                 for ex, r in zip(exchanges, raw, strict=True)
             ]
+        if flop_model:
+            flops, batch = _row_flops(run)
+            exchanges = exchanges_on_device(exchanges, flops, batch, host, device)
         nodes = sorted({ex.node for ex in exchanges})
         links = assign_links(nodes, profile, seed=run.seed)
         report = replay_pipeline(
-            exchanges,
-            links,
-            opts.edge_factor,
-            opts.cloud_factor,
-            seed=run.seed,
-            marks=marks,
+            exchanges, links, edge_factor, cloud_factor, seed=run.seed, marks=marks
         )
     else:
         rounds = sync_rounds_from_records(run.records)
+        if flop_model:
+            flops, batch = _row_flops(run)
+            steps = _local_steps(run)
+            rounds = rounds_on_device(rounds, flops, batch, steps, host, device)
         nodes = sorted({n for rnd in rounds for n in rnd.nodes})
         links = assign_links(nodes, profile, seed=run.seed)
         report = replay_sync_rounds(
-            rounds, links, opts.edge_factor, opts.cloud_factor, seed=run.seed
+            rounds, links, edge_factor, cloud_factor, seed=run.seed
         )
     return {
         "mode": report.mode,
@@ -282,6 +305,41 @@ def _emulate(
         "utilization": report.utilization,
         "efficiency": report.efficiency,
     }
+
+
+@functools.cache
+def _row_flops_cached(config: str) -> tuple[RowFlops, int]:
+    return row_flops_for(json.loads(config))
+
+
+def _row_flops(run: RunRecord) -> tuple[RowFlops, int]:
+    """The run's FLOPs per row and batch (one count per configuration: the
+    seed changes no shape)."""
+    config = next(r["config"] for r in run.records if r["event"] == "config")
+    return _row_flops_cached(
+        json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+    )
+
+
+def _local_steps(run: RunRecord) -> dict[tuple[int, int], float] | float:
+    """Local steps a node trained per round: the ``plan`` events' (dynamic
+    synchronization), else the variant's; 0 for ``centralized`` (its
+    nodes only upload: the cloud trains)."""
+    if run.variant.overrides.get("method") == "centralized":
+        return 0
+    plans = {
+        (int(r["round"]), int(r["node-id"])): float(r["local-steps"])
+        for r in run.records
+        if r["event"] == "plan" and "local-steps" in r
+    }
+    if not plans:
+        return run.variant.local_steps
+    default = run.variant.local_steps
+    rounds = sync_rounds_from_records(run.records)
+    for rnd in rounds:
+        for node in rnd.nodes:
+            plans.setdefault((rnd.round, node), default)
+    return plans
 
 
 def _realtime_figures(
@@ -373,6 +431,11 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
             }
             for p in profiles
         }
+        flop_model = {
+            p: _mean([_emulate(r, p, opts, flop_model=True)["total"] for r in good])
+            / per_edge
+            for p in profiles
+        }
         traffic = (_mean(up) + _mean(down)) / steps
         entry.update(
             {
@@ -396,6 +459,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 "steps_per_edge": per_edge,
                 "emulated_seconds_per_step": per_step,
                 "emulated_seconds_per_step_by_edge_factor": by_factor,
+                "emulated_seconds_per_step_flop_model": flop_model,
                 **_realtime_figures(good, variant, per_edge, opts),
                 "pipeline_efficiency": {
                     p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
@@ -506,7 +570,8 @@ def _profiles_of(methods: Mapping[str, Any], label: str) -> set[str]:
 
 
 def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The suite's headline time ratios at edge factor x0.5, x1 and x2.
+    """The suite's headline time ratios at edge factor x0.5, x1 and x2, and
+    under the FLOP-count device model (:mod:`tandem.bench.flops`).
 
     One row per ``(numerator, denominator)`` of ``suite.headline`` and
     profile both were timed under: the ratio of their emulated seconds per
@@ -529,6 +594,10 @@ def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]
                     "denominator": den,
                     "profile": profile,
                     "ratio_by_edge_factor": {k: a[k] / b[k] for k in a},
+                    "ratio_flop_model": (
+                        fa["emulated_seconds_per_step_flop_model"][profile]
+                        / fb["emulated_seconds_per_step_flop_model"][profile]
+                    ),
                 }
             )
     return rows
