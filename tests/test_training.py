@@ -70,3 +70,34 @@ def test_compute_seconds_ignores_a_slow_burst():
     assert TrainStats(10, 320, 0.0, 0.1, quiet).compute_seconds == pytest.approx(0.1)
     assert TrainStats(10, 320, 0.0, 3.6, burst).compute_seconds == pytest.approx(0.1)
     assert TrainStats(2, 64, 0.0, 0.5, (0.2, 0.3)).compute_seconds == pytest.approx(0.5)
+
+
+def test_a_single_step_is_timed_warm_off_the_record(monkeypatch):
+    import itertools
+
+    import tandem.training as training
+
+    # the fake CPU clock: the real step takes 1.0 s (cold), the two repeats
+    # 0.3 and 0.2 s
+    ticks = itertools.accumulate([0.0, 1.0, 0.0, 0.3, 0.0, 0.2])
+    monkeypatch.setattr(training, "cpu_clock", lambda: lambda: next(ticks))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    twin = nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    optimizer = make_optimizer(model, 0.1, 0.9)
+    stats = train_steps(model, iter([(x, y)]), 1, optimizer, torch.device("cpu"))
+    assert stats.step_seconds == (1.0,)
+    assert stats.warm_seconds == pytest.approx((0.3, 0.2))
+    assert stats.compute_seconds == pytest.approx(0.2)
+    # the repeats ran on a copy: the model took exactly one SGD step
+    reference = make_optimizer(twin, 0.1, 0.9)
+    nn.functional.cross_entropy(twin(x), y).backward()
+    reference.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len(optimizer.state) == 2  # its own momentum buffers only
+    from tandem.training import TrainStats
+
+    assert TrainStats(2, 8, 0.0, 1.0, (0.6, 0.4), (0.3,)).compute_seconds == 0.6
