@@ -214,6 +214,38 @@ def test_encoded_nbytes_is_exact(kind):
             assert lengths == {k: a.size for k, a in payload.items()}, (size, ratio)
 
 
+def test_option_table_is_a_fresh_copy_and_follows_the_registry():
+    """The table is computed once per (options, sizes) but handed out as fresh
+    arrays, and a codec registered anew under an old name gets its own."""
+    from tandem.compression.codecs import REGISTRY, Full, register, unregister
+
+    class Wide(Full):
+        name = "table-test"
+
+        def nbytes(self, sizes, ratio):
+            return 8 * sizes
+
+    class Narrow(Wide):
+        def nbytes(self, sizes, ratio):
+            return sizes
+
+    sizes = np.array([3, 5])
+    options = (Option("full"), Option("defer"))
+    costs, values = option_table(options, sizes)
+    costs[:] = -1
+    values[:] = -1.0
+    again, fids = option_table(options, sizes)
+    assert again.tolist() == [[12, 0], [20, 0]] and fids.tolist() == [1.0, 0.0]
+    register(Wide())
+    try:
+        assert option_table((Option("table-test"),), sizes)[0].tolist() == [[24], [40]]
+        REGISTRY.pop("table-test")  # as a test fixture may
+        register(Narrow())
+        assert option_table((Option("table-test"),), sizes)[0].tolist() == [[3], [5]]
+    finally:
+        unregister("table-test")
+
+
 def test_option_table_matches_encoded_nbytes():
     sizes = np.array([0, 1, 9, 100, 12345])
     costs, values = option_table(DEFAULT_OPTIONS, sizes)

@@ -101,6 +101,29 @@ def test_fill_unsent_ages_by_hand():
     assert out.tolist() == [0.25, 0.5, 3 / 32, 0.0, 0.0, 6.0]
 
 
+@pytest.mark.parametrize("oldest", [-1, 150])
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0, 0.7, 0.25, 1e-30])
+def test_fill_unsent_is_the_float64_product_rounded_once(decay, oldest):
+    """Every stand-in is ``decay^a · u`` taken in float64 and rounded once to
+    float32 (whatever route is taken), bit for bit: tiny (subnormal) and
+    huge values, ``-0``, ages up to where a float32 factor underflows (or
+    only recent rounds, where every factor is a float32 number)."""
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 40, size=200)
+    cache = (
+        rng.standard_normal(int(sizes.sum()))
+        * 10.0 ** rng.integers(-45, 38, size=int(sizes.sum()))
+    ).astype(np.float32)
+    cache[::11] = -0.0
+    rounds = rng.integers(oldest, 200, size=200)
+    out = fill_unsent(cache, rounds, sizes, 200, decay)
+    age = 200 - rounds
+    factor = np.where(rounds >= 0, decay ** np.maximum(age, 0), 0.0)
+    want = (np.repeat(factor, sizes) * cache.astype(np.float64)).astype(np.float32)
+    assert out.dtype == np.float32
+    assert out.tobytes() == want.tobytes()
+
+
 def test_fill_unsent_messages():
     with pytest.raises(
         ValueError, match=exactly("cache (5,), rounds (2,) and sizes (2,) disagree")

@@ -202,6 +202,29 @@ def test_template_rows_sort_and_climb_as_the_per_row_way(seed, monkeypatch):
     assert (got.cost, got.value) == (want.cost, want.value)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_shared_hull_increments_as_the_per_row_way(seed, monkeypatch):
+    """Groups of one size share one order and hull (the shared path forms
+    only the valid increments): the same selection as the per-row way, with
+    ties (equal importances) and hulls of every length."""
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 400))
+    options = DEFAULT_OPTIONS[: int(rng.integers(1, len(DEFAULT_OPTIONS) + 1))]
+    costs, fidelity = option_table((*options, DEFAULT_OPTIONS[-1]), np.full(n, 256))
+    importance = rng.choice([1.0, 2.5, rng.random()], size=n)  # ties
+    if seed % 2:
+        importance = rng.exponential(size=n)
+    values = importance[:, None] * fidelity
+    assert knapsack._sorted_hulls(costs, values)[3].strides[0] == 0  # shared
+    for budget in rng.integers(0, int(costs.max(axis=1).sum()) + 2, size=5):
+        got = select_options(importance, costs, fidelity, budget=int(budget))
+        with monkeypatch.context() as patch:
+            patch.setattr(knapsack, "_TEMPLATES", 0)
+            want = select_options(importance, costs, fidelity, budget=int(budget))
+        assert got.choice.tolist() == want.choice.tolist()
+        assert (got.cost, got.value) == (want.cost, want.value)
+
+
 def test_empty_problem():
     sel = select_options(
         np.zeros(0), np.zeros((0, 3), dtype=np.int64), np.ones(3), budget=5

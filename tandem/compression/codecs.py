@@ -523,8 +523,6 @@ class Int8(_InPlace):
 
 
 _SIGN_RULE = "sign 'signs' has padding bits set past the last element"
-#: +1 and −1, by sign bit.
-_SIGNS = np.array([1.0, -1.0], dtype=np.float32)
 
 
 class Sign(_InPlace):
@@ -582,8 +580,11 @@ class Sign(_InPlace):
             sums = np.abs(rows, dtype=np.float64).sum(axis=1)
             scale[:] = sums / size
         wire[:, width:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
-        # −a where negative, else +a: ±1 times a is exact (and −0 for a = 0)
-        np.multiply(_SIGNS[negative.view(np.uint8)], scale[:, None], out=decoded)
+        # −a where negative, else +a: ±1 (1 − 2·bit, exact) times a is exact
+        # (and −0 for a = 0)
+        np.multiply(negative, np.float32(-2.0), out=decoded)
+        decoded += np.float32(1.0)
+        decoded *= scale[:, None]
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
@@ -595,8 +596,12 @@ class Sign(_InPlace):
             row = _first_row(bits[:, -1] & np.uint8((1 << (8 - size % 8)) - 1) != 0)
             if row is not None:
                 raise RowError(row, _SIGN_RULE)
-        negative = np.unpackbits(bits, axis=1, count=size).view(bool)
-        return np.where(negative, -scale[:, None], scale[:, None])
+        negative = np.unpackbits(bits, axis=1, count=size)
+        # −a where the bit is set, else +a: ±1 (1 − 2·bit, exact) times a
+        out = np.multiply(negative, np.float32(-2.0), dtype=np.float32)
+        out += np.float32(1.0)
+        out *= scale[:, None]
+        return out
 
 
 class TopK(Codec):
@@ -730,6 +735,23 @@ class Defer(Codec):
 def _check_scale(kind: str, arrays: Mapping[str, np.ndarray]) -> None:
     if arrays["scale"][0] < 0:
         raise CodecError(f"{kind} 'scale' is negative ({arrays['scale'][0]})")
+
+
+@lru_cache(maxsize=8)
+def _option_table(
+    options: tuple[Option, ...], codecs: tuple[Codec, ...], sizes: bytes
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`option_table` of checked int64 ``sizes`` (raw bytes), once per
+    distinct (options, sizes): an edge and the cloud ask for the same table
+    every round and every reply. ``codecs`` (the options' registered codecs)
+    is part of the key, so a codec registered anew under an old name gets
+    its own table."""
+    group_sizes = np.frombuffer(sizes, dtype=np.int64)
+    costs = np.empty((group_sizes.size, len(options)), dtype=np.int64)
+    for j, opt in enumerate(options):
+        costs[:, j] = opt.codec.nbytes(group_sizes, opt.ratio)
+    values = np.array([fidelity(o.kind, o.ratio) for o in options], dtype=np.float64)
+    return costs, values
 
 
 # --------------------------------------------------------------------------- registry
@@ -1094,6 +1116,9 @@ def option_table(
         encoded_nbytes(options[j].kind, sizes[i], ratio=options[j].ratio)``.
     fidelities : np.ndarray
         Shape ``(m,)``, float64, :func:`fidelity` of each option.
+
+    Computed once per distinct options and sizes (the last few are kept) and
+    handed out as fresh arrays, which the caller may change.
     """
     sizes = np.asarray(sizes)
     if sizes.ndim != 1 or (sizes.size and not np.issubdtype(sizes.dtype, np.integer)):
@@ -1101,8 +1126,7 @@ def option_table(
     sizes = sizes.astype(np.int64)
     if sizes.size and (sizes.min() < 0 or sizes.max() >= _MAX_SIZE):
         raise ValueError("sizes must satisfy 0 <= size < 2**32")
-    costs = np.empty((sizes.size, len(options)), dtype=np.int64)
-    for j, opt in enumerate(options):
-        costs[:, j] = opt.codec.nbytes(sizes, opt.ratio)
-    values = np.array([fidelity(o.kind, o.ratio) for o in options], dtype=np.float64)
-    return costs, values
+    options = tuple(options)
+    codecs = tuple(o.codec for o in options)
+    costs, values = _option_table(options, codecs, sizes.tobytes())
+    return costs.copy(), values.copy()

@@ -65,7 +65,8 @@ def fill_unsent(
     repeats the old update as is; ``decay = 0`` fills zeros. A group never
     received (``cache_round[i] < 0``) is filled with zeros: nothing is known
     of it, so it adds nothing to the aggregate. The product is taken in
-    float64 and rounded once to float32.
+    float64 and rounded once to float32 (in float32 when every factor is a
+    float32 number, e.g. a decay of 0.5 or 1: the same values).
 
     Parameters
     ----------
@@ -110,6 +111,15 @@ def fill_unsent(
         )
     age = server_round - cache_round
     factor = np.where(cache_round >= 0, float(decay) ** np.maximum(age, 0), 0.0)
+    single = factor.astype(np.float32)
+    if (
+        isinstance(cache, np.ndarray)
+        and cache.dtype == np.float32
+        and np.array_equal(single, factor)  # e.g. decay 0.5 or 1
+    ):
+        # float32 times float32: the float64 product is exact, so its
+        # rounding to float32 is the float32 product's, in fewer bytes
+        return np.multiply(cache, np.repeat(single, sizes))
     return (np.repeat(factor, sizes) * cache).astype(np.float32)
 
 
@@ -167,8 +177,8 @@ def fill_deferred(
             decay,
         )
         _place(update, starts, sizes, rows, stand_in)
-        kept = np.repeat(unsent, sizes)
-        np.copyto(cache, update, where=~kept)
+        fresh = np.flatnonzero(~unsent)
+        _place(cache, starts, sizes, fresh, update, starts[fresh])
     else:
         np.copyto(cache, update)
     cache_round[~unsent] = server_round
@@ -426,22 +436,37 @@ def _sent_and_cache(
     layout: GroupLayout,
 ) -> np.ndarray:
     """Step 6's ``sent``: decoded groups, and the cloud's stand-ins for deferred
-    ones; refreshes the mirror of the cloud's cache."""
-    if deferred.any():
-        deferred_elements = np.repeat(deferred, layout.sizes)
-        fills = fill_unsent(
-            state.cache,
-            state.cache_round,
-            layout.sizes,
+    ones; refreshes the mirror of the cloud's cache.
+
+    ``sent`` is ``decoded`` itself with the stand-ins written into its
+    deferred groups (:func:`fill_unsent` of those groups alone: the same
+    values, without a pass over the others)."""
+    rows = np.flatnonzero(deferred)
+    if rows.size:
+        if int(state.cache_round.max()) > plan.server_round:  # its error
+            fill_unsent(
+                state.cache,
+                state.cache_round,
+                layout.sizes,
+                plan.server_round,
+                plan.fill_decay,
+            )
+        starts, sizes = layout.starts, layout.sizes
+        stand_in = fill_unsent(
+            _pick(state.cache, starts, sizes, rows),
+            state.cache_round[rows],
+            sizes[rows],
             plan.server_round,
             plan.fill_decay,
         )
-        sent = np.where(deferred_elements, fills, decoded)
-        state.cache = np.where(deferred_elements, state.cache, decoded)
+        cache = decoded.copy()  # the old cache's values in the deferred groups
+        _place(cache, starts, sizes, rows, state.cache, starts[rows])
+        _place(decoded, starts, sizes, rows, stand_in)
+        state.cache = cache
     else:
-        sent = state.cache = decoded
+        state.cache = decoded
     state.cache_round[~deferred] = plan.server_round
-    return sent
+    return decoded
 
 
 def compress_update(
