@@ -182,6 +182,15 @@ def test_the_runs_metrics_are_archived_beside_the_results(tmp_path):
         assert all(m.mtime == 0 for m in members)
         data = tar.extractfile("runs/simultrain-1/metrics.jsonl").read()
         assert data == b'{"event": "summary"}\n'
+    # an earlier suite's run left in the folder stays out of this suite's
+    (tmp_path / "runs" / "fedavg-12").mkdir()
+    (tmp_path / "runs" / "fedavg-12" / "metrics.jsonl").write_text("{}\n")
+    with tarfile.open(archive_metrics(tmp_path, ["2", "1"])) as tar:
+        assert [m.name for m in tar.getmembers()] == [
+            "runs/simultrain-1/metrics.jsonl",
+            "runs/syncsgd-2/flwr.log",
+            "runs/syncsgd-2/metrics.jsonl",
+        ]
 
 
 def test_the_tables_regenerate_from_a_committed_results_json(capsys, tmp_path):

@@ -21,7 +21,7 @@ import signal
 import sys
 import tarfile
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -593,15 +593,21 @@ def _archived_records(path: Path) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def archive_metrics(out: Path) -> Path | None:
+def archive_metrics(out: Path, run_ids: Iterable[str] | None = None) -> Path | None:
     """Every run's ``metrics.jsonl`` (and a failed run's ``flwr.log``) under
     ``out/runs`` in one gzipped tar, ``out/runs-metrics.tar.gz``, small enough
     to commit beside ``results.json`` so each figure can be re-derived from
     its runs (the run folders themselves, with checkpoints, are not kept).
-    ``None`` when there is no run folder."""
+    ``run_ids``: only these runs' folders (``runs/<method>-<run id>``), not
+    those an earlier suite left in the same folder. ``None`` when there is
+    no run folder."""
     runs = out / "runs"
+    wanted = None if run_ids is None else set(run_ids)
     files = sorted(
-        p for p in runs.glob("*/*") if p.name in ("metrics.jsonl", "flwr.log")
+        p
+        for p in runs.glob("*/*")
+        if p.name in ("metrics.jsonl", "flwr.log")
+        and (wanted is None or p.parent.name.rsplit("-", 1)[-1] in wanted)
     )
     if not files:
         return None
@@ -653,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
     print_report(results, suite, args.out)
-    archive = archive_metrics(args.out)
+    archive = archive_metrics(args.out, [r.status.run_id for r in runs])
     if archive is not None:
         print(f"metrics: {archive}")
     failed = [k for k, m in results["methods"].items() if m.get("failed")]
