@@ -189,3 +189,24 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
     assert again["assumptions"]["devices"] == results["assumptions"]["devices"]
     assert "rederived" in again["assumptions"]
     assert "| acesync / fullsync | 2mbit/8mbit/120ms |" in capsys.readouterr().out
+
+
+def test_the_calibration_is_the_median_of_interleaved_probes(monkeypatch):
+    import tandem.bench.cli as cli
+
+    # one core, then every thread, nine times over
+    readings = iter([60.0, 120.0, 80.0, 125.0, 59.0, 90.0] + [70.0, 100.0] * 6)
+    monkeypatch.setattr(cli, "measure_local_gflops", lambda threads=1: next(readings))
+    suite = select_variants(SUITES["simultrain"], ["simultrain"], {})
+    args = build_parser().parse_args(["simultrain", "--profile", "4g"])
+    opts = cli.bench_options(args, per_profile(suite, ["4g"]))
+    assert opts.calibration["edge"] == [60.0, 80.0, 59.0] + [70.0] * 6
+    assert opts.calibration["cloud"] == [120.0, 125.0, 90.0] + [100.0] * 6
+    assert opts.local_gflops_edge == 70.0 and opts.local_gflops_cloud == 100.0
+    # the edge factor the runs get follows the median: 70 / 8 GFLOP/s
+    assert opts.extra["simultrain-edge-factor"] == 8.75
+    given = build_parser().parse_args(
+        ["simultrain", "--profile", "4g", "--local-gflops", "50"]
+    )
+    opts = cli.bench_options(given, per_profile(suite, ["4g"]))
+    assert opts.calibration == {} and opts.local_gflops_cloud == 50.0

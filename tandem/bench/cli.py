@@ -18,6 +18,7 @@ import json
 import math
 import shlex
 import signal
+import statistics
 import sys
 import tarfile
 import tomllib
@@ -279,13 +280,15 @@ def bench_options(
     ``--local-gflops`` or measured now.
     """
     nodes, rounds, steps, extra = workload(args, suite)
+    probes: dict[str, list[float]] = {}
     if local is not None:
         local_edge, local_cloud = local
+    elif args.local_gflops:
+        local_edge = local_cloud = args.local_gflops
     else:
-        local_edge = args.local_gflops or measure_local_gflops(threads=1)
-        local_cloud = args.local_gflops or measure_local_gflops(
-            threads=torch.get_num_threads()
-        )
+        probes = calibration_probes()
+        local_edge = statistics.median(probes["edge"])
+        local_cloud = statistics.median(probes["cloud"])
     if any(v.overrides.get("method") == "acesync" for v in suite.variants):
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
@@ -313,7 +316,28 @@ def bench_options(
         cloud=DeviceProfile(CLOUD_T4.name, args.cloud_gflops, CLOUD_T4.source),
         local_gflops_edge=local_edge,
         local_gflops_cloud=local_cloud,
+        calibration=probes,
     )
+
+
+#: Probes of this machine's GFLOP/s per calibration (their median is used).
+CALIBRATION_ROUNDS = 9
+
+
+def calibration_probes(rounds: int = CALIBRATION_ROUNDS) -> dict[str, list[float]]:
+    """``rounds`` probes each of this machine's GFLOP/s on one core (``edge``:
+    a ClientApp's) and on every thread (``cloud``: the ServerApp's),
+    interleaved (:func:`~tandem.network.measure_local_gflops`).
+
+    One probe of a few milliseconds read 58.9 GFLOP/s one day and 79.7 the
+    next on the same machine, with the same steps timed at the same speed;
+    the median of several is the calibration, and all are recorded.
+    """
+    probes: dict[str, list[float]] = {"edge": [], "cloud": []}
+    for _ in range(rounds):
+        probes["edge"].append(measure_local_gflops(threads=1))
+        probes["cloud"].append(measure_local_gflops(threads=torch.get_num_threads()))
+    return probes
 
 
 def run_with_progress(suite: Suite, opts: BenchOptions, show: bool) -> list[RunRecord]:
@@ -375,6 +399,7 @@ def assumptions(
             },
             "local_gflops_per_clientapp_core": opts.local_gflops_edge,
             "local_gflops_serverapp": opts.local_gflops_cloud,
+            "calibration_probes": dict(opts.calibration),
         },
         "dataset": {
             "name": opts.dataset,
@@ -567,6 +592,9 @@ def rederive_main(argv: list[str]) -> int:
         "created": old["assumptions"].get("created"),
         "rederived": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    results["assumptions"]["devices"].update(
+        {k: v for k, v in devices.items() if k.startswith("calibration_probes")}
+    )
     (args.folder / "results.json").write_text(
         json.dumps(results, indent=2, default=_json)
     )
@@ -657,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     results["assumptions"] = assumptions(
         opts, suite, results, sys.argv[2:] if argv is None else argv
     )
+    if opts.calibration:
+        # the same probes after the runs: how far the calibration drifted
+        results["assumptions"]["devices"]["calibration_probes_after"] = (
+            calibration_probes()
+        )
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
     print_report(results, suite, args.out)
     archive = archive_metrics(args.out, [r.status.run_id for r in runs])

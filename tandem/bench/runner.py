@@ -70,6 +70,9 @@ class BenchOptions:
     local_gflops_cloud: float = 0.0
     timeout: float = 900.0
     target: float | None = None
+    #: The GFLOP/s probes the local figures are the medians of ("edge",
+    #: "cloud"); empty when given (``--local-gflops``) or re-derived.
+    calibration: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
     def rounds_for(self, variant: Variant) -> int:
         """Rounds of a variant: ``--rounds``, or ``--steps`` / its local steps.
