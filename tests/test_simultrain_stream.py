@@ -376,7 +376,18 @@ def test_each_edge_keeps_the_window_its_compute_needs(tmp_path, monkeypatch):
     # RTT: ceil((30 + 2 x 13.15) / 13.15) + 2 = 7. An edge at 50 ms per chunk
     # is the slowest stage and needs ceil((56.3 + 50) / 50) = 3 in flight
     monkeypatch.setattr(StreamedEdge, "_warm_up", lambda self, rows: (0.05, 82_176))
+    in_flight = []  # chunks awaiting gradients as each new one is forwarded
+    forward = StreamedEdge.forward
+
+    def counting(self, want):
+        in_flight.append(len(self.in_flight))
+        return forward(self, want)
+
+    monkeypatch.setattr(StreamedEdge, "forward", counting)
     records, _ = run_inprocess(BASE, nodes=2, out=tmp_path, threaded=True)
+    # the edge itself keeps to its W (the cloud cannot tell: it reads a
+    # stream's frames in order, so it has always answered chunk v - W first)
+    assert max(in_flight) == 2 and len(in_flight) == 60
     assert records[-1]["dropped-edges"] == 0
     (stream,) = _events(records, "stream")
     assert stream["windows"] == [3]
