@@ -340,6 +340,30 @@ def calibration_probes(rounds: int = CALIBRATION_ROUNDS) -> dict[str, list[float
     return probes
 
 
+def suite_for(args: argparse.Namespace) -> Suite:
+    """The suite ``args`` ask for: its variants (``--variants``, with
+    ``--config``), once per profile where they read the link; ``--profile``
+    defaults to the suite's (else 4g and 5g) and is set on ``args``.
+
+    Raises
+    ------
+    ValueError
+        On a bad link spec, variant label or config item.
+    """
+    if args.profile is None:
+        args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
+    check_profiles(args.profile)
+    suite = select_variants(
+        SUITES[args.suite], args.variants, parse_config_items(args.config)
+    )
+    return per_profile(suite, args.profile)
+
+
+def _run_id(folder: str) -> str:
+    """The run id of a run folder, ``<method>-<run id>``."""
+    return folder.rsplit("-", 1)[-1]
+
+
 def run_with_progress(suite: Suite, opts: BenchOptions, show: bool) -> list[RunRecord]:
     """Run every (seed, variant), with a progress bar of rounds when ``show``."""
     total_rounds = len(opts.seeds) * sum(opts.rounds_for(v) for v in suite.variants)
@@ -556,14 +580,7 @@ def rederive_main(argv: list[str]) -> int:
         parser.error(f"{args.folder}: not a finished suite's folder ({err!r})")
     bench_args = build_parser().parse_args(command)
     bench_args.out = args.folder
-    if bench_args.profile is None:
-        bench_args.profile = list(SUITES[bench_args.suite].profiles or ("4g", "5g"))
-    suite = select_variants(
-        SUITES[bench_args.suite],
-        bench_args.variants,
-        parse_config_items(bench_args.config),
-    )
-    suite = per_profile(suite, bench_args.profile)
+    suite = suite_for(bench_args)
     # each variant as it ran (a suite's definition may have changed since)
     suite = dataclasses.replace(
         suite,
@@ -615,9 +632,8 @@ def _archived_records(path: Path) -> dict[str, list[dict[str, Any]]]:
             data = tar.extractfile(member)
             if data is None:
                 continue
-            text = data.read().decode("utf-8")
-            run_id = parts[1].rsplit("-", 1)[-1]
-            found[run_id] = [json.loads(x) for x in text.splitlines() if x.strip()]
+            lines = data.read().decode("utf-8").splitlines()
+            found[_run_id(parts[1])] = [json.loads(x) for x in lines if x.strip()]
     return found
 
 
@@ -635,7 +651,7 @@ def archive_metrics(out: Path, run_ids: Iterable[str] | None = None) -> Path | N
         p
         for p in runs.glob("*/*")
         if p.name in ("metrics.jsonl", "flwr.log")
-        and (wanted is None or p.parent.name.rsplit("-", 1)[-1] in wanted)
+        and (wanted is None or _run_id(p.parent.name) in wanted)
     )
     if not files:
         return None
@@ -666,16 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # a terminated benchmark still stops its SuperLink (the runner's finally)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.profile is None:
-        args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
     try:  # bad specs fail here, before any run
-        check_profiles(args.profile)
-        suite = select_variants(
-            SUITES[args.suite], args.variants, parse_config_items(args.config)
-        )
+        suite = suite_for(args)
     except ValueError as err:
         parser.error(str(err))
-    suite = per_profile(suite, args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
     opts = bench_options(args, suite)
     runs = run_with_progress(suite, opts, show=not args.no_progress)

@@ -34,6 +34,7 @@ from tandem.bench.suites import Suite, Variant
 from tandem.launch import FlowerHome, RunStatus
 from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
 from tandem.schedules import (
+    SyncRound,
     exchanges_from_records,
     replay_pipeline,
     replay_sync_rounds,
@@ -294,7 +295,7 @@ def _emulate(
         rounds = sync_rounds_from_records(run.records)
         if flop_model:
             flops, batch = _row_flops(run)
-            steps = _local_steps(run)
+            steps = _local_steps(run, rounds)
             rounds = rounds_on_device(rounds, flops, batch, steps, host, device)
         nodes = sorted({n for rnd in rounds for n in rnd.nodes})
         links = assign_links(nodes, profile, seed=run.seed)
@@ -324,10 +325,12 @@ def _row_flops(run: RunRecord) -> tuple[RowFlops, int]:
     )
 
 
-def _local_steps(run: RunRecord) -> dict[tuple[int, int], float] | float:
-    """Local steps a node trained per round: the ``plan`` events' (dynamic
-    synchronization), else the variant's; 0 for ``centralized`` (its
-    nodes only upload: the cloud trains)."""
+def _local_steps(
+    run: RunRecord, rounds: Sequence[SyncRound]
+) -> dict[tuple[int, int], float] | float:
+    """Local steps a node trained in each of the run's ``rounds``: the
+    ``plan`` events' (dynamic synchronization), else the variant's; 0 for
+    ``centralized`` (its nodes only upload: the cloud trains)."""
     if run.variant.overrides.get("method") == "centralized":
         return 0
     plans = {
@@ -338,7 +341,6 @@ def _local_steps(run: RunRecord) -> dict[tuple[int, int], float] | float:
     if not plans:
         return run.variant.local_steps
     default = run.variant.local_steps
-    rounds = sync_rounds_from_records(run.records)
     for rnd in rounds:
         for node in rnd.nodes:
             plans.setdefault((rnd.round, node), default)
@@ -429,7 +431,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         }
         by_factor = {
             p: {
-                f"{k:g}": _per_step_at(good, p, opts, k, per_edge)
+                f"{k:g}": per_step[p]
+                if k == 1.0
+                else _per_step_at(good, p, opts, k, per_edge)
                 for k in EDGE_FACTOR_SCALES
             }
             for p in profiles

@@ -60,7 +60,7 @@ from tandem.clients.node import (
 from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
 from tandem.frames import FrameError, decode_frame, encode_frame
-from tandem.network import LinkPacer, parse_link
+from tandem.network import LinkPacer, LinkProfile, parse_link
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
     SESSION_TYPE,
@@ -407,6 +407,20 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
+def _session_link(spec: str) -> LinkProfile:
+    """The link a session message names (:func:`tandem.network.encode_link`).
+
+    Raises
+    ------
+    PayloadError
+        If ``spec`` is not a link.
+    """
+    try:
+        return parse_link(spec)
+    except ValueError as err:
+        raise PayloadError(f"session link: {err}") from None
+
+
 def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
     """Real-time mode: pace the stream's frames up and down to the link ``spec``.
 
@@ -422,10 +436,7 @@ def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
     """
     if not spec:
         return None, None
-    try:
-        link = parse_link(spec)
-    except ValueError as err:
-        raise PayloadError(f"session link: {err}") from None
+    link = _session_link(spec)
     t0 = time.monotonic()
 
     def pace(direction: str) -> Pace:
@@ -493,7 +504,6 @@ class StreamedEdge:
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
         self.node_id = -1  # set when the stream opens
-        self.window = start.window  # W kept in flight, set when the stream opens
 
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
@@ -587,10 +597,7 @@ class StreamedEdge:
         start = self.start
         if self.opts.window or not start.link:
             return start.window
-        try:
-            link = parse_link(start.link)
-        except ValueError as err:
-            raise PayloadError(f"session link: {err}") from None
+        link = _session_link(start.link)
         return pipeline_window(link, nbytes, nbytes, start.window, edge_seconds)
 
     def forward(self, want: int) -> bytes:
@@ -669,7 +676,6 @@ class StreamedEdge:
         start = self.start
         self.node_id = node_id
         window = self._window(*self._warm_up(start.chunk * self.batches.batch_size))
-        self.window = window
         up, down = link_paces(start.link if self.opts.realtime else "")
         outbox = Outbox(up)
         outbox.put(encode_frame(hello_frame(node_id, start.secret, window)))
