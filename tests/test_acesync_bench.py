@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.cli import parse_config_items, select_variants
+from tandem.bench.cli import (
+    build_parser,
+    parse_config_items,
+    select_variants,
+    suite_for,
+)
 from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, RunRecord, summarize
 from tandem.bench.suites import SUITES, Variant
@@ -62,6 +67,31 @@ def test_the_suite_compares_its_variants_on_the_same_steps():
     periodic = SUITE.variants[3]
     assert periodic.period == 3 and periodic.local_steps == 150
     assert opts.rounds_for(periodic) == 7 and opts.rounds_for(SUITE.variants[1]) == 21
+
+
+def test_on_a_token_dataset_the_suite_keeps_its_variants_at_its_token_size():
+    args = build_parser().parse_args(
+        ["acesync", "--dataset", "pysource", "--config", "batch-size=8"]
+    )
+    suite = suite_for(args)
+    assert [v.label for v in suite.variants] == [v.label for v in SUITE.variants]
+    assert (suite.nodes, suite.steps) == (10, 210)
+    opts = BenchOptions(out=Path("unused"), steps=suite.steps, rounds=None)
+    for variant in suite.variants:
+        # 10 local steps a round, the user's --config over the token size
+        assert variant.overrides["batch-size"] == 8
+        assert variant.overrides["local-steps"] == 10
+        assert opts.steps_for(variant) == 210
+    periodic = suite.variants[3]
+    assert periodic.local_steps == 30 and opts.rounds_for(periodic) == 7
+    assert opts.rounds_for(suite.variants[1]) == 21
+    # on MNIST-1D the suite is as defined; SimulTrain's keeps nodes and steps
+    plain = suite_for(build_parser().parse_args(["acesync"]))
+    assert (plain.nodes, plain.steps) == (SUITE.nodes, SUITE.steps) == (10, 1050)
+    assert all("batch-size" not in v.overrides for v in plain.variants)
+    text = suite_for(build_parser().parse_args(["simultrain", "--dataset", "text"]))
+    assert (text.nodes, text.steps) == (2, 300)
+    assert {v.overrides["batch-size"] for v in text.variants} == {16}
 
 
 def test_a_periodic_variant_must_state_its_period():

@@ -41,7 +41,7 @@ from tandem.bench.runner import (
     run_suite,
     summarize,
 )
-from tandem.bench.suites import SUITES, Suite, per_profile
+from tandem.bench.suites import SUITES, Suite, per_profile, token_sized
 from tandem.config import NATURAL_ID_DATASETS, DataConfig, parse_section
 from tandem.datasets import load_dataset
 from tandem.launch import RunStatus
@@ -341,8 +341,9 @@ def calibration_probes(rounds: int = CALIBRATION_ROUNDS) -> dict[str, list[float
 
 
 def suite_for(args: argparse.Namespace) -> Suite:
-    """The suite ``args`` ask for: its variants (``--variants``, with
-    ``--config``), once per profile where they read the link; ``--profile``
+    """The suite ``args`` ask for: at its token size on a token dataset
+    (:func:`~tandem.bench.suites.token_sized`), its variants (``--variants``,
+    with ``--config``), once per profile where they read the link; ``--profile``
     defaults to the suite's (else 4g and 5g) and is set on ``args``.
 
     Raises
@@ -353,9 +354,10 @@ def suite_for(args: argparse.Namespace) -> Suite:
     if args.profile is None:
         args.profile = list(SUITES[args.suite].profiles or ("4g", "5g"))
     check_profiles(args.profile)
-    suite = select_variants(
-        SUITES[args.suite], args.variants, parse_config_items(args.config)
-    )
+    suite = SUITES[args.suite]
+    if args.dataset in TEXT_DATASETS:
+        suite = token_sized(suite)
+    suite = select_variants(suite, args.variants, parse_config_items(args.config))
     return per_profile(suite, args.profile)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["SUITES", "Suite", "Variant", "per_profile"]
+__all__ = ["SUITES", "Suite", "TokenWorkload", "Variant", "per_profile", "token_sized"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,28 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class TokenWorkload:
+    """A suite's default size on a token dataset (``pysource``, ``text``).
+
+    The transformer costs about 20 times the cnn1d's FLOPs per sample, so a
+    suite keeps its variants and shrinks its work to fit the same time
+    budget. ``None`` keeps the suite's own value.
+
+    Attributes
+    ----------
+    nodes, steps : int | None
+        SimulTrain-style suites: nodes and SGD steps per node.
+    config : Mapping[str, object]
+        Run-config values over every variant's own (``--config`` still
+        wins), e.g. a smaller ``batch-size`` or fewer ``local-steps``.
+    """
+
+    nodes: int | None = None
+    steps: int | None = None
+    config: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Suite:
     """A named set of variants and the workload defaults they share."""
 
@@ -99,6 +121,8 @@ class Suite:
     #: variant label (a per-profile variant ``x`` is ``x@<profile>``): the
     #: sensitivity table gives each at edge factor x0.5, x1 and x2.
     headline: tuple[tuple[str, str], ...] = ()
+    #: Its default size on a token dataset (None: the same as on MNIST-1D).
+    tokens: TokenWorkload | None = None
 
 
 SUITES: dict[str, Suite] = {
@@ -174,6 +198,8 @@ SUITES: dict[str, Suite] = {
         rounds=None,
         steps=300,
         headline=(("simultrain", "syncsgd"), ("simultrain", "splitsync")),
+        # the same 300 steps per edge at half the batch: about 20 minutes
+        tokens=TokenWorkload(config={"batch-size": 16}),
     ),
     "acesync": Suite(
         name="acesync",
@@ -214,6 +240,10 @@ SUITES: dict[str, Suite] = {
         reference="fullsync",
         overhead_width=128,
         headline=(("acesync", "fullsync"),),
+        # 21 rounds of 10 steps at batch 16 (fedavg-periodic: 7 syncs of 30):
+        # a round's compute on the emulated edge is then of the order of its
+        # slowest links' transfer of the model, the regime of seed 004
+        tokens=TokenWorkload(steps=210, config={"batch-size": 16, "local-steps": 10}),
     ),
     "acesync-grouped": Suite(
         name="acesync-grouped",
@@ -247,6 +277,25 @@ SUITES: dict[str, Suite] = {
         profiles=("variable",),
     ),
 }
+
+
+def token_sized(suite: Suite) -> Suite:
+    """``suite`` at its size on a token dataset (:class:`TokenWorkload`):
+    its nodes and steps, and its run-config values over every variant's."""
+    tokens = suite.tokens
+    if tokens is None:
+        return suite
+    variants = tuple(
+        dataclasses.replace(v, overrides={**v.overrides, **tokens.config})
+        for v in suite.variants
+    )
+    return dataclasses.replace(
+        suite,
+        variants=variants,
+        nodes=tokens.nodes or suite.nodes,
+        steps=tokens.steps or suite.steps,
+        tokens=None,
+    )
 
 
 def per_profile(suite: Suite, profiles: Sequence[str]) -> Suite:
