@@ -188,6 +188,19 @@ def test_reference_target_rounds_and_bytes(tmp_path):
     assert "| acesync |" in format_table(
         {**results, "assumptions": {"profile_names": ["variable"]}}
     )
+    assert "s to perplexity" not in table  # no run reported perplexity
+    # with perplexity: the seconds to the reference's final perplexity
+    results["target_perplexity"] = 17.0369
+    ref["acesync"]["emulated_seconds_to_target_perplexity"] = {"variable": 76.46}
+    ref["topk"]["emulated_seconds_to_target_perplexity"] = {"variable": None}
+    rows = {
+        line.split(" | ")[0]: line.split(" | ")
+        for line in format_reference_table(results).splitlines()
+    }
+    column = rows["| method"].index("s to perplexity 17.037 (variable)")
+    assert rows["| acesync"][column] == "76.5"
+    assert rows["| topk"][column] == "not reached"
+    assert rows["| fullsync"][column] == "–"  # no figure: none shown
     names = [p.name for p in write_plots(results, tmp_path)]
     assert names == [
         "accuracy_vs_time.png",

@@ -102,7 +102,9 @@ def format_reference_table(results: dict[str, Any]) -> str:
     uplink, downlink and total bytes and the uplink and total ratios to the
     reference's, rounds
     (in the reference's rounds) and emulated seconds to reach the target
-    (the reference's final accuracy minus the margin), and the edge overhead
+    (the reference's final accuracy minus the margin), with a reference
+    that reports perplexity the emulated seconds to its final perplexity,
+    and the edge overhead
     of selection + encoding as a share of local training compute. Empty when
     the results have no reference.
     """
@@ -112,6 +114,7 @@ def format_reference_table(results: dict[str, Any]) -> str:
     profiles = results["assumptions"]["profile_names"]
     first = profiles[0]
     ppl = _has_perplexity(ref["methods"].values())
+    target_ppl = results.get("target_perplexity")
     head = [
         "method",
         "final accuracy",
@@ -125,6 +128,7 @@ def format_reference_table(results: dict[str, Any]) -> str:
         f"total vs {ref['label']}",
         f"rounds to {ref['target_accuracy']:.2%}",
         f"s to {ref['target_accuracy']:.2%} ({first})",
+        *([f"s to perplexity {target_ppl:.3f} ({first})"] if target_ppl else []),
         "overhead / training",
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -165,6 +169,11 @@ def format_reference_table(results: dict[str, Any]) -> str:
             else f"{m['bytes_total_vs_reference']:.3f}x",
             "not reached" if rounds is None else f"{rounds:.1f}",
             _opt(seconds, ".1f"),
+            *(
+                [_per(m.get("emulated_seconds_to_target_perplexity", {}), first, ".1f")]
+                if target_ppl
+                else []
+            ),
             _pct(share),
         ]
         rows.append("| " + " | ".join(cells) + " |")
