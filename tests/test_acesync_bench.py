@@ -92,6 +92,7 @@ def test_on_a_token_dataset_the_suite_keeps_its_variants_at_its_token_size():
     text = suite_for(build_parser().parse_args(["simultrain", "--dataset", "text"]))
     assert (text.nodes, text.steps) == (2, 300)
     assert {v.overrides["batch-size"] for v in text.variants} == {16}
+    assert {v.overrides["text-test-windows"] for v in text.variants} == {256}
 
 
 def test_a_periodic_variant_must_state_its_period():
