@@ -396,9 +396,12 @@ def assumptions(
     opts: BenchOptions, suite: Suite, results: Mapping[str, Any], argv: Sequence[str]
 ) -> dict[str, Any]:
     """What the results rest on: links, devices, data, sizes, clock, command."""
+    # the keys every variant shares (e.g. a token size's test windows)
+    shared = [dict(v.overrides) for v in suite.variants]
     flat = {
         **suite.defaults,
         **opts.extra,
+        **{k: x for k, x in shared[0].items() if all(o.get(k) == x for o in shared)},
         "dataset": opts.dataset,
         "data-path": opts.data_path,
     }
