@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from test_acesync_bench import SUITE, _run
 
-from tandem.bench.cli import build_parser, select_variants, workload
+from tandem.bench.cli import (
+    assumptions,
+    build_parser,
+    select_variants,
+    suite_for,
+    workload,
+)
 from tandem.bench.report import format_reference_table, format_table, write_plots
 from tandem.bench.runner import BenchOptions, _overrides, summarize
 from tandem.bench.suites import SUITES
@@ -89,3 +97,24 @@ def test_time_to_a_perplexity_is_the_first_round_at_or_below_it():
     assert _time_to_target(entry([1.0, 5.0, 2.0, 2.0]), 2.0, "perplexity") == {
         "4g": 2.0
     }
+
+
+def test_the_assumptions_describe_the_data_every_variant_ran_on(tmp_path):
+    args = build_parser().parse_args(
+        ["simultrain", "--dataset", "mnist1d", "--config", "mnist1d-samples=400"]
+    )
+    suite = suite_for(args)
+    opts = BenchOptions(out=tmp_path, dataset="mnist1d", nodes=2, steps=10)
+    data = assumptions(opts, suite, {"target_accuracy": 0.5}, ["bench"])["dataset"]
+    # the --config value every variant shares, not the default 10,000 samples
+    assert data["train"] + data["test"] == 400
+    # a key one variant sets differently is not the data's: the default stands
+    mixed = dataclasses.replace(
+        suite,
+        variants=(
+            dataclasses.replace(suite.variants[0], overrides={"mnist1d-samples": 200}),
+            *suite.variants[1:],
+        ),
+    )
+    data = assumptions(opts, mixed, {"target_accuracy": 0.5}, ["bench"])["dataset"]
+    assert data["train"] + data["test"] == 10_000
