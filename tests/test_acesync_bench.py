@@ -13,7 +13,7 @@ from tandem.bench.cli import (
     suite_for,
 )
 from tandem.bench.report import format_reference_table, format_table, write_plots
-from tandem.bench.runner import BenchOptions, RunRecord, summarize
+from tandem.bench.runner import BenchOptions, RunRecord, _overrides, summarize
 from tandem.bench.suites import SUITES, Variant
 from tandem.launch import RunStatus
 
@@ -93,6 +93,15 @@ def test_on_a_token_dataset_the_suite_keeps_its_variants_at_its_token_size():
     assert (text.nodes, text.steps) == (2, 300)
     assert {v.overrides["batch-size"] for v in text.variants} == {16}
     assert {v.overrides["text-test-windows"] for v in text.variants} == {256}
+    # a token default sits under the variants' own values
+    assert text.defaults["simultrain-edge-lr-scale"] == 0.25
+    flat = {
+        v.label: _overrides(BenchOptions(out=Path("unused")), text, v, seed=0)
+        for v in text.variants
+    }
+    assert flat["simultrain-no-reconcile"]["simultrain-lambda"] == 0.0
+    assert flat["simultrain-no-reconcile"]["simultrain-edge-lr-scale"] == 0.25
+    assert "simultrain-edge-lr-scale" not in SUITES["simultrain"].defaults
 
 
 def test_a_periodic_variant_must_state_its_period():

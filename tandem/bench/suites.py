@@ -89,11 +89,15 @@ class TokenWorkload:
     config : Mapping[str, object]
         Run-config values over every variant's own (``--config`` still
         wins), e.g. a smaller ``batch-size`` or fewer ``local-steps``.
+    defaults : Mapping[str, object]
+        Run-config values under every variant's own (an ablation that sets
+        the key keeps its value), over the suite's ``defaults``.
     """
 
     nodes: int | None = None
     steps: int | None = None
     config: Mapping[str, object] = field(default_factory=dict)
+    defaults: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,14 @@ SUITES: dict[str, Suite] = {
         steps=300,
         headline=(("simultrain", "syncsgd"), ("simultrain", "splitsync")),
         # the same 300 steps per edge at half the batch, and 256 test windows:
-        # SyncSGD evaluates after each of its 300 steps (1,024 windows: ~2 s)
-        tokens=TokenWorkload(config={"batch-size": 16, "text-test-windows": 256}),
+        # SyncSGD evaluates after each of its 300 steps (1,024 windows: ~2 s);
+        # the edge's learning rate chosen on seeds 10 and 11 (not reported):
+        # edge-lr-scale 0.5 ended at perplexity 16.62 +- 1.03, 0.25 at 10.41
+        # +- 0.15 (lambda = 1 instead: 11.22 +- 1.51)
+        tokens=TokenWorkload(
+            config={"batch-size": 16, "text-test-windows": 256},
+            defaults={"simultrain-edge-lr-scale": 0.25},
+        ),
     ),
     "acesync": Suite(
         name="acesync",
@@ -282,7 +292,8 @@ SUITES: dict[str, Suite] = {
 
 def token_sized(suite: Suite) -> Suite:
     """``suite`` at its size on a token dataset (:class:`TokenWorkload`):
-    its nodes and steps, and its run-config values over every variant's."""
+    its nodes and steps, its run-config values over every variant's and its
+    defaults under them."""
     tokens = suite.tokens
     if tokens is None:
         return suite
@@ -293,6 +304,7 @@ def token_sized(suite: Suite) -> Suite:
     return dataclasses.replace(
         suite,
         variants=variants,
+        defaults={**suite.defaults, **tokens.defaults},
         nodes=tokens.nodes or suite.nodes,
         steps=tokens.steps or suite.steps,
         tokens=None,
