@@ -7,6 +7,7 @@ Examples::
     tandem bench acesync --variants fullsync acesync --config acesync-c-min=0.6
     tandem bench simultrain --dataset pysource --model transformer --quick
     tandem bench codecs                               # codec throughput, one core
+    tandem bench split-schedule                       # SimulTrain's edge schedule alone
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "suite",
         choices=sorted(SUITES),
-        help="what to compare (or 'codecs': tandem bench codecs --help; 'report "
+        help="what to compare (or 'codecs': tandem bench codecs --help; "
+        "'split-schedule': SimulTrain's edge schedule without Flower; 'report "
         "RESULTS.json': its tables; 'rederive FOLDER': results.json from its runs)",
     )
     p.add_argument(
@@ -679,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         from tandem.bench.codecs import main as codecs_main
 
         return codecs_main(argv[1:])
+    if argv[:1] == ["split-schedule"]:  # SimulTrain's edge schedule alone
+        from tandem.bench.split_schedule import main as schedule_main
+
+        return schedule_main(argv[1:])
     if argv[:1] == ["report"]:  # the tables again, from a results.json
         return report_main(argv[1:])
     if argv[:1] == ["rederive"]:  # results.json again, from the runs' metrics

@@ -1,0 +1,262 @@
+"""``tandem bench split-schedule``: what SimulTrain's update schedule alone costs.
+
+SimulTrain's edge layers are not trained the way the whole model is: the
+edge takes one SGD step per chunk of ``C`` micro-batches (on their mean
+gradient), its gradients come back ``D`` chunks late (computed at the weights
+the chunk was forwarded at, and applied to the newer ones: weight stashing),
+and its learning rate is ``lr × S``. The cloud's layers take one step per
+micro-batch, as in whole-model training.
+
+This probe trains the run's model under such a schedule ``C/D/S`` in one
+process, with one edge holding all the training data, exact float32
+gradients, no forecast, no reconciliation, no codec and no Flower, and gives
+the final test perplexity (or accuracy) per schedule. ``1/0/1`` is exactly
+whole-model SGD (tested); ``S = 0`` freezes the edge layers at their
+initial weights. So the gap between a schedule and ``1/0/1`` is what the
+schedule costs on this model and optimizer, before anything of the transport
+or of the other edges adds to it.
+
+Example::
+
+    tandem bench split-schedule --dataset pysource --model transformer \\
+        --seeds 10 11 12 --out docs/bench/split-schedule.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tandem.config import RunConfig
+from tandem.datasets import load_dataset
+from tandem.models import build_model, default_model_for, model_entry
+from tandem.split import split_model
+from tandem.training import evaluate, token_cross_entropy
+
+__all__ = ["Schedule", "build_parser", "main", "parse_schedule", "train_schedule"]
+
+#: The schedules a run compares by default: whole-model SGD, a frozen edge,
+#: chunks of 4 without and with one chunk of delay (SimulTrain's W = 2), the
+#: token suites' edge learning rate, and steps per micro-batch one late.
+DEFAULT_SCHEDULES = ("1/0/1", "1/0/0", "4/0/1", "4/1/1", "4/1/0.25", "1/1/1")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the edge layers are updated.
+
+    Attributes
+    ----------
+    chunk : int
+        Micro-batches per edge step ``C`` (the step takes their mean gradient).
+    delay : int
+        Chunks the gradients come back late ``D`` (0: before the next forward).
+    scale : float
+        The edge's learning rate over the cloud's ``S`` (0: frozen).
+    """
+
+    chunk: int
+    delay: int
+    scale: float
+
+    @property
+    def label(self) -> str:
+        """``C/D/S`` as written on the command line."""
+        return f"{self.chunk}/{self.delay}/{self.scale:g}"
+
+
+def parse_schedule(text: str) -> Schedule:
+    """``"C/D/S"`` as a :class:`Schedule`.
+
+    Raises
+    ------
+    ValueError
+        If the text is not three fields, ``C < 1``, ``D < 0`` or ``S < 0``.
+    """
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"a schedule is CHUNK/DELAY/SCALE, e.g. 4/1/0.25: {text!r}")
+    try:
+        chunk, delay, scale = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        raise ValueError(
+            f"a schedule is CHUNK/DELAY/SCALE of numbers, e.g. 4/1/0.25: {text!r}"
+        ) from None
+    if chunk < 1 or delay < 0 or not scale >= 0:
+        raise ValueError(f"need CHUNK >= 1, DELAY >= 0 and SCALE >= 0: {text!r}")
+    return Schedule(chunk, delay, scale)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return token_cross_entropy(logits, y)
+
+
+def train_schedule(
+    cfg: RunConfig,
+    schedule: Schedule,
+    steps: int,
+    seed: int,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Train the run's model for ``steps`` micro-batches under ``schedule``.
+
+    Micro-batches of ``batch-size`` rows are drawn with replacement from the
+    whole training split (``default_rng(seed)``); the model starts from the
+    run's seed. Per micro-batch the edge forwards at its current weights
+    and the cloud takes a momentum-SGD step at ``lr``; every ``C``
+    micro-batches the chunk's cut gradients are queued with the weights it
+    was forwarded at, and once more than ``D`` chunks are queued the oldest
+    one is back-propagated at those weights and the edge takes a momentum-SGD
+    step at ``lr × S`` (none when ``S = 0``).
+
+    Returns
+    -------
+    (edge, cloud) : the two parts after training.
+    """
+    bundle = load_dataset(cfg.data)
+    name = cfg.train.model
+    if name == "auto":
+        name = default_model_for(bundle.input_shape, bundle.tokens)
+    model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
+    edge, cloud = split_model(model, model_entry(name).default_cut)
+    lr, beta = cfg.train.lr, cfg.train.momentum
+    cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
+    edge_opt = torch.optim.SGD(edge.parameters(), lr=lr * schedule.scale, momentum=beta)
+    train = bundle.train
+    rng = np.random.default_rng(seed)
+    queue: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
+    xs: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    for _ in range(steps):
+        idx = rng.integers(0, len(train), cfg.train.batch_size)
+        x, y = torch.from_numpy(train.x[idx]), torch.from_numpy(train.y[idx])
+        if not xs:  # a chunk is forwarded at one version of the edge
+            stash = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+        with torch.no_grad():
+            acts = edge(x)
+        acts.requires_grad_(True)
+        cloud_opt.zero_grad(set_to_none=True)
+        _loss(cloud(acts), y).backward()
+        cloud_opt.step()
+        xs.append(x)
+        grads.append(acts.grad.detach())
+        if len(xs) < schedule.chunk:
+            continue
+        queue.append((torch.cat(xs), stash, torch.cat(grads) / len(xs)))
+        xs, grads = [], []
+        while len(queue) > schedule.delay:
+            cx, weights, g = queue.pop(0)
+            if schedule.scale == 0:
+                continue
+            current = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+            edge.load_state_dict(weights)
+            edge_opt.zero_grad(set_to_none=True)
+            edge(cx).backward(g)
+            edge.load_state_dict(current)  # the step goes to the newer weights
+            edge_opt.step()
+    return edge, cloud
+
+
+def _measure(cfg: RunConfig, schedule: Schedule, steps: int, seed: int) -> dict:
+    edge, cloud = train_schedule(cfg, schedule, steps, seed)
+    model = torch.nn.Sequential(edge, cloud)
+    stats = evaluate(model, load_dataset(cfg.data).test, torch.device("cpu"))
+    return {
+        "seed": seed,
+        "loss": stats.loss,
+        "perplexity": math.exp(stats.loss),
+        "accuracy": stats.accuracy,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``tandem bench split-schedule``."""
+    parser = argparse.ArgumentParser(
+        prog="tandem bench split-schedule",
+        description=(
+            "Train the run's model under SimulTrain's edge update schedules "
+            "(CHUNK/DELAY/SCALE) in one process, without Flower, and compare "
+            "them with whole-model SGD (1/0/1)."
+        ),
+    )
+    parser.add_argument("--dataset", default="pysource")
+    parser.add_argument("--model", default="auto")
+    parser.add_argument("--data-path", default="")
+    parser.add_argument("--steps", type=int, default=300, help="micro-batches")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--text-test-windows", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=list(DEFAULT_SCHEDULES),
+        metavar="C/D/S",
+        help="edge schedules: chunk, delay in chunks, edge lr scale "
+        f"(default: {' '.join(DEFAULT_SCHEDULES)})",
+    )
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tandem bench split-schedule``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        schedules = [parse_schedule(s) for s in args.schedules]
+    except ValueError as err:
+        parser.error(str(err))
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    torch.set_num_threads(1)
+    rows = {}
+    for schedule in schedules:
+        runs = []
+        for seed in args.seeds:
+            cfg = RunConfig.from_flat(
+                {
+                    "dataset": args.dataset,
+                    "data-path": args.data_path,
+                    "model": args.model,
+                    "batch-size": args.batch_size,
+                    "lr": args.lr,
+                    "momentum": args.momentum,
+                    "text-test-windows": args.text_test_windows,
+                    "seed": seed,
+                }
+            )
+            runs.append(_measure(cfg, schedule, args.steps, seed))
+        rows[schedule.label] = runs
+    whole = rows.get("1/0/1")
+    print("| schedule C/D/S | perplexity | accuracy | perplexity / 1/0/1 |")
+    print("|---|---|---|---|")
+    for label, runs in rows.items():
+        ppl = [r["perplexity"] for r in runs]
+        acc = [r["accuracy"] for r in runs]
+        ratio = "–"
+        if whole is not None:
+            paired = [
+                r["perplexity"] / w["perplexity"]
+                for r, w in zip(runs, whole, strict=True)
+            ]
+            ratio = f"{statistics.mean(paired):.3f}x"
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        print(
+            f"| {label} | {statistics.mean(ppl):.3f} ± {sd:.3f} | "
+            f"{100 * statistics.mean(acc):.2f}% | {ratio} |"
+        )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"command": vars(args) | {"out": str(args.out)}, "runs": rows}
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return 0

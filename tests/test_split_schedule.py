@@ -1,0 +1,136 @@
+"""``tandem bench split-schedule``: SimulTrain's edge schedule without Flower."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.bench.split_schedule import Schedule, main, parse_schedule, train_schedule
+from tandem.config import RunConfig
+from tandem.datasets import load_dataset
+from tandem.models import build_model
+
+FLAT = {"mnist1d-samples": 600, "batch-size": 8, "lr": 0.05, "momentum": 0.9}
+
+
+def _cfg(**extra) -> RunConfig:
+    return RunConfig.from_flat({**FLAT, **extra})
+
+
+def _close(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (k, p), (_, q) in zip(
+        a.state_dict().items(), b.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=k)
+
+
+def test_one_micro_batch_per_step_and_no_delay_is_whole_model_sgd():
+    cfg = _cfg()
+    steps, seed = 12, 3
+    edge, cloud = train_schedule(cfg, Schedule(1, 0, 1.0), steps, seed)
+    # by hand: the whole model, one momentum-SGD step per micro-batch, drawn
+    # with the same generator
+    bundle = load_dataset(cfg.data)
+    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
+    opt = torch.optim.SGD(whole.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, len(bundle.train), 8)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            whole(torch.from_numpy(bundle.train.x[idx])),
+            torch.from_numpy(bundle.train.y[idx]),
+        ).backward()
+        opt.step()
+    _close(torch.nn.Sequential(*edge, *cloud), whole)
+
+
+def test_a_delay_of_one_chunk_applies_each_chunk_one_chunk_later():
+    cfg = _cfg()
+    # 2/1/1 after 4 micro-batches has applied chunk 0 only (chunk 1 still
+    # queued): the edge 2/0/1 has after chunk 0, whose gradients came from the
+    # same first two cloud steps
+    late, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 4, seed=5)
+    early, _ = train_schedule(cfg, Schedule(2, 0, 1.0), 2, seed=5)
+    _close(late, early)
+    fresh, _ = train_schedule(cfg, Schedule(2, 0, 1.0), 0, seed=5)
+    moved = sum(
+        float((p - q).abs().sum())
+        for p, q in zip(late.parameters(), fresh.parameters(), strict=True)
+    )
+    assert moved > 0
+
+
+def test_a_zero_scale_freezes_the_edge_only():
+    cfg = _cfg()
+    edge, cloud = train_schedule(cfg, Schedule(1, 0, 0.0), 6, seed=1)
+    edge0, cloud0 = train_schedule(cfg, Schedule(1, 0, 0.0), 0, seed=1)
+    _close(edge, edge0)
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(cloud.parameters(), cloud0.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("text", ["4/1", "0/1/1", "4/-1/1", "4/1/-0.5", "a/1/1"])
+def test_a_bad_schedule_is_refused_by_name(text):
+    with pytest.raises(ValueError, match="CHUNK"):
+        parse_schedule(text)
+
+
+def test_the_command_prints_and_writes_each_schedule(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    argv = ["--dataset", "mnist1d", "--steps", "4", "--batch-size", "8"]
+    argv += ["--seeds", "0", "1", "--schedules", "1/0/1", "2/1/0", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| 1/0/1 |" in table and "1.000x" in table and "| 2/1/0 |" in table
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == ["1/0/1", "2/1/0"]
+    assert [r["seed"] for r in runs["2/1/0"]] == [0, 1]
+    with pytest.raises(SystemExit):
+        main(["--schedules", "4/1"])
+
+
+def test_delayed_gradients_are_taken_at_the_weights_of_their_forward():
+    # 2/1/1 over 8 micro-batches, by hand with the stashes written out: chunk
+    # k is forwarded at the edge's weights w_k and back-propagated at w_k once
+    # chunk k + 1 is queued; the step goes to the newer weights
+    cfg = _cfg()
+    edge, cloud = train_schedule(cfg, Schedule(2, 1, 1.0), 8, seed=7)
+    bundle = load_dataset(cfg.data)
+    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
+    e, c = whole[:1], whole[1:]  # the cnn1d's default cut: after conv1
+    at = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)[:1]
+    e_opt = torch.optim.SGD(e.parameters(), lr=0.05, momentum=0.9)
+    c_opt = torch.optim.SGD(c.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(7)
+    queued = []
+    for _ in range(4):  # chunks
+        stash = {k: v.clone() for k, v in e.state_dict().items()}
+        xs, gs = [], []
+        for _ in range(2):
+            idx = rng.integers(0, len(bundle.train), 8)
+            x = torch.from_numpy(bundle.train.x[idx])
+            a = e(x).detach().requires_grad_(True)
+            c_opt.zero_grad()
+            torch.nn.functional.cross_entropy(
+                c(a), torch.from_numpy(bundle.train.y[idx])
+            ).backward()
+            c_opt.step()
+            xs.append(x)
+            gs.append(a.grad)
+        queued.append((torch.cat(xs), stash, torch.cat(gs) / 2))
+        if len(queued) > 1:
+            x, stash, g = queued.pop(0)
+            at.load_state_dict(stash)
+            at.zero_grad()
+            at(x).backward(g)
+            for p, q in zip(e.parameters(), at.parameters(), strict=True):
+                p.grad = q.grad
+            e_opt.step()
+    _close(edge, e)
+    _close(cloud, c)
