@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tandem.bench.report import (
+    format_paired_table,
     format_reference_table,
     format_sensitivity_table,
     format_table,
@@ -508,6 +509,9 @@ def format_tables(results: dict[str, Any], suite: Suite) -> str:
             f"against {suite.reference} (target: its final accuracy - "
             f"{100 * suite.reference_margin:g} pt):\n{reference}"
         )
+    paired = format_paired_table(results)
+    if paired:
+        parts.append(f"time to target paired by seed:\n{paired}")
     sensitivity = format_sensitivity_table(results)
     if sensitivity:
         parts.append(

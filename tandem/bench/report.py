@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "format_paired_table",
     "format_reference_table",
     "format_sensitivity_table",
     "format_table",
@@ -177,6 +178,52 @@ def format_reference_table(results: dict[str, Any]) -> str:
             _pct(share),
         ]
         rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_paired_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the time to target paired by seed.
+
+    Per method, target kind (the reference's final accuracy minus the
+    margin, or its final perplexity, on each seed) and profile: seeds that
+    reached their own target, seeds on which the method got there no later
+    than the reference, the mean ratio of its time to the reference's over
+    the seeds both reached, and the seconds per seed. Empty when the results
+    have no paired figures (:func:`tandem.bench.runner.paired_targets`).
+    """
+    paired = (results.get("reference") or {}).get("paired")
+    if not paired:
+        return ""
+    label = results["reference"]["label"]
+    head = [
+        "method",
+        "target (each seed's own)",
+        "profile",
+        "seeds reached",
+        f"no later than {label}",
+        f"time vs {label} (paired mean)",
+        "s per seed",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    goal = {
+        "accuracy": f"{label}'s final accuracy − {100 * paired['margin']:g} pt",
+        "perplexity": f"{label}'s final perplexity",
+    }
+    for method, row in paired["methods"].items():
+        n = len(row["seeds"])
+        for key in paired["targets"]:
+            for profile, f in row.get(key, {}).items():
+                ratio = f["time_vs_reference"]
+                cells = [
+                    method,
+                    goal[key],
+                    profile,
+                    f"{f['reached']} / {n}",
+                    f"{f['no_later']} / {n}",
+                    "–" if ratio is None else f"{ratio:.3f}x",
+                    ", ".join(_opt(t, ".1f") for t in f["seconds_per_seed"]),
+                ]
+                rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

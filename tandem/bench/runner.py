@@ -526,6 +526,9 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
     }
     if suite.reference is not None:
         out["reference"] = _against_reference(suite, methods, runs, target)
+        paired = paired_targets(methods, suite.reference, suite.reference_margin)
+        if paired:
+            out["reference"]["paired"] = paired
         ref = methods.get(suite.reference, {})
         if "final_perplexity" in ref:
             # the time to the reference's own final perplexity (issue targets)
@@ -772,6 +775,93 @@ def _target_accuracy(
 
 def _final(entry: Mapping[str, Any]) -> float:
     return float(entry["final_accuracy"])
+
+
+def _first_reach(
+    curve: Mapping[str, Any], profile: str, target: float, curve_key: str
+) -> float | None:
+    """Emulated seconds until ``curve`` first reached ``target`` on ``profile``
+    (accuracy at or above it; perplexity at or below it), or ``None``."""
+    for t, a in zip(
+        curve["emulated_seconds"][profile][1:], curve[curve_key][1:], strict=False
+    ):
+        if a is not None and (
+            a <= target if curve_key == "perplexity" else a >= target
+        ):
+            return float(t)
+    return None
+
+
+def paired_targets(
+    methods: Mapping[str, Any], reference: str, margin: float
+) -> dict[str, Any]:
+    """Time to target paired by seed: each seed against its own reference run.
+
+    Seed ``s``'s targets are the reference's final accuracy on ``s`` minus
+    ``margin`` and (when it reports one) its final perplexity on ``s``. Per
+    method, profile and target: the emulated seconds each seed's run took
+    to reach its seed's target (``None``: not reached), how many seeds
+    reached it, on how many the method was no later than the reference (it
+    reached the target and the reference did not, or did so later or at the
+    same time), and the mean over the seeds both reached of the ratio of the
+    method's time to the reference's. Unlike the one target of
+    :func:`_time_to_target` (the mean over seeds, which a seed that ends
+    below the mean never reaches), every seed's reference run reaches its
+    own perplexity target; an accuracy target is reached unless its
+    ``margin`` is negative. Empty when the reference failed or has no
+    curves.
+    """
+    ref = methods.get(reference)
+    if not ref or ref.get("failed") or not ref.get("curves"):
+        return {}
+    ref_curves = {c["seed"]: c for c in ref["curves"]}
+    keys = ["accuracy"]
+    if all(c["perplexity"][-1] is not None for c in ref_curves.values()):
+        keys.append("perplexity")
+    targets = {
+        "accuracy": {s: c["accuracy"][-1] - margin for s, c in ref_curves.items()},
+        "perplexity": {s: c["perplexity"][-1] for s, c in ref_curves.items()},
+    }
+    out: dict[str, Any] = {
+        "margin": margin,
+        "targets": {k: {str(s): v for s, v in targets[k].items()} for k in keys},
+        "methods": {},
+    }
+    for label, entry in methods.items():
+        if entry.get("failed"):
+            continue
+        curves = [c for c in entry["curves"] if c["seed"] in ref_curves]
+        row: dict[str, Any] = {"seeds": [c["seed"] for c in curves]}
+        for key in keys:
+            figures: dict[str, Any] = {}
+            for profile in entry["emulated_seconds"]:
+                if profile not in ref["emulated_seconds"]:
+                    continue
+                mine, theirs = [], []
+                for c in curves:
+                    goal = targets[key][c["seed"]]
+                    mine.append(_first_reach(c, profile, goal, key))
+                    theirs.append(
+                        _first_reach(ref_curves[c["seed"]], profile, goal, key)
+                    )
+                both = [
+                    m / r
+                    for m, r in zip(mine, theirs, strict=True)
+                    if m is not None and r is not None and r > 0
+                ]
+                figures[profile] = {
+                    "seconds_per_seed": mine,
+                    "reference_seconds_per_seed": theirs,
+                    "reached": sum(m is not None for m in mine),
+                    "no_later": sum(
+                        m is not None and (r is None or m <= r)
+                        for m, r in zip(mine, theirs, strict=True)
+                    ),
+                    "time_vs_reference": _mean(both) if both else None,
+                }
+            row[key] = figures
+        out["methods"][label] = row
+    return out
 
 
 def _time_to_target(
