@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import threading
 from collections.abc import Mapping
@@ -124,24 +125,59 @@ def encode_frame(frame: Frame) -> bytes:
 NPY_HEADER_LOCK = threading.Lock()
 
 
+#: An npy 1.0 header exactly as numpy writes it, e.g. ``{'descr': '<f4',
+#: 'fortran_order': False, 'shape': (128, 32, 40), }`` padded with spaces to a
+#: newline: read without numpy's parser (which evaluates the text with
+#: ``ast.literal_eval``, a third of an edge's time per chunk on small models).
+_NPY_V1 = b"\x93NUMPY\x01\x00"
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=]?[a-z][0-9]{1,2})', 'fortran_order': (False|True), "
+    rb"'shape': \(((?:[0-9]{1,19}, )*[0-9]{0,19},?)\), \} *\n"
+)
+_NPY_HEADER_MAX = 1024
+
+
+def _npy_header(data: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of an npy 1.0 file.
+
+    Numpy's own header layout is matched directly; anything else (another
+    writer's spacing, a hostile header) goes through numpy's parser, which
+    accepts or refuses it as before.
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not an npy 1.0 header (numpy may raise other kinds).
+    """
+    head = bytes(data[:10])
+    if len(head) == 10 and head[:8] == _NPY_V1:
+        size = int.from_bytes(head[8:10], "little")
+        match = _NPY_HEADER.fullmatch(bytes(data[10 : 10 + size]))
+        if size <= _NPY_HEADER_MAX and match is not None:
+            descr, fortran, dims = match.groups()
+            shape = tuple(int(d) for d in dims.split(b",") if d.strip())
+            return shape, fortran == b"True", np.dtype(descr.decode()), 10 + size
+    stream = io.BytesIO(data)
+    with NPY_HEADER_LOCK:
+        version = np.lib.format.read_magic(stream)
+        if version != (1, 0):
+            raise ValueError(f"npy format {version}, expected (1, 0)")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+            stream, max_header_size=_NPY_HEADER_MAX
+        )
+    return shape, fortran, dtype, stream.tell()
+
+
 def _read_npy(name: str, data: memoryview) -> np.ndarray:
     """One array from its ``.npy`` bytes, checked; a read-only view of ``data``."""
-    stream = io.BytesIO(data)
     try:
-        with NPY_HEADER_LOCK:
-            version = np.lib.format.read_magic(stream)
-            if version != (1, 0):
-                raise ValueError(f"npy format {version}, expected (1, 0)")
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(
-                stream, max_header_size=1024
-            )
+        shape, fortran, dtype, start = _npy_header(data)
     except Exception as err:  # numpy's parser raises many kinds on hostile bytes
         raise FrameError(f"array '{name}': bad npy header ({err})") from None
     if fortran or str(dtype) not in DTYPES or dtype.byteorder == ">":
         raise FrameError(f"array '{name}' has dtype {dtype} (fortran={fortran})")
     if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
         raise FrameError(f"array '{name}' has shape {shape}")
-    start = stream.tell()
     count = math.prod(shape)
     if len(data) - start != count * dtype.itemsize:
         raise FrameError(

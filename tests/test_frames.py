@@ -153,3 +153,72 @@ def test_random_bytes_only_ever_raise_frame_error():
             data = bytes(data)
         with contextlib.suppress(FrameError):  # anything else fails the test
             decode_frame(data, LIMIT)
+
+
+def _npy_bytes(array: np.ndarray, version: tuple[int, int] = (1, 0)) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((), "float32"),
+        ((1,), "int8"),
+        ((128, 32, 40), "int8"),
+        ((0, 3), "float64"),
+        ((7,), "bool"),
+        ((2, 3, 4, 5), "uint8"),
+        ((3,), ">f4"),
+        ((2, 2), "complex64"),
+    ],
+)
+def test_numpys_own_headers_are_read_without_numpys_parser(monkeypatch, shape, dtype):
+    from tandem import frames
+
+    raw = _npy_bytes(np.zeros(shape, dtype=dtype))
+    buf = io.BytesIO(raw)
+    np.lib.format.read_magic(buf)
+    expected = np.lib.format.read_array_header_1_0(buf)
+    offset = buf.tell()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("numpy's header parser was called")
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", refuse)
+    got = frames._npy_header(memoryview(raw))
+    assert got[:3] == expected and got[3] == offset
+
+
+def test_other_npy_headers_go_through_numpys_parser_and_its_checks():
+    from tandem import frames
+
+    raw = _npy_bytes(np.arange(6, dtype=np.int32).reshape(2, 3))
+    size = struct.unpack("<H", raw[8:10])[0]
+    header = raw[10 : 10 + size]
+    # another writer's spacing: still an npy 1.0 header, read by numpy
+    spaced = header.replace(b"'shape': (2, 3)", b"'shape':(2,3)")
+    spaced = spaced[:-1].ljust(size - 1) + b"\n"
+    assert frames._npy_header(memoryview(raw[:10] + spaced + raw[10 + size :]))[:3] == (
+        (2, 3),
+        False,
+        np.dtype("int32"),
+    )
+    # a text dtype is not numpy's numeric layout: numpy reads it, the frame
+    # refuses it
+    text = _npy_bytes(np.array(["ab"]))
+    assert frames._npy_header(memoryview(text))[2] == np.dtype("<U2")
+    # format 2.0 and a header longer than its limit are refused
+    with pytest.raises(ValueError, match="npy format"):
+        frames._npy_header(memoryview(_npy_bytes(np.zeros(2), version=(2, 0))))
+    long = raw[:8] + struct.pack("<H", 2000) + header.ljust(1999) + b"\n"
+    with pytest.raises(ValueError):
+        frames._npy_header(memoryview(long))
+    # a header that claims more bytes than there are cannot hide a short one
+    frame = Frame(kind=1, seq=0, arrays={"a": np.zeros(4, np.float32)})
+    data = bytearray(encode_frame(frame))
+    at = data.index(b"\x93NUMPY")
+    data[at + 8 : at + 10] = struct.pack("<H", size + 64)
+    with pytest.raises(FrameError, match="array 'a'"):
+        decode_frame(bytes(data), 1 << 20)
