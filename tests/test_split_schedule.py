@@ -134,3 +134,32 @@ def test_delayed_gradients_are_taken_at_the_weights_of_their_forward():
             e_opt.step()
     _close(edge, e)
     _close(cloud, c)
+
+
+def test_the_cut_decides_which_stages_the_schedule_holds_back():
+    # cnn1d's stages are conv1 act1 conv2 ...: cut after conv2 instead of the
+    # default (after act1), a frozen edge keeps all three at their start
+    cfg = _cfg()
+    bundle = load_dataset(cfg.data)
+    names = [
+        n
+        for n, _ in build_model(
+            "cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed
+        ).named_children()
+    ]
+    edge, _ = train_schedule(cfg, Schedule(1, 0, 0.0), 4, seed=2, cut=names[2])
+    assert [n for n, _ in edge.named_children()] == names[:3]
+    start, _ = train_schedule(cfg, Schedule(1, 0, 0.0), 0, seed=2, cut=names[2])
+    _close(edge, start)
+    default, _ = train_schedule(cfg, Schedule(1, 0, 0.0), 4, seed=2)
+    assert [n for n, _ in default.named_children()] == names[:2]
+    # 1/0/1 is whole-model SGD wherever the cut is
+    a = train_schedule(cfg, Schedule(1, 0, 1.0), 5, seed=2, cut=names[2])
+    b = train_schedule(cfg, Schedule(1, 0, 1.0), 5, seed=2)
+    _close(torch.nn.Sequential(*a[0], *a[1]), torch.nn.Sequential(*b[0], *b[1]))
+
+
+def test_a_cut_that_names_no_stage_is_refused_by_its_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "mnist1d", "--steps", "1", "--cut", "nowhere"])
+    assert "--cut" in capsys.readouterr().err

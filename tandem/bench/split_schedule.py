@@ -19,7 +19,10 @@ or of the other edges adds to it.
 Example::
 
     tandem bench split-schedule --dataset pysource --model transformer \\
-        --seeds 10 11 12 --out docs/bench/split-schedule.json
+        --seeds 10 11 12 --out docs/bench/split-schedule/results.json
+
+``--cut`` moves the cut (``--cut embed`` leaves the transformer's edge its
+embeddings only); ``1/0/1`` does not depend on it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from tandem.config import RunConfig
 from tandem.datasets import load_dataset
 from tandem.models import build_model, default_model_for, model_entry
+from tandem.options import ConfigError
 from tandem.split import split_model
 from tandem.training import evaluate, token_cross_entropy
 
@@ -104,6 +108,7 @@ def train_schedule(
     schedule: Schedule,
     steps: int,
     seed: int,
+    cut: str = "default",
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Train the run's model for ``steps`` micro-batches under ``schedule``.
 
@@ -114,7 +119,9 @@ def train_schedule(
     micro-batches the chunk's cut gradients are queued with the weights it
     was forwarded at, and once more than ``D`` chunks are queued the oldest
     one is back-propagated at those weights and the edge takes a momentum-SGD
-    step at ``lr × S`` (none when ``S = 0``).
+    step at ``lr × S`` (none when ``S = 0``). The model is cut after stage
+    ``cut`` (name or index; ``"default"`` is the model's own, as for
+    ``simultrain-cut``).
 
     Returns
     -------
@@ -125,7 +132,9 @@ def train_schedule(
     if name == "auto":
         name = default_model_for(bundle.input_shape, bundle.tokens)
     model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
-    edge, cloud = split_model(model, model_entry(name).default_cut)
+    if cut == "default":
+        cut = model_entry(name).default_cut
+    edge, cloud = split_model(model, cut, key="--cut")
     lr, beta = cfg.train.lr, cfg.train.momentum
     cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
     edge_opt = torch.optim.SGD(edge.parameters(), lr=lr * schedule.scale, momentum=beta)
@@ -164,8 +173,10 @@ def train_schedule(
     return edge, cloud
 
 
-def _measure(cfg: RunConfig, schedule: Schedule, steps: int, seed: int) -> dict:
-    edge, cloud = train_schedule(cfg, schedule, steps, seed)
+def _measure(
+    cfg: RunConfig, schedule: Schedule, steps: int, seed: int, cut: str
+) -> dict:
+    edge, cloud = train_schedule(cfg, schedule, steps, seed, cut)
     model = torch.nn.Sequential(edge, cloud)
     stats = evaluate(model, load_dataset(cfg.data).test, torch.device("cpu"))
     return {
@@ -189,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="pysource")
     parser.add_argument("--model", default="auto")
     parser.add_argument("--data-path", default="")
+    parser.add_argument(
+        "--cut",
+        default="default",
+        help="stage the edge ends at, by name or index (default: the model's)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="micro-batches")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -234,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "seed": seed,
                 }
             )
-            runs.append(_measure(cfg, schedule, args.steps, seed))
+            try:
+                runs.append(_measure(cfg, schedule, args.steps, seed, args.cut))
+            except ConfigError as err:
+                parser.error(str(err))
         rows[schedule.label] = runs
     whole = rows.get("1/0/1")
     print("| schedule C/D/S | perplexity | accuracy | perplexity / 1/0/1 |")
