@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 from test_acesync_bench import _run
 
@@ -152,6 +154,8 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
         "1",
         "--nodes",
         "2",
+        "--config",
+        'wandb-entity="a team"',  # a value with a space and quotes
         "--out",
         str(tmp_path),
     ]
@@ -188,6 +192,9 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
     assert again["methods"]["fullsync"]["final_accuracy_per_seed"] == [0.4, 0.5]
     assert again["assumptions"]["devices"] == results["assumptions"]["devices"]
     assert "rederived" in again["assumptions"]
+    # the recorded command reads back as the argv it ran with, quotes and all
+    recorded = shlex.split(again["assumptions"]["command"])
+    assert recorded == ["tandem", "bench", *command]
     assert "| acesync / fullsync | 2mbit/8mbit/120ms |" in capsys.readouterr().out
 
 

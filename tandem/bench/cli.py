@@ -495,7 +495,7 @@ def assumptions(
         ),
         "target_accuracy": results["target_accuracy"],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "tandem bench " + " ".join(argv),
+        "command": shlex.join(["tandem", "bench", *argv]),
     }
 
 

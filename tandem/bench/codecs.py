@@ -43,6 +43,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -468,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.processor() or platform.machine(),
             "numpy": np.__version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(
-                ["tandem bench codecs", *(sys.argv[3:] if argv is None else argv)]
+            "command": shlex.join(
+                ["tandem", "bench", "codecs", *(sys.argv[3:] if argv is None else argv)]
             ),
         },
     }
