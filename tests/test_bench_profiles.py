@@ -170,7 +170,8 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
     ):
         run = _run(v[label], seed, [0.1, 0.4 + seed / 10], up)
         status = RunStatus(str(100 + i), run.status.status, "", 1.0)
-        runs.append(dataclasses.replace(run, status=status))
+        retried = ("99",) if i == 2 else ()  # an attempt Ray did not start
+        runs.append(dataclasses.replace(run, status=status, retried=retried))
         folder = tmp_path / "runs" / f"{label}-{100 + i}"
         folder.mkdir(parents=True)
         (folder / "metrics.jsonl").write_text(
@@ -190,6 +191,7 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
     assert again["methods"] == json.loads(json.dumps(results["methods"]))
     assert again["sensitivity"] == results["sensitivity"] != []
     assert again["methods"]["fullsync"]["final_accuracy_per_seed"] == [0.4, 0.5]
+    assert again["methods"]["acesync"]["runs"][0]["retried"] == ["99"]
     assert again["assumptions"]["devices"] == results["assumptions"]["devices"]
     assert "rederived" in again["assumptions"]
     # the recorded command reads back as the argv it ran with, quotes and all

@@ -9,6 +9,7 @@ records (the end-to-end bench run is in ``test_bench.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -152,6 +153,79 @@ def test_a_failed_runs_flower_log_is_kept_and_said(tmp_path, capsys):
     # a log that cannot be had says why, in the same place
     _keep_log(Home(), "43", tmp_path / "run-43", "splitsync, seed 0")
     assert "flwr log exited 1" in (tmp_path / "run-43" / "flwr.log").read_text()
+
+
+class _FlakyHome:
+    """A SuperLink whose runs fail as scripted: ``outcomes`` per submission,
+    ``"ray"`` (Ray did not start, nothing written), ``"crash"`` (a run that
+    trained and failed) or ``"ok"`` (a summary written)."""
+
+    def __init__(self, out, outcomes):
+        self.out, self.outcomes, self.submitted = out, list(outcomes), []
+
+    def submit(self, overrides, federation):
+        run_id = str(100 + len(self.submitted))
+        outcome = self.outcomes[len(self.submitted)]
+        self.submitted.append((run_id, outcome, dict(overrides)))
+        if outcome != "ray":
+            folder = self.out / "runs" / f"simultrain-{run_id}"
+            folder.mkdir(parents=True)
+            last = "summary" if outcome == "ok" else "round"
+            (folder / "metrics.jsonl").write_text(
+                json.dumps({"event": "round", "round": 1})
+                + "\n"
+                + json.dumps({"event": last, "round": 2})
+                + "\n"
+            )
+        return run_id
+
+    def status(self, run_id):
+        (outcome,) = [o for r, o, _ in self.submitted if r == run_id]
+        done = "finished:completed" if outcome == "ok" else "finished:failed"
+        return RunStatus(run_id, done, "", 1.0)
+
+    def logs(self, run_id):
+        (outcome,) = [o for r, o, _ in self.submitted if r == run_id]
+        if outcome == "ray":
+            return "Exception: The current node timed out during startup. ...\n"
+        return "Traceback ...\nValueError: a real failure\n"
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "runs", "retried", "ok"),
+    [
+        (["ray", "ok"], 2, ("100",), True),
+        (["ray", "ray", "ok"], 3, ("100", "101"), True),
+        (["ray", "ray", "ray"], 3, ("100", "101"), False),  # RAY_RETRIES = 2
+        (["crash"], 1, (), False),  # a run that trained is not run again
+        (["ok"], 1, (), True),
+    ],
+)
+def test_a_run_that_ray_did_not_start_is_submitted_again(
+    tmp_path, monkeypatch, capsys, outcomes, runs, retried, ok
+):
+    import tandem.bench.runner as runner
+
+    monkeypatch.setattr(runner, "LIST_EVERY", 0.0)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    home = _FlakyHome(tmp_path, outcomes)
+    (variant,) = [v for v in SUITE.variants if v.label == "simultrain"]
+    opts = BenchOptions(out=tmp_path, profiles=(LINK,), nodes=2, steps=3)
+    record = runner._run_one(home, opts, SUITE, variant, 7, None)
+    assert len(home.submitted) == runs
+    assert {o["seed"] for _, _, o in home.submitted} == {7}  # the same run again
+    assert record.retried == retried and record.ok == ok
+    assert record.status.run_id == home.submitted[-1][0]
+    for run_id in retried:  # each failed attempt keeps its own log
+        assert (
+            "timed out during startup"
+            in (tmp_path / "runs" / f"simultrain-{run_id}" / "flwr.log").read_text()
+        )
+    assert capsys.readouterr().err.count("submitting it again") == len(retried)
+    # results.json names the attempts (records dropped: no figures needed)
+    bare = dataclasses.replace(record, records=[])
+    entry = summarize(SUITE, opts, [bare])["methods"]["simultrain"]["runs"][0]
+    assert entry.get("retried", []) == list(retried)
 
 
 def test_the_runs_metrics_are_archived_beside_the_results(tmp_path):

@@ -608,6 +608,7 @@ def rederive_main(argv: list[str]) -> int:
             RunStatus(run["run_id"], run["status"], run["details"], 0.0),
             records.get(run["run_id"], []),
             opts.rounds_for(variant),
+            tuple(run.get("retried", ())),
         )
         for variant in suite.variants
         for run in old["methods"][variant.label]["runs"]

@@ -47,6 +47,12 @@ __all__ = ["BenchOptions", "RunRecord", "federation_config", "run_suite", "summa
 
 #: Seconds between ``flwr list`` calls while a run is going.
 LIST_EVERY = 15.0
+
+#: What Flower logs when its simulation engine could not start Ray (a raylet
+#: or the GCS timed out on a loaded machine): nothing of the run ran, so the
+#: bench submits it again, up to ``RAY_RETRIES`` times.
+RAY_STARTUP_FAILURE = "timed out during startup"
+RAY_RETRIES = 2
 #: Multiples of the measured edge factor the sensitivity figures re-time at.
 EDGE_FACTOR_SCALES = (0.5, 1.0, 2.0)
 
@@ -112,6 +118,8 @@ class RunRecord:
     status: RunStatus
     records: list[dict[str, Any]]
     rounds: int
+    #: run ids of earlier attempts that failed before anything ran (Ray)
+    retried: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -172,26 +180,57 @@ def run_suite(
     try:
         for seed in opts.seeds:
             for variant in suite.variants:
-                overrides = _overrides(opts, suite, variant, seed)
-                run_id = home.submit(overrides, federation_config(opts.nodes))
-                metrics = opts.out / "runs" / f"{variant.overrides['method']}-{run_id}"
-                status = _wait(home, run_id, metrics / "metrics.jsonl", opts, progress)
-                path = metrics / "metrics.jsonl"
-                records = read_jsonl(path) if path.exists() else []
-                if not status.ok:
-                    _keep_log(home, run_id, metrics, f"{variant.label}, seed {seed}")
-                results.append(
-                    RunRecord(variant, seed, status, records, opts.rounds_for(variant))
-                )
+                results.append(_run_one(home, opts, suite, variant, seed, progress))
     finally:
         home.stop_superlink()
         shutil.rmtree(home.home, ignore_errors=True)
     return results
 
 
-def _keep_log(home: FlowerHome, run_id: str, folder: Path, what: str) -> None:
+def _run_one(
+    home: FlowerHome,
+    opts: BenchOptions,
+    suite: Suite,
+    variant: Variant,
+    seed: int,
+    progress: Callable[[int], None] | None,
+) -> RunRecord:
+    """Submit one (variant, seed) run and follow it to its end.
+
+    A run whose simulation engine could not start Ray (``RAY_STARTUP_FAILURE``
+    in its log, and no metrics written: nothing of it ran) is submitted again,
+    up to ``RAY_RETRIES`` times; each failed attempt keeps its log in its own
+    run folder, and the record names them (``retried``). Any other failure is
+    the run's result.
+    """
+    what = f"{variant.label}, seed {seed}"
+    overrides = _overrides(opts, suite, variant, seed)
+    retried: list[str] = []
+    while True:
+        run_id = home.submit(overrides, federation_config(opts.nodes))
+        folder = opts.out / "runs" / f"{variant.overrides['method']}-{run_id}"
+        path = folder / "metrics.jsonl"
+        status = _wait(home, run_id, path, opts, progress)
+        records = read_jsonl(path) if path.exists() else []
+        if status.ok:
+            break
+        log = _keep_log(home, run_id, folder, what)
+        if records or RAY_STARTUP_FAILURE not in log or len(retried) >= RAY_RETRIES:
+            break
+        retried.append(run_id)
+        print(
+            f"run {run_id} ({what}): Ray did not start; submitting it again",
+            file=sys.stderr,
+        )
+    return RunRecord(
+        variant, seed, status, records, opts.rounds_for(variant), tuple(retried)
+    )
+
+
+def _keep_log(home: FlowerHome, run_id: str, folder: Path, what: str) -> str:
     """A failed run's Flower log (its traceback) into ``folder/flwr.log``,
-    said on stderr: the SuperLink that holds it is removed after the suite."""
+    said on stderr: the SuperLink that holds it is removed after the suite.
+    Returns the log."""
     try:
         text = home.logs(run_id)
     except (RuntimeError, subprocess.SubprocessError) as err:
@@ -201,6 +240,7 @@ def _keep_log(home: FlowerHome, run_id: str, folder: Path, what: str) -> None:
     print(
         f"run {run_id} ({what}) failed; its log: {folder / 'flwr.log'}", file=sys.stderr
     )
+    return text
 
 
 def _wait(
@@ -409,6 +449,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     "run_id": r.status.run_id,
                     "status": r.status.status,
                     "details": r.status.details,
+                    **({"retried": list(r.retried)} if r.retried else {}),
                 }
                 for r in mine
             ],
