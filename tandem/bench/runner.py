@@ -53,6 +53,7 @@ LIST_EVERY = 15.0
 #: bench submits it again, up to ``RAY_RETRIES`` times.
 RAY_STARTUP_FAILURE = "timed out during startup"
 RAY_RETRIES = 2
+
 #: Multiples of the measured edge factor the sensitivity figures re-time at.
 EDGE_FACTOR_SCALES = (0.5, 1.0, 2.0)
 

@@ -40,9 +40,8 @@ import torch
 
 from tandem.config import RunConfig
 from tandem.datasets import load_dataset
-from tandem.models import build_model, default_model_for, model_entry
 from tandem.options import ConfigError
-from tandem.split import split_model
+from tandem.protocol.simultrain import split_run_model
 from tandem.training import evaluate, token_cross_entropy
 
 __all__ = ["Schedule", "build_parser", "main", "parse_schedule", "train_schedule"]
@@ -127,18 +126,11 @@ def train_schedule(
     -------
     (edge, cloud) : the two parts after training.
     """
-    bundle = load_dataset(cfg.data)
-    name = cfg.train.model
-    if name == "auto":
-        name = default_model_for(bundle.input_shape, bundle.tokens)
-    model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
-    if cut == "default":
-        cut = model_entry(name).default_cut
-    edge, cloud = split_model(model, cut, key="--cut")
+    edge, cloud = split_run_model(cfg, cut, key="--cut")
     lr, beta = cfg.train.lr, cfg.train.momentum
     cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
     edge_opt = torch.optim.SGD(edge.parameters(), lr=lr * schedule.scale, momentum=beta)
-    train = bundle.train
+    train = load_dataset(cfg.data).train  # cached: the same load as the model's
     rng = np.random.default_rng(seed)
     queue: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
     xs: list[torch.Tensor] = []

@@ -81,6 +81,7 @@ __all__ = [
     "read_hello",
     "read_message_frame",
     "reply_frame",
+    "split_run_model",
 ]
 
 MESSAGE_TYPE = "train.simultrain"
@@ -230,13 +231,23 @@ def edge_model(cfg: RunConfig, opts: SimulTrainOptions) -> tuple[nn.Module, nn.M
     Both sides call it with the same config, so they start from the same
     weights (the model's seed is the run's).
     """
+    return split_run_model(cfg, opts.cut)
+
+
+def split_run_model(
+    cfg: RunConfig, cut: str, key: str = "simultrain-cut"
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """The run's model, freshly initialised at the run's seed, cut after stage
+    ``cut`` (name or index; ``"default"``: the model's own); a bad cut raises
+    :class:`~tandem.options.ConfigError` naming ``key``."""
     bundle = load_dataset(cfg.data)
     name = cfg.train.model
     if name == "auto":
         name = default_model_for(bundle.input_shape, bundle.tokens)
     model = build_model(name, bundle.input_shape, bundle.num_classes, cfg.seed)
-    cut = model_entry(name).default_cut if opts.cut == "default" else opts.cut
-    return split_model(model, cut)
+    if cut == "default":
+        cut = model_entry(name).default_cut
+    return split_model(model, cut, key)
 
 
 def _int(record: ConfigRecord, key: str) -> int:
