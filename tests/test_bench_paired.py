@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.bench.report import format_paired_table
-from tandem.bench.runner import paired_targets
+from tandem.bench.report import format_milestone_table, format_paired_table
+from tandem.bench.runner import milestone_targets, paired_targets
 
 
 def _curve(seed, accuracy, perplexity, seconds, profile="p"):
@@ -89,3 +89,65 @@ def test_a_target_is_reached_on_it_not_only_past_it():
     paired = paired_targets({"ref": ref, "x": x}, "ref", margin=0.0)
     for key in ("accuracy", "perplexity"):
         assert paired["methods"]["x"][key]["p"]["seconds_per_seed"] == [4.0]
+
+
+def test_milestones_time_each_seed_to_the_references_best_so_far():
+    ms = milestone_targets(_methods(), "ref", fractions=(0.25, 0.5, 1.0))
+    # seed 0's reference: accuracy 0.5, 0.8, 0.9 after evaluations 1-3, so
+    # ceil(0.25 * 3) = 1 -> 0.5, ceil(0.5 * 3) = 2 -> 0.8, 3 -> 0.9;
+    # seed 1: 0.6, 0.7, 0.7; perplexity is the lowest so far
+    assert ms["targets"]["accuracy"] == {
+        "0.25": {"0": 0.5, "1": 0.6},
+        "0.5": {"0": 0.8, "1": 0.7},
+        "1": {"0": 0.9, "1": 0.7},
+    }
+    assert ms["targets"]["perplexity"]["0.5"] == {"0": 3.0, "1": 3.5}
+    x = ms["methods"]["x"]
+    assert x["seeds"] == [0, 1]
+    quarter = x["accuracy"]["0.25"]["p"]
+    # seed 0: x 12 s (0.86), the reference 10 s (0.5); seed 1: both 5 s
+    assert quarter["seconds_per_seed"] == [12.0, 5.0]
+    assert quarter["reference_seconds_per_seed"] == [10.0, 5.0]
+    assert (quarter["reached"], quarter["no_later"]) == (2, 1)
+    assert quarter["time_vs_reference"] == pytest.approx((1.2 + 1.0) / 2)
+    half = x["accuracy"]["0.5"]["p"]
+    # seed 0: 0.8 at 12 s against the reference's 20 s; seed 1 never 0.7
+    assert half["seconds_per_seed"] == [12.0, None]
+    assert half["time_vs_reference"] == pytest.approx(0.6)
+    assert x["accuracy"]["1"]["p"]["reached"] == 0
+    assert x["accuracy"]["1"]["p"]["time_vs_reference"] is None
+    ppl = x["perplexity"]["0.25"]["p"]  # 5 and 4: x at 12 s and 5 s
+    assert ppl["seconds_per_seed"] == [12.0, 5.0]
+    assert ppl["time_vs_reference"] == pytest.approx((12 / 10 + 5 / 5) / 2)
+    assert "broken" not in ms["methods"]
+    ref = ms["methods"]["ref"]["accuracy"]
+    assert all(ref[f]["p"]["time_vs_reference"] == 1.0 for f in ("0.25", "0.5", "1"))
+
+
+def test_milestones_need_a_reference_with_evaluations():
+    methods = _methods()
+    # the best so far, not the value then: x's seed 0 dips from 0.86 to 0.8
+    dips = milestone_targets(methods, "x", fractions=(0.5,))["targets"]
+    assert dips["accuracy"]["0.5"] == {"0": 0.86, "1": 0.62, "7": 0.9}
+    assert dips["perplexity"]["0.5"] == {"0": 1.9, "1": 3.5, "7": 1.0}
+    assert milestone_targets(methods, "broken") == {}
+    assert milestone_targets(methods, "missing") == {}
+    with pytest.raises(ValueError, match="fractions"):
+        milestone_targets(methods, "ref", fractions=(0.0,))
+    for c in methods["ref"]["curves"]:
+        c["accuracy"], c["perplexity"] = c["accuracy"][:1], c["perplexity"][:1]
+    assert milestone_targets(methods, "ref") == {}
+
+
+def test_the_milestone_table_gives_each_share_of_the_run():
+    results = {"milestones": milestone_targets(_methods(), "ref", (0.25, 0.5, 1.0))}
+    table = format_milestone_table(results).splitlines()
+    assert len(table) == 2 + 2 * 2  # header, rule; 2 methods x 2 targets
+    assert table[0] == (
+        "| method | target | profile | 25% of its run | 50% of its run "
+        "| 100% of its run |"
+    )
+    assert table[4] == (
+        "| x | ref's accuracy | p | 1.100x (2/2) | 0.600x (1/2) | – (0/2) |"
+    )
+    assert format_milestone_table({}) == ""

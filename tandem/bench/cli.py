@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tandem.bench.report import (
+    format_milestone_table,
     format_paired_table,
     format_reference_table,
     format_sensitivity_table,
@@ -512,6 +513,13 @@ def format_tables(results: dict[str, Any], suite: Suite) -> str:
     paired = format_paired_table(results)
     if paired:
         parts.append(f"time to target paired by seed:\n{paired}")
+    milestones = format_milestone_table(results)
+    if milestones:
+        parts.append(
+            "time to the best the reference had reached by 25/50/75/100% of "
+            "its run, paired by seed (mean time / the reference's; seeds "
+            f"reached):\n{milestones}"
+        )
     sensitivity = format_sensitivity_table(results)
     if sensitivity:
         parts.append(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "format_milestone_table",
     "format_paired_table",
     "format_reference_table",
     "format_sensitivity_table",
@@ -223,6 +224,40 @@ def format_paired_table(results: dict[str, Any]) -> str:
                     "–" if ratio is None else f"{ratio:.3f}x",
                     ", ".join(_opt(t, ".1f") for t in f["seconds_per_seed"]),
                 ]
+                rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_milestone_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the time to several targets along the reference's
+    curve, paired by seed (:func:`tandem.bench.runner.milestone_targets`).
+
+    Per method, target kind and profile, one column per fraction ``f`` of
+    the reference's run: the mean over seeds of the method's time / the
+    reference's to the best the reference had reached by then, and in
+    brackets the seeds that reached it. Empty when the results have none.
+    """
+    ms = results.get("milestones")
+    if not ms:
+        return ""
+    label = ms["reference"]
+    fractions = [f"{f:g}" for f in ms["fractions"]]
+    head = ["method", "target", "profile"]
+    head += [f"{100 * float(f):g}% of its run" for f in fractions]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in ms["methods"].items():
+        n = len(row["seeds"])
+        for key in ms["targets"]:
+            profiles = list(row[key][fractions[0]])
+            for profile in profiles:
+                cells = [method, f"{label}'s {key}", profile]
+                for f in fractions:
+                    fig = row[key][f][profile]
+                    ratio = fig["time_vs_reference"]
+                    cells.append(
+                        ("–" if ratio is None else f"{ratio:.3f}x")
+                        + f" ({fig['reached']}/{n})"
+                    )
                 rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

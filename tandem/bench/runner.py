@@ -571,6 +571,11 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         paired = paired_targets(methods, suite.reference, suite.reference_margin)
         if paired:
             out["reference"]["paired"] = paired
+    along = suite.milestones or suite.reference
+    if along is not None:
+        milestones = milestone_targets(methods, along)
+        if milestones:
+            out["milestones"] = milestones
         ref = methods.get(suite.reference, {})
         if "final_perplexity" in ref:
             # the time to the reference's own final perplexity (issue targets)
@@ -872,36 +877,117 @@ def paired_targets(
     for label, entry in methods.items():
         if entry.get("failed"):
             continue
-        curves = [c for c in entry["curves"] if c["seed"] in ref_curves]
-        row: dict[str, Any] = {"seeds": [c["seed"] for c in curves]}
+        row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
         for key in keys:
-            figures: dict[str, Any] = {}
-            for profile in entry["emulated_seconds"]:
-                if profile not in ref["emulated_seconds"]:
-                    continue
-                mine, theirs = [], []
-                for c in curves:
-                    goal = targets[key][c["seed"]]
-                    mine.append(_first_reach(c, profile, goal, key))
-                    theirs.append(
-                        _first_reach(ref_curves[c["seed"]], profile, goal, key)
-                    )
-                both = [
-                    m / r
-                    for m, r in zip(mine, theirs, strict=True)
-                    if m is not None and r is not None and r > 0
-                ]
-                figures[profile] = {
-                    "seconds_per_seed": mine,
-                    "reference_seconds_per_seed": theirs,
-                    "reached": sum(m is not None for m in mine),
-                    "no_later": sum(
-                        m is not None and (r is None or m <= r)
-                        for m, r in zip(mine, theirs, strict=True)
-                    ),
-                    "time_vs_reference": _mean(both) if both else None,
-                }
-            row[key] = figures
+            row[key] = _paired_figures(entry, ref, key, targets[key])
+        out["methods"][label] = row
+    return out
+
+
+def _paired_seeds(entry: Mapping[str, Any], ref_curves: Mapping[int, Any]) -> list[int]:
+    """The seeds of ``entry``'s curves that have a reference run."""
+    return [c["seed"] for c in entry["curves"] if c["seed"] in ref_curves]
+
+
+def _paired_figures(
+    entry: Mapping[str, Any],
+    ref: Mapping[str, Any],
+    key: str,
+    goals: Mapping[int, float],
+) -> dict[str, Any]:
+    """Per profile both ran: each seed's emulated seconds to its own goal
+    (``goals[seed]``, on the ``key`` curve) for ``entry`` and the reference,
+    how many seeds reached it, on how many ``entry`` was no later, and the
+    mean over the seeds both reached of the ratio of the times."""
+    ref_curves = {c["seed"]: c for c in ref["curves"]}
+    curves = [c for c in entry["curves"] if c["seed"] in ref_curves]
+    figures: dict[str, Any] = {}
+    for profile in entry["emulated_seconds"]:
+        if profile not in ref["emulated_seconds"]:
+            continue
+        mine, theirs = [], []
+        for c in curves:
+            goal = goals[c["seed"]]
+            mine.append(_first_reach(c, profile, goal, key))
+            theirs.append(_first_reach(ref_curves[c["seed"]], profile, goal, key))
+        both = [
+            m / r
+            for m, r in zip(mine, theirs, strict=True)
+            if m is not None and r is not None and r > 0
+        ]
+        figures[profile] = {
+            "seconds_per_seed": mine,
+            "reference_seconds_per_seed": theirs,
+            "reached": sum(m is not None for m in mine),
+            "no_later": sum(
+                m is not None and (r is None or m <= r)
+                for m, r in zip(mine, theirs, strict=True)
+            ),
+            "time_vs_reference": _mean(both) if both else None,
+        }
+    return figures
+
+
+#: Points along the reference's run that :func:`milestone_targets` times.
+MILESTONE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def milestone_targets(
+    methods: Mapping[str, Any],
+    reference: str,
+    fractions: Sequence[float] = MILESTONE_FRACTIONS,
+) -> dict[str, Any]:
+    """Time to several targets along the reference's curve, paired by seed.
+
+    For seed ``s`` and fraction ``f``, the target is the best the
+    reference's run on ``s`` had reached by its evaluation ``⌈f·N⌉`` of
+    ``N`` (the highest accuracy, and the lowest perplexity when it reports
+    one): where the reference had got to after a quarter, half, ... of its
+    run, so a budget that ends before a plateau is still compared along the
+    way. Per method, fraction, target kind and profile, the figures of
+    :func:`paired_targets` (seconds per seed, seeds reached, no later than
+    the reference, paired mean ratio). Empty when the reference failed or
+    has no curves.
+    """
+    ref = methods.get(reference)
+    if not ref or ref.get("failed") or not ref.get("curves"):
+        return {}
+    ref_curves = {c["seed"]: c for c in ref["curves"]}
+    keys = ["accuracy"]
+    if all(None not in c["perplexity"][1:] for c in ref_curves.values()):
+        keys.append("perplexity")
+    best = {"accuracy": max, "perplexity": min}
+    targets: dict[str, dict[str, dict[int, float]]] = {k: {} for k in keys}
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"milestone fractions lie in (0, 1], got {f}")
+        for key in keys:
+            goals = {}
+            for seed, c in ref_curves.items():
+                n = len(c[key]) - 1  # evaluations after the initial one
+                if n < 1:
+                    return {}
+                upto = max(1, math.ceil(f * n - 1e-9))
+                goals[seed] = float(best[key](c[key][1 : upto + 1]))
+            targets[key][f"{f:g}"] = goals
+    out: dict[str, Any] = {
+        "reference": reference,
+        "fractions": [float(f) for f in fractions],
+        "targets": {
+            k: {f: {str(s): v for s, v in g.items()} for f, g in t.items()}
+            for k, t in targets.items()
+        },
+        "methods": {},
+    }
+    for label, entry in methods.items():
+        if entry.get("failed"):
+            continue
+        row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
+        for key in keys:
+            row[key] = {
+                f: _paired_figures(entry, ref, key, goals)
+                for f, goals in targets[key].items()
+            }
         out["methods"][label] = row
     return out
 

@@ -118,6 +118,10 @@ class Suite:
     #: reference table gives each variant's bytes and rounds against it.
     reference: str | None = None
     reference_margin: float = 0.01
+    #: Label of the variant along whose curve every variant is timed to
+    #: several targets (:func:`~tandem.bench.runner.milestone_targets`;
+    #: None: ``reference``, and no table when that is None too).
+    milestones: str | None = None
     #: Width of a cnn1d on which ACE-Sync's edge overhead is also timed
     #: in-process (0: no probe); see :mod:`tandem.bench.overhead`.
     overhead_width: int = 0
@@ -202,6 +206,7 @@ SUITES: dict[str, Suite] = {
         rounds=None,
         steps=300,
         headline=(("simultrain", "syncsgd"), ("simultrain", "splitsync")),
+        milestones="syncsgd",
         # the same 300 steps per edge at half the batch, and 256 test windows:
         # SyncSGD evaluates after each of its 300 steps (1,024 windows: ~2 s);
         # the edge's learning rate chosen on seeds 10 and 11 (not reported):
