@@ -24,6 +24,13 @@ criterion of :func:`~tandem.clustering.choose_n_clusters` (or fixed), the
 labels are k-means on the signatures' directions
 (:func:`~tandem.clustering.cluster_devices`). A device that has no cluster
 yet (it has not replied in a clustering round) trains from the global model.
+
+With dynamic synchronization a device may skip the round in which the
+clusters are re-estimated. It keeps a cluster all the same: the estimate
+takes every device seen so far, each by the model it last sent
+(``θ_k = b_k + u_k`` of its last sync) relative to the new global model,
+and a cluster none of whose devices replied this round starts from the
+plain mean of its devices' last models.
 """
 
 from __future__ import annotations
@@ -120,6 +127,9 @@ class ClusterTracker:
         Cluster → flat float64 model ``θ_c``.
     estimates : int
         Cluster estimates made so far.
+    latest : dict[int, np.ndarray]
+        Node id → the flat model ``b_k + u_k`` of its last reply (what a
+        re-estimate uses for a device that did not reply in that round).
     """
 
     max_clusters: int
@@ -130,6 +140,7 @@ class ClusterTracker:
     labels: dict[int, int] = field(default_factory=dict)
     models: dict[int, np.ndarray] = field(default_factory=dict)
     estimates: int = 0
+    latest: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_clusters < 1 or self.clusters < 0 or self.every < 1:
@@ -192,10 +203,16 @@ class ClusterTracker:
             bases, updates, weights, np.zeros(len(nodes), dtype=np.int64), 1
         )
         global_model = flat.global_model
+        for i, node in enumerate(nodes):
+            self.latest[node] = bases[i] + updates[i]
         reclustered = self.due(round_index) or self.count == 0
         if reclustered:
-            labels = self._estimate(bases + updates - global_model)
-            self.labels = dict(zip(nodes, labels.tolist(), strict=True))
+            # every device seen so far, each by its last model (this round's
+            # for those that replied)
+            seen = list(self.latest)
+            models = np.stack([self.latest[n] for n in seen])
+            labels = self._estimate(models - global_model)
+            self.labels = dict(zip(seen, labels.tolist(), strict=True))
             self.models = {}
             self.estimates += 1
         known = [i for i, n in enumerate(nodes) if n in self.labels]
@@ -210,6 +227,10 @@ class ClusterTracker:
             for c in range(count):
                 if done.cluster_weights[c] > 0:
                     self.models[c] = done.cluster_models[c]
+        if reclustered:  # clusters whose devices all skipped this round
+            for c in set(self.labels.values()) - set(self.models):
+                mine = [self.latest[n] for n, k in self.labels.items() if k == c]
+                self.models[c] = np.mean(mine, axis=0)
         return {
             "clusters": self.count,
             "reclustered": reclustered,

@@ -95,6 +95,36 @@ def test_tracker_rounds_between_estimates_by_hand():
     assert tracker.due(3) and not tracker.due(4) and tracker.estimates == 1
 
 
+def test_a_device_that_skips_a_clustering_round_keeps_a_cluster():
+    # dynamic synchronization: a device on a two-round interval may not reply
+    # in the round that re-estimates the clusters
+    tracker = ClusterTracker(max_clusters=4, clusters=2, every=1, seed=0)
+    d = np.array([[1.0, 0.0], [1.0, 0.2], [-1.0, 0.0], [-1.0, 0.2]])
+    tracker.step(1, [1, 2, 3, 4], np.zeros((4, 2)), d, np.array([1.0, 1.0, 1.0, 3.0]))
+    # round 2 re-estimates without node 4, which is placed by its last model
+    # (-1, 0.2) against the round's global model (0.4, 0.1833)
+    bases = np.stack([tracker.base(n) for n in (1, 2, 3)])
+    updates = np.array([[0.1, 0.0], [0.1, 0.1], [0.0, 0.1]])
+    figures = tracker.step(2, [1, 2, 3], bases, updates, np.ones(3))
+    assert figures["reclustered"] and figures["cluster-sizes"] in ([2, 1], [1, 2])
+    labels = tracker.labels
+    assert set(labels) == {1, 2, 3, 4}
+    assert labels[1] == labels[2] != labels[3] == labels[4]
+    # each cluster model is this round's: (1.1, 0.1) and (1.1, 0.2); node 3
+    # alone, (-1, 0.15) + (0, 0.1)
+    np.testing.assert_allclose(tracker.base(1), [1.1, 0.15])
+    np.testing.assert_allclose(tracker.base(4), [-1.0, 0.25])
+    # round 3: only nodes 1 and 2 reply; the other cluster, none of whose
+    # devices replied, starts from the mean of their last models
+    tracker._estimate = lambda signatures: np.array([0, 0, 1, 1])  # 1, 2, 3, 4
+    bases = np.stack([tracker.base(1), tracker.base(2)])
+    updates = np.array([[0.1, 0.0], [0.3, 0.0]])
+    tracker.step(3, [1, 2], bases, updates, np.ones(2))
+    np.testing.assert_allclose(tracker.models[0], [1.3, 0.15])
+    np.testing.assert_allclose(tracker.models[1], [-1.0, 0.225])  # (0.25 + 0.2) / 2
+    np.testing.assert_allclose(tracker.base(4), [-1.0, 0.225])
+
+
 def test_tracker_refuses_bad_settings():
     with pytest.raises(ValueError, match="every"):
         ClusterTracker(max_clusters=4, every=0)

@@ -758,7 +758,10 @@ class AceSync(CompressedUpdates):
         error-feedback residuals live on the edges (in the run's
         ``Context``) and are not part of it: a resumed run's edges start
         with empty residuals. Nor is the record of each device's model: a
-        resumed cloud sends every device the full model first.
+        resumed cloud sends every device the full model first. Nor are the
+        devices' last models that a cluster re-estimate uses for a device
+        that did not reply in its round: after a resume a re-estimate places
+        the devices seen since.
         """
         arrays, state = super().checkpoint_state()
         arrays["predictor"] = pack_predictor(self.predictor)
