@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.bench.report import format_milestone_table, format_paired_table
-from tandem.bench.runner import milestone_targets, paired_targets
+from tandem.bench.runner import FLOP_CLOCK, milestone_targets, paired_targets
 
 
 def _curve(seed, accuracy, perplexity, seconds, profile="p"):
@@ -151,3 +151,26 @@ def test_the_milestone_table_gives_each_share_of_the_run():
         "| x | ref's accuracy | p | 1.100x (2/2) | 0.600x (1/2) | – (0/2) |"
     )
     assert format_milestone_table({}) == ""
+
+
+def test_paired_figures_on_the_flop_model_clock():
+    methods = _methods()
+    assert paired_targets(methods, "ref", 0.05, FLOP_CLOCK) == {}  # no such times
+    for c in methods["ref"]["curves"]:  # the reference twice as slow there
+        c[FLOP_CLOCK] = {"p": [2 * t for t in c["emulated_seconds"]["p"]]}
+    for c in methods["x"]["curves"]:  # x twice as fast
+        c[FLOP_CLOCK] = {"p": [t / 2 for t in c["emulated_seconds"]["p"]]}
+    paired = paired_targets(methods, "ref", 0.05, FLOP_CLOCK)
+    acc = paired["methods"]["x"]["accuracy"]["p"]
+    assert acc["seconds_per_seed"] == [6.0, None]
+    assert acc["reference_seconds_per_seed"] == [60.0, 20.0]
+    assert acc["time_vs_reference"] == pytest.approx(6 / 60)
+    ms = milestone_targets(methods, "ref", (0.25,), clock=FLOP_CLOCK)
+    quarter = ms["methods"]["x"]["accuracy"]["0.25"]["p"]
+    assert quarter["seconds_per_seed"] == [6.0, 2.5]
+    assert quarter["reference_seconds_per_seed"] == [20.0, 10.0]
+    results = {"reference": {"label": "ref", "paired_flop_model": paired}}
+    assert "| x | ref's final accuracy − 5 pt | p | 1 / 2 | 1 / 2 | 0.100x |" in (
+        format_paired_table(results, flop_model=True)
+    )
+    assert format_paired_table(results) == ""  # no measured-time figures here

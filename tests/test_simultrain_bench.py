@@ -278,7 +278,7 @@ def test_the_tables_regenerate_from_a_committed_results_json(capsys, tmp_path):
         Path(__file__).parents[1]
         / "docs"
         / "bench"
-        / "acesync-downlink"
+        / "acesync"
         / "results.json"
     )
     results = json.loads(path.read_text())

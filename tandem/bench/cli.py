@@ -510,16 +510,17 @@ def format_tables(results: dict[str, Any], suite: Suite) -> str:
             f"against {suite.reference} (target: its final accuracy - "
             f"{100 * suite.reference_margin:g} pt):\n{reference}"
         )
-    paired = format_paired_table(results)
-    if paired:
-        parts.append(f"time to target paired by seed:\n{paired}")
-    milestones = format_milestone_table(results)
-    if milestones:
-        parts.append(
-            "time to the best the reference had reached by 25/50/75/100% of "
-            "its run, paired by seed (mean time / the reference's; seeds "
-            f"reached):\n{milestones}"
-        )
+    for flop_model, model in ((False, ""), (True, ", FLOP-count device model")):
+        paired = format_paired_table(results, flop_model)
+        if paired:
+            parts.append(f"time to target paired by seed{model}:\n{paired}")
+        milestones = format_milestone_table(results, flop_model)
+        if milestones:
+            parts.append(
+                "time to the best the reference had reached by 25/50/75/100% "
+                "of its run, paired by seed (mean time / the reference's; "
+                f"seeds reached){model}:\n{milestones}"
+            )
     sensitivity = format_sensitivity_table(results)
     if sensitivity:
         parts.append(

@@ -182,17 +182,19 @@ def format_reference_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def format_paired_table(results: dict[str, Any]) -> str:
+def format_paired_table(results: dict[str, Any], flop_model: bool = False) -> str:
     """A Markdown table of the time to target paired by seed.
 
     Per method, target kind (the reference's final accuracy minus the
     margin, or its final perplexity, on each seed) and profile: seeds that
     reached their own target, seeds on which the method got there no later
     than the reference, the mean ratio of its time to the reference's over
-    the seeds both reached, and the seconds per seed. Empty when the results
-    have no paired figures (:func:`tandem.bench.runner.paired_targets`).
+    the seeds both reached, and the seconds per seed. With ``flop_model``,
+    the same timed under the FLOP-count device model. Empty when the results
+    have no such figures (:func:`tandem.bench.runner.paired_targets`).
     """
-    paired = (results.get("reference") or {}).get("paired")
+    key = "paired_flop_model" if flop_model else "paired"
+    paired = (results.get("reference") or {}).get(key)
     if not paired:
         return ""
     label = results["reference"]["label"]
@@ -228,16 +230,17 @@ def format_paired_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def format_milestone_table(results: dict[str, Any]) -> str:
+def format_milestone_table(results: dict[str, Any], flop_model: bool = False) -> str:
     """A Markdown table of the time to several targets along the reference's
     curve, paired by seed (:func:`tandem.bench.runner.milestone_targets`).
 
     Per method, target kind and profile, one column per fraction ``f`` of
     the reference's run: the mean over seeds of the method's time / the
     reference's to the best the reference had reached by then, and in
-    brackets the seeds that reached it. Empty when the results have none.
+    brackets the seeds that reached it. With ``flop_model``, the same timed
+    under the FLOP-count device model. Empty when the results have none.
     """
-    ms = results.get("milestones")
+    ms = results.get("milestones_flop_model" if flop_model else "milestones")
     if not ms:
         return ""
     label = ms["reference"]

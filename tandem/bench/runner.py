@@ -480,10 +480,12 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
             }
             for p in profiles
         }
+        emulated_flop = {
+            p: [_emulate(r, p, opts, flop_model=True) for r in good] for p in profiles
+        }
         flop_model = {
-            p: _mean([_emulate(r, p, opts, flop_model=True)["total"] for r in good])
-            / per_edge
-            for p in profiles
+            p: _mean([e["total"] for e in v]) / per_edge
+            for p, v in emulated_flop.items()
         }
         traffic = (_mean(up) + _mean(down)) / steps
         entry.update(
@@ -546,6 +548,10 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                         "emulated_seconds": {
                             p: [0.0, *emulated[p][i]["round_end"]] for p in profiles
                         },
+                        FLOP_CLOCK: {
+                            p: [0.0, *emulated_flop[p][i]["round_end"]]
+                            for p in profiles
+                        },
                     }
                     for i, r in enumerate(good)
                 ],
@@ -571,11 +577,20 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         paired = paired_targets(methods, suite.reference, suite.reference_margin)
         if paired:
             out["reference"]["paired"] = paired
+        paired = paired_targets(
+            methods, suite.reference, suite.reference_margin, FLOP_CLOCK
+        )
+        if paired:
+            out["reference"]["paired_flop_model"] = paired
     along = suite.milestones or suite.reference
     if along is not None:
-        milestones = milestone_targets(methods, along)
-        if milestones:
-            out["milestones"] = milestones
+        for key, clock in (
+            ("milestones", "emulated_seconds"),
+            ("milestones_flop_model", FLOP_CLOCK),
+        ):
+            milestones = milestone_targets(methods, along, clock=clock)
+            if milestones:
+                out[key] = milestones
         ref = methods.get(suite.reference, {})
         if "final_perplexity" in ref:
             # the time to the reference's own final perplexity (issue targets)
@@ -825,13 +840,16 @@ def _final(entry: Mapping[str, Any]) -> float:
 
 
 def _first_reach(
-    curve: Mapping[str, Any], profile: str, target: float, curve_key: str
+    curve: Mapping[str, Any],
+    profile: str,
+    target: float,
+    curve_key: str,
+    clock: str = "emulated_seconds",
 ) -> float | None:
-    """Emulated seconds until ``curve`` first reached ``target`` on ``profile``
-    (accuracy at or above it; perplexity at or below it), or ``None``."""
-    for t, a in zip(
-        curve["emulated_seconds"][profile][1:], curve[curve_key][1:], strict=False
-    ):
+    """Emulated seconds (on the ``clock`` curve) until ``curve`` first reached
+    ``target`` on ``profile`` (accuracy at or above it; perplexity at or
+    below it), or ``None``."""
+    for t, a in zip(curve[clock][profile][1:], curve[curve_key][1:], strict=False):
         if a is not None and (
             a <= target if curve_key == "perplexity" else a >= target
         ):
@@ -840,7 +858,10 @@ def _first_reach(
 
 
 def paired_targets(
-    methods: Mapping[str, Any], reference: str, margin: float
+    methods: Mapping[str, Any],
+    reference: str,
+    margin: float,
+    clock: str = "emulated_seconds",
 ) -> dict[str, Any]:
     """Time to target paired by seed: each seed against its own reference run.
 
@@ -855,11 +876,13 @@ def paired_targets(
     :func:`_time_to_target` (the mean over seeds, which a seed that ends
     below the mean never reaches), every seed's reference run reaches its
     own perplexity target; an accuracy target is reached unless its
-    ``margin`` is negative. Empty when the reference failed or has no
-    curves.
+    ``margin`` is negative. ``clock`` names the curves' times: the
+    measured-time model's ``emulated_seconds`` or the FLOP-count model's
+    (:data:`FLOP_CLOCK`). Empty when the reference failed or has no curves
+    on that clock.
     """
     ref = methods.get(reference)
-    if not ref or ref.get("failed") or not ref.get("curves"):
+    if not _has_clock(ref, clock):
         return {}
     ref_curves = {c["seed"]: c for c in ref["curves"]}
     keys = ["accuracy"]
@@ -875,13 +898,24 @@ def paired_targets(
         "methods": {},
     }
     for label, entry in methods.items():
-        if entry.get("failed"):
+        if not _has_clock(entry, clock):
             continue
         row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
         for key in keys:
-            row[key] = _paired_figures(entry, ref, key, targets[key])
+            row[key] = _paired_figures(entry, ref, key, targets[key], clock)
         out["methods"][label] = row
     return out
+
+
+#: The curves' times under the FLOP-count device model (:mod:`tandem.bench.flops`).
+FLOP_CLOCK = "emulated_seconds_flop_model"
+
+
+def _has_clock(entry: Mapping[str, Any] | None, clock: str) -> bool:
+    """Whether ``entry`` ran and every curve of it has times on ``clock``."""
+    if not entry or entry.get("failed") or not entry.get("curves"):
+        return False
+    return all(clock in c for c in entry["curves"])
 
 
 def _paired_seeds(entry: Mapping[str, Any], ref_curves: Mapping[int, Any]) -> list[int]:
@@ -894,6 +928,7 @@ def _paired_figures(
     ref: Mapping[str, Any],
     key: str,
     goals: Mapping[int, float],
+    clock: str = "emulated_seconds",
 ) -> dict[str, Any]:
     """Per profile both ran: each seed's emulated seconds to its own goal
     (``goals[seed]``, on the ``key`` curve) for ``entry`` and the reference,
@@ -908,8 +943,10 @@ def _paired_figures(
         mine, theirs = [], []
         for c in curves:
             goal = goals[c["seed"]]
-            mine.append(_first_reach(c, profile, goal, key))
-            theirs.append(_first_reach(ref_curves[c["seed"]], profile, goal, key))
+            mine.append(_first_reach(c, profile, goal, key, clock))
+            theirs.append(
+                _first_reach(ref_curves[c["seed"]], profile, goal, key, clock)
+            )
         both = [
             m / r
             for m, r in zip(mine, theirs, strict=True)
@@ -936,6 +973,7 @@ def milestone_targets(
     methods: Mapping[str, Any],
     reference: str,
     fractions: Sequence[float] = MILESTONE_FRACTIONS,
+    clock: str = "emulated_seconds",
 ) -> dict[str, Any]:
     """Time to several targets along the reference's curve, paired by seed.
 
@@ -946,11 +984,11 @@ def milestone_targets(
     run, so a budget that ends before a plateau is still compared along the
     way. Per method, fraction, target kind and profile, the figures of
     :func:`paired_targets` (seconds per seed, seeds reached, no later than
-    the reference, paired mean ratio). Empty when the reference failed or
-    has no curves.
+    the reference, paired mean ratio), timed on ``clock`` (as there). Empty
+    when the reference failed or has no curves on that clock.
     """
     ref = methods.get(reference)
-    if not ref or ref.get("failed") or not ref.get("curves"):
+    if not _has_clock(ref, clock):
         return {}
     ref_curves = {c["seed"]: c for c in ref["curves"]}
     keys = ["accuracy"]
@@ -980,12 +1018,12 @@ def milestone_targets(
         "methods": {},
     }
     for label, entry in methods.items():
-        if entry.get("failed"):
+        if not _has_clock(entry, clock):
             continue
         row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
         for key in keys:
             row[key] = {
-                f: _paired_figures(entry, ref, key, goals)
+                f: _paired_figures(entry, ref, key, goals, clock)
                 for f, goals in targets[key].items()
             }
         out["methods"][label] = row
