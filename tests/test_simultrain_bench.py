@@ -274,13 +274,7 @@ def test_the_tables_regenerate_from_a_committed_results_json(capsys, tmp_path):
     from tandem.bench.cli import report_main
     from tandem.bench.report import format_reference_table, format_table
 
-    path = (
-        Path(__file__).parents[1]
-        / "docs"
-        / "bench"
-        / "acesync"
-        / "results.json"
-    )
+    path = Path(__file__).parents[1] / "docs" / "bench" / "acesync" / "results.json"
     results = json.loads(path.read_text())
     assert report_main([str(path)]) == 0
     printed = capsys.readouterr().out
