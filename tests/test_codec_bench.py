@@ -300,6 +300,7 @@ def test_blocked_group_sums_equal_one_reduceat():
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatch):
     """Compensated and squared block by block (blocks of 100 elements here),
     a round gives the bytes, values, residual and history of the two steps

@@ -58,7 +58,7 @@ def test_a_delay_of_one_chunk_applies_each_chunk_one_chunk_later():
     _close(late, early)
     fresh, _ = train_schedule(cfg, Schedule(2, 0, 1.0), 0, seed=5)
     moved = sum(
-        float((p - q).abs().sum())
+        float((p - q).detach().abs().sum())
         for p, q in zip(late.parameters(), fresh.parameters(), strict=True)
     )
     assert moved > 0
