@@ -64,6 +64,13 @@ def test_a_pinned_variant_is_timed_under_its_own_profile_only(tmp_path):
     # RTT/2 is propagation, not load): a round on 4g is latency-bound
     efficiency = methods["acesync@4g"]["pipeline_efficiency"]["4g"]
     assert efficiency == pytest.approx(0.00064 / fast)
+    # no compute to count either way: the FLOP-count model times the same
+    assert methods["acesync@4g"]["pipeline_efficiency_flop_model"] == {
+        "4g": pytest.approx(efficiency)
+    }
+    (curve,) = slow["curves"]
+    assert curve["emulated_seconds_flop_model"] == curve["emulated_seconds"]
+    assert set(curve["emulated_seconds_flop_model"]) == {"2mbit/8mbit/120ms"}
     results["assumptions"] = {"profile_names": list(PROFILES)}
     table = format_table(results)
     row = next(line for line in table.splitlines() if "acesync@4g" in line)

@@ -515,6 +515,10 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 "pipeline_efficiency": {
                     p: _mean([e["efficiency"] for e in v]) for p, v in emulated.items()
                 },
+                "pipeline_efficiency_flop_model": {
+                    p: _mean([e["efficiency"] for e in v])
+                    for p, v in emulated_flop.items()
+                },
                 "bandwidth_time_product_per_step": {
                     p: traffic * t for p, t in per_step.items()
                 },
