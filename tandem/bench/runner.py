@@ -899,16 +899,35 @@ def paired_targets(
     out: dict[str, Any] = {
         "margin": margin,
         "targets": {k: {str(s): v for s, v in targets[k].items()} for k in keys},
-        "methods": {},
     }
+    out["methods"] = _paired_rows(
+        methods,
+        ref_curves,
+        keys,
+        clock,
+        lambda entry, key: _paired_figures(entry, ref, key, targets[key], clock),
+    )
+    return out
+
+
+def _paired_rows(
+    methods: Mapping[str, Any],
+    ref_curves: Mapping[int, Any],
+    keys: Sequence[str],
+    clock: str,
+    figures: Callable[[Mapping[str, Any], str], Any],
+) -> dict[str, Any]:
+    """Per method with curves on ``clock``: the seeds it shares with the
+    reference and ``figures(entry, key)`` for each target kind ``key``."""
+    rows: dict[str, Any] = {}
     for label, entry in methods.items():
         if not _has_clock(entry, clock):
             continue
         row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
         for key in keys:
-            row[key] = _paired_figures(entry, ref, key, targets[key], clock)
-        out["methods"][label] = row
-    return out
+            row[key] = figures(entry, key)
+        rows[label] = row
+    return rows
 
 
 #: The curves' times under the FLOP-count device model (:mod:`tandem.bench.flops`).
@@ -1019,18 +1038,17 @@ def milestone_targets(
             k: {f: {str(s): v for s, v in g.items()} for f, g in t.items()}
             for k, t in targets.items()
         },
-        "methods": {},
     }
-    for label, entry in methods.items():
-        if not _has_clock(entry, clock):
-            continue
-        row: dict[str, Any] = {"seeds": _paired_seeds(entry, ref_curves)}
-        for key in keys:
-            row[key] = {
-                f: _paired_figures(entry, ref, key, goals, clock)
-                for f, goals in targets[key].items()
-            }
-        out["methods"][label] = row
+    out["methods"] = _paired_rows(
+        methods,
+        ref_curves,
+        keys,
+        clock,
+        lambda entry, key: {
+            f: _paired_figures(entry, ref, key, goals, clock)
+            for f, goals in targets[key].items()
+        },
+    )
     return out
 
 
