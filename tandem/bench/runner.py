@@ -586,15 +586,6 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         )
         if paired:
             out["reference"]["paired_flop_model"] = paired
-    along = suite.milestones or suite.reference
-    if along is not None:
-        for key, clock in (
-            ("milestones", "emulated_seconds"),
-            ("milestones_flop_model", FLOP_CLOCK),
-        ):
-            milestones = milestone_targets(methods, along, clock=clock)
-            if milestones:
-                out[key] = milestones
         ref = methods.get(suite.reference, {})
         if "final_perplexity" in ref:
             # the time to the reference's own final perplexity (issue targets)
@@ -608,6 +599,15 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                     row = out["reference"]["methods"].get(label)
                     if row is not None:
                         row["emulated_seconds_to_target_perplexity"] = seconds
+    along = suite.milestones or suite.reference
+    if along is not None:
+        for key, clock in (
+            ("milestones", "emulated_seconds"),
+            ("milestones_flop_model", FLOP_CLOCK),
+        ):
+            milestones = milestone_targets(methods, along, clock=clock)
+            if milestones:
+                out[key] = milestones
     return out
 
 
@@ -1061,19 +1061,9 @@ def _time_to_target(
     below."""
     out: dict[str, Any] = {}
     for profile in entry["emulated_seconds"]:
-        times = []
-        for curve in entry["curves"]:
-            hits = [
-                t
-                for t, a in zip(
-                    curve["emulated_seconds"][profile][1:],
-                    curve[curve_key][1:],
-                    strict=False,
-                )
-                if a is not None
-                and (a <= target if curve_key == "perplexity" else a >= target)
-            ]
-            times.append(hits[0] if hits else None)
+        times = [
+            _first_reach(curve, profile, target, curve_key) for curve in entry["curves"]
+        ]
         reached = [t for t in times if t is not None]
         out[profile] = _mean(reached) if len(reached) == len(times) else None
     return out
