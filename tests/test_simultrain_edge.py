@@ -106,3 +106,55 @@ def test_forecast_carries_the_gradient_toward_the_right_version(forecast, sign):
     assert any(np.abs(d).max() > 1e-4 for d in first.values())  # the edge moved
     for key, d1 in first.items():
         np.testing.assert_allclose(second[key], d1 * factor, rtol=1e-4, atol=1e-7)
+
+
+def test_kept_forward_passes_give_the_recomputed_gradients():
+    # two chunks in flight at different weights; their backward passes
+    # through the kept forward passes equal, bit for bit, the backward of a
+    # forward pass recomputed at each chunk's weights (the message transport's
+    # way), and a copy freed by chunk 0 serves chunk 2 without touching chunk 1
+    torch = pytest.importorskip("torch")
+    from tandem.clients.simultrain import KeptForwards
+
+    cfg = RunConfig.from_flat(RUN_CONFIG)
+    edge, _ = edge_model(cfg, cfg.options_as(SimulTrainOptions))
+    gen = torch.Generator().manual_seed(0)
+    thetas = [
+        {k: torch.randn(v.shape, generator=gen) for k, v in edge.state_dict().items()}
+        for _ in range(3)
+    ]
+    xs = [torch.randn(5, 1, 40, generator=gen) for _ in range(3)]
+    kept = KeptForwards(edge)
+    assert KeptForwards.usable(edge)
+    acts = [kept.forward(v, thetas[v], xs[v]) for v in (0, 1)]
+    grads_out = [torch.randn(acts[0].shape, generator=gen) for _ in range(3)]
+
+    def recomputed(v):
+        edge.load_state_dict(thetas[v])
+        edge.zero_grad(set_to_none=True)
+        out = edge(xs[v])
+        out.backward(grads_out[v])
+        return out.detach(), {k: p.grad.clone() for k, p in edge.named_parameters()}
+
+    got0 = kept.backward(0, grads_out[0])
+    acts.append(kept.forward(2, thetas[2], xs[2]))  # reuses chunk 0's copy
+    got1 = kept.backward(1, grads_out[1])
+    got2 = kept.backward(2, grads_out[2])
+    for v, got in enumerate((got0, got1, got2)):
+        out, want = recomputed(v)
+        assert torch.equal(acts[v], out)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (v, k)
+    assert len(kept.free) == 2 and not kept.kept  # two copies served three chunks
+    assert kept.backward(0, grads_out[0]) is None  # done: not kept any more
+
+
+def test_edge_layers_with_buffers_recompute_their_forward_pass():
+    torch = pytest.importorskip("torch")
+    from tandem.clients.simultrain import KeptForwards
+
+    nn = torch.nn
+    with_buffers = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2))
+    assert not KeptForwards.usable(with_buffers)
+    assert KeptForwards.usable(nn.Sequential(nn.Conv1d(1, 2, 3)))

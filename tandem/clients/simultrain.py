@@ -6,9 +6,10 @@ cut-layer gradients of a chunk this edge sent earlier, (2) the cloud's copy
 ``θ_e^c`` of the edge layers when reconciliation is due, and (3) how many
 micro-batches to forward next. The edge, in this order:
 
-1. recomputes the stashed chunk's forward pass at the *stashed* weights
-   ``w`` (PipeDream-style weight stashing), back-propagates the received
-   gradients, and takes one SGD step (torch's SGD with momentum,
+1. back-propagates the received gradients through the chunk's forward
+   pass at the *stashed* weights ``w`` (PipeDream-style weight stashing;
+   kept from step 3 on the stream, recomputed on the message transport),
+   and takes one SGD step (torch's SGD with momentum,
    learning rate ``lr × simultrain-edge-lr-scale``) on the chunk's mean
    gradient with the forecast correction of seed 002,
    ``∇̃ = ∇ℓ(w; x) + α·(θ_e − w)``: the gradient computed at the stashed
@@ -82,6 +83,7 @@ from tandem.wire import KEY_NODE, PayloadError, layout_of
 __all__ = [
     "HANDLERS",
     "EdgeState",
+    "KeptForwards",
     "StreamedEdge",
     "apply_gradients",
     "forward_chunk",
@@ -235,6 +237,62 @@ def sgd_step(
     return new_theta, new_momentum
 
 
+class KeptForwards:
+    """The forward passes of a stream session's chunks in flight, kept for
+    their backward passes.
+
+    Step 1 back-propagates a chunk's gradients at the weights it was
+    forwarded at. The message transport recomputes that forward pass (its
+    state crosses processes); a stream session lives in one process, so it
+    keeps each chunk's forward pass, autograd graph included, until the
+    chunk's gradients come back: the edge device's forward pass is not done
+    twice. Each chunk in flight runs on its own copy of the edge layers
+    (loaded with ``θ_e`` when it is forwarded), so a later load cannot touch
+    a graph still waiting; copies are reused once their chunk is done, so
+    there are at most W + 1 of them.
+
+    Only for edge layers whose state is their parameters (no buffers, such as
+    batch norm's running statistics, that a forward pass in training mode
+    would change a second time): :meth:`usable`.
+    """
+
+    def __init__(self, edge: nn.Module) -> None:
+        self.edge = edge
+        self.free: list[nn.Module] = []
+        self.kept: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+    @staticmethod
+    def usable(edge: nn.Module) -> bool:
+        """Whether ``edge``'s state dict holds its parameters and nothing else."""
+        return set(edge.state_dict()) == {name for name, _ in edge.named_parameters()}
+
+    def forward(self, version: int, theta: Tensors, x: torch.Tensor) -> torch.Tensor:
+        """Chunk ``version``'s activations at ``theta`` (detached); its
+        forward pass is kept."""
+        module = self.free.pop() if self.free else copy.deepcopy(self.edge)
+        module.load_state_dict(theta)
+        acts = module(x)
+        self.kept[version] = (module, acts)
+        return acts.detach()
+
+    def backward(self, version: int, grad: torch.Tensor) -> Tensors | None:
+        """The parameter gradients of chunk ``version``'s kept forward pass
+        under the cut gradients ``grad``; None if it was not kept."""
+        entry = self.kept.pop(version, None)
+        if entry is None:
+            return None
+        module, acts = entry
+        acts.backward(grad)
+        grads = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad(set_to_none=True)  # the gradients stay with `grads`
+        self.free.append(module)
+        return grads
+
+    def clear(self) -> None:
+        """Drop every kept forward pass (the session ended)."""
+        self.kept.clear()
+
+
 def apply_gradients(
     state: EdgeState,
     edge: nn.Module,
@@ -243,6 +301,7 @@ def apply_gradients(
     opts: SimulTrainOptions,
     lr: float,
     momentum: float,
+    kept: KeptForwards | None = None,
 ) -> float:
     """Step 1: back-propagate the received cut gradients at the stashed weights.
 
@@ -250,6 +309,12 @@ def apply_gradients(
     micro-batch of a chunk was forwarded at the same, stashed, weights),
     forecast to the version it is applied to (seed 002). Returns the CPU
     seconds spent.
+
+    The backward pass runs through the chunk's own forward pass when
+    ``kept`` holds it (:class:`KeptForwards`, the stream session's);
+    otherwise the forward pass is recomputed at the stashed weights (the
+    message transport, whose state crosses processes). Both give the same
+    gradients.
 
     Raises
     ------
@@ -270,10 +335,13 @@ def apply_gradients(
         for k in stash
         if k.startswith(prefix + "w.")
     }
-    edge.load_state_dict(stashed)
-    edge.zero_grad(set_to_none=True)
-    edge(torch.from_numpy(split.x[idx])).backward(torch.from_numpy(g / len(sizes)))
-    grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
+    grad_out = torch.from_numpy(g / len(sizes))
+    grads = None if kept is None else kept.backward(msg.grad_for, grad_out)
+    if grads is None:  # recompute the forward pass at the stashed weights
+        edge.load_state_dict(stashed)
+        edge.zero_grad(set_to_none=True)
+        edge(torch.from_numpy(split.x[idx])).backward(grad_out)
+        grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
     if opts.forecast == "stash":  # from the stashed to the current version
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
     else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
@@ -324,19 +392,25 @@ def forward_chunk(
     stream: BatchStream,
     want: int,
     precision: str,
+    kept: KeptForwards | None = None,
 ) -> Chunk:
     """Step 3: forward ``want`` micro-batches at ``θ_e``; stash inputs and weights.
 
     The chunk's ``seconds`` are the CPU time of all of it: the forward pass,
     the stash and the activations' encoding (int8 or half), as the edge
-    device runs all of it.
+    device runs all of it. With ``kept`` the forward pass is kept for the
+    chunk's backward pass (:class:`KeptForwards`).
     """
     tick = time.thread_time()
-    edge.load_state_dict(state.theta)
     batches = [stream.next_indices() for _ in range(want)]
     idx = np.concatenate(batches)
-    with torch.no_grad():
-        acts = edge(torch.from_numpy(split.x[idx]))
+    x = torch.from_numpy(split.x[idx])
+    if kept is not None:
+        acts = kept.forward(state.version, state.theta, x)
+    else:
+        edge.load_state_dict(state.theta)
+        with torch.no_grad():
+            acts = edge(x)
     sizes = np.array([len(b) for b in batches], dtype=np.int64)
     prefix = f"c{state.version}/"
     state.stash[prefix + "idx"] = idx.astype(np.int64)
@@ -504,6 +578,8 @@ class StreamedEdge:
         self.in_flight: deque[int] = deque()  # chunk versions awaiting gradients
         self.seq = 0  # frames sent
         self.node_id = -1  # set when the stream opens
+        # each chunk's forward pass, kept for its backward pass
+        self.kept = KeptForwards(edge) if KeptForwards.usable(edge) else None
 
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
@@ -609,7 +685,13 @@ class StreamedEdge:
         began = time.monotonic()
         version = self.state.version
         chunk = forward_chunk(
-            self.state, self.edge, self.split, self.batches, want, self.opts.precision
+            self.state,
+            self.edge,
+            self.split,
+            self.batches,
+            want,
+            self.opts.precision,
+            self.kept,
         )
         self.compute += chunk.seconds
         self.in_flight.append(version)
@@ -650,6 +732,7 @@ class StreamedEdge:
             self.opts,
             self.lr,
             self.momentum,
+            self.kept,
         )
         if msg.edge_params is not None:
             received = {
@@ -706,6 +789,8 @@ class StreamedEdge:
         finally:
             outbox.close()
             channel.close()
+            if self.kept is not None:
+                self.kept.clear()
 
     def reply(self) -> EdgeReply:
         """The session's answer: the final delta and the compute not reported."""
