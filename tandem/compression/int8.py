@@ -19,8 +19,11 @@ def int8_levels(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Int8 levels ``rint(127·x_j / a_j)`` of float32 ``x`` under scales
     ``a_j ≥ |x_j|`` (broadcast against ``x``; 0 where ``a_j = 0``)."""
     safe = np.where(scale > 0, scale, np.float32(1.0))
-    levels = np.rint(x / safe * np.float32(127.0))
-    return np.clip(levels, -127, 127).astype(np.int8)
+    levels = np.divide(x, safe)  # one temporary, every later step in place
+    np.multiply(levels, np.float32(127.0), out=levels)
+    np.rint(levels, out=levels)
+    np.clip(levels, -127, 127, out=levels)
+    return levels.astype(np.int8)
 
 
 def int8_values(levels: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -36,7 +39,7 @@ def quantize_rows(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     value lands in ``[-127, 127]`` (int8) and the error per value is at most
     ``s / 254``. Bytes per sample: ``prod(shape[1:]) + 4``.
     """
-    flat = acts.reshape(len(acts), -1).astype(np.float32)
+    flat = acts.reshape(len(acts), -1).astype(np.float32, copy=False)
     scale = np.abs(flat).max(axis=1) if flat.size else np.zeros(len(acts), np.float32)
-    scale = scale.astype(np.float32)
+    scale = scale.astype(np.float32, copy=False)
     return int8_levels(flat, scale[:, None]).reshape(acts.shape), scale
