@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+# Every test that starts Flower's simulation engine (and with it a Ray
+# cluster) runs in one worker, one at a time (pytest -n 2 --dist loadgroup)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("simulation-engine")]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,7 +12,9 @@ import pytest
 from tandem.launch import FlowerHome
 from tandem.tracking import read_jsonl
 
-pytestmark = pytest.mark.e2e
+# Every test that starts Flower's simulation engine (and with it a Ray
+# cluster) runs in one worker, one at a time (pytest -n 2 --dist loadgroup)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("simulation-engine")]
 
 NODES = 3
 ROUNDS = 2

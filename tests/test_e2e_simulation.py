@@ -15,7 +15,9 @@ from tandem.models import build_model
 from tandem.tracking import read_jsonl
 from tests.wandb_reader import read_history
 
-pytestmark = pytest.mark.e2e
+# Every test that starts Flower's simulation engine (and with it a Ray
+# cluster) runs in one worker, one at a time (pytest -n 2 --dist loadgroup)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("simulation-engine")]
 
 NODES = 3
 ROUNDS = 3

@@ -17,7 +17,7 @@ from tandem.bench.cli import select_variants
 from tandem.bench.runner import BenchOptions, RunRecord, _keep_log, summarize
 from tandem.bench.suites import SUITES
 from tandem.config import RunConfig
-from tandem.launch import RunStatus
+from tandem.launch import FlowerHome, RunStatus
 from tandem.protocol.simultrain import SimulTrainOptions
 from tandem.schedules import Exchange
 
@@ -179,10 +179,12 @@ class _FlakyHome:
             )
         return run_id
 
-    def status(self, run_id):
+    def status(self, run_id, connection="local"):
         (outcome,) = [o for r, o, _ in self.submitted if r == run_id]
         done = "finished:completed" if outcome == "ok" else "finished:failed"
         return RunStatus(run_id, done, "", 1.0)
+
+    wait = FlowerHome.wait  # the real wait, on this scripted status
 
     def logs(self, run_id):
         (outcome,) = [o for r, o, _ in self.submitted if r == run_id]
@@ -205,9 +207,9 @@ def test_a_run_that_ray_did_not_start_is_submitted_again(
     tmp_path, monkeypatch, capsys, outcomes, runs, retried, ok
 ):
     import tandem.bench.runner as runner
+    import tandem.launch as launch
 
-    monkeypatch.setattr(runner, "LIST_EVERY", 0.0)
-    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
     home = _FlakyHome(tmp_path, outcomes)
     (variant,) = [v for v in SUITE.variants if v.label == "simultrain"]
     opts = BenchOptions(out=tmp_path, profiles=(LINK,), nodes=2, steps=3)

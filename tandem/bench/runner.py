@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,6 @@ from tandem.schedules import (
 from tandem.tracking import read_jsonl
 
 __all__ = ["BenchOptions", "RunRecord", "federation_config", "run_suite", "summarize"]
-
-#: Seconds between ``flwr list`` calls while a run is going.
-LIST_EVERY = 15.0
 
 #: What Flower logs when its simulation engine could not start Ray (a raylet
 #: or the GCS timed out on a loaded machine): nothing of the run ran, so the
@@ -251,30 +247,18 @@ def _wait(
     opts: BenchOptions,
     progress: Callable[[int], None] | None,
 ) -> RunStatus:
-    """Follow the run through its metrics file; ask ``flwr list`` rarely.
-
-    Each ``flwr`` CLI call is a Python process that competes with the
-    ClientApps for the cores, so the run's own file is the progress signal
-    and the CLI is asked only every ``LIST_EVERY`` seconds and at the end.
-    """
-    deadline = time.monotonic() + opts.timeout
-    next_list = time.monotonic() + LIST_EVERY
+    """Follow the run through its metrics file (:meth:`FlowerHome.wait`, which
+    asks ``flwr list`` rarely); ``progress`` gets the rounds done."""
     reported = 0
-    while True:
-        records = read_jsonl(metrics) if metrics.exists() else []
+
+    def follow(records: list[dict[str, Any]]) -> None:
+        nonlocal reported
         done = sum(1 for r in records if r["event"] == "round" and r["round"] > 0)
         if progress is not None and done > reported:
             progress(done - reported)
             reported = done
-        finished = any(r["event"] == "summary" for r in records)
-        if finished or time.monotonic() >= next_list:
-            status = home.status(run_id)
-            if status.status.startswith("finished"):
-                return status
-            next_list = time.monotonic() + LIST_EVERY
-        if time.monotonic() > deadline:
-            return home.status(run_id)
-        time.sleep(0.5)
+
+    return home.wait(run_id, opts.timeout, metrics=metrics, on_records=follow)
 
 
 def _perplexity_figures(per_seed: Sequence[float | None]) -> dict[str, Any]:
