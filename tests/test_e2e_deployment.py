@@ -2,12 +2,11 @@
 
 Started on free ports inside the test and torn down afterwards, even on
 failure. Every method runs for real (a fresh ClientApp process per message)
-and must learn (SimulTrain's message transport in the killed-SuperNode test).
-One deployment runs with TLS and SuperNode authentication and must refuse a
-SuperNode whose key was never registered. SimulTrain also runs on its stream
-transport (plain and with TLS: the ClientApp of each edge streams for its
-whole session), and an edge killed mid-stream is dropped while the others
-finish.
+and must learn. One deployment runs with TLS and SuperNode authentication and
+must refuse a SuperNode whose key was never registered. SimulTrain also runs
+on its stream transport (plain and with TLS: the ClientApp of each edge
+streams for its whole session), and an edge killed mid-stream is dropped
+while the others finish.
 """
 
 from __future__ import annotations
@@ -26,7 +25,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment-engine")]
 
 RUNS = {
     "fedavg": {"num-server-rounds": 2},
-    "simultrain": {},  # the stream tests give its settings (STREAM)
+    "simultrain": {  # on messages here; the stream is tested below
+        "simultrain-transport": "message",
+        "simultrain-steps": 16,
+        "simultrain-eval-every": 8,
+    },
     "acesync": {"num-server-rounds": 2},
 }
 
@@ -86,9 +89,7 @@ def _learned(records):
     assert len(per_node) == 2
 
 
-# SimulTrain runs on the deployment engine in the stream tests and, on its
-# message transport, in the killed-SuperNode test (which also checks it learns)
-@pytest.mark.parametrize("method", ["acesync", "fedavg"])
+@pytest.mark.parametrize("method", sorted(RUNS))
 def test_each_method_on_the_deployment_engine(deployment, tmp_path, method):
     _, records = _run(deployment, tmp_path, method)
     _learned(records)
