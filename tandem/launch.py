@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from tandem.certs import TlsFiles, make_node_key, make_tls_files
-from tandem.tracking import read_jsonl
 
 __all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
 
@@ -106,14 +105,22 @@ def format_run_config(overrides: Mapping[str, object]) -> str:
 LIST_EVERY = 15.0
 
 
-def _metrics_file(metrics: Path | None, run_id: str) -> Path | None:
-    """The run's ``metrics.jsonl`` if it exists yet: ``metrics`` itself, or
-    the one in ``metrics/<method>-<run id>/`` when ``metrics`` is a folder."""
+def _records_so_far(metrics: Path | None, run_id: str) -> list[dict[str, Any]]:
+    """The complete records of a run's ``metrics.jsonl`` that is still being
+    written (a last line without its newline is left for the next read).
+
+    ``metrics`` is the file, or the folder holding the run's
+    ``<method>-<run id>/metrics.jsonl``; no file yet gives no records.
+    """
     if metrics is None:
-        return None
-    if metrics.suffix == ".jsonl":
-        return metrics if metrics.exists() else None
-    return next(iter(sorted(metrics.glob(f"*-{run_id}/metrics.jsonl"))), None)
+        return []
+    if metrics.suffix != ".jsonl":
+        found = sorted(metrics.glob(f"*-{run_id}/metrics.jsonl"))
+        metrics = found[0] if found else None
+    if metrics is None or not metrics.exists():
+        return []
+    lines = metrics.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -254,8 +261,7 @@ class FlowerHome:
         interval = min(1.0, list_every)
         next_list = time.monotonic() + interval
         while True:
-            path = _metrics_file(metrics, run_id)
-            records = read_jsonl(path) if path is not None else []
+            records = _records_so_far(metrics, run_id)
             if on_records is not None:
                 on_records(records)
             summary = any(r.get("event") == "summary" for r in records)

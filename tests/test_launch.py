@@ -75,3 +75,17 @@ def test_wait_without_a_metrics_file_keeps_to_the_doubling_intervals(
     status = _wait_on(monkeypatch, tmp_path, clock, None)
     assert status.ok
     assert clock.asked == [1.0, 3.0, 7.0, 15.0, 30.0, 45.0]
+
+
+def test_a_line_still_being_written_is_left_for_the_next_read(tmp_path):
+    from tandem.launch import _records_so_far
+
+    run = tmp_path / "acesync-7" / "metrics.jsonl"
+    assert _records_so_far(tmp_path, "7") == []  # no folder yet
+    run.parent.mkdir()
+    run.write_text('{"event": "round", "round": 1}\n{"event": "summ')
+    assert _records_so_far(tmp_path, "7") == [{"event": "round", "round": 1}]
+    assert _records_so_far(run, "7") == [{"event": "round", "round": 1}]
+    assert _records_so_far(tmp_path, "8") == []  # another run's folder
+    run.write_text(run.read_text() + 'ary"}\n')
+    assert _records_so_far(run, "7")[-1] == {"event": "summary"}
