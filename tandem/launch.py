@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.certs import TlsFiles, make_node_key, make_tls_files
+from tandem.tracking import read_jsonl
 
 __all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
 
@@ -107,7 +108,7 @@ LIST_EVERY = 15.0
 
 def _records_so_far(metrics: Path | None, run_id: str) -> list[dict[str, Any]]:
     """The complete records of a run's ``metrics.jsonl`` that is still being
-    written (a last line without its newline is left for the next read).
+    written (:func:`~tandem.tracking.read_jsonl` of a growing file).
 
     ``metrics`` is the file, or the folder holding the run's
     ``<method>-<run id>/metrics.jsonl``; no file yet gives no records.
@@ -119,8 +120,7 @@ def _records_so_far(metrics: Path | None, run_id: str) -> list[dict[str, Any]]:
         metrics = found[0] if found else None
     if metrics is None or not metrics.exists():
         return []
-    lines = metrics.read_text(encoding="utf-8").split("\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_jsonl(metrics, growing=True)
 
 
 @dataclass(frozen=True)

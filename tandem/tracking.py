@@ -267,7 +267,14 @@ class Tracker:
         self._wandb.log({"nodes/bytes": table})
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` file back as a list of records."""
+def read_jsonl(path: str | Path, growing: bool = False) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file back as a list of records.
+
+    ``growing``: the file of a run still going; a last line without its
+    newline is still being written and is left for the next read.
+    """
     with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = list(fh)
+    if growing and lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -221,7 +221,7 @@ def _follow(path, until, timeout=300):
     """Records of the run's metrics file once ``until(records)`` holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        records = read_jsonl(path) if path.exists() else []
+        records = read_jsonl(path, growing=True) if path.exists() else []
         if until(records):
             return records
         time.sleep(0.5)
@@ -238,7 +238,7 @@ def _every_node_answered(method, records):
     return any(r["round"] >= 1 for r in _events(records, "round"))
 
 
-# About 4 minutes each, most of it Flower noticing the dead node (two missed
+# About 3.5 to 4 minutes each, most of it Flower noticing the dead node (two missed
 # 30-s heartbeats) and one ClientApp process per message: marked slow, left
 # out of CI's run (pytest -m slow runs them; see the README)
 @pytest.mark.slow
