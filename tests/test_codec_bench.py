@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
+from tandem.compression import compensate
 from tandem.compression import layout as layout_module
 from tandem.compression import packing as packing_module
 from tandem.compression import pipeline as pipeline_module
@@ -274,7 +275,7 @@ def test_fill_deferred_equals_fill_unsent_and_refreshes_the_cache(decay):
         fill_deferred(update, sent, new_cache, new_rounds, sizes, 6, 1.5)
 
 
-def test_blocked_group_sums_equal_one_reduceat():
+def test_group_norms_and_density_by_pieces_equal_one_reduceat():
     rng = np.random.default_rng(9)
     shapes = {"a.weight": (300, 257), "a.bias": (257,), "b.weight": (129, 1001)}
     arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
@@ -282,9 +283,10 @@ def test_blocked_group_sums_equal_one_reduceat():
     v = layout.flat(arrays) * np.float32(3.7)
     v[::5] = 0.0
     assert v.size > 4 * (1 << 15)
-    np.testing.assert_array_equal(
+    np.testing.assert_allclose(
         layout.group_sq_norms(v),
         np.add.reduceat(np.square(v, dtype=np.float64), layout.starts),
+        rtol=2e-6,
     )
     nonzero = np.add.reduceat((v != 0).astype(np.float64), layout.starts)
     features = layout.structural(v)
@@ -302,11 +304,11 @@ def test_blocked_group_sums_equal_one_reduceat():
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatch):
-    """Compensated and squared block by block (blocks of 100 elements here),
+    """Compensated and squared piece by piece (pieces of 100 elements here),
     a round gives the bytes, values, residual and history of the two steps
-    apart (no blocks); a NaN in the update is refused with the same message,
-    and an overflow of ``g + γ·e`` raises as it did."""
-    monkeypatch.setattr(layout_module, "_BLOCK", 100)
+    apart (``compensate``, then ``group_sq_norms``); a NaN in the update is
+    refused with the same message, and an overflow of ``g + γ·e`` raises as it did."""
+    monkeypatch.setattr(layout_module, "_PIECE", 100)
     opts = AceSyncOptions()
     rng = np.random.default_rng(int(gamma * 10))
     arrays = {
@@ -330,7 +332,12 @@ def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatc
 
     def rounds(blocks):
         if not blocks:
-            monkeypatch.setattr(pipeline_module, "_blocks", lambda *a: None)
+
+            def two_steps(update, residual, gamma, layout):
+                compensated = compensate(update, residual, gamma)
+                return compensated, layout.group_sq_norms(compensated)
+
+            monkeypatch.setattr(pipeline_module, "_feedback", two_steps)
         memory = EdgeMemory.fresh(layout, opts.history)
         memory.residual = rng_residual.copy()
         outs = [compress_update(u, weights, memory, plan, layout) for u in updates]
@@ -347,7 +354,6 @@ def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatc
     assert memory.residual.tobytes() == reference.residual.tobytes()
     assert memory.history.tobytes() == reference.history.tobytes()
     monkeypatch.undo()
-    monkeypatch.setattr(layout_module, "_BLOCK", 100)
     bad = updates[0].copy()
     bad[5] = np.nan
     with pytest.raises(CodecError, match="x holds NaN or Inf"):

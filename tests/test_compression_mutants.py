@@ -7,6 +7,7 @@ budget, packing, rows): each test names what it pins down.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -40,7 +41,7 @@ from tandem.compression.downlink import (
 )
 from tandem.compression.groups import ParamGroup, make_groups, unflatten
 from tandem.compression.int8 import quantize_rows
-from tandem.compression.layout import GroupLayout, _group_sums
+from tandem.compression.layout import GroupLayout, Piece
 from tandem.compression.packing import (
     encode_packed,
     pack_groups,
@@ -492,20 +493,33 @@ def test_apply_downlink_checks_held_model_budget_and_names_groups():
 # ---------------------------------------------------------------------- layout
 
 
-def test_group_sums_blocks_agree_with_one_reduceat():
-    """Past one block (2**15 elements): a first group of one element, and an
-    empty group at a block's edge (read as reduceat reads it, the next
-    group's first term) give reduceat's sums."""
+def test_pieces_tile_the_groups_and_norms_match_float64_sums():
+    """Past one piece (2**17 elements): runs of one size are cut into pieces
+    of whole groups, an empty group and a group larger than a piece get
+    their own; the squared norms equal float64 sums to float32 rounding
+    (an empty group's is 0)."""
     rng = np.random.default_rng(5)
-    for sizes in ([1, 40_000], [32_768, 0, 10]):
-        sizes = np.array(sizes, np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        vector = rng.normal(size=int(sizes.sum())).astype(np.float32)
-        expected = np.add.reduceat(np.square(vector, dtype=np.float64), starts)
-        got = _group_sums(
-            lambda v: np.square(v, dtype=np.float64), vector, starts, sizes
-        )
-        np.testing.assert_array_equal(got, expected)
+    sizes = np.array([1] + [256] * 600 + [0, 10, 200_000, 3], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    layout = GroupLayout.from_arrays({"w": np.zeros(int(sizes.sum()), np.float32)}, 1)
+    layout = dataclasses.replace(layout, sizes=sizes, starts=starts)
+    assert layout.pieces == (
+        Piece(0, 1, 0, 1, 1),
+        Piece(1, 513, 1, 1 + 512 * 256, 256),
+        Piece(513, 601, 1 + 512 * 256, 1 + 600 * 256, 256),
+        Piece(601, 602, 1 + 600 * 256, 1 + 600 * 256, 0),
+        Piece(602, 603, 1 + 600 * 256, 11 + 600 * 256, 10),
+        Piece(603, 604, 11 + 600 * 256, 200_011 + 600 * 256, 200_000),
+        Piece(604, 605, 200_011 + 600 * 256, 200_014 + 600 * 256, 3),
+    )
+    vector = rng.normal(size=int(sizes.sum())).astype(np.float32)
+    squares = np.square(vector, dtype=np.float64)
+    expected = np.array(
+        [squares[a : a + k].sum() for a, k in zip(starts, sizes, strict=True)]
+    )
+    got = layout.group_sq_norms(vector)
+    assert got.dtype == np.float64 and got[601] == 0.0
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
 
 
 def test_layout_metas_and_layers_by_hand():
@@ -552,9 +566,10 @@ def test_group_rms_sums_in_float64_and_divides_by_the_size():
     np.testing.assert_array_equal(layout.group_rms(vector), expected)
 
 
-def test_structural_density_with_an_empty_group_reads_as_reduceat():
-    """With an empty group, density is counted by ``reduceat`` over the
-    nonzero mask: the empty group reads its neighbour's first weight."""
+def test_structural_density_with_an_empty_group():
+    """Density per group with an empty group between two others: the empty
+    group is dense (1, as ``dense_structural``), its neighbours count their
+    own zeros."""
     layout = GroupLayout.from_arrays(
         {
             "a": np.zeros(2, np.float32),
@@ -567,6 +582,9 @@ def test_structural_density_with_an_empty_group_reads_as_reduceat():
     features = layout.structural(np.array([0, 1, 3, 0], np.float32))
     density = features[:, STRUCTURAL_FEATURES.index("density")]
     assert density.tolist() == [0.5, 1.0, 0.5]
+    features = layout.structural(np.array([0, 1, 0, 0], np.float32))
+    density = features[:, STRUCTURAL_FEATURES.index("density")]
+    assert density.tolist() == [0.5, 1.0, 0.0]
 
 
 # ---------------------------------------------------------------------- groups

@@ -29,7 +29,7 @@ import numpy as np
 from tandem.compression.codecs import CodecError, Option, option_table
 from tandem.compression.feedback import compensate
 from tandem.compression.knapsack import select_options
-from tandem.compression.layout import GroupLayout, _blocks, _float64_squares
+from tandem.compression.layout import GroupLayout, row_sq_norms
 from tandem.compression.packing import _encode_packed, encode_packed
 from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
 from tandem.importance import (
@@ -348,26 +348,23 @@ def _feedback(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 3, ``g̃ = g + γ·e`` (:func:`_compensate`), and step 4's
     ``‖g̃_i‖²`` per group (``layout.group_sq_norms(g̃)``), in one pass: each
-    block of the group sums is compensated and squared while in the CPU
-    cache. The same values as the two steps apart."""
-    blocks = None
-    if _plain(update, residual, gamma) and update.shape == (layout.total,):
-        blocks = _blocks(layout.starts, layout.sizes, layout.total)
-    if blocks is None:
+    piece of the layout is compensated and its rows' energies taken while in
+    the CPU cache. The same values as the two steps apart."""
+    if not (_plain(update, residual, gamma) and update.shape == (layout.total,)):
         compensated = _compensate(update, residual, gamma)
         return compensated, layout.group_sq_norms(compensated)
     factor = np.float32(gamma)
     compensated = np.empty(layout.total, dtype=np.float32)
     energy = np.empty(layout.starts.size, dtype=np.float64)
-    squares = _float64_squares()
-    for g0, g1, lo, hi in blocks:
+    for piece in layout.pieces:
+        lo, hi = piece.lo, piece.hi
         part = compensated[lo:hi]
         if gamma == 1.0:  # as compensate: 1·e == e exactly
             np.add(update[lo:hi], residual[lo:hi], out=part)
         else:
             np.multiply(residual[lo:hi], factor, out=part)
             np.add(update[lo:hi], part, out=part)
-        np.add.reduceat(squares(part), layout.starts[g0:g1] - lo, out=energy[g0:g1])
+        energy[piece.g0 : piece.g1] = row_sq_norms(piece.rows(compensated))
     return compensated, energy
 
 
