@@ -261,14 +261,12 @@ class GroupLayout:
         """
         flat = np.asarray(weights).reshape(-1)
         features = self.dense_structural.copy()
-        zeros = np.zeros(self.sizes.size, dtype=np.int64)
-        is_zero = np.empty(max((p.hi - p.lo for p in self.pieces), default=0), bool)
-        for piece in self.pieces:  # most pieces hold no zero: one count each
-            mask = is_zero[: piece.hi - piece.lo].reshape(piece.g1 - piece.g0, -1)
-            np.equal(piece.rows(flat), 0, out=mask)
-            if piece.size and np.count_nonzero(mask):
-                zeros[piece.g0 : piece.g1] = np.count_nonzero(mask, axis=1)
-        nonzero = (self.sizes - zeros).astype(np.float64)
+        # count the (few) zeros per group; a zero at an empty group's start
+        # belongs to the next group (side="right")
+        zeros = np.flatnonzero(flat == 0)
+        group = np.searchsorted(self.starts, zeros, side="right") - 1
+        counts = np.bincount(group, minlength=self.sizes.size)
+        nonzero = (self.sizes - counts).astype(np.float64)
         density = np.clip(nonzero / np.maximum(self.sizes, 1), 0, 1)
         features[:, _DENSITY] = np.where(self.sizes > 0, density, 1.0)
         return features
