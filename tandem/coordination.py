@@ -27,6 +27,7 @@ __all__ = [
     "CachedUpdate",
     "IntervalDecision",
     "IntervalPolicy",
+    "Phase",
     "SyncDecision",
     "SyncPolicy",
     "adjust_intervals",
@@ -35,6 +36,7 @@ __all__ = [
     "cache_arrays",
     "divergence",
     "due_devices",
+    "interval_phase",
     "refresh_cache",
 ]
 
@@ -430,6 +432,49 @@ def due_devices(
     }
     soonest = min(max(w, 0) for w in wait.values())
     return [n for n in nodes if wait[n] <= soonest]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One device's part in a round of continuous synchronization.
+
+    Attributes
+    ----------
+    resume : bool
+        Train on from the model in progress (the message carries no model);
+        else start from the model the message brings.
+    send : bool
+        Reply with the update since the interval's model (a sync); else
+        reply with the training metrics alone and keep the model in progress.
+    """
+
+    resume: bool
+    send: bool
+
+
+def interval_phase(server_round: int, start: int, interval: int) -> Phase:
+    """A device's :class:`Phase` in ``server_round`` of an interval that
+    started in round ``start`` and lasts ``interval`` rounds.
+
+    The device trains ``local-steps`` in every round of the interval: from
+    the model sent in round ``start``, on from its own model in the rounds
+    after, and sends the update of all those steps in the interval's last
+    round, ``start + interval − 1``. With ``interval = 1`` every round is a
+    whole interval (a plain synchronous round).
+
+    Raises
+    ------
+    ValueError
+        If ``interval < 1`` or ``server_round`` is outside the interval.
+    """
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    if not start <= server_round < start + interval:
+        raise ValueError(
+            f"round {server_round} is outside the interval of rounds "
+            f"{start}..{start + interval - 1}"
+        )
+    return Phase(resume=server_round > start, send=server_round == start + interval - 1)
 
 
 @dataclass(frozen=True)

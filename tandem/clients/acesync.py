@@ -60,6 +60,14 @@ holds steps 3-7):
    :func:`~tandem.compression.downlink.model_digest` of ``θ``: the cloud
    compares it with its record of the device's model) and the node record.
 
+With continuous synchronization (``acesync-interval-mode = continuous``) a
+device trains every round of its sync interval and syncs in the last one
+(:func:`~tandem.coordination.interval_phase`): the plan's ``hold`` says to
+keep the trained model in ``Context.state`` (:data:`PROGRESS_KEY`) and reply
+with the training metrics alone, ``resume`` to train on from that model (the
+message carries none). Steps 2-8 then take ``θ`` = the model held since the
+interval's first round, so the update covers every step of the interval.
+
 Time for steps 2-8 is reported as ``overhead-seconds`` next to the training
 compute (``train-compute-seconds``); ``compute-seconds`` (what the virtual
 clock charges the edge) is their sum.
@@ -107,6 +115,7 @@ __all__ = [
     "compression_mod",
     "held_model",
     "load_memory",
+    "resume_model",
     "save_memory",
     "train_handler",
 ]
@@ -118,6 +127,9 @@ STATE_KEY = "acesync.edge"
 MODEL_KEY = "acesync.model"
 #: Its version (``{"version": int}``), in ``Context.state``.
 MODEL_VERSION_KEY = "acesync.model-version"
+#: The model in progress between the rounds of an interval of continuous
+#: synchronization (every tensor), in ``Context.state``.
+PROGRESS_KEY = "acesync.progress"
 
 
 def held_model(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:
@@ -228,6 +240,52 @@ def receive_model(msg: Message, context: Context, plan: EdgePlan) -> Message:
     return msg
 
 
+def resume_model(msg: Message, context: Context) -> Message:
+    """Continuous synchronization: the message with the model in progress in
+    ``arrays`` (the message itself must carry no model).
+
+    Raises
+    ------
+    PayloadError
+        If the message carries a model or a delta, or this node has no model
+        in progress (e.g. it restarted since the interval began).
+    """
+    for key in (KEY_ARRAYS, KEY_DOWNLINK):
+        if key in msg.content:
+            raise PayloadError(
+                f"train config asks to resume; the message carries record '{key}'"
+            )
+    progress = context.state.array_records.get(PROGRESS_KEY)
+    if progress is None:
+        raise PayloadError(
+            "train config asks to resume; this node has no model in progress"
+        )
+    content = RecordDict(dict(msg.content.items()))
+    content[KEY_ARRAYS] = progress
+    msg.content = content
+    return msg
+
+
+def _hold_reply(msg: Message, context: Context, reply: Message) -> Message:
+    """Continuous synchronization, not the interval's last round: keep the
+    trained model in progress; reply with the training metrics alone."""
+    context.state[PROGRESS_KEY] = get_record(reply.content, KEY_ARRAYS, ArrayRecord)  # type: ignore[assignment]
+    trained = get_record(reply.content, KEY_METRICS, MetricRecord)
+    compute = float(trained[KEY_COMPUTE_SECONDS])  # type: ignore[index, arg-type]
+    metrics = {
+        "train-loss": trained["train-loss"],  # type: ignore[index]
+        "num-examples": trained["num-examples"],  # type: ignore[index]
+        "train-seconds": trained["train-seconds"],  # type: ignore[index]
+        KEY_COMPUTE_SECONDS: compute,
+        "train-compute-seconds": compute,
+        "steps": trained["steps"],  # type: ignore[index]
+    }
+    content = RecordDict({KEY_METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    if KEY_NODE in reply.content:
+        content[KEY_NODE] = reply.content[KEY_NODE]
+    return Message(content=content, reply_to=msg)
+
+
 def load_memory(context: Context, layout: GroupLayout, history: int) -> EdgeMemory:
     """The edge's memory from ``context.state``; fresh if absent or of another
     layout."""
@@ -275,14 +333,31 @@ def compression_mod(
     """
     conf = get_record(msg.content, KEY_CONFIG, ConfigRecord)
     plan = EdgePlan.from_config(conf)  # type: ignore[arg-type]
-    predictor = read_predictor(msg.content) if plan.importance == "predictor" else None
-    msg = receive_model(msg, context, plan)  # 0. the model, full or a delta
+    scored = plan.importance == "predictor" and not plan.hold
+    predictor = read_predictor(msg.content) if scored else None
+    held = None
+    if plan.resume:  # 0. the model in progress (continuous synchronization)
+        msg = resume_model(msg, context)
+        held, _ = held_model(context)
+        if held is None and not plan.hold:
+            raise PayloadError("train config asks to resume; this node holds no model")
+    else:  # 0. the model, full or a delta
+        msg = receive_model(msg, context, plan)
+        if PROGRESS_KEY in context.state:  # a new interval starts here
+            del context.state[PROGRESS_KEY]
     reply = call_next(msg, context)  # 1. local training
     if reply.has_error():
         return reply
-    # 2-8. the update, compressed
+    if plan.hold:
+        return _hold_reply(msg, context, reply)
+    # 2-8. the update since the model held (sent in the interval's first
+    # round), compressed
     tick = _clock()
-    global_state = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
+    if held is not None:  # resumed: the update since the interval's model
+        del context.state[PROGRESS_KEY]
+        global_state = held
+    else:
+        global_state = _numpy(get_record(msg.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]
     layout = GroupLayout.from_arrays(global_state, plan.chunk)
     weights = layout.flat(global_state)
     local = _numpy(get_record(reply.content, KEY_ARRAYS, ArrayRecord))  # type: ignore[arg-type]

@@ -53,6 +53,7 @@ from tandem.wire import KEY_LOCAL_STEPS, PayloadError, read_array
 
 __all__ = [
     "EDGE_METRICS",
+    "HOLD_METRICS",
     "IMPORTANCE_SOURCES",
     "KEY_DOWNLINK",
     "KEY_PREDICTOR",
@@ -101,6 +102,19 @@ EDGE_METRICS = frozenset(
     }
 )
 
+#: Metric keys of a reply to a ``hold`` plan (the cloud checks the set
+#: exactly): the training's, no update.
+HOLD_METRICS = frozenset(
+    {
+        "train-loss",
+        "num-examples",
+        "train-seconds",
+        KEY_COMPUTE_SECONDS,
+        "train-compute-seconds",
+        "steps",
+    }
+)
+
 # Train-config keys of an EdgePlan.
 _BUDGET = "acesync-budget"
 _CODECS = "acesync-codecs"
@@ -110,6 +124,8 @@ _IMPORTANCE = "acesync-importance"
 _DECAY = "acesync-fill-decay"
 _HISTORY = "acesync-history"
 _ROUND = "server-round"
+_RESUME = "acesync-resume"
+_HOLD = "acesync-hold"
 # Train-config keys of a DownlinkHeader.
 _DOWN_VERSION = "acesync-down-version"
 _DOWN_BASE = "acesync-down-base"
@@ -141,6 +157,14 @@ class EdgePlan:
         SGD steps before replying.
     server_round : int
         The round (ages of cached stand-ins count from it).
+    resume : bool
+        Continuous synchronization: train on from the model in progress
+        (kept on the edge since the interval's first round); the message
+        carries no model.
+    hold : bool
+        Continuous synchronization: keep the trained model in progress and
+        reply with the training metrics alone (:data:`HOLD_METRICS`), no
+        update.
     """
 
     budget: int
@@ -152,6 +176,8 @@ class EdgePlan:
     history: int
     local_steps: int
     server_round: int
+    resume: bool = False
+    hold: bool = False
 
     @classmethod
     def from_options(
@@ -188,6 +214,8 @@ class EdgePlan:
             _HISTORY: int(self.history),
             KEY_LOCAL_STEPS: int(self.local_steps),
             _ROUND: int(self.server_round),
+            _RESUME: bool(self.resume),
+            _HOLD: bool(self.hold),
         }
 
     @classmethod
@@ -210,6 +238,12 @@ class EdgePlan:
                 raise PayloadError(f"train config '{key}' = {value!r}: {rule}")
             if not ok(value):  # type: ignore[operator]
                 raise PayloadError(f"train config '{key}' = {value!r}: {rule}")
+            return value
+
+        def flag(key: str) -> bool:  # optional; False if absent
+            value = config.get(key, False)
+            if not isinstance(value, bool):
+                raise PayloadError(f"train config '{key}' = {value!r}: must be a bool")
             return value
 
         try:
@@ -235,6 +269,8 @@ class EdgePlan:
                 KEY_LOCAL_STEPS, int, "must be in [1, 10**6]", lambda s: 1 <= s <= 10**6
             ),  # type: ignore[arg-type]
             server_round=get(_ROUND, int, "must be >= 0", lambda r: r >= 0),  # type: ignore[arg-type]
+            resume=flag(_RESUME),
+            hold=flag(_HOLD),
         )
 
 
@@ -493,6 +529,16 @@ class AceSyncOptions:
         multiple of the median syncs less often.
     min_interval, max_interval : int
         ``interval``: bounds on a device's sync interval (rounds).
+    interval_mode : str
+        ``interval``: how a device spends an interval of ``r_k`` rounds.
+        ``batched`` (the default): it is sent nothing until the interval's
+        last round, then trains ``r_k × local-steps`` steps in that round, so
+        the round lasts as long as its slowest device's ``r_k`` rounds of
+        steps. ``continuous``: it is sent a message every round and trains
+        ``local-steps`` each time (the model comes in the interval's first
+        round, the update goes up in its last:
+        :func:`~tandem.coordination.interval_phase`), so every round lasts
+        one round of steps and only the syncs are fewer.
     min_steps : int
         Floor on a tightened device's local steps (``steps``, ``both``).
     max_budget_scale : float
@@ -607,6 +653,9 @@ class AceSyncOptions:
     max_interval: int = option(
         "acesync-max-interval", 2, "must be >= 1 (rounds)", lambda n: n >= 1
     )
+    interval_mode: str = option(
+        "acesync-interval-mode", "batched", choices=("batched", "continuous")
+    )
     min_steps: int = option("acesync-min-steps", 10, "must be >= 1", lambda n: n >= 1)
     max_budget_scale: float = option(
         "acesync-max-budget-scale", 2.0, "must be >= 1", lambda f: f >= 1
@@ -701,6 +750,14 @@ class AceSyncOptions:
             )
         if not math.isfinite(self.beta):
             raise ConfigError("acesync-beta", self.beta, "must be finite")
+        if self.interval_mode == "continuous" and self.personalize:
+            raise ConfigError(
+                "acesync-interval-mode",
+                self.interval_mode,
+                "continuous synchronization does not work with "
+                "acesync-personalize yet (clusters send each device its "
+                "cluster's model every round)",
+            )
 
     @cached_property
     def options(self) -> tuple[Option, ...]:

@@ -105,7 +105,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,12 +115,13 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
+    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from tandem.accounting import payload_bytes
+from tandem.accounting import KEY_COMPUTE_SECONDS, payload_bytes
 from tandem.clustering import (
     choose_n_clusters,
     cluster_average,
@@ -138,12 +139,14 @@ from tandem.compression.downlink import (
 from tandem.compression.layout import GroupLayout
 from tandem.coordination import (
     IntervalPolicy,
+    Phase,
     SyncPolicy,
     adjust_intervals,
     adjust_sync,
     aggregation_weights,
     divergence,
     due_devices,
+    interval_phase,
 )
 from tandem.hierarchy import ClusterTracker
 from tandem.importance import (
@@ -161,6 +164,7 @@ from tandem.network import (
     parse_link,
 )
 from tandem.protocol.acesync import (
+    HOLD_METRICS,
     KEY_DOWNLINK,
     KEY_PREDICTOR,
     AceSyncOptions,
@@ -174,7 +178,14 @@ from tandem.protocol.acesync import (
 from tandem.server_context import ServerRun
 from tandem.strategies.compressed import CompressedUpdates, DecodedUpdate
 from tandem.strategies.fedavg import run as run_fedavg
-from tandem.wire import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS
+from tandem.wire import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_NODE,
+    PayloadError,
+    get_record,
+)
 
 __all__ = ["AceSync", "personalize", "run"]
 
@@ -281,6 +292,15 @@ class AceSync(CompressedUpdates):
         self.budget_scale: dict[int, float] = {}
         self.intervals: dict[int, int] = {}
         self.last_sync: dict[int, int] = {}
+        # continuous synchronization: each device's interval start, this
+        # round's phases, and the digest of the model each interval began on
+        self.continuous = (
+            self.interval_policy is not None and options.interval_mode == "continuous"
+        )
+        self.interval_start: dict[int, int] = {}
+        self._phases: dict[int, Phase] = {}
+        self._hold_ends: list[float] = []  # holds' ends on the virtual clock
+        self._interval_digest: dict[int, int | None] = {}
         # internal state: the cloud's record of each device's model (downlink)
         self.replicas: dict[int, DeviceReplica] = {}
         self._broadcast_bytes: tuple[int, int] = (-1, 0)  # (round, bytes)
@@ -362,8 +382,15 @@ class AceSync(CompressedUpdates):
             )
             scale = self.budget_scale.get(node, 1.0)
             budget = min(cap, math.floor(base * scale))
-            steps = self.steps.get(node, self.local_steps) * self.intervals.get(node, 1)
+            steps = self.steps.get(node, self.local_steps)
+            if not self.continuous:  # batched: r_k rounds of steps at once
+                steps *= self.intervals.get(node, 1)
             plans[node] = self.make_plan(server_round, budget, steps)
+            phase = self._phases.get(node)
+            if phase is not None:
+                plans[node] = dataclasses.replace(
+                    plans[node], resume=phase.resume, hold=not phase.send
+                )
             self.on_event(
                 "plan",
                 {
@@ -377,14 +404,31 @@ class AceSync(CompressedUpdates):
                     "budget-scale": scale,
                     "local-steps": steps,
                     "interval": self.intervals.get(node, 1),
+                    "resume": plans[node].resume,
+                    "hold": plans[node].hold,
                 },
             )
         return plans
 
     def select(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
         """With dynamic synchronization, the devices due this round
-        (:func:`~tandem.coordination.due_devices`); else all."""
+        (:func:`~tandem.coordination.due_devices`); else all. Continuous
+        synchronization trains every device every round: all, each in its
+        interval's phase (:func:`~tandem.coordination.interval_phase`; an
+        interval starts in the round after the last one ended)."""
+        self._phases = {}
         if self.interval_policy is None:
+            return list(node_ids)
+        if self.continuous:
+            for node in node_ids:
+                interval = self.intervals.get(node, 1)
+                start = self.interval_start.get(node)
+                if start is None or server_round >= start + interval:
+                    start = self.interval_start[node] = server_round
+                phase = interval_phase(server_round, start, interval)
+                self._phases[node] = phase
+                if phase.send:
+                    self.last_sync[node] = server_round
             return list(node_ids)
         due = due_devices(server_round, node_ids, self.last_sync, self.intervals)
         for node in due:
@@ -422,8 +466,26 @@ class AceSync(CompressedUpdates):
 
     def downlink(
         self, server_round: int, node: int, content: RecordDict, plan: EdgePlan
+    ) -> tuple[RecordDict, int | None]:
+        """The whole model, or the compressed delta since the device's version.
+
+        Continuous synchronization: no model for a device that resumes (it
+        trains on from its own; the digest expected is the interval's), and
+        no predictor for one that holds (it sends no update)."""
+        if plan.hold:
+            for key in self.broadcast_keys():
+                if key in content:
+                    del content[key]
+        if plan.resume:
+            del content[KEY_ARRAYS]
+            return content, self._interval_digest.get(node)
+        content, expected = self._downlink(server_round, node, content, plan)
+        self._interval_digest[node] = expected
+        return content, expected
+
+    def _downlink(
+        self, server_round: int, node: int, content: RecordDict, plan: EdgePlan
     ) -> tuple[RecordDict, int]:
-        """The whole model, or the compressed delta since the device's version."""
         layout = self._require_layout()
         current = self._require_current()
         replica = self.replicas.get(node)
@@ -678,6 +740,88 @@ class AceSync(CompressedUpdates):
         self.round_figures.append(figures)
         self.on_event("acesync", figures)
 
+    # ------------------------------------------------------ continuous sync
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapper's aggregate over the syncs; with continuous
+        synchronization the replies of devices that hold are checked and
+        counted first (:meth:`_take_holds`), and every device that synced,
+        or failed to, starts a new interval next round."""
+        if not self.continuous:
+            return super().aggregate_train(server_round, replies)
+        replies = list(replies)
+        plans = self._plans
+        holding = {node for node, plan in plans.items() if plan.hold}
+        self._take_holds(
+            server_round + self.round_offset,
+            [m for m in replies if m.metadata.src_node_id in holding],
+            holding,
+        )
+        self._plans = {n: p for n, p in plans.items() if n not in holding}
+        try:
+            return super().aggregate_train(
+                server_round,
+                [m for m in replies if m.metadata.src_node_id not in holding],
+            )
+        finally:
+            self._plans = plans
+            for node in plans:
+                if node not in holding:
+                    self.interval_start.pop(node, None)
+            self.round_start = max([self.round_start, *self._hold_ends])
+            self._hold_ends = []
+
+    def _take_holds(
+        self, server_round: int, replies: Sequence[Message], holding: set[int]
+    ) -> None:
+        """Check and count the replies of devices that hold (metrics
+        :data:`~tandem.protocol.acesync.HOLD_METRICS` exactly, finite, ``>=
+        0``); put their round on the virtual clock. A device that failed,
+        sent a bad reply or none gets the full model and a new interval next
+        round."""
+        good: dict[int, tuple[Mapping[str, float], int]] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if msg.has_error():
+                    raise PayloadError(f"the ClientApp failed: {msg.error.reason}")
+                good[node] = (_hold_metrics(msg.content), payload_bytes(msg.content))
+            except PayloadError as err:
+                self.stats.rejected += 1
+                self.on_reject(server_round, node, str(err))
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(holding - answered):
+            if self.on_dropout is not None:
+                self.on_dropout(server_round, node, "no reply to a hold message")
+        for node in holding - set(good):
+            self.forget(node)
+            self.interval_start.pop(node, None)
+        for metrics, _ in good.values():
+            self.stats.train_compute_seconds += metrics[KEY_COMPUTE_SECONDS]
+            self.stats.steps += int(metrics["steps"])
+        for node in good:
+            self.delivered[node] = self.delivered.get(node, 0) + 1
+        if self.options.bandwidth == "measured" or not good:
+            return
+        # on the virtual clock as received() places the syncs: the round's
+        # median seconds per step (the edges emulate one device)
+        per_step = float(
+            np.median([m[KEY_COMPUTE_SECONDS] / m["steps"] for m, _ in good.values()])
+        )
+        ends = []
+        for node, (metrics, nbytes) in sorted(good.items()):
+            self._ensure_links([node])
+            start = self.round_start
+            down = self.clock.transfer(
+                node, "down", self.bytes_down.get(node, 0), [start]
+            )
+            work = self.clock.compute(
+                f"edge:{node}", per_step * metrics["steps"], [down.end]
+            )
+            ends.append(self.clock.transfer(node, "up", nbytes, [work.end]).end)
+        self._hold_ends = ends
+
     # ------------------------------------------------------------------ clusters
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -863,6 +1007,39 @@ class AceSync(CompressedUpdates):
 
 
 # ------------------------------------------------------------ personalization
+def _hold_metrics(content: RecordDict) -> dict[str, float]:
+    """The metrics of a reply to a hold message, checked: exactly
+    :data:`~tandem.protocol.acesync.HOLD_METRICS`, finite numbers ``>= 0``,
+    ``steps`` at least 1; no other record than the metrics and the node's.
+
+    Raises
+    ------
+    PayloadError
+        Naming what is wrong.
+    """
+    extra = sorted(set(content.keys()) - {KEY_METRICS, KEY_NODE})
+    if extra:
+        raise PayloadError(f"a hold reply carries records {extra}")
+    record = get_record(content, KEY_METRICS, MetricRecord)
+    keys = set(record.keys())  # type: ignore[union-attr]
+    if keys != HOLD_METRICS:
+        raise PayloadError(
+            f"a hold reply's metrics are {sorted(keys)}, expected "
+            f"{sorted(HOLD_METRICS)}"
+        )
+    metrics: dict[str, float] = {}
+    for key in sorted(keys):
+        value = record[key]  # type: ignore[index]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PayloadError(f"hold metric '{key}' = {value!r} is not a number")
+        if not math.isfinite(value) or value < 0:
+            raise PayloadError(f"hold metric '{key}' = {value!r}: must be finite, >= 0")
+        metrics[key] = float(value)
+    if metrics["steps"] < 1:
+        raise PayloadError(f"hold metric 'steps' = {metrics['steps']}: must be >= 1")
+    return metrics
+
+
 def _evaluate(
     srv: ServerRun, models: Mapping[int, ArrayRecord], server_round: int
 ) -> dict[int, float]:

@@ -389,7 +389,7 @@ class CompressedUpdates(Strategy):
         self.current: np.ndarray | None = None  # flat θ sent this round
         self._current_arrays: dict[str, np.ndarray] = {}
         self._plans: dict[int, EdgePlan] = {}
-        self._expected: dict[int, int] = {}  # node -> digest of its model
+        self._expected: dict[int, int | None] = {}  # node -> digest of its model
         self._caches: dict[int, dict[int, CachedUpdate]] = {}
         self.bytes_down: dict[int, int] = {}
         self.last_updates: dict[int, DecodedUpdate] = {}
@@ -433,9 +433,10 @@ class CompressedUpdates(Strategy):
 
     def downlink(
         self, server_round: int, node: int, content: RecordDict, plan: EdgePlan
-    ) -> tuple[RecordDict, int]:
+    ) -> tuple[RecordDict, int | None]:
         """A node's message content as sent, and the digest of the model the
-        node will hold after applying it (default: the whole model, as built)."""
+        node will hold after applying it (default: the whole model, as built;
+        None: not checked)."""
         self.stats.full_sends += 1
         return content, model_digest(self._require_current())
 
