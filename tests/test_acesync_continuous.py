@@ -218,3 +218,56 @@ def test_continuous_mode_is_checked_when_the_run_starts():
         RunConfig.from_flat({**BASE, "acesync-interval-mode": "sometimes"})
     with pytest.raises(ConfigError, match="does not work with acesync-personalize"):
         AceSyncOptions(interval_mode="continuous", personalize=True)
+
+
+def _spoil_hold(node_id, round_, change):
+    """A tamper that rewrites ``node_id``'s reply to its ``round_``-th message."""
+    seen = {}
+
+    def tamper(node, reply):
+        seen[node] = seen.get(node, 0) + 1
+        if node == node_id and seen[node] == round_:
+            change(reply)
+        return reply
+
+    return tamper
+
+
+def _nan_loss(reply):
+    metrics = dict(reply.content["metrics"])
+    reply.content["metrics"] = MetricRecord({**metrics, "train-loss": float("nan")})
+
+
+def _uploads(reply):
+    reply.content["arrays"] = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_nan_loss, "hold metric 'train-loss' = nan"),
+        (_uploads, "a hold reply carries records ['arrays']"),
+    ],
+)
+def test_a_bad_hold_reply_is_refused_and_the_device_starts_over(
+    tmp_path, change, reason
+):
+    """Node 2's hold reply of round 2 is spoiled: it is refused with the
+    reason and counted; node 2 gets the full model in round 3 and starts a
+    new interval there (hold in 3, sync in 4) while the others sync in 3."""
+    config = {**BASE, "num-server-rounds": 4}
+    records, _ = run_inprocess(
+        config, nodes=3, out=tmp_path, tamper=_spoil_hold(2, 2, change)
+    )
+    rejects = _events(records, "rejected")
+    assert [(r["round"], r["node-id"]) for r in rejects] == [(2, 2)]
+    assert reason in rejects[0]["reason"]
+    assert records[-1]["rejected-replies"] == 1
+    plans = {(p["round"], p["node-id"]): p for p in _events(records, "plan")}
+    assert (plans[(3, 2)]["resume"], plans[(3, 2)]["hold"]) == (False, True)
+    assert (plans[(4, 2)]["resume"], plans[(4, 2)]["hold"]) == (True, False)
+    assert (plans[(3, 1)]["resume"], plans[(3, 1)]["hold"]) == (True, False)
+    downlinks = {(d["round"], d["node-id"]) for d in _events(records, "downlink")}
+    assert (3, 2) not in downlinks  # the full model, not a delta
+    assert (2, 1) in downlinks and (4, 1) in downlinks
+    assert records[-1]["downlink-digest-mismatches"] == 0

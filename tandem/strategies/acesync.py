@@ -177,6 +177,7 @@ from tandem.protocol.acesync import (
 )
 from tandem.server_context import ServerRun
 from tandem.strategies.compressed import CompressedUpdates, DecodedUpdate
+from tandem.strategies.fedavg import missing_replies
 from tandem.strategies.fedavg import run as run_fedavg
 from tandem.wire import (
     KEY_ARRAYS,
@@ -753,11 +754,7 @@ class AceSync(CompressedUpdates):
         replies = list(replies)
         plans = self._plans
         holding = {node for node, plan in plans.items() if plan.hold}
-        self._take_holds(
-            server_round + self.round_offset,
-            [m for m in replies if m.metadata.src_node_id in holding],
-            holding,
-        )
+        self._take_holds(server_round + self.round_offset, replies, holding)
         self._plans = {n: p for n, p in plans.items() if n not in holding}
         try:
             return super().aggregate_train(
@@ -775,25 +772,27 @@ class AceSync(CompressedUpdates):
     def _take_holds(
         self, server_round: int, replies: Sequence[Message], holding: set[int]
     ) -> None:
-        """Check and count the replies of devices that hold (metrics
+        """Check and count the replies (among ``replies``) of the devices that
+        hold (metrics
         :data:`~tandem.protocol.acesync.HOLD_METRICS` exactly, finite, ``>=
-        0``); put their round on the virtual clock. A device that failed,
-        sent a bad reply or none gets the full model and a new interval next
+        0``); put their round on the virtual clock. A device that failed or
+        sent no reply (a dropout, as :func:`missing_replies` says why) or a
+        bad one (rejected) gets the full model and a new interval next
         round."""
+        missing = missing_replies(holding, replies)
+        if self.on_dropout is not None:
+            for node, why in missing.items():
+                self.on_dropout(server_round, node, why)
         good: dict[int, tuple[Mapping[str, float], int]] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node not in holding or node in missing:
+                continue
             try:
-                if msg.has_error():
-                    raise PayloadError(f"the ClientApp failed: {msg.error.reason}")
                 good[node] = (_hold_metrics(msg.content), payload_bytes(msg.content))
             except PayloadError as err:
                 self.stats.rejected += 1
                 self.on_reject(server_round, node, str(err))
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in sorted(holding - answered):
-            if self.on_dropout is not None:
-                self.on_dropout(server_round, node, "no reply to a hold message")
         for node in holding - set(good):
             self.forget(node)
             self.interval_start.pop(node, None)
