@@ -56,7 +56,12 @@ Per round, for the ``K`` sampled devices:
    gets ``r_k + 1``, within [``acesync-min-interval``,
    ``acesync-max-interval``] (:func:`~tandem.coordination.adjust_intervals`);
    a round sends only to the devices that are due
-   (:func:`~tandem.coordination.due_devices`). The other actions keep every
+   (:func:`~tandem.coordination.due_devices`). With ``acesync-interval-mode
+   = continuous`` a round sends to every device instead, each in its
+   interval's phase (:func:`~tandem.coordination.interval_phase`): the model
+   in the first round, ``local-steps`` of training in every round, the
+   update in the last; the replies in between (``hold``) carry the training
+   metrics alone (:meth:`AceSync._take_holds`). The other actions keep every
    device in every round: a device past the threshold gets its budget scale
    doubled (``budget``, not above ``acesync-max-budget-scale``) and/or its
    local steps halved (``steps``, not below ``acesync-min-steps``); others
