@@ -478,15 +478,16 @@ class AceSync(CompressedUpdates):
         Continuous synchronization: no model for a device that resumes (it
         trains on from its own; the digest expected is the interval's), and
         no predictor for one that holds (it sends no update)."""
+        if plan.resume:
+            del content[KEY_ARRAYS]
+            expected = self._interval_digest.get(node)
+        else:  # the budget counts the predictor's bytes, as for every device
+            content, expected = self._downlink(server_round, node, content, plan)
+            self._interval_digest[node] = expected
         if plan.hold:
             for key in self.broadcast_keys():
                 if key in content:
                     del content[key]
-        if plan.resume:
-            del content[KEY_ARRAYS]
-            return content, self._interval_digest.get(node)
-        content, expected = self._downlink(server_round, node, content, plan)
-        self._interval_digest[node] = expected
         return content, expected
 
     def _downlink(
