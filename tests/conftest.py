@@ -32,3 +32,23 @@ def _private_cache(tmp_path_factory):
     mp.setenv("TANDEM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The task identity Flower's engines set, for handlers run in-process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, as a ClientApp gets in simulation (and fast on 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

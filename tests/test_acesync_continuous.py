@@ -9,7 +9,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -19,7 +18,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from inprocess import run_inprocess
 
 from tandem.clients.acesync import PROGRESS_KEY, compression_mod, held_model
@@ -49,18 +47,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 
 def _events(records, kind):

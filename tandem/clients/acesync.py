@@ -266,20 +266,27 @@ def resume_model(msg: Message, context: Context) -> Message:
     return msg
 
 
+def _training_metrics(reply: Message, overhead: float) -> dict[str, object]:
+    """The train handler's metrics as the reply reports them:
+    ``compute-seconds`` is training plus ``overhead`` (the compression),
+    ``train-compute-seconds`` training alone."""
+    trained = get_record(reply.content, KEY_METRICS, MetricRecord)
+    compute = float(trained[KEY_COMPUTE_SECONDS])  # type: ignore[index, arg-type]
+    return {
+        "train-loss": trained["train-loss"],  # type: ignore[index]
+        "num-examples": trained["num-examples"],  # type: ignore[index]
+        "train-seconds": trained["train-seconds"],  # type: ignore[index]
+        KEY_COMPUTE_SECONDS: compute + overhead,
+        "train-compute-seconds": compute,
+        "steps": trained["steps"],  # type: ignore[index]
+    }
+
+
 def _hold_reply(msg: Message, context: Context, reply: Message) -> Message:
     """Continuous synchronization, not the interval's last round: keep the
     trained model in progress; reply with the training metrics alone."""
     context.state[PROGRESS_KEY] = get_record(reply.content, KEY_ARRAYS, ArrayRecord)  # type: ignore[assignment]
-    trained = get_record(reply.content, KEY_METRICS, MetricRecord)
-    compute = float(trained[KEY_COMPUTE_SECONDS])  # type: ignore[index, arg-type]
-    metrics = {
-        "train-loss": trained["train-loss"],  # type: ignore[index]
-        "num-examples": trained["num-examples"],  # type: ignore[index]
-        "train-seconds": trained["train-seconds"],  # type: ignore[index]
-        KEY_COMPUTE_SECONDS: compute,
-        "train-compute-seconds": compute,
-        "steps": trained["steps"],  # type: ignore[index]
-    }
+    metrics = _training_metrics(reply, overhead=0.0)
     content = RecordDict({KEY_METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     if KEY_NODE in reply.content:
         content[KEY_NODE] = reply.content[KEY_NODE]
@@ -370,16 +377,9 @@ def compression_mod(
     save_memory(context, memory)
     overhead = _clock() - tick
 
-    trained = get_record(reply.content, KEY_METRICS, MetricRecord)
-    compute = float(trained[KEY_COMPUTE_SECONDS])  # type: ignore[index, arg-type]
     metrics = {
-        "train-loss": trained["train-loss"],  # type: ignore[index]
-        "num-examples": trained["num-examples"],  # type: ignore[index]
-        "train-seconds": trained["train-seconds"],  # type: ignore[index]
-        KEY_COMPUTE_SECONDS: compute + overhead,
-        "train-compute-seconds": compute,
+        **_training_metrics(reply, overhead),
         "overhead-seconds": overhead,
-        "steps": trained["steps"],  # type: ignore[index]
         "bytes-budget": plan.budget,
         "bytes-encoded": out.encoded_bytes,
         "kept-fraction": out.kept_fraction,
