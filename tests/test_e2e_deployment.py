@@ -96,6 +96,36 @@ def test_each_method_on_the_deployment_engine(deployment, tmp_path, method):
     assert records[-1]["rejected-replies"] == 0
 
 
+def test_acesync_continuous_sync_on_the_deployment_engine(deployment, tmp_path):
+    """Every device on a two-round interval after round 1: the SuperNodes
+    keep each device's model in progress between its hold round (2) and its
+    sync round (3), so the update of both rounds' steps goes up in round 3."""
+    extra = {
+        "num-server-rounds": 3,
+        "acesync-interval-mode": "continuous",
+        "acesync-min-interval": 2,
+    }
+    _, records = _run(deployment, tmp_path, "acesync", extra)
+    _learned(records)
+    phases = {
+        (p["round"], p["node-id"]): (p["resume"], p["hold"])
+        for p in _events(records, "plan")
+    }
+    assert sorted(set(phases.values())) == [
+        (False, False),
+        (False, True),
+        (True, False),
+    ]
+    assert [phases[k] for k in sorted(phases)] == [(False, False)] * 2 + [
+        (False, True)
+    ] * 2 + [(True, False)] * 2
+    summary = records[-1]
+    assert summary["rejected-replies"] == 0 and summary["dropouts"] == 0
+    assert summary["accepted-replies"] == 4  # the syncs of rounds 1 and 3
+    assert summary["downlink-digest-mismatches"] == 0
+    assert summary["edge-steps"] == 2 * 3 * summary["local-steps"]
+
+
 def test_tls_and_node_auth_refuse_an_unregistered_node(secure_deployment, tmp_path):
     dep = secure_deployment
     cli, records = _run(dep, tmp_path, "fedavg")
