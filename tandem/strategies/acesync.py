@@ -1011,7 +1011,6 @@ class AceSync(CompressedUpdates):
         return out
 
 
-# ------------------------------------------------------------ personalization
 def _hold_metrics(content: RecordDict) -> dict[str, float]:
     """The metrics of a reply to a hold message, checked: exactly
     :data:`~tandem.protocol.acesync.HOLD_METRICS`, finite numbers ``>= 0``,
@@ -1045,6 +1044,7 @@ def _hold_metrics(content: RecordDict) -> dict[str, float]:
     return metrics
 
 
+# ------------------------------------------------------------ personalization
 def _evaluate(
     srv: ServerRun, models: Mapping[int, ArrayRecord], server_round: int
 ) -> dict[int, float]:
