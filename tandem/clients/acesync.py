@@ -345,9 +345,12 @@ def compression_mod(
     held = None
     if plan.resume:  # 0. the model in progress (continuous synchronization)
         msg = resume_model(msg, context)
-        held, _ = held_model(context)
-        if held is None and not plan.hold:
-            raise PayloadError("train config asks to resume; this node holds no model")
+        if not plan.hold:  # the update will be taken against the held model
+            held, _ = held_model(context)
+            if held is None:
+                raise PayloadError(
+                    "train config asks to resume; this node holds no model"
+                )
     else:  # 0. the model, full or a delta
         msg = receive_model(msg, context, plan)
         if PROGRESS_KEY in context.state:  # a new interval starts here

@@ -164,6 +164,7 @@ from tandem.importance import (
 from tandem.network import (
     BandwidthEstimator,
     LinkProfile,
+    Task,
     VirtualClock,
     assign_links,
     parse_link,
@@ -305,7 +306,6 @@ class AceSync(CompressedUpdates):
         )
         self.interval_start: dict[int, int] = {}
         self._phases: dict[int, Phase] = {}
-        self._hold_ends: list[float] = []  # holds' ends on the virtual clock
         self._interval_digest: dict[int, int | None] = {}
         # internal state: the cloud's record of each device's model (downlink)
         self.replicas: dict[int, DeviceReplica] = {}
@@ -601,18 +601,20 @@ class AceSync(CompressedUpdates):
             self.delivered[node] = self.delivered.get(node, 0) + 1
             self._declared(node, u.link)
             link = self.links[node]
-            start = self.round_start
-            down = self.clock.transfer(
-                node, "down", self.bytes_down.get(node, 0), [start]
-            )
-            work = self.clock.compute(
-                f"edge:{node}", per_step * u.metrics["steps"], [down.end]
-            )
-            up = self.clock.transfer(node, "up", u.bytes_up, [work.end])
-            self.latency[node] = up.end - start
+            up = self._on_clock(node, per_step * u.metrics["steps"], u.bytes_up)
+            self.latency[node] = up.end - self.round_start
             self.estimators[node].observe(u.bytes_up, up.seconds, link.rtt.at(up.start))
             ends.append(up.end)
         self.round_start = max([self.round_start, *ends])
+
+    def _on_clock(self, node: int, seconds: float, bytes_up: int) -> Task:
+        """One device's round on the virtual clock from ``round_start``: the
+        message down, ``seconds`` of compute, ``bytes_up`` up; the upload."""
+        down = self.clock.transfer(
+            node, "down", self.bytes_down.get(node, 0), [self.round_start]
+        )
+        work = self.clock.compute(f"edge:{node}", seconds, [down.end])
+        return self.clock.transfer(node, "up", bytes_up, [work.end])
 
     def _measured(self, updates: Sequence[DecodedUpdate]) -> None:
         """Reliability counts, and ``B_k`` and ``L_k`` from measured transit.
@@ -760,7 +762,7 @@ class AceSync(CompressedUpdates):
         replies = list(replies)
         plans = self._plans
         holding = {node for node, plan in plans.items() if plan.hold}
-        self._take_holds(server_round + self.round_offset, replies, holding)
+        hold_ends = self._take_holds(server_round + self.round_offset, replies, holding)
         self._plans = {n: p for n, p in plans.items() if n not in holding}
         try:
             return super().aggregate_train(
@@ -772,16 +774,16 @@ class AceSync(CompressedUpdates):
             for node in plans:
                 if node not in holding:
                     self.interval_start.pop(node, None)
-            self.round_start = max([self.round_start, *self._hold_ends])
-            self._hold_ends = []
+            self.round_start = max([self.round_start, *hold_ends])
 
     def _take_holds(
         self, server_round: int, replies: Sequence[Message], holding: set[int]
-    ) -> None:
+    ) -> list[float]:
         """Check and count the replies (among ``replies``) of the devices that
         hold (metrics
         :data:`~tandem.protocol.acesync.HOLD_METRICS` exactly, finite, ``>=
-        0``); put their round on the virtual clock. A device that failed or
+        0``); put their round on the virtual clock and return when each
+        ends there (with emulated bandwidth). A device that failed or
         sent no reply (a dropout, as :func:`missing_replies` says why) or a
         bad one (rejected) gets the full model and a new interval next
         round."""
@@ -802,30 +804,22 @@ class AceSync(CompressedUpdates):
         for node in holding - set(good):
             self.forget(node)
             self.interval_start.pop(node, None)
-        for metrics, _ in good.values():
+        for node, (metrics, _) in good.items():
+            self.delivered[node] = self.delivered.get(node, 0) + 1
             self.stats.train_compute_seconds += metrics[KEY_COMPUTE_SECONDS]
             self.stats.steps += int(metrics["steps"])
-        for node in good:
-            self.delivered[node] = self.delivered.get(node, 0) + 1
         if self.options.bandwidth == "measured" or not good:
-            return
+            return []
         # on the virtual clock as received() places the syncs: the round's
         # median seconds per step (the edges emulate one device)
         per_step = float(
             np.median([m[KEY_COMPUTE_SECONDS] / m["steps"] for m, _ in good.values()])
         )
-        ends = []
-        for node, (metrics, nbytes) in sorted(good.items()):
-            self._ensure_links([node])
-            start = self.round_start
-            down = self.clock.transfer(
-                node, "down", self.bytes_down.get(node, 0), [start]
-            )
-            work = self.clock.compute(
-                f"edge:{node}", per_step * metrics["steps"], [down.end]
-            )
-            ends.append(self.clock.transfer(node, "up", nbytes, [work.end]).end)
-        self._hold_ends = ends
+        self._ensure_links(sorted(good))
+        return [
+            self._on_clock(node, per_step * metrics["steps"], nbytes).end
+            for node, (metrics, nbytes) in sorted(good.items())
+        ]
 
     # ------------------------------------------------------------------ clusters
     def configure_train(
