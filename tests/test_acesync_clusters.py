@@ -26,6 +26,7 @@ CONFIG = {
     "partition-groups": 2,
     "acesync-personalize": True,
     "acesync-recluster-every": 2,
+    "acesync-interval-mode": "batched",
 }
 
 
@@ -54,9 +55,13 @@ def _record_sent(monkeypatch):
             if msg.metadata.message_type == MessageType.TRAIN:
                 content = msg.content
                 round_ = int(content[KEY_CONFIG]["server-round"])
-                arrays = content[KEY_ARRAYS]
-                sent[(round_, msg.metadata.dst_node_id)] = np.concatenate(
-                    [arrays[k].numpy().ravel() for k in sorted(arrays)]
+                arrays = content.array_records.get(KEY_ARRAYS)
+                sent[(round_, msg.metadata.dst_node_id)] = (
+                    None
+                    if arrays is None  # continuous sync: the device resumes
+                    else np.concatenate(
+                        [arrays[k].numpy().ravel() for k in sorted(arrays)]
+                    )
                 )
         return push(self, messages)
 
@@ -175,3 +180,45 @@ def test_clusters_and_their_models_survive_a_checkpoint():
     assert after.hierarchy.labels == {3: 0, 5: 1}
     np.testing.assert_array_equal(after.hierarchy.base(5), np.arange(4.0))
     np.testing.assert_array_equal(after.hierarchy.base(3), np.ones(4))
+
+
+def test_clusters_shape_training_with_continuous_sync(tmp_path, monkeypatch):
+    """Every device on a two-round interval: its cluster's model comes when
+    an interval begins (rounds 2 and 4), nothing in the round it resumes
+    and syncs (3 and 5), and the digest the cloud expects is the cluster
+    model's it was sent."""
+    sent = _record_sent(monkeypatch)
+    config = {
+        **CONFIG,
+        "num-server-rounds": 5,
+        "acesync-interval-mode": "continuous",
+        "acesync-min-interval": 2,
+        "acesync-max-interval": 2,
+    }
+    records, _ = run_inprocess(config, nodes=6, out=tmp_path)
+    plans = {
+        (r["round"], r["node-id"]): (r["resume"], r["hold"])
+        for r in records
+        if r["event"] == "plan"
+    }
+    phases = [(False, False), (False, True), (True, False), (False, True)]
+    for n in range(1, 7):
+        assert [plans[(r, n)] for r in range(1, 6)] == [*phases, (True, False)]
+        assert sent[(3, n)] is None and sent[(5, n)] is None
+    groups = [(1, 3, 5), (2, 4, 6)]
+    for round_ in (2, 4):
+        for members in groups:
+            a = sent[(round_, members[0])]
+            assert all(np.array_equal(a, sent[(round_, n)]) for n in members[1:])
+        assert np.max(np.abs(sent[(round_, 1)] - sent[(round_, 2)])) > 1e-3
+    events = [r for r in records if r["event"] == "clusters"]
+    assert [e["round"] for e in events] == [1, 3, 5]  # the rounds with syncs
+    assert all(e["clusters"] == 2 for e in events)
+    assert all(e["hierarchical-gap"] < 1e-6 for e in events)
+    summary = records[-1]
+    assert summary["downlink-digest-mismatches"] == 0
+    assert summary["rejected-replies"] == 0 and summary["dropouts"] == 0
+    assert (
+        summary["personal-accuracy-cluster"]
+        > summary["personal-accuracy-global"] + 0.05
+    )

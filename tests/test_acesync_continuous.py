@@ -200,11 +200,12 @@ def test_plan_flags_round_trip_and_must_be_bools():
             EdgePlan.from_config({**plan.to_config(), key: 1})
 
 
-def test_continuous_mode_is_checked_when_the_run_starts():
+def test_continuous_mode_is_the_default_and_checked_when_the_run_starts():
     with pytest.raises(ConfigError, match="acesync-interval-mode"):
         RunConfig.from_flat({**BASE, "acesync-interval-mode": "sometimes"})
-    with pytest.raises(ConfigError, match="does not work with acesync-personalize"):
-        AceSyncOptions(interval_mode="continuous", personalize=True)
+    flat = {"method": "acesync", "acesync-personalize": True}
+    options = RunConfig.from_flat(flat).options_as(AceSyncOptions)
+    assert options.interval_mode == "continuous"  # the default, with clusters too
 
 
 def _spoil_hold(node_id, round_, change):

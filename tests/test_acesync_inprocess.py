@@ -39,6 +39,10 @@ BASE = {
     "partitioner": "dirichlet",
     "dirichlet-alpha": 0.5,
     "acesync-clusters": 1,
+    # these tests are about batched dynamic sync (a due device trains its
+    # interval's steps at once); continuous sync, the default, has its own
+    # module (tests/test_acesync_continuous.py)
+    "acesync-interval-mode": "batched",
 }
 
 

@@ -531,14 +531,14 @@ class AceSyncOptions:
         ``interval``: bounds on a device's sync interval (rounds).
     interval_mode : str
         ``interval``: how a device spends an interval of ``r_k`` rounds.
-        ``batched`` (the default): it is sent nothing until the interval's
-        last round, then trains ``r_k × local-steps`` steps in that round, so
-        the round lasts as long as its slowest device's ``r_k`` rounds of
-        steps. ``continuous``: it is sent a message every round and trains
-        ``local-steps`` each time (the model comes in the interval's first
-        round, the update goes up in its last:
+        ``continuous`` (the default): it is sent a message every round and
+        trains ``local-steps`` each time (the model comes in the interval's
+        first round, the update goes up in its last:
         :func:`~tandem.coordination.interval_phase`), so every round lasts
-        one round of steps and only the syncs are fewer.
+        one round of steps and only the syncs are fewer. ``batched``: it is
+        sent nothing until the interval's last round, then trains
+        ``r_k × local-steps`` steps in that round, so the round lasts as long
+        as its slowest device's ``r_k`` rounds of steps.
     min_steps : int
         Floor on a tightened device's local steps (``steps``, ``both``).
     max_budget_scale : float
@@ -654,7 +654,7 @@ class AceSyncOptions:
         "acesync-max-interval", 2, "must be >= 1 (rounds)", lambda n: n >= 1
     )
     interval_mode: str = option(
-        "acesync-interval-mode", "batched", choices=("batched", "continuous")
+        "acesync-interval-mode", "continuous", choices=("continuous", "batched")
     )
     min_steps: int = option("acesync-min-steps", 10, "must be >= 1", lambda n: n >= 1)
     max_budget_scale: float = option(
@@ -750,14 +750,6 @@ class AceSyncOptions:
             )
         if not math.isfinite(self.beta):
             raise ConfigError("acesync-beta", self.beta, "must be finite")
-        if self.interval_mode == "continuous" and self.personalize:
-            raise ConfigError(
-                "acesync-interval-mode",
-                self.interval_mode,
-                "continuous synchronization does not work with "
-                "acesync-personalize yet (clusters send each device its "
-                "cluster's model every round)",
-            )
 
     @cached_property
     def options(self) -> tuple[Option, ...]:

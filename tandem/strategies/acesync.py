@@ -50,18 +50,19 @@ Per round, for the ``K`` sampled devices:
    was sent) and ``θ_{t+1}`` the new global model
    (:func:`~tandem.coordination.divergence`). With ``acesync-sync-action =
    interval`` (the default, dynamic synchronization) each device syncs every
-   ``r_k`` rounds and trains ``r_k × local-steps`` steps per sync; a device
-   whose ``D_k / r_k`` exceeds ``acesync-divergence-threshold`` × the median
-   gets ``r_k`` halved, one at or below ``acesync-stable-ratio`` × the median
-   gets ``r_k + 1``, within [``acesync-min-interval``,
-   ``acesync-max-interval``] (:func:`~tandem.coordination.adjust_intervals`);
-   a round sends only to the devices that are due
-   (:func:`~tandem.coordination.due_devices`). With ``acesync-interval-mode
-   = continuous`` a round sends to every device instead, each in its
-   interval's phase (:func:`~tandem.coordination.interval_phase`): the model
-   in the first round, ``local-steps`` of training in every round, the
-   update in the last; the replies in between (``hold``) carry the training
-   metrics alone (:meth:`AceSync._take_holds`). The other actions keep every
+   ``r_k`` rounds; a device whose ``D_k / r_k`` exceeds
+   ``acesync-divergence-threshold`` × the median gets ``r_k`` halved, one at
+   or below ``acesync-stable-ratio`` × the median gets ``r_k + 1``, within
+   [``acesync-min-interval``, ``acesync-max-interval``]
+   (:func:`~tandem.coordination.adjust_intervals`). With
+   ``acesync-interval-mode = continuous`` (the default) a round sends to
+   every device, each in its interval's phase
+   (:func:`~tandem.coordination.interval_phase`): the model in the first
+   round, ``local-steps`` of training in every round, the update in the
+   last; the replies in between (``hold``) carry the training metrics alone
+   (:meth:`AceSync._take_holds`). With ``batched`` a round sends only to the
+   devices that are due (:func:`~tandem.coordination.due_devices`), each
+   training ``r_k × local-steps`` steps. The other actions keep every
    device in every round: a device past the threshold gets its budget scale
    doubled (``budget``, not above ``acesync-max-budget-scale``) and/or its
    local steps halved (``steps``, not below ``acesync-min-steps``); others
@@ -93,7 +94,8 @@ With ``acesync-personalize`` the clusters shape training instead
 (:mod:`tandem.hierarchy`, hooks in the "clusters" section of :class:`AceSync`):
 every ``acesync-recluster-every`` rounds, from the first, devices are
 clustered by where their models end up relative to the new global model;
-each device then trains from its cluster's model, each round aggregates
+each device then trains from its cluster's model (with continuous
+synchronization, the one of the round its interval begins), each round aggregates
 device → cluster → global (eq. 8 at both levels), and after the last round
 every device evaluates its cluster's model and the global model on its own
 test share (no refinement rounds).
@@ -825,7 +827,13 @@ class AceSync(CompressedUpdates):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        """The wrapper's messages; with clusters, each node gets its cluster's model."""
+        """The wrapper's messages; with clusters, each node gets its cluster's model.
+
+        With continuous synchronization a node gets it when its interval
+        begins and trains on from its own until it syncs; its update then
+        counts from its cluster's model of the round it syncs in, as a
+        device's update without clusters counts from the global model of
+        that round."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._bases = {}
         if self.hierarchy is None:
@@ -837,10 +845,13 @@ class AceSync(CompressedUpdates):
             if base is None:
                 continue
             self._bases[node] = base.astype(np.float32)
+            if self._plans[node].resume:  # no model in the message
+                continue
             msg.content[KEY_ARRAYS] = _record_of(
                 layout, self._current_arrays, self._bases[node]
             )
             self._expected[node] = model_digest(self._bases[node])
+            self._interval_digest[node] = self._expected[node]
             self.bytes_down[node] = payload_bytes(msg.content)
         return messages
 
