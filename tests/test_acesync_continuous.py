@@ -20,16 +20,22 @@ from flwr.app import (
 )
 from inprocess import run_inprocess
 
+from tandem.accounting import payload_bytes
 from tandem.clients.acesync import PROGRESS_KEY, compression_mod, held_model
+from tandem.compression.budget import byte_budget
 from tandem.compression.downlink import model_digest
 from tandem.compression.layout import GroupLayout
 from tandem.config import ConfigError, RunConfig
 from tandem.coordination import Phase, interval_phase
+from tandem.importance import ImportancePredictor
+from tandem.network import parse_link
 from tandem.protocol.acesync import (
     HOLD_METRICS,
+    KEY_PREDICTOR,
     AceSyncOptions,
     DownlinkHeader,
     EdgePlan,
+    predictor_record,
 )
 from tandem.wire import PayloadError
 
@@ -259,3 +265,28 @@ def test_a_bad_hold_reply_is_refused_and_the_device_starts_over(
     assert (3, 2) not in downlinks  # the full model, not a delta
     assert (2, 1) in downlinks and (4, 1) in downlinks
     assert records[-1]["downlink-digest-mismatches"] == 0
+
+
+def test_a_delta_budget_counts_the_predictor_even_when_a_hold_comes_first(tmp_path):
+    """Every delta of this run goes to a device that holds (rounds 2 and 4),
+    and a hold message carries no predictor; the downlink budget is still
+    eq. 5 on the device's downlink less the predictor's bytes, the round's
+    broadcast that every device that sends an update receives."""
+    config = {**BASE, "acesync-link": "4g"}  # one constant downlink rate
+    records, _ = run_inprocess(config, nodes=3, out=tmp_path)
+    deltas = _events(records, "downlink")
+    assert {(d["round"], d["node-id"]) for d in deltas} == {
+        (r, n) for r in (2, 4) for n in (1, 2, 3)
+    }
+    o = AceSyncOptions()
+    eq5 = byte_budget(
+        4 * 9610,  # cnn1d's 9,610 float32 parameters
+        parse_link("4g").down.at(0.0) * 1e6,
+        c_min=o.down_c_min,
+        c_max=o.down_c_max,
+        beta=o.beta,
+    )
+    record = predictor_record(ImportancePredictor(alpha=o.alpha))
+    predictor = payload_bytes(RecordDict({KEY_PREDICTOR: record}))
+    assert predictor >= 4 * 165  # 165 float32 weights, and their names
+    assert all(d["budget"] == eq5 - predictor for d in deltas)

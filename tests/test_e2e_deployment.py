@@ -2,11 +2,11 @@
 
 Started on free ports inside the test and torn down afterwards, even on
 failure. Every method runs for real (a fresh ClientApp process per message)
-and must learn. One deployment runs with TLS and SuperNode authentication and
-must refuse a SuperNode whose key was never registered. SimulTrain also runs
-on its stream transport (plain and with TLS: the ClientApp of each edge
-streams for its whole session), and an edge killed mid-stream is dropped
-while the others finish.
+and must learn. SimulTrain also runs on its stream transport (the ClientApp
+of each edge streams for its whole session); one deployment runs with TLS
+and SuperNode authentication, streams over TLS, and must refuse a SuperNode
+whose key was never registered; an edge killed mid-stream is dropped while
+the others finish.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment-engine")]
 
 RUNS = {
     "fedavg": {"num-server-rounds": 2},
-    "simultrain": {  # on messages here; the stream is tested below
+    "simultrain": {  # on messages here (two per edge); the stream is tested below
         "simultrain-transport": "message",
         "simultrain-steps": 16,
+        "simultrain-chunk": 8,
         "simultrain-eval-every": 8,
     },
-    "acesync": {"num-server-rounds": 2},
 }
 
 
@@ -71,7 +71,7 @@ def _run(dep, tmp_path, method, extra=None):
             "method": method,
             "mnist1d-samples": 2000,
             "output-dir": str(out),
-            **RUNS[method],
+            **RUNS.get(method, {}),
             **(extra or {}),
         },
         connection="deploy",
@@ -96,15 +96,12 @@ def test_each_method_on_the_deployment_engine(deployment, tmp_path, method):
     assert records[-1]["rejected-replies"] == 0
 
 
-def test_acesync_continuous_sync_on_the_deployment_engine(deployment, tmp_path):
-    """Every device on a two-round interval after round 1: the SuperNodes
-    keep each device's model in progress between its hold round (2) and its
-    sync round (3), so the update of both rounds' steps goes up in round 3."""
-    extra = {
-        "num-server-rounds": 3,
-        "acesync-interval-mode": "continuous",
-        "acesync-min-interval": 2,
-    }
+def test_acesync_on_the_deployment_engine(deployment, tmp_path):
+    """ACE-Sync's defaults (continuous synchronization) with every device on
+    a two-round interval after round 1: the SuperNodes keep each device's
+    model in progress between its hold round (2) and its sync round (3), so
+    the update of both rounds' steps goes up in round 3."""
+    extra = {"num-server-rounds": 3, "acesync-min-interval": 2}
     _, records = _run(deployment, tmp_path, "acesync", extra)
     _learned(records)
     phases = {
@@ -126,20 +123,6 @@ def test_acesync_continuous_sync_on_the_deployment_engine(deployment, tmp_path):
     assert summary["edge-steps"] == 2 * 3 * summary["local-steps"]
 
 
-def test_tls_and_node_auth_refuse_an_unregistered_node(secure_deployment, tmp_path):
-    dep = secure_deployment
-    cli, records = _run(dep, tmp_path, "fedavg")
-    _learned(records)
-    # the SuperLink knows exactly the two registered nodes ...
-    listed = cli.flwr("supernode", "list", "deploy")
-    assert listed.count("online") == 2
-    # ... and refused the third: it gave up with Flower's activation error
-    intruder = (dep.root / "intruder0.log").read_text()
-    assert "Failed to activate SuperNode" in intruder
-    superlink = (dep.root / "superlink.log").read_text()
-    assert "activate-node" in superlink and "2004" in superlink
-
-
 def _streamed(records, tls):
     """The run's chunks went through the stream: every chunk frame answered."""
     (stream,) = _events(records, "stream")
@@ -159,16 +142,30 @@ def test_simultrain_streams_on_the_deployment_engine(deployment, tmp_path):
     _streamed(records, tls=False)
 
 
-def test_simultrain_streams_over_tls(secure_deployment, tmp_path):
-    tls = secure_deployment.tls  # the SuperLink's CA and certificate
+def test_simultrain_streams_over_tls_and_node_auth_refuses_a_stranger(
+    secure_deployment, tmp_path
+):
+    """The deployment with TLS and SuperNode authentication: SimulTrain's
+    stream runs over TLS with the SuperLink's CA and certificate, and the
+    SuperLink refused the SuperNode whose key was never registered."""
+    dep = secure_deployment
+    tls = dep.tls
     keys = {
         "simultrain-stream-tls-cert": str(tls.server_cert),
         "simultrain-stream-tls-key": str(tls.server_key),
         "simultrain-stream-tls-ca": str(tls.ca_cert),
     }
-    _, records = _run(secure_deployment, tmp_path, "simultrain", {**STREAM, **keys})
+    cli, records = _run(dep, tmp_path, "simultrain", {**STREAM, **keys})
     _learned(records)
     _streamed(records, tls=True)
+    # the SuperLink knows exactly the two registered nodes ...
+    listed = cli.flwr("supernode", "list", "deploy")
+    assert listed.count("online") == 2
+    # ... and refused the third: it gave up with Flower's activation error
+    intruder = (dep.root / "intruder0.log").read_text()
+    assert "Failed to activate SuperNode" in intruder
+    superlink = (dep.root / "superlink.log").read_text()
+    assert "activate-node" in superlink and "2004" in superlink
 
 
 def test_an_edge_killed_mid_stream_is_dropped_and_the_others_finish(tmp_path):
