@@ -85,6 +85,22 @@ def test_every_device_trains_every_round_and_syncs_every_other(tmp_path):
     assert summary["final-accuracy"] > 0.25  # chance is 0.1
 
 
+def test_the_run_s_last_round_ends_every_interval(tmp_path):
+    """Four rounds: an interval of two would begin in round 4 and hold the
+    update past the run's end; it is cut to one round, so every device gets
+    the model and syncs in round 4 and no step is lost."""
+    records, _ = run_inprocess({**BASE, "num-server-rounds": 4}, nodes=3, out=tmp_path)
+    plans = {(p["round"], p["node-id"]): p for p in _events(records, "plan")}
+    for n in (1, 2, 3):
+        phases = [(plans[(r, n)]["resume"], plans[(r, n)]["hold"]) for r in range(1, 5)]
+        assert phases == [(False, False), (False, True), (True, False), (False, False)]
+    syncs = {(e["round"], e["node-id"]) for e in _events(records, "sync")}
+    assert syncs == {(r, n) for r in (1, 3, 4) for n in (1, 2, 3)}
+    summary = records[-1]
+    assert summary["accepted-replies"] == 9 and summary["rejected-replies"] == 0
+    assert summary["edge-steps"] == 3 * 4 * 20
+
+
 # ----------------------------------------------------------------- edge alone
 MODEL = {
     "w": np.arange(12, dtype=np.float32).reshape(4, 3) / 10,

@@ -245,6 +245,7 @@ class AceSync(CompressedUpdates):
         options: AceSyncOptions,
         local_steps: int,
         seed: int = 0,
+        final_round: int | None = None,
         on_event: Callable[[str, Mapping[str, object]], None] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -265,6 +266,9 @@ class AceSync(CompressedUpdates):
         self.options = options
         self.local_steps = int(local_steps)
         self.seed = int(seed)
+        # the run's last round (num-server-rounds): every interval of
+        # continuous synchronization ends there, so no training is held back
+        self.final_round = final_round
         self.policy = (
             SyncPolicy(
                 threshold=options.divergence_threshold,
@@ -423,7 +427,8 @@ class AceSync(CompressedUpdates):
         (:func:`~tandem.coordination.due_devices`); else all. Continuous
         synchronization trains every device every round: all, each in its
         interval's phase (:func:`~tandem.coordination.interval_phase`; an
-        interval starts in the round after the last one ended)."""
+        interval starts in the round after the last one ended, and ends at
+        the run's last round at the latest)."""
         self._phases = {}
         if self.interval_policy is None:
             return list(node_ids)
@@ -433,6 +438,8 @@ class AceSync(CompressedUpdates):
                 start = self.interval_start.get(node)
                 if start is None or server_round >= start + interval:
                     start = self.interval_start[node] = server_round
+                if self.final_round is not None:  # the last round sends
+                    interval = max(1, min(interval, self.final_round - start + 1))
                 phase = interval_phase(server_round, start, interval)
                 self._phases[node] = phase
                 if phase.send:
@@ -1383,6 +1390,7 @@ def run(srv: ServerRun) -> None:
             options=options,
             local_steps=cfg.train.local_steps,
             seed=cfg.seed,
+            final_round=cfg.num_server_rounds,
             on_event=srv.tracker.log_event,
             on_reject=on_reject,
             on_dropout=on_dropout,
