@@ -71,7 +71,6 @@ def _run(dep, tmp_path, method, extra=None):
             "method": method,
             "mnist1d-samples": 2000,
             "output-dir": str(out),
-            **RUNS.get(method, {}),
             **(extra or {}),
         },
         connection="deploy",
@@ -91,7 +90,7 @@ def _learned(records):
 
 @pytest.mark.parametrize("method", sorted(RUNS))
 def test_each_method_on_the_deployment_engine(deployment, tmp_path, method):
-    _, records = _run(deployment, tmp_path, method)
+    _, records = _run(deployment, tmp_path, method, RUNS[method])
     _learned(records)
     assert records[-1]["rejected-replies"] == 0
 
