@@ -15,11 +15,13 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,13 @@ from typing import Any
 from tandem.certs import TlsFiles, make_node_key, make_tls_files
 from tandem.tracking import read_jsonl
 
-__all__ = ["FlowerHome", "LoopbackDeployment", "RunStatus", "format_run_config"]
+__all__ = [
+    "FlowerHome",
+    "LoopbackDeployment",
+    "RunStatus",
+    "format_run_config",
+    "stage_app",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +109,59 @@ def format_run_config(overrides: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
+def _app_files(app_dir: Path) -> dict[str, Path]:
+    """The Flower App's files as ``flwr run`` collects them (relative POSIX
+    path -> path; symbolic links skipped), without entering a folder that the
+    app's ``.gitignore`` ignores or ``.git``."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    gitignore = app_dir / ".gitignore"
+    ignored = build_pathspec(
+        load_gitignore_patterns(gitignore.read_bytes() if gitignore.exists() else b"")
+    )
+    files: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(app_dir, followlinks=False):
+        base = Path(folder).relative_to(app_dir)
+        subfolders[:] = [
+            d
+            for d in subfolders
+            if d != ".git" and not ignored.match_file(f"{(base / d).as_posix()}/")
+        ]
+        for name in names:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                files[(base / name).as_posix()] = path
+    return files
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the files that the Flower App's FAB is built from into ``dest``.
+
+    ``flwr run <folder>`` walks every file under the folder and resolves each
+    before it applies ``.gitignore`` and the FAB's include rules: in a project
+    with its virtual environment inside (``.venv``, 50,000 files) that took
+    11-14 s of each submission on 2 cores, and 20-40 s beside a running
+    simulation. The copy holds what the FAB holds (Flower's own rules pick the
+    files), so ``flwr run dest`` builds the same FAB in a fraction of a second.
+    Returns ``dest``.
+    """
+    from flwr.cli.build import get_filtered_fab_paths
+    from flwr.cli.utils import filter_paths_for_publish
+
+    files = filter_paths_for_publish(_app_files(app_dir))
+    config = tomllib.loads(Path(files["pyproject.toml"]).read_text(encoding="utf-8"))
+    keep = {"pyproject.toml", *get_filtered_fab_paths(dict(files), config)}
+    if ".gitignore" in files:
+        keep.add(".gitignore")  # its rules apply to the copy as to the app
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in sorted(keep):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[rel], target)
+    return dest
+
+
 #: Most seconds between two ``flwr list`` calls while :meth:`FlowerHome.wait`
 #: waits on a run.
 LIST_EVERY = 15.0
@@ -153,6 +214,9 @@ class FlowerHome:
     connections : str | None (default: None)
         TOML text for ``config.toml`` instead of a link to ``flwr.toml`` (e.g.
         a deployment connection on a test's own ports).
+    stage : bool (default: True)
+        Submit a copy of the app's FAB files (:func:`stage_app`, made at the
+        first submission, in ``home/app``) rather than ``app_dir`` itself.
     """
 
     home: Path
@@ -160,6 +224,8 @@ class FlowerHome:
     control_port: int = field(default_factory=free_port)
     app_dir: Path = PROJECT_ROOT
     connections: str | None = None
+    stage: bool = True
+    _staged: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -212,7 +278,12 @@ class FlowerHome:
         connection: str = "local",
     ) -> str:
         """Submit a run; return its run id (the run goes on in the background)."""
-        args = ["run", str(self.app_dir), connection, "--format", "json"]
+        app = self.app_dir
+        if self.stage:
+            if self._staged is None:
+                self._staged = stage_app(self.app_dir, self.home / "app")
+            app = self._staged
+        args = ["run", str(app), connection, "--format", "json"]
         if run_config:
             args += ["--run-config", format_run_config(run_config)]
         if federation_config:

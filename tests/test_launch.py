@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
+
+from flwr.cli.build import build_fab_from_disk
 
 from tandem.launch import (
     PORT_FLOOR,
+    PROJECT_ROOT,
     FlowerHome,
     RunStatus,
     _ephemeral_range,
     free_port,
+    stage_app,
 )
 
 
@@ -21,6 +26,74 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
     assert all(PORT_FLOOR <= p < low for p in ports)
     with socket.socket() as sock:  # free: a server can bind it
         sock.bind(("", ports[-1]))
+
+
+def _toy_app(root):
+    """A Flower App folder with a virtual environment and run outputs inside."""
+    (root / "app_pkg").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        (PROJECT_ROOT / "pyproject.toml")
+        .read_text()
+        .replace('fab-include = ["tandem/**/*.py", "README.md"]', "")
+        .replace("tandem.server_app:app", "app_pkg.server:app")
+        .replace("tandem.client_app:app", "app_pkg.client:app")
+    )
+    (root / ".gitignore").write_text(".venv/\nruns/\n*.pyc\n")
+    (root / "README.md").write_text("# toy\n")
+    (root / "app_pkg" / "__init__.py").write_text("")
+    (root / "app_pkg" / "server.py").write_text("app = None\n")
+    (root / "app_pkg" / "client.py").write_text("app = None\n")
+    (root / "app_pkg" / "notes.txt").write_text("not in a FAB\n")
+    (root / "app_pkg" / "cached.pyc").write_bytes(b"ignored")
+    (root / "app_pkg" / "link.py").symlink_to(root / "app_pkg" / "server.py")
+    for folder in (".venv/lib/site-packages/pkg", "runs/fedavg-1"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "module.py").write_text("x = 1\n")
+        (root / folder / "config.toml").write_text("a = 1\n")
+    return root
+
+
+def test_a_staged_app_builds_flower_s_own_fab_without_the_ignored_folders(tmp_path):
+    app = _toy_app(tmp_path / "app")
+    staged = stage_app(app, tmp_path / "home" / "app")
+    fab, reference = build_fab_from_disk(staged), build_fab_from_disk(app)
+    assert hashlib.sha256(fab).digest() == hashlib.sha256(reference).digest()
+    copied = sorted(str(p.relative_to(staged)) for p in staged.rglob("*"))
+    assert copied == [
+        ".gitignore",
+        "README.md",
+        "app_pkg",
+        "app_pkg/__init__.py",
+        "app_pkg/client.py",
+        "app_pkg/server.py",
+        "pyproject.toml",
+    ]
+    # staged again (the app changed): the copy follows
+    (app / "app_pkg" / "server.py").write_text("app = 1\n")
+    (app / "README.md").unlink()
+    staged = stage_app(app, staged)
+    assert not (staged / "README.md").exists()
+    assert (staged / "app_pkg" / "server.py").read_text() == "app = 1\n"
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+
+
+def test_a_home_submits_the_staged_copy(monkeypatch, tmp_path):
+    app = _toy_app(tmp_path / "app")
+    home = FlowerHome(tmp_path / "home", app_dir=app)
+    calls = []
+
+    def flwr(*args, timeout=120):
+        calls.append(args)
+        return '{"success": true, "run-id": 5}'
+
+    monkeypatch.setattr(home, "flwr", flwr)
+    assert home.submit({"method": "fedavg"}) == "5"
+    assert calls[0][:2] == ("run", str(tmp_path / "home" / "app"))
+    assert (tmp_path / "home" / "app" / "app_pkg" / "server.py").exists()
+    unstaged = FlowerHome(tmp_path / "home2", app_dir=app, stage=False)
+    monkeypatch.setattr(unstaged, "flwr", flwr)
+    unstaged.submit()
+    assert calls[1][:2] == ("run", str(app))
 
 
 class _Clock:
