@@ -74,7 +74,7 @@ def _run(dep, tmp_path, method, extra=None):
             **(extra or {}),
         },
         connection="deploy",
-        timeout=300,
+        timeout=600,  # a hang guard: ACE-Sync's run took 200-220 s in CI's load
     )
     logs = "\n".join(p.read_text()[-1500:] for p in dep.root.glob("*.log"))
     assert status.ok, f"{status.status}: {status.details}\n{logs}"
