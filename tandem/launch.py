@@ -139,9 +139,9 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 
     ``flwr run <folder>`` walks every file under the folder and resolves each
     before it applies ``.gitignore`` and the FAB's include rules: in a project
-    with its virtual environment inside (``.venv``, 50,000 files) that took
-    11-14 s of each submission on 2 cores, and 20-40 s beside a running
-    simulation. The copy holds what the FAB holds (Flower's own rules pick the
+    with its virtual environment inside (``.venv``, 50,000 files) building
+    the FAB took 8.3 s on 2 cores, and a submission 11.0 s (2.7 s from the
+    copy). The copy holds what the FAB holds (Flower's own rules pick the
     files), so ``flwr run dest`` builds the same FAB in a fraction of a second.
     Returns ``dest``.
     """
