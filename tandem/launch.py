@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,8 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 #: Most seconds between two ``flwr list`` calls while :meth:`FlowerHome.wait`
 #: waits on a run.
 LIST_EVERY = 15.0
+#: Seconds a local SuperLink gets to answer its health check (Flower gives 15).
+SUPERLINK_STARTUP_TIMEOUT = 180.0
 
 
 def _records_so_far(metrics: Path | None, run_id: str) -> list[dict[str, Any]]:
@@ -283,6 +286,8 @@ class FlowerHome:
             if self._staged is None:
                 self._staged = stage_app(self.app_dir, self.home / "app")
             app = self._staged
+        if connection == "local" and self.connections is None:
+            self.start_superlink()
         args = ["run", str(app), connection, "--format", "json"]
         if run_config:
             args += ["--run-config", format_run_config(run_config)]
@@ -358,6 +363,75 @@ class FlowerHome:
         out = (run_config or {}).get("output-dir")
         metrics = Path(str(out)) if out else None
         return self.wait(run_id, timeout, connection, metrics)
+
+    def superlink_ready(self) -> bool:
+        """Whether this home's local SuperLink answers its health check."""
+        url = f"http://127.0.0.1:{self.http_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                return 200 <= reply.status < 300
+        except (OSError, ValueError):
+            return False
+
+    def start_superlink(self, timeout: float = SUPERLINK_STARTUP_TIMEOUT) -> None:
+        """Start the local SuperLink ``flwr run`` would start, and wait for it.
+
+        ``flwr run`` with a ``:local:`` connection starts this very SuperLink
+        (the same command line) when none answers, but gives it 15 s and then
+        kills it: on a loaded machine (two test workers on two cores) its
+        first start, which imports Flower and creates the database, can take
+        longer. Here it gets ``timeout`` seconds; ``flwr run`` then finds it
+        running. Does nothing if it already answers.
+        """
+        if self.superlink_ready():
+            return
+        runtime = self.home / "local-superlink"
+        runtime.mkdir(parents=True, exist_ok=True)
+        log = runtime / "superlink.log"
+        superlink = Path(sys.executable).parent / "flower-superlink"
+        command = [
+            str(superlink) if superlink.exists() else "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.http_port),
+            "--log-file",
+            str(log),
+            "--log-rotation-interval-hours",
+            "24",
+            "--log-rotation-backup-count",
+            "7",
+            "--database",
+            str(runtime / "state.db"),
+        ]
+        process = subprocess.Popen(
+            command,
+            env=self.env,
+            cwd=self.home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the local SuperLink exited with code {process.returncode}; "
+                    f"see {log}"
+                )
+            if self.superlink_ready():
+                return
+            time.sleep(0.2)
+        process.kill()
+        raise RuntimeError(
+            f"the local SuperLink did not start within {timeout:.0f} s; see {log}"
+        )
 
     def superlink_pids(self) -> list[int]:
         """PIDs of the local SuperLink this home started (found by its port)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from tandem.launch import (
@@ -81,19 +83,122 @@ def test_a_home_submits_the_staged_copy(monkeypatch, tmp_path):
     app = _toy_app(tmp_path / "app")
     home = FlowerHome(tmp_path / "home", app_dir=app)
     calls = []
+    started = []
 
     def flwr(*args, timeout=120):
         calls.append(args)
         return '{"success": true, "run-id": 5}'
 
     monkeypatch.setattr(home, "flwr", flwr)
+    monkeypatch.setattr(home, "start_superlink", lambda: started.append(1))
     assert home.submit({"method": "fedavg"}) == "5"
     assert calls[0][:2] == ("run", str(tmp_path / "home" / "app"))
     assert (tmp_path / "home" / "app" / "app_pkg" / "server.py").exists()
+    assert started == [1]  # the local SuperLink is started before flwr run
     unstaged = FlowerHome(tmp_path / "home2", app_dir=app, stage=False)
     monkeypatch.setattr(unstaged, "flwr", flwr)
+    monkeypatch.setattr(unstaged, "start_superlink", lambda: started.append(2))
     unstaged.submit()
     assert calls[1][:2] == ("run", str(app))
+    deployed = FlowerHome(tmp_path / "home3", app_dir=app, connections="")
+    monkeypatch.setattr(deployed, "flwr", flwr)
+    monkeypatch.setattr(deployed, "start_superlink", lambda: started.append(3))
+    deployed.submit(connection="deploy")
+    assert started == [1, 2]  # not for a connection of the home's own
+
+
+class _Process:
+    """A stand-in for the SuperLink's ``Popen``: records its command line."""
+
+    def __init__(self, command, exits_with=None, **kwargs):
+        self.command, self.kwargs = command, kwargs
+        self.returncode = exits_with
+        self.killed = False
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self):
+        self.killed = True
+
+
+def test_the_superlink_started_is_the_one_flwr_run_would_start(monkeypatch, tmp_path):
+    import flwr.cli.local_superlink as flower
+
+    import tandem.launch as launch
+
+    home = FlowerHome(tmp_path / "home")
+    ours, theirs = [], []
+
+    def popen(command, **kwargs):
+        ours.append(_Process(command, **kwargs))
+        return ours[-1]
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    answers = iter([False, False, True])
+    monkeypatch.setattr(home, "superlink_ready", lambda: next(answers))
+    home.start_superlink()
+
+    # Flower's own start, as `flwr run` would do it in this home's environment.
+    monkeypatch.setenv("FLWR_HOME", str(home.home))
+    monkeypatch.setattr(flower, "LOCAL_SUPERLINK_HTTP_API_PORT", str(home.http_port))
+    monkeypatch.setattr(
+        flower, "LOCAL_CONTROL_API_ADDRESS", f"127.0.0.1:{home.control_port}"
+    )
+    monkeypatch.setattr(
+        flower.subprocess,
+        "Popen",
+        lambda command, **kwargs: theirs.append(_Process(command)) or theirs[-1],
+    )
+    monkeypatch.setattr(flower, "_is_local_superlink_started", lambda: True)
+    flower._start_local_superlink()
+
+    (mine,), (flowers,) = ours, theirs
+    assert Path(mine.command[0]).name == flowers.command[0] == "flower-superlink"
+    assert mine.command[1:] == flowers.command[1:]
+    assert mine.kwargs["start_new_session"] is True
+    assert mine.kwargs["env"]["FLWR_HOME"] == str(home.home)
+    assert f"--port\0{home.http_port}\0" in "\0".join(mine.command) + "\0"
+
+
+def test_a_slow_superlink_is_waited_for_and_a_dead_one_reported(monkeypatch, tmp_path):
+    import tandem.launch as launch
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(launch.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(
+        launch.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s)
+    )
+    home = FlowerHome(tmp_path / "home")
+    spawned = []
+    monkeypatch.setattr(
+        launch.subprocess,
+        "Popen",
+        lambda command, **kw: spawned.append(_Process(command)) or spawned[-1],
+    )
+    # Answers only after 40 s: `flwr run` would have killed it at 15 s.
+    monkeypatch.setattr(home, "superlink_ready", lambda: clock["now"] >= 40.0)
+    home.start_superlink()
+    assert 40.0 <= clock["now"] < 41.0 and not spawned[0].killed
+
+    clock["now"] = 0.0
+    monkeypatch.setattr(home, "superlink_ready", lambda: False)
+    with pytest.raises(RuntimeError, match="did not start within 60 s"):
+        home.start_superlink(timeout=60)
+    assert spawned[1].killed and 60.0 <= clock["now"] < 61.0
+
+    monkeypatch.setattr(
+        launch.subprocess,
+        "Popen",
+        lambda command, **kw: _Process(command, exits_with=1),
+    )
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        home.start_superlink()
+
+    ready = FlowerHome(tmp_path / "ready")
+    monkeypatch.setattr(ready, "superlink_ready", lambda: True)
+    monkeypatch.setattr(launch.subprocess, "Popen", None)  # must not be called
+    ready.start_superlink()
 
 
 class _Clock:
