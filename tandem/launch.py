@@ -164,8 +164,10 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 
 
 #: Most seconds between two ``flwr list`` calls while :meth:`FlowerHome.wait`
-#: waits on a run.
+#: waits on a run through the ``flwr`` CLI.
 LIST_EVERY = 15.0
+#: The same for a home's own local SuperLink, asked in-process (a few ms).
+LOCAL_LIST_EVERY = 2.0
 #: Seconds a local SuperLink gets to answer its health check (Flower gives 15).
 SUPERLINK_STARTUP_TIMEOUT = 180.0
 
@@ -300,13 +302,47 @@ class FlowerHome:
         return str(reply["run-id"])
 
     def status(self, run_id: str, connection: str = "local") -> RunStatus:
-        """The run's current status from ``flwr list``."""
+        """The run's current status, as ``flwr list`` reports it.
+
+        For this home's own local SuperLink the question goes straight to its
+        Control API from this process, with Flower's own client and the
+        CLI's formatting of the reply: a ``flwr list`` process costs about 2 s
+        of CPU, taken from the run it waits on. Other connections (TLS,
+        SuperNode authentication, accounts) go through the CLI.
+        """
+        if connection == "local" and self.connections is None:
+            return self._local_status(run_id)
         out = self.flwr("list", connection, "--run-id", run_id, "--format", "json")
         reply = json.loads(out[out.index("{") :])
         (run,) = [r for r in reply["runs"] if str(r["run-id"]) == run_id]
         return RunStatus(
             run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
         )
+
+    def _local_status(self, run_id: str) -> RunStatus:
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.cli.run_utils import format_runs
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        client = ControlHttpClient.from_server_address(
+            server_address=f"127.0.0.1:{self.http_port}",
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+        )
+        try:
+            reply = client.ListRuns(ListRunsRequest(run_id=int(run_id)))
+        finally:
+            client.close()
+        runs = [run_from_proto(proto) for proto in reply.run_dict.values()]
+        (row,) = [r for r in format_runs(runs, reply.now) if str(r.run_id) == run_id]
+        return RunStatus(run_id, row.status_text, str(row.details), row.elapsed)
 
     def logs(self, run_id: str, connection: str = "local") -> str:
         """The run's log as the SuperLink kept it (``flwr log --show``)."""
@@ -319,20 +355,25 @@ class FlowerHome:
         connection: str = "local",
         metrics: Path | None = None,
         on_records: Callable[[list[dict[str, Any]]], None] | None = None,
-        list_every: float = LIST_EVERY,
+        list_every: float | None = None,
     ) -> RunStatus:
         """Wait until the run has finished (or ``timeout`` seconds pass).
 
-        Each ``flwr list`` is a Python process (about 2 s of CPU) competing
-        with the run's own processes for the cores, so the CLI is asked
-        rarely: after 1 s, then at intervals that double up to
-        ``list_every``. In between, the run's own metrics file is the cheap
+        Flower is asked for the run's status after 1 s, then at intervals
+        that double up to ``list_every`` (default: :data:`LOCAL_LIST_EVERY`
+        for this home's local SuperLink, asked in-process; else
+        :data:`LIST_EVERY`, because each ``flwr list`` is a Python process,
+        about 2 s of CPU, competing with the run's own processes for the
+        cores). In between, the run's own metrics file is the cheap
         signal: ``metrics`` is that ``metrics.jsonl``, or the ``output-dir``
         in which the run makes its folder (``<method>-<run id>``). Once the
         file holds the run's summary, the CLI is asked every half second
         until Flower says the run has finished. ``on_records`` gets the
         file's records at every read (to follow the run's progress).
         """
+        if list_every is None:
+            local = connection == "local" and self.connections is None
+            list_every = LOCAL_LIST_EVERY if local else LIST_EVERY
         deadline = time.monotonic() + timeout
         interval = min(1.0, list_every)
         next_list = time.monotonic() + interval

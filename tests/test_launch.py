@@ -225,12 +225,13 @@ class _Clock:
         return RunStatus(run_id, "finished:completed" if done else "running", "", 0)
 
 
-def _wait_on(monkeypatch, tmp_path, clock, metrics):
+def _wait_on(monkeypatch, tmp_path, clock, metrics, connections=""):
     import tandem.launch as launch
 
     monkeypatch.setattr(launch.time, "monotonic", clock.monotonic)
     monkeypatch.setattr(launch.time, "sleep", clock.sleep)
-    home = FlowerHome(tmp_path / "home")
+    # By default a home of its own connections: asked through the CLI.
+    home = FlowerHome(tmp_path / "home", connections=connections)
     monkeypatch.setattr(home, "status", clock.status)
     return home.wait("7", timeout=600, metrics=metrics)
 
@@ -253,6 +254,25 @@ def test_wait_without_a_metrics_file_keeps_to_the_doubling_intervals(
     status = _wait_on(monkeypatch, tmp_path, clock, None)
     assert status.ok
     assert clock.asked == [1.0, 3.0, 7.0, 15.0, 30.0, 45.0]
+
+
+def test_a_local_superlink_is_asked_in_process_and_often(monkeypatch, tmp_path):
+    clock = _Clock(None, ends_at=9.0)
+    status = _wait_on(monkeypatch, tmp_path, clock, None, connections=None)
+    assert status.ok
+    assert clock.asked == [1.0, 3.0, 5.0, 7.0, 9.0]  # every 2 s, not 15
+
+    home = FlowerHome(tmp_path / "local")
+    asked = []
+    monkeypatch.setattr(home, "_local_status", lambda run_id: asked.append(run_id))
+    monkeypatch.setattr(home, "flwr", lambda *args, **kw: pytest.fail("CLI asked"))
+    home.status("12")
+    assert asked == ["12"]
+    deployed = FlowerHome(tmp_path / "deployed", connections="")
+    monkeypatch.setattr(deployed, "_local_status", lambda run_id: pytest.fail("local"))
+    reply = '{"runs": [{"run-id": "12", "status": "running", "elapsed": 3.5}]}'
+    monkeypatch.setattr(deployed, "flwr", lambda *args, **kw: reply)
+    assert deployed.status("12", "deploy") == RunStatus("12", "running", "", 3.5)
 
 
 def test_a_line_still_being_written_is_left_for_the_next_read(tmp_path):
