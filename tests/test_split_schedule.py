@@ -163,3 +163,57 @@ def test_a_cut_that_names_no_stage_is_refused_by_its_option(capsys):
     with pytest.raises(SystemExit):
         main(["--dataset", "mnist1d", "--steps", "1", "--cut", "nowhere"])
     assert "--cut" in capsys.readouterr().err
+
+
+def test_an_adam_edge_without_delay_is_adam_on_the_edge_and_sgd_on_the_cloud():
+    cfg = _cfg()
+    steps, seed = 10, 4
+    edge, cloud = train_schedule(
+        cfg, Schedule(1, 0, 0.5), steps, seed, edge_optimizer="adam", edge_lr=0.01
+    )
+    bundle = load_dataset(cfg.data)
+    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
+    lower = torch.nn.Sequential(*list(whole)[: len(edge)])
+    upper = torch.nn.Sequential(*list(whole)[len(edge) :])
+    edge_opt = torch.optim.Adam(lower.parameters(), lr=0.005)  # 0.01 x S
+    cloud_opt = torch.optim.SGD(upper.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, len(bundle.train), 8)
+        edge_opt.zero_grad()
+        cloud_opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            whole(torch.from_numpy(bundle.train.x[idx])),
+            torch.from_numpy(bundle.train.y[idx]),
+        ).backward()
+        edge_opt.step()
+        cloud_opt.step()
+    _close(torch.nn.Sequential(*edge, *cloud), whole)
+    with pytest.raises(ValueError, match="edge optimizer"):
+        train_schedule(cfg, Schedule(1, 0, 1.0), 1, seed, edge_optimizer="lion")
+
+
+def test_delay_compensation_adds_lambda_g_squared_times_the_weights_move():
+    # 2/1/1, plain SGD: after 6 micro-batches the edge has taken two steps;
+    # the second one applies chunk 1, forwarded at w0, to w1. DC-ASGD adds
+    # lr * lam * g1^2 * (w1 - w0) to it; nothing else changes.
+    cfg = _cfg(momentum=0.0)
+    lam, lr = 1e5, 0.05
+    w0, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 0, seed=6)
+    w1, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 4, seed=6)
+    plain, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 6, seed=6)
+    fixed, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 6, seed=6, compensation=lam)
+    biggest = 0.0
+    for name, p in fixed.state_dict().items():
+        a, b = w1.state_dict()[name], w0.state_dict()[name]
+        g1 = (a - plain.state_dict()[name]) / lr
+        expected = plain.state_dict()[name] - lr * lam * g1 * g1 * (a - b)
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6, msg=name)
+        biggest = max(biggest, float((p - plain.state_dict()[name]).abs().max()))
+    assert biggest > 1e-5  # the correction is there, not lost in rounding
+    # without delay the weights have not moved, and it changes nothing
+    on_time, _ = train_schedule(cfg, Schedule(1, 0, 1.0), 6, seed=6)
+    on_time_dc, _ = train_schedule(
+        cfg, Schedule(1, 0, 1.0), 6, seed=6, compensation=lam
+    )
+    _close(on_time_dc, on_time)

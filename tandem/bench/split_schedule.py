@@ -102,12 +102,19 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return token_cross_entropy(logits, y)
 
 
+#: Optimizers the probe can give the edge layers (``--edge-optimizer``).
+EDGE_OPTIMIZERS = ("sgd", "adam")
+
+
 def train_schedule(
     cfg: RunConfig,
     schedule: Schedule,
     steps: int,
     seed: int,
     cut: str = "default",
+    edge_optimizer: str = "sgd",
+    edge_lr: float | None = None,
+    compensation: float = 0.0,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Train the run's model for ``steps`` micro-batches under ``schedule``.
 
@@ -122,6 +129,15 @@ def train_schedule(
     ``cut`` (name or index; ``"default"`` is the model's own, as for
     ``simultrain-cut``).
 
+    The edge's optimizer can differ from the cloud's: ``edge_optimizer``
+    ``"adam"`` is :class:`torch.optim.Adam` (default betas) at
+    ``edge_lr × S``; ``"sgd"`` is momentum SGD at ``edge_lr × S``
+    (``edge_lr`` defaults to the run's ``lr``). ``compensation`` ``λ > 0``
+    corrects each late gradient for the weights having moved since its
+    chunk was forwarded, as DC-ASGD does (Zheng et al., 2017, eq. 10):
+    ``g + λ · g ⊙ g ⊙ (w_now − w_stash)``, the diagonal of ``g gᵀ``
+    standing in for the Hessian.
+
     Returns
     -------
     (edge, cloud) : the two parts after training.
@@ -129,7 +145,14 @@ def train_schedule(
     edge, cloud = split_run_model(cfg, cut, key="--cut")
     lr, beta = cfg.train.lr, cfg.train.momentum
     cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
-    edge_opt = torch.optim.SGD(edge.parameters(), lr=lr * schedule.scale, momentum=beta)
+    if edge_optimizer not in EDGE_OPTIMIZERS:
+        raise ValueError(f"edge optimizer must be one of {EDGE_OPTIMIZERS}")
+    edge_rate = (lr if edge_lr is None else edge_lr) * schedule.scale
+    edge_opt: torch.optim.Optimizer
+    if edge_optimizer == "adam":
+        edge_opt = torch.optim.Adam(edge.parameters(), lr=edge_rate)
+    else:
+        edge_opt = torch.optim.SGD(edge.parameters(), lr=edge_rate, momentum=beta)
     train = load_dataset(cfg.data).train  # cached: the same load as the model's
     rng = np.random.default_rng(seed)
     queue: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
@@ -161,14 +184,28 @@ def train_schedule(
             edge_opt.zero_grad(set_to_none=True)
             edge(cx).backward(g)
             edge.load_state_dict(current)  # the step goes to the newer weights
+            if compensation > 0:
+                for name, param in edge.named_parameters():
+                    if param.grad is not None:
+                        moved = param.detach() - weights[name]
+                        param.grad.add_(compensation * param.grad * param.grad * moved)
             edge_opt.step()
     return edge, cloud
 
 
 def _measure(
-    cfg: RunConfig, schedule: Schedule, steps: int, seed: int, cut: str
+    cfg: RunConfig, schedule: Schedule, steps: int, seed: int, args: argparse.Namespace
 ) -> dict:
-    edge, cloud = train_schedule(cfg, schedule, steps, seed, cut)
+    edge, cloud = train_schedule(
+        cfg,
+        schedule,
+        steps,
+        seed,
+        args.cut,
+        edge_optimizer=args.edge_optimizer,
+        edge_lr=args.edge_lr,
+        compensation=args.compensation,
+    )
     model = torch.nn.Sequential(edge, cloud)
     stats = evaluate(model, load_dataset(cfg.data).test, torch.device("cpu"))
     return {
@@ -201,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument(
+        "--edge-optimizer",
+        choices=EDGE_OPTIMIZERS,
+        default="sgd",
+        help="the edge layers' optimizer; the cloud's is momentum SGD "
+        "(1/0/1 with sgd is whole-model SGD)",
+    )
+    parser.add_argument(
+        "--edge-lr",
+        type=float,
+        help="the edge optimizer's rate before the schedule's scale S (default: --lr)",
+    )
+    parser.add_argument(
+        "--compensation",
+        type=float,
+        default=0.0,
+        help="DC-ASGD's lambda for late edge gradients (0: none)",
+    )
     parser.add_argument("--text-test-windows", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     parser.add_argument(
@@ -225,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.edge_lr is not None and not args.edge_lr > 0:
+        parser.error(f"--edge-lr must be > 0, got {args.edge_lr}")
+    if not args.compensation >= 0:
+        parser.error(f"--compensation must be >= 0, got {args.compensation}")
     torch.set_num_threads(1)
     rows = {}
     for schedule in schedules:
@@ -243,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
             )
             try:
-                runs.append(_measure(cfg, schedule, args.steps, seed, args.cut))
+                runs.append(_measure(cfg, schedule, args.steps, seed, args))
             except ConfigError as err:
                 parser.error(str(err))
         rows[schedule.label] = runs
