@@ -27,24 +27,36 @@ def _close(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=k)
 
 
-def test_one_micro_batch_per_step_and_no_delay_is_whole_model_sgd():
-    cfg = _cfg()
-    steps, seed = 12, 3
-    edge, cloud = train_schedule(cfg, Schedule(1, 0, 1.0), steps, seed)
-    # by hand: the whole model, one momentum-SGD step per micro-batch, drawn
-    # with the same generator
+def _whole_model(cfg, steps, seed, optimizers):
+    """By hand: the whole model, one step of each of ``optimizers(model)``
+    per micro-batch, drawn with the probe's generator."""
     bundle = load_dataset(cfg.data)
     whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
-    opt = torch.optim.SGD(whole.parameters(), lr=0.05, momentum=0.9)
+    opts = optimizers(whole)
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         idx = rng.integers(0, len(bundle.train), 8)
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         torch.nn.functional.cross_entropy(
             whole(torch.from_numpy(bundle.train.x[idx])),
             torch.from_numpy(bundle.train.y[idx]),
         ).backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
+    return whole
+
+
+def test_one_micro_batch_per_step_and_no_delay_is_whole_model_sgd():
+    cfg = _cfg()
+    steps, seed = 12, 3
+    edge, cloud = train_schedule(cfg, Schedule(1, 0, 1.0), steps, seed)
+    whole = _whole_model(
+        cfg,
+        steps,
+        seed,
+        lambda m: [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)],
+    )
     _close(torch.nn.Sequential(*edge, *cloud), whole)
 
 
@@ -171,23 +183,16 @@ def test_an_adam_edge_without_delay_is_adam_on_the_edge_and_sgd_on_the_cloud():
     edge, cloud = train_schedule(
         cfg, Schedule(1, 0, 0.5), steps, seed, edge_optimizer="adam", edge_lr=0.01
     )
-    bundle = load_dataset(cfg.data)
-    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
-    lower = torch.nn.Sequential(*list(whole)[: len(edge)])
-    upper = torch.nn.Sequential(*list(whole)[len(edge) :])
-    edge_opt = torch.optim.Adam(lower.parameters(), lr=0.005)  # 0.01 x S
-    cloud_opt = torch.optim.SGD(upper.parameters(), lr=0.05, momentum=0.9)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        idx = rng.integers(0, len(bundle.train), 8)
-        edge_opt.zero_grad()
-        cloud_opt.zero_grad()
-        torch.nn.functional.cross_entropy(
-            whole(torch.from_numpy(bundle.train.x[idx])),
-            torch.from_numpy(bundle.train.y[idx]),
-        ).backward()
-        edge_opt.step()
-        cloud_opt.step()
+    n = len(edge)
+    whole = _whole_model(
+        cfg,
+        steps,
+        seed,
+        lambda m: [
+            torch.optim.Adam(m[:n].parameters(), lr=0.005),  # 0.01 x S
+            torch.optim.SGD(m[n:].parameters(), lr=0.05, momentum=0.9),
+        ],
+    )
     _close(torch.nn.Sequential(*edge, *cloud), whole)
     with pytest.raises(ValueError, match="edge optimizer"):
         train_schedule(cfg, Schedule(1, 0, 1.0), 1, seed, edge_optimizer="lion")
