@@ -166,8 +166,8 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 #: Most seconds between two ``flwr list`` calls while :meth:`FlowerHome.wait`
 #: waits on a run through the ``flwr`` CLI.
 LIST_EVERY = 15.0
-#: The same for a home's own local SuperLink, asked in-process (a few ms).
-LOCAL_LIST_EVERY = 2.0
+#: The same for a SuperLink asked in-process (a few ms): see :meth:`FlowerHome.status`.
+DIRECT_LIST_EVERY = 2.0
 #: Seconds a local SuperLink gets to answer its health check (Flower gives 15).
 SUPERLINK_STARTUP_TIMEOUT = 180.0
 
@@ -304,14 +304,17 @@ class FlowerHome:
     def status(self, run_id: str, connection: str = "local") -> RunStatus:
         """The run's current status, as ``flwr list`` reports it.
 
-        For this home's own local SuperLink the question goes straight to its
-        Control API from this process, with Flower's own client and the
-        CLI's formatting of the reply: a ``flwr list`` process costs about 2 s
-        of CPU, taken from the run it waits on. Other connections (TLS,
-        SuperNode authentication, accounts) go through the CLI.
+        A ``flwr list`` process costs about 2 s of CPU, taken from the run it
+        waits on. So for a connection of this home's ``config.toml`` that
+        needs no account login (the local SuperLink, or an address with
+        ``insecure`` or ``root-certificates``: the loopback deployments),
+        the question goes straight to the SuperLink's Control API from this
+        process, with Flower's own client and the CLI's formatting of the
+        reply (about 5 ms of CPU). Any other connection goes through the CLI.
         """
-        if connection == "local" and self.connections is None:
-            return self._local_status(run_id)
+        target = self._control_target(connection)
+        if target is not None:
+            return self._direct_status(run_id, *target)
         out = self.flwr("list", connection, "--run-id", run_id, "--format", "json")
         reply = json.loads(out[out.index("{") :])
         (run,) = [r for r in reply["runs"] if str(r["run-id"]) == run_id]
@@ -319,7 +322,32 @@ class FlowerHome:
             run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
         )
 
-    def _local_status(self, run_id: str) -> RunStatus:
+    def _control_target(self, connection: str) -> tuple[str, bytes | None] | None:
+        """``(address, root certificate or None if insecure)`` of ``connection``'s
+        Control API, when this process can ask it directly; else None."""
+        try:
+            config = tomllib.loads((self.home / "config.toml").read_text("utf-8"))
+            entry = config["superlink"][connection]
+        except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+            return None
+        if not isinstance(entry, dict):
+            return None
+        address = entry.get("address")
+        if address == ":local:":
+            return f"127.0.0.1:{self.http_port}", None
+        known = {"address", "insecure", "root-certificates"}
+        if not isinstance(address, str) or set(entry) - known:
+            return None  # e.g. an account login or federation options
+        if entry.get("insecure") is True:
+            return address, None
+        root = entry.get("root-certificates")
+        if isinstance(root, str) and Path(root).is_file():
+            return address, Path(root).read_bytes()
+        return None
+
+    def _direct_status(
+        self, run_id: str, address: str, root: bytes | None
+    ) -> RunStatus:
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
         from flwr.cli.run_utils import format_runs
         from flwr.common.serde import run_from_proto
@@ -328,9 +356,9 @@ class FlowerHome:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
         client = ControlHttpClient.from_server_address(
-            server_address=f"127.0.0.1:{self.http_port}",
-            insecure=True,
-            root_certificates=None,
+            server_address=address,
+            insecure=root is None,
+            root_certificates=root,
             interceptors=[
                 CliClientHttpInterceptor(),
                 RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
@@ -360,20 +388,20 @@ class FlowerHome:
         """Wait until the run has finished (or ``timeout`` seconds pass).
 
         Flower is asked for the run's status after 1 s, then at intervals
-        that double up to ``list_every`` (default: :data:`LOCAL_LIST_EVERY`
-        for this home's local SuperLink, asked in-process; else
+        that double up to ``list_every`` (default: :data:`DIRECT_LIST_EVERY`
+        for a SuperLink asked in-process, see :meth:`status`; else
         :data:`LIST_EVERY`, because each ``flwr list`` is a Python process,
         about 2 s of CPU, competing with the run's own processes for the
         cores). In between, the run's own metrics file is the cheap
         signal: ``metrics`` is that ``metrics.jsonl``, or the ``output-dir``
         in which the run makes its folder (``<method>-<run id>``). Once the
-        file holds the run's summary, the CLI is asked every half second
+        file holds the run's summary, Flower is asked every half second
         until Flower says the run has finished. ``on_records`` gets the
         file's records at every read (to follow the run's progress).
         """
         if list_every is None:
-            local = connection == "local" and self.connections is None
-            list_every = LOCAL_LIST_EVERY if local else LIST_EVERY
+            direct = self._control_target(connection) is not None
+            list_every = DIRECT_LIST_EVERY if direct else LIST_EVERY
         deadline = time.monotonic() + timeout
         interval = min(1.0, list_every)
         next_list = time.monotonic() + interval

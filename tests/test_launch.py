@@ -256,23 +256,45 @@ def test_wait_without_a_metrics_file_keeps_to_the_doubling_intervals(
     assert clock.asked == [1.0, 3.0, 7.0, 15.0, 30.0, 45.0]
 
 
-def test_a_local_superlink_is_asked_in_process_and_often(monkeypatch, tmp_path):
+def test_a_superlink_asked_in_process_is_asked_often(monkeypatch, tmp_path):
     clock = _Clock(None, ends_at=9.0)
     status = _wait_on(monkeypatch, tmp_path, clock, None, connections=None)
     assert status.ok
     assert clock.asked == [1.0, 3.0, 5.0, 7.0, 9.0]  # every 2 s, not 15
 
-    home = FlowerHome(tmp_path / "local")
+
+def test_connections_without_an_account_login_are_asked_in_process(
+    monkeypatch, tmp_path
+):
+    home = FlowerHome(tmp_path / "local", http_port=20123)  # the project's flwr.toml
+    assert home._control_target("local") == ("127.0.0.1:20123", None)
+    assert home._control_target("deploy") == ("127.0.0.1:39200", None)
+    assert home._control_target("nowhere") is None
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    config = (
+        '[superlink]\ndefault = "tls"\n'
+        f'[superlink.tls]\naddress = "127.0.0.1:20001"\nroot-certificates = "{ca}"\n'
+        '[superlink.gone]\naddress = "127.0.0.1:20002"\n'
+        'root-certificates = "/no/such/ca.pem"\n'
+        '[superlink.account]\naddress = "example.org:443"\nenable-account-auth = true\n'
+    )
+    other = FlowerHome(tmp_path / "other", connections=config)
+    assert other._control_target("tls") == ("127.0.0.1:20001", ca.read_bytes())
+    assert other._control_target("gone") is None
+    assert other._control_target("account") is None
+    assert FlowerHome(tmp_path / "empty", connections="")._control_target("x") is None
+
     asked = []
-    monkeypatch.setattr(home, "_local_status", lambda run_id: asked.append(run_id))
-    monkeypatch.setattr(home, "flwr", lambda *args, **kw: pytest.fail("CLI asked"))
-    home.status("12")
-    assert asked == ["12"]
-    deployed = FlowerHome(tmp_path / "deployed", connections="")
-    monkeypatch.setattr(deployed, "_local_status", lambda run_id: pytest.fail("local"))
+    monkeypatch.setattr(
+        other, "_direct_status", lambda run_id, *target: asked.append((run_id, target))
+    )
+    monkeypatch.setattr(other, "flwr", lambda *args, **kw: pytest.fail("CLI asked"))
+    other.status("12", "tls")
+    assert asked == [("12", ("127.0.0.1:20001", ca.read_bytes()))]
     reply = '{"runs": [{"run-id": "12", "status": "running", "elapsed": 3.5}]}'
-    monkeypatch.setattr(deployed, "flwr", lambda *args, **kw: reply)
-    assert deployed.status("12", "deploy") == RunStatus("12", "running", "", 3.5)
+    monkeypatch.setattr(other, "flwr", lambda *args, **kw: reply)
+    assert other.status("12", "account") == RunStatus("12", "running", "", 3.5)
 
 
 def test_a_line_still_being_written_is_left_for_the_next_read(tmp_path):
