@@ -186,6 +186,9 @@ class _FlakyHome:
 
     wait = FlowerHome.wait  # the real wait, on this scripted status
 
+    def _control_target(self, connection):
+        return None  # asked as through the CLI: the wait's slower cadence
+
     def logs(self, run_id):
         (outcome,) = [o for r, o, _ in self.submitted if r == run_id]
         if outcome == "ray":
