@@ -288,8 +288,8 @@ class FlowerHome:
             if self._staged is None:
                 self._staged = stage_app(self.app_dir, self.home / "app")
             app = self._staged
-        if connection == "local" and self.connections is None:
-            self.start_superlink()
+        if self._connection(connection).get("address") == ":local:":
+            self.start_superlink()  # the one flwr run would start, given more time
         args = ["run", str(app), connection, "--format", "json"]
         if run_config:
             args += ["--run-config", format_run_config(run_config)]
@@ -322,16 +322,19 @@ class FlowerHome:
             run_id, run["status"], str(run.get("status-details", "")), run["elapsed"]
         )
 
-    def _control_target(self, connection: str) -> tuple[str, bytes | None] | None:
-        """``(address, root certificate or None if insecure)`` of ``connection``'s
-        Control API, when this process can ask it directly; else None."""
+    def _connection(self, connection: str) -> dict[str, Any]:
+        """``connection``'s entry in this home's ``config.toml`` ({} if none)."""
         try:
             config = tomllib.loads((self.home / "config.toml").read_text("utf-8"))
             entry = config["superlink"][connection]
         except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
-            return None
-        if not isinstance(entry, dict):
-            return None
+            return {}
+        return entry if isinstance(entry, dict) else {}
+
+    def _control_target(self, connection: str) -> tuple[str, bytes | None] | None:
+        """``(address, root certificate or None if insecure)`` of ``connection``'s
+        Control API, when this process can ask it directly; else None."""
+        entry = self._connection(connection)
         address = entry.get("address")
         if address == ":local:":
             return f"127.0.0.1:{self.http_port}", None

@@ -81,6 +81,7 @@ def test_a_staged_app_builds_flower_s_own_fab_without_the_ignored_folders(tmp_pa
 
 def test_a_home_submits_the_staged_copy(monkeypatch, tmp_path):
     app = _toy_app(tmp_path / "app")
+    (app / "flwr.toml").write_text('[superlink.local]\naddress = ":local:"\n')
     home = FlowerHome(tmp_path / "home", app_dir=app)
     calls = []
     started = []
@@ -104,7 +105,7 @@ def test_a_home_submits_the_staged_copy(monkeypatch, tmp_path):
     monkeypatch.setattr(deployed, "flwr", flwr)
     monkeypatch.setattr(deployed, "start_superlink", lambda: started.append(3))
     deployed.submit(connection="deploy")
-    assert started == [1, 2]  # not for a connection of the home's own
+    assert started == [1, 2]  # only for a connection whose address is :local:
 
 
 class _Process:
