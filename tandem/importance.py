@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tandem.optim import Adam
+
 __all__ = [
     "DEFAULT_HIDDEN",
     "KINDS",
@@ -442,7 +444,7 @@ def _fit(
     """The Adam loop of :func:`train_predictor` on checked tensors."""
     n = t.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
+    optimizer = Adam(predictor.parameters(), lr=lr)  # torch's, without dynamo
     predictor.train()
     for _ in range(steps):
         if batch_size is None or batch_size >= n:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tandem.datasets.base import ArraySplit
+from tandem.optim import MomentumSGD
 
 __all__ = [
     "BatchStream",
@@ -198,11 +199,11 @@ def cpu_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def make_optimizer(
-    model: nn.Module, lr: float, momentum: float = 0.0
-) -> torch.optim.Optimizer:
-    """Plain SGD (with optional heavy-ball momentum), the optimizer of every method."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0) -> MomentumSGD:
+    """Plain SGD (with optional heavy-ball momentum), the optimizer of every
+    method: :class:`torch.optim.SGD`'s step without its ``torch._dynamo``
+    import (:class:`~tandem.optim.MomentumSGD`)."""
+    return MomentumSGD(model.parameters(), lr=lr, momentum=momentum)
 
 
 def capped_steps(steps: int, epochs: float, examples: int, batch_size: int) -> int:
@@ -227,7 +228,7 @@ def train_steps(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    optimizer: torch.optim.Optimizer,
+    optimizer: MomentumSGD,
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
         token_cross_entropy

@@ -80,7 +80,12 @@ from tandem.protocol.simultrain import (
 from tandem.schedules import ClockReport, Exchange, replay_pipeline, steady_exchanges
 from tandem.server_context import ServerRun
 from tandem.split import encode_cut, merge_delta, staleness_weight
-from tandem.training import EvalStats, evaluate, token_cross_entropy
+from tandem.training import (
+    EvalStats,
+    evaluate,
+    make_optimizer,
+    token_cross_entropy,
+)
 from tandem.wire import PayloadError
 
 __all__ = ["FlowerLoop", "SimulTrainCloud", "adapt_chunk"]
@@ -187,9 +192,7 @@ class SimulTrainCloud:
 
         # --- state
         self.cloud = cloud  # θ_c
-        self.optimizer = torch.optim.SGD(
-            cloud.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum
-        )
+        self.optimizer = make_optimizer(cloud, cfg.train.lr, cfg.train.momentum)
         self.theta_ec = {k: v.clone() for k, v in edge.state_dict().items()}
         self.edge_layout = {
             k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
