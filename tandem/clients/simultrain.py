@@ -77,7 +77,7 @@ from tandem.protocol.simultrain import (
 from tandem.schedules import pipeline_window, steady_seconds
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
 from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
-from tandem.training import BatchStream
+from tandem.training import BatchStream, backward_from
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
@@ -282,7 +282,7 @@ class KeptForwards:
         if entry is None:
             return None
         module, acts = entry
-        acts.backward(grad)
+        backward_from(acts, grad)
         grads = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
         module.zero_grad(set_to_none=True)  # the gradients stay with `grads`
         self.free.append(module)
@@ -340,7 +340,7 @@ def apply_gradients(
     if grads is None:  # recompute the forward pass at the stashed weights
         edge.load_state_dict(stashed)
         edge.zero_grad(set_to_none=True)
-        edge(torch.from_numpy(split.x[idx])).backward(grad_out)
+        backward_from(edge(torch.from_numpy(split.x[idx])), grad_out)
         grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
     if opts.forecast == "stash":  # from the stashed to the current version
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
@@ -653,7 +653,7 @@ class StreamedEdge:
         for _ in range(WARM_UP_PASSES):
             tick = time.thread_time()
             out = model(x)
-            out.backward(torch.ones_like(out))
+            backward_from(out, torch.ones_like(out))
             encoded = encode_cut(out.detach().numpy(), self.opts.precision, "a")
             seconds.append(time.thread_time() - tick)
         nbytes = sum(int(a.nbytes) for a in encoded.values())
