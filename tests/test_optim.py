@@ -122,6 +122,14 @@ def test_bad_settings_are_refused(make, error):
         make(list(_model(0).parameters()))
 
 
+def _in_a_fresh_process(code: str) -> str:
+    """What ``code`` prints, run by a fresh interpreter (nothing imported yet)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
 def test_no_dynamo_import():
     code = (
         "import sys, torch\n"
@@ -135,10 +143,7 @@ def test_no_dynamo_import():
         "    opt.zero_grad()\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+    assert _in_a_fresh_process(code) == "False"
 
 
 def test_backward_from_equals_backward_with_a_gradient_bit_for_bit():
@@ -164,7 +169,4 @@ def test_backward_from_does_not_import_sympy():
         "assert w.grad.eq(4).all()\n"
         "print('sympy' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+    assert _in_a_fresh_process(code) == "False"
