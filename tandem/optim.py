@@ -1,8 +1,8 @@
 """torch's SGD and Adam steps without ``torch.optim.Optimizer``.
 
 The first ``torch.optim.Optimizer`` a process builds (and its first
-``step``) imports ``torch._dynamo``: about 2 s of CPU on a quiet core of
-this project's reference machine, 4 s when two start at once. Every
+``step``) imports ``torch._dynamo``: about 2 s of CPU on a quiet core, 4 s
+when two processes start at once on two cores. Every
 simulation worker and every ServerApp paid it once per run, and on the
 deployment engine every message starts a fresh ClientApp process that paid
 it again. These classes call the same functional steps the torch optimizers
