@@ -22,7 +22,32 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-__all__ = ["Adam", "MomentumSGD"]
+__all__ = ["Adam", "MomentumSGD", "momentum_sgd_"]
+
+
+def momentum_sgd_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor | None],
+    lr: float,
+    momentum: float,
+) -> None:
+    """One step of :class:`torch.optim.SGD` in place (its functional step,
+    :func:`torch.optim.sgd.sgd`): ``v ← β·v + g`` (``v = g`` where the
+    buffer is None, and stored in ``buffers``), ``θ ← θ − lr·v``; no
+    dampening, no Nesterov, no weight decay. ``momentum = 0`` is plain SGD
+    and leaves ``buffers`` as they are."""
+    sgd(
+        params,
+        grads,
+        buffers,
+        weight_decay=0.0,
+        momentum=momentum,
+        lr=lr,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+    )
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -88,17 +113,8 @@ class MomentumSGD(_Stepper):
         buffers: list[torch.Tensor | None] = [
             self.state.get(p, {}).get("momentum_buffer") for p in params
         ]
-        sgd(
-            params,
-            [p.grad for p in params],  # type: ignore[misc]
-            buffers,
-            weight_decay=0.0,
-            momentum=self.momentum,
-            lr=self.lr,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-        )
+        grads = [p.grad for p in params]
+        momentum_sgd_(params, grads, buffers, self.lr, self.momentum)  # type: ignore[arg-type]
         if self.momentum != 0.0:
             for p, buffer in zip(params, buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer  # type: ignore[assignment]

@@ -36,7 +36,6 @@ __all__ = [
     "BatchStream",
     "EvalStats",
     "TrainStats",
-    "backward_from",
     "capped_steps",
     "evaluate",
     "make_optimizer",
@@ -191,31 +190,6 @@ class EvalStats:
             "eval-accuracy": self.accuracy,
             "eval-perplexity": self.perplexity,
         }
-
-
-def backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
-    """Back-propagate ``grad``, the gradient of some loss with respect to
-    ``output``, into the leaves that ``output`` depends on (split training's
-    backward pass from the cut).
-
-    The same gradients as ``output.backward(grad)``, bit for bit: this is the
-    backward pass of ``(output · grad).sum()``, whose gradient with respect
-    to ``output`` is ``1 · grad = grad`` exactly. ``backward(grad)`` with an
-    explicit tensor imports ``torch.fx.experimental.symbolic_shapes`` (and
-    sympy) in the first call of a process, about a second of CPU, which each
-    SimulTrain edge process would pay.
-
-    Raises
-    ------
-    ValueError
-        If ``grad`` has another shape than ``output``.
-    """
-    if grad.shape != output.shape:
-        raise ValueError(
-            f"gradient of shape {tuple(grad.shape)} for an output of shape "
-            f"{tuple(output.shape)}"
-        )
-    (output * grad.detach()).sum().backward()
 
 
 def cpu_clock() -> Callable[[], float]:

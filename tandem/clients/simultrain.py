@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
-from torch.optim.sgd import sgd
 
 from tandem.clients.node import (
     NodeConfig,
@@ -62,6 +61,7 @@ from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
 from tandem.frames import FrameError, decode_frame, encode_frame
 from tandem.network import LinkPacer, LinkProfile, parse_link
+from tandem.optim import momentum_sgd_
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
     SESSION_TYPE,
@@ -77,7 +77,7 @@ from tandem.protocol.simultrain import (
 from tandem.schedules import pipeline_window, steady_seconds
 from tandem.split import encode_cut, forecast_gradients, soft_reconcile
 from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
-from tandem.training import BatchStream, backward_from
+from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
@@ -200,11 +200,9 @@ def sgd_step(
 
     ``v ← β·v + g`` (``v = g`` at the first step), ``θ ← θ − lr·v``: the
     update :class:`torch.optim.SGD` applies with ``momentum=β``, no dampening,
-    no Nesterov, no weight decay (its step calls this same function,
-    :func:`torch.optim.sgd.sgd`), the optimizer of every method. The
-    functional form keeps the momentum buffers in ``Context.state`` between
-    messages without building an optimizer per message: the first one built in
-    a process imports ``torch._dynamo`` (over a second of CPU), and on the
+    no Nesterov, no weight decay (:func:`~tandem.optim.momentum_sgd_`, the
+    step of every method's optimizer). The functional form keeps the
+    momentum buffers in ``Context.state`` between messages: on the
     deployment engine every message is a fresh process.
 
     Returns
@@ -218,17 +216,7 @@ def sgd_step(
     names = list(grads)
     params = [theta[k].detach().clone() for k in names]
     buffers = [momentum[k].clone() if k in momentum else None for k in names]
-    sgd(
-        params,
-        [grads[k] for k in names],
-        buffers,
-        weight_decay=0.0,
-        momentum=beta,
-        lr=lr,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
-    )
+    momentum_sgd_(params, [grads[k] for k in names], buffers, lr, beta)
     new_theta = {**theta, **dict(zip(names, params, strict=True))}
     new_momentum = dict(momentum)
     new_momentum.update(
@@ -282,7 +270,7 @@ class KeptForwards:
         if entry is None:
             return None
         module, acts = entry
-        backward_from(acts, grad)
+        acts.backward(grad)
         grads = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
         module.zero_grad(set_to_none=True)  # the gradients stay with `grads`
         self.free.append(module)
@@ -340,7 +328,7 @@ def apply_gradients(
     if grads is None:  # recompute the forward pass at the stashed weights
         edge.load_state_dict(stashed)
         edge.zero_grad(set_to_none=True)
-        backward_from(edge(torch.from_numpy(split.x[idx])), grad_out)
+        edge(torch.from_numpy(split.x[idx])).backward(grad_out)
         grads = {k: p.grad for k, p in edge.named_parameters() if p.grad is not None}
     if opts.forecast == "stash":  # from the stashed to the current version
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
@@ -653,7 +641,7 @@ class StreamedEdge:
         for _ in range(WARM_UP_PASSES):
             tick = time.thread_time()
             out = model(x)
-            backward_from(out, torch.ones_like(out))
+            out.backward(torch.ones_like(out))
             encoded = encode_cut(out.detach().numpy(), self.opts.precision, "a")
             seconds.append(time.thread_time() - tick)
         nbytes = sum(int(a.nbytes) for a in encoded.values())
