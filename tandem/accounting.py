@@ -263,6 +263,10 @@ class MeteredGrid(Grid):
 
         Flower's deployment Grid pulls every 3 s: a reply would wait up to 3 s
         on the SuperLink, slowing every round and hiding its transit time.
+
+        Replies come back in the order of their nodes' ids, not of their
+        arrival: a strategy sums them in that order, so a run's float sums
+        (FedAvg's weighted mean) do not depend on which node finished first.
         """
         pending = {i for i in self.push_messages(messages) if i}
         end = time.time() + (timeout if timeout is not None else math.inf)
@@ -274,4 +278,4 @@ class MeteredGrid(Grid):
             if not pending or time.time() >= end:
                 break
             time.sleep(POLL_SECONDS)
-        return replies
+        return sorted(replies, key=lambda m: m.metadata.src_node_id)

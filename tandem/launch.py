@@ -23,7 +23,8 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "LoopbackDeployment",
     "RunStatus",
     "format_run_config",
+    "shared_ray",
     "stage_app",
 ]
 
@@ -204,6 +206,53 @@ class RunStatus:
         return self.status == "finished:completed"
 
 
+@contextlib.contextmanager
+def shared_ray() -> Iterator[str | None]:
+    """One local Ray cluster for the simulation runs started meanwhile.
+
+    Flower's simulation engine starts a Ray cluster for every run and stops it
+    at the run's end (``RayBackend.init_ray``: ``ray.init`` unless Ray is
+    already initialised). Given ``RAY_ADDRESS``, that ``ray.init`` joins an
+    existing cluster instead, and its ``ray.shutdown`` only disconnects: each
+    run still gets its own job, with its own ClientApp actors and worker
+    processes (they end with the run), but not its own GCS and raylet. This
+    starts such a cluster in this process (all CPUs, as a run's own would
+    have; no dashboard; no idle workers prestarted for this process, which
+    submits no work), yields its address for ``RAY_ADDRESS``
+    (:attr:`FlowerHome.extra_env`), and stops it on exit.
+
+    Yields the caller's own ``RAY_ADDRESS`` unchanged when one is set (their
+    cluster is used), or ``None`` when Ray cannot start here: runs then start
+    their own clusters, as a plain ``flwr run`` does.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        yield os.environ["RAY_ADDRESS"]
+        return
+    import ray
+
+    try:
+        with warnings.catch_warnings():  # Ray's notice of a future default
+            warnings.simplefilter("ignore", FutureWarning)
+            context = ray.init(
+                address="local",  # a new cluster, never one found on this machine
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="WARNING",
+                _system_config={"prestart_worker_first_driver": False},
+            )
+    except Exception as err:  # whatever stopped it, runs can start their own
+        print(
+            f"Ray could not start a shared cluster ({err}); each run starts its own",
+            file=sys.stderr,
+        )
+        yield None
+        return
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
 @dataclass
 class FlowerHome:
     """A Flower home using the project's ``flwr.toml``, with its own SuperLink.
@@ -222,6 +271,10 @@ class FlowerHome:
     stage : bool (default: True)
         Submit a copy of the app's FAB files (:func:`stage_app`, made at the
         first submission, in ``home/app``) rather than ``app_dir`` itself.
+    extra_env : Mapping[str, str] (default: none)
+        More environment for the ``flwr`` CLI and the SuperLink it starts (so
+        for every run's simulation process), e.g. ``RAY_ADDRESS`` from
+        :func:`shared_ray`. Set before the SuperLink starts.
     """
 
     home: Path
@@ -230,6 +283,7 @@ class FlowerHome:
     app_dir: Path = PROJECT_ROOT
     connections: str | None = None
     stage: bool = True
+    extra_env: Mapping[str, str] = field(default_factory=dict)
     _staged: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -255,6 +309,7 @@ class FlowerHome:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
+            **self.extra_env,
         }
 
     def flwr(self, *args: str, timeout: float = 120) -> str:

@@ -98,6 +98,16 @@ class EchoGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+class LastFirstGrid(EchoGrid):
+    """Replies pulled one per call, the last node's first."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages(sorted(message_ids)[-1:])
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """Messages built outside a Flower process need a task identity."""
@@ -125,3 +135,22 @@ def test_metered_grid_records_both_directions_per_node_and_round(task_identity):
     assert per_node[1]["edge-seconds"] == 0.5  # the compute the reply reported
     assert per_node[1]["link"] == "4g"  # the link the node declared
     assert ledger.totals(4)["bytes-up"] == 0
+
+
+def test_replies_come_back_in_node_order_whatever_order_they_arrive_in(
+    task_identity, monkeypatch
+):
+    import tandem.accounting as accounting
+
+    monkeypatch.setattr(accounting, "POLL_SECONDS", 0.0)
+    grid = MeteredGrid(LastFirstGrid(reply_size=10), ByteLedger())
+    inner = grid.inner
+    arrived = []
+    pull = inner.pull_messages
+    inner.pull_messages = lambda ids: arrived.extend(got := pull(ids)) or got
+    down = [
+        Message(_record(10), dst_node_id=n, message_type="train") for n in (2, 3, 1)
+    ]
+    replies = list(grid.send_and_receive(down))
+    assert [m.metadata.src_node_id for m in arrived] == [1, 3, 2]  # m2, m1, m0
+    assert [m.metadata.src_node_id for m in replies] == [1, 2, 3]

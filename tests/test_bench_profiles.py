@@ -210,14 +210,16 @@ def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsy
 def test_the_calibration_is_the_median_of_interleaved_probes(monkeypatch):
     import tandem.bench.cli as cli
 
-    # one core, then every thread, nine times over
-    readings = iter([60.0, 120.0, 80.0, 125.0, 59.0, 90.0] + [70.0, 100.0] * 6)
+    # one core, then every thread, nine times over; then a second block that
+    # agrees with the first: the calibration has settled
+    first = [60.0, 120.0, 80.0, 125.0, 59.0, 90.0] + [70.0, 100.0] * 6
+    readings = iter(first + [70.0, 100.0] * 9 + [1e9] * 100)
     monkeypatch.setattr(cli, "measure_local_gflops", lambda threads=1: next(readings))
     suite = select_variants(SUITES["simultrain"], ["simultrain"], {})
     args = build_parser().parse_args(["simultrain", "--profile", "4g"])
     opts = cli.bench_options(args, per_profile(suite, ["4g"]))
-    assert opts.calibration["edge"] == [60.0, 80.0, 59.0] + [70.0] * 6
-    assert opts.calibration["cloud"] == [120.0, 125.0, 90.0] + [100.0] * 6
+    assert opts.calibration["edge"] == [60.0, 80.0, 59.0] + [70.0] * 15
+    assert opts.calibration["cloud"] == [120.0, 125.0, 90.0] + [100.0] * 15
     assert opts.local_gflops_edge == 70.0 and opts.local_gflops_cloud == 100.0
     # the edge factor the runs get follows the median: 70 / 8 GFLOP/s
     assert opts.extra["simultrain-edge-factor"] == 8.75
@@ -226,3 +228,45 @@ def test_the_calibration_is_the_median_of_interleaved_probes(monkeypatch):
     )
     opts = cli.bench_options(given, per_profile(suite, ["4g"]))
     assert opts.calibration == {} and opts.local_gflops_cloud == 50.0
+
+
+def _probing(edge_blocks):
+    """A probe that reads the given blocks of one-core GFLOP/s, 100 on all threads."""
+    edge = iter([x for block in edge_blocks for x in block])
+    return lambda threads: next(edge) if threads == 1 else 100.0
+
+
+SETTLING = [38.5, 45.0, 50.0, 55.0, 60.0, 62.0, 65.0, 67.0, 69.1]  # one block
+STEADY_80 = [79.0, 80.0, 81.0, 80.5, 79.5, 80.0, 80.2, 79.8, 80.0]
+
+
+def test_a_calibration_waits_for_the_machine_to_settle():
+    from tandem.bench.cli import calibrated, calibration_check, calibration_probes
+
+    # a machine settling in its first block: that block's median (60) would
+    # have been the calibration; two steady blocks that agree end it at 80
+    probes = calibration_probes(probe=_probing([SETTLING, STEADY_80, STEADY_80]))
+    assert len(probes["edge"]) == 27 and probes["cloud"] == [100.0] * 27
+    assert calibrated(probes) == 80.0
+    # steady blocks that disagree (60 then 80) are not settled either
+    steady_60 = [x - 20.0 for x in STEADY_80]
+    probes = calibration_probes(probe=_probing([steady_60, STEADY_80, STEADY_80]))
+    assert len(probes["edge"]) == 27 and calibrated(probes) == 80.0
+    # the probes after the runs read 20% slower: the check says so
+    after = calibration_probes(
+        probe=_probing([[x * 0.8 for x in STEADY_80]] * 2), max_blocks=2
+    )
+    check = calibration_check(probes, after)
+    assert check["settled"] and check["blocks"] == 3
+    assert check["edge_gflops_before"] == 80.0 and check["edge_gflops_after"] == 64.0
+    assert check["drift"] == pytest.approx(-0.2)
+
+
+def test_a_machine_that_never_settles_is_probed_at_most_max_blocks_and_flagged():
+    from tandem.bench.cli import calibration_check, calibration_probes
+
+    jumpy = [40.0, 80.0] * 4 + [60.0]
+    probes = calibration_probes(probe=_probing([jumpy] * 5), max_blocks=5)
+    assert len(probes["edge"]) == 45
+    check = calibration_check(probes, probes)
+    assert not check["settled"] and check["blocks"] == 5 and check["drift"] == 0.0

@@ -23,7 +23,7 @@ import statistics
 import sys
 import tarfile
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,8 +291,8 @@ def bench_options(
         local_edge = local_cloud = args.local_gflops
     else:
         probes = calibration_probes()
-        local_edge = statistics.median(probes["edge"])
-        local_cloud = statistics.median(probes["cloud"])
+        local_edge = calibrated(probes, "edge")
+        local_cloud = calibrated(probes, "cloud")
     if any(v.overrides.get("method") == "acesync" for v in suite.variants):
         # ACE-Sync's own clock (budgets, eq. 8 latencies) emulates the same
         # edge device as the benchmark's re-timing
@@ -324,24 +324,91 @@ def bench_options(
     )
 
 
-#: Probes of this machine's GFLOP/s per calibration (their median is used).
+#: Probes of this machine's GFLOP/s per block of a calibration.
 CALIBRATION_ROUNDS = 9
+#: Most blocks a calibration takes before it settles for an unsettled machine.
+CALIBRATION_BLOCKS = 12
+#: A block is steady when its edge probes' interquartile range is at most this
+#: fraction of their median; the calibration ends on two steady blocks in a
+#: row whose medians differ by at most this fraction.
+CALIBRATION_SPREAD = 0.05
+#: Drift (after the runs against before) past which the bench warns.
+CALIBRATION_DRIFT_WARNING = 0.10
 
 
-def calibration_probes(rounds: int = CALIBRATION_ROUNDS) -> dict[str, list[float]]:
-    """``rounds`` probes each of this machine's GFLOP/s on one core (``edge``:
-    a ClientApp's) and on every thread (``cloud``: the ServerApp's),
-    interleaved (:func:`~tandem.network.measure_local_gflops`).
+def _steady(block: Sequence[float], spread: float = CALIBRATION_SPREAD) -> bool:
+    """Whether a block's probes agree: interquartile range <= ``spread`` x median."""
+    q1, median, q3 = statistics.quantiles(block, n=4, method="inclusive")
+    return q3 - q1 <= spread * median
+
+
+def _settled(
+    probes: Sequence[float],
+    rounds: int = CALIBRATION_ROUNDS,
+    spread: float = CALIBRATION_SPREAD,
+) -> bool:
+    """Whether the last two blocks of ``rounds`` probes are both steady and
+    their medians differ by at most ``spread`` of the last one."""
+    if len(probes) < 2 * rounds:
+        return False
+    last, before = probes[-rounds:], probes[-2 * rounds : -rounds]
+    median = statistics.median(last)
+    return (
+        _steady(last, spread)
+        and _steady(before, spread)
+        and abs(median - statistics.median(before)) <= spread * median
+    )
+
+
+def calibrated(probes: Mapping[str, Sequence[float]], key: str = "edge") -> float:
+    """The GFLOP/s a calibration gives: the median of its last block of probes."""
+    return statistics.median(probes[key][-CALIBRATION_ROUNDS:])
+
+
+def calibration_probes(
+    rounds: int = CALIBRATION_ROUNDS,
+    max_blocks: int = CALIBRATION_BLOCKS,
+    spread: float = CALIBRATION_SPREAD,
+    probe: Callable[[int], float] | None = None,
+) -> dict[str, list[float]]:
+    """Probes of this machine's GFLOP/s on one core (``edge``: a ClientApp's)
+    and on every thread (``cloud``: the ServerApp's), interleaved
+    (:func:`~tandem.network.measure_local_gflops`), in blocks of ``rounds``
+    until the edge probes have settled: two steady blocks in a row
+    (:func:`_steady`) whose medians differ by at most ``spread``, or
+    ``max_blocks`` blocks. The calibration is the last block's median
+    (:func:`calibrated`); every probe is recorded.
 
     One probe of a few milliseconds read 58.9 GFLOP/s one day and 79.7 the
     next on the same machine, with the same steps timed at the same speed;
-    the median of several is the calibration, and all are recorded.
+    and a calibration taken while the machine settled (probes 38.5-69.1
+    GFLOP/s in one block, its median taken) read x5.68 where the probes after
+    the runs read x8.8. A block takes well under a second.
     """
+    probe = probe or (lambda threads: measure_local_gflops(threads=threads))
     probes: dict[str, list[float]] = {"edge": [], "cloud": []}
-    for _ in range(rounds):
-        probes["edge"].append(measure_local_gflops(threads=1))
-        probes["cloud"].append(measure_local_gflops(threads=torch.get_num_threads()))
+    for _ in range(max_blocks):
+        for _ in range(rounds):
+            probes["edge"].append(probe(1))
+            probes["cloud"].append(probe(torch.get_num_threads()))
+        if _settled(probes["edge"], rounds, spread):
+            break
     return probes
+
+
+def calibration_check(
+    before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]]
+) -> dict[str, Any]:
+    """How the calibration held: whether it settled, and how far this
+    machine's one-core speed moved between the probes before the runs and the
+    same probes after them (``drift``: after / before - 1)."""
+    return {
+        "blocks": len(before["edge"]) // CALIBRATION_ROUNDS,
+        "settled": _settled(before["edge"]),
+        "edge_gflops_before": calibrated(before),
+        "edge_gflops_after": calibrated(after),
+        "drift": calibrated(after) / calibrated(before) - 1.0,
+    }
 
 
 def suite_for(args: argparse.Namespace) -> Suite:
@@ -631,7 +698,7 @@ def rederive_main(argv: list[str]) -> int:
         "rederived": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     results["assumptions"]["devices"].update(
-        {k: v for k, v in devices.items() if k.startswith("calibration_probes")}
+        {k: v for k, v in devices.items() if k.startswith("calibration")}
     )
     (args.folder / "results.json").write_text(
         json.dumps(results, indent=2, default=_json)
@@ -722,9 +789,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if opts.calibration:
         # the same probes after the runs: how far the calibration drifted
-        results["assumptions"]["devices"]["calibration_probes_after"] = (
-            calibration_probes()
+        after = calibration_probes()
+        devices = results["assumptions"]["devices"]
+        devices["calibration_probes_after"] = after
+        devices["calibration_check"] = check = calibration_check(
+            opts.calibration, after
         )
+        if not check["settled"] or abs(check["drift"]) > CALIBRATION_DRIFT_WARNING:
+            print(
+                "warning: this machine's speed did not hold: calibration "
+                f"{'settled' if check['settled'] else 'never settled'}, "
+                f"{check['edge_gflops_before']:.1f} GFLOP/s per core before the "
+                f"runs and {check['edge_gflops_after']:.1f} after "
+                f"({check['drift']:+.0%}); emulated times carry that error",
+                file=sys.stderr,
+            )
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_json))
     print_report(results, suite, args.out)
     archive = archive_metrics(args.out, [r.status.run_id for r in runs])

@@ -30,7 +30,7 @@ from tandem.bench.flops import (
     row_flops_for,
 )
 from tandem.bench.suites import Suite, Variant
-from tandem.launch import FlowerHome, RunStatus
+from tandem.launch import FlowerHome, RunStatus, shared_ray
 from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
 from tandem.schedules import (
     SyncRound,
@@ -170,17 +170,24 @@ def run_suite(
     progress: Callable[[int], None] | None = None,
 ) -> list[RunRecord]:
     """Run every (seed, variant) of ``suite``; ``progress(n)`` gets rounds done."""
-    # The Flower home (SuperLink state, installed app copies) lives outside the
-    # project: inside it, Flower would package those copies into the next app.
-    home = FlowerHome(Path(tempfile.mkdtemp(prefix="tandem-bench-flwr-")))
     results = []
-    try:
-        for seed in opts.seeds:
-            for variant in suite.variants:
-                results.append(_run_one(home, opts, suite, variant, seed, progress))
-    finally:
-        home.stop_superlink()
-        shutil.rmtree(home.home, ignore_errors=True)
+    # One Ray cluster for every run (shared_ray): each run's simulation joins
+    # it instead of starting and stopping its own, about 5 s less per run.
+    with shared_ray() as ray_address:
+        # The Flower home (SuperLink state, installed app copies) lives outside
+        # the project: inside it, Flower would package those copies into the
+        # next app.
+        home = FlowerHome(
+            Path(tempfile.mkdtemp(prefix="tandem-bench-flwr-")),
+            extra_env={"RAY_ADDRESS": ray_address} if ray_address else {},
+        )
+        try:
+            for seed in opts.seeds:
+                for variant in suite.variants:
+                    results.append(_run_one(home, opts, suite, variant, seed, progress))
+        finally:
+            home.stop_superlink()
+            shutil.rmtree(home.home, ignore_errors=True)
     return results
 
 
