@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 import pytest
@@ -134,6 +135,18 @@ def test_headline_ratios_are_re_timed_at_half_and_twice_the_edge_factor(tmp_path
         table
     )
     assert format_sensitivity_table({"sensitivity": []}) == ""
+    # probes after the runs that read 39% faster: the runs re-timed at x1.389
+    # too (an edge 1.389 times slower: 13.89 ms of compute), and named
+    after = summarize(suite, dataclasses.replace(opts, edge_scale_after=1.38867), runs)
+    by_k = after["methods"]["fullsync"]["emulated_seconds_per_step_by_edge_factor"]
+    assert list(by_k["2mbit/8mbit/120ms"]) == ["0.5", "1", "1.389", "2"]
+    assert by_k["2mbit/8mbit/120ms"]["1.389"] == pytest.approx(0.17489 / 50)
+    (row,) = after["sensitivity"]
+    assert row["after_probes_scale"] == "1.389"
+    assert row["ratio_by_edge_factor"]["1.389"] == pytest.approx(0.13889 / 0.17489)
+    assert "| edge factor x1.389 (probes after the runs) | edge factor x2 |" in (
+        format_sensitivity_table(after)
+    )
 
 
 def test_rederive_rebuilds_the_results_from_the_archived_metrics(tmp_path, capsys):

@@ -533,8 +533,9 @@ def assumptions(
         ),
         "emulated_seconds_per_step_by_edge_factor": (
             "the same runs re-timed with the measured edge factor x0.5, x1 and "
-            "x2 (cloud factor and links unchanged); 'sensitivity' gives the "
-            "suite's headline ratios from them"
+            "x2, and at the factor the calibration probes after the runs give "
+            "(devices.calibration_check; cloud factor and links unchanged); "
+            "'sensitivity' gives the suite's headline ratios from them"
         ),
         "bandwidth_time_product_per_step": (
             "(bytes up + down per step) x emulated seconds per step, in byte-seconds"
@@ -677,6 +678,11 @@ def rederive_main(argv: list[str]) -> int:
         ),
     )
     opts = bench_options(bench_args, suite, local)
+    if "calibration_probes_after" in devices and devices.get("calibration_probes"):
+        drift = calibration_check(
+            devices["calibration_probes"], devices["calibration_probes_after"]
+        )["drift"]
+        opts = dataclasses.replace(opts, edge_scale_after=drift + 1.0)
     runs = [
         RunRecord(
             variant,
@@ -781,15 +787,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     opts = bench_options(args, suite)
     runs = run_with_progress(suite, opts, show=not args.no_progress)
+    after: dict[str, list[float]] = {}
+    if opts.calibration:
+        # the same probes after the runs: how far the calibration drifted;
+        # the runs are re-timed at what they read too
+        after = calibration_probes()
+        drift = calibration_check(opts.calibration, after)["drift"]
+        opts = dataclasses.replace(opts, edge_scale_after=drift + 1.0)
     results = summarize(suite, opts, runs)
     if suite.overhead_width:
         results["overhead_probe"] = overhead_probe(suite)
     results["assumptions"] = assumptions(
         opts, suite, results, sys.argv[2:] if argv is None else argv
     )
-    if opts.calibration:
-        # the same probes after the runs: how far the calibration drifted
-        after = calibration_probes()
+    if after:
         devices = results["assumptions"]["devices"]
         devices["calibration_probes_after"] = after
         devices["calibration_check"] = check = calibration_check(

@@ -268,16 +268,20 @@ def format_milestone_table(results: dict[str, Any], flop_model: bool = False) ->
 def format_sensitivity_table(results: dict[str, Any]) -> str:
     """A Markdown table of the suite's headline time ratios (seconds per
     step, numerator / denominator) with the measured edge factor x0.5, x1 and
-    x2, and under the FLOP-count device model; empty when the results have
-    none."""
+    x2 (and at the factor of the probes after the runs, when taken), and
+    under the FLOP-count device model; empty when the results have none."""
     rows_in = results.get("sensitivity") or []
     if not rows_in:
         return ""
     scales = list(rows_in[0]["ratio_by_edge_factor"])
+    after = rows_in[0].get("after_probes_scale")
     head = [
         "ratio (s / step)",
         "profile",
-        *[f"edge factor x{k}" for k in scales],
+        *[
+            f"edge factor x{k}" + (" (probes after the runs)" if k == after else "")
+            for k in scales
+        ],
         "FLOP-count model",
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -77,6 +77,10 @@ class BenchOptions:
     #: The GFLOP/s probes the local figures are the medians of ("edge",
     #: "cloud"); empty when given (``--local-gflops``) or re-derived.
     calibration: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    #: The one-core GFLOP/s of the same probes after the runs over the
+    #: calibration's: the edge factor they would have given, as a multiple of
+    #: the one used (None: not probed). The runs are re-timed at it too.
+    edge_scale_after: float | None = None
 
     def rounds_for(self, variant: Variant) -> int:
         """Rounds of a variant: ``--rounds``, or ``--steps`` / its local steps.
@@ -467,7 +471,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
                 f"{k:g}": per_step[p]
                 if k == 1.0
                 else _per_step_at(good, p, opts, k, per_edge)
-                for k in EDGE_FACTOR_SCALES
+                for k in _edge_scales(opts)
             }
             for p in profiles
         }
@@ -565,7 +569,7 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
         "description": suite.description,
         "target_accuracy": target,
         "methods": methods,
-        "sensitivity": sensitivity(suite, methods),
+        "sensitivity": sensitivity(suite, methods, opts.edge_scale_after),
     }
     if suite.reference is not None:
         out["reference"] = _against_reference(suite, methods, runs, target)
@@ -602,6 +606,15 @@ def summarize(suite: Suite, opts: BenchOptions, runs: list[RunRecord]) -> dict:
     return out
 
 
+def _edge_scales(opts: BenchOptions) -> tuple[float, ...]:
+    """The edge-factor multiples the runs are re-timed at:
+    :data:`EDGE_FACTOR_SCALES`, and the probes after the runs' (to 3 decimals)."""
+    after = opts.edge_scale_after
+    if after is None or round(after, 3) in EDGE_FACTOR_SCALES:
+        return EDGE_FACTOR_SCALES
+    return tuple(sorted({*EDGE_FACTOR_SCALES, round(after, 3)}))
+
+
 def _scaled_edge(opts: BenchOptions, scale: float) -> BenchOptions:
     """``opts`` with the edge factor times ``scale`` (an edge device
     ``1 / scale`` times as fast as the one assumed)."""
@@ -636,7 +649,9 @@ def _profiles_of(methods: Mapping[str, Any], label: str) -> set[str]:
     return found
 
 
-def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]]:
+def sensitivity(
+    suite: Suite, methods: Mapping[str, Any], after: float | None = None
+) -> list[dict[str, Any]]:
     """The suite's headline time ratios at edge factor x0.5, x1 and x2, and
     under the FLOP-count device model (:mod:`tandem.bench.flops`).
 
@@ -646,7 +661,9 @@ def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]
     :data:`EDGE_FACTOR_SCALES` (the same recorded runs re-timed; the
     cloud's factor and the links unchanged). It shows how much of a ratio
     rests on the assumed edge device: x2 is an edge twice as slow as the
-    calibration says. A pipelined run's window W was chosen for x1.
+    calibration says. A pipelined run's window W was chosen for x1. With
+    the probes after the runs (``after``: their edge factor over the one
+    used), the ratios at their factor too, its key in ``after_probes_scale``.
     """
     rows = []
     for num, den in suite.headline:
@@ -661,6 +678,11 @@ def sensitivity(suite: Suite, methods: Mapping[str, Any]) -> list[dict[str, Any]
                     "denominator": den,
                     "profile": profile,
                     "ratio_by_edge_factor": {k: a[k] / b[k] for k in a},
+                    **(
+                        {"after_probes_scale": f"{round(after, 3):g}"}
+                        if after is not None
+                        else {}
+                    ),
                     "ratio_flop_model": (
                         fa["emulated_seconds_per_step_flop_model"][profile]
                         / fb["emulated_seconds_per_step_flop_model"][profile]
