@@ -788,24 +788,23 @@ def main(argv: list[str] | None = None) -> int:
     opts = bench_options(args, suite)
     runs = run_with_progress(suite, opts, show=not args.no_progress)
     after: dict[str, list[float]] = {}
+    check: dict[str, Any] = {}
     if opts.calibration:
         # the same probes after the runs: how far the calibration drifted;
         # the runs are re-timed at what they read too
         after = calibration_probes()
-        drift = calibration_check(opts.calibration, after)["drift"]
-        opts = dataclasses.replace(opts, edge_scale_after=drift + 1.0)
+        check = calibration_check(opts.calibration, after)
+        opts = dataclasses.replace(opts, edge_scale_after=check["drift"] + 1.0)
     results = summarize(suite, opts, runs)
     if suite.overhead_width:
         results["overhead_probe"] = overhead_probe(suite)
     results["assumptions"] = assumptions(
         opts, suite, results, sys.argv[2:] if argv is None else argv
     )
-    if after:
+    if check:
         devices = results["assumptions"]["devices"]
         devices["calibration_probes_after"] = after
-        devices["calibration_check"] = check = calibration_check(
-            opts.calibration, after
-        )
+        devices["calibration_check"] = check
         if not check["settled"] or abs(check["drift"]) > CALIBRATION_DRIFT_WARNING:
             print(
                 "warning: this machine's speed did not hold: calibration "
