@@ -59,6 +59,19 @@ def test_bench_fedavg_quick(tmp_path):
     assert assumptions["dataset"] == {"name": "mnist1d", "train": 800, "test": 200}
     assert assumptions["profiles"]["4g"]["up_mbps"] == 50
     assert assumptions["devices"]["edge"]["time_factor"] > 0
+    # the calibration settled (two blocks at least) and was probed again after
+    # the runs; every run is re-timed at the factor those probes give too
+    check = assumptions["devices"]["calibration_check"]
+    assert check["blocks"] >= 2 and check["edge_gflops_before"] > 0
+    assert check["drift"] == pytest.approx(
+        check["edge_gflops_after"] / check["edge_gflops_before"] - 1
+    )
+    assert (
+        len(assumptions["devices"]["calibration_probes"]["edge"]) == 9 * check["blocks"]
+    )
+    after = f"{round(check['drift'] + 1, 3):g}"
+    for m in results["methods"].values():
+        assert after in m["emulated_seconds_per_step_by_edge_factor"]["4g"]
     for name in ("accuracy_vs_time.png", "accuracy_vs_bytes.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
