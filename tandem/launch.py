@@ -172,6 +172,13 @@ LIST_EVERY = 15.0
 DIRECT_LIST_EVERY = 2.0
 #: Seconds a local SuperLink gets to answer its health check (Flower gives 15).
 SUPERLINK_STARTUP_TIMEOUT = 180.0
+#: What Flower logs when its simulation engine could not start Ray (a raylet
+#: or the GCS timed out on a loaded machine). Ray starts with the first message
+#: to a ClientApp, so no ClientApp ran; the ServerApp may have logged its
+#: set-up and round 0's evaluation. Such a run is submitted again, up to
+#: ``RAY_RETRIES`` times (:meth:`FlowerHome.run`, the benchmark's runner).
+RAY_STARTUP_FAILURE = "timed out during startup"
+RAY_RETRIES = 2
 
 
 def _records_so_far(metrics: Path | None, run_id: str) -> list[dict[str, Any]]:
@@ -485,11 +492,29 @@ class FlowerHome:
         connection: str = "local",
     ) -> RunStatus:
         """Submit a run and wait for it to finish (its ``output-dir``, when
-        ``run_config`` sets one, tells :meth:`wait` when it is done)."""
-        run_id = self.submit(run_config, federation_config, connection)
+        ``run_config`` sets one, tells :meth:`wait` when it is done).
+
+        A run whose simulation engine could not start Ray
+        (:data:`RAY_STARTUP_FAILURE` in its log) is submitted again, up to
+        :data:`RAY_RETRIES` times; the status returned is the last attempt's.
+        """
         out = (run_config or {}).get("output-dir")
         metrics = Path(str(out)) if out else None
-        return self.wait(run_id, timeout, connection, metrics)
+        for attempt in range(RAY_RETRIES + 1):
+            run_id = self.submit(run_config, federation_config, connection)
+            status = self.wait(run_id, timeout, connection, metrics)
+            if (
+                status.ok
+                or status.status != "finished:failed"
+                or attempt == RAY_RETRIES
+            ):
+                break
+            if RAY_STARTUP_FAILURE not in self.logs(run_id, connection):
+                break
+            print(
+                f"run {run_id}: Ray did not start; submitting it again", file=sys.stderr
+            )
+        return status
 
     def superlink_ready(self) -> bool:
         """Whether this home's local SuperLink answers its health check."""

@@ -310,3 +310,44 @@ def test_a_line_still_being_written_is_left_for_the_next_read(tmp_path):
     assert _records_so_far(tmp_path, "8") == []  # another run's folder
     run.write_text(run.read_text() + 'ary"}\n')
     assert _records_so_far(run, "7")[-1] == {"event": "summary"}
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "submitted", "final"),
+    [
+        (["ray", "ok"], 2, "finished:completed"),
+        (["ray", "ray", "ray"], 3, "finished:failed"),  # RAY_RETRIES = 2
+        (["crash"], 1, "finished:failed"),  # a run that failed otherwise: once
+        (["stopped"], 1, "finished:stopped"),
+    ],
+)
+def test_a_run_that_ray_did_not_start_is_submitted_again(
+    tmp_path, capsys, outcomes, submitted, final
+):
+    home = FlowerHome(tmp_path / "home")
+    runs: list[str] = []
+    logs = {
+        "ray": "Exception: The current node timed out during startup. ...",
+        "crash": "Traceback ...\nValueError: a real failure",
+        "stopped": "",
+        "ok": "",
+    }
+    statuses = {
+        "ray": "finished:failed",
+        "crash": "finished:failed",
+        "stopped": "finished:stopped",
+        "ok": "finished:completed",
+    }
+
+    def submit(run_config, federation_config, connection):
+        runs.append(outcomes[len(runs)])
+        return str(len(runs))
+
+    home.submit = submit
+    home.wait = lambda run_id, *a: RunStatus(run_id, statuses[runs[-1]], "", 1.0)
+    home.logs = lambda run_id, connection="local": logs[runs[int(run_id) - 1]]
+    status = home.run({"method": "fedavg"})
+    assert len(runs) == submitted and status.status == final
+    assert status.run_id == str(submitted)  # the last attempt's
+    err = capsys.readouterr().err
+    assert err.count("Ray did not start") == (submitted - 1)

@@ -157,8 +157,9 @@ def test_a_failed_runs_flower_log_is_kept_and_said(tmp_path, capsys):
 
 class _FlakyHome:
     """A SuperLink whose runs fail as scripted: ``outcomes`` per submission,
-    ``"ray"`` (Ray did not start, nothing written), ``"crash"`` (a run that
-    trained and failed) or ``"ok"`` (a summary written)."""
+    ``"ray"`` (Ray did not start: the ServerApp wrote its round 0 and no
+    more), ``"crash"`` (a run that trained and failed) or ``"ok"`` (a
+    summary written)."""
 
     def __init__(self, out, outcomes):
         self.out, self.outcomes, self.submitted = out, list(outcomes), []
@@ -167,16 +168,16 @@ class _FlakyHome:
         run_id = str(100 + len(self.submitted))
         outcome = self.outcomes[len(self.submitted)]
         self.submitted.append((run_id, outcome, dict(overrides)))
-        if outcome != "ray":
-            folder = self.out / "runs" / f"simultrain-{run_id}"
-            folder.mkdir(parents=True)
+        folder = self.out / "runs" / f"simultrain-{run_id}"
+        folder.mkdir(parents=True)
+        if outcome == "ray":  # Ray starts with the first message, after round 0
+            records = [{"event": "round", "round": 0}]
+        else:
             last = "summary" if outcome == "ok" else "round"
-            (folder / "metrics.jsonl").write_text(
-                json.dumps({"event": "round", "round": 1})
-                + "\n"
-                + json.dumps({"event": last, "round": 2})
-                + "\n"
-            )
+            records = [{"event": "round", "round": 1}, {"event": last, "round": 2}]
+        (folder / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
         return run_id
 
     def status(self, run_id, connection="local"):

@@ -30,7 +30,13 @@ from tandem.bench.flops import (
     row_flops_for,
 )
 from tandem.bench.suites import Suite, Variant
-from tandem.launch import FlowerHome, RunStatus, shared_ray
+from tandem.launch import (
+    RAY_RETRIES,
+    RAY_STARTUP_FAILURE,
+    FlowerHome,
+    RunStatus,
+    shared_ray,
+)
 from tandem.network import CLOUD_T4, EDGE_RPI4, DeviceProfile, assign_links
 from tandem.schedules import (
     SyncRound,
@@ -43,12 +49,6 @@ from tandem.schedules import (
 from tandem.tracking import read_jsonl
 
 __all__ = ["BenchOptions", "RunRecord", "federation_config", "run_suite", "summarize"]
-
-#: What Flower logs when its simulation engine could not start Ray (a raylet
-#: or the GCS timed out on a loaded machine): nothing of the run ran, so the
-#: bench submits it again, up to ``RAY_RETRIES`` times.
-RAY_STARTUP_FAILURE = "timed out during startup"
-RAY_RETRIES = 2
 
 #: Multiples of the measured edge factor the sensitivity figures re-time at.
 EDGE_FACTOR_SCALES = (0.5, 1.0, 2.0)
@@ -206,10 +206,10 @@ def _run_one(
     """Submit one (variant, seed) run and follow it to its end.
 
     A run whose simulation engine could not start Ray (``RAY_STARTUP_FAILURE``
-    in its log, and no metrics written: nothing of it ran) is submitted again,
-    up to ``RAY_RETRIES`` times; each failed attempt keeps its log in its own
-    run folder, and the record names them (``retried``). Any other failure is
-    the run's result.
+    in its log: no ClientApp ran, though the ServerApp may have written its
+    set-up and round 0) is submitted again, up to ``RAY_RETRIES`` times; each
+    failed attempt keeps its log in its own run folder, and the record names
+    them (``retried``). Any other failure is the run's result.
     """
     what = f"{variant.label}, seed {seed}"
     overrides = _overrides(opts, suite, variant, seed)
@@ -223,7 +223,7 @@ def _run_one(
         if status.ok:
             break
         log = _keep_log(home, run_id, folder, what)
-        if records or RAY_STARTUP_FAILURE not in log or len(retried) >= RAY_RETRIES:
+        if RAY_STARTUP_FAILURE not in log or len(retried) >= RAY_RETRIES:
             break
         retried.append(run_id)
         print(
