@@ -89,6 +89,7 @@ from functools import lru_cache
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from tandem.compression.int8 import int8_levels, int8_values
 
@@ -359,6 +360,11 @@ class _InPlace(Codec):
         return wire, decoded
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor on ``a``'s buffer (on a copy if ``a`` is read-only)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def _first_row(bad: np.ndarray) -> int | None:
     """The first True of a row mask ``(k,)``, or None."""
     return int(np.argmax(bad)) if bad.any() else None
@@ -493,22 +499,28 @@ class Int8(_InPlace):
         decoded: np.ndarray,
     ) -> None:
         k, size = rows.shape
-        scale = np.zeros(k, dtype=np.float32)
-        if size:  # max|x|, |x| in `decoded` for now (+0, never −0)
-            np.abs(rows, out=decoded)
-            np.max(decoded, axis=1, out=scale)
-        wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
-        # int8_levels row by row, in place in `decoded`: rint(x / a · 127) in
-        # float32; |x| <= a keeps every level in [-127, 127], so its clip
-        # changes nothing here and the whole numbers cast to int8 exactly
-        safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-        np.divide(rows, safe, out=decoded)
-        np.multiply(decoded, np.float32(127.0), out=decoded)
-        np.rint(decoded, out=decoded)
-        decoded += np.float32(0.0)  # −0 to +0, as the level 0 decodes
-        np.copyto(wire[:, :size].view(np.int8), decoded, casting="unsafe")
-        # int8_values: level · (a / 127) in float32
-        np.multiply(decoded, (scale / np.float32(127.0))[:, None], out=decoded)
+        if not size:
+            wire[...] = 0  # every scale +0: nothing to scale
+            return
+        # int8_levels and int8_values row by row, each step one pass in place
+        # in `decoded` (torch's kernels on the numpy buffers: the same IEEE
+        # float32 operations as numpy's, in about half the time)
+        x, out = _tensor(rows), _tensor(decoded)
+        torch.abs(x, out=out)
+        scale = out.amax(dim=1)  # a = max|x| (+0, never −0)
+        wire[:, size:] = scale.numpy().astype("<f4").view(np.uint8).reshape(k, 4)
+        # rint(x / a · 127) in float32; |x| <= a keeps every level in
+        # [-127, 127], so int8_levels' clip changes nothing here and the whole
+        # numbers cast to int8 exactly (rint: ties to even, as torch.round)
+        safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
+        torch.div(x, safe, out=out)
+        out.mul_(127.0)
+        out.round_()
+        _tensor(wire[:, :size].view(np.int8)).copy_(out)
+        # int8_values: level · (a / 127) in float32; + 0 turns a −0 (from a
+        # level rounded from below zero) into the +0 that level 0 decodes to
+        out.mul_((scale / 127.0).unsqueeze(1))
+        out.add_(0.0)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

@@ -7,7 +7,6 @@ Flower imports.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import overload
 import numpy as np
 
 from tandem.compression.groups import ParamGroup, group_sizes, make_groups
+from tandem.compression.rows import Piece, split_pieces
 from tandem.importance import (
     STRUCTURAL_FEATURES,
     GroupMeta,
@@ -32,40 +32,6 @@ _DENSITY = STRUCTURAL_FEATURES.index("density")
 #: Most elements of one piece of :meth:`GroupLayout.pieces` (beyond a single
 #: group): a piece's rows and temporaries stay in the CPU cache.
 _PIECE = 1 << 17
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Groups ``g0:g1``, all of ``size`` elements, back to back over
-    elements ``lo:hi`` of the flat vector (rows of a ``(g1 − g0, size)``
-    view)."""
-
-    g0: int
-    g1: int
-    lo: int
-    hi: int
-    size: int
-
-    def rows(self, vector: np.ndarray) -> np.ndarray:
-        """The piece of a flat vector as ``(g1 − g0, size)`` rows (a view)."""
-        return vector[self.lo : self.hi].reshape(self.g1 - self.g0, self.size)
-
-
-def _pieces(sizes: np.ndarray, starts: np.ndarray) -> tuple[Piece, ...]:
-    """:meth:`GroupLayout.pieces` of groups ``sizes`` at ``starts``."""
-    n = sizes.size
-    if not n:
-        return ()
-    edges = [0, *(np.flatnonzero(np.diff(sizes)) + 1).tolist(), n]
-    out: list[Piece] = []
-    for a, b in itertools.pairwise(edges):
-        size = int(sizes[a])
-        per = max(1, _PIECE // max(size, 1))
-        for g0 in range(a, b, per):
-            g1 = min(g0 + per, b)
-            lo = int(starts[g0])
-            out.append(Piece(g0, g1, lo, lo + (g1 - g0) * size, size))
-    return tuple(out)
 
 
 def row_sq_norms(rows: np.ndarray) -> np.ndarray:
@@ -240,7 +206,7 @@ class GroupLayout:
         size, cut every ``2**17`` elements (or every group, if larger), so
         that a pass over a piece works on ``(groups, size)`` rows in the
         CPU cache."""
-        return _pieces(self.sizes, self.starts)
+        return split_pieces(self.sizes, self.starts, _PIECE)
 
     def group_sq_norms(self, vector: np.ndarray) -> np.ndarray:
         """``‖v_i‖²`` of each group of a flat vector, ``(n,)`` float64.

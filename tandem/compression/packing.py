@@ -58,7 +58,12 @@ from tandem.compression.codecs import (
     option_table,
     wire_dtype,
 )
-from tandem.compression.rows import exclusive_cumsum, get_rows, put_rows
+from tandem.compression.rows import (
+    exclusive_cumsum,
+    get_rows,
+    put_rows,
+    split_pieces,
+)
 
 __all__ = [
     "encode_packed",
@@ -412,16 +417,23 @@ def _encode_packed(
     residual: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`encode_packed` on checked inputs (``costs`` from
-    :func:`~tandem.compression.codecs.option_table`); with ``residual`` (e.g.
-    ``x`` itself), also ``x − decoded`` into ``residual`` in every encoded
-    group, while the group is in the CPU cache (the others keep their values).
+    :func:`~tandem.compression.codecs.option_table`); with ``residual`` (``x``
+    itself, or another ``(N,)`` float32 array), also ``x − decoded`` into
+    ``residual`` in every group (``x`` in deferred groups, which decode to
+    zeros), while the group is in the CPU cache.
 
-    Each (option, size) class is encoded block by block (:data:`_BLOCK`
-    elements): a run of at least :data:`_RUN` consecutive groups lies back to
-    back both in ``x`` and in the stream, so it is encoded in place, from a
-    view of ``x`` into views of the stream and of ``decoded``
-    (:meth:`~tandem.compression.codecs.Codec.encode_rows_into`); the groups of
-    shorter runs are gathered and scattered (:mod:`~tandem.compression.rows`).
+    The groups are taken piece by piece (consecutive groups of one size,
+    :data:`_BLOCK` elements at most: :func:`~tandem.compression.rows.
+    split_pieces`). The option most of a piece's groups chose encodes the
+    whole piece in place, from a view of ``x`` into a view of ``decoded``,
+    and into a view of the stream when every group chose it, else into a
+    scratch whose rows of that option are copied to their offsets
+    (:meth:`~tandem.compression.codecs.Codec.encode_rows_into`); a deferring
+    majority writes zeros. The piece's other groups, few as a rule, are
+    gathered per (option, size) across all pieces (:mod:`~tandem.compression.
+    rows`) and encoded before any piece is, and their values and residuals
+    are written over the pieces' after. So a group costs a gather only when
+    most of its piece chose another option.
     """
     n = sizes.size
     widths = costs[np.arange(n), choice]
@@ -430,76 +442,64 @@ def _encode_packed(
     stream = np.empty(int(widths.sum()), dtype=np.uint8)
     decoded = np.empty_like(x)
     sends = np.array([bool(option.codec.layout) for option in options])
-    if n and not sends[choice].all():  # defer: no bytes, zeros decoded
-        decoded[np.repeat(~sends[choice], sizes)] = 0.0
-    for j in np.flatnonzero(np.bincount(choice, minlength=len(options))).tolist():
-        if not sends[j]:
-            continue
-        option = options[j]
-        chosen = np.flatnonzero(choice == j)
+    pieces = split_pieces(sizes, starts, _BLOCK)
+    # the option encoding each piece in place: the one most of its groups
+    # chose (deferring included)
+    major = np.empty(n, dtype=np.int64)
+    majors = []
+    for piece in pieces:
+        j = int(np.argmax(np.bincount(choice[piece.g0 : piece.g1])))
+        majors.append(j)
+        major[piece.g0 : piece.g1] = j
+    # 1. the other groups: encoded, their bytes written, their values and
+    # residuals kept for step 3 (taken now: step 2 may write over `x`)
+    kept = []
+    others = np.bincount(choice[choice != major], minlength=len(options))
+    for j in np.flatnonzero(others).tolist():
+        chosen = np.flatnonzero((choice == j) & (major != j))
         chosen_sizes = sizes[chosen]
         for size in np.unique(chosen_sizes).tolist():
             groups = chosen[chosen_sizes == size]
-            _encode_class(
-                x,
-                groups,
-                size,
-                int(widths[groups[0]]),
-                option,
-                starts,
-                offsets,
-                (stream, decoded, residual),
-            )
+            per = max(1, _BLOCK // max(size, 1))
+            for a in range(0, groups.size, per):
+                block = groups[a : a + per]
+                rows = get_rows(x, starts[block], size)
+                if sends[j]:
+                    option = options[j]
+                    wire, values = option.codec.encode_rows(rows, option.ratio)
+                    put_rows(stream, offsets[block], wire)
+                else:  # defer: no bytes, zeros decoded
+                    values = np.zeros_like(rows)
+                rest = None if residual is None else rows - values
+                kept.append((block, values, rest))
+    # 2. each piece in place with its major option
+    for piece, j in zip(pieces, majors, strict=True):
+        rows, values = piece.rows(x), piece.rows(decoded)
+        if not sends[j]:  # defer: no bytes, zeros decoded
+            values[...] = 0.0
+        else:
+            option = options[j]
+            k, width = piece.g1 - piece.g0, int(costs[piece.g0, j])
+            mine = choice[piece.g0 : piece.g1] == j
+            first = int(offsets[piece.g0])
+            if mine.all():
+                wire = stream[first : first + k * width].reshape(k, width)
+                option.codec.encode_rows_into(rows, option.ratio, wire, values)
+            else:
+                wire = np.empty((k, width), dtype=np.uint8)
+                option.codec.encode_rows_into(rows, option.ratio, wire, values)
+                local = np.flatnonzero(mine)
+                put_rows(stream, offsets[piece.g0 + local], wire[local])
+        if residual is not None:
+            np.subtract(rows, values, out=piece.rows(residual))
+    # 3. the other groups' values and residuals over the pieces'
+    for block, values, rest in kept:
+        put_rows(decoded, starts[block], values)
+        if rest is not None:
+            put_rows(residual, starts[block], rest)
     return choice.astype(np.uint8), stream, decoded
 
 
-#: Elements per block of :func:`_encode_packed` (a block's rows, bytes and
+#: Elements per piece of :func:`_encode_packed` (a piece's rows, bytes and
 #: values stay in the CPU cache through the codec's passes).
 _BLOCK = 1 << 17
-#: Fewest consecutive groups of one class that :func:`_encode_packed` encodes
-#: in place; the groups of shorter runs are gathered.
-_RUN = 64
-
-
-def _encode_class(
-    x: np.ndarray,
-    groups: np.ndarray,
-    size: int,
-    width: int,
-    option: Option,
-    starts: np.ndarray,
-    offsets: np.ndarray,
-    outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-) -> None:
-    """Encode ``groups`` (ascending, all of ``size`` elements and ``width``
-    bytes with ``option``) into ``outputs`` = (stream, decoded, residual)."""
-    stream, decoded, residual = outputs
-    codec, ratio = option.codec, option.ratio
-    per = max(1, _BLOCK // max(size, 1))
-    bounds = np.flatnonzero(np.diff(groups, prepend=-2, append=-2) != 1)
-    lengths = np.diff(bounds)
-    for lo, hi in zip(
-        bounds[:-1][lengths >= _RUN].tolist(),
-        bounds[1:][lengths >= _RUN].tolist(),
-        strict=True,
-    ):
-        for a in range(lo, hi, per):
-            k = min(per, hi - a)
-            first = int(groups[a])
-            at, byte = int(starts[first]), int(offsets[first])
-            part = slice(at, at + k * size)
-            rows = x[part].reshape(k, size)
-            values = decoded[part].reshape(k, size)
-            wire = stream[byte : byte + k * width].reshape(k, width)
-            codec.encode_rows_into(rows, ratio, wire, values)
-            if residual is not None:
-                np.subtract(rows, values, out=residual[part].reshape(k, size))
-    rest = groups[np.repeat(lengths < _RUN, lengths)]
-    for a in range(0, rest.size, per):
-        block = rest[a : a + per]
-        rows = get_rows(x, starts[block], size)
-        wire, values = codec.encode_rows(rows, ratio)
-        put_rows(stream, offsets[block], wire)
-        put_rows(decoded, starts[block], values)
-        if residual is not None:
-            put_rows(residual, starts[block], rows - values)

@@ -12,10 +12,20 @@ instead of once per group.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
-__all__ = ["exclusive_cumsum", "get_rows", "put_rows", "row_view"]
+__all__ = [
+    "Piece",
+    "exclusive_cumsum",
+    "get_rows",
+    "put_rows",
+    "row_view",
+    "split_pieces",
+]
 
 
 def exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
@@ -70,3 +80,41 @@ def put_rows(flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> None:
         flat, shape=(flat.size - width + 1, width), strides=(step, step)
     )
     windows[starts] = rows
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Groups ``g0:g1``, all of ``size`` elements, back to back over
+    elements ``lo:hi`` of the flat vector (rows of a ``(g1 − g0, size)``
+    view)."""
+
+    g0: int
+    g1: int
+    lo: int
+    hi: int
+    size: int
+
+    def rows(self, vector: np.ndarray) -> np.ndarray:
+        """The piece of a flat vector as ``(g1 − g0, size)`` rows (a view)."""
+        return vector[self.lo : self.hi].reshape(self.g1 - self.g0, self.size)
+
+
+def split_pieces(
+    sizes: np.ndarray, starts: np.ndarray, limit: int
+) -> tuple[Piece, ...]:
+    """Groups ``sizes`` at ``starts`` in order as :class:`Piece` s: runs of
+    groups of one size, cut every ``limit`` elements (or every group, if
+    larger), so that a pass over a piece works on rows in the CPU cache."""
+    n = sizes.size
+    if not n:
+        return ()
+    edges = [0, *(np.flatnonzero(np.diff(sizes)) + 1).tolist(), n]
+    out: list[Piece] = []
+    for a, b in itertools.pairwise(edges):
+        size = int(sizes[a])
+        per = max(1, limit // max(size, 1))
+        for g0 in range(a, b, per):
+            g1 = min(g0 + per, b)
+            lo = int(starts[g0])
+            out.append(Piece(g0, g1, lo, lo + (g1 - g0) * size, size))
+    return tuple(out)
