@@ -282,12 +282,24 @@ class ImportancePredictor(nn.Module):
 
     def forward(self, temporal: torch.Tensor, structural: torch.Tensor) -> torch.Tensor:
         """Scores ``(n,)`` in ``[0, 1]`` from features ``(n, 3)`` and ``(n, 8)``."""
-        attn_temp = torch.sigmoid(
+        return self.combine(
+            self.temporal_attention(temporal), self.structural_attention(structural)
+        )
+
+    def temporal_attention(self, temporal: torch.Tensor) -> torch.Tensor:
+        """``σ(W1·[latest, mean] + W2·variance + b)``, ``(n,)``, from ``(n, 3)``."""
+        return torch.sigmoid(
             self.temporal_magnitude(temporal[:, :2])
             + self.temporal_variance(temporal[:, 2:3])
         ).squeeze(1)
-        attn_struct = torch.sigmoid(self.structural(structural)).squeeze(1)
-        return self.alpha * attn_temp + (1 - self.alpha) * attn_struct
+
+    def structural_attention(self, structural: torch.Tensor) -> torch.Tensor:
+        """``σ(MLP(s))``, ``(n,)``, from ``(n, 8)``."""
+        return torch.sigmoid(self.structural(structural)).squeeze(1)
+
+    def combine(self, temporal: torch.Tensor, structural: torch.Tensor) -> torch.Tensor:
+        """``α·temporal + (1 − α)·structural`` of the two attentions."""
+        return self.alpha * temporal + (1 - self.alpha) * structural
 
 
 def _as_tensor(
@@ -298,7 +310,8 @@ def _as_tensor(
         raise ValueError(
             f"{name} must have shape (n, {columns}), got {tuple(tensor.shape)}"
         )
-    if not torch.all(torch.isfinite(tensor)):
+    # one float64 sum first: finite float32 entries cannot overflow it
+    if not torch.isfinite(tensor.sum(dtype=torch.float64)):
         raise ValueError(f"{name} must be finite")
     return tensor
 
@@ -317,7 +330,29 @@ def predict_importance(
             f"{t.shape[0]} and {s.shape[0]}"
         )
     with torch.no_grad():
-        return predictor(t, s).double().numpy()
+        # the groups of one tensor share their structural features (those
+        # with zeros apart): the MLP runs once per run of equal rows
+        first = _run_starts(s)
+        if 2 * first.numel() > s.shape[0]:
+            return predictor(t, s).double().numpy()
+        lengths = torch.diff(first, append=torch.tensor([s.shape[0]]))
+        structural_part = predictor.structural_attention(s[first])
+        return (
+            predictor.combine(
+                predictor.temporal_attention(t),
+                structural_part.repeat_interleave(lengths),
+            )
+            .double()
+            .numpy()
+        )
+
+
+def _run_starts(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows that differ from the row before (row 0 included)."""
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    differs = (rows[1:] != rows[:-1]).any(dim=1)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), differs.nonzero()[:, 0] + 1])
 
 
 def importance_labels(

@@ -210,6 +210,30 @@ def test_forward_by_hand():
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("runs", [1, 3, 40])
+def test_predict_importance_over_runs_of_equal_rows_equals_the_module(runs):
+    """Consecutive groups sharing their structural features (one tensor's)
+    are scored by the MLP once per run: the same scores as the module on
+    every row, whether runs are few (the shortcut) or most rows differ."""
+    rng = np.random.default_rng(runs)
+    n = 48
+    temporal = rng.random((n, 3))
+    distinct = rng.random((runs, 8))
+    structural = distinct[np.sort(rng.integers(0, runs, size=n))]
+    structural[5, 3] = 0.5  # a group with zeros: a run of its own
+    predictor = ImportancePredictor(seed=runs)
+    scores = predict_importance(predictor, temporal, structural)
+    with torch.no_grad():
+        expected = predictor(
+            torch.as_tensor(temporal, dtype=torch.float32),
+            torch.as_tensor(structural, dtype=torch.float32),
+        )
+    np.testing.assert_allclose(scores, expected.double().numpy(), rtol=1e-6)
+    assert not np.allclose(scores, scores[0])  # the rows are scored apart
+    # empty: no rows, no scores
+    assert predict_importance(predictor, temporal[:0], structural[:0]).shape == (0,)
+
+
 def test_predict_importance_messages():
     predictor = ImportancePredictor()
     t, s, _ = task(4)
