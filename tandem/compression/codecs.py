@@ -1,7 +1,9 @@
 """Per-group codecs: what one parameter group costs on the wire and keeps.
 
-Pure numpy; no Flower imports. ACE-Sync (seed 004) sends each parameter group
-in one of six forms, picked per group by the knapsack (:mod:`.knapsack`):
+Numpy, and torch's CPU kernels on numpy buffers for the element-wise passes
+of the int8 encoder; no Flower imports. ACE-Sync (seed 004) sends each
+parameter group in one of six forms, picked per group by the knapsack
+(:mod:`.knapsack`):
 
 ========  =====================================  ==========================
 codec     payload (key: dtype, shape)            bytes for ``n`` elements
