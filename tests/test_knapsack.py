@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import tandem.compression.knapsack as knapsack
 from tandem.compression import (
     DEFAULT_OPTIONS,
+    Option,
     option_table,
     select_options,
 )
@@ -223,6 +224,51 @@ def test_shared_hull_increments_as_the_per_row_way(seed, monkeypatch):
             want = select_options(importance, costs, fidelity, budget=int(budget))
         assert got.choice.tolist() == want.choice.tolist()
         assert (got.cost, got.value) == (want.cost, want.value)
+
+
+def test_shared_fill_step_as_the_per_row_way(monkeypatch):
+    """Step 5 with a shared hull forms only the columns that can gain: on
+    budgets where the fill upgrades groups, the same selection as the
+    per-row way (which forms every column), ties between columns included."""
+    rng = np.random.default_rng(7)
+    seen = []
+    shared_upgrades = knapsack._shared_upgrades
+
+    def spy(*args):
+        best, gain = shared_upgrades(*args)
+        seen.append(int((gain > 0).sum()))
+        return best, gain
+
+    monkeypatch.setattr(knapsack, "_shared_upgrades", spy)
+    # sign twice: two columns that always gain alike (the first is taken)
+    options = (*DEFAULT_OPTIONS, Option("sign"))
+    for trial in range(60):
+        n = int(rng.integers(20, 200))
+        costs, fidelity = option_table(options[: 6 + trial % 2], np.full(n, 256))
+        importance = rng.exponential(size=n) + 1e-3
+        budget = int(rng.integers(0, int(costs.max(axis=1).sum()) + 2))
+        got = select_options(importance, costs, fidelity, budget=budget)
+        with monkeypatch.context() as patch:
+            patch.setattr(knapsack, "_TEMPLATES", 0)
+            want = select_options(importance, costs, fidelity, budget=budget)
+        assert got.choice.tolist() == want.choice.tolist()
+        assert (got.cost, got.value) == (want.cost, want.value)
+    assert sum(count > 0 for count in seen) >= 3  # the fill did upgrade
+
+
+def test_shared_upgrades_by_hand():
+    """Columns costing 1 to `room` more than the chosen one, their gains, the
+    first largest; rows with no such column gain nothing."""
+    row_cost = np.array([0, 5, 5, 9])
+    value_s = np.array([[0.0, 1.0, 1.0, 2.0], [0.0, 1.0, 1.0, 2.0], [0, 3.0, 1.0, 4.0]])
+    choice_s = np.array([0, 3, 0])
+    best, gain = knapsack._shared_upgrades(value_s, row_cost, choice_s, 5)
+    assert best.tolist() == [1, 0, 1]  # a tie between columns 1 and 2: the first
+    assert gain.tolist() == [1.0, 0.0, 3.0]
+    best, gain = knapsack._shared_upgrades(value_s, row_cost, choice_s, 9)
+    assert best.tolist() == [3, 0, 3] and gain.tolist() == [2.0, 0.0, 4.0]
+    best, gain = knapsack._shared_upgrades(value_s, row_cost, choice_s, 4)
+    assert best.tolist() == [0, 0, 0] and gain.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_empty_problem():

@@ -347,12 +347,37 @@ def _shared_increments(
     return flat // steps, d_cost[position], d_value.ravel()[flat]
 
 
-def _upgrade_fits(row_cost: np.ndarray, choice_s: np.ndarray, room: int) -> bool:
-    """Whether some option costs between 1 and ``room`` bytes more than a
-    chosen column ``choice_s`` of the shared sorted costs ``row_cost``."""
-    extra = row_cost[None, :] - row_cost[:, None]  # (from, to)
-    chosen = np.bincount(choice_s, minlength=row_cost.size) > 0
-    return bool(((extra > 0) & (extra <= room))[chosen].any())
+def _shared_upgrades(
+    value_s: np.ndarray, row_cost: np.ndarray, choice_s: np.ndarray, room: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5's best affordable upgrade per group when every row has the
+    sorted costs ``row_cost`` ``(m,)``: ``(best, gain)``, ``(n,)`` each, the
+    column and its value gain (0 and 0.0 where none gains).
+
+    The general step takes ``value_s[i, j] − value_s[i, c_i]`` over every
+    column, zeroes the gains that are not positive or cost more than
+    ``room`` bytes extra, and takes each row's first largest. An option
+    costing no more than the chosen one has no more value (it comes before
+    it in the sorted order), so only the columns costing 1 to ``room`` bytes
+    more than the chosen column ``c`` can gain: they are the same for every
+    row that chose ``c``, and only those are formed, with the same numbers
+    and the same first largest.
+    """
+    n = choice_s.size
+    best = np.zeros(n, dtype=np.int64)
+    gain = np.zeros(n, dtype=value_s.dtype)
+    for c in np.flatnonzero(np.bincount(choice_s, minlength=row_cost.size)).tolist():
+        extra = row_cost - row_cost[c]
+        cols = np.flatnonzero((extra > 0) & (extra <= room))
+        if not cols.size:
+            continue
+        rows = np.flatnonzero(choice_s == c)
+        gains = value_s[rows][:, cols] - value_s[rows, c][:, None]
+        np.maximum(gains, 0.0, out=gains)
+        top = np.argmax(gains, axis=1)
+        best[rows] = cols[top]
+        gain[rows] = gains[np.arange(rows.size), top]
+    return best, gain
 
 
 def select_options(
@@ -434,21 +459,23 @@ def select_options(
     level = np.bincount(group[taken], minlength=n)  # hull points climbed
     choice_s = hull[0][level] if shared else hull[rows, level]
 
-    # 5. fill: best affordable upgrade per group, largest value gain first.
-    # An option costing no more than a hull point has no more value (it
-    # comes before it in the sorted order, or ties its cost below it), so
-    # with a shared hull there is none unless some option costs 1 to `room`
-    # bytes more than a point chosen
-    if not shared or _upgrade_fits(cost_s[0], choice_s, room):
+    # 5. fill: best affordable upgrade per group, largest value gain first
+    # (with a shared hull, only the few columns that can gain are formed)
+    if shared:
+        best, best_gain = _shared_upgrades(value_s, cost_s[0], choice_s, room)
+        extra_best = cost_s[0][best] - cost_s[0][choice_s]
+    else:
         gain = value_s - value_s[rows, choice_s][:, None]
         extra = cost_s - cost_s[rows, choice_s][:, None]
         gain = np.where((gain > 0) & (extra <= room), gain, 0.0)
         best = np.argmax(gain, axis=1)
-        cand = np.flatnonzero(gain[rows, best] > 0)
-        if cand.size:
-            cand = cand[np.lexsort((cand, -gain[cand, best[cand]]))]
-            up, room = _scan(cand, extra[cand, best[cand]], room, n)
-            choice_s[cand[up]] = best[cand[up]]
+        best_gain = gain[rows, best]
+        extra_best = extra[rows, best]
+    cand = np.flatnonzero(best_gain > 0)
+    if cand.size:
+        cand = cand[np.lexsort((cand, -best_gain[cand]))]
+        up, room = _scan(cand, extra_best[cand], room, n)
+        choice_s[cand[up]] = best[cand[up]]
 
     choice = order[0][choice_s] if shared else order[rows, choice_s]
     return Selection(
