@@ -203,7 +203,9 @@ def _sorted_hulls(
         row_hull, tests = _row_hull(row_cost, values[first, row_order])
         if todo.size == n:
             vs = values[:, row_order]
-            same = (costs == costs[first]).all(axis=1)
+            alike = costs == costs[first]
+            # one group size: every row alike, found without a per-row pass
+            same = np.ones(n, dtype=bool) if alike.all() else alike.all(axis=1)
         else:
             vs = values[todo][:, row_order]
             same = (costs[todo] == costs[first]).all(axis=1)
