@@ -367,9 +367,10 @@ def encode_packed(
     ``(k, n)`` matrix (:meth:`~tandem.compression.codecs.Codec.encode_rows`:
     float16 rounding, int8 levels under each row's ``max|x|``, sign bits and
     each row's ``mean|x|``, top-k by a per-row partition), and their wire
-    bytes are written straight to their offsets in the stream: a run of
-    consecutive groups is encoded in place, from a view of ``x`` into views
-    of the stream and of ``decoded``, the other groups are gathered and
+    bytes are written straight to their offsets in the stream: each
+    cache-sized piece of consecutive groups is encoded in place by the
+    option most of its groups chose, from a view of ``x`` into views of the
+    stream and of ``decoded``, and the piece's other groups are gathered and
     scattered (:func:`~tandem.compression.rows.put_rows`); no per-group
     arrays, no join. The offsets follow from the codec table, as on the
     receiving side.
