@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
+from tandem.compression import codecs as codecs_module
 from tandem.compression import compensate
 from tandem.compression import layout as layout_module
 from tandem.compression import packing as packing_module
@@ -432,7 +433,13 @@ def test_the_bench_cli_routes_codecs(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-def test_int8_scale_of_zeros_is_plus_zero():
+#: Int8 rows in torch's kernels (every block) or in numpy's (none).
+INT8_PATHS = pytest.mark.parametrize("torch_elements", [0, 1 << 62])
+
+
+@INT8_PATHS
+def test_int8_scale_of_zeros_is_plus_zero(torch_elements, monkeypatch):
+    monkeypatch.setattr(codecs_module, "_TORCH_ELEMENTS", torch_elements)
     rows = np.array([[0.0, -0.0, 0.0], [-0.0, -0.0, -0.0], [1.0, -3.0, 2.0]])
     rows = rows.astype(np.float32)
     wire, _ = Option("int8").codec.encode_rows(rows, None)
@@ -442,18 +449,28 @@ def test_int8_scale_of_zeros_is_plus_zero():
     assert wire[:2, 3:].tolist() == [[0, 0, 0, 0]] * 2
 
 
-def test_int8_rows_keep_the_formula_bit_for_bit():
+@INT8_PATHS
+def test_int8_rows_keep_the_formula_bit_for_bit(torch_elements, monkeypatch):
     """``rint(x / a · 127)`` exactly, not ``x · (127 / a)``: on these 2^20
-    Laplace values the two round one level apart at least once."""
-    rows = np.random.default_rng(0).laplace(size=(4096, 256)).astype(np.float32)
+    Laplace values the two round one level apart at least once; zeros (a −0
+    level decodes as +0) and scales from subnormal to huge, in numpy's
+    kernels and in torch's."""
+    monkeypatch.setattr(codecs_module, "_TORCH_ELEMENTS", torch_elements)
+    rng = np.random.default_rng(0)
+    rows = rng.laplace(size=(4096, 256)).astype(np.float32)
     scale = np.abs(rows).max(axis=1, keepdims=True)
     shortcut = np.rint(rows * (np.float32(127.0) / scale))
     assert (np.rint(rows / scale * np.float32(127.0)) != shortcut).any()
+    rows[2048:] *= (10.0 ** rng.uniform(-40, 30, size=(2048, 1))).astype(np.float32)
+    rows[rng.random(rows.shape) < 0.05] = 0.0
+    rows[:3] = 0.0
+    scale = np.abs(rows).max(axis=1, keepdims=True)
     wire, values = Option("int8").codec.encode_rows(rows, None)
     levels = int8_levels(rows, scale)
     np.testing.assert_array_equal(wire[:, :256].view(np.int8), levels)
     np.testing.assert_array_equal(wire[:, 256:].copy().view("<f4"), scale)
-    np.testing.assert_array_equal(values, int8_values(levels, scale))
+    expected = int8_values(levels, scale) + np.float32(0.0)
+    np.testing.assert_array_equal(values.view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.mark.parametrize("ties", [False, True])

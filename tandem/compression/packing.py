@@ -430,8 +430,9 @@ def _encode_packed(
     and into a view of the stream when every group chose it, else into a
     scratch whose rows of that option are copied to their offsets
     (:meth:`~tandem.compression.codecs.Codec.encode_rows_into`); a deferring
-    majority writes zeros. The piece's other groups, few as a rule, are
-    gathered per (option, size) across all pieces (:mod:`~tandem.compression.
+    majority writes zeros. The piece's other groups, few as a rule, and the
+    groups of pieces under :data:`_SMALL` elements are gathered per (option,
+    size) across all pieces (:mod:`~tandem.compression.
     rows`) and encoded before any piece is, and their values and residuals
     are written over the pieces' after. So a group costs a gather only when
     most of its piece chose another option.
@@ -445,13 +446,16 @@ def _encode_packed(
     sends = np.array([bool(option.codec.layout) for option in options])
     pieces = split_pieces(sizes, starts, _BLOCK)
     # the option encoding each piece in place: the one most of its groups
-    # chose (deferring included)
-    major = np.empty(n, dtype=np.int64)
+    # chose (deferring included); none (-1) in a piece too small to pay for
+    # a codec call of its own, whose groups join the gathered ones
+    major = np.full(n, -1, dtype=np.int64)
     majors = []
     for piece in pieces:
-        j = int(np.argmax(np.bincount(choice[piece.g0 : piece.g1])))
+        j = -1
+        if piece.hi - piece.lo >= _SMALL:
+            j = int(np.argmax(np.bincount(choice[piece.g0 : piece.g1])))
+            major[piece.g0 : piece.g1] = j
         majors.append(j)
-        major[piece.g0 : piece.g1] = j
     # 1. the other groups: encoded, their bytes written, their values and
     # residuals kept for step 3 (taken now: step 2 may write over `x`)
     kept = []
@@ -475,6 +479,8 @@ def _encode_packed(
                 kept.append((block, values, rest))
     # 2. each piece in place with its major option
     for piece, j in zip(pieces, majors, strict=True):
+        if j < 0:
+            continue
         rows, values = piece.rows(x), piece.rows(decoded)
         if not sends[j]:  # defer: no bytes, zeros decoded
             values[...] = 0.0
@@ -504,3 +510,7 @@ def _encode_packed(
 #: Elements per piece of :func:`_encode_packed` (a piece's rows, bytes and
 #: values stay in the CPU cache through the codec's passes).
 _BLOCK = 1 << 17
+#: Fewest elements of a piece that :func:`_encode_packed` encodes in place;
+#: the groups of smaller pieces (e.g. one short group between two tensors)
+#: are gathered with the others, a few codec calls for all of them.
+_SMALL = 1 << 13
