@@ -346,30 +346,48 @@ def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatc
         server_round=2,
     )
 
-    def rounds(blocks):
+    def rounds(blocks, in_place=False):
         if not blocks:
 
-            def two_steps(update, residual, gamma, layout):
+            def two_steps(update, residual, gamma, layout, in_place=False):
                 compensated = compensate(update, residual, gamma)
                 return compensated, layout.group_sq_norms(compensated)
 
             monkeypatch.setattr(pipeline_module, "_feedback", two_steps)
         memory = EdgeMemory.fresh(layout, opts.history)
-        memory.residual = rng_residual.copy()
-        outs = [compress_update(u, weights, memory, plan, layout) for u in updates]
+        memory.residual = first = rng_residual.copy()
+        outs = [
+            compress_update(u, weights, memory, plan, layout, in_place=in_place)
+            for u in updates
+        ]
+        # in place: g̃ and the residual in the first residual's buffer each
+        # round; else that array as it was
+        assert (memory.residual is first) == in_place
+        if not in_place:
+            assert first.tobytes() == rng_residual.tobytes()
         return outs, memory
 
     draw = np.random.default_rng(7)
     updates = [draw.laplace(size=layout.total).astype(np.float32) for _ in range(3)]
     rng_residual = draw.normal(size=layout.total).astype(np.float32)
-    (fast, memory), (slow, reference) = rounds(True), rounds(False)
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(a.payload, b.payload)
-        assert a.sent.tobytes() == b.sent.tobytes()
-        assert a.kept_fraction == b.kept_fraction
-    assert memory.residual.tobytes() == reference.residual.tobytes()
-    assert memory.history.tobytes() == reference.history.tobytes()
+    fast, in_place = rounds(True), rounds(True, in_place=True)
+    slow, reference = rounds(False)
+    for outs, memory in (fast, in_place):
+        for a, b in zip(outs, slow, strict=True):
+            np.testing.assert_array_equal(a.payload, b.payload)
+            assert a.sent.tobytes() == b.sent.tobytes()
+            assert a.kept_fraction == b.kept_fraction
+        assert memory.residual.tobytes() == reference.residual.tobytes()
+        assert memory.history.tobytes() == reference.history.tobytes()
     monkeypatch.undo()
+    # a read-only residual is not written, in place or not
+    frozen = rng_residual.copy()
+    frozen.flags.writeable = False
+    memory = EdgeMemory.fresh(layout, opts.history)
+    memory.residual = frozen
+    compress_update(updates[0], weights, memory, plan, layout, in_place=True)
+    assert memory.residual is not frozen
+    assert frozen.tobytes() == rng_residual.tobytes()
     bad = updates[0].copy()
     bad[5] = np.nan
     with pytest.raises(CodecError, match="x holds NaN or Inf"):

@@ -4,9 +4,9 @@ Times, in-process and on one thread, the two halves of an ACE-Sync round's
 compression on a transformer-shaped update of 1M or 4M parameters:
 
 - the edge's encode path, :func:`~tandem.compression.pipeline.compress_update`
-  as the ACE-Sync client runs it (error feedback, importance from the
-  predictor, knapsack, encoding and packing into the two wire arrays,
-  ``sent`` and the new residual), with its per-step breakdown;
+  as the ACE-Sync client runs it (``in_place``: error feedback, importance
+  from the predictor, knapsack, encoding and packing into the two wire
+  arrays, ``sent`` and the new residual), with its per-step breakdown;
 - the cloud's decode path for one reply: the wire checks of both arrays on
   their ``.npy`` bytes (:func:`~tandem.protocol.acesync.read_update`, i.e.
   :func:`~tandem.wire.read_array`), the checks and decoding of the packed
@@ -273,7 +273,14 @@ def measure_case(
         stages: dict[str, float] = {}
         tick = time.thread_time()
         out = compress_update(
-            update, weights, memory, plan, layout, predictor, stages=stages
+            update,
+            weights,
+            memory,
+            plan,
+            layout,
+            predictor,
+            stages=stages,
+            in_place=True,  # as the client calls it
         )
         seconds = time.thread_time() - tick
         if server_round == 1:

@@ -374,7 +374,9 @@ def compression_mod(
     update = layout.flat(local) - weights
     memory = load_memory(context, layout, plan.history)
     try:
-        out = compress_update(update, weights, memory, plan, layout, predictor)
+        out = compress_update(
+            update, weights, memory, plan, layout, predictor, in_place=True
+        )
     except CodecError as err:
         raise PayloadError(str(err)) from None
     save_memory(context, memory)

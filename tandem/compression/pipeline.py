@@ -344,17 +344,31 @@ class _StageClock:
 
 
 def _feedback(
-    update: np.ndarray, residual: np.ndarray, gamma: float, layout: GroupLayout
+    update: np.ndarray,
+    residual: np.ndarray,
+    gamma: float,
+    layout: GroupLayout,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 3, ``g̃ = g + γ·e`` (:func:`_compensate`), and step 4's
     ``‖g̃_i‖²`` per group (``layout.group_sq_norms(g̃)``), in one pass: each
     piece of the layout is compensated and its rows' energies taken while in
-    the CPU cache. The same values as the two steps apart."""
+    the CPU cache. The same values as the two steps apart; with
+    ``in_place``, ``g̃`` is written over ``residual`` when that is a writable
+    array of its own."""
     if not (_plain(update, residual, gamma) and update.shape == (layout.total,)):
         compensated = _compensate(update, residual, gamma)
         return compensated, layout.group_sq_norms(compensated)
     factor = np.float32(gamma)
-    compensated = np.empty(layout.total, dtype=np.float32)
+    # g̃ over e, each element read just before it is written: no fresh 4·N
+    # bytes to stream through the cache (a buffer not ours to write: new)
+    reuse = (
+        in_place
+        and residual.flags.writeable
+        and residual.flags.c_contiguous
+        and not np.may_share_memory(residual, update)
+    )
+    compensated = residual if reuse else np.empty(layout.total, dtype=np.float32)
     energy = np.empty(layout.starts.size, dtype=np.float64)
     for piece in layout.pieces:
         lo, hi = piece.lo, piece.hi
@@ -475,6 +489,7 @@ def compress_update(
     predictor: ImportancePredictor | None = None,
     *,
     stages: MutableMapping[str, float] | None = None,
+    in_place: bool = False,
 ) -> CompressedUpdate:
     """Steps 3-7 of the module docstring on one flat update; updates ``state``.
 
@@ -500,6 +515,12 @@ def compress_update(
         energies ``‖g̃_i‖²`` are taken in the feedback pass (under
         ``feedback``), and the residual ``g̃ − sent`` of the encoded groups
         as they are packed (under ``encode``).
+    in_place : bool (default: False)
+        Write ``g̃``, then the new residual, over ``state.residual``'s
+        buffer (if writable, C-contiguous and apart from ``update``): a pass
+        into fresh memory saved. If this call raises, the old residual is
+        then lost: for a caller that keeps the memory elsewhere, as the
+        ACE-Sync client does (``context.state``, stored after each round).
 
     Raises
     ------
@@ -510,7 +531,9 @@ def compress_update(
     clock = _StageClock(stages)
     # 3. error feedback (eq. 7), with step 4's energies ‖g̃_i‖² in the same
     # pass; g̃ is checked finite through them
-    compensated, energy = _feedback(update, state.residual, plan.gamma, layout)
+    compensated, energy = _feedback(
+        update, state.residual, plan.gamma, layout, in_place
+    )
     clock.lap("feedback")
     # 4. importance (eqs. 3-4): the score times the group's energy ‖g̃_i‖²
     finite = bool(np.isfinite(energy.sum()))  # a NaN or Inf in g̃ spreads to it
