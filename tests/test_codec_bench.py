@@ -435,9 +435,18 @@ def test_codec_bench_quick_writes_its_results(tmp_path, capsys):
     assert sum(tiny["codec_mix"].values()) == 2 * tiny["groups"]  # 2 rounds
     assert set(tiny["encode"]["stages_seconds"]) == set(codec_bench.ENCODE_STAGES)
     assert set(tiny["decode"]["stages_seconds"]) == set(codec_bench.DECODE_STAGES)
+    per = {"encode": "seconds_per_round", "decode": "seconds_per_reply"}
     for side in ("encode", "decode"):
         assert tiny[side]["gb_per_s"] == pytest.approx(
             tiny["float32_bytes"] / tiny[side]["seconds"] / 1e9
+        )
+        times = tiny[side][per[side]]
+        assert len(times) == 2 and tiny[side]["seconds"] == pytest.approx(
+            sum(times) / 2  # the median of two
+        )
+        assert tiny[side]["best_seconds"] == min(times)
+        assert tiny[side]["best_gb_per_s"] == pytest.approx(
+            tiny["float32_bytes"] / min(times) / 1e9
         )
     assert tiny["cloud_round"]["devices"] == 4
     assert results["assumptions"]["threads"]["torch"] == 1
