@@ -317,6 +317,29 @@ def test_group_norms_and_density_by_pieces_equal_one_reduceat():
     )
 
 
+def test_density_of_whole_words_counts_zeros_by_bits():
+    """Groups of whole 64-element words: zeros counted from the packed mask
+    (-0.0 included, and a group of 256 zeros, more than a byte counts) give
+    the densities of the zeros counted one by one."""
+    rng = np.random.default_rng(21)
+    shapes = {"a.weight": (40, 64), "b.weight": (3, 128), "c.weight": (2, 256)}
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    layout = GroupLayout.from_arrays(arrays, 256)
+    assert layout._word_starts is not None
+    v = layout.flat(arrays)
+    v[rng.random(v.size) < 0.3] = 0.0
+    v[7] = -0.0
+    v[-256:] = 0.0  # a whole group of 256 zeros
+    zeros = np.add.reduceat((v == 0).astype(np.int64), layout.starts)
+    assert zeros.max() == 256
+    np.testing.assert_array_equal(layout._zero_counts(v), zeros)
+    density = STRUCTURAL_FEATURES.index("density")
+    expected = (layout.sizes - zeros) / layout.sizes
+    np.testing.assert_array_equal(
+        layout.structural(v)[:, density], expected.astype(np.float32)
+    )
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_feedback_and_energies_in_one_pass_equal_the_two_steps(gamma, monkeypatch):
