@@ -20,6 +20,37 @@ def _cfg(**extra) -> RunConfig:
     return RunConfig.from_flat({**FLAT, **extra})
 
 
+def _forward_chunk(edge, cloud, cloud_opt, rng, bundle):
+    """Two micro-batches of 8 forwarded by ``edge``, the cloud stepped on
+    each: the chunk's inputs and its cut gradient (mean over the two)."""
+    xs, gs = [], []
+    for _ in range(2):
+        idx = rng.integers(0, len(bundle.train), 8)
+        x = torch.from_numpy(bundle.train.x[idx])
+        a = edge(x).detach().requires_grad_(True)
+        cloud_opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            cloud(a), torch.from_numpy(bundle.train.y[idx])
+        ).backward()
+        cloud_opt.step()
+        xs.append(x)
+        gs.append(a.grad)
+    return torch.cat(xs), torch.cat(gs) / 2
+
+
+def _late_step(queued, at, edge, edge_opt):
+    """With two chunks queued, the older one's gradient (back-propagated at
+    its stash, in ``at``) stepped into ``edge``: one chunk late."""
+    if len(queued) > 1:
+        x, g, stash = queued.pop(0)
+        at.load_state_dict(stash)
+        at.zero_grad()
+        at(x).backward(g)
+        for p, q in zip(edge.parameters(), at.parameters(), strict=True):
+            p.grad = q.grad
+        edge_opt.step()
+
+
 def _close(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (k, p), (_, q) in zip(
         a.state_dict().items(), b.state_dict().items(), strict=True
@@ -123,27 +154,8 @@ def test_delayed_gradients_are_taken_at_the_weights_of_their_forward():
     queued = []
     for _ in range(4):  # chunks
         stash = {k: v.clone() for k, v in e.state_dict().items()}
-        xs, gs = [], []
-        for _ in range(2):
-            idx = rng.integers(0, len(bundle.train), 8)
-            x = torch.from_numpy(bundle.train.x[idx])
-            a = e(x).detach().requires_grad_(True)
-            c_opt.zero_grad()
-            torch.nn.functional.cross_entropy(
-                c(a), torch.from_numpy(bundle.train.y[idx])
-            ).backward()
-            c_opt.step()
-            xs.append(x)
-            gs.append(a.grad)
-        queued.append((torch.cat(xs), stash, torch.cat(gs) / 2))
-        if len(queued) > 1:
-            x, stash, g = queued.pop(0)
-            at.load_state_dict(stash)
-            at.zero_grad()
-            at(x).backward(g)
-            for p, q in zip(e.parameters(), at.parameters(), strict=True):
-                p.grad = q.grad
-            e_opt.step()
+        queued.append((*_forward_chunk(e, c, c_opt, rng, bundle), stash))
+        _late_step(queued, at, e, e_opt)
     _close(edge, e)
     _close(cloud, c)
 
@@ -222,3 +234,122 @@ def test_delay_compensation_adds_lambda_g_squared_times_the_weights_move():
         cfg, Schedule(1, 0, 1.0), 6, seed=6, compensation=lam
     )
     _close(on_time_dc, on_time)
+
+
+def _chunks_of_two_one_late_by_hand(cfg, chunks, seed, predict):
+    """By hand: 2/1/1 on the cnn1d for ``chunks`` chunks; with ``predict``
+    each chunk is forwarded and back-propagated at ``w − 1 · lr · v``
+    (SpecTrain, one edge step ahead), else at the edge's weights."""
+    bundle = load_dataset(cfg.data)
+    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
+    e, c = whole[:1], whole[1:]
+    at = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)[:1]
+    e_opt = torch.optim.SGD(e.parameters(), lr=0.05, momentum=0.9)
+    c_opt = torch.optim.SGD(c.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    queued = []
+    for _ in range(chunks):
+        stash = {}
+        for name, p in e.named_parameters():
+            v = e_opt.state.get(p, {}).get("momentum_buffer")
+            ahead = p.detach() - 0.05 * v if predict and v is not None else p
+            stash[name] = ahead.detach().clone()
+        at.load_state_dict(stash)
+        queued.append((*_forward_chunk(at, c, c_opt, rng, bundle), stash))
+        _late_step(queued, at, e, e_opt)
+    return e, c
+
+
+def test_weight_prediction_takes_each_chunk_at_w_minus_d_lr_v():
+    # SpecTrain on 2/1/1 over 5 chunks: from the third chunk on the momentum
+    # buffer is there, and each chunk is forwarded and back-propagated at the
+    # weights predicted one edge step ahead
+    cfg = _cfg()
+    edge, cloud = train_schedule(cfg, Schedule(2, 1, 1.0), 10, seed=7, predict=True)
+    e, c = _chunks_of_two_one_late_by_hand(cfg, 5, seed=7, predict=True)
+    _close(edge, e)
+    _close(cloud, c)
+    plain, _ = train_schedule(cfg, Schedule(2, 1, 1.0), 10, seed=7)
+    _close(plain, _chunks_of_two_one_late_by_hand(cfg, 5, seed=7, predict=False)[0])
+    assert (
+        max(
+            float((p - q).detach().abs().max())
+            for p, q in zip(edge.parameters(), plain.parameters(), strict=True)
+        )
+        > 1e-5
+    )
+    # without delay there is nothing to predict
+    on_time = train_schedule(cfg, Schedule(2, 0, 1.0), 6, seed=7)
+    on_time_p = train_schedule(cfg, Schedule(2, 0, 1.0), 6, seed=7, predict=True)
+    _close(
+        torch.nn.Sequential(*on_time[0], *on_time[1]),
+        torch.nn.Sequential(*on_time_p[0], *on_time_p[1]),
+    )
+    with pytest.raises(ValueError, match="sgd"):
+        train_schedule(
+            cfg, Schedule(2, 1, 1.0), 1, seed=7, predict=True, edge_optimizer="adam"
+        )
+
+
+def test_edge_warmup_raises_only_the_edge_rate_linearly():
+    # 1/0/1 with a warm-up of 4 micro-batches: the edge's step after
+    # micro-batch t runs at 0.05 * min(1, t / 4), the cloud's at 0.05
+    cfg = _cfg()
+    steps, seed, n = 7, 8, 4
+    edge, cloud = train_schedule(cfg, Schedule(1, 0, 1.0), steps, seed, edge_warmup=n)
+    bundle = load_dataset(cfg.data)
+    whole = build_model("cnn1d", bundle.input_shape, bundle.num_classes, cfg.seed)
+    e_opt = torch.optim.SGD(whole[:1].parameters(), lr=0.05, momentum=0.9)
+    c_opt = torch.optim.SGD(whole[1:].parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(seed)
+    for t in range(1, steps + 1):
+        idx = rng.integers(0, len(bundle.train), 8)
+        whole.zero_grad()
+        torch.nn.functional.cross_entropy(
+            whole(torch.from_numpy(bundle.train.x[idx])),
+            torch.from_numpy(bundle.train.y[idx]),
+        ).backward()
+        e_opt.param_groups[0]["lr"] = 0.05 * min(1.0, t / n)
+        e_opt.step()
+        c_opt.step()
+    _close(torch.nn.Sequential(*edge, *cloud), whole)
+    plain, _ = train_schedule(cfg, Schedule(1, 0, 1.0), steps, seed)
+    assert any(
+        not torch.allclose(p, q, rtol=0, atol=1e-6)
+        for p, q in zip(edge.parameters(), plain.parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match="warm-up"):
+        train_schedule(cfg, Schedule(1, 0, 1.0), 1, seed, edge_warmup=-1)
+
+
+def test_edge_momentum_is_the_edge_sgds_only():
+    cfg = _cfg()
+    steps, seed = 8, 9
+    edge, cloud = train_schedule(
+        cfg, Schedule(1, 0, 1.0), steps, seed, edge_momentum=0.5
+    )
+    n = len(edge)
+    whole = _whole_model(
+        cfg,
+        steps,
+        seed,
+        lambda m: [
+            torch.optim.SGD(m[:n].parameters(), lr=0.05, momentum=0.5),
+            torch.optim.SGD(m[n:].parameters(), lr=0.05, momentum=0.9),
+        ],
+    )
+    _close(torch.nn.Sequential(*edge, *cloud), whole)
+    with pytest.raises(ValueError, match="momentum"):
+        train_schedule(cfg, Schedule(1, 0, 1.0), 1, seed, edge_momentum=1.0)
+
+
+def test_the_new_options_are_refused_when_out_of_range(capsys):
+    base = ["--dataset", "mnist1d", "--steps", "1", "--seeds", "0"]
+    for bad in (
+        ["--edge-warmup", "-2"],
+        ["--edge-momentum", "1.5"],
+        ["--predict-weights", "--edge-optimizer", "adam"],
+    ):
+        with pytest.raises(SystemExit):
+            main(base + bad)
+        assert bad[0] in capsys.readouterr().err

@@ -22,12 +22,16 @@ Example::
         --seeds 10 11 12 --out docs/bench/split-schedule/results.json
 
 ``--cut`` moves the cut (``--cut embed`` leaves the transformer's edge its
-embeddings only); ``1/0/1`` does not depend on it.
+embeddings only); ``1/0/1`` does not depend on it. ``--edge-optimizer``,
+``--edge-lr``, ``--edge-momentum`` and ``--edge-warmup`` change how the edge
+steps; ``--compensation`` (DC-ASGD) and ``--predict-weights`` (SpecTrain)
+correct its late gradients. With none of them the probe is as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -115,6 +119,9 @@ def train_schedule(
     edge_optimizer: str = "sgd",
     edge_lr: float | None = None,
     compensation: float = 0.0,
+    predict: bool = False,
+    edge_warmup: int = 0,
+    edge_momentum: float | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Train the run's model for ``steps`` micro-batches under ``schedule``.
 
@@ -138,6 +145,25 @@ def train_schedule(
     ``g + λ · g ⊙ g ⊙ (w_now − w_stash)``, the diagonal of ``g gᵀ``
     standing in for the Hessian.
 
+    ``predict`` forwards and back-propagates each chunk at the weights its
+    gradient will be applied to, as predicted from the momentum buffer ``v``
+    when the chunk starts, instead of the current ones: SpecTrain's weight
+    prediction (Chen et al., 2018, "Efficient and Robust Parallel DNN
+    Training through Model Parallelism on Multi-GPU Platform", eq. 6),
+    ``ŵ = w − s · η · v`` with ``s = D`` edge steps ahead and ``η`` the edge
+    optimizer's current rate. The cloud sees the activations at ``ŵ``, and
+    ``ŵ`` is the chunk's stash. Momentum SGD only; with ``D = 0`` it changes
+    nothing.
+
+    ``edge_warmup`` ``N > 0`` raises the edge's rate linearly over the first
+    ``N`` micro-batches (Goyal et al., 2017, "Accurate, Large Minibatch SGD",
+    §2.2, gradual warm-up): the edge step taken after micro-batch ``t``
+    (1-based) runs at ``edge_lr × S × min(1, t / N)``. The cloud's rate is
+    not warmed up.
+
+    ``edge_momentum`` is the edge SGD's momentum (default: the run's); the
+    cloud keeps the run's.
+
     Returns
     -------
     (edge, cloud) : the two parts after training.
@@ -147,24 +173,35 @@ def train_schedule(
     cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
     if edge_optimizer not in EDGE_OPTIMIZERS:
         raise ValueError(f"edge optimizer must be one of {EDGE_OPTIMIZERS}")
+    if predict and edge_optimizer != "sgd":
+        raise ValueError("weight prediction needs the sgd edge optimizer")
+    if edge_warmup < 0:
+        raise ValueError(f"edge warm-up must be >= 0 micro-batches: {edge_warmup}")
+    edge_beta = beta if edge_momentum is None else edge_momentum
+    if not 0.0 <= edge_beta < 1.0:
+        raise ValueError(f"edge momentum must lie in [0, 1): {edge_beta}")
     edge_rate = (lr if edge_lr is None else edge_lr) * schedule.scale
     edge_opt: torch.optim.Optimizer
     if edge_optimizer == "adam":
         edge_opt = torch.optim.Adam(edge.parameters(), lr=edge_rate)
     else:
-        edge_opt = torch.optim.SGD(edge.parameters(), lr=edge_rate, momentum=beta)
+        edge_opt = torch.optim.SGD(edge.parameters(), lr=edge_rate, momentum=edge_beta)
+    ahead = _predictor(edge) if predict and schedule.delay > 0 else None
     train = load_dataset(cfg.data).train  # cached: the same load as the model's
     rng = np.random.default_rng(seed)
     queue: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
     xs: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
-    for _ in range(steps):
+    for t in range(steps):
         idx = rng.integers(0, len(train), cfg.train.batch_size)
         x, y = torch.from_numpy(train.x[idx]), torch.from_numpy(train.y[idx])
         if not xs:  # a chunk is forwarded at one version of the edge
             stash = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+            if ahead is not None:
+                stash = _predicted(edge, edge_opt, schedule.delay, stash)
+                ahead.load_state_dict(stash)
         with torch.no_grad():
-            acts = edge(x)
+            acts = edge(x) if ahead is None else ahead(x)
         acts.requires_grad_(True)
         cloud_opt.zero_grad(set_to_none=True)
         _loss(cloud(acts), y).backward()
@@ -189,8 +226,43 @@ def train_schedule(
                     if param.grad is not None:
                         moved = param.detach() - weights[name]
                         param.grad.add_(compensation * param.grad * param.grad * moved)
+            if edge_warmup > 0:
+                for group in edge_opt.param_groups:
+                    group["lr"] = edge_rate * min(1.0, (t + 1) / edge_warmup)
             edge_opt.step()
     return edge, cloud
+
+
+def _predictor(edge: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``edge`` to forward chunks at predicted weights."""
+    ahead = copy.deepcopy(edge)
+    ahead.requires_grad_(False)
+    return ahead
+
+
+def _predicted(
+    edge: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    delay: int,
+    weights: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """SpecTrain's prediction of the edge ``delay`` steps ahead.
+
+    ``weights`` (the edge's state now) with each parameter ``w`` that has a
+    momentum buffer ``v`` replaced by ``w − delay · η · v``, ``η`` the rate of
+    its group in ``opt`` (Chen et al., 2018, eq. 6: the smoothed gradient
+    ``v`` stands for the gradients of the steps to come). Parameters without
+    a buffer yet (no step taken) are kept.
+    """
+    out = dict(weights)
+    for group in opt.param_groups:
+        for name, param in edge.named_parameters():
+            if not any(param is p for p in group["params"]):
+                continue
+            buf = opt.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                out[name] = weights[name] - delay * group["lr"] * buf
+    return out
 
 
 def _measure(
@@ -205,6 +277,9 @@ def _measure(
         edge_optimizer=args.edge_optimizer,
         edge_lr=args.edge_lr,
         compensation=args.compensation,
+        predict=args.predict_weights,
+        edge_warmup=args.edge_warmup,
+        edge_momentum=args.edge_momentum,
     )
     model = torch.nn.Sequential(edge, cloud)
     stats = evaluate(model, load_dataset(cfg.data).test, torch.device("cpu"))
@@ -256,6 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="DC-ASGD's lambda for late edge gradients (0: none)",
     )
+    parser.add_argument(
+        "--predict-weights",
+        action="store_true",
+        help="forward and back-propagate each chunk at the edge weights "
+        "predicted D steps ahead, w - D * lr * v (SpecTrain)",
+    )
+    parser.add_argument(
+        "--edge-warmup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="raise the edge's rate linearly over the first N micro-batches (0: none)",
+    )
+    parser.add_argument(
+        "--edge-momentum",
+        type=float,
+        help="the edge SGD's momentum (default: --momentum)",
+    )
     parser.add_argument("--text-test-windows", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     parser.add_argument(
@@ -284,6 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--edge-lr must be > 0, got {args.edge_lr}")
     if not args.compensation >= 0:
         parser.error(f"--compensation must be >= 0, got {args.compensation}")
+    if args.edge_warmup < 0:
+        parser.error(f"--edge-warmup must be >= 0, got {args.edge_warmup}")
+    if args.edge_momentum is not None and not 0.0 <= args.edge_momentum < 1.0:
+        parser.error(f"--edge-momentum must lie in [0, 1), got {args.edge_momentum}")
+    if args.predict_weights and args.edge_optimizer != "sgd":
+        parser.error("--predict-weights needs --edge-optimizer sgd")
     torch.set_num_threads(1)
     rows = {}
     for schedule in schedules:
