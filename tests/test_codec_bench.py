@@ -473,6 +473,8 @@ def test_codec_bench_quick_writes_its_results(tmp_path, capsys):
         )
     assert tiny["cloud_round"]["devices"] == 4
     assert results["assumptions"]["threads"]["torch"] == 1
+    copies = results["assumptions"]["memory_copy_gb_per_s"]
+    assert copies["before"] > 0 and copies["after"] > 0
     assert "| tiny |" in capsys.readouterr().out
 
 

@@ -73,7 +73,14 @@ from tandem.protocol.acesync import (
 )
 from tandem.transformer import transformer
 
-__all__ = ["CASES", "ModelCase", "main", "measure_case", "synthetic_update"]
+__all__ = [
+    "CASES",
+    "ModelCase",
+    "main",
+    "measure_case",
+    "memory_probe",
+    "synthetic_update",
+]
 
 #: Environment variables that cap a library's threads.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -142,6 +149,24 @@ def synthetic_update(
     lengths = [int(np.prod(shape)) for shape in layout.shapes]
     per_element = np.repeat(np.asarray(scales, dtype=np.float64), lengths)
     return (rng.laplace(size=layout.total) * per_element).astype(np.float32)
+
+
+def memory_probe(megabytes: int = 64, repeats: int = 9) -> float:
+    """This machine's one-thread memory copy speed now, GB/s read (median).
+
+    The codecs' passes stream the update through memory, so their figures
+    move with this one (a shared machine's other tenants take from the same
+    caches and memory bus); it is recorded before and after the cases to
+    tell a slow machine from slow code.
+    """
+    source = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    seconds = []
+    for _ in range(repeats):
+        tick = time.thread_time()
+        np.copyto(target, source)
+        seconds.append(time.thread_time() - tick)
+    return source.nbytes / _median(seconds) / 1e9
 
 
 def _median(values: Sequence[float]) -> float:
@@ -460,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.bandwidth >= 0:
         parser.error(f"--bandwidth must be >= 0 Mbit/s, got {args.bandwidth}")
     pin_one_thread()
+    copy_before = memory_probe()
     cases = {
         name: measure_case(
             CASES[name],
@@ -471,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name in args.sizes
     }
+    copy_after = memory_probe()
     results = {
         "cases": cases,
         "assumptions": {
@@ -483,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             "log-uniform in [1e-4, 1e-2], a fresh draw per round",
             "importance": "predictor (untrained, as in round 1 of a run)",
             "load_average": list(os.getloadavg()),
+            "memory_copy_gb_per_s": {"before": copy_before, "after": copy_after},
             "machine": platform.processor() or platform.machine(),
             "numpy": np.__version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -495,5 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "results.json"
     path.write_text(json.dumps(results, indent=2))
     print(format_report(results))
-    print(f"\nresults: {path}")
+    print(
+        f"\nmemory copy, one thread: {copy_before:.1f} GB/s before, "
+        f"{copy_after:.1f} GB/s after"
+    )
+    print(f"results: {path}")
     return 0
