@@ -22,7 +22,7 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-__all__ = ["Adam", "MomentumSGD", "momentum_sgd_"]
+__all__ = ["Adam", "MomentumSGD", "adam_", "adam_state", "momentum_sgd_"]
 
 
 def momentum_sgd_(
@@ -55,6 +55,49 @@ def _scalar_dtype() -> torch.dtype:
     the default dtype)."""
     return (
         torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    )
+
+
+def adam_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter's Adam state before its first step, as
+    :class:`torch.optim.Adam` makes it: ``step`` 0 (a CPU scalar tensor),
+    ``exp_avg`` and ``exp_avg_sq`` zeros like ``param``."""
+    return {
+        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
+
+
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, torch.Tensor]],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """One step of :class:`torch.optim.Adam` in place (its functional step,
+    :func:`torch.optim.adam.adam`): per parameter ``t ← t + 1``,
+    ``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``,
+    ``θ ← θ − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)``; no weight
+    decay, no AMSGrad. ``states`` are the parameters' :func:`adam_state`
+    dicts, updated in place."""
+    adam(
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        [s["step"] for s in states],
+        amsgrad=False,
+        has_complex=any(torch.is_complex(p) for p in params),
+        beta1=betas[0],
+        beta2=betas[1],
+        lr=lr,
+        weight_decay=0.0,
+        eps=eps,
+        maximize=False,
     )
 
 
@@ -146,27 +189,7 @@ class Adam(_Stepper):
         params = self._with_grad()
         for p in params:
             if not self.state.get(p):  # torch's lazy state, with the step on the CPU
-                self.state[p] = {
-                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    ),
-                }
+                self.state[p] = adam_state(p)
         states = [self.state[p] for p in params]
-        adam(
-            params,
-            [p.grad for p in params],  # type: ignore[misc]
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            [s["step"] for s in states],
-            amsgrad=False,
-            has_complex=any(torch.is_complex(p) for p in params),
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            lr=self.lr,
-            weight_decay=0.0,
-            eps=self.eps,
-            maximize=False,
-        )
+        grads = [p.grad for p in params]
+        adam_(params, grads, states, self.lr, self.betas, self.eps)  # type: ignore[arg-type]
