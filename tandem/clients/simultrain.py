@@ -9,9 +9,12 @@ micro-batches to forward next. The edge, in this order:
 1. back-propagates the received gradients through the chunk's forward
    pass at the *stashed* weights ``w`` (PipeDream-style weight stashing;
    kept from step 3 on the stream, recomputed on the message transport),
-   and takes one SGD step (torch's SGD with momentum,
-   learning rate ``lr × simultrain-edge-lr-scale``) on the chunk's mean
-   gradient with the forecast correction of seed 002,
+   and takes one step on the chunk's mean gradient
+   (``simultrain-edge-optimizer``: torch's SGD with momentum, or torch's
+   Adam; learning rate ``simultrain-edge-lr``, by default
+   ``lr × simultrain-edge-lr-scale``, warmed up linearly over the first
+   ``simultrain-edge-warmup`` micro-batches forwarded) with the forecast
+   correction of seed 002,
    ``∇̃ = ∇ℓ(w; x) + α·(θ_e − w)``: the gradient computed at the stashed
    version, carried to the current version ``θ_e`` it is applied to
    (``simultrain-forecast = "stash"``; the literal ``α·(θ_e^c − θ_e)`` is
@@ -22,9 +25,9 @@ micro-batches to forward next. The edge, in this order:
    float16 or int8 with one scale per sample) and labels, stashing the rows'
    indices and the weights used (:func:`forward_chunk`).
 
-All state (:class:`EdgeState`: θ_e, its momentum, the last θ_e^c, the base
-of the next delta, stashes, version, data position) lives in
-``Context.state`` and survives between messages on both engines.
+All state (:class:`EdgeState`: θ_e, its momentum or Adam state, the last
+θ_e^c, the base of the next delta, stashes, version, data position) lives
+in ``Context.state`` and survives between messages on both engines.
 
 **Why one step per chunk, and the smaller edge rate.** The gradients of a
 chunk arrive two messages after its forward pass on the message transport,
@@ -43,7 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -61,7 +64,7 @@ from tandem.config import RunConfig
 from tandem.datasets.base import ArraySplit
 from tandem.frames import FrameError, decode_frame, encode_frame
 from tandem.network import LinkPacer, LinkProfile, parse_link
-from tandem.optim import momentum_sgd_
+from tandem.optim import adam_, adam_state, momentum_sgd_
 from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
     SESSION_TYPE,
@@ -85,6 +88,7 @@ __all__ = [
     "EdgeState",
     "KeptForwards",
     "StreamedEdge",
+    "adam_step",
     "apply_gradients",
     "forward_chunk",
     "handler",
@@ -144,6 +148,10 @@ class EdgeState:
         ``v-c`` of the message the edge last reconciled on.
     fresh : bool
         No message was handled before (a late joiner starts from ``θ_e^c``).
+    adam : dict of str to Tensor
+        Adam's state per parameter ``k`` (``simultrain-edge-optimizer =
+        "adam"``): ``exp_avg/k``, ``exp_avg_sq/k`` and its step count
+        ``step/k`` (absent before its first step; :func:`adam_step`).
     """
 
     theta: Tensors
@@ -155,6 +163,7 @@ class EdgeState:
     steps: int = 0
     base_v_c: int = 0
     fresh: bool = True
+    adam: Tensors = field(default_factory=dict)
 
     @classmethod
     def load(cls, state: RecordDict, initial: Tensors) -> EdgeState:
@@ -177,6 +186,7 @@ class EdgeState:
             steps=counters.get("steps", 0),
             base_v_c=counters.get("base-v-c", 0),
             fresh=fresh,
+            adam=_tensors(state.array_records.get(_S + "adam")),
         )
 
     def save(self, state: RecordDict) -> None:
@@ -185,6 +195,7 @@ class EdgeState:
         state[_S + "edge-cloud"] = _record(self.theta_cloud)
         state[_S + "base"] = _record(self.base)
         state[_S + "momentum"] = _record(self.momentum)
+        state[_S + "adam"] = _record(self.adam)
         state[_S + "stash"] = ArrayRecord(
             {k: Array(np.ascontiguousarray(v)) for k, v in self.stash.items()}
         )
@@ -223,6 +234,49 @@ def sgd_step(
         {k: b for k, b in zip(names, buffers, strict=True) if b is not None}
     )
     return new_theta, new_momentum
+
+
+#: The Adam state's parts per parameter (:attr:`EdgeState.adam`'s key prefixes).
+ADAM_PARTS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def adam_step(
+    theta: Tensors, grads: Tensors, adam: Tensors, lr: float
+) -> tuple[Tensors, Tensors]:
+    """One step of torch's Adam from ``θ_e`` along ``grads``.
+
+    The update :class:`torch.optim.Adam` applies with its defaults (betas
+    0.9 and 0.999, eps 1e-8, no weight decay, no AMSGrad), bias corrected
+    with each parameter's own step count (:func:`~tandem.optim.adam_`, the
+    same functional step). ``adam`` holds, per parameter ``k``,
+    ``exp_avg/k``, ``exp_avg_sq/k`` and ``step/k`` (a scalar tensor); a
+    parameter without all three starts fresh (step 0, zero moments). As
+    :func:`sgd_step`, it keeps the state in plain tensors that
+    ``Context.state`` carries between messages.
+
+    Returns
+    -------
+    theta : dict of str to Tensor
+        The new weights (every key of ``theta``; tensors without a gradient
+        keep their values).
+    adam : dict of str to Tensor
+        The Adam state for the next step (the input's is not changed).
+    """
+    names = list(grads)
+    params = [theta[k].detach().clone() for k in names]
+    states = []
+    for k, p in zip(names, params, strict=True):
+        keys = {part: f"{part}/{k}" for part in ADAM_PARTS}
+        if all(key in adam for key in keys.values()):
+            states.append({part: adam[key].clone() for part, key in keys.items()})
+        else:
+            states.append(adam_state(p))
+    adam_(params, [grads[k] for k in names], states, lr)
+    new_theta = {**theta, **dict(zip(names, params, strict=True))}
+    new_adam = dict(adam)
+    for k, st in zip(names, states, strict=True):
+        new_adam.update({f"{part}/{k}": st[part] for part in ADAM_PARTS})
+    return new_theta, new_adam
 
 
 class KeptForwards:
@@ -298,6 +352,13 @@ def apply_gradients(
     forecast to the version it is applied to (seed 002). Returns the CPU
     seconds spent.
 
+    ``lr`` is the edge's rate (:meth:`SimulTrainOptions.edge_rate`); the step
+    runs at it warmed up over the micro-batches forwarded so far
+    (``state.steps``, :meth:`SimulTrainOptions.warmed_up`), with
+    ``simultrain-edge-optimizer``'s update: :func:`sgd_step` with
+    ``momentum`` (the buffers in ``state.momentum``) or :func:`adam_step`
+    (its state in ``state.adam``).
+
     The backward pass runs through the chunk's own forward pass when
     ``kept`` holds it (:class:`KeptForwards`, the stream session's);
     otherwise the forward pass is recomputed at the stashed weights (the
@@ -334,9 +395,13 @@ def apply_gradients(
         grads = forecast_gradients(grads, stashed, state.theta, opts.alpha)
     else:  # the literal reading: from θ_e to the cloud's copy θ_e^c
         grads = forecast_gradients(grads, state.theta, state.theta_cloud, opts.alpha)
-    state.theta, state.momentum = sgd_step(
-        state.theta, grads, state.momentum, lr, momentum
-    )
+    rate = opts.warmed_up(lr, state.steps)
+    if opts.edge_optimizer == "adam":
+        state.theta, state.adam = adam_step(state.theta, grads, state.adam, rate)
+    else:
+        state.theta, state.momentum = sgd_step(
+            state.theta, grads, state.momentum, rate, momentum
+        )
     for k in [k for k in stash if k.startswith(prefix)]:
         del stash[k]
     return time.thread_time() - tick
@@ -438,7 +503,7 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     request = CloudMessage.from_content(msg.content, layout_of(_record(state.theta)))
     compute = 0.0  # CPU seconds of the edge's own maths (backward, forward)
     if request.grad_for >= 0:
-        lr = cfg.train.lr * opts.edge_lr_scale
+        lr = opts.edge_rate(cfg.train.lr)
         compute += apply_gradients(
             state, edge, split, request, opts, lr, cfg.train.momentum
         )
@@ -552,7 +617,7 @@ class StreamedEdge:
         self.split = split
         self.batches = batches
         self.opts = opts
-        self.lr = cfg.train.lr * opts.edge_lr_scale
+        self.lr = opts.edge_rate(cfg.train.lr)  # before its warm-up
         self.momentum = cfg.train.momentum
         self.timeout = cfg.reply_timeout  # longest wait for the cloud (s)
         self.start = start

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from tandem.config import RunConfig
 
 __all__ = [
+    "EDGE_OPTIMIZERS",
     "KEY_ACTS",
     "KEY_DELTA",
     "KEY_EDGE_PARAMS",
@@ -95,6 +96,9 @@ KEY_META = "meta"
 Layout = Mapping[str, tuple[tuple[int, ...], str]]
 
 _LINK_KEY = "simultrain-link"
+#: The edge's optimizers (``simultrain-edge-optimizer``): torch's SGD with
+#: the run's momentum, or torch's Adam (betas 0.9, 0.999, eps 1e-8).
+EDGE_OPTIMIZERS = ("sgd", "adam")
 
 
 def _address(address: str) -> bool:
@@ -139,6 +143,22 @@ class SimulTrainOptions:
         0.5,
         "must be > 0 (edge learning rate = lr x this)",
         lambda f: f > 0,
+    )
+    edge_optimizer: str = option(
+        "simultrain-edge-optimizer", "sgd", choices=EDGE_OPTIMIZERS
+    )
+    edge_lr: float = option(
+        "simultrain-edge-lr",
+        0.0,
+        "must be >= 0 (the edge's learning rate; 0 = lr x simultrain-edge-lr-scale)",
+        lambda f: f >= 0,
+    )
+    edge_warmup: int = option(
+        "simultrain-edge-warmup",
+        0,
+        "must be >= 0 (micro-batches forwarded over which the edge's rate "
+        "rises linearly from 0; 0 = no warm-up)",
+        lambda n: n >= 0,
     )
     forecast: str = option(
         "simultrain-forecast", "stash", choices=("stash", "cloud-copy")
@@ -213,6 +233,19 @@ class SimulTrainOptions:
         link (:func:`tandem.schedules.pipeline_window`).
         """
         return self.window or min(2, max(1, self.staleness_bound))
+
+    def edge_rate(self, lr: float) -> float:
+        """The edge's learning rate before its warm-up: ``simultrain-edge-lr``,
+        or with 0 the run's ``lr`` × ``simultrain-edge-lr-scale``."""
+        return self.edge_lr if self.edge_lr > 0 else lr * self.edge_lr_scale
+
+    def warmed_up(self, rate: float, forwarded: int) -> float:
+        """The edge step's rate after ``forwarded`` micro-batches in all:
+        ``rate × min(1, forwarded / N)`` with ``N = simultrain-edge-warmup``
+        (Goyal et al., 2017, §2.2, gradual warm-up); ``rate`` itself with
+        ``N = 0`` or once ``forwarded >= N``."""
+        n = self.edge_warmup
+        return rate if n == 0 or forwarded >= n else rate * (forwarded / n)
 
     @property
     def max_frame_bytes(self) -> int:
