@@ -165,9 +165,14 @@ def test_every_option_but_the_cut_has_a_rule():
         for f in dataclasses.fields(SimulTrainOptions)
         if f.metadata["check"] is None and f.metadata["choices"] is None
     ]
-    assert unchecked == ["simultrain-cut", "simultrain-realtime"]
-    with pytest.raises(ConfigError, match="simultrain-realtime"):
-        RunConfig.from_flat({"simultrain-realtime": "yes"})
+    assert unchecked == [
+        "simultrain-cut",
+        "simultrain-predict-weights",
+        "simultrain-realtime",
+    ]
+    for key in unchecked[1:]:
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_flat({key: "yes"})
 
 
 # ------------------------------------------------------------------ edge step

@@ -92,6 +92,8 @@ __all__ = [
     "apply_gradients",
     "forward_chunk",
     "handler",
+    "predicted_weights",
+    "prediction_span",
     "reconcile",
     "session_handler",
     "sgd_step",
@@ -446,6 +448,7 @@ def forward_chunk(
     want: int,
     precision: str,
     kept: KeptForwards | None = None,
+    ahead: float = 0.0,
 ) -> Chunk:
     """Step 3: forward ``want`` micro-batches at ``θ_e``; stash inputs and weights.
 
@@ -453,15 +456,22 @@ def forward_chunk(
     the stash and the activations' encoding (int8 or half), as the edge
     device runs all of it. With ``kept`` the forward pass is kept for the
     chunk's backward pass (:class:`KeptForwards`).
+
+    ``ahead`` ``> 0`` forwards, and stashes, the weights predicted for when
+    the chunk's gradients are applied instead (:func:`predicted_weights`
+    with ``rate × ahead``: ``simultrain-predict-weights``).
     """
     tick = time.thread_time()
     batches = [stream.next_indices() for _ in range(want)]
     idx = np.concatenate(batches)
     x = torch.from_numpy(split.x[idx])
+    weights = state.theta
+    if ahead > 0:
+        weights = predicted_weights(state.theta, state.momentum, ahead)
     if kept is not None:
-        acts = kept.forward(state.version, state.theta, x)
+        acts = kept.forward(state.version, weights, x)
     else:
-        edge.load_state_dict(state.theta)
+        edge.load_state_dict(weights)
         with torch.no_grad():
             acts = edge(x)
     sizes = np.array([len(b) for b in batches], dtype=np.int64)
@@ -469,12 +479,36 @@ def forward_chunk(
     state.stash[prefix + "idx"] = idx.astype(np.int64)
     state.stash[prefix + "sizes"] = sizes
     state.stash[prefix + "cut"] = np.array(acts.shape[1:], dtype=np.int64)
-    for k, v in state.theta.items():
+    for k, v in weights.items():
         state.stash[prefix + "w." + k] = v.numpy().copy()
     state.steps += want
     state.version += 1
     encoded = encode_cut(acts.numpy(), precision, "a")
     return Chunk(encoded, split.y[idx], sizes, time.thread_time() - tick)
+
+
+def predicted_weights(theta: Tensors, momentum: Tensors, ahead: float) -> Tensors:
+    """``θ_e − ahead · v`` per parameter with a momentum buffer ``v`` (the
+    others as they are): SpecTrain's weight prediction (Chen et al., 2018,
+    "Efficient and Robust Parallel DNN Training through Model Parallelism on
+    Multi-GPU Platform", eq. 6), ``ŵ = w − s·η·v`` with ``ahead = s·η``: the
+    smoothed gradient ``v`` stands for the ``s`` edge steps to come before a
+    chunk forwarded now gets its gradients, so the chunk is forwarded, and
+    its gradients taken, at about the weights they are applied to."""
+    return {
+        k: (w - ahead * momentum[k]) if k in momentum else w for k, w in theta.items()
+    }
+
+
+def prediction_span(state: EdgeState, opts: SimulTrainOptions, lr: float) -> float:
+    """``s·η`` of :func:`predicted_weights` for the chunk forwarded next: ``s``
+    the chunks in flight (stashed, their gradients not applied yet), each of
+    which takes one edge step first, at the current rate; 0 without
+    ``simultrain-predict-weights`` or with the Adam edge (no ``v``)."""
+    if not opts.predict_weights or opts.edge_optimizer != "sgd":
+        return 0.0
+    in_flight = sum(1 for k in state.stash if k.endswith("/idx"))
+    return in_flight * opts.warmed_up(lr, state.steps)
 
 
 _NodeSetup = tuple[
@@ -516,7 +550,10 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     chunk = None
     version = state.version
     if request.want > 0:
-        chunk = forward_chunk(state, edge, split, stream, request.want, opts.precision)
+        ahead = prediction_span(state, opts, opts.edge_rate(cfg.train.lr))
+        chunk = forward_chunk(
+            state, edge, split, stream, request.want, opts.precision, ahead=ahead
+        )
         compute += chunk.seconds
     state.save(context.state)
     save_stream(context, stream)
@@ -745,6 +782,7 @@ class StreamedEdge:
             want,
             self.opts.precision,
             self.kept,
+            ahead=prediction_span(self.state, self.opts, self.lr),
         )
         self.compute += chunk.seconds
         self.in_flight.append(version)

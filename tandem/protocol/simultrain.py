@@ -160,6 +160,7 @@ class SimulTrainOptions:
         "rises linearly from 0; 0 = no warm-up)",
         lambda n: n >= 0,
     )
+    predict_weights: bool = option("simultrain-predict-weights", False)
     forecast: str = option(
         "simultrain-forecast", "stash", choices=("stash", "cloud-copy")
     )
