@@ -36,9 +36,11 @@ from tandem.config import ConfigError
 __all__ = [
     "forecast_gradients",
     "merge_delta",
+    "predicted_weights",
     "soft_reconcile",
     "split_model",
     "staleness_weight",
+    "warmed_up",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -87,6 +89,26 @@ def forecast_gradients(
     ``simultrain-forecast``).
     """
     return {k: grads[k] + alpha * (theta_newest[k] - theta_at[k]) for k in grads}
+
+
+def predicted_weights(theta: Params, momentum: Params, ahead: float) -> dict:
+    """``θ_e − ahead · v`` per parameter with a momentum buffer ``v`` (the
+    others as they are): SpecTrain's weight prediction (Chen et al., 2018,
+    "Efficient and Robust Parallel DNN Training through Model Parallelism on
+    Multi-GPU Platform", eq. 6), ``ŵ = w − s·η·v`` with ``ahead = s·η``: the
+    smoothed gradient ``v`` stands for the ``s`` edge steps to come before a
+    chunk forwarded now gets its gradients, so the chunk is forwarded, and
+    its gradients taken, at about the weights they are applied to."""
+    return {
+        k: (w - ahead * momentum[k]) if k in momentum else w for k, w in theta.items()
+    }
+
+
+def warmed_up(rate: float, done: int, span: int) -> float:
+    """``rate × min(1, done / span)``: a linear warm-up over the first
+    ``span`` steps or micro-batches (Goyal et al., 2017, §2.2, gradual
+    warm-up); ``rate`` itself with ``span = 0`` or once ``done >= span``."""
+    return rate if span == 0 or done >= span else rate * (done / span)
 
 
 def soft_reconcile(

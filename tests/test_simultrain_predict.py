@@ -7,15 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tandem.clients.simultrain import (
-    EdgeState,
-    forward_chunk,
-    predicted_weights,
-    prediction_span,
-)
+from tandem.clients.simultrain import EdgeState, forward_chunk, prediction_span
 from tandem.config import parse_section
 from tandem.datasets.base import ArraySplit
 from tandem.protocol.simultrain import SimulTrainOptions
+from tandem.split import predicted_weights
 from tandem.training import BatchStream
 
 

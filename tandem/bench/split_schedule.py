@@ -46,6 +46,7 @@ from tandem.config import RunConfig
 from tandem.datasets import load_dataset
 from tandem.options import ConfigError
 from tandem.protocol.simultrain import split_run_model
+from tandem.split import predicted_weights, warmed_up
 from tandem.training import evaluate, token_cross_entropy
 
 __all__ = ["Schedule", "build_parser", "main", "parse_schedule", "train_schedule"]
@@ -228,7 +229,7 @@ def train_schedule(
                         param.grad.add_(compensation * param.grad * param.grad * moved)
             if edge_warmup > 0:
                 for group in edge_opt.param_groups:
-                    group["lr"] = edge_rate * min(1.0, (t + 1) / edge_warmup)
+                    group["lr"] = warmed_up(edge_rate, t + 1, edge_warmup)
             edge_opt.step()
     return edge, cloud
 
@@ -246,23 +247,16 @@ def _predicted(
     delay: int,
     weights: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """SpecTrain's prediction of the edge ``delay`` steps ahead.
-
-    ``weights`` (the edge's state now) with each parameter ``w`` that has a
-    momentum buffer ``v`` replaced by ``w − delay · η · v``, ``η`` the rate of
-    its group in ``opt`` (Chen et al., 2018, eq. 6: the smoothed gradient
-    ``v`` stands for the gradients of the steps to come). Parameters without
-    a buffer yet (no step taken) are kept.
-    """
-    out = dict(weights)
-    for group in opt.param_groups:
-        for name, param in edge.named_parameters():
-            if not any(param is p for p in group["params"]):
-                continue
-            buf = opt.state.get(param, {}).get("momentum_buffer")
-            if buf is not None:
-                out[name] = weights[name] - delay * group["lr"] * buf
-    return out
+    """SpecTrain's prediction of the edge ``delay`` steps ahead
+    (:func:`~tandem.split.predicted_weights` with ``delay · η``, ``η`` the
+    edge optimizer's rate, and its momentum buffers by parameter name;
+    parameters without a buffer yet, before the first step, are kept)."""
+    momentum = {}
+    for name, param in edge.named_parameters():
+        buf = opt.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            momentum[name] = buf
+    return predicted_weights(weights, momentum, delay * opt.param_groups[0]["lr"])
 
 
 def _measure(

@@ -78,7 +78,12 @@ from tandem.protocol.simultrain import (
     reply_frame,
 )
 from tandem.schedules import pipeline_window, steady_seconds
-from tandem.split import encode_cut, forecast_gradients, soft_reconcile
+from tandem.split import (
+    encode_cut,
+    forecast_gradients,
+    predicted_weights,
+    soft_reconcile,
+)
 from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
 from tandem.training import BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
@@ -92,7 +97,6 @@ __all__ = [
     "apply_gradients",
     "forward_chunk",
     "handler",
-    "predicted_weights",
     "prediction_span",
     "reconcile",
     "session_handler",
@@ -485,19 +489,6 @@ def forward_chunk(
     state.version += 1
     encoded = encode_cut(acts.numpy(), precision, "a")
     return Chunk(encoded, split.y[idx], sizes, time.thread_time() - tick)
-
-
-def predicted_weights(theta: Tensors, momentum: Tensors, ahead: float) -> Tensors:
-    """``θ_e − ahead · v`` per parameter with a momentum buffer ``v`` (the
-    others as they are): SpecTrain's weight prediction (Chen et al., 2018,
-    "Efficient and Robust Parallel DNN Training through Model Parallelism on
-    Multi-GPU Platform", eq. 6), ``ŵ = w − s·η·v`` with ``ahead = s·η``: the
-    smoothed gradient ``v`` stands for the ``s`` edge steps to come before a
-    chunk forwarded now gets its gradients, so the chunk is forwarded, and
-    its gradients taken, at about the weights they are applied to."""
-    return {
-        k: (w - ahead * momentum[k]) if k in momentum else w for k, w in theta.items()
-    }
 
 
 def prediction_span(state: EdgeState, opts: SimulTrainOptions, lr: float) -> float:

@@ -362,8 +362,10 @@ class _InPlace(Codec):
         return wire, decoded
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A CPU tensor on ``a``'s buffer (on a copy if ``a`` is read-only)."""
+def _input_tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor to read ``a`` through: on its buffer, or on a copy if it
+    is read-only (an output must be written where it is, so outputs take
+    ``torch.from_numpy`` itself)."""
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
@@ -511,7 +513,7 @@ class Int8(_InPlace):
         if rows.size < _TORCH_ELEMENTS:
             _int8_rows_numpy(rows, wire, decoded)
             return
-        x, out = _tensor(rows), _tensor(decoded)
+        x, out = _input_tensor(rows), torch.from_numpy(decoded)
         torch.abs(x, out=out)
         scale = out.amax(dim=1)  # a = max|x| (+0, never −0)
         wire[:, size:] = scale.numpy().astype("<f4").view(np.uint8).reshape(k, 4)
@@ -522,7 +524,7 @@ class Int8(_InPlace):
         torch.div(x, safe, out=out)
         out.mul_(127.0)
         out.round_()
-        _tensor(wire[:, :size].view(np.int8)).copy_(out)
+        torch.from_numpy(wire[:, :size].view(np.int8)).copy_(out)
         # int8_values: level · (a / 127) in float32; + 0 turns a −0 (from a
         # level rounded from below zero) into the +0 that level 0 decodes to
         out.mul_((scale / 127.0).unsqueeze(1))

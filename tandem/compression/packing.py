@@ -449,13 +449,11 @@ def _encode_packed(
     # chose (deferring included); none (-1) in a piece too small to pay for
     # a codec call of its own, whose groups join the gathered ones
     major = np.full(n, -1, dtype=np.int64)
-    majors = []
     for piece in pieces:
-        j = -1
         if piece.hi - piece.lo >= _SMALL:
-            j = int(np.argmax(np.bincount(choice[piece.g0 : piece.g1])))
-            major[piece.g0 : piece.g1] = j
-        majors.append(j)
+            major[piece.g0 : piece.g1] = np.argmax(
+                np.bincount(choice[piece.g0 : piece.g1])
+            )
     # 1. the other groups: encoded, their bytes written, their values and
     # residuals kept for step 3 (taken now: step 2 may write over `x`)
     kept = []
@@ -478,7 +476,8 @@ def _encode_packed(
                 rest = None if residual is None else rows - values
                 kept.append((block, values, rest))
     # 2. each piece in place with its major option
-    for piece, j in zip(pieces, majors, strict=True):
+    for piece in pieces:
+        j = int(major[piece.g0])
         if j < 0:
             continue
         rows, values = piece.rows(x), piece.rows(decoded)

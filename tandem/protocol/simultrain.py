@@ -45,7 +45,7 @@ from tandem.frames import Frame
 from tandem.models import build_model, default_model_for, model_entry
 from tandem.network import link_option_check
 from tandem.options import option
-from tandem.split import cut_keys, decode_cut, split_model
+from tandem.split import cut_keys, decode_cut, split_model, warmed_up
 from tandem.wire import (
     KEY_CONFIG,
     KEY_METRICS,
@@ -245,8 +245,7 @@ class SimulTrainOptions:
         ``rate × min(1, forwarded / N)`` with ``N = simultrain-edge-warmup``
         (Goyal et al., 2017, §2.2, gradual warm-up); ``rate`` itself with
         ``N = 0`` or once ``forwarded >= N``."""
-        n = self.edge_warmup
-        return rate if n == 0 or forwarded >= n else rate * (forwarded / n)
+        return warmed_up(rate, forwarded, self.edge_warmup)
 
     @property
     def max_frame_bytes(self) -> int:
