@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
-from tandem.compression import codecs as codecs_module
 from tandem.compression import compensate
 from tandem.compression import layout as layout_module
 from tandem.compression import packing as packing_module
@@ -485,16 +484,33 @@ def test_the_bench_cli_routes_codecs(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-#: Int8 rows in torch's kernels (every block) or in numpy's (none).
-INT8_PATHS = pytest.mark.parametrize("torch_elements", [0, 1 << 62])
+#: How the int8 rows are asked for: without the residual, with it into
+#: another array, with it over the rows (each a compiled loop of its own).
+INT8_PATHS = pytest.mark.parametrize("residual", ["none", "apart", "in place"])
+
+
+def _int8_rows(rows: np.ndarray, residual: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(wire, decoded)`` of the int8 codec on ``rows``; the residual, when
+    asked for, checked to be ``rows − decoded`` bit for bit."""
+    codec = Option("int8").codec
+    if residual == "none":
+        return codec.encode_rows(rows, None)
+    k, size = rows.shape
+    wire = np.empty((k, size + 4), dtype=np.uint8)
+    decoded = np.empty_like(rows)
+    rest = rows.copy() if residual == "in place" else np.empty_like(rows)
+    source = rest if residual == "in place" else rows
+    codec.encode_rows_residual(source, None, wire, decoded, rest.view())  # a view
+    expected = rows - decoded
+    np.testing.assert_array_equal(rest.view(np.uint32), expected.view(np.uint32))
+    return wire, decoded
 
 
 @INT8_PATHS
-def test_int8_scale_of_zeros_is_plus_zero(torch_elements, monkeypatch):
-    monkeypatch.setattr(codecs_module, "_TORCH_ELEMENTS", torch_elements)
+def test_int8_scale_of_zeros_is_plus_zero(residual):
     rows = np.array([[0.0, -0.0, 0.0], [-0.0, -0.0, -0.0], [1.0, -3.0, 2.0]])
     rows = rows.astype(np.float32)
-    wire, _ = Option("int8").codec.encode_rows(rows, None)
+    wire, _ = _int8_rows(rows, residual)
     for r in range(3):
         reference = encode("int8", rows[r])["scale"].astype("<f4").view(np.uint8)
         np.testing.assert_array_equal(wire[r, 3:], reference)
@@ -502,12 +518,11 @@ def test_int8_scale_of_zeros_is_plus_zero(torch_elements, monkeypatch):
 
 
 @INT8_PATHS
-def test_int8_rows_keep_the_formula_bit_for_bit(torch_elements, monkeypatch):
+def test_int8_rows_keep_the_formula_bit_for_bit(residual):
     """``rint(x / a · 127)`` exactly, not ``x · (127 / a)``: on these 2^20
     Laplace values the two round one level apart at least once; zeros (a −0
-    level decodes as +0) and scales from subnormal to huge, in numpy's
-    kernels and in torch's."""
-    monkeypatch.setattr(codecs_module, "_TORCH_ELEMENTS", torch_elements)
+    level decodes as +0) and scales from subnormal to huge, with and without
+    the residual."""
     rng = np.random.default_rng(0)
     rows = rng.laplace(size=(4096, 256)).astype(np.float32)
     scale = np.abs(rows).max(axis=1, keepdims=True)
@@ -516,8 +531,9 @@ def test_int8_rows_keep_the_formula_bit_for_bit(torch_elements, monkeypatch):
     rows[2048:] *= (10.0 ** rng.uniform(-40, 30, size=(2048, 1))).astype(np.float32)
     rows[rng.random(rows.shape) < 0.05] = 0.0
     rows[:3] = 0.0
+    rows[3, :7] = -0.0
     scale = np.abs(rows).max(axis=1, keepdims=True)
-    wire, values = Option("int8").codec.encode_rows(rows, None)
+    wire, values = _int8_rows(rows, residual)
     levels = int8_levels(rows, scale)
     np.testing.assert_array_equal(wire[:, :256].view(np.int8), levels)
     np.testing.assert_array_equal(wire[:, 256:].copy().view("<f4"), scale)

@@ -1,7 +1,7 @@
 """Per-group codecs: what one parameter group costs on the wire and keeps.
 
-Numpy, and torch's CPU kernels on numpy buffers for the element-wise passes
-of the int8 encoder; no Flower imports. ACE-Sync (seed 004) sends each
+Numpy, and one compiled loop for the int8 encoder's element-wise passes
+(:mod:`.kernels`); no Flower imports. ACE-Sync (seed 004) sends each
 parameter group in one of six forms, picked per group by the knapsack
 (:mod:`.knapsack`):
 
@@ -91,9 +91,9 @@ from functools import lru_cache
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from tandem.compression.int8 import int8_levels, int8_values
+from tandem.compression.kernels import int8_rows
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -346,6 +346,22 @@ class Codec:
         wire[...] = values
         decoded[...] = expanded
 
+    def encode_rows_residual(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+        residual: np.ndarray,
+    ) -> None:
+        """:meth:`encode_rows_into`, and ``rows − decoded`` into ``residual``
+        ``(k, n)`` float32, which may be ``rows`` itself (error feedback's
+        ``e = g̃ − sent``, eq. 7, while the rows are in the CPU cache). The
+        default subtracts after encoding; a codec may do both in one pass
+        (the same values)."""
+        self.encode_rows_into(rows, ratio, wire, decoded)
+        np.subtract(rows, decoded, out=residual)
+
 
 class _InPlace(Codec):
     """A codec that writes its rows in place (:meth:`encode_rows_into`);
@@ -360,13 +376,6 @@ class _InPlace(Codec):
         decoded = np.empty((k, size), dtype=np.float32)
         self.encode_rows_into(rows, ratio, wire, decoded)
         return wire, decoded
-
-
-def _input_tensor(a: np.ndarray) -> torch.Tensor:
-    """A CPU tensor to read ``a`` through: on its buffer, or on a copy if it
-    is read-only (an output must be written where it is, so outputs take
-    ``torch.from_numpy`` itself)."""
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def _first_row(bad: np.ndarray) -> int | None:
@@ -502,33 +511,35 @@ class Int8(_InPlace):
         wire: np.ndarray,
         decoded: np.ndarray,
     ) -> None:
+        self._rows(rows, wire, decoded, None)
+
+    def encode_rows_residual(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+        residual: np.ndarray,
+    ) -> None:
+        self._rows(rows, wire, decoded, residual)
+
+    @staticmethod
+    def _rows(
+        rows: np.ndarray,
+        wire: np.ndarray,
+        decoded: np.ndarray,
+        residual: np.ndarray | None,
+    ) -> None:
+        """int8_levels and int8_values row by row, in one compiled pass per
+        row (:func:`~tandem.compression.kernels.int8_rows`: the same IEEE
+        float32 steps)."""
         k, size = rows.shape
         if not size:
             wire[...] = 0  # every scale +0: nothing to scale
             return
-        # int8_levels and int8_values row by row, each step one pass in place
-        # in `decoded`: the same IEEE float32 operations in numpy or, on
-        # larger blocks, in torch's kernels on the numpy buffers (about half
-        # the time per element, but some microseconds more per call)
-        if rows.size < _TORCH_ELEMENTS:
-            _int8_rows_numpy(rows, wire, decoded)
-            return
-        x, out = _input_tensor(rows), torch.from_numpy(decoded)
-        torch.abs(x, out=out)
-        scale = out.amax(dim=1)  # a = max|x| (+0, never −0)
-        wire[:, size:] = scale.numpy().astype("<f4").view(np.uint8).reshape(k, 4)
-        # rint(x / a · 127) in float32; |x| <= a keeps every level in
-        # [-127, 127], so int8_levels' clip changes nothing here and the whole
-        # numbers cast to int8 exactly (rint: ties to even, as torch.round)
-        safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-        torch.div(x, safe, out=out)
-        out.mul_(127.0)
-        out.round_()
-        torch.from_numpy(wire[:, :size].view(np.int8)).copy_(out)
-        # int8_values: level · (a / 127) in float32; + 0 turns a −0 (from a
-        # level rounded from below zero) into the +0 that level 0 decodes to
-        out.mul_((scale / 127.0).unsqueeze(1))
-        out.add_(0.0)
+        scales = np.empty(k, dtype=np.float32)
+        int8_rows(rows, wire[:, :size].view(np.int8), scales, decoded, residual)
+        wire[:, size:] = scales.astype("<f4").view(np.uint8).reshape(k, 4)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
@@ -540,27 +551,6 @@ class Int8(_InPlace):
         # int8_values, row by row: level · (a / 127) in float32
         step = (scale / np.float32(127.0))[:, None]
         return np.multiply(levels, step, dtype=np.float32)
-
-
-#: Fewest elements of a block that :meth:`Int8.encode_rows_into` hands to
-#: torch's kernels; numpy's cost less per call below it.
-_TORCH_ELEMENTS = 1 << 14
-
-
-def _int8_rows_numpy(rows: np.ndarray, wire: np.ndarray, decoded: np.ndarray) -> None:
-    """:meth:`Int8.encode_rows_into` in numpy's kernels (the same steps)."""
-    k, size = rows.shape
-    scale = np.zeros(k, dtype=np.float32)
-    np.abs(rows, out=decoded)
-    np.max(decoded, axis=1, out=scale)  # a = max|x| (+0, never −0)
-    wire[:, size:] = scale.astype("<f4").view(np.uint8).reshape(k, 4)
-    safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-    np.divide(rows, safe, out=decoded)
-    np.multiply(decoded, np.float32(127.0), out=decoded)
-    np.rint(decoded, out=decoded)
-    decoded += np.float32(0.0)  # −0 to +0, as the level 0 decodes
-    np.copyto(wire[:, :size].view(np.int8), decoded, casting="unsafe")
-    np.multiply(decoded, (scale / np.float32(127.0))[:, None], out=decoded)
 
 
 _SIGN_RULE = "sign 'signs' has padding bits set past the last element"

@@ -481,23 +481,28 @@ def _encode_packed(
         if j < 0:
             continue
         rows, values = piece.rows(x), piece.rows(decoded)
+        rest = None if residual is None else piece.rows(residual)
         if not sends[j]:  # defer: no bytes, zeros decoded
             values[...] = 0.0
+            if rest is not None and residual is not x:  # e = g̃ − 0
+                rest[...] = rows
+            continue
+        option = options[j]
+        k, width = piece.g1 - piece.g0, int(costs[piece.g0, j])
+        mine = choice[piece.g0 : piece.g1] == j
+        first = int(offsets[piece.g0])
+        whole = bool(mine.all())
+        if whole:
+            wire = stream[first : first + k * width].reshape(k, width)
         else:
-            option = options[j]
-            k, width = piece.g1 - piece.g0, int(costs[piece.g0, j])
-            mine = choice[piece.g0 : piece.g1] == j
-            first = int(offsets[piece.g0])
-            if mine.all():
-                wire = stream[first : first + k * width].reshape(k, width)
-                option.codec.encode_rows_into(rows, option.ratio, wire, values)
-            else:
-                wire = np.empty((k, width), dtype=np.uint8)
-                option.codec.encode_rows_into(rows, option.ratio, wire, values)
-                local = np.flatnonzero(mine)
-                put_rows(stream, offsets[piece.g0 + local], wire[local])
-        if residual is not None:
-            np.subtract(rows, values, out=piece.rows(residual))
+            wire = np.empty((k, width), dtype=np.uint8)
+        if rest is None:
+            option.codec.encode_rows_into(rows, option.ratio, wire, values)
+        else:
+            option.codec.encode_rows_residual(rows, option.ratio, wire, values, rest)
+        if not whole:
+            local = np.flatnonzero(mine)
+            put_rows(stream, offsets[piece.g0 + local], wire[local])
     # 3. the other groups' values and residuals over the pieces'
     for block, values, rest in kept:
         put_rows(decoded, starts[block], values)
