@@ -117,9 +117,8 @@ def int8_rows(
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
     """``a`` and ``b`` view the same elements the same way (``b`` itself, or
     another view object of it)."""
-    return (
-        a is b
-        or a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    return a is b or (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
         and a.shape == b.shape
         and a.strides == b.strides
         and a.dtype == b.dtype
