@@ -484,23 +484,53 @@ def test_the_bench_cli_routes_codecs(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-#: How the int8 rows are asked for: without the residual, with it into
-#: another array, with it over the rows (each a compiled loop of its own).
-INT8_PATHS = pytest.mark.parametrize("residual", ["none", "apart", "in place"])
+#: How the int8 rows are asked for: into a (k, n + 4) wire without the
+#: residual; to offsets in a stream with the residual into another array, or
+#: over the rows; to scattered offsets with gaps, some rows not taken, with
+#: the residual apart or in place.
+INT8_PATHS = pytest.mark.parametrize(
+    "residual",
+    ["none", "apart", "in place", "scattered", "scattered in place"],
+)
 
 
 def _int8_rows(rows: np.ndarray, residual: str) -> tuple[np.ndarray, np.ndarray]:
     """``(wire, decoded)`` of the int8 codec on ``rows``; the residual, when
-    asked for, checked to be ``rows − decoded`` bit for bit."""
+    asked for, checked to be ``rows − decoded`` bit for bit, and the stream's
+    bytes outside the taken rows' checked untouched."""
     codec = Option("int8").codec
     if residual == "none":
         return codec.encode_rows(rows, None)
     k, size = rows.shape
-    wire = np.empty((k, size + 4), dtype=np.uint8)
+    width = size + 4
+    take = np.ones(k, dtype=bool)
+    offsets = np.arange(k) * width
+    if residual.startswith("scattered"):  # backwards, a 3-byte gap after each row
+        offsets = (k - 1 - np.arange(k)) * (width + 3) + 1
+        take[1::3] = False
+    stream = np.full(int(offsets.max()) + width + 5, 0xAB, dtype=np.uint8)
     decoded = np.empty_like(rows)
-    rest = rows.copy() if residual == "in place" else np.empty_like(rows)
-    source = rest if residual == "in place" else rows
-    codec.encode_rows_residual(source, None, wire, decoded, rest.view())  # a view
+    in_place = residual.endswith("in place")
+    rest = rows.copy() if in_place else np.empty_like(rows)
+    source = rest if in_place else rows
+    codec.encode_rows_at(
+        source,
+        None,
+        stream,
+        offsets,
+        decoded,
+        rest.view(),  # another view object of the same memory
+        None if take.all() else take,
+    )
+    wire = np.zeros((k, width), dtype=np.uint8)
+    written = np.zeros(stream.size, dtype=bool)
+    for r in np.flatnonzero(take):
+        wire[r] = stream[offsets[r] : offsets[r] + width]
+        written[offsets[r] : offsets[r] + width] = True
+    assert (stream[~written] == 0xAB).all()  # nothing else written
+    if not take.all():  # the rows left out: encoded on their own
+        wire[~take], decoded[~take] = codec.encode_rows(rows[~take], None)
+        rest[~take] = rows[~take] - decoded[~take]
     expected = rows - decoded
     np.testing.assert_array_equal(rest.view(np.uint32), expected.view(np.uint32))
     return wire, decoded

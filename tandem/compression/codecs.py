@@ -94,6 +94,7 @@ import numpy as np
 
 from tandem.compression.int8 import int8_levels, int8_values
 from tandem.compression.kernels import int8_rows
+from tandem.compression.rows import put_rows
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -346,21 +347,35 @@ class Codec:
         wire[...] = values
         decoded[...] = expanded
 
-    def encode_rows_residual(
+    def encode_rows_at(
         self,
         rows: np.ndarray,
         ratio: float | None,
-        wire: np.ndarray,
+        stream: np.ndarray,
+        offsets: np.ndarray,
         decoded: np.ndarray,
-        residual: np.ndarray,
+        residual: np.ndarray | None,
+        take: np.ndarray | None = None,
     ) -> None:
-        """:meth:`encode_rows_into`, and ``rows − decoded`` into ``residual``
-        ``(k, n)`` float32, which may be ``rows`` itself (error feedback's
-        ``e = g̃ − sent``, eq. 7, while the rows are in the CPU cache). The
-        default subtracts after encoding; a codec may do both in one pass
-        (the same values)."""
+        """:meth:`encode_rows_into` with each row's bytes written into the
+        uint8 ``stream`` at ``offsets[r]`` ``(k,)`` (rows where ``take`` ``(k,)``
+        is False, if given, are not written there), and ``rows − decoded``
+        into ``residual`` ``(k, n)`` float32, which may be ``rows`` itself
+        (error feedback's ``e = g̃ − sent``, eq. 7, while the rows are in the
+        CPU cache). ``decoded`` and ``residual`` rows not taken hold no
+        promise: the caller writes them. The default encodes every row into
+        a scratch, copies the taken rows' bytes and subtracts; a codec may
+        do all of it in one pass (the same bytes and values)."""
+        k, size = rows.shape
+        width = int(self.nbytes(np.asarray(size, dtype=np.int64), ratio))
+        wire = np.empty((k, width), dtype=np.uint8)
         self.encode_rows_into(rows, ratio, wire, decoded)
-        np.subtract(rows, decoded, out=residual)
+        if take is None:
+            put_rows(stream, offsets, wire)
+        else:
+            put_rows(stream, offsets[take], wire[take])
+        if residual is not None:
+            np.subtract(rows, decoded, out=residual)
 
 
 class _InPlace(Codec):
@@ -511,35 +526,34 @@ class Int8(_InPlace):
         wire: np.ndarray,
         decoded: np.ndarray,
     ) -> None:
-        self._rows(rows, wire, decoded, None)
-
-    def encode_rows_residual(
-        self,
-        rows: np.ndarray,
-        ratio: float | None,
-        wire: np.ndarray,
-        decoded: np.ndarray,
-        residual: np.ndarray,
-    ) -> None:
-        self._rows(rows, wire, decoded, residual)
-
-    @staticmethod
-    def _rows(
-        rows: np.ndarray,
-        wire: np.ndarray,
-        decoded: np.ndarray,
-        residual: np.ndarray | None,
-    ) -> None:
-        """int8_levels and int8_values row by row, in one compiled pass per
-        row (:func:`~tandem.compression.kernels.int8_rows`: the same IEEE
-        float32 steps)."""
         k, size = rows.shape
         if not size:
             wire[...] = 0  # every scale +0: nothing to scale
             return
-        scales = np.empty(k, dtype=np.float32)
-        int8_rows(rows, wire[:, :size].view(np.int8), scales, decoded, residual)
-        wire[:, size:] = scales.astype("<f4").view(np.uint8).reshape(k, 4)
+        # a view of the stream, say, is written in place
+        out = wire if wire.flags.c_contiguous else np.empty(wire.shape, np.uint8)
+        int8_rows(rows, out.reshape(-1), np.arange(k) * (size + 4), decoded, None)
+        if out is not wire:
+            wire[...] = out
+
+    def encode_rows_at(
+        self,
+        rows: np.ndarray,
+        ratio: float | None,
+        stream: np.ndarray,
+        offsets: np.ndarray,
+        decoded: np.ndarray,
+        residual: np.ndarray | None,
+        take: np.ndarray | None = None,
+    ) -> None:
+        # int8_levels and int8_values row by row, one compiled pass per row
+        # (the same IEEE float32 steps), bytes straight to their offsets
+        if rows.shape[1]:
+            int8_rows(rows, stream, offsets, decoded, residual, take)
+        else:
+            super().encode_rows_at(
+                rows, ratio, stream, offsets, decoded, residual, take
+            )
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

@@ -39,42 +39,56 @@ def _int8_scales(bits, scale_bits):  # noqa: ANN001, ANN202
         scale_bits[i] = top
 
 
-def _int8_rows_source(rows, scale, levels, decoded, residual):  # noqa: ANN001, ANN202
+def _int8_rows_source(rows, scale, bits, stream, offsets, take, decoded, residual):  # noqa: ANN001, ANN202
+    size = rows.shape[1]
     for i in range(rows.shape[0]):
+        if take is not None and not take[i]:  # pruned when compiled for None
+            continue
         a = scale[i]
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
-        x, q, d = rows[i], levels[i], decoded[i]
-        for j in range(rows.shape[1]):
+        x, d, at = rows[i], decoded[i], offsets[i]
+        for j in range(size):
             value = x[j]
             # int8_levels: rint(x / a · 127) (ties to even); |x| <= a keeps
-            # it in [-127, 127], so the cast is exact
+            # it in [-127, 127], so the cast is exact (two's complement byte)
             level = np.rint((value / safe) * np.float32(127.0))
-            q[j] = np.int8(level)
+            stream[at + j] = np.uint8(np.int8(level))
             # int8_values: level · (a / 127); + 0 turns the −0 of a level
             # rounded from below zero into the +0 level 0 decodes to
             out = level * step + np.float32(0.0)
             d[j] = out
             if residual is not None:  # pruned when compiled for None
                 residual[i, j] = value - out
+        # the scale's float32 bytes, little-endian whatever the machine
+        top = bits[i]
+        for t in range(4):
+            stream[at + size + t] = np.uint8((top >> np.uint32(8 * t)) & np.uint32(255))
 
 
-def _int8_rows_in_place_source(rows, scale, levels, decoded):  # noqa: ANN001, ANN202
+def _int8_rows_in_place_source(rows, scale, bits, stream, offsets, take, decoded):  # noqa: ANN001, ANN202
     """:func:`_int8_rows_source` with the residual written over ``rows``: one
     array read and written, which the compiler vectorizes (two that might
     overlap it would run element by element)."""
+    size = rows.shape[1]
     for i in range(rows.shape[0]):
+        if take is not None and not take[i]:
+            continue
         a = scale[i]
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
-        x, q, d = rows[i], levels[i], decoded[i]
-        for j in range(rows.shape[1]):
+        x, d, at = rows[i], decoded[i], offsets[i]
+        for j in range(size):
             value = x[j]
             level = np.rint((value / safe) * np.float32(127.0))
-            q[j] = np.int8(level)
+            stream[at + j] = np.uint8(np.int8(level))
             out = level * step + np.float32(0.0)
             d[j] = out
             x[j] = value - out
+        # the scale's float32 bytes, little-endian whatever the machine
+        top = bits[i]
+        for t in range(4):
+            stream[at + size + t] = np.uint8((top >> np.uint32(8 * t)) & np.uint32(255))
 
 
 @cache
@@ -91,27 +105,40 @@ def _compiled(name: str) -> Callable[..., Any]:
 
 def int8_rows(
     rows: np.ndarray,
-    levels: np.ndarray,
-    scales: np.ndarray,
+    stream: np.ndarray,
+    offsets: np.ndarray,
     decoded: np.ndarray,
     residual: np.ndarray | None,
+    take: np.ndarray | None = None,
 ) -> None:
     """The int8 codec on ``k`` rows of one size, with the residual, in one pass.
 
-    For each row ``x`` of ``rows`` (float32 ``(k, n)``, finite): the scale
-    ``a = max|x|`` into ``scales[i]`` (float32 ``(k,)``, +0 for a row of
-    zeros), the levels ``rint(127·x/a)`` into ``levels`` (int8 ``(k, n)``),
-    what they decode to, ``level·(a/127)`` (+0, never −0, for level 0), into
-    ``decoded`` (float32 ``(k, n)``) and ``x − decoded`` into ``residual``
-    (float32 ``(k, n)``; ``rows`` itself to write it in place; None: not
-    wanted). The outputs
-    other than ``residual`` must not overlap ``rows`` or each other.
+    For each row ``x`` of ``rows`` (float32 ``(k, n)``, finite) with
+    ``take[i]`` (every row when None), with ``a = max|x|`` (+0 for a row of
+    zeros):
+
+    - the levels ``rint(127·x/a)`` as int8 bytes, then ``a`` as 4
+      little-endian float32 bytes, into ``stream`` (uint8, 1-D) from
+      ``offsets[i]`` (int64 ``(k,)``);
+    - what they decode to, ``level·(a/127)`` (+0, never −0, for level 0), into
+      ``decoded[i]`` (float32 ``(k, n)``);
+    - ``x − decoded`` into ``residual[i]`` (float32 ``(k, n)``: ``rows``
+      itself, or a view of it, to write it in place; None: not wanted).
+
+    The rows not taken are left as they are in every output. ``stream`` and
+    ``decoded`` must not overlap ``rows`` or each other.
     """
-    _compiled("int8_scales")(rows.view(np.uint32), scales.view(np.uint32))
+    k = rows.shape[0]
+    scales = np.empty(k, dtype=np.float32)
+    bits = scales.view(np.uint32)
+    _compiled("int8_scales")(rows.view(np.uint32), bits)
+    offsets = np.asarray(offsets, dtype=np.int64)
     if residual is not None and _same_view(residual, rows):
-        _compiled("int8_rows_in_place")(rows, scales, levels, decoded)
+        loop = _compiled("int8_rows_in_place")
+        loop(rows, scales, bits, stream, offsets, take, decoded)
     else:
-        _compiled("int8_rows")(rows, scales, levels, decoded, residual)
+        loop = _compiled("int8_rows")
+        loop(rows, scales, bits, stream, offsets, take, decoded, residual)
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:

@@ -426,13 +426,14 @@ def _encode_packed(
     The groups are taken piece by piece (consecutive groups of one size,
     :data:`_BLOCK` elements at most: :func:`~tandem.compression.rows.
     split_pieces`). The option most of a piece's groups chose encodes the
-    whole piece in place, from a view of ``x`` into a view of ``decoded``,
-    and into a view of the stream when every group chose it, else into a
-    scratch whose rows of that option are copied to their offsets
-    (:meth:`~tandem.compression.codecs.Codec.encode_rows_into`); a deferring
-    majority writes zeros. The piece's other groups, few as a rule, and the
-    groups of pieces under :data:`_SMALL` elements are gathered per (option,
-    size) across all pieces (:mod:`~tandem.compression.
+    piece in place, from a view of ``x`` into a view of ``decoded``, each
+    group's bytes to its offset in the stream
+    (:meth:`~tandem.compression.codecs.Codec.encode_rows_at`: the int8
+    codec skips the groups that chose another option, the others encode
+    them and drop their bytes); a deferring majority writes zeros. The
+    piece's other groups, few as a rule, and the groups of pieces under
+    :data:`_SMALL` elements are gathered per (option, size) across all
+    pieces (:mod:`~tandem.compression.
     rows`) and encoded before any piece is, and their values and residuals
     are written over the pieces' after. So a group costs a gather only when
     most of its piece chose another option.
@@ -488,21 +489,16 @@ def _encode_packed(
                 rest[...] = rows
             continue
         option = options[j]
-        k, width = piece.g1 - piece.g0, int(costs[piece.g0, j])
         mine = choice[piece.g0 : piece.g1] == j
-        first = int(offsets[piece.g0])
-        whole = bool(mine.all())
-        if whole:
-            wire = stream[first : first + k * width].reshape(k, width)
-        else:
-            wire = np.empty((k, width), dtype=np.uint8)
-        if rest is None:
-            option.codec.encode_rows_into(rows, option.ratio, wire, values)
-        else:
-            option.codec.encode_rows_residual(rows, option.ratio, wire, values, rest)
-        if not whole:
-            local = np.flatnonzero(mine)
-            put_rows(stream, offsets[piece.g0 + local], wire[local])
+        option.codec.encode_rows_at(
+            rows,
+            option.ratio,
+            stream,
+            offsets[piece.g0 : piece.g1],
+            values,
+            rest,
+            None if mine.all() else mine,
+        )
     # 3. the other groups' values and residuals over the pieces'
     for block, values, rest in kept:
         put_rows(decoded, starts[block], values)
