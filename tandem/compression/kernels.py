@@ -47,13 +47,16 @@ def _int8_rows_source(rows, scale, bits, stream, offsets, take, decoded, residua
         a = scale[i]
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
-        x, d, at = rows[i], decoded[i], offsets[i]
+        at = offsets[i]
+        # a slice per row: the compiler vectorizes stores to it, not to
+        # stream[at + j]
+        x, d, q = rows[i], decoded[i], stream[at : at + size]
         for j in range(size):
             value = x[j]
             # int8_levels: rint(x / a · 127) (ties to even); |x| <= a keeps
-            # it in [-127, 127], so the cast is exact (two's complement byte)
+            # it in [-127, 127], so the cast is exact
             level = np.rint((value / safe) * np.float32(127.0))
-            stream[at + j] = np.uint8(np.int8(level))
+            q[j] = np.int8(level)
             # int8_values: level · (a / 127); + 0 turns the −0 of a level
             # rounded from below zero into the +0 level 0 decodes to
             out = level * step + np.float32(0.0)
@@ -63,7 +66,7 @@ def _int8_rows_source(rows, scale, bits, stream, offsets, take, decoded, residua
         # the scale's float32 bytes, little-endian whatever the machine
         top = bits[i]
         for t in range(4):
-            stream[at + size + t] = np.uint8((top >> np.uint32(8 * t)) & np.uint32(255))
+            stream[at + size + t] = (top >> np.uint32(8 * t)) & np.uint32(255)
 
 
 def _int8_rows_in_place_source(rows, scale, bits, stream, offsets, take, decoded):  # noqa: ANN001, ANN202
@@ -77,18 +80,19 @@ def _int8_rows_in_place_source(rows, scale, bits, stream, offsets, take, decoded
         a = scale[i]
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
-        x, d, at = rows[i], decoded[i], offsets[i]
+        at = offsets[i]
+        x, d, q = rows[i], decoded[i], stream[at : at + size]
         for j in range(size):
             value = x[j]
             level = np.rint((value / safe) * np.float32(127.0))
-            stream[at + j] = np.uint8(np.int8(level))
+            q[j] = np.int8(level)
             out = level * step + np.float32(0.0)
             d[j] = out
             x[j] = value - out
         # the scale's float32 bytes, little-endian whatever the machine
         top = bits[i]
         for t in range(4):
-            stream[at + size + t] = np.uint8((top >> np.uint32(8 * t)) & np.uint32(255))
+            stream[at + size + t] = (top >> np.uint32(8 * t)) & np.uint32(255)
 
 
 @cache
@@ -133,6 +137,7 @@ def int8_rows(
     bits = scales.view(np.uint32)
     _compiled("int8_scales")(rows.view(np.uint32), bits)
     offsets = np.asarray(offsets, dtype=np.int64)
+    stream = stream.view(np.int8)  # the levels' bytes, stored as they are
     if residual is not None and _same_view(residual, rows):
         loop = _compiled("int8_rows_in_place")
         loop(rows, scales, bits, stream, offsets, take, decoded)
