@@ -843,10 +843,9 @@ def test_upper_hulls_by_hand():
     ]
 
 
-def test_scan_loop_skips_a_stopped_group_and_goes_on(monkeypatch):
-    """The plain loop: a group stops at its first miss (its cheaper later
-    item is not taken), and later items of other groups are still taken."""
-    monkeypatch.setattr(knapsack, "_VECTOR_ROUNDS", 0)
+def test_scan_loop_skips_a_stopped_group_and_goes_on():
+    """A group stops at its first miss (its cheaper later item is not
+    taken), and later items of other groups are still taken."""
     group = np.array([0, 0, 1])
     taken, room = knapsack._scan(group, np.array([5, 1, 1]), 4, 2)
     assert taken.tolist() == [False, False, True] and room == 3

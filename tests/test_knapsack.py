@@ -147,20 +147,34 @@ def test_per_group_fidelity_and_broadcast_agree():
     assert a.choice.tolist() == b.choice.tolist()
 
 
-def test_vectorized_scan_equals_the_plain_loop(monkeypatch):
-    rng = np.random.default_rng(4)
-    sizes = rng.integers(1, 2000, size=300)
-    costs, fidelity = option_table(DEFAULT_OPTIONS, sizes)
-    importance = rng.exponential(size=300)
-    budgets = rng.integers(0, int(costs[:, 0].sum()), size=20)
-    expected = [
-        select_options(importance, costs, fidelity, budget=int(b)).choice
-        for b in budgets
-    ]
-    monkeypatch.setattr(knapsack, "_VECTOR_ROUNDS", 0)
-    for b, choice in zip(budgets, expected, strict=True):
-        got = select_options(importance, costs, fidelity, budget=int(b))
-        assert got.choice.tolist() == choice.tolist()
+def _reference_scan(group, cost, room, n):
+    """The knapsack's scan as a plain Python loop."""
+    taken, stopped = np.zeros(len(group), dtype=bool), np.zeros(n, dtype=bool)
+    for i, (g, c) in enumerate(zip(group.tolist(), cost.tolist(), strict=True)):
+        if stopped[g]:
+            continue
+        if c <= room:
+            taken[i], room = True, room - c
+        else:
+            stopped[g] = True
+    return taken, room
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_compiled_scan_equals_the_plain_loop(seed):
+    """Items of 300 groups, 4 each in their own order, listed interleaved;
+    budgets from nothing to everything, so groups stop at every depth."""
+    rng = np.random.default_rng(seed)
+    group = np.repeat(np.arange(300), 4)[np.argsort(rng.random(1200), kind="stable")]
+    cost = rng.integers(0, 900, size=1200)
+    stopped_somewhere = False
+    for room in [0, 1, *rng.integers(0, int(cost.sum()) + 10, size=20).tolist()]:
+        taken, left = knapsack._scan(group, cost, room, 300)
+        expected, expected_left = _reference_scan(group, cost, room, 300)
+        np.testing.assert_array_equal(taken, expected)
+        assert left == expected_left
+        stopped_somewhere |= bool((~taken & (cost > 0)).any() and taken.any())
+    assert stopped_somewhere
 
 
 def _per_row_hulls(costs, values):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["int8_rows"]
+__all__ = ["int8_rows", "scan"]
 
 _MAGNITUDE = 0x7FFFFFFF  # float32 bits without the sign
 
@@ -95,6 +95,20 @@ def _int8_rows_in_place_source(rows, scale, bits, stream, offsets, take, decoded
             stream[at + size + t] = (top >> np.uint32(8 * t)) & np.uint32(255)
 
 
+def _scan_source(group, cost, room, groups, taken):  # noqa: ANN001, ANN202
+    stopped = np.zeros(groups, np.bool_)
+    for i in range(group.size):
+        g = group[i]
+        if stopped[g]:
+            continue
+        if cost[i] <= room:
+            taken[i] = True
+            room -= cost[i]
+        else:
+            stopped[g] = True
+    return room
+
+
 @cache
 def _compiled(name: str) -> Callable[..., Any]:
     import numba  # a quarter second to import: only when a loop is first used
@@ -103,6 +117,7 @@ def _compiled(name: str) -> Callable[..., Any]:
         "int8_scales": _int8_scales,
         "int8_rows": _int8_rows_source,
         "int8_rows_in_place": _int8_rows_in_place_source,
+        "scan": _scan_source,
     }
     return numba.njit(cache=True, nogil=True, boundscheck=False)(sources[name])
 
@@ -155,3 +170,22 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
         and a.strides == b.strides
         and a.dtype == b.dtype
     )
+
+
+def scan(
+    group: np.ndarray, cost: np.ndarray, room: int, groups: int
+) -> tuple[np.ndarray, int]:
+    """Take items in list order while they fit; a group stops at its first miss.
+
+    Item ``i`` belongs to group ``group[i]`` (int64 in ``[0, groups)``) and costs
+    ``cost[i]`` (int64); it is taken if no earlier item of its group was
+    missed and its cost fits in what is left of ``room``. Returns the taken
+    mask and the room left (the knapsack's scan, :mod:`.knapsack`).
+    """
+    group = np.ascontiguousarray(group, dtype=np.int64)
+    cost = np.ascontiguousarray(cost, dtype=np.int64)
+    taken = np.zeros(group.size, dtype=bool)
+    if group.size and not 0 <= group.min() <= group.max() < groups:
+        raise ValueError(f"group indices must lie in [0, {groups})")
+    left = _compiled("scan")(group, cost, np.int64(room), groups, taken)
+    return taken, int(left)

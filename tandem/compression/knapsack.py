@@ -46,10 +46,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tandem.compression.kernels import scan
+
 __all__ = ["Selection", "select_options"]
 
-#: Vectorized passes of the in-order scan before it finishes in a plain loop.
-_VECTOR_ROUNDS = 16
 #: Rows done as templates of rows that sort and climb alike (:func:`_sorted_hulls`).
 _TEMPLATES = 8
 
@@ -256,41 +256,12 @@ def _scan(
     """Take items in list order while they fit; a group stops at its first miss.
 
     Items are listed in the order to consider them, a group's items in its own
-    order. An item is taken if every earlier item of its group was taken and
-    its cost ``dc`` fits in what is left. Returns the taken mask and the room
-    left. Simulated in vectorized rounds (drop what can never fit again, take
-    the longest fitting prefix), then a plain loop if rounds run out; both give
-    the same answer.
+    order (groups ``0 … n−1``). An item is taken if every earlier item of its
+    group was taken and its cost ``dc`` fits in what is left. Returns the
+    taken mask and the room left: one compiled loop
+    (:func:`~tandem.compression.kernels.scan`).
     """
-    taken = np.zeros(group.size, dtype=bool)
-    alive = np.arange(group.size)
-    big = np.iinfo(np.int64).max
-    for _ in range(_VECTOR_ROUNDS):
-        # room only shrinks: an item that does not fit now never will, and
-        # neither will its group's later items
-        miss = dc[alive] > room
-        if miss.any():
-            first_miss = np.full(n, big, dtype=np.int64)
-            np.minimum.at(first_miss, group[alive[miss]], alive[miss])
-            alive = alive[alive < first_miss[group[alive]]]
-        if not alive.size:
-            return taken, room
-        spent = np.cumsum(dc[alive])
-        fit = int(np.searchsorted(spent, room, side="right"))  # >= 1 here
-        taken[alive[:fit]] = True
-        room -= int(spent[fit - 1])
-        alive = alive[fit:]
-    stopped = np.zeros(n, dtype=bool)
-    rest = zip(alive.tolist(), group[alive].tolist(), dc[alive].tolist(), strict=True)
-    for i, g, d in rest:
-        if stopped[g]:
-            continue
-        if d <= room:
-            taken[i] = True
-            room -= d
-        else:
-            stopped[g] = True
-    return taken, room
+    return scan(group, dc, room, n)
 
 
 def _stable_argsort(key: np.ndarray) -> np.ndarray:
