@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tandem.bench import codecs as codec_bench
+from tandem.compression import codecs as codecs_module
 from tandem.compression import compensate
 from tandem.compression import layout as layout_module
 from tandem.compression import packing as packing_module
@@ -108,16 +109,15 @@ def test_encode_packed_gives_the_per_group_bytes_and_values(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("in_place", [True, False])
-def test_pieces_encoded_in_place_give_the_per_group_bytes_and_residual(
+def test_groups_encoded_in_place_give_the_per_group_bytes_and_residual(
     seed, in_place, monkeypatch
 ):
-    """Pieces of a few groups (each encoded in place by its most common
-    sending option, over its other groups too) and the gathered rest give
-    the per-group bytes and values; the residual is ``x − decoded`` in every
-    encoded group and ``x`` in deferred ones, into ``x`` itself (the other
-    groups are gathered before their piece's pass overwrites them) or into
-    another array."""
-    monkeypatch.setattr(packing_module, "_BLOCK", 40)
+    """Each option's groups encoded in one call (compiled loops for int8 and
+    sign, rows of one size gathered 40 elements at most at a time for the
+    others) give the per-group bytes and values; the residual is ``x −
+    decoded`` in every encoded group and ``x`` in deferred ones, into ``x``
+    itself or into another array."""
+    monkeypatch.setattr(codecs_module, "_GATHER", 40)
     # fresh outputs full of NaN, not of whatever memory held: a value the
     # encoder forgets to write shows
     empty_like = np.empty_like
@@ -484,56 +484,119 @@ def test_the_bench_cli_routes_codecs(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-#: How the int8 rows are asked for: into a (k, n + 4) wire without the
-#: residual; to offsets in a stream with the residual into another array, or
-#: over the rows; to scattered offsets with gaps, some rows not taken, with
-#: the residual apart or in place.
-INT8_PATHS = pytest.mark.parametrize(
+#: How the rows are encoded: as rows into a (k, L) wire; as groups of a flat
+#: update with the residual into another array, or over the update; as
+#: groups listed out of order to scattered offsets with gaps, every third
+#: left out, with the residual apart or in place.
+ROW_PATHS = pytest.mark.parametrize(
     "residual",
     ["none", "apart", "in place", "scattered", "scattered in place"],
 )
 
 
-def _int8_rows(rows: np.ndarray, residual: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(wire, decoded)`` of the int8 codec on ``rows``; the residual, when
-    asked for, checked to be ``rows − decoded`` bit for bit, and the stream's
-    bytes outside the taken rows' checked untouched."""
-    codec = Option("int8").codec
+def _encode_rows_by(
+    kind: str, rows: np.ndarray, residual: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(wire, decoded)`` of codec ``kind`` on ``rows`` ``(k, n)``; the
+    residual, when asked for, checked to be ``rows − decoded`` bit for bit,
+    and the stream's and the outputs' elements outside the listed groups
+    checked untouched."""
+    codec = Option(kind).codec
     if residual == "none":
         return codec.encode_rows(rows, None)
     k, size = rows.shape
-    width = size + 4
-    take = np.ones(k, dtype=bool)
-    offsets = np.arange(k) * width
-    if residual.startswith("scattered"):  # backwards, a 3-byte gap after each row
-        offsets = (k - 1 - np.arange(k)) * (width + 3) + 1
-        take[1::3] = False
-    stream = np.full(int(offsets.max()) + width + 5, 0xAB, dtype=np.uint8)
-    decoded = np.empty_like(rows)
+    width = int(codec.nbytes(np.asarray(size), None))
+    listed = np.arange(k)
+    offsets = listed * width
+    if residual.startswith("scattered"):  # backwards, a 3-byte gap after each
+        offsets = (k - 1 - listed) * (width + 3) + 1
+        listed = np.random.default_rng(k).permutation(np.delete(listed, listed[1::3]))
+    stream = np.full(int(offsets.max(initial=0)) + width + 5, 0xAB, dtype=np.uint8)
+    flat = rows.reshape(-1).copy()
+    decoded = np.full_like(flat, np.nan)
     in_place = residual.endswith("in place")
-    rest = rows.copy() if in_place else np.empty_like(rows)
-    source = rest if in_place else rows
-    codec.encode_rows_at(
-        source,
+    rest = flat if in_place else np.full_like(flat, np.nan)
+    codec.encode_groups(
+        flat,
+        listed * size,
+        np.full(listed.size, size),
         None,
         stream,
-        offsets,
+        offsets[listed],
         decoded,
-        rest.view(),  # another view object of the same memory
-        None if take.all() else take,
+        rest.view(),  # another view object of the same memory (or array)
     )
     wire = np.zeros((k, width), dtype=np.uint8)
     written = np.zeros(stream.size, dtype=bool)
-    for r in np.flatnonzero(take):
+    for r in listed:
         wire[r] = stream[offsets[r] : offsets[r] + width]
         written[offsets[r] : offsets[r] + width] = True
     assert (stream[~written] == 0xAB).all()  # nothing else written
-    if not take.all():  # the rows left out: encoded on their own
-        wire[~take], decoded[~take] = codec.encode_rows(rows[~take], None)
-        rest[~take] = rows[~take] - decoded[~take]
+    decoded, rest = decoded.reshape(k, size), rest.reshape(k, size)
+    left_out = np.setdiff1d(np.arange(k), listed)
+    assert np.isnan(decoded[left_out]).all()
+    if in_place:
+        np.testing.assert_array_equal(rest[left_out], rows[left_out])
+    else:
+        assert np.isnan(rest[left_out]).all()
+    if left_out.size:  # the rows left out: encoded on their own
+        wire[left_out], decoded[left_out] = codec.encode_rows(rows[left_out], None)
+        rest[left_out] = rows[left_out] - decoded[left_out]
     expected = rows - decoded
     np.testing.assert_array_equal(rest.view(np.uint32), expected.view(np.uint32))
     return wire, decoded
+
+
+@ROW_PATHS
+@pytest.mark.parametrize("size", [1, 7, 8, 13, 64, 129, 255, 256, 300, 1031])
+def test_sign_rows_are_the_per_group_encoding_bit_for_bit(residual, size):
+    """Sign bits (the padding zero), the scale ``mean|x|`` summed in float64
+    in numpy's pairwise order (blocks of 128, halves cut at a multiple of 8:
+    the sizes cross each case) and ``±a``, against ``Sign.encode`` and
+    ``expand`` per group; magnitudes over 60 decades, so that the order of
+    the float64 sum shows, zeros and −0."""
+    rng = np.random.default_rng(size)
+    rows = rng.laplace(size=(24, size)) * 10.0 ** rng.uniform(-30, 30, (24, size))
+    rows = rows.astype(np.float32)
+    rows[0] = 0.0
+    rows[1, ::2] = -0.0
+    wire, values = _encode_rows_by("sign", rows, residual)
+    for r in range(len(rows)):
+        payload = encode("sign", rows[r])
+        expected = np.concatenate(
+            [payload["signs"], payload["scale"].astype("<f4").view(np.uint8)]
+        )
+        np.testing.assert_array_equal(wire[r], expected)
+        got = Option("sign").codec.expand(payload, size)
+        np.testing.assert_array_equal(values[r].view(np.uint32), got.view(np.uint32))
+
+
+@pytest.mark.parametrize("size", [256, 1024, 4096])  # / size exact
+def test_the_sign_scale_sum_follows_numpys_order(size):
+    """``1 + 2⁻²⁴`` (a float32 midpoint) and many ``2⁻⁵⁴``: one by one, each
+    ``2⁻⁵⁴`` is lost to float64 rounding and the mean rounds down to even in
+    float32; numpy's pairwise sum adds them up first and the mean rounds up.
+    The scale's bytes follow numpy's order."""
+    rows = np.full((2, size), 2.0**-54, dtype=np.float32)
+    rows[0, :2] = 1.0, 2.0**-24
+    rows[1, :2] = 2.0**-24, 1.0
+    wide = np.abs(rows, dtype=np.float64)
+    pairwise = (wide.sum(axis=1) / size).astype(np.float32)
+    one_by_one = (np.array([sum(row.tolist(), 0.0) for row in wide]) / size).astype(
+        np.float32
+    )
+    assert (pairwise != one_by_one).all()
+    wire, _ = _encode_rows_by("sign", rows, "apart")
+    scale = wire[:, -4:].copy().view("<f4")[:, 0]
+    np.testing.assert_array_equal(scale, pairwise)
+
+
+#: The int8 paths, as the rows paths.
+INT8_PATHS = ROW_PATHS
+
+
+def _int8_rows(rows: np.ndarray, residual: str) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_rows_by("int8", rows, residual)
 
 
 @INT8_PATHS

@@ -93,8 +93,7 @@ from typing import ClassVar
 import numpy as np
 
 from tandem.compression.int8 import int8_levels, int8_values
-from tandem.compression.kernels import int8_rows
-from tandem.compression.rows import put_rows
+from tandem.compression.rows import get_rows, put_rows
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -347,35 +346,44 @@ class Codec:
         wire[...] = values
         decoded[...] = expanded
 
-    def encode_rows_at(
+    def encode_groups(
         self,
-        rows: np.ndarray,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
         ratio: float | None,
         stream: np.ndarray,
         offsets: np.ndarray,
         decoded: np.ndarray,
         residual: np.ndarray | None,
-        take: np.ndarray | None = None,
     ) -> None:
-        """:meth:`encode_rows_into` with each row's bytes written into the
-        uint8 ``stream`` at ``offsets[r]`` ``(k,)`` (rows where ``take`` ``(k,)``
-        is False, if given, are not written there), and ``rows − decoded``
-        into ``residual`` ``(k, n)`` float32, which may be ``rows`` itself
-        (error feedback's ``e = g̃ − sent``, eq. 7, while the rows are in the
-        CPU cache). ``decoded`` and ``residual`` rows not taken hold no
-        promise: the caller writes them. The default encodes every row into
-        a scratch, copies the taken rows' bytes and subtracts; a codec may
-        do all of it in one pass (the same bytes and values)."""
-        k, size = rows.shape
-        width = int(self.nbytes(np.asarray(size, dtype=np.int64), ratio))
-        wire = np.empty((k, width), dtype=np.uint8)
-        self.encode_rows_into(rows, ratio, wire, decoded)
-        if take is None:
-            put_rows(stream, offsets, wire)
-        else:
-            put_rows(stream, offsets[take], wire[take])
-        if residual is not None:
-            np.subtract(rows, decoded, out=residual)
+        """Encode the groups ``x[starts[g] : starts[g] + sizes[g]]`` of a flat
+        float32 update: each group's bytes into the uint8 ``stream`` from
+        ``offsets[g]``, its decoded values into ``decoded`` where the group
+        lies, and ``x − decoded`` there into ``residual`` (error feedback's
+        ``e = g̃ − sent``, eq. 7; ``x`` itself to write it in place; None:
+        not wanted). Other elements of the outputs are left as they are.
+
+        The default gathers the groups of each size as rows
+        (:func:`~tandem.compression.rows.get_rows`), encodes them with
+        :meth:`encode_rows` and writes the results back; a codec may do it
+        group by group in place (the same bytes and values).
+        """
+        for size in np.unique(sizes).tolist():
+            chosen = np.flatnonzero(sizes == size)
+            per = max(1, _GATHER // max(size, 1))
+            for first in range(0, chosen.size, per):
+                block = chosen[first : first + per]
+                rows = get_rows(x, starts[block], size)
+                wire, values = self.encode_rows(rows, ratio)
+                put_rows(stream, offsets[block], wire)
+                put_rows(decoded, starts[block], values)
+                if residual is not None:
+                    put_rows(residual, starts[block], rows - values)
+
+
+#: Most elements :meth:`Codec.encode_groups` gathers at once (in the CPU cache).
+_GATHER = 1 << 17
 
 
 class _InPlace(Codec):
@@ -391,6 +399,38 @@ class _InPlace(Codec):
         decoded = np.empty((k, size), dtype=np.float32)
         self.encode_rows_into(rows, ratio, wire, decoded)
         return wire, decoded
+
+
+def _rows_as_groups(
+    codec: Codec,
+    rows: np.ndarray,
+    ratio: float | None,
+    wire: np.ndarray,
+    decoded: np.ndarray,
+) -> None:
+    """:meth:`Codec.encode_rows_into` through :meth:`Codec.encode_groups`:
+    the ``k`` rows as groups of a flat update, their bytes ``width`` apart in
+    ``wire`` (through C-contiguous copies where an argument is not one)."""
+    k, size = rows.shape
+    width = wire.shape[1]
+    flat = np.ascontiguousarray(rows).reshape(-1)
+    stream = wire if wire.flags.c_contiguous else np.empty(wire.shape, np.uint8)
+    values = decoded if decoded.flags.c_contiguous else np.empty_like(flat)
+    starts = np.arange(k, dtype=np.int64) * size
+    codec.encode_groups(
+        flat,
+        starts,
+        np.full(k, size, dtype=np.int64),
+        ratio,
+        stream.reshape(-1),
+        np.arange(k, dtype=np.int64) * width,
+        values.reshape(-1),
+        None,
+    )
+    if stream is not wire:
+        wire[...] = stream
+    if values is not decoded:
+        decoded[...] = values.reshape(k, size)
 
 
 def _first_row(bad: np.ndarray) -> int | None:
@@ -526,34 +566,24 @@ class Int8(_InPlace):
         wire: np.ndarray,
         decoded: np.ndarray,
     ) -> None:
-        k, size = rows.shape
-        if not size:
-            wire[...] = 0  # every scale +0: nothing to scale
-            return
-        # a view of the stream, say, is written in place
-        out = wire if wire.flags.c_contiguous else np.empty(wire.shape, np.uint8)
-        int8_rows(rows, out.reshape(-1), np.arange(k) * (size + 4), decoded, None)
-        if out is not wire:
-            wire[...] = out
+        _rows_as_groups(self, rows, ratio, wire, decoded)
 
-    def encode_rows_at(
+    def encode_groups(
         self,
-        rows: np.ndarray,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
         ratio: float | None,
         stream: np.ndarray,
         offsets: np.ndarray,
         decoded: np.ndarray,
         residual: np.ndarray | None,
-        take: np.ndarray | None = None,
     ) -> None:
-        # int8_levels and int8_values row by row, one compiled pass per row
-        # (the same IEEE float32 steps), bytes straight to their offsets
-        if rows.shape[1]:
-            int8_rows(rows, stream, offsets, decoded, residual, take)
-        else:
-            super().encode_rows_at(
-                rows, ratio, stream, offsets, decoded, residual, take
-            )
+        # int8_levels and int8_values group by group, one compiled pass each
+        # (the same IEEE float32 steps), straight to the stream's offsets
+        from tandem.compression import kernels
+
+        kernels.int8_groups(x, starts, sizes, stream, offsets, decoded, residual)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
@@ -630,6 +660,23 @@ class Sign(_InPlace):
         np.multiply(negative, np.float32(-2.0), out=decoded)
         decoded += np.float32(1.0)
         decoded *= scale[:, None]
+
+    def encode_groups(
+        self,
+        x: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        ratio: float | None,
+        stream: np.ndarray,
+        offsets: np.ndarray,
+        decoded: np.ndarray,
+        residual: np.ndarray | None,
+    ) -> None:
+        # encode_rows_into's steps group by group, one compiled pass each
+        # (the scale summed in numpy's order), straight to the stream
+        from tandem.compression import kernels
+
+        kernels.sign_groups(x, starts, sizes, stream, offsets, decoded, residual)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

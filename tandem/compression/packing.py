@@ -62,7 +62,6 @@ from tandem.compression.rows import (
     exclusive_cumsum,
     get_rows,
     put_rows,
-    split_pieces,
 )
 
 __all__ = [
@@ -423,20 +422,12 @@ def _encode_packed(
     ``residual`` in every group (``x`` in deferred groups, which decode to
     zeros), while the group is in the CPU cache.
 
-    The groups are taken piece by piece (consecutive groups of one size,
-    :data:`_BLOCK` elements at most: :func:`~tandem.compression.rows.
-    split_pieces`). The option most of a piece's groups chose encodes the
-    piece in place, from a view of ``x`` into a view of ``decoded``, each
-    group's bytes to its offset in the stream
-    (:meth:`~tandem.compression.codecs.Codec.encode_rows_at`: the int8
-    codec skips the groups that chose another option, the others encode
-    them and drop their bytes); a deferring majority writes zeros. The
-    piece's other groups, few as a rule, and the groups of pieces under
-    :data:`_SMALL` elements are gathered per (option, size) across all
-    pieces (:mod:`~tandem.compression.
-    rows`) and encoded before any piece is, and their values and residuals
-    are written over the pieces' after. So a group costs a gather only when
-    most of its piece chose another option.
+    Each option encodes all of its groups in one call,
+    :meth:`~tandem.compression.codecs.Codec.encode_groups`, from ``x`` into
+    the stream at the groups' offsets and into ``decoded`` where they lie:
+    group by group in a compiled loop for int8 and sign, gathered as rows of
+    one size for the others. The options' groups are disjoint, so ``x`` may
+    be the residual: each group is read before it is written.
     """
     n = sizes.size
     widths = costs[np.arange(n), choice]
@@ -444,73 +435,25 @@ def _encode_packed(
     offsets = exclusive_cumsum(widths)
     stream = np.empty(int(widths.sum()), dtype=np.uint8)
     decoded = np.empty_like(x)
-    sends = np.array([bool(option.codec.layout) for option in options])
-    pieces = split_pieces(sizes, starts, _BLOCK)
-    # the option encoding each piece in place: the one most of its groups
-    # chose (deferring included); none (-1) in a piece too small to pay for
-    # a codec call of its own, whose groups join the gathered ones
-    major = np.full(n, -1, dtype=np.int64)
-    for piece in pieces:
-        if piece.hi - piece.lo >= _SMALL:
-            major[piece.g0 : piece.g1] = np.argmax(
-                np.bincount(choice[piece.g0 : piece.g1])
-            )
-    # 1. the other groups: encoded, their bytes written, their values and
-    # residuals kept for step 3 (taken now: step 2 may write over `x`)
-    kept = []
-    others = np.bincount(choice[choice != major], minlength=len(options))
-    for j in np.flatnonzero(others).tolist():
-        chosen = np.flatnonzero((choice == j) & (major != j))
-        chosen_sizes = sizes[chosen]
-        for size in np.unique(chosen_sizes).tolist():
-            groups = chosen[chosen_sizes == size]
-            per = max(1, _BLOCK // max(size, 1))
-            for a in range(0, groups.size, per):
-                block = groups[a : a + per]
-                rows = get_rows(x, starts[block], size)
-                if sends[j]:
-                    option = options[j]
-                    wire, values = option.codec.encode_rows(rows, option.ratio)
-                    put_rows(stream, offsets[block], wire)
-                else:  # defer: no bytes, zeros decoded
-                    values = np.zeros_like(rows)
-                rest = None if residual is None else rows - values
-                kept.append((block, values, rest))
-    # 2. each piece in place with its major option
-    for piece in pieces:
-        j = int(major[piece.g0])
-        if j < 0:
-            continue
-        rows, values = piece.rows(x), piece.rows(decoded)
-        rest = None if residual is None else piece.rows(residual)
-        if not sends[j]:  # defer: no bytes, zeros decoded
-            values[...] = 0.0
-            if rest is not None and residual is not x:  # e = g̃ − 0
-                rest[...] = rows
-            continue
+    for j in np.flatnonzero(np.bincount(choice, minlength=len(options))).tolist():
+        groups = np.flatnonzero(choice == j)
         option = options[j]
-        mine = choice[piece.g0 : piece.g1] == j
-        option.codec.encode_rows_at(
-            rows,
-            option.ratio,
-            stream,
-            offsets[piece.g0 : piece.g1],
-            values,
-            rest,
-            None if mine.all() else mine,
-        )
-    # 3. the other groups' values and residuals over the pieces'
-    for block, values, rest in kept:
-        put_rows(decoded, starts[block], values)
-        if rest is not None:
-            put_rows(residual, starts[block], rest)
+        if option.codec.layout:
+            option.codec.encode_groups(
+                x,
+                starts[groups],
+                sizes[groups],
+                option.ratio,
+                stream,
+                offsets[groups],
+                decoded,
+                residual,
+            )
+            continue
+        # defer: no bytes, zeros decoded, e = g̃ − 0
+        for size in np.unique(sizes[groups]).tolist():
+            at = starts[groups[sizes[groups] == size]]
+            put_rows(decoded, at, np.zeros((at.size, size), dtype=np.float32))
+            if residual is not None and residual is not x:
+                put_rows(residual, at, get_rows(x, at, size))
     return choice.astype(np.uint8), stream, decoded
-
-
-#: Elements per piece of :func:`_encode_packed` (a piece's rows, bytes and
-#: values stay in the CPU cache through the codec's passes).
-_BLOCK = 1 << 17
-#: Fewest elements of a piece that :func:`_encode_packed` encodes in place;
-#: the groups of smaller pieces (e.g. one short group between two tensors)
-#: are gathered with the others, a few codec calls for all of them.
-_SMALL = 1 << 13
