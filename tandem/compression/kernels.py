@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["int8_groups", "scan", "sign_groups"]
+__all__ = ["int8_groups", "scan", "sign_groups", "zero_counts"]
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)  # float32 bits without the sign
@@ -250,6 +250,18 @@ def _scan(
     return room
 
 
+@_jit
+def _zero_counts(
+    x: np.ndarray, starts: np.ndarray, sizes: np.ndarray, out: np.ndarray
+) -> None:
+    for g in range(starts.size):
+        xs = x[starts[g] : starts[g] + sizes[g]]
+        count = 0
+        for j in range(xs.size):
+            count += xs[j] == 0
+        out[g] = count
+
+
 def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
     """``a`` and ``b`` view the same elements the same way."""
     return a is b or (
@@ -336,3 +348,12 @@ def scan(
     taken = np.zeros(group.size, dtype=bool)
     left = _scan(group, cost, np.int64(room), groups, taken)
     return taken, int(left)
+
+
+def zero_counts(x: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Elements equal to 0 (−0 too) in each group of ``x`` (1-D), int64 ``(n,)``:
+    one pass over the groups, no mask in memory."""
+    starts, sizes = _index(starts), _index(sizes)
+    out = np.empty(starts.size, dtype=np.int64)
+    _zero_counts(np.ascontiguousarray(x), starts, sizes, out)
+    return out

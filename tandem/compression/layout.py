@@ -220,30 +220,16 @@ class GroupLayout:
         return out
 
     def _zero_counts(self, flat: np.ndarray) -> np.ndarray:
-        """Zeros of ``flat`` in each group, ``(n,)`` int64.
+        """Zeros of ``flat`` (``(total,)``) in each group, ``(n,)`` int64: one
+        compiled pass over the groups
+        (:func:`~tandem.compression.kernels.zero_counts`)."""
+        from tandem.compression import kernels  # numba: when first used
 
-        When every group is a whole number of 64-element words (groups of
-        64, 128, 256 …), the zero mask is packed into bits and each word's
-        zeros counted by ``np.bitwise_count``: a few bytes a group instead of
-        the positions of every zero. Otherwise the zeros' positions are
-        found and binned (a zero at an empty group's start belongs to the
-        next group: ``side="right"``).
-        """
-        words = self._word_starts
-        if words is not None and flat.shape == (self.total,):
-            per_word = np.bitwise_count(np.packbits(flat == 0).view(np.uint64))
-            return np.add.reduceat(per_word, words, dtype=np.int64)
-        zeros = np.flatnonzero(flat == 0)
-        group = np.searchsorted(self.starts, zeros, side="right") - 1
-        return np.bincount(group, minlength=self.sizes.size)
-
-    @functools.cached_property
-    def _word_starts(self) -> np.ndarray | None:
-        """The first 64-element word of each group, if every group is one or
-        more whole words; else None."""
-        if not self.sizes.size or (self.sizes <= 0).any() or (self.sizes % 64).any():
-            return None
-        return self.starts // 64
+        if flat.shape != (self.total,):
+            raise ValueError(
+                f"vector has shape {flat.shape}, the layout ({self.total},)"
+            )
+        return kernels.zero_counts(flat, self.starts, self.sizes)
 
     def structural(self, weights: np.ndarray) -> np.ndarray:
         """Structural features ``(n, 8)`` (:func:`structural_features`).
