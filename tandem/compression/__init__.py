@@ -1,4 +1,4 @@
-"""Compression toolkit for ACE-Sync (seed 004): pure numpy, no Flower imports.
+"""Compression toolkit for ACE-Sync (seed 004): numpy and numba, no Flower imports.
 
 - :mod:`.groups`: parameter groups (tensors or chunks of them) and their
   flattening (eq. 1).
@@ -7,6 +7,9 @@
   (eq. 6) / top-k / defer payloads, their exact byte sizes and expected
   fidelities; hostile payloads rejected.
 - :mod:`.int8`: the int8 quantization formula (codec and activations).
+- :mod:`.kernels`: compiled loops (numba) for the int8 and sign encoders,
+  the knapsack's scan and the zeros per group, the numpy formulas' exact
+  steps group by group.
 - :mod:`.packing`: all of a node's groups as one codec table and one stream.
 - :mod:`.rows`: groups of one size as the rows of a matrix (the vectorized
   encode and decode).
