@@ -39,3 +39,18 @@ def test_the_cases_tell_sum_orders_apart():
 def test_the_scan_refuses_groups_out_of_range():
     with pytest.raises(ValueError, match=r"group indices must lie in \[0, 2\)"):
         kernels.scan(np.array([0, 2]), np.array([1, 1]), 5, 2)
+
+
+def test_warm_up_readies_the_edge_rounds_loops_once(monkeypatch):
+    """The loops compress_update calls are compiled (or loaded) by warm_up,
+    in the types it passes; a second call does nothing."""
+    monkeypatch.setattr(kernels, "_WARM", False)
+    assert kernels.warm_up() > 0.0
+    for loop in (
+        kernels._int8_groups_in_place,
+        kernels._sign_groups,
+        kernels._scan,
+        kernels._zero_counts,
+    ):
+        assert loop.signatures, loop
+    assert kernels.warm_up() == 0.0

@@ -78,6 +78,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from logging import INFO
 
 import numpy as np
 import torch
@@ -90,12 +91,14 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.supercore import log
 
 from tandem.accounting import KEY_COMPUTE_SECONDS
 from tandem.clients import fedavg
 from tandem.clients.node import KEY_NODE
 from tandem.compression.codecs import CodecError
 from tandem.compression.downlink import apply_downlink, model_digest
+from tandem.compression.kernels import warm_up
 from tandem.compression.layout import GroupLayout
 from tandem.compression.pipeline import EdgeMemory, compress_update
 from tandem.config import RunConfig
@@ -361,7 +364,11 @@ def compression_mod(
     if plan.hold:
         return _hold_reply(msg, context, reply)
     # 2-8. the update since the model held (sent in the interval's first
-    # round), compressed
+    # round), compressed; the codec's compiled loops are made ready first (a
+    # process's first round compiles or loads them once: not a round's work)
+    warmed = warm_up()
+    if warmed:
+        log(INFO, "codec loops compiled or loaded in %.2f s", warmed)
     tick = _clock()
     if held is not None:  # resumed: the update since the interval's model
         del context.state[PROGRESS_KEY]

@@ -581,9 +581,9 @@ class Int8(_InPlace):
     ) -> None:
         # int8_levels and int8_values group by group, one compiled pass each
         # (the same IEEE float32 steps), straight to the stream's offsets
-        from tandem.compression import kernels
+        from tandem.compression.kernels import int8_groups  # numba: when used
 
-        kernels.int8_groups(x, starts, sizes, stream, offsets, decoded, residual)
+        int8_groups(x, starts, sizes, stream, offsets, decoded, residual)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
@@ -674,9 +674,9 @@ class Sign(_InPlace):
     ) -> None:
         # encode_rows_into's steps group by group, one compiled pass each
         # (the scale summed in numpy's order), straight to the stream
-        from tandem.compression import kernels
+        from tandem.compression.kernels import sign_groups  # numba: when used
 
-        kernels.sign_groups(x, starts, sizes, stream, offsets, decoded, residual)
+        sign_groups(x, starts, sizes, stream, offsets, decoded, residual)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

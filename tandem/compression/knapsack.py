@@ -47,8 +47,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.compression.kernels import scan
-
 __all__ = ["Selection", "select_options"]
 
 #: Rows done as templates of rows that sort and climb alike (:func:`_sorted_hulls`).
@@ -262,6 +260,8 @@ def _scan(
     taken mask and the room left: one compiled loop
     (:func:`~tandem.compression.kernels.scan`).
     """
+    from tandem.compression.kernels import scan  # numba: when first used
+
     return scan(group, dc, room, n)
 
 

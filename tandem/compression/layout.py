@@ -223,13 +223,13 @@ class GroupLayout:
         """Zeros of ``flat`` (``(total,)``) in each group, ``(n,)`` int64: one
         compiled pass over the groups
         (:func:`~tandem.compression.kernels.zero_counts`)."""
-        from tandem.compression import kernels  # numba: when first used
+        from tandem.compression.kernels import zero_counts  # numba: when used
 
         if flat.shape != (self.total,):
             raise ValueError(
                 f"vector has shape {flat.shape}, the layout ({self.total},)"
             )
-        return kernels.zero_counts(flat, self.starts, self.sizes)
+        return zero_counts(flat, self.starts, self.sizes)
 
     def structural(self, weights: np.ndarray) -> np.ndarray:
         """Structural features ``(n, 8)`` (:func:`structural_features`).
