@@ -168,9 +168,10 @@ def open_stream(
     return channel, call(requests)
 
 
-#: Real-time pacing: given a frame's size, the ``time.monotonic()`` instant
-#: it may be delivered (an emulated link's arrival time).
-Pace = Callable[[int], float]
+#: Real-time pacing: given a frame's size and the ``time.monotonic()``
+#: instant it is sent (None: now), the instant it may be delivered (an
+#: emulated link's arrival time).
+Pace = Callable[[int, "float | None"], float]
 
 
 def wait_until(deadline: float) -> None:
@@ -195,9 +196,12 @@ class Outbox:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._pace = pace
 
-    def put(self, frame: bytes) -> None:
-        """Queue a frame for sending."""
-        deadline = self._pace(len(frame)) if self._pace is not None else 0.0
+    def put(self, frame: bytes, sent: float | None = None) -> None:
+        """Queue a frame for sending; ``sent``: the instant it leaves the
+        emulated device (real time: when the emulated edge finished it,
+        which a late wake-up of this machine's thread does not move), else
+        now."""
+        deadline = self._pace(len(frame), sent) if self._pace is not None else 0.0
         self._queue.put((deadline, frame))
 
     def close(self) -> None:
@@ -236,7 +240,9 @@ class Inbox:
     def _pump(self) -> None:
         try:
             for frame in self._responses:
-                deadline = self._pace(len(frame)) if self._pace is not None else 0.0
+                deadline = 0.0
+                if self._pace is not None:
+                    deadline = self._pace(len(frame), None)
                 self._queue.put((deadline, frame))
             self._queue.put(self._END)
         except grpc.RpcError as err:

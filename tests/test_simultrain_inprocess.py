@@ -160,3 +160,32 @@ def test_a_late_node_joins_from_the_cloud_copy_and_catches_up(tmp_path, monkeypa
     assert first["bytes-down"] > 2 * 1000  # its first message carried θ_e^c
     # measured 0.46, chance 0.1
     assert summary["rejected-replies"] == 0 and summary["final-accuracy"] > 0.38
+
+
+def test_deferred_evaluations_report_what_evaluating_on_time_reports(
+    tmp_path, monkeypatch
+):
+    """Real-time mode evaluates each period after the streams, on copies of
+    the models taken when the period ended: every round record (accuracy,
+    loss, train loss, exchanges, bytes) is the one evaluating on time gives,
+    in the same order; only the wall time it was written at differs."""
+    on_time, _ = run_inprocess(BASE, nodes=2, out=tmp_path / "on-time")
+    init = simultrain.SimulTrainCloud.__init__
+
+    def deferring(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.defer_evaluations = True
+
+    monkeypatch.setattr(simultrain.SimulTrainCloud, "__init__", deferring)
+    deferred, _ = run_inprocess(BASE, nodes=2, out=tmp_path / "deferred")
+
+    def rounds(records):
+        return [
+            {k: v for k, v in r.items() if k != "elapsed"}
+            for r in _events(records, "round")
+        ]
+
+    assert len(rounds(on_time)) == 4  # start, two periods, the final one
+    assert rounds(deferred) == rounds(on_time)
+    # the periods' models were copies: later training did not reach them
+    assert rounds(on_time)[1]["eval-loss"] != rounds(on_time)[2]["eval-loss"]

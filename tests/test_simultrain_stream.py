@@ -810,7 +810,7 @@ def test_half_a_tls_setting_or_a_missing_file_stops_the_run(tmp_path):
 # ------------------------------------------------------------------ real time
 def test_paced_frames_leave_in_order_and_not_before_their_arrival():
     now = time.monotonic()
-    outbox = Outbox(pace=lambda n: now + 0.2 if n == 3 else now)  # 3 bytes: late
+    outbox = Outbox(pace=lambda n, sent: now + 0.2 if n == 3 else now)  # 3 bytes
     for frame in (b"abc", b"de", b"f"):
         outbox.put(frame)
     outbox.close()
@@ -827,7 +827,7 @@ def test_a_paced_inbox_hands_frames_out_at_their_arrival():
 
     now = time.monotonic()
     arrivals = iter([now + 0.15, now + 0.05])
-    inbox = Inbox(iter([b"abc", b"de"]), pace=lambda n: next(arrivals))
+    inbox = Inbox(iter([b"abc", b"de"]), pace=lambda n, sent: next(arrivals))
     assert inbox.arrival == 0.0
     assert inbox.get(5.0) == b"abc"
     assert time.monotonic() >= now + 0.15 and inbox.arrival == now + 0.15
@@ -849,6 +849,17 @@ def test_link_paces_match_the_link_pacer():
     assert second - first == pytest.approx(1.0, abs=1e-6)
     assert first - time.monotonic() == pytest.approx(3.0, abs=0.1)
     assert down(0) - time.monotonic() == pytest.approx(2.0, abs=0.1)  # its own wire
+    # a frame sent at a given instant is timed from it, not from when it is
+    # put: a third, sent 1 s back, still queues behind the second's transfer;
+    # on a fresh link, one sent 0.2 s before it is put arrives 3 s after it
+    # was sent (1 s on the wire, 2 s propagating), 0.2 s sooner than if sent
+    # when put
+    third = up(1_000_000, time.monotonic() - 1.0)
+    assert third - second == pytest.approx(1.0, abs=1e-6)
+    fresh_up, _ = link_paces(encode_link(parse_link("8mbit/8mbit/4000ms")))
+    sent = time.monotonic() + 0.1
+    time.sleep(0.3)
+    assert fresh_up(1_000_000, sent) - sent == pytest.approx(3.0, abs=0.02)
 
 
 def test_the_session_message_carries_the_link_and_refuses_a_bad_one():

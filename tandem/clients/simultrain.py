@@ -580,9 +580,10 @@ def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
     """Real-time mode: pace the stream's frames up and down to the link ``spec``.
 
     Each direction is a :class:`~tandem.network.LinkPacer` on the emulated
-    link's clock, which starts now: a frame put at ``t`` arrives when the
-    pacer says (transfers one at a time, propagation overlapping), as on the
-    replay's virtual clock. An empty ``spec``: no pacing.
+    link's clock, which starts now: a frame sent at ``t`` (the instant given,
+    else when it is put) arrives when the pacer says (transfers one at a
+    time, propagation overlapping), as on the replay's virtual clock. An
+    empty ``spec``: no pacing.
 
     Raises
     ------
@@ -598,9 +599,10 @@ def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
         pacer = LinkPacer(link, direction)
         lock = threading.Lock()  # the down pacer is fed by the inbox's thread
 
-        def arrival(nbytes: int) -> float:
+        def arrival(nbytes: int, sent: float | None = None) -> float:
+            at = time.monotonic() if sent is None else sent
             with lock:
-                return t0 + pacer.send(nbytes, time.monotonic() - t0)[2]
+                return t0 + pacer.send(nbytes, at - t0)[2]
 
         return arrival
 
@@ -851,12 +853,16 @@ class StreamedEdge:
         try:
             left = start.steps
             while left > 0 or self.in_flight:
+                # real time: each frame leaves when the emulated edge is
+                # done with it (free_at), however late this thread woke up
                 while left > 0 and len(self.in_flight) < window:
                     want = min(start.chunk, left)
-                    outbox.put(self.forward(want))
+                    frame = self.forward(want)
+                    outbox.put(frame, self.free_at)
                     left -= want
                 if self.pending is not None and self.in_flight:
-                    outbox.put(self._frame(None, -1))  # a delta, no chunk left
+                    frame = self._frame(None, -1)  # a delta, no chunk left
+                    outbox.put(frame, self.free_at)
                 data = inbox.get(self.timeout)
                 self.arrival = inbox.arrival
                 if data is None:

@@ -156,6 +156,19 @@ class EdgeTrack:
     sent_at: float = 0.0  # wall clock when the message in flight left
 
 
+@dataclass(frozen=True)
+class PeriodState:
+    """What a period's evaluation reads, as it was when the period ended:
+    ``θ_e^c``, ``θ_c`` (None: the live model), the train losses since the
+    last evaluation and the exchanges handled."""
+
+    period: int
+    theta_ec: dict[str, torch.Tensor]
+    cloud: dict[str, torch.Tensor] | None
+    losses: list[float]
+    exchanges: int
+
+
 class SimulTrainCloud:
     """SimulTrain's cloud: ``θ_c``, ``θ_e^c`` and every edge's exchange state.
 
@@ -211,6 +224,11 @@ class SimulTrainCloud:
         self.exchanges: list[Exchange] = []  # in the order they were handled
         self.marks: list[int] = []  # exchanges handled at each evaluation
         self.losses: list[float] = []  # train losses since the last evaluation
+        # real-time mode: each period's evaluation taken on a copy of the
+        # models when the period ends and run after the streams (the replay
+        # leaves evaluation out; done at the mark, it stalled every stream)
+        self.defer_evaluations = False
+        self.deferred: list[PeriodState] = []
         self.chunks_sent: list[int] = []
         self.staleness_seen: list[int] = []
         self.dropped_deltas = 0
@@ -527,14 +545,22 @@ class SimulTrainCloud:
         self.srv.tracker.log_event("exchange", exchange.to_record())
 
     def end_period_if_due(self) -> None:
-        """Evaluate every ``eval_every`` steps per edge (on average); checkpoint."""
+        """Evaluate every ``eval_every`` steps per edge (on average); checkpoint.
+
+        With :attr:`defer_evaluations` the evaluation is of a copy of the
+        models taken now, run by :meth:`evaluate_deferred`.
+        """
         if self.cloud_steps < (self.period + 1) * self.opts.eval_every * len(
             self.tracks
         ):
             return
         self.period += 1
         self.marks.append(len(self.exchanges))
-        self.evaluate()
+        if self.defer_evaluations:
+            self.deferred.append(self._period_state(copy=True))
+            self.losses = []
+        else:
+            self.evaluate()
         self.srv.ledger.current_round = self.period + 1
         every = self.cfg.checkpoint_every
         if every and self.period % every == 0:
@@ -542,16 +568,47 @@ class SimulTrainCloud:
 
     def evaluate(self) -> EvalStats:
         """Evaluate ``θ_e^c ∘ θ_c`` on the test split and report the period."""
-        self.full[0].load_state_dict(self.theta_ec)
+        stats = self._evaluate(self._period_state(copy=False))
+        self.losses = []
+        return stats
+
+    def evaluate_deferred(self) -> None:
+        """The deferred periods' evaluations, in order (then the live models
+        are back)."""
+        for state in self.deferred:
+            self._evaluate(state)
+        self.deferred = []
+
+    def _period_state(self, *, copy: bool) -> PeriodState:
+        clone = (lambda t: t.detach().clone()) if copy else (lambda t: t)
+        return PeriodState(
+            period=self.period,
+            theta_ec={k: clone(v) for k, v in self.theta_ec.items()},
+            cloud={k: clone(v) for k, v in self.cloud.state_dict().items()}
+            if copy
+            else None,
+            losses=list(self.losses),
+            exchanges=len(self.exchanges),
+        )
+
+    def _evaluate(self, state: PeriodState) -> EvalStats:
+        """Evaluate ``θ_e^c ∘ θ_c`` as ``state`` holds them and report its
+        period (its cloud copy loaded for the evaluation only)."""
+        live = None
+        if state.cloud is not None:
+            live = {k: v.detach().clone() for k, v in self.cloud.state_dict().items()}
+            self.cloud.load_state_dict(state.cloud)
+        self.full[0].load_state_dict(state.theta_ec)
         self.full[0].to(self.device)
         stats = evaluate(self.full, self.test, self.device)
         self.full[0].cpu()
+        if live is not None:
+            self.cloud.load_state_dict(live)
         metrics: dict[str, float] = stats.as_metrics()
-        if self.losses:
-            metrics["train-loss"] = float(np.mean(self.losses))
-        metrics["exchanges"] = len(self.exchanges)
-        self.srv.report_round(self.period, metrics)
-        self.losses = []
+        if state.losses:
+            metrics["train-loss"] = float(np.mean(state.losses))
+        metrics["exchanges"] = state.exchanges
+        self.srv.report_round(state.period, metrics)
         return stats
 
     def checkpoint(self) -> None:
@@ -616,6 +673,7 @@ class SimulTrainCloud:
 
     def finish(self) -> None:
         """Final evaluation, the replay under ``simultrain-link``, the summary."""
+        self.evaluate_deferred()
         self.period += 1
         self.marks.append(len(self.exchanges))
         final = self.evaluate()

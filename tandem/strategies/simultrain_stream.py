@@ -123,6 +123,9 @@ class StreamLoop:
         self.srv = srv
         self.cloud = cloud
         self.opts = opts
+        # real-time mode checks the replay, which leaves evaluation out:
+        # periods are evaluated after the streams, on copies taken on time
+        cloud.defer_evaluations = opts.realtime
         self.lock = threading.Lock()  # guards the cloud and the sessions
         self.keys = SessionKeys()
         self.sessions: dict[int, Session] = {}  # node -> its current session
