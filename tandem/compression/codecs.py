@@ -209,12 +209,17 @@ class Codec:
         (:meth:`check` then bounds them).
     layout : dict[str, np.dtype]
         Payload arrays and their dtypes, in wire order.
+    kernel : str or None
+        The compiled loop of :mod:`.kernels` that :meth:`encode_groups` runs
+        (the codec's steps group by group, the same bytes and values), or
+        None to gather rows for :meth:`encode_rows`.
     """
 
     name: ClassVar[str]
     takes_ratio: ClassVar[bool] = False
     variable_length: ClassVar[bool] = False
     layout: ClassVar[dict[str, np.dtype]]
+    kernel: ClassVar[str | None] = None
 
     @property
     def spelling(self) -> str:
@@ -364,11 +369,18 @@ class Codec:
         ``e = g̃ − sent``, eq. 7; ``x`` itself to write it in place; None:
         not wanted). Other elements of the outputs are left as they are.
 
-        The default gathers the groups of each size as rows
-        (:func:`~tandem.compression.rows.get_rows`), encodes them with
-        :meth:`encode_rows` and writes the results back; a codec may do it
-        group by group in place (the same bytes and values).
+        A codec with a :attr:`kernel` runs it (group by group in place, one
+        compiled pass each, straight to the stream's offsets); the others'
+        groups of each size are gathered as rows
+        (:func:`~tandem.compression.rows.get_rows`), encoded by
+        :meth:`encode_rows` and written back.
         """
+        if self.kernel is not None:
+            import tandem.compression.kernels as compiled  # numba: when used
+
+            encode = getattr(compiled, self.kernel)
+            encode(x, starts, sizes, stream, offsets, decoded, residual)
+            return
         for size in np.unique(sizes).tolist():
             chosen = np.flatnonzero(sizes == size)
             per = max(1, _GATHER // max(size, 1))
@@ -533,6 +545,7 @@ class Int8(_InPlace):
         "levels": np.dtype(np.int8),
         "scale": np.dtype(np.float32),
     }
+    kernel = "int8_groups"
 
     def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
         return {"levels": sizes, "scale": np.ones_like(sizes)}
@@ -568,23 +581,6 @@ class Int8(_InPlace):
     ) -> None:
         _rows_as_groups(self, rows, ratio, wire, decoded)
 
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        ratio: float | None,
-        stream: np.ndarray,
-        offsets: np.ndarray,
-        decoded: np.ndarray,
-        residual: np.ndarray | None,
-    ) -> None:
-        # int8_levels and int8_values group by group, one compiled pass each
-        # (the same IEEE float32 steps), straight to the stream's offsets
-        from tandem.compression.kernels import int8_groups  # numba: when used
-
-        int8_groups(x, starts, sizes, stream, offsets, decoded, residual)
-
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None
     ) -> np.ndarray:
@@ -608,6 +604,7 @@ class Sign(_InPlace):
         "signs": np.dtype(np.uint8),
         "scale": np.dtype(np.float32),
     }
+    kernel = "sign_groups"
 
     def lengths(self, sizes: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
         return {"signs": (sizes + 7) // 8, "scale": np.ones_like(sizes)}
@@ -660,23 +657,6 @@ class Sign(_InPlace):
         np.multiply(negative, np.float32(-2.0), out=decoded)
         decoded += np.float32(1.0)
         decoded *= scale[:, None]
-
-    def encode_groups(
-        self,
-        x: np.ndarray,
-        starts: np.ndarray,
-        sizes: np.ndarray,
-        ratio: float | None,
-        stream: np.ndarray,
-        offsets: np.ndarray,
-        decoded: np.ndarray,
-        residual: np.ndarray | None,
-    ) -> None:
-        # encode_rows_into's steps group by group, one compiled pass each
-        # (the scale summed in numpy's order), straight to the stream
-        from tandem.compression.kernels import sign_groups  # numba: when used
-
-        sign_groups(x, starts, sizes, stream, offsets, decoded, residual)
 
     def decode_rows(
         self, rows: np.ndarray, size: int, ratio: float | None

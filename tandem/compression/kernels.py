@@ -46,6 +46,19 @@ def _put_scale(
 
 
 @_jit
+def _max_magnitude(words: np.ndarray, scratch: np.ndarray) -> np.float32:
+    """``max|x|`` of a group given as its float32 bits (+0 for zeros): for
+    finite floats without their sign bit, the order of the bit patterns as
+    integers is the order of the values, and an integer max vectorizes.
+    ``scratch``: a 1-element float32 array to turn the bits back."""
+    top = np.uint32(0)
+    for j in range(words.size):
+        top = max(top, words[j] & _MAGNITUDE)
+    scratch.view(np.uint32)[0] = top
+    return scratch[0]
+
+
+@_jit
 def _int8_groups(
     x: np.ndarray,
     words: np.ndarray,
@@ -60,15 +73,7 @@ def _int8_groups(
     levels = stream.view(np.int8)
     for g in range(starts.size):
         s, n, at = starts[g], sizes[g], offsets[g]
-        # a = max|x|: for finite floats without their sign bit, the order of
-        # the bit patterns as integers is the order of the values, and an
-        # integer max vectorizes (+0 for a group of zeros)
-        top = np.uint32(0)
-        w = words[s : s + n]
-        for j in range(n):
-            top = max(top, w[j] & _MAGNITUDE)
-        scratch.view(np.uint32)[0] = top
-        a = scratch[0]
+        a = _max_magnitude(words[s : s + n], scratch)
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
         # slices, not stream[at + j]: the compiler vectorizes stores to them
@@ -105,12 +110,7 @@ def _int8_groups_in_place(
     levels = stream.view(np.int8)
     for g in range(starts.size):
         s, n, at = starts[g], sizes[g], offsets[g]
-        top = np.uint32(0)
-        w = words[s : s + n]
-        for j in range(n):
-            top = max(top, w[j] & _MAGNITUDE)
-        scratch.view(np.uint32)[0] = top
-        a = scratch[0]
+        a = _max_magnitude(words[s : s + n], scratch)
         safe = a if a > 0 else np.float32(1.0)
         step = a / np.float32(127.0)
         xs, ds, q = x[s : s + n], decoded[s : s + n], levels[at : at + n]
