@@ -596,26 +596,18 @@ def test_the_sign_scale_sum_follows_numpys_order(size):
     np.testing.assert_array_equal(scale, pairwise)
 
 
-#: The int8 paths, as the rows paths.
-INT8_PATHS = ROW_PATHS
-
-
-def _int8_rows(rows: np.ndarray, residual: str) -> tuple[np.ndarray, np.ndarray]:
-    return _encode_rows_by("int8", rows, residual)
-
-
-@INT8_PATHS
+@ROW_PATHS
 def test_int8_scale_of_zeros_is_plus_zero(residual):
     rows = np.array([[0.0, -0.0, 0.0], [-0.0, -0.0, -0.0], [1.0, -3.0, 2.0]])
     rows = rows.astype(np.float32)
-    wire, _ = _int8_rows(rows, residual)
+    wire, _ = _encode_rows_by("int8", rows, residual)
     for r in range(3):
         reference = encode("int8", rows[r])["scale"].astype("<f4").view(np.uint8)
         np.testing.assert_array_equal(wire[r, 3:], reference)
     assert wire[:2, 3:].tolist() == [[0, 0, 0, 0]] * 2
 
 
-@INT8_PATHS
+@ROW_PATHS
 def test_int8_rows_keep_the_formula_bit_for_bit(residual):
     """``rint(x / a · 127)`` exactly, not ``x · (127 / a)``: on these 2^20
     Laplace values the two round one level apart at least once; zeros (a −0
@@ -631,7 +623,7 @@ def test_int8_rows_keep_the_formula_bit_for_bit(residual):
     rows[:3] = 0.0
     rows[3, :7] = -0.0
     scale = np.abs(rows).max(axis=1, keepdims=True)
-    wire, values = _int8_rows(rows, residual)
+    wire, values = _encode_rows_by("int8", rows, residual)
     levels = int8_levels(rows, scale)
     np.testing.assert_array_equal(wire[:, :256].view(np.int8), levels)
     np.testing.assert_array_equal(wire[:, 256:].copy().view("<f4"), scale)

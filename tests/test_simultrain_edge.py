@@ -52,6 +52,17 @@ def _message(grad_for: int, want: int, grads=None, edge_params=None) -> Message:
     return Message(content=content, dst_node_id=7, message_type="train.simultrain")
 
 
+def _node_context(run_config: dict) -> Context:
+    """Node 7's Context: partition 0 of 2, an empty state."""
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
 def _delta_after(forecast: str, zero_grad_step: bool) -> dict[str, np.ndarray]:
     """The delta the edge reports after one (or two) steps.
 
@@ -62,13 +73,7 @@ def _delta_after(forecast: str, zero_grad_step: bool) -> dict[str, np.ndarray]:
     ``θ − θ0``.
     """
     run_config = {**RUN_CONFIG, "simultrain-forecast": forecast}
-    ctx = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=run_config,
-    )
+    ctx = _node_context(run_config)
     cfg = RunConfig.from_flat(dict(run_config))
     edge, _ = edge_model(cfg, parse_section(SimulTrainOptions, run_config))
     params = ArrayRecord({k: Array(v.numpy()) for k, v in edge.state_dict().items()})

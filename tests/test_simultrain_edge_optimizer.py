@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from test_simultrain_edge import _message, _node_context
 
 from tandem.client_app import dispatch
 from tandem.clients.simultrain import (
@@ -26,7 +27,6 @@ from tandem.config import RunConfig, parse_section
 from tandem.datasets.base import ArraySplit
 from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
-    KEY_GRADS,
     CloudMessage,
     SimulTrainOptions,
 )
@@ -246,15 +246,6 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _message(grad_for: int, want: int, grads=None) -> Message:
-    content = RecordDict(
-        {"config": ConfigRecord({"grad-for": grad_for, "want": want, "v-c": 1})}
-    )
-    if grads is not None:
-        content[KEY_GRADS] = ArrayRecord({"g": Array(grads.astype(np.float32))})
-    return Message(content=content, dst_node_id=7, message_type="train.simultrain")
-
-
 def test_the_message_transport_carries_the_adam_state_between_messages(
     task_identity,
 ):
@@ -267,13 +258,7 @@ def test_the_message_transport_carries_the_adam_state_between_messages(
         "simultrain-edge-optimizer": "adam",
         "simultrain-edge-lr": 0.0003,
     }
-    ctx = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=run_config,
-    )
+    ctx = _node_context(run_config)
     shapes = []
     for _ in range(2):
         reply = dispatch(_message(-1, 1), ctx)

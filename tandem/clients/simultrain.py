@@ -527,8 +527,8 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     opts, node, split, edge, state, stream = _node_setup(context, cfg)
     request = CloudMessage.from_content(msg.content, layout_of(_record(state.theta)))
     compute = 0.0  # CPU seconds of the edge's own maths (backward, forward)
+    lr = opts.edge_rate(cfg.train.lr)  # before its warm-up
     if request.grad_for >= 0:
-        lr = opts.edge_rate(cfg.train.lr)
         compute += apply_gradients(
             state, edge, split, request, opts, lr, cfg.train.momentum
         )
@@ -541,7 +541,7 @@ def handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     chunk = None
     version = state.version
     if request.want > 0:
-        ahead = prediction_span(state, opts, opts.edge_rate(cfg.train.lr))
+        ahead = prediction_span(state, opts, lr)
         chunk = forward_chunk(
             state, edge, split, stream, request.want, opts.precision, ahead=ahead
         )
