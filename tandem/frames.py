@@ -58,6 +58,8 @@ _LEN = struct.Struct("<Q")
 DTYPES = frozenset(
     {"float16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool"}
 )
+#: The same, as dtypes (a set lookup, without formatting each dtype's name).
+_DTYPES = frozenset(np.dtype(name) for name in DTYPES)
 MAX_NDIM = 8
 MAX_ARRAYS = 1024
 MAX_NAME = 256
@@ -78,12 +80,34 @@ class Frame:
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(
-        buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False
-    )
-    return buf.getvalue()
+#: npy 1.0 headers by ``(dtype, shape)``, as numpy writes them: a stream's
+#: frames carry the same few shapes over and over, and numpy's header writer
+#: (the ``repr`` of a dict, padded) took about as long as a small model's
+#: forward pass per frame.
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_HEADERS_MAX = 4096
+
+
+def _npy_header_bytes(array: np.ndarray) -> bytes:
+    """The npy 1.0 header numpy writes for the C-contiguous ``array``."""
+    key = (array.dtype.str, array.shape)
+    header = _HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, np.lib.format.header_data_from_array_1_0(array)
+        )
+        header = buf.getvalue()
+        if len(_HEADERS) < _HEADERS_MAX:
+            _HEADERS[key] = header
+    return header
+
+
+def _npy(array: np.ndarray) -> tuple[bytes, bytes]:
+    """``array`` as an ``.npy`` file (format 1.0, as ``np.save`` writes it):
+    ``(header, data)``."""
+    array = np.ascontiguousarray(array)
+    return _npy_header_bytes(array), array.tobytes()
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -108,13 +132,14 @@ def encode_frame(frame: Frame) -> bytes:
         )
     ]
     for name, array in frame.arrays.items():
-        if str(array.dtype) not in DTYPES:
+        if array.dtype not in _DTYPES:
             raise FrameError(f"array '{name}' has dtype {array.dtype}")
         raw = name.encode()
         if len(raw) > MAX_NAME:
             raise FrameError(f"array name of {len(raw)} bytes, at most {MAX_NAME}")
-        data = _npy(array)
-        parts += [_NAME.pack(len(raw)), raw, _LEN.pack(len(data)), data]
+        header, data = _npy(array)
+        size = _LEN.pack(len(header) + len(data))
+        parts += [_NAME.pack(len(raw)), raw, size, header, data]
     return b"".join(parts)
 
 
@@ -174,7 +199,7 @@ def _read_npy(name: str, data: memoryview) -> np.ndarray:
         shape, fortran, dtype, start = _npy_header(data)
     except Exception as err:  # numpy's parser raises many kinds on hostile bytes
         raise FrameError(f"array '{name}': bad npy header ({err})") from None
-    if fortran or str(dtype) not in DTYPES or dtype.byteorder == ">":
+    if fortran or dtype not in _DTYPES or dtype.byteorder == ">":
         raise FrameError(f"array '{name}' has dtype {dtype} (fortran={fortran})")
     if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
         raise FrameError(f"array '{name}' has shape {shape}")

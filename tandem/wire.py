@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "PayloadError",
     "arrays_to_state_dict",
     "check_arrays",
+    "check_values",
     "get_record",
     "layout_of",
     "read_array",
@@ -193,13 +194,55 @@ def read_array(
     return flat.reshape(header_shape, order=order).copy(order="C")
 
 
+def _same_keys(have: Iterable[str], expected: Mapping[str, object]) -> None:
+    have = set(have)
+    missing = sorted(set(expected) - have)
+    unknown = sorted(have - set(expected))
+    if missing or unknown:
+        raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
+
+
+def check_values(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+) -> dict[str, np.ndarray]:
+    """Check arrays already read against ``{key: (shape, dtype)}``.
+
+    For arrays whose bytes were checked when they were read (by
+    :func:`read_array`, or by :func:`tandem.frames.decode_frame` on a
+    stream frame): the same keys, each array's shape and dtype, and only
+    finite values. Returns them in ``expected``'s order.
+
+    Raises
+    ------
+    PayloadError
+        On missing or unknown keys, a shape or dtype mismatch, or NaN/Inf.
+    """
+    _same_keys(arrays, expected)
+    out: dict[str, np.ndarray] = {}
+    for key, (shape, dtype) in expected.items():
+        values = arrays[key]
+        if values.shape != tuple(shape):
+            raise PayloadError(
+                f"array '{key}' has shape {values.shape}, expected {tuple(shape)}"
+            )
+        if values.dtype != np.dtype(dtype):
+            raise PayloadError(
+                f"array '{key}' has dtype {values.dtype}, expected {dtype}"
+            )
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            raise PayloadError(f"array '{key}' holds NaN or Inf")
+        out[key] = values
+    return out
+
+
 def check_arrays(
     record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], str]]
 ) -> dict[str, np.ndarray]:
     """Check ``record`` against ``{key: (shape, dtype)}``; return its arrays.
 
     Every array is read by :func:`read_array`: its bytes must agree with
-    its declaration and with ``expected``.
+    its declaration and with ``expected``; then :func:`check_values`.
 
     Raises
     ------
@@ -207,17 +250,12 @@ def check_arrays(
         On missing or unknown keys, a shape or dtype mismatch (declared or in
         the bytes), a malformed or object-dtype npy, or NaN/Inf.
     """
-    missing = sorted(set(expected) - set(record))
-    unknown = sorted(set(record) - set(expected))
-    if missing or unknown:
-        raise PayloadError(f"array keys differ: missing {missing}, unknown {unknown}")
-    out: dict[str, np.ndarray] = {}
-    for key, (shape, dtype) in expected.items():
-        values = read_array(record[key], key, shape=tuple(shape), dtype=dtype)
-        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
-            raise PayloadError(f"array '{key}' holds NaN or Inf")
-        out[key] = values
-    return out
+    _same_keys(record, expected)
+    read = {
+        key: read_array(record[key], key, shape=tuple(shape), dtype=dtype)
+        for key, (shape, dtype) in expected.items()
+    }
+    return check_values(read, expected)
 
 
 def layout_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -226,3 +226,26 @@ def test_other_npy_headers_go_through_numpys_parser_and_its_checks():
     data[at + 8 : at + 10] = struct.pack("<H", size + 64)
     with pytest.raises(FrameError, match="array 'a'"):
         decode_frame(bytes(data), 1 << 20)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(6, dtype=np.float16).reshape(2, 3)[:, ::2],  # not contiguous
+        np.array(3.0),  # 0-d: sent as (1,), as before
+        np.zeros((0, 3), np.int64),
+        np.array([True, False]),
+        np.full((128, 32), -7, np.int8),
+    ],
+)
+def test_arrays_are_written_as_numpy_writes_them(array):
+    expected = io.BytesIO()
+    np.lib.format.write_array(
+        expected, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False
+    )
+    for _ in range(2):  # the header's second use comes from the cache
+        frame = encode_frame(Frame(kind=1, arrays={"x": array}))
+        assert frame[HEADER.size + 2 + 1 + 8 :] == expected.getvalue()
+        (back,) = decode_frame(frame, 1 << 20).arrays.values()
+        assert np.array_equal(back, np.ascontiguousarray(array))

@@ -94,6 +94,7 @@ class Endpoint:
                 msg.content, self.cloud.edge_layout
             )
         self.theta_c = [p.detach().clone() for p in self.cloud.cloud.parameters()]
+        self.theta_ec = {k: v.clone() for k, v in self.cloud.theta_ec.items()}
 
     def stream(self, frames, node=1, root=None):
         """Send ``frames``, close; the frames answered (raises RpcError)."""
@@ -112,8 +113,12 @@ class Endpoint:
 
     def untouched(self):
         now = list(self.cloud.cloud.parameters())
-        return self.cloud.cloud_steps == 0 and all(
-            torch.equal(a, b) for a, b in zip(now, self.theta_c, strict=True)
+        ec = self.cloud.theta_ec
+        return (
+            self.cloud.cloud_steps == 0
+            and self.cloud.merges == 0
+            and all(torch.equal(a, b) for a, b in zip(now, self.theta_c, strict=True))
+            and all(torch.equal(v, self.theta_ec[k]) for k, v in ec.items())
         )
 
     def close(self):
@@ -278,6 +283,10 @@ def _chunk_frame(ep, node=1, version=0, **change):
         ("scale", "a-scale"),
         ("big", "at most"),
         ("delta", "array keys differ"),
+        ("delta-nan", "holds NaN or Inf"),
+        ("delta-dtype", "has dtype float64"),
+        ("delta-shape", "has shape"),
+        ({"labels": np.zeros(64, np.int32)}, "dtypes y=int32"),
     ],
 )
 def test_a_bad_frame_is_refused_and_counted_without_touching_the_cloud(
@@ -301,6 +310,20 @@ def test_a_bad_frame_is_refused_and_counted_without_touching_the_cloud(
         ep.loop.opts = ep.cloud.opts.__class__(stream_max_frame_mb=0.001)
     elif change == "delta":
         frame = _chunk_frame(ep, delta={"nope": np.zeros(2, np.float32)})
+    elif isinstance(change, str) and change.startswith("delta-"):
+        # the edge layers' keys, one array bad
+        delta = {
+            k: np.zeros(shape, dtype)
+            for k, (shape, dtype) in ep.cloud.edge_layout.items()
+        }
+        key = sorted(delta)[-1]
+        if change == "delta-nan":
+            delta[key] = np.full(delta[key].shape, np.nan, np.float32)
+        elif change == "delta-dtype":
+            delta[key] = delta[key].astype(np.float64)
+        else:
+            delta[key] = np.zeros((*delta[key].shape, 2), np.float32)
+        frame = _chunk_frame(ep, delta=delta)
     else:
         frame = _chunk_frame(ep, **change)
     with pytest.raises(grpc.RpcError) as err:

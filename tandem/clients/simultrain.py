@@ -318,7 +318,9 @@ class KeptForwards:
         """Chunk ``version``'s activations at ``theta`` (detached); its
         forward pass is kept."""
         module = self.free.pop() if self.free else copy.deepcopy(self.edge)
-        module.load_state_dict(theta)
+        with torch.no_grad():  # its state is its parameters (usable)
+            for name, param in module.named_parameters():
+                param.copy_(theta[name])
         acts = module(x)
         self.kept[version] = (module, acts)
         return acts.detach()

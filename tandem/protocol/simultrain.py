@@ -51,6 +51,7 @@ from tandem.wire import (
     KEY_METRICS,
     PayloadError,
     check_arrays,
+    check_values,
     get_record,
     read_array,
 )
@@ -72,8 +73,10 @@ __all__ = [
     "EdgeReply",
     "SessionStart",
     "SimulTrainOptions",
+    "check_activations",
+    "compute_seconds_of",
     "edge_model",
-    "frame_content",
+    "frame_reply",
     "hello_frame",
     "message_frame",
     "read_activations",
@@ -443,13 +446,28 @@ class Activations:
     sizes: np.ndarray
 
 
+def compute_seconds_of(value: object) -> float:
+    """A reply's ``compute-seconds`` (finite, >= 0), as a float.
+
+    Raises
+    ------
+    PayloadError
+        If it is not a finite number >= 0.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise PayloadError(f"metric 'compute-seconds' = {value!r}")
+    return float(value)
+
+
 def read_compute_seconds(content: RecordDict) -> float:
     """The reply's ``compute-seconds`` metric (finite, >= 0)."""
     metrics = get_record(content, KEY_METRICS, MetricRecord)
-    value = metrics.get("compute-seconds")
-    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise PayloadError(f"metric 'compute-seconds' = {value!r}")
-    return float(value)
+    return compute_seconds_of(metrics.get("compute-seconds"))
 
 
 def read_delta(
@@ -471,7 +489,52 @@ def read_activations(
     max_rows: int,
     label_shape: tuple[int, ...] = (),
 ) -> Activations:
-    """Validate an activations reply and decode it.
+    """Validate an activations reply and decode it: every array's bytes are
+    read by :func:`~tandem.wire.read_array`, then :func:`check_activations`.
+
+    Raises
+    ------
+    PayloadError
+        On a missing record, a malformed array, or any of
+        :func:`check_activations`' checks.
+    """
+    meta = get_record(content, KEY_META, ConfigRecord)
+    record = get_record(content, KEY_ACTS, ArrayRecord)
+    keys = {"y", "sizes"} | cut_keys(precision, "a")
+    if set(record) != keys:
+        raise PayloadError(
+            f"activation keys {sorted(record)}, expected {', '.join(sorted(keys))}"
+        )
+    version = meta.get("v-e")
+    if version != expected_version:  # before any array is read
+        raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
+    arrays = {k: read_array(record[k], k) for k in sorted(keys)}
+    return check_activations(
+        version,
+        arrays,
+        expected_version,
+        want,
+        cut_shape,
+        precision,
+        num_classes,
+        max_rows,
+        label_shape,
+    )
+
+
+def check_activations(
+    version: object,
+    arrays: Mapping[str, np.ndarray],
+    expected_version: int,
+    want: int,
+    cut_shape: tuple[int, ...],
+    precision: str,
+    num_classes: int,
+    max_rows: int,
+    label_shape: tuple[int, ...] = (),
+) -> Activations:
+    """Check a chunk's arrays (already read: a Flower reply's, or a stream
+    frame's) and decode them.
 
     Labels are ``(rows, *label_shape)``: one per row for a classifier, one
     per position (``(rows, T)``) for token sequences, whose activations are
@@ -480,22 +543,20 @@ def read_activations(
     Raises
     ------
     PayloadError
-        On a missing record, a version that is not the expected one (replayed
-        or from the future), wrong shapes or dtypes, NaN/Inf, labels out of
-        range, or more rows than were asked for.
+        On a version that is not the expected one (replayed or from the
+        future), other arrays than ``y``, ``sizes`` and the activations',
+        wrong shapes or dtypes, NaN/Inf, int8 scales, labels out of range, or
+        more rows than were asked for.
     """
-    meta = get_record(content, KEY_META, ConfigRecord)
-    version = meta.get("v-e")
     if version != expected_version:
         raise PayloadError(f"chunk version {version!r}, expected {expected_version}")
-    record = get_record(content, KEY_ACTS, ArrayRecord)
     keys = {"y", "sizes"} | cut_keys(precision, "a")
-    if set(record) != keys:
+    if set(arrays) != keys:
         raise PayloadError(
-            f"activation keys {sorted(record)}, expected {', '.join(sorted(keys))}"
+            f"activation keys {sorted(arrays)}, expected {', '.join(sorted(keys))}"
         )
-    y, sizes = record["y"], record["sizes"]
-    if y.dtype != "int64" or sizes.dtype != "int64":
+    y, sizes = arrays["y"], arrays["sizes"]
+    if y.dtype != np.int64 or sizes.dtype != np.int64:
         raise PayloadError(f"dtypes y={y.dtype} sizes={sizes.dtype}")
     rows = y.shape[0] if y.shape else 0
     if rows > max_rows or tuple(y.shape) != (rows, *label_shape):
@@ -503,24 +564,22 @@ def read_activations(
         raise PayloadError(
             f"labels of shape {tuple(y.shape)}, expected (<= {max_rows}{rest})"
         )
-    sizes_np = read_array(sizes, "sizes", dtype="int64")
-    if sizes_np.ndim != 1 or len(sizes_np) != want or (sizes_np <= 0).any():
-        raise PayloadError(f"micro-batch sizes {sizes_np.tolist()} for {want} asked")
-    if int(sizes_np.sum()) != rows:
+    if sizes.ndim != 1 or len(sizes) != want or (sizes <= 0).any():
+        raise PayloadError(f"micro-batch sizes {sizes.tolist()} for {want} asked")
+    if int(sizes.sum()) != rows:
         raise PayloadError("sizes and label rows disagree")
     try:
         acts = decode_cut(
-            {k: read_array(record[k], k) for k in cut_keys(precision, "a")},
+            {k: arrays[k] for k in cut_keys(precision, "a")},
             precision,
             "a",
             (rows, *cut_shape),
         )
     except ValueError as err:
         raise PayloadError(f"activations: {err}") from None
-    labels = read_array(y, "y", shape=(rows, *label_shape), dtype="int64")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise PayloadError(f"labels outside [0, {num_classes})")
-    return Activations(acts, labels, sizes_np)
+    return Activations(acts, np.array(y), np.array(sizes))  # writable copies
 
 
 # ------------------------------------------------------------------ the stream
@@ -715,11 +774,11 @@ def reply_frame(reply: EdgeReply, seq: int) -> Frame:
     return Frame(FRAME_CHUNK, seq, ints, reply.compute_seconds, arrays)
 
 
-def frame_content(frame: Frame) -> RecordDict:
-    """A chunk frame as the records of the :class:`EdgeReply` it carries.
-
-    The result goes through the same readers as a Flower reply
-    (:func:`read_activations`, :func:`read_delta`, :func:`read_compute_seconds`).
+def frame_reply(frame: Frame) -> EdgeReply:
+    """The :class:`EdgeReply` a chunk frame carries, its arrays as
+    :func:`~tandem.frames.decode_frame` read them (unchecked beyond that:
+    :func:`check_activations`, :func:`~tandem.wire.check_values` and
+    :func:`compute_seconds_of` check them, as they do a Flower reply's).
 
     Raises
     ------
@@ -745,7 +804,7 @@ def frame_content(frame: Frame) -> RecordDict:
         rest or None,
         labels,
         sizes,
-    ).to_content()
+    )
 
 
 def message_frame(message: CloudMessage, seq: int) -> Frame:
@@ -774,5 +833,5 @@ def read_message_frame(frame: Frame, edge_layout: Layout) -> CloudMessage:
         k[len(_EDGE) :]: v for k, v in frame.arrays.items() if k.startswith(_EDGE)
     }
     grads = {k: v for k, v in frame.arrays.items() if not k.startswith(_EDGE)}
-    checked = check_arrays(_record(params), edge_layout) if params else None
+    checked = check_values(params, edge_layout) if params else None
     return CloudMessage(v_c, want, grad_for, grads or None, checked)

@@ -71,7 +71,10 @@ from tandem.protocol.simultrain import (
     MESSAGE_TYPE,
     Activations,
     CloudMessage,
+    EdgeReply,
     SimulTrainOptions,
+    check_activations,
+    compute_seconds_of,
     edge_model,
     read_activations,
     read_compute_seconds,
@@ -86,7 +89,7 @@ from tandem.training import (
     make_optimizer,
     token_cross_entropy,
 )
-from tandem.wire import PayloadError
+from tandem.wire import PayloadError, check_values
 
 __all__ = ["FlowerLoop", "SimulTrainCloud", "adapt_chunk"]
 
@@ -402,13 +405,15 @@ class SimulTrainCloud:
         track.seq = track.next_version - 1
         return {k: v.numpy() for k, v in self.theta_ec.items()}
 
-    def on_chunk(self, track: EdgeTrack, content: RecordDict) -> ChunkAnswer | None:
-        """Handle a chunk frame's records (a stream's steps 1, 2 and 4).
+    def on_chunk(self, track: EdgeTrack, reply: EdgeReply) -> ChunkAnswer | None:
+        """Handle a chunk frame's reply (a stream's steps 1, 2 and 4).
 
-        Everything is checked before anything changes: the compute metric,
+        Everything is checked before anything changes: the compute seconds,
         the activations (version, ``want`` = the chunk size or the steps
-        left, shapes, dtypes, NaN/Inf, int8 scales, labels, rows) and the
-        delta. Then the delta is merged, ``θ_c`` trained on the chunk, and the
+        left, shapes, dtypes, NaN/Inf, int8 scales, labels, rows:
+        :func:`~tandem.protocol.simultrain.check_activations`) and the
+        delta (:func:`~tandem.wire.check_values`), as a Flower reply's are.
+        Then the delta is merged, ``θ_c`` trained on the chunk, and the
         answer is the chunk's gradients at once (with ``θ_e^c`` when
         reconciliation is due or it was the last chunk); ``None`` for a frame
         that only carried a delta (:class:`ChunkAnswer` otherwise).
@@ -419,14 +424,19 @@ class SimulTrainCloud:
             On any failed check; the cloud's state is unchanged then.
         """
         opts = self.opts
-        seconds = read_compute_seconds(content)
+        seconds = compute_seconds_of(reply.compute_seconds)
         want = min(opts.stream_chunk, opts.steps - track.steps_requested)
         chunk = None
-        if KEY_ACTS in content:
+        if reply.acts is not None:
             if want <= 0:
                 raise PayloadError("a chunk after the session's last one")
-            chunk = read_activations(
-                content,
+            arrays = dict(reply.acts)
+            for key, values in (("y", reply.labels), ("sizes", reply.sizes)):
+                if values is not None:  # else refused as a missing key
+                    arrays[key] = values
+            chunk = check_activations(
+                reply.version,
+                arrays,
                 track.next_version,
                 want,
                 self.cut_shape,
@@ -435,7 +445,9 @@ class SimulTrainCloud:
                 self.max_rows,
                 label_shape=self.label_shape,
             )
-        delta = read_delta(content, self.edge_layout)
+        delta = None
+        if reply.delta is not None:
+            delta = check_values(reply.delta, self.edge_layout)
         # --- checked: from here on the state changes
         track.edge_seconds = seconds
         if delta is not None:

@@ -51,7 +51,7 @@ from tandem.options import ConfigError
 from tandem.protocol.simultrain import (
     SESSION_TYPE,
     SessionStart,
-    frame_content,
+    frame_reply,
     message_frame,
     read_compute_seconds,
     read_delta,
@@ -400,8 +400,8 @@ class StreamLoop:
             clock = cpu_clock()
             tick = clock()
             try:
-                content = frame_content(decode_frame(raw, self.opts.max_frame_bytes))
-                answer = self.cloud.on_chunk(track, content)
+                reply = frame_reply(decode_frame(raw, self.opts.max_frame_bytes))
+                answer = self.cloud.on_chunk(track, reply)
             except (FrameError, PayloadError) as err:
                 reason = f"bad frame: {err}"
                 self.failed.append((session, reason))
