@@ -160,6 +160,9 @@ _NPY_HEADER = re.compile(
     rb"'shape': \(((?:[0-9]{1,19}, )*[0-9]{0,19},?)\), \} *\n"
 )
 _NPY_HEADER_MAX = 1024
+#: Headers parsed by the pattern above, by their exact bytes (a stream's
+#: frames repeat a few of them); at most ``_HEADERS_MAX``.
+_PARSED: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
 
 
 def _npy_header(data: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -177,11 +180,18 @@ def _npy_header(data: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]
     head = bytes(data[:10])
     if len(head) == 10 and head[:8] == _NPY_V1:
         size = int.from_bytes(head[8:10], "little")
-        match = _NPY_HEADER.fullmatch(bytes(data[10 : 10 + size]))
+        text = bytes(data[10 : 10 + size])
+        known = _PARSED.get(text)  # the same bytes parse the same way
+        if known is not None:
+            return known
+        match = _NPY_HEADER.fullmatch(text)
         if size <= _NPY_HEADER_MAX and match is not None:
             descr, fortran, dims = match.groups()
             shape = tuple(int(d) for d in dims.split(b",") if d.strip())
-            return shape, fortran == b"True", np.dtype(descr.decode()), 10 + size
+            parsed = shape, fortran == b"True", np.dtype(descr.decode()), 10 + size
+            if len(_PARSED) < _HEADERS_MAX:
+                _PARSED[text] = parsed
+            return parsed
     stream = io.BytesIO(data)
     with NPY_HEADER_LOCK:
         version = np.lib.format.read_magic(stream)

@@ -16,6 +16,7 @@ from tandem.wire import (
     PayloadError,
     arrays_to_state_dict,
     check_arrays,
+    check_values,
     get_record,
     layout_of,
     read_array,
@@ -219,6 +220,23 @@ def test_complex_nan_is_refused():
             ArrayRecord({"z": Array(np.array([np.nan + 0j], np.complex64))}),
             {"z": ((1,), "complex64")},
         )
+
+
+def test_check_values_checks_arrays_already_read():
+    layout = {"w": ((2, 3), "float32"), "n": ((4,), "int64")}
+    good = {"n": np.arange(4), "w": np.ones((2, 3), np.float32)}
+    out = check_values(good, layout)
+    assert list(out) == ["w", "n"] and out["w"] is good["w"]  # no copy
+    for arrays, message in [
+        ({"w": good["w"]}, "missing ['n'], unknown []"),
+        ({**good, "x": good["n"]}, "missing [], unknown ['x']"),
+        ({**good, "w": np.ones((3, 2), np.float32)}, "'w' has shape (3, 2)"),
+        ({**good, "w": np.ones((2, 3))}, "'w' has dtype float64, expected float32"),
+        ({**good, "n": np.arange(4, dtype=np.int32)}, "'n' has dtype int32"),
+        ({**good, "w": np.full((2, 3), np.inf, np.float32)}, "'w' holds NaN"),
+    ]:
+        with pytest.raises(PayloadError, match=re.escape(message)):
+            check_values(arrays, layout)
 
 
 def test_get_record_returns_the_record():
