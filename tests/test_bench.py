@@ -113,6 +113,8 @@ def test_bench_simultrain_quick(tmp_path):
             "4g",
             "5g",
             "--realtime",
+            "--dilation",
+            "2",
             # each run costs this test half a minute; the other variants take
             # these paths (a pinned variant's profiles: test_bench_profiles)
             "--variants",
@@ -150,13 +152,14 @@ def test_bench_simultrain_quick(tmp_path):
         assert set(m["bandwidth_time_product_per_step"]) == labels[label]
         assert all(0 < e <= 1 for e in m["pipeline_efficiency"].values()), label
         assert set(m["emulated_seconds_to_target"]) == labels[label]
-    # --realtime: every stream run paced to its profile's link; its wall
-    # time per step is reported beside the replay's
+    # --realtime: every stream run paced to its profile's link, on a clock
+    # twice as slow; its wall time per step / 2 is reported beside the replay's
     for label in ("simultrain@4g", "simultrain@5g"):
         m = results["methods"][label]
         (profile,) = labels[label]
         assert set(m["realtime_seconds_per_step"]) == {profile}
         assert m["realtime_seconds_per_step"][profile] > 0
+        assert m["realtime_dilation"] == {profile: 2.0}  # the wall time / 2
         # the replay with the cloud at this machine's speed, which real time
         # runs at: no faster than the replay with the emulated T4
         host = m["replay_host_cloud_seconds_per_step"][profile]

@@ -883,6 +883,14 @@ def test_link_paces_match_the_link_pacer():
     sent = time.monotonic() + 0.1
     time.sleep(0.3)
     assert fresh_up(1_000_000, sent) - sent == pytest.approx(3.0, abs=0.02)
+    # on a clock dilated 3 times every duration is 3 times as long: 3 s on
+    # the wire, 6 s propagating; a frame sent 1.5 s later (0.5 s emulated)
+    # still queues behind the first's transfer
+    slow_up, _ = link_paces(encode_link(parse_link("8mbit/8mbit/4000ms")), 3.0)
+    sent = time.monotonic()
+    first, second = slow_up(1_000_000, sent), slow_up(1_000_000, sent + 1.5)
+    assert first - sent == pytest.approx(9.0, abs=0.02)
+    assert second - first == pytest.approx(3.0, abs=1e-6)
 
 
 def test_the_session_message_carries_the_link_and_refuses_a_bad_one():
@@ -915,6 +923,24 @@ def test_real_time_streams_wait_for_the_link(tmp_path):
     assert summary["dropped-edges"] == 0 and summary["rejected-replies"] == 0
     # the replay of the same run (4 serial loops of 200 ms and more)
     assert summary["emulated-seconds"] >= 0.8
+
+
+def test_a_dilated_real_time_stream_runs_k_times_slower(tmp_path):
+    # the run above on a clock 3 times slow: at least 3 x 0.6 s on the wall,
+    # and the bench's real time per step divides by it again
+    run = {
+        **BASE,
+        "simultrain-steps": 8,
+        "simultrain-eval-every": 8,
+        "simultrain-window": 1,
+        "simultrain-link": "100mbit/100mbit/200ms",
+        "simultrain-realtime": True,
+        "simultrain-realtime-dilation": 3.0,
+    }
+    records, _ = run_inprocess(run, nodes=2, out=tmp_path, threaded=True)
+    (stream,) = _events(records, "stream")
+    assert stream["dilation"] == 3.0 and stream["session-seconds"] >= 1.8
+    assert records[-1]["emulated-seconds"] >= 0.8  # the replay is unchanged
 
 
 def test_real_time_needs_the_stream(tmp_path):

@@ -174,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         "slowed to the edge device, so each run's wall time is its emulated "
         "time (realtime_seconds_per_step beside the replay's)",
     )
+    p.add_argument(
+        "--dilation",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="with --realtime: run the streams on a clock K times slower than "
+        "the emulated one (every transfer, delay and stretched edge piece "
+        "lasts K times as long), so this machine's one cloud stands for a "
+        "cloud K times as fast; the real time per step is the wall time / K "
+        "(default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -304,6 +315,7 @@ def bench_options(
     if args.realtime:
         # the streams run at the emulated devices' speed, as the replay times
         extra["simultrain-realtime"] = True
+        extra["simultrain-realtime-dilation"] = args.dilation
     return BenchOptions(
         out=args.out,
         profiles=tuple(args.profile),
@@ -542,15 +554,18 @@ def assumptions(
         ),
         "realtime_seconds_per_step": (
             "real-time mode (--realtime): the longest stream's wall time, from "
-            "its hello to its last frame, / SGD steps per edge; frames "
+            "its hello to its last frame, / the dilation K (--dilation, "
+            "realtime_dilation) / SGD steps per edge; frames "
             "paced to the profile's link, each piece of edge work stretched to "
-            "edge factor x its steady CPU time, as the replay charges it (a "
-            "cloud faster than this machine cannot be emulated: its compute "
-            "counts at this machine's speed)"
+            "edge factor x its steady CPU time, as the replay charges it, all "
+            "of it K times slower (a cloud more than K times faster than this "
+            "machine cannot be emulated: its compute counts at K times this "
+            "machine's speed)"
         ),
         "replay_host_cloud_seconds_per_step": (
             "the real-time runs replayed with the cloud at this machine's speed "
-            "(factor max(1, cloud factor)): what real time is compared with"
+            "(factor max(1, cloud factor); max(1/K, cloud factor) on a clock "
+            "dilated K times): what real time is compared with"
         ),
         "replay_host_cloud_raw_seconds_per_step": (
             "the same, with the cloud's compute per chunk as measured (not "
@@ -778,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
         return rederive_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.dilation >= 1.0:
+        parser.error(f"--dilation must be >= 1, got {args.dilation}")
+    if args.dilation != 1.0 and not args.realtime:
+        parser.error("--dilation needs --realtime")
     # a terminated benchmark still stops its SuperLink (the runner's finally)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:  # bad specs fail here, before any run

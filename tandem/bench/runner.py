@@ -392,23 +392,36 @@ def _realtime_figures(
     steps per edge, under the profile the variant ran on; nothing when its
     runs were not paced (or not streamed). Beside it,
     ``replay_host_cloud_seconds_per_step``: the same runs replayed with the
-    cloud at this machine's speed (factor ``max(1, cloud factor)``), which is
-    all real time can emulate of a faster cloud: the like-for-like check of
+    cloud at this machine's speed (factor ``max(1, cloud factor)``;
+    ``max(1/k, cloud factor)`` on a dilated clock), which is all real time can emulate
+    of a faster cloud: the like-for-like check of
     the replay's schedule; and ``replay_host_cloud_raw_seconds_per_step``,
     the same with the cloud's compute per chunk as it ran here, unsteadied
     (the one cloud shares this machine's cores with the edges, and real time
-    pays its every delay).
+    pays its every delay). On a dilated clock
+    (``simultrain-realtime-dilation`` ``k``, the ``stream`` event's
+    ``dilation``) the wall seconds are divided by ``k``, and
+    ``realtime_dilation`` says ``k``.
     """
-    paced = [
-        (r, rec["session-seconds"])
+    paced = [  # wall seconds on a dilated clock are emulated seconds x k
+        (r, rec["session-seconds"] / rec.get("dilation", 1.0))
         for r in good
         for rec in r.records
         if rec["event"] == "stream" and rec.get("realtime")
     ]
     if not paced or variant.profile is None:
         return {}
+    dilation = max(
+        rec.get("dilation", 1.0)
+        for r in good
+        for rec in r.records
+        if rec["event"] == "stream" and rec.get("realtime")
+    )
+    # on a clock k times slow, this machine's cloud is a cloud k times as
+    # fast: factor max(1/k, cloud factor), the T4's when that is faster still
     host_cloud = dataclasses.replace(
-        opts, local_gflops_cloud=max(opts.local_gflops_cloud, opts.cloud.gflops)
+        opts,
+        local_gflops_cloud=max(opts.local_gflops_cloud, opts.cloud.gflops / dilation),
     )
     replayed = [_emulate(r, variant.profile, host_cloud)["total"] for r, _ in paced]
     raw = [
@@ -418,6 +431,7 @@ def _realtime_figures(
     seconds = [s for _, s in paced]
     return {
         "realtime_seconds_per_step": {variant.profile: _mean(seconds) / per_edge},
+        "realtime_dilation": {variant.profile: dilation},
         "realtime_seconds_per_seed": {variant.profile: seconds},
         "replay_host_cloud_seconds_per_step": {
             variant.profile: _mean(replayed) / per_edge

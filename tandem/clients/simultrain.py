@@ -578,14 +578,16 @@ def _session_link(spec: str) -> LinkProfile:
         raise PayloadError(f"session link: {err}") from None
 
 
-def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
+def link_paces(spec: str, dilation: float = 1.0) -> tuple[Pace | None, Pace | None]:
     """Real-time mode: pace the stream's frames up and down to the link ``spec``.
 
     Each direction is a :class:`~tandem.network.LinkPacer` on the emulated
     link's clock, which starts now: a frame sent at ``t`` (the instant given,
     else when it is put) arrives when the pacer says (transfers one at a
     time, propagation overlapping), as on the replay's virtual clock. An
-    empty ``spec``: no pacing.
+    empty ``spec``: no pacing. ``dilation`` ``k``: the emulated clock runs
+    ``k`` times slower than the wall clock (``simultrain-realtime-dilation``),
+    so every transfer and delay lasts ``k`` times as long.
 
     Raises
     ------
@@ -604,7 +606,7 @@ def link_paces(spec: str) -> tuple[Pace | None, Pace | None]:
         def arrival(nbytes: int, sent: float | None = None) -> float:
             at = time.monotonic() if sent is None else sent
             with lock:
-                return t0 + pacer.send(nbytes, at - t0)[2]
+                return t0 + dilation * pacer.send(nbytes, (at - t0) / dilation)[2]
 
         return arrival
 
@@ -710,12 +712,13 @@ class StreamedEdge:
         loop, the other threads) is absorbed by the next deadline rather
         than added to it, as long as this machine keeps up.
         """
-        if not self.opts.realtime or self.opts.edge_factor <= 1:
+        stretch = self.opts.dilation * self.opts.edge_factor
+        if not self.opts.realtime or stretch <= 1:
             return
         history = self.steady.setdefault(kind, deque(maxlen=STEADY_WINDOW))
         history.append(seconds)
         begin = ready if self.free_at is None else max(self.free_at, ready)
-        self.free_at = begin + self.opts.edge_factor * steady_seconds(list(history))
+        self.free_at = begin + stretch * steady_seconds(list(history))
         wait_until(self.free_at)
 
     def _warm_up(self, rows: int) -> tuple[float, int]:
@@ -845,7 +848,9 @@ class StreamedEdge:
         start = self.start
         self.node_id = node_id
         window = self._window(*self._warm_up(start.chunk * self.batches.batch_size))
-        up, down = link_paces(start.link if self.opts.realtime else "")
+        up, down = link_paces(
+            start.link if self.opts.realtime else "", self.opts.dilation
+        )
         outbox = Outbox(up)
         outbox.put(encode_frame(hello_frame(node_id, start.secret, window)))
         channel, stream = open_stream(

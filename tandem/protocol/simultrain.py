@@ -217,6 +217,12 @@ class SimulTrainOptions:
     stream_tls_key: str = option("simultrain-stream-tls-key", "", _PATH, _path)
     stream_tls_ca: str = option("simultrain-stream-tls-ca", "", _PATH, _path)
     realtime: bool = option("simultrain-realtime", False)
+    dilation: float = option(
+        "simultrain-realtime-dilation",
+        1.0,
+        "must be >= 1 (real time runs this many times slower than emulated time)",
+        lambda k: k >= 1.0,
+    )
     stream_max_frame_mb: float = option(
         "simultrain-stream-max-frame-mb",
         64.0,

@@ -235,7 +235,9 @@ class StreamLoop:
         ``session-seconds`` the longest stream, from its hello to its last
         frame (the edges' ClientApps may start apart: the makespan had they
         started together); ``windows`` each edge's W; ``realtime``: frames
-        paced to the links (``simultrain-realtime``).
+        paced to the links (``simultrain-realtime``), on a clock ``dilation``
+        times slower than the emulated one (``simultrain-realtime-dilation``:
+        the seconds above are wall seconds).
         """
         spans = [
             s.last_frame - s.hello
@@ -264,6 +266,7 @@ class StreamLoop:
             "session-seconds": max(spans, default=0.0),
             "windows": sorted({s.window for s in self.sessions.values()}),
             "realtime": self.opts.realtime,
+            "dilation": self.opts.dilation if self.opts.realtime else 1.0,
         }
 
     def _end(self, reply: Message) -> None:
@@ -413,8 +416,9 @@ class StreamLoop:
             data = encode_frame(message_frame(answer.message, seq))
             cloud_seconds = clock() - tick
             if self.opts.realtime:
-                # the one cloud, at the emulated cloud's speed (only slower)
-                stretch = self.opts.cloud_factor - 1
+                # the one cloud, at the emulated cloud's speed (only slower;
+                # on the dilated clock a cloud up to k times this one's)
+                stretch = self.opts.dilation * self.opts.cloud_factor - 1
                 time.sleep(max(stretch, 0.0) * cloud_seconds)
             self.srv.ledger.record(node, "down", STREAM_DOWN, len(data))
             version = answer.message.grad_for
