@@ -169,6 +169,11 @@ class DataConfig:
             )
 
 
+#: The optimizers a run trains with (``optimizer``): momentum SGD at ``lr``
+#: with ``momentum``, or Adam at ``lr`` (betas 0.9, 0.999, eps 1e-8).
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation, shared by every method."""
@@ -183,6 +188,7 @@ class TrainConfig:
     momentum: float = option(
         "momentum", 0.9, "must lie in [0, 1)", lambda m: 0.0 <= m < 1.0
     )
+    optimizer: str = option("optimizer", "sgd", choices=OPTIMIZERS)
     device: str = option(
         "device", "auto", "must be auto, cpu, cuda, cuda:N or mps", _device
     )

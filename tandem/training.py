@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tandem.datasets.base import ArraySplit
-from tandem.optim import MomentumSGD
+from tandem.optim import Adam, MomentumSGD
 
 __all__ = [
     "BatchStream",
@@ -199,10 +199,30 @@ def cpu_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0) -> MomentumSGD:
-    """Plain SGD (with optional heavy-ball momentum), the optimizer of every
-    method: :class:`torch.optim.SGD`'s step without its ``torch._dynamo``
-    import (:class:`~tandem.optim.MomentumSGD`)."""
+#: What :func:`make_optimizer` returns.
+Optimizer = MomentumSGD | Adam
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.0, kind: str = "sgd"
+) -> Optimizer:
+    """The run's optimizer (``optimizer``) on ``model``'s parameters.
+
+    ``"sgd"``: plain SGD with optional heavy-ball momentum,
+    :class:`torch.optim.SGD`'s step without its ``torch._dynamo`` import
+    (:class:`~tandem.optim.MomentumSGD`). ``"adam"``: torch's Adam at
+    ``lr`` with betas (0.9, 0.999) and eps 1e-8 (:class:`~tandem.optim.Adam`);
+    ``momentum`` is not used.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is neither.
+    """
+    if kind == "adam":
+        return Adam(model.parameters(), lr=lr)
+    if kind != "sgd":
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', not {kind!r}")
     return MomentumSGD(model.parameters(), lr=lr, momentum=momentum)
 
 
@@ -228,7 +248,7 @@ def train_steps(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    optimizer: MomentumSGD,
+    optimizer: Optimizer,
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
         token_cross_entropy

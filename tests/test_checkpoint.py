@@ -14,7 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from inprocess import run_inprocess
 
 from tandem.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tandem.config import ConfigError
+from tandem.config import ConfigError, RunConfig
+from tandem.datasets import load_dataset
+from tandem.models import build_model
 from tandem.protocol.acesync import AceSyncOptions
 from tandem.strategies.acesync import AceSync
 
@@ -53,15 +55,24 @@ def _rounds(records):
     return [r for r in records if r["event"] == "round"]
 
 
-@pytest.mark.parametrize("method", ["fedavg", "syncsgd"])
-def test_a_resumed_run_continues_from_the_checkpoint(tmp_path, method):
-    config = {**RUN, "method": method, "num-server-rounds": 2}
+@pytest.mark.parametrize(
+    ("method", "optimizer"),
+    [("fedavg", "sgd"), ("syncsgd", "sgd"), ("syncsgd", "adam")],
+)
+def test_a_resumed_run_continues_from_the_checkpoint(tmp_path, method, optimizer):
+    config = {**RUN, "method": method, "num-server-rounds": 2, "optimizer": optimizer}
     first, _ = run_inprocess(config, nodes=2, out=tmp_path / "a")
     ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
     arrays, state = load_checkpoint(ckpt)
     assert state["round"] == 2 and state["method"] == method
-    if method == "syncsgd":  # FedAvgM's server momentum is part of the state
+    if method == "syncsgd" and optimizer == "sgd":  # FedAvgM's server momentum
         assert any(k.startswith("__momentum__/") for k in arrays)
+    assert first[-1]["rejected-replies"] == 0  # the model kept its dtypes
+    if optimizer == "adam":  # FedAdam's two moments, one per array each
+        layout = {k for k in arrays if not k.startswith("__")}
+        for moment in ("m", "v"):
+            keys = {k for k in arrays if k.startswith(f"__strategy__/{moment}/")}
+            assert {k.split("/", 2)[2] for k in keys} == layout
     resumed, _ = run_inprocess(
         {**config, "num-server-rounds": 4, "resume": str(ckpt)},
         nodes=2,
@@ -88,7 +99,8 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
         )
 
 
-def test_simultrain_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_simultrain_resumes_from_its_checkpoint(tmp_path, optimizer):
     config = {
         "method": "simultrain",
         "mnist1d-samples": 1000,
@@ -96,12 +108,29 @@ def test_simultrain_resumes_from_its_checkpoint(tmp_path):
         "simultrain-steps": 30,
         "simultrain-eval-every": 10,
         "checkpoint-every": 2,  # periods 1, 2, 3: only period 2 is saved
+        "optimizer": optimizer,
+        "lr": 0.05 if optimizer == "sgd" else 0.003,
     }
     run_inprocess(config, nodes=2, out=tmp_path / "a")
     ckpt = next((tmp_path / "a").glob("*/checkpoint.npz"))
     arrays, state = load_checkpoint(ckpt)
     assert state["period"] == 2 and 10 <= state["steps-done"] < 30
-    assert any(k.startswith("momentum/") for k in arrays)
+    # the cloud optimizer's state per parameter of θ_c
+    names = {k.split("/")[2] for k in arrays if k.startswith("optimizer/")}
+    expected = (
+        {"momentum_buffer"} if optimizer == "sgd" else {"step", "exp_avg", "exp_avg_sq"}
+    )
+    assert names == expected
+    if optimizer == "adam":  # one cloud step per micro-batch so far
+        steps = {float(v) for k, v in arrays.items() if k.endswith("/step")}
+        assert steps == {float(state["cloud-steps"])}
+    else:  # the other optimizer's state does not fit this run
+        with pytest.raises(ConfigError, match="not this run's optimizer's"):
+            run_inprocess(
+                {**config, "optimizer": "adam", "resume": str(ckpt)},
+                nodes=2,
+                out=tmp_path / "c",
+            )
     resumed, _ = run_inprocess(
         {**config, "resume": str(ckpt)}, nodes=2, out=tmp_path / "b"
     )
@@ -241,3 +270,26 @@ def test_an_interrupted_fedavgm_run_continues_exactly_as_an_uninterrupted_one(
     assert any(k.startswith("__momentum__/") for k in final_whole)
     for key, value in final_whole.items():
         np.testing.assert_array_equal(final_resumed[key], value, err_msg=key)
+
+
+def test_syncsgd_with_adam_takes_adams_first_step(tmp_path):
+    # one round, one node: FedAdam's m = 0.1·Δ and v = 0.001·Δ² under
+    # η_1 = lr·√(1 − 0.999²) / (1 − 0.9²) move every weight whose gradient is
+    # not 0 by η_1·0.1 / √0.001 = 0.7442·lr, up to τ = 1e-8·lr (Flower's
+    # default τ = 1e-3 would move them by far less), in float32
+    lr = 0.01
+    config = {**RUN, "method": "syncsgd", "optimizer": "adam", "lr": lr}
+    run_inprocess({**config, "num-server-rounds": 1}, nodes=1, out=tmp_path)
+    arrays, _ = load_checkpoint(next(tmp_path.glob("*/checkpoint.npz")))
+    cfg = RunConfig.from_flat({**config, "output-dir": str(tmp_path)})
+    data = load_dataset(cfg.data)
+    start = build_model(cfg.train.model, data.input_shape, data.num_classes, cfg.seed)
+    step = math.sqrt(1 - 0.999**2) / (1 - 0.9**2) * 0.1 / math.sqrt(0.001) * lr
+    assert {arrays[k].dtype for k in start.state_dict()} == {np.dtype("float32")}
+    moved = np.concatenate(
+        [np.abs(arrays[k] - v.numpy()).ravel() for k, v in start.state_dict().items()]
+    )
+    assert (moved > 0).mean() > 0.9  # nearly every weight has a gradient
+    # τ shortens the step of a weight whose gradient is tiny, never lengthens it
+    assert np.median(moved[moved > 0]) == pytest.approx(step, rel=2e-3)
+    assert moved.max() <= step * (1 + 1e-4)

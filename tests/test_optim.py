@@ -107,6 +107,22 @@ def test_zero_grad_and_deepcopy_keep_the_pairing():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_run_optimizer_is_torchs_adam_or_momentum_sgd():
+    for kind, reference in (
+        ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01)),
+        ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
+    ):
+        ours, theirs = _model(4), _model(4)
+        opt = make_optimizer(ours, 0.01, 0.9, kind)
+        assert isinstance(opt, Adam if kind == "adam" else MomentumSGD)
+        _run(ours, opt, 5)
+        _run(theirs, reference(list(theirs.parameters())), 5)
+        for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(p, q), kind
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        make_optimizer(_model(0), 0.01, 0.9, "rmsprop")
+
+
 @pytest.mark.parametrize(
     ("make", "error"),
     [

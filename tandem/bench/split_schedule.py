@@ -123,6 +123,8 @@ def train_schedule(
     predict: bool = False,
     edge_warmup: int = 0,
     edge_momentum: float | None = None,
+    cloud_optimizer: str = "sgd",
+    cloud_lr: float | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Train the run's model for ``steps`` micro-batches under ``schedule``.
 
@@ -171,7 +173,14 @@ def train_schedule(
     """
     edge, cloud = split_run_model(cfg, cut, key="--cut")
     lr, beta = cfg.train.lr, cfg.train.momentum
-    cloud_opt = torch.optim.SGD(cloud.parameters(), lr=lr, momentum=beta)
+    if cloud_optimizer not in EDGE_OPTIMIZERS:
+        raise ValueError(f"cloud optimizer must be one of {EDGE_OPTIMIZERS}")
+    cloud_rate = lr if cloud_lr is None else cloud_lr
+    cloud_opt: torch.optim.Optimizer
+    if cloud_optimizer == "adam":
+        cloud_opt = torch.optim.Adam(cloud.parameters(), lr=cloud_rate)
+    else:
+        cloud_opt = torch.optim.SGD(cloud.parameters(), lr=cloud_rate, momentum=beta)
     if edge_optimizer not in EDGE_OPTIMIZERS:
         raise ValueError(f"edge optimizer must be one of {EDGE_OPTIMIZERS}")
     if predict and edge_optimizer != "sgd":
@@ -274,6 +283,8 @@ def _measure(
         predict=args.predict_weights,
         edge_warmup=args.edge_warmup,
         edge_momentum=args.edge_momentum,
+        cloud_optimizer=args.cloud_optimizer,
+        cloud_lr=args.cloud_lr,
     )
     model = torch.nn.Sequential(edge, cloud)
     stats = evaluate(model, load_dataset(cfg.data).test, torch.device("cpu"))
@@ -313,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="sgd",
         help="the edge layers' optimizer; the cloud's is momentum SGD "
         "(1/0/1 with sgd is whole-model SGD)",
+    )
+    parser.add_argument(
+        "--cloud-optimizer",
+        choices=EDGE_OPTIMIZERS,
+        default="sgd",
+        help="the cloud layers' optimizer (1/0/1 with adam on both: whole-model Adam)",
+    )
+    parser.add_argument(
+        "--cloud-lr",
+        type=float,
+        help="the cloud optimizer's rate (default: --lr)",
     )
     parser.add_argument(
         "--edge-lr",

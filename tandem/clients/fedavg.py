@@ -71,7 +71,9 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     stream = restore_stream(
         context, split, cfg.train.batch_size, node.stream_seed(cfg.seed)
     )
-    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
+    # SyncSGD's step is a plain gradient step: its optimizer is the cloud's
+    kind = "sgd" if cfg.method == "syncsgd" else cfg.train.optimizer
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum, kind)
     t = cfg.train
     steps = capped_steps(
         _local_steps(msg, cfg), t.local_epochs, len(split), t.batch_size

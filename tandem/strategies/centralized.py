@@ -118,7 +118,9 @@ def run(srv: ServerRun) -> None:
         np.concatenate([p.x for p in ordered]), np.concatenate([p.y for p in ordered])
     )
     model = srv.build_model().to(device)
-    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.momentum)
+    optimizer = make_optimizer(
+        model, cfg.train.lr, cfg.train.momentum, cfg.train.optimizer
+    )
     stream = BatchStream(pooled, cfg.train.batch_size, cfg.seed)
     steps = cfg.train.local_steps * len(parts)
     history = []

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
@@ -48,6 +48,7 @@ from tandem.wire import (
 
 __all__ = [
     "MAX_METRIC_LIST",
+    "CheckedFedAdam",
     "CheckedFedAvg",
     "CheckedFedAvgM",
     "ReplyChecks",
@@ -344,6 +345,45 @@ class CheckedFedAvg(ReplyChecks, FedAvg):
 
 class CheckedFedAvgM(ReplyChecks, FedAvgM):
     """Flower's :class:`~flwr.serverapp.strategy.FedAvgM` with reply checks."""
+
+
+class CheckedFedAdam(ReplyChecks, FedAdam):
+    """Flower's :class:`~flwr.serverapp.strategy.FedAdam` (Reddi et al., 2021,
+    "Adaptive Federated Optimization", Algorithm 2) with reply checks; its
+    moments ``m_t`` and ``v_t`` go into checkpoints, and the model it makes
+    keeps the model's dtypes (FedAdam's float64 step size would make a
+    float32 model float64, which every node would refuse)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAdam's step, in the current model's dtypes."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or self.current_arrays is None:
+            return arrays, metrics
+        dtypes = {k: v.dtype for k, v in self.current_arrays.items()}
+        cast = {k: Array(a.numpy().astype(dtypes[k])) for k, a in arrays.items()}
+        return ArrayRecord(cast), metrics
+
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``m/<key>`` and ``v/<key>`` arrays (none before the first round)."""
+        arrays: dict[str, np.ndarray] = {}
+        for name, moments in (("m", self.m_t), ("v", self.v_t)):
+            for key, value in (moments or {}).items():
+                arrays[f"{name}/{key}"] = np.asarray(value)
+        return arrays, {}
+
+    def restore_state(
+        self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]
+    ) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        moments: dict[str, dict[str, np.ndarray]] = {"m": {}, "v": {}}
+        for key, value in arrays.items():
+            name, _, rest = key.partition("/")
+            if name in moments:
+                moments[name][rest] = np.array(value)
+        self.m_t = moments["m"] or None
+        self.v_t = moments["v"] or None
 
 
 def _checkpoint(

@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,7 @@ from flwr.app import Message, RecordDict
 from tandem.accounting import payload_bytes
 from tandem.failures import app_error, stop_if_all_failed
 from tandem.network import assign_links
+from tandem.optim import Adam
 from tandem.protocol.simultrain import (
     KEY_ACTS,
     MESSAGE_TYPE,
@@ -208,7 +209,9 @@ class SimulTrainCloud:
 
         # --- state
         self.cloud = cloud  # θ_c
-        self.optimizer = make_optimizer(cloud, cfg.train.lr, cfg.train.momentum)
+        self.optimizer = make_optimizer(
+            cloud, cfg.train.lr, cfg.train.momentum, cfg.train.optimizer
+        )
         self.theta_ec = {k: v.clone() for k, v in edge.state_dict().items()}
         self.edge_layout = {
             k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
@@ -624,7 +627,7 @@ class SimulTrainCloud:
         return stats
 
     def checkpoint(self) -> None:
-        """Save ``θ_c``, ``θ_e^c``, the cloud's momentum and the counters.
+        """Save ``θ_c``, ``θ_e^c``, the cloud optimizer's state and the counters.
 
         What the edges learned since their last reconciliation is not in
         ``θ_e^c`` and is not saved: a resumed run starts every edge from
@@ -635,10 +638,9 @@ class SimulTrainCloud:
             for k, v in self.cloud.state_dict().items()
         }
         arrays.update({f"edge/{k}": v.numpy() for k, v in self.theta_ec.items()})
-        for i, p in enumerate(self.cloud.parameters()):
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                arrays[f"momentum/{i}"] = buf.detach().cpu().numpy()
+        for i, p in enumerate(self.cloud.parameters()):  # momentum, or Adam's
+            for name, value in self.optimizer.state.get(p, {}).items():
+                arrays[f"optimizer/{i}/{name}"] = value.detach().cpu().numpy()
         counters = {
             "period": self.period,
             "cloud-steps": self.cloud_steps,
@@ -648,7 +650,7 @@ class SimulTrainCloud:
         self.srv.save_checkpoint(arrays, counters)
 
     def resume(self) -> None:
-        """Load the ``resume`` checkpoint, if any: weights, momentum, counters.
+        """Load the ``resume`` checkpoint, if any: weights, optimizer state, counters.
 
         Raises
         ------
@@ -668,11 +670,7 @@ class SimulTrainCloud:
             self.cloud.load_state_dict(part)
         except RuntimeError as err:
             raise self.srv.resume_mismatch(err) from None
-        for i, p in enumerate(self.cloud.parameters()):
-            if f"momentum/{i}" in arrays:
-                self.optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
-                    arrays[f"momentum/{i}"]
-                ).to(p.device)
+        self._restore_optimizer(arrays)
         self.theta_ec = {
             k[5:]: torch.from_numpy(v)
             for k, v in arrays.items()
@@ -682,6 +680,36 @@ class SimulTrainCloud:
         self.cloud_steps = int(state["cloud-steps"])
         self.merges = int(state["merges"])
         self.resumed_steps = int(state["steps-done"])
+
+    def _restore_optimizer(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The cloud optimizer's state from a checkpoint's ``optimizer/i/name``
+        arrays (``momentum_buffer``, or Adam's ``step``, ``exp_avg`` and
+        ``exp_avg_sq``; Adam's step stays on the CPU, as torch keeps it).
+
+        Raises
+        ------
+        ConfigError
+            If the checkpoint holds another optimizer's state.
+        """
+        names = (
+            {"step", "exp_avg", "exp_avg_sq"}
+            if isinstance(self.optimizer, Adam)
+            else {"momentum_buffer"}
+        )
+        params = list(self.cloud.parameters())
+        for key, value in arrays.items():
+            if not key.startswith("optimizer/"):
+                continue
+            _, index, name = key.split("/", 2)
+            if name not in names or not 0 <= int(index) < len(params):
+                raise self.srv.resume_mismatch(
+                    ValueError(f"optimizer state '{key}' is not this run's optimizer's")
+                )
+            p = params[int(index)]
+            tensor = torch.from_numpy(np.array(value))
+            if name != "step":
+                tensor = tensor.to(p.device)
+            self.optimizer.state[p][name] = tensor
 
     def finish(self) -> None:
         """Final evaluation, the replay under ``simultrain-link``, the summary."""
