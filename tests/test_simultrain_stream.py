@@ -7,6 +7,7 @@ port 0); edges are the real session handler, driven by the in-process Grid
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -468,6 +469,37 @@ def test_edges_stream_concurrently_and_learn(tmp_path, monkeypatch):
     assert stream["bytes-up"] >= sum(e["bytes-up"] for e in exchanges) + hellos
     assert summary["bytes-up"] > stream["bytes-up"]  # and the session replies
     assert 0 < stream["seconds"] < summary["wall-seconds"]
+
+
+def test_an_edge_that_connects_before_its_message_is_counted_sent_is_admitted(
+    tmp_path, monkeypatch
+):
+    # the edge may present its secret before push_messages has returned to
+    # the cloud (its thread descheduled there): hold the first push until a
+    # hello arrives; the session must already be open for it (once, a CI run
+    # dropped an edge with "no open session for node 1")
+    hello = threading.Event()
+    admit = SessionKeys.admit
+
+    def admitting(self, node, secret):
+        hello.set()
+        return admit(self, node, secret)
+
+    push = InProcessGrid.push_messages
+
+    def late_return(self, messages):
+        ids = push(self, messages)
+        assert hello.wait(60)
+        return ids
+
+    monkeypatch.setattr(SessionKeys, "admit", admitting)
+    monkeypatch.setattr(InProcessGrid, "push_messages", late_return)
+    records, grid = run_inprocess(
+        {**BASE, "simultrain-steps": 8}, nodes=2, out=tmp_path, threaded=True
+    )
+    summary = records[-1]
+    assert summary["dropped-edges"] == 0 and summary["rejected-replies"] == 0
+    assert grid.handled == {1: 1, 2: 1}
 
 
 def test_the_stream_with_w_1_is_plain_sgd_on_the_whole_model(tmp_path, monkeypatch):

@@ -178,12 +178,12 @@ class StreamLoop:
             dst_node_id=track.node_id,
             message_type=SESSION_TYPE,
         )
+        session = Session(track, "", time.monotonic(), window, start.next_version)
+        with self.lock:  # open before the message leaves: the edge may
+            self.sessions[track.node_id] = session  # connect before it returns
         (message_id,) = list(self.srv.grid.push_messages([msg]))
-        session = Session(
-            track, message_id, time.monotonic(), window, start.next_version
-        )
         with self.lock:
-            self.sessions[track.node_id] = session
+            session.message_id = message_id
             self.waiting[message_id] = session
 
     def link(self, node: int) -> LinkProfile:
