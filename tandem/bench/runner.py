@@ -403,20 +403,19 @@ def _realtime_figures(
     ``dilation``) the wall seconds are divided by ``k``, and
     ``realtime_dilation`` says ``k``.
     """
-    paced = [  # wall seconds on a dilated clock are emulated seconds x k
-        (r, rec["session-seconds"] / rec.get("dilation", 1.0))
+    streams = [
+        (r, rec)
         for r in good
         for rec in r.records
         if rec["event"] == "stream" and rec.get("realtime")
     ]
-    if not paced or variant.profile is None:
+    if not streams or variant.profile is None:
         return {}
-    dilation = max(
-        rec.get("dilation", 1.0)
-        for r in good
-        for rec in r.records
-        if rec["event"] == "stream" and rec.get("realtime")
-    )
+    # wall seconds on a dilated clock are emulated seconds x k
+    paced = [
+        (r, rec["session-seconds"] / rec.get("dilation", 1.0)) for r, rec in streams
+    ]
+    dilation = max(rec.get("dilation", 1.0) for _, rec in streams)
     # on a clock k times slow, this machine's cloud is a cloud k times as
     # fast: factor max(1/k, cloud factor), the T4's when that is faster still
     host_cloud = dataclasses.replace(

@@ -173,14 +173,8 @@ def train_schedule(
     """
     edge, cloud = split_run_model(cfg, cut, key="--cut")
     lr, beta = cfg.train.lr, cfg.train.momentum
-    if cloud_optimizer not in EDGE_OPTIMIZERS:
-        raise ValueError(f"cloud optimizer must be one of {EDGE_OPTIMIZERS}")
     cloud_rate = lr if cloud_lr is None else cloud_lr
-    cloud_opt: torch.optim.Optimizer
-    if cloud_optimizer == "adam":
-        cloud_opt = torch.optim.Adam(cloud.parameters(), lr=cloud_rate)
-    else:
-        cloud_opt = torch.optim.SGD(cloud.parameters(), lr=cloud_rate, momentum=beta)
+    cloud_opt = _optimizer("cloud", cloud_optimizer, cloud, cloud_rate, beta)
     if edge_optimizer not in EDGE_OPTIMIZERS:
         raise ValueError(f"edge optimizer must be one of {EDGE_OPTIMIZERS}")
     if predict and edge_optimizer != "sgd":
@@ -191,11 +185,7 @@ def train_schedule(
     if not 0.0 <= edge_beta < 1.0:
         raise ValueError(f"edge momentum must lie in [0, 1): {edge_beta}")
     edge_rate = (lr if edge_lr is None else edge_lr) * schedule.scale
-    edge_opt: torch.optim.Optimizer
-    if edge_optimizer == "adam":
-        edge_opt = torch.optim.Adam(edge.parameters(), lr=edge_rate)
-    else:
-        edge_opt = torch.optim.SGD(edge.parameters(), lr=edge_rate, momentum=edge_beta)
+    edge_opt = _optimizer("edge", edge_optimizer, edge, edge_rate, edge_beta)
     ahead = _predictor(edge) if predict and schedule.delay > 0 else None
     train = load_dataset(cfg.data).train  # cached: the same load as the model's
     rng = np.random.default_rng(seed)
@@ -241,6 +231,23 @@ def train_schedule(
                     group["lr"] = warmed_up(edge_rate, t + 1, edge_warmup)
             edge_opt.step()
     return edge, cloud
+
+
+def _optimizer(
+    part: str, kind: str, module: torch.nn.Module, rate: float, momentum: float
+) -> torch.optim.Optimizer:
+    """Torch's Adam (default betas) or momentum SGD on ``module`` at ``rate``.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not one of :data:`EDGE_OPTIMIZERS` (naming ``part``).
+    """
+    if kind not in EDGE_OPTIMIZERS:
+        raise ValueError(f"{part} optimizer must be one of {EDGE_OPTIMIZERS}")
+    if kind == "adam":
+        return torch.optim.Adam(module.parameters(), lr=rate)
+    return torch.optim.SGD(module.parameters(), lr=rate, momentum=momentum)
 
 
 def _predictor(edge: torch.nn.Module) -> torch.nn.Module:
