@@ -6,8 +6,11 @@ the delta ``θ_e − base`` it sends on reconciliation.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -163,3 +166,140 @@ def test_edge_layers_with_buffers_recompute_their_forward_pass():
     with_buffers = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2))
     assert not KeptForwards.usable(with_buffers)
     assert KeptForwards.usable(nn.Sequential(nn.Conv1d(1, 2, 3)))
+
+
+# ------------------------------------------------- a stream session's pieces of work
+def _session(tmp_path, run_config: dict | None = None):
+    """Node 7's stream session (no stream opened): W = 2, chunks of 2."""
+    from tandem.clients import simultrain as edge_side
+    from tandem.protocol.simultrain import SessionStart
+
+    flat = {**RUN_CONFIG, "output-dir": str(tmp_path), **(run_config or {})}
+    cfg = RunConfig.from_flat(flat)
+    context = _node_context(flat)
+    opts, _, split, edge, state, batches = edge_side._node_setup(context, cfg)
+    params = {k: v.detach().numpy().copy() for k, v in edge.named_parameters()}
+    start = SessionStart(
+        address="localhost:1",
+        secret=b"s" * 32,
+        window=2,
+        steps=1000,
+        chunk=2,
+        next_version=0,
+        v_c=0,
+        edge_params=params,
+    )
+    session = edge_side.StreamedEdge(state, edge, split, batches, opts, cfg, start)
+    session.begin()
+    return session
+
+
+def _gradients_frame(session, version: int, seq: int, reconcile: bool) -> bytes:
+    """The cloud's gradients frame for chunk ``version`` (seeded values), with
+    ``θ_e^c`` (the edge's weights halved) when ``reconcile``."""
+    from tandem.frames import encode_frame
+    from tandem.protocol.simultrain import CloudMessage, message_frame
+
+    rows = len(session.state.stash[f"c{version}/idx"])
+    cut = tuple(int(n) for n in session.state.stash[f"c{version}/cut"])
+    grads = np.random.default_rng(version).standard_normal((rows, *cut))
+    params = None
+    if reconcile:
+        params = {k: v.numpy() / 2 for k, v in session.state.theta.items()}
+    msg = CloudMessage(
+        v_c=version,
+        want=2,
+        grad_for=version,
+        grads={"g": grads.astype(np.float32)},
+        edge_params=params,
+    )
+    return encode_frame(message_frame(msg, seq))
+
+
+def _stream_chunks(session, chunks: int) -> list[dict]:
+    """Forward ``chunks`` chunks and apply their gradients (every third with
+    a reconciliation), two in flight; the frames sent, decoded."""
+    from tandem.frames import decode_frame
+    from tandem.protocol.simultrain import frame_reply
+
+    sent = []
+    for seq in range(chunks):
+        sent.append(frame_reply(decode_frame(session.forward(2), 2**26)))
+        if len(session.in_flight) == 2:
+            version = session.in_flight[0]
+            session.receive(_gradients_frame(session, version, seq, version % 3 == 0))
+    return sent
+
+
+@pytest.mark.parametrize("extra", [{}, {"simultrain-edge-optimizer": "adam"}])
+def test_repeats_off_the_record_leave_the_session_as_it_was(
+    tmp_path, monkeypatch, extra
+):
+    from tandem.clients import simultrain as edge_side
+
+    runs = {}
+    for repeats in (0, 2):
+        monkeypatch.setattr(edge_side, "WARM_REPEATS", repeats)
+        session = _session(tmp_path / str(repeats), extra)
+        runs[repeats] = (session, _stream_chunks(session, 9))
+    (plain, plain_sent), (warm, warm_sent) = runs[0], runs[2]
+    assert warm.state.version == plain.state.version == 9
+    assert warm.batches.position == plain.batches.position
+    assert list(warm.in_flight) == list(plain.in_flight) == [8]
+    assert sorted(warm.state.stash) == sorted(plain.state.stash)
+    for name in ("theta", "theta_cloud", "base", "momentum", "adam"):
+        mine, theirs = getattr(warm.state, name), getattr(plain.state, name)
+        assert sorted(mine) == sorted(theirs), name
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), (name, key)
+    assert warm.state.theta != {} and (warm.state.momentum or warm.state.adam)
+    for mine, theirs in zip(warm_sent, plain_sent, strict=True):
+        assert mine.version == theirs.version and mine.steps == theirs.steps
+        np.testing.assert_array_equal(mine.acts["a"], theirs.acts["a"])
+        np.testing.assert_array_equal(mine.labels, theirs.labels)
+        assert (mine.delta is None) == (theirs.delta is None)
+        for key in mine.delta or {}:
+            np.testing.assert_array_equal(mine.delta[key], theirs.delta[key])
+    assert sum(f.delta is not None for f in warm_sent) == 3  # chunks 0, 3 and 6
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_each_piece_of_work_is_charged_warm(tmp_path, monkeypatch):
+    # The live forward pass and the live step 1 each burn 50 ms of CPU more
+    # than their repeats: the session charges the repeats' time, a few ms
+    # (the live time without the repeats: 50 ms and more)
+    from tandem.clients import simultrain as edge_side
+
+    session = _session(tmp_path)
+    kept_forward, apply_gradients = session.kept.forward, edge_side.apply_gradients
+
+    def slow_forward(*args):  # the live chunk's; its repeats use twin_kept
+        _burn(0.05)
+        return kept_forward(*args)
+
+    def slow_step(state, *args, **kwargs):
+        if state is session.state:
+            _burn(0.05)
+        return apply_gradients(state, *args, **kwargs)
+
+    monkeypatch.setattr(session.kept, "forward", slow_forward)
+    monkeypatch.setattr(edge_side, "apply_gradients", slow_step)
+    charged = {"forward": [], "receive": []}
+    for seq in range(6):
+        session.forward(2)  # its frame carries what came before it
+        charged["forward"].append(session.total_compute + session.compute)
+        if len(session.in_flight) == 2:
+            before = session.compute
+            version = session.in_flight[0]
+            session.receive(_gradients_frame(session, version, seq, False))
+            charged["receive"].append(session.compute - before)
+    steps = np.diff(charged["forward"])
+    assert len(steps) == 5 and len(charged["receive"]) == 5
+    # each chunk: its forward part (and its frame), one receive
+    assert steps.max() < 0.03 and max(charged["receive"]) < 0.03
+    assert session.state.version == 6 and len(session.in_flight) == 1

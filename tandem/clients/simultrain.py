@@ -46,7 +46,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ from tandem.split import (
     soft_reconcile,
 )
 from tandem.streaming import Inbox, Outbox, Pace, open_stream, wait_until
-from tandem.training import BatchStream
+from tandem.training import WARM_REPEATS, BatchStream
 from tandem.wire import KEY_NODE, PayloadError, layout_of
 
 __all__ = [
@@ -285,6 +286,14 @@ def adam_step(
     return new_theta, new_adam
 
 
+class _EdgeCopy(NamedTuple):
+    """A copy of the edge layers and its ``(name, parameter)`` pairs, looked
+    up once (walking the module tree costs more than the layers' work)."""
+
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]
+
+
 class KeptForwards:
     """The forward passes of a stream session's chunks in flight, kept for
     their backward passes.
@@ -306,8 +315,8 @@ class KeptForwards:
 
     def __init__(self, edge: nn.Module) -> None:
         self.edge = edge
-        self.free: list[nn.Module] = []
-        self.kept: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        self.free: list[_EdgeCopy] = []
+        self.kept: dict[int, tuple[_EdgeCopy, torch.Tensor]] = {}
 
     @staticmethod
     def usable(edge: nn.Module) -> bool:
@@ -317,26 +326,47 @@ class KeptForwards:
     def forward(self, version: int, theta: Tensors, x: torch.Tensor) -> torch.Tensor:
         """Chunk ``version``'s activations at ``theta`` (detached); its
         forward pass is kept."""
-        module = self.free.pop() if self.free else copy.deepcopy(self.edge)
+        if self.free:
+            edge = self.free.pop()
+        else:
+            module = copy.deepcopy(self.edge)
+            edge = _EdgeCopy(module, list(module.named_parameters()))
         with torch.no_grad():  # its state is its parameters (usable)
-            for name, param in module.named_parameters():
+            for name, param in edge.params:
                 param.copy_(theta[name])
-        acts = module(x)
-        self.kept[version] = (module, acts)
+        acts = edge.module(x)
+        self.kept[version] = (edge, acts)
         return acts.detach()
 
     def backward(self, version: int, grad: torch.Tensor) -> Tensors | None:
         """The parameter gradients of chunk ``version``'s kept forward pass
-        under the cut gradients ``grad``; None if it was not kept."""
+        under the cut gradients ``grad``; None if it was not kept.
+
+        ``torch.autograd.grad`` of the activations: the gradients
+        ``acts.backward(grad)`` would accumulate into the (zeroed) ``.grad``
+        of the copy's parameters, without touching them; a parameter the
+        forward pass did not use has none.
+        """
         entry = self.kept.pop(version, None)
         if entry is None:
             return None
-        module, acts = entry
-        acts.backward(grad)
-        grads = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
-        module.zero_grad(set_to_none=True)  # the gradients stay with `grads`
-        self.free.append(module)
+        edge, acts = entry
+        found = torch.autograd.grad(
+            acts, [p for _, p in edge.params], grad, allow_unused=True
+        )
+        grads = {
+            name: g
+            for (name, _), g in zip(edge.params, found, strict=True)
+            if g is not None
+        }
+        self.free.append(edge)
         return grads
+
+    def discard(self, version: int) -> None:
+        """Drop chunk ``version``'s kept forward pass (its copy is reused)."""
+        entry = self.kept.pop(version, None)
+        if entry is not None:
+            self.free.append(entry[0])
 
     def clear(self) -> None:
         """Drop every kept forward pass (the session ended)."""
@@ -667,6 +697,8 @@ class StreamedEdge:
         self.node_id = -1  # set when the stream opens
         # each chunk's forward pass, kept for its backward pass
         self.kept = KeptForwards(edge) if KeptForwards.usable(edge) else None
+        # the same, for the pieces of work repeated off the record
+        self.twin_kept = None if self.kept is None else KeptForwards(edge)
 
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
@@ -679,10 +711,10 @@ class StreamedEdge:
         state.stash = {}  # chunks of an earlier session are void
         state.version = self.start.next_version
 
-    def _frame(self, chunk: Chunk | None, version: int) -> bytes:
-        delta = self.pending
-        self.pending = None
-        reply = EdgeReply(
+    def _reply(
+        self, chunk: Chunk | None, version: int, delta: Tensors | None
+    ) -> EdgeReply:
+        return EdgeReply(
             version=version if chunk is not None else -1,
             base_v_c=self.state.base_v_c,
             compute_seconds=self.compute,
@@ -692,11 +724,25 @@ class StreamedEdge:
             labels=None if chunk is None else chunk.labels,
             sizes=None if chunk is None else chunk.sizes,
         )
+
+    def _frame(self, chunk: Chunk | None, version: int) -> bytes:
+        reply = self._reply(chunk, version, self.pending)
+        self.pending = None
         self.total_compute += self.compute
         self.compute = 0.0
         data = encode_frame(reply_frame(reply, self.seq))
         self.seq += 1
         return data
+
+    def _twin(self) -> tuple[EdgeState, BatchStream]:
+        """Copies of the edge's state and batch stream that a piece of work
+        can be repeated on, off the record (:meth:`forward`, :meth:`receive`):
+        the steps replace ``θ_e``, its optimizer state and the batch
+        stream's position rather than change them in place, so only the
+        stash needs a copy of its own."""
+        return replace(self.state, stash=dict(self.state.stash)), copy.copy(
+            self.batches
+        )
 
     def _slow_down(self, kind: Hashable, ready: float, seconds: float) -> None:
         """Real-time mode: end a piece of work when the emulated edge would.
@@ -768,10 +814,21 @@ class StreamedEdge:
         """Step 3 on the next chunk; its frame (spends a credit).
 
         The edge's compute is all of its work on the chunk: the forward pass,
-        the stash, the activations' encoding and the frame's.
+        the stash, the activations' encoding and the frame's. Each part is
+        timed warm, as every method's step is
+        (:attr:`~tandem.training.TrainStats.compute_seconds`): the fastest
+        of the live part and of :data:`~tandem.training.WARM_REPEATS`
+        repeats of it right after, off the record (:meth:`_twin`). A
+        stream's edge waits between pieces of work (for gradients, and in
+        real time for the emulated device), and a piece after a wait of tens
+        of milliseconds was seen here to take twice the CPU time of the same
+        piece run back to back: the caches went cold meanwhile, which the
+        emulated device, busy all along, would not see.
         """
         began = time.monotonic()
         version = self.state.version
+        ahead = prediction_span(self.state, self.opts, self.lr)
+        twins = [self._twin() for _ in range(WARM_REPEATS)]
         chunk = forward_chunk(
             self.state,
             self.edge,
@@ -780,58 +837,122 @@ class StreamedEdge:
             want,
             self.opts.precision,
             self.kept,
-            ahead=prediction_span(self.state, self.opts, self.lr),
+            ahead,
         )
-        self.compute += chunk.seconds
+        warm = [self._forward_again(*twin, want, ahead, version) for twin in twins]
+        seconds = min([chunk.seconds, *(w[0] for w in warm)])
+        self.compute += seconds
         self.in_flight.append(version)
         tick = time.thread_time()
         data = self._frame(chunk, version)
-        framing = time.thread_time() - tick
+        framing = min([time.thread_time() - tick, *(w[1] for w in warm)])
         self.compute += framing  # reported with the next frame
         # its input (a credit) is there as soon as the edge is free
         ready = began if self.free_at is None else self.free_at
-        self._slow_down(("forward", want), ready, chunk.seconds + framing)
+        self._slow_down(("forward", want), ready, seconds + framing)
         return data
+
+    def _forward_again(
+        self,
+        state: EdgeState,
+        batches: BatchStream,
+        want: int,
+        ahead: float,
+        version: int,
+    ) -> tuple[float, float]:
+        """:meth:`forward`'s work repeated on a twin: ``(the chunk's CPU
+        seconds, the frame's)``."""
+        chunk = forward_chunk(
+            state,
+            self.edge,
+            self.split,
+            batches,
+            want,
+            self.opts.precision,
+            self.twin_kept,
+            ahead,
+        )
+        if self.twin_kept is not None:
+            self.twin_kept.discard(version)
+        tick = time.thread_time()
+        encode_frame(reply_frame(self._reply(chunk, version, self.pending), self.seq))
+        return chunk.seconds, time.thread_time() - tick
 
     def receive(self, data: bytes) -> None:
         """Steps 1 and 2 on a gradients frame (returns a credit).
+
+        The compute, decoding included, is timed warm as :meth:`forward`'s.
 
         Raises
         ------
         PayloadError
             If the frame is malformed or not for the oldest chunk in flight.
         """
-        tick = time.thread_time()  # all of it: decoding, steps 1 and 2
+        twins = [self._twin() for _ in range(WARM_REPEATS)]  # before step 1
+        tick = time.thread_time()
+        msg, delta = self._apply(self.state, data, self.kept, live=True)
+        seconds = time.thread_time() - tick
+        if msg.edge_params is not None:
+            self.pending = delta
+        for state, _ in twins:
+            seconds = min(seconds, self._receive_again(state, data, msg.grad_for))
+        self.compute += seconds
+        kind = ("receive", msg.edge_params is not None)
+        self._slow_down(kind, self.arrival, seconds)
+
+    def _apply(
+        self, state: EdgeState, data: bytes, kept: KeptForwards | None, live: bool
+    ) -> tuple[CloudMessage, Tensors | None]:
+        """Steps 1 and 2 of gradients frame ``data`` on ``state``: the
+        message and the delta of its reconciliation (None without). ``live``:
+        the frame must be for the oldest chunk in flight, which it returns.
+        """
         try:
             frame = decode_frame(data, self.start.max_frame)
         except FrameError as err:
             raise PayloadError(f"gradients frame: {err}") from None
         msg = read_message_frame(frame, self.layout)
-        if not self.in_flight or msg.grad_for != self.in_flight[0]:
-            raise PayloadError(
-                f"gradients for chunk {msg.grad_for}, expected "
-                f"{self.in_flight[0] if self.in_flight else 'none'}"
-            )
-        self.in_flight.popleft()
+        if live:
+            if not self.in_flight or msg.grad_for != self.in_flight[0]:
+                raise PayloadError(
+                    f"gradients for chunk {msg.grad_for}, expected "
+                    f"{self.in_flight[0] if self.in_flight else 'none'}"
+                )
+            self.in_flight.popleft()
         apply_gradients(
-            self.state,
+            state,
             self.edge,
             self.split,
             msg,
             self.opts,
             self.lr,
             self.momentum,
-            self.kept,
+            kept,
         )
+        delta = None
         if msg.edge_params is not None:
             received = {
                 k: torch.from_numpy(np.array(v)) for k, v in msg.edge_params.items()
             }
-            self.pending = reconcile(self.state, received, msg.v_c, self.opts.lam)
-        seconds = time.thread_time() - tick
-        self.compute += seconds
-        kind = ("receive", msg.edge_params is not None)
-        self._slow_down(kind, self.arrival, seconds)
+            delta = reconcile(state, received, msg.v_c, self.opts.lam)
+        return msg, delta
+
+    def _receive_again(self, state: EdgeState, data: bytes, version: int) -> float:
+        """:meth:`receive`'s work repeated on a twin: its CPU seconds. The
+        chunk's forward pass, which the live step consumed, is kept again
+        first, off the clock."""
+        if self.twin_kept is not None:
+            prefix = f"c{version}/"
+            theta = {
+                k[len(prefix) + 2 :]: torch.from_numpy(v)
+                for k, v in state.stash.items()
+                if k.startswith(prefix + "w.")
+            }
+            x = torch.from_numpy(self.split.x[state.stash[prefix + "idx"]])
+            self.twin_kept.forward(version, theta, x)
+        tick = time.thread_time()
+        self._apply(state, data, self.twin_kept, live=False)
+        return time.thread_time() - tick
 
     def run(self, node_id: int) -> None:
         """Stream the session's chunks through (see the class docstring).
