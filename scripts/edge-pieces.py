@@ -30,7 +30,7 @@ from flwr.app import Context, RecordDict
 from tandem.clients import simultrain as edge_side
 from tandem.config import RunConfig
 from tandem.frames import encode_frame
-from tandem.protocol.simultrain import CloudMessage, SessionStart, message_frame
+from tandem.protocol.simultrain import CloudMessage, SimulTrainOptions, message_frame
 from tandem.split import encode_cut
 from tandem.training import WARM_REPEATS
 
@@ -45,21 +45,8 @@ def _session(out: Path) -> edge_side.StreamedEdge:
         state=RecordDict(),
         run_config=flat,
     )
-    opts, _, split, edge, state, batches = edge_side._node_setup(context, cfg)
-    params = {k: v.detach().numpy().copy() for k, v in edge.named_parameters()}
-    start = SessionStart(
-        address="localhost:1",
-        secret=b"s" * 32,
-        window=2,
-        steps=10**9,
-        chunk=opts.stream_chunk,
-        next_version=0,
-        v_c=0,
-        edge_params=params,
-    )
-    session = edge_side.StreamedEdge(state, edge, split, batches, opts, cfg, start)
-    session.begin()
-    return session
+    chunk = cfg.options_as(SimulTrainOptions).stream_chunk
+    return edge_side.StreamedEdge.detached(context, cfg, 2, chunk, 10**9)
 
 
 def _measure(chunks: int, sleep: float, repeats: int, out: Path) -> dict[str, float]:

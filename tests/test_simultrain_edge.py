@@ -171,27 +171,11 @@ def test_edge_layers_with_buffers_recompute_their_forward_pass():
 # ------------------------------------------------- a stream session's pieces of work
 def _session(tmp_path, run_config: dict | None = None):
     """Node 7's stream session (no stream opened): W = 2, chunks of 2."""
-    from tandem.clients import simultrain as edge_side
-    from tandem.protocol.simultrain import SessionStart
+    from tandem.clients.simultrain import StreamedEdge
 
     flat = {**RUN_CONFIG, "output-dir": str(tmp_path), **(run_config or {})}
     cfg = RunConfig.from_flat(flat)
-    context = _node_context(flat)
-    opts, _, split, edge, state, batches = edge_side._node_setup(context, cfg)
-    params = {k: v.detach().numpy().copy() for k, v in edge.named_parameters()}
-    start = SessionStart(
-        address="localhost:1",
-        secret=b"s" * 32,
-        window=2,
-        steps=1000,
-        chunk=2,
-        next_version=0,
-        v_c=0,
-        edge_params=params,
-    )
-    session = edge_side.StreamedEdge(state, edge, split, batches, opts, cfg, start)
-    session.begin()
-    return session
+    return StreamedEdge.detached(_node_context(flat), cfg, 2, 2, 1000)
 
 
 def _gradients_frame(session, version: int, seq: int, reconcile: bool) -> bytes:

@@ -700,6 +700,29 @@ class StreamedEdge:
         # the same, for the pieces of work repeated off the record
         self.twin_kept = None if self.kept is None else KeptForwards(edge)
 
+    @classmethod
+    def detached(
+        cls, context: Context, cfg: RunConfig, window: int, chunk: int, steps: int
+    ) -> StreamedEdge:
+        """A session of ``context``'s node that opens no stream, begun on the
+        edge's own weights as ``θ_e^c``: :meth:`forward` and :meth:`receive`
+        are driven directly (tests, ``scripts/edge-pieces.py``)."""
+        opts, _, split, edge, state, batches = _node_setup(context, cfg)
+        params = {k: v.detach().numpy().copy() for k, v in edge.named_parameters()}
+        start = SessionStart(
+            address="localhost:1",
+            secret=bytes(32),
+            window=window,
+            steps=steps,
+            chunk=chunk,
+            next_version=0,
+            v_c=0,
+            edge_params=params,
+        )
+        session = cls(state, edge, split, batches, opts, cfg, start)
+        session.begin()
+        return session
+
     def begin(self) -> None:
         """Reconcile on the session's ``θ_e^c`` (a fresh node starts from it)."""
         state = self.state
