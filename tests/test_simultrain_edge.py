@@ -287,3 +287,40 @@ def test_each_piece_of_work_is_charged_warm(tmp_path, monkeypatch):
     # each chunk: its forward part (and its frame), one receive
     assert steps.max() < 0.03 and max(charged["receive"]) < 0.03
     assert session.state.version == 6 and len(session.in_flight) == 1
+
+
+def test_a_stream_session_runs_torch_on_one_thread(tmp_path, monkeypatch):
+    # its pieces are timed by the thread's CPU clock (a deployment's
+    # ClientApp otherwise gets a torch thread per core); the count is put back
+    from tandem.clients import simultrain as edge_side
+    from tandem.protocol.simultrain import SESSION_TYPE, SessionStart
+
+    flat = {**RUN_CONFIG, "output-dir": str(tmp_path)}
+    cfg = RunConfig.from_flat(flat)
+    context = _node_context(flat)
+    edge, _ = edge_model(cfg, cfg.options_as(SimulTrainOptions))
+    start = SessionStart(
+        address="localhost:1",
+        secret=bytes(32),
+        window=2,
+        steps=0,
+        chunk=2,
+        next_version=0,
+        v_c=0,
+        edge_params={k: v.detach().numpy() for k, v in edge.named_parameters()},
+    )
+    msg = Message(content=start.to_content(), dst_node_id=7, message_type=SESSION_TYPE)
+    seen = []
+    monkeypatch.setattr(
+        edge_side.StreamedEdge,
+        "run",
+        lambda self, node_id: seen.append(torch.get_num_threads()),
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        reply = edge_side.session_handler(msg, context, cfg)
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert reply.content is not None
+    finally:
+        torch.set_num_threads(threads)

@@ -1045,16 +1045,31 @@ class StreamedEdge:
 
 
 def session_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Handle a ``train.simultrain_session`` message: one stream session."""
-    opts, node, split, edge, state, batches = _node_setup(context, cfg)
-    start = SessionStart.from_content(msg.content, layout_of(_record(state.theta)))
-    session = StreamedEdge(state, edge, split, batches, opts, cfg, start)
-    session.begin()
+    """Handle a ``train.simultrain_session`` message: one stream session.
+
+    The session runs torch on one thread, as the simulation engine's
+    ClientApps do (one CPU each): its pieces of work are timed by the
+    thread's CPU clock, which a second torch thread would escape, and the
+    edge layers are too small to gain from one. A deployment's ClientApp
+    process otherwise gets a torch thread per core; with two SuperNodes on
+    2 cores its stream took 9.8 s against 3.5 s on one thread
+    (``scripts/engine-pairs.py``, README "Deployment"). The count is put
+    back when the session ends.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        session.run(context.node_id)
+        opts, node, split, edge, state, batches = _node_setup(context, cfg)
+        start = SessionStart.from_content(msg.content, layout_of(_record(state.theta)))
+        session = StreamedEdge(state, edge, split, batches, opts, cfg, start)
+        session.begin()
+        try:
+            session.run(context.node_id)
+        finally:
+            state.save(context.state)
+            save_stream(context, batches)
     finally:
-        state.save(context.state)
-        save_stream(context, batches)
+        torch.set_num_threads(threads)
     reply = session.reply().to_content()
     reply[KEY_NODE] = node_record(node)
     return Message(content=reply, reply_to=msg)
