@@ -928,7 +928,8 @@ class StreamedEdge:
     ) -> tuple[CloudMessage, Tensors | None]:
         """Steps 1 and 2 of gradients frame ``data`` on ``state``: the
         message and the delta of its reconciliation (None without). ``live``:
-        the frame must be for the oldest chunk in flight, which it returns.
+        the frame must be for the oldest chunk in flight, which then leaves
+        the chunks in flight (its credit returns).
         """
         try:
             frame = decode_frame(data, self.start.max_frame)
