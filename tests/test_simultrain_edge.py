@@ -293,22 +293,12 @@ def test_a_stream_session_runs_torch_on_one_thread(tmp_path, monkeypatch):
     # its pieces are timed by the thread's CPU clock (a deployment's
     # ClientApp otherwise gets a torch thread per core); the count is put back
     from tandem.clients import simultrain as edge_side
-    from tandem.protocol.simultrain import SESSION_TYPE, SessionStart
+    from tandem.protocol.simultrain import SESSION_TYPE
 
     flat = {**RUN_CONFIG, "output-dir": str(tmp_path)}
     cfg = RunConfig.from_flat(flat)
     context = _node_context(flat)
-    edge, _ = edge_model(cfg, cfg.options_as(SimulTrainOptions))
-    start = SessionStart(
-        address="localhost:1",
-        secret=bytes(32),
-        window=2,
-        steps=0,
-        chunk=2,
-        next_version=0,
-        v_c=0,
-        edge_params={k: v.detach().numpy() for k, v in edge.named_parameters()},
-    )
+    start = _session(tmp_path / "start").start  # W = 2, chunks of 2
     msg = Message(content=start.to_content(), dst_node_id=7, message_type=SESSION_TYPE)
     seen = []
     monkeypatch.setattr(

@@ -373,6 +373,17 @@ class KeptForwards:
         self.kept.clear()
 
 
+def stashed_weights(stash: Mapping[str, np.ndarray], version: int) -> Tensors:
+    """The edge weights chunk ``version`` was forwarded at (its stash's
+    ``c{version}/w.*``, :func:`forward_chunk`), as tensors sharing the arrays."""
+    prefix = f"c{version}/w."
+    return {
+        k[len(prefix) :]: torch.from_numpy(v)
+        for k, v in stash.items()
+        if k.startswith(prefix)
+    }
+
+
 def apply_gradients(
     state: EdgeState,
     edge: nn.Module,
@@ -417,11 +428,7 @@ def apply_gradients(
     sizes = stash[prefix + "sizes"]
     cut = tuple(int(n) for n in stash[prefix + "cut"])
     g = msg.gradients(opts.precision, (len(idx), *cut))
-    stashed = {
-        k[len(prefix) + 2 :]: torch.from_numpy(stash[k])
-        for k in stash
-        if k.startswith(prefix + "w.")
-    }
+    stashed = stashed_weights(stash, msg.grad_for)
     grad_out = torch.from_numpy(g / len(sizes))
     grads = None if kept is None else kept.backward(msg.grad_for, grad_out)
     if grads is None:  # recompute the forward pass at the stashed weights
@@ -966,13 +973,8 @@ class StreamedEdge:
         chunk's forward pass, which the live step consumed, is kept again
         first, off the clock."""
         if self.twin_kept is not None:
-            prefix = f"c{version}/"
-            theta = {
-                k[len(prefix) + 2 :]: torch.from_numpy(v)
-                for k, v in state.stash.items()
-                if k.startswith(prefix + "w.")
-            }
-            x = torch.from_numpy(self.split.x[state.stash[prefix + "idx"]])
+            theta = stashed_weights(state.stash, version)
+            x = torch.from_numpy(self.split.x[state.stash[f"c{version}/idx"]])
             self.twin_kept.forward(version, theta, x)
         tick = time.thread_time()
         self._apply(state, data, self.twin_kept, live=False)
